@@ -1,0 +1,1 @@
+"""MS3 in JAX/Flax: multimodal supervised pretraining for semantic segmentation."""

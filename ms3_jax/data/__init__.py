@@ -1,0 +1,1 @@
+"""Datasets: tfds builders, class lists, union label space, grain pipeline, synthetic data."""

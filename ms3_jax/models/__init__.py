@@ -1,0 +1,1 @@
+"""Image encoder (ResNet, DeepLab-v3+, projection heads) and the CLIP text tower."""
