@@ -1,0 +1,77 @@
+"""Build one dataset into array_record files that `tfds.data_source` / grain read.
+
+    python -m ms3_jax.data.prepare --dataset ade20k --manual_dir ~/raw/ade --data_dir ~/tfds
+
+`--dataset` is a key of `classes.CLASSES` (voc, ade20k, coco_stuff, cityscapes, mapillary), an
+alias (voc_aug, coco_stuff164k) or the tfds name (ms3_ade20k, ...). The expected layout of
+`--manual_dir` is in `ms3_jax/data/builders.py`. Prints a progress bar per split and a summary
+(examples per split against the official count, skipped corrupt files).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import tensorflow_datasets as tfds
+
+from ms3_jax.data import builders
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ms3_jax.data.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help="voc | ade20k | coco_stuff | cityscapes | "
+                   "mapillary (or voc_aug, coco_stuff164k, ms3_* tfds names)")
+    p.add_argument("--manual_dir", required=True, help="folder with the official archives or "
+                   "their extracted folders")
+    p.add_argument("--data_dir", required=True, help="tfds data_dir to write to")
+    p.add_argument("--skip_corrupt", action="store_true", help="skip (and count) images / "
+                   "labels PIL cannot decode instead of failing")
+    p.add_argument("--mapillary_unlabeled_as_ignore", action="store_true",
+                   help="Mapillary only: map class 65 'Unlabeled' to 255 (default: keep it, "
+                   "as MMSeg does)")
+    return p
+
+
+def summary(builder: builders._SegmentationBuilder) -> str:
+    lines = [f"{builder.name} -> {builder.data_dir}"]
+    for split, n in builders.split_sizes(builder).items():
+        official = builder.OFFICIAL_SIZES.get(split)
+        note = "" if official is None else f" (official: {official})"
+        lines.append(f"  {split}: {n} examples{note}")
+    skipped = {k: len(v) for k, v in builder.skipped.items()}
+    lines.append(f"  skipped: {sum(skipped.values())}"
+                 + (f" {skipped}" if any(skipped.values()) else ""))
+    for split, files in builder.skipped.items():
+        for f in files[:20]:
+            lines.append(f"    skipped ({split}): {f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> builders._SegmentationBuilder:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cls = builders.builder_class(args.dataset)
+    except builders.DatasetError as e:
+        parser.error(str(e))
+    kwargs = {}
+    if args.mapillary_unlabeled_as_ignore:
+        if cls is not builders.Ms3Mapillary:
+            parser.error("--mapillary_unlabeled_as_ignore only applies to mapillary")
+        kwargs["unlabeled_as_ignore"] = True
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    tfds.disable_progress_bar()  # ours has a total; tfds's does not
+    builder = builders.prepare(cls.name, args.manual_dir, args.data_dir,
+                               skip_corrupt=args.skip_corrupt, progress=True, **kwargs)
+    print(summary(builder))
+    return builder
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except builders.DatasetError as e:
+        sys.exit(f"error: {e}")

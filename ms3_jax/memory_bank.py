@@ -1,0 +1,144 @@
+"""Per-class ring-buffer memory bank of momentum-encoder pixel embeddings and the visual class
+embeddings computed from it (Sect. 3.2, Eq. 4).
+
+Shapes are fixed: the bank holds ``slots`` embeddings per class; each step enqueues at most
+``per_class`` uniformly sampled pixels of every class present in the batch (oldest overwritten).
+Memory: ``num_classes * slots * dim * itemsize`` (342 x 256 x 512 x 2 B ≈ 90 MB in bfloat16).
+"""
+from __future__ import annotations
+
+from flax import struct
+import jax
+import jax.numpy as jnp
+
+IGNORE_LABEL = 255
+
+
+@struct.dataclass
+class MemoryBank:
+    """Ring buffer per class.
+
+    feats: ``[K, slots, C]`` stored embeddings (bf16 by default).
+    ptr: ``[K]`` int32, next slot to write for each class.
+    count: ``[K]`` int32, number of filled slots (``min(total enqueued, slots)``). Because writing
+      starts at slot 0, the filled slots of class c are ``0 .. count[c] - 1``.
+    """
+
+    feats: jax.Array
+    ptr: jax.Array
+    count: jax.Array
+
+    @property
+    def num_classes(self) -> int:
+        return self.feats.shape[0]
+
+    @property
+    def slots(self) -> int:
+        return self.feats.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.feats.shape[2]
+
+    def slot_valid(self) -> jax.Array:
+        """bool ``[K, slots]``: which slots hold an embedding."""
+        return jnp.arange(self.slots)[None, :] < self.count[:, None]
+
+
+def init_bank(num_classes: int, slots: int, dim: int, dtype: jnp.dtype = jnp.bfloat16) -> MemoryBank:
+    """An empty bank: zeros, ``ptr = count = 0``."""
+    return MemoryBank(
+        feats=jnp.zeros((num_classes, slots, dim), dtype),
+        ptr=jnp.zeros((num_classes,), jnp.int32),
+        count=jnp.zeros((num_classes,), jnp.int32),
+    )
+
+
+def sample_per_class(
+    labels_N: jax.Array, rng: jax.Array, num_classes: int, per_class: int, *,
+    ignore_label: int = IGNORE_LABEL,
+) -> tuple[jax.Array, jax.Array]:
+    """Uniform sample without replacement of at most ``per_class`` (P) pixels of each class.
+
+    Every usable pixel gets a uniform random key; pixels are sorted by (label, key) and the first
+    P of each label's run (located with ``searchsorted``) are taken. O(N log N), fixed shapes.
+
+    Returns ``(idx_KxP, valid_KxP)``: pixel indices into ``labels_N`` and a mask that is False
+    where class k has fewer than P pixels (those indices are arbitrary).
+    """
+    n = labels_N.shape[0]
+    labels_N = labels_N.astype(jnp.int32)
+    ok_N = (labels_N != ignore_label) & (labels_N >= 0) & (labels_N < num_classes)
+    key_N = jnp.where(ok_N, labels_N, num_classes)  # unusable pixels sort after every class
+    rand_N = jax.random.uniform(rng, (n,))
+    sorted_lab_N, _, perm_N = jax.lax.sort((key_N, rand_N, jnp.arange(n, dtype=jnp.int32)),
+                                           num_keys=2)
+    classes_K = jnp.arange(num_classes, dtype=jnp.int32)
+    start_K = jnp.searchsorted(sorted_lab_N, classes_K, side="left")
+    end_K = jnp.searchsorted(sorted_lab_N, classes_K, side="right")
+    offs_P = jnp.arange(per_class, dtype=jnp.int32)
+    pos_KxP = start_K[:, None] + offs_P[None, :]
+    valid_KxP = pos_KxP < end_K[:, None]
+    idx_KxP = perm_N[jnp.minimum(pos_KxP, n - 1)]
+    return idx_KxP, valid_KxP
+
+
+def enqueue(
+    bank: MemoryBank, emb_NxC: jax.Array, labels_N: jax.Array, rng: jax.Array, per_class: int,
+    *, ignore_label: int = IGNORE_LABEL,
+) -> MemoryBank:
+    """Writes at most ``per_class`` (P) uniformly sampled pixels per class into the rings.
+
+    Class c's picks go to slots ``(ptr[c] + arange(n_c)) % slots`` (n_c = min(#pixels of c, P)),
+    overwriting the oldest entries; ``ptr += n_c (mod slots)``, ``count = min(count + n_c, slots)``.
+    ``ignore_label`` and labels ``>= num_classes`` are never enqueued. The embeddings are stored
+    with ``stop_gradient`` in the bank dtype. ``per_class`` is static; must be ``<= slots``.
+    """
+    num_classes, slots, dim = bank.feats.shape
+    if per_class > slots:
+        raise ValueError(f"per_class={per_class} > slots={slots}: a step would overwrite itself.")
+    emb_NxC = emb_NxC.reshape(-1, dim)
+    labels_N = labels_N.reshape(-1)
+    idx_KxP, valid_KxP = sample_per_class(labels_N, rng, num_classes, per_class,
+                                          ignore_label=ignore_label)
+    vals_KxPxC = jax.lax.stop_gradient(emb_NxC)[idx_KxP].astype(bank.feats.dtype)
+    n_valid_K = jnp.sum(valid_KxP, axis=1, dtype=jnp.int32)
+    slot_KxP = (bank.ptr[:, None] + jnp.arange(per_class, dtype=jnp.int32)[None, :]) % slots
+    slot_KxP = jnp.where(valid_KxP, slot_KxP, slots)  # out of range -> dropped by the scatter
+    class_KxP = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32)[:, None], slot_KxP.shape)
+    feats = bank.feats.at[class_KxP, slot_KxP].set(vals_KxPxC, mode="drop",
+                                                   unique_indices=False)
+    return bank.replace(
+        feats=feats,
+        ptr=(bank.ptr + n_valid_K) % slots,
+        count=jnp.minimum(bank.count + n_valid_K, slots),
+    )
+
+
+def visual_embeddings(
+    bank: MemoryBank, v_old_KxC: jax.Array, v_valid_K: jax.Array, *, eps: float = 1e-6,
+) -> tuple[jax.Array, jax.Array]:
+    """Visual class embeddings from the bank, Eq. 4.
+
+    For a class j with ``n_j = count[j] > 0`` filled slots M_i:
+      ``V_j = Σ_i w_ij M_i / n_j`` with ``w_ij = cos(M_i, V_j_old)``, then re-normalised to unit
+      norm (the pairing loss compares unit vectors; the ``1/n_j`` cancels but is kept for Eq. 4).
+    Choices (the paper is silent):
+      * a class seen for the first time (``v_valid[j]`` False) has no ``V_old``: plain mean (w = 1);
+      * cosine weights are used as they are, so they may be negative (no clipping);
+      * a class with an empty bank (``count == 0``) is returned invalid and keeps ``V_old``.
+    Computed in float32. Returns ``(V [K, C] float32, valid [K] bool = count > 0)``.
+    """
+    m_KxSxC = bank.feats.astype(jnp.float32)
+    slot_ok_KxS = bank.slot_valid()
+    v_old_KxC = v_old_KxC.astype(jnp.float32)
+    v_old_unit_KxC = v_old_KxC / jnp.maximum(jnp.linalg.norm(v_old_KxC, axis=-1, keepdims=True), eps)
+    m_norm_KxS = jnp.maximum(jnp.linalg.norm(m_KxSxC, axis=-1), eps)
+    cos_KxS = jnp.einsum("ksc,kc->ks", m_KxSxC, v_old_unit_KxC) / m_norm_KxS
+    w_KxS = jnp.where(jnp.asarray(v_valid_K, bool)[:, None], cos_KxS, 1.0)
+    w_KxS = jnp.where(slot_ok_KxS, w_KxS, 0.0)
+    n_K = jnp.maximum(bank.count, 1).astype(jnp.float32)
+    v_KxC = jnp.einsum("ks,ksc->kc", w_KxS, m_KxSxC) / n_K[:, None]
+    v_KxC = v_KxC / jnp.maximum(jnp.linalg.norm(v_KxC, axis=-1, keepdims=True), eps)
+    valid_K = bank.count > 0
+    return jnp.where(valid_K[:, None], v_KxC, v_old_KxC), valid_K

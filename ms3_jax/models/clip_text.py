@@ -1,0 +1,674 @@
+"""CLIP text tower in Flax, real-weight loading, and class-embedding encoding (paper Sec. 3.2, Fig. 2).
+
+MS3 takes its language embeddings ``T`` (|Y| x 512, L2-normalised) from the CLIP text encoder.
+Stage 1 (Fig. 2) replaces the hand template "a photo of a [CLS]." with M learnable context tokens
+``[W]_1 .. [W]_M [CLS]`` (CoOp, class token at the end) and adapts them with the pixel-embedding
+pairing loss (Eq. 1). This module holds the pieces:
+
+- ``CLIPTextConfig`` / ``CLIPTextTower``: the text transformer of ``transformers.CLIPTextModel`` +
+  ``text_projection`` (pre-LN blocks, causal self-attention, quick-GELU MLP, final LayerNorm,
+  pooling at the EOS token, projection without bias). Numerically equal to
+  ``transformers.CLIPTextModelWithProjection`` in float32.
+- the prompt learner: ``build_prompt_layout`` (token ids ``[SOS] ctx_1..ctx_M name "." [EOS] pad``
+  with M placeholder slots), ``init_context`` and ``splice_context``.
+- ``load_clip_text``: a Hugging Face checkpoint (local dir or hub id) -> (module, params, tokenizer),
+  mapping tensor names explicitly.
+- ``encode_classes``: L2-normalised class embeddings from the hand template or the learned context.
+
+Params are a plain dict used as ``module.apply({"params": params}, ...)``; they are always float32,
+``dtype`` only sets the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Params = dict[str, Any]
+
+DEFAULT_NUM_CTX = 13  # paper Sec. 4.1: "we set M to 13" (13 learnable tokens; see DESIGN.md)
+DEFAULT_CTX_INIT = "a photo of a"
+DEFAULT_TEMPLATE = "a photo of a {}."
+_CTX_INIT_STD = 0.02  # CoOp's random context initialisation N(0, 0.02)
+
+# Checkpoint keys that belong to a full CLIPModel but not to its text tower (ignored when loading).
+_IGNORED_KEY_PREFIXES = ("vision_model.", "visual_projection.", "logit_scale")
+_IGNORED_KEYS = ("text_model.embeddings.position_ids",)  # a non-persistent buffer in old checkpoints
+_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+_TOKENIZER_JSON = "tokenizer.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """Shape of the CLIP text tower (defaults: OpenAI ViT-B/32, whose text embeddings are 512-d).
+
+    ``eos_token_id`` is the checkpoint config's value: ``2`` marks a legacy config, for which
+    transformers pools at ``argmax(input_ids)`` (EOS is the largest id in CLIP's vocabulary); any
+    other value pools at the first position equal to it. ``mlp_dim`` is ``intermediate_size``.
+    """
+
+    vocab_size: int = 49408
+    width: int = 512
+    num_layers: int = 12
+    num_heads: int = 8
+    max_len: int = 77
+    proj_dim: int = 512
+    eos_token_id: int = 49407
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    mlp_dim: int = 2048
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}"
+            )
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "CLIPTextConfig":
+        """From a transformers ``CLIPConfig`` / ``CLIPTextConfig``, a config dict or a config.json path.
+
+        For a full ``CLIPModel`` config the text part is ``text_config`` and ``projection_dim`` is
+        the top-level value. Dicts are parsed by transformers' own config classes so that missing
+        keys get exactly the defaults ``from_pretrained`` would use.
+        """
+        import transformers  # local: only needed when reading Hugging Face configs
+
+        if isinstance(hf_config, (str, os.PathLike)):
+            with open(hf_config) as f:
+                hf_config = json.load(f)
+        if isinstance(hf_config, Mapping):
+            if "text_config" in hf_config or hf_config.get("model_type") == "clip":
+                hf_config = transformers.CLIPConfig.from_dict(dict(hf_config))
+            else:
+                hf_config = transformers.CLIPTextConfig.from_dict(dict(hf_config))
+        if hasattr(hf_config, "text_config"):  # CLIPConfig
+            text, proj_dim = hf_config.text_config, hf_config.projection_dim
+        else:
+            text, proj_dim = hf_config, hf_config.projection_dim
+        eos = text.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0]
+        return cls(
+            vocab_size=int(text.vocab_size),
+            width=int(text.hidden_size),
+            num_layers=int(text.num_hidden_layers),
+            num_heads=int(text.num_attention_heads),
+            max_len=int(text.max_position_embeddings),
+            proj_dim=int(proj_dim),
+            eos_token_id=int(eos),
+            layer_norm_eps=float(text.layer_norm_eps),
+            hidden_act=str(text.hidden_act),
+            mlp_dim=int(text.intermediate_size),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+def _quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "quick_gelu": _quick_gelu,  # OpenAI CLIP
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # transformers "gelu" is exact (erf)
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def eos_positions(ids_NxL: Array, eos_token_id: int) -> Array:
+    """Pooling position per sequence, by transformers' rule (see ``CLIPTextConfig``)."""
+    ids_NxL = jnp.asarray(ids_NxL, jnp.int32)
+    if eos_token_id == 2:  # legacy configs: EOS is the largest id
+        return jnp.argmax(ids_NxL, axis=-1)
+    return jnp.argmax(ids_NxL == eos_token_id, axis=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with a causal mask; softmax in float32."""
+
+    width: int
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_NxLxD: Array) -> Array:
+        n, length, _ = x_NxLxD.shape
+        head_dim = self.width // self.num_heads
+        dense = functools.partial(nn.Dense, self.width, dtype=self.dtype, param_dtype=jnp.float32)
+        split = lambda t: t.reshape(n, length, self.num_heads, head_dim)  # noqa: E731
+        q_NxLxHxK = split(dense(name="q_proj")(x_NxLxD))
+        k_NxLxHxK = split(dense(name="k_proj")(x_NxLxD))
+        v_NxLxHxK = split(dense(name="v_proj")(x_NxLxD))
+        logits_NxHxLxL = jnp.einsum(
+            "nqhk,nshk->nhqs", q_NxLxHxK, k_NxLxHxK, preferred_element_type=jnp.float32
+        ) * (head_dim**-0.5)
+        causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
+        logits_NxHxLxL = jnp.where(causal_LxL, logits_NxHxLxL, jnp.finfo(jnp.float32).min)
+        weights_NxHxLxL = jax.nn.softmax(logits_NxHxLxL, axis=-1).astype(self.dtype)
+        out_NxLxHxK = jnp.einsum("nhqs,nshk->nqhk", weights_NxHxLxL, v_NxLxHxK)
+        return dense(name="out_proj")(out_NxLxHxK.reshape(n, length, self.width))
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> fc2."""
+
+    width: int
+    mlp_dim: int
+    hidden_act: str = "quick_gelu"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_NxLxD: Array) -> Array:
+        h_NxLxF = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32, name="fc1")(x_NxLxD)
+        h_NxLxF = _ACTIVATIONS[self.hidden_act](h_NxLxF)
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name="fc2")(h_NxLxF)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_NxLxD: Array) -> Array:
+        c = self.config
+        ln = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32)
+        h_NxLxD = ln(name="layer_norm1")(x_NxLxD)
+        x_NxLxD = x_NxLxD + CausalSelfAttention(c.width, c.num_heads, self.dtype, name="self_attn")(h_NxLxD)
+        h_NxLxD = ln(name="layer_norm2")(x_NxLxD)
+        return x_NxLxD + MLP(c.width, c.mlp_dim, c.hidden_act, self.dtype, name="mlp")(h_NxLxD)
+
+
+class CLIPTextTower(nn.Module):
+    """CLIP text encoder + projection (paper Sec. 3.2, Fig. 2: the text encoder that yields ``T``).
+
+    Entry points (use with ``module.apply({"params": params}, ..., method=...)``):
+    ``__call__(ids_NxL)`` runs from token ids and pools like transformers; ``encode_embeddings
+    (x_NxLxD, eos_index_N)`` runs from input (token) embeddings, e.g. with learnable context
+    spliced in; ``encode_prompts(ids_NxL, eos_index_N, ctx_MxD)`` does the splicing for a
+    ``PromptLayout``. Outputs are float32 ``[N, proj_dim]``, not normalised.
+    """
+
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32  # compute dtype; params stay float32
+
+    def setup(self):
+        c = self.config
+        self.token_embedding = nn.Embed(
+            c.vocab_size, c.width, embedding_init=nn.initializers.normal(0.02),
+            dtype=self.dtype, param_dtype=jnp.float32,
+        )
+        self.position_embedding = self.param(
+            "position_embedding", nn.initializers.normal(0.01), (c.max_len, c.width), jnp.float32
+        )
+        self.layers = [ResidualBlock(c, self.dtype) for _ in range(c.num_layers)]
+        self.final_layer_norm = nn.LayerNorm(
+            epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32
+        )
+        self.text_projection = nn.Dense(
+            c.proj_dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32
+        )
+
+    def __call__(self, ids_NxL: Array) -> Array:
+        """Text embeddings from token ids, pooled at EOS as transformers does."""
+        return self.encode_embeddings(
+            self.embed_tokens(ids_NxL), eos_positions(ids_NxL, self.config.eos_token_id)
+        )
+
+    def embed_tokens(self, ids_NxL: Array) -> Array:
+        """Token embeddings (no positions): the input that context vectors are spliced into."""
+        return self.token_embedding(jnp.asarray(ids_NxL, jnp.int32))
+
+    def encode_embeddings(self, x_NxLxD: Array, eos_index_N: Array) -> Array:
+        """Positional embeddings, causal blocks, final LayerNorm, pool at ``eos_index_N``, project."""
+        n, length, _ = x_NxLxD.shape
+        if length > self.config.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len {self.config.max_len}")
+        h_NxLxD = x_NxLxD.astype(self.dtype) + self.position_embedding[:length].astype(self.dtype)
+        for block in self.layers:
+            h_NxLxD = block(h_NxLxD)
+        # LayerNorm is per position, so pooling before it equals transformers' LN-then-pool.
+        pooled_NxD = h_NxLxD[jnp.arange(n), jnp.asarray(eos_index_N, jnp.int32)]
+        pooled_NxD = self.final_layer_norm(pooled_NxD)
+        return self.text_projection(pooled_NxD).astype(jnp.float32)
+
+    def encode_prompts(self, ids_NxL: Array, eos_index_N: Array, ctx_MxD: Array) -> Array:
+        """Learned-context prompts (Fig. 2): embed ``ids_NxL``, replace slots 1..M by ``ctx_MxD``."""
+        return self.encode_embeddings(splice_context(self.embed_tokens(ids_NxL), ctx_MxD), eos_index_N)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt learner (CoOp, class token at the end)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLayout:
+    """Token ids of the prompts of a class list and where each one pools.
+
+    ``ids_NxL[:, 1:1+num_ctx]`` are placeholder slots (they hold the SOS id, which never collides
+    with EOS pooling) that ``splice_context`` overwrites; ``eos_index_N`` is the EOS position.
+    """
+
+    ids_NxL: np.ndarray
+    eos_index_N: np.ndarray
+    num_ctx: int
+    class_names: tuple[str, ...]
+
+
+def check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
+    """Reject empty and duplicate class names (CLIP lowercases, so duplicates are case-blind)."""
+    if isinstance(class_names, str):
+        raise TypeError("class_names must be a sequence of strings, not a single string")
+    names = tuple(class_names)
+    if not names:
+        raise ValueError("class_names is empty")
+    empty = [i for i, name in enumerate(names) if not isinstance(name, str) or not name.strip()]
+    if empty:
+        raise ValueError(f"empty class names at positions {empty}: {[names[i] for i in empty]!r}")
+    seen: dict[str, str] = {}
+    dups: list[str] = []
+    for name in names:
+        key = " ".join(name.lower().split())
+        if key in seen:
+            dups.append(f"{seen[key]!r} / {name!r}" if seen[key] != name else repr(name))
+        else:
+            seen[key] = name
+    if dups:
+        raise ValueError(f"duplicate class names: {', '.join(dups)}")
+    return names
+
+
+def _special_ids(tokenizer: Any) -> tuple[int, int, int]:
+    sos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if sos is None or eos is None:
+        raise ValueError("the tokenizer has no bos/eos token; expected a CLIP tokenizer")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return int(sos), int(eos), int(pad)
+
+
+def _pack(rows: list[list[int]], pad_id: int, max_len: int, pad_to_max_len: bool) -> np.ndarray:
+    length = max_len if pad_to_max_len else max(len(r) for r in rows)
+    ids_NxL = np.full((len(rows), length), pad_id, dtype=np.int32)
+    for i, row in enumerate(rows):
+        ids_NxL[i, : len(row)] = row
+    return ids_NxL
+
+
+def _too_long(name: str, n_tokens: int, max_len: int, what: str) -> ValueError:
+    return ValueError(
+        f"class name {name!r} is too long: its {what} needs {n_tokens} tokens, max_len is {max_len}"
+    )
+
+
+def build_prompt_layout(
+    tokenizer: Any,
+    class_names: Sequence[str],
+    num_ctx: int = DEFAULT_NUM_CTX,
+    max_len: int = 77,
+    *,
+    pad_to_max_len: bool = False,
+) -> PromptLayout:
+    """Token ids ``[SOS] ctx_1..ctx_M name-tokens "." [EOS] pad`` per class (Sec. 3.2, CoOp "end").
+
+    The EOS index is shifted by M relative to the plain name. Padding goes to the longest prompt
+    unless ``pad_to_max_len`` (the causal mask makes the result independent of the padding).
+    A prompt longer than ``max_len`` raises a ValueError naming the class.
+    """
+    names = check_class_names(class_names)
+    if num_ctx < 0:
+        raise ValueError(f"num_ctx must be >= 0, got {num_ctx}")
+    sos, eos, pad = _special_ids(tokenizer)
+    rows = []
+    for name in names:
+        name_ids = list(tokenizer(name.strip() + ".", add_special_tokens=False)["input_ids"])
+        row = [sos] + [sos] * num_ctx + name_ids + [eos]
+        if len(row) > max_len:
+            raise _too_long(name, len(row), max_len, f"prompt with {num_ctx} context tokens")
+        rows.append(row)
+    return PromptLayout(
+        ids_NxL=_pack(rows, pad, max_len, pad_to_max_len),
+        eos_index_N=np.array([len(r) - 1 for r in rows], dtype=np.int32),
+        num_ctx=num_ctx,
+        class_names=names,
+    )
+
+
+def build_template_layout(
+    tokenizer: Any,
+    class_names: Sequence[str],
+    template: str = DEFAULT_TEMPLATE,
+    max_len: int = 77,
+    *,
+    pad_to_max_len: bool = False,
+) -> PromptLayout:
+    """Token ids of a hand-designed template, e.g. "a photo of a {}." (original CLIP, Tab. 1)."""
+    names = check_class_names(class_names)
+    if "{}" not in template:
+        raise ValueError(f"template {template!r} has no '{{}}' slot for the class name")
+    _, eos, pad = _special_ids(tokenizer)
+    rows = []
+    for name in names:
+        row = list(tokenizer(template.format(name.strip()))["input_ids"])
+        if not row or row[-1] != eos:
+            raise ValueError(f"the tokenizer did not end the prompt for {name!r} with EOS")
+        if len(row) > max_len:
+            raise _too_long(name, len(row), max_len, f"prompt {template.format(name)!r}")
+        rows.append(row)
+    return PromptLayout(
+        ids_NxL=_pack(rows, pad, max_len, pad_to_max_len),
+        eos_index_N=np.array([len(r) - 1 for r in rows], dtype=np.int32),
+        num_ctx=0,
+        class_names=names,
+    )
+
+
+def splice_context(x_NxLxD: Array, ctx_MxD: Array) -> Array:
+    """Replace positions 1..M of the token embeddings by the shared context vectors ``[W]_1..[W]_M``."""
+    n, _, d = x_NxLxD.shape
+    ctx_NxMxD = jnp.broadcast_to(ctx_MxD.astype(x_NxLxD.dtype)[None], (n, ctx_MxD.shape[0], d))
+    return jnp.concatenate([x_NxLxD[:, :1], ctx_NxMxD, x_NxLxD[:, 1 + ctx_MxD.shape[0]:]], axis=1)
+
+
+def init_context(
+    rng: Array,
+    params: Params,
+    tokenizer: Any,
+    num_ctx: int = DEFAULT_NUM_CTX,
+    init_phrase: str | None = DEFAULT_CTX_INIT,
+) -> Array:
+    """M context vectors, float32 ``[M, width]`` (Sec. 3.2: learnable contexts replace the template).
+
+    With ``init_phrase`` the last k rows are the token embeddings of its k tokens, so the prompt
+    starts out reading "... a photo of a [CLS]."; the first M - k rows (all rows without a phrase)
+    are drawn from N(0, 0.02) as in CoOp. A phrase longer than M tokens is an error.
+    """
+    table_VxD = jnp.asarray(params["token_embedding"]["embedding"], jnp.float32)
+    ctx_MxD = _CTX_INIT_STD * jax.random.normal(rng, (num_ctx, table_VxD.shape[1]), jnp.float32)
+    if init_phrase:
+        phrase_ids = list(tokenizer(init_phrase, add_special_tokens=False)["input_ids"])
+        if len(phrase_ids) > num_ctx:
+            raise ValueError(
+                f"init phrase {init_phrase!r} has {len(phrase_ids)} tokens, more than num_ctx={num_ctx}"
+            )
+        if phrase_ids:
+            ctx_MxD = ctx_MxD.at[num_ctx - len(phrase_ids):].set(table_VxD[jnp.asarray(phrase_ids)])
+    return ctx_MxD
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding class names
+# ----------------------------------------------------------------------------------------------
+
+
+def _l2_normalize(x_NxP: Array) -> Array:
+    x_NxP = x_NxP.astype(jnp.float32)
+    return x_NxP / jnp.maximum(jnp.linalg.norm(x_NxP, axis=-1, keepdims=True), 1e-12)
+
+
+def encode_classes(
+    module: CLIPTextTower,
+    params: Params,
+    tokenizer: Any,
+    class_names: Sequence[str],
+    ctx: Array | None = None,
+    template: str = DEFAULT_TEMPLATE,
+) -> Array:
+    """L2-normalised class embeddings ``T`` ``[n, proj_dim]`` float32 (Sec. 3.2, Tab. 1).
+
+    ``ctx=None``: the hand template (original CLIP embeddings). Otherwise ``ctx [M, width]``
+    learned contexts: prompts ``[SOS] ctx name . [EOS]`` (``template`` is then unused).
+    """
+    max_len, width = module.config.max_len, module.config.width
+    if ctx is None:
+        layout = build_template_layout(tokenizer, class_names, template, max_len)
+        ctx_MxD = jnp.zeros((0, width), jnp.float32)  # no context: splicing is the identity
+    else:
+        ctx_MxD = jnp.asarray(ctx)
+        if ctx_MxD.ndim != 2 or ctx_MxD.shape[1] != width:
+            raise ValueError(f"ctx must be [M, {width}], got {ctx_MxD.shape}")
+        layout = build_prompt_layout(tokenizer, class_names, ctx_MxD.shape[0], max_len)
+    fn = jax.jit(functools.partial(module.apply, method=CLIPTextTower.encode_prompts))
+    text_NxP = fn(
+        {"params": params}, jnp.asarray(layout.ids_NxL), jnp.asarray(layout.eos_index_N), ctx_MxD
+    )
+    return _l2_normalize(text_NxP)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _linear(prefix: str) -> dict[str, tuple[str, bool]]:
+    return {"kernel": (f"{prefix}.weight", True), "bias": (f"{prefix}.bias", False)}
+
+
+def _layer_norm(prefix: str) -> dict[str, tuple[str, bool]]:
+    return {"scale": (f"{prefix}.weight", False), "bias": (f"{prefix}.bias", False)}
+
+
+def hf_param_map(config: CLIPTextConfig) -> dict[str, Any]:
+    """Flax param tree whose leaves are ``(hf_key, transpose)``: the explicit name mapping.
+
+    Torch Linear weights are ``[out, in]``; Flax Dense kernels are ``[in, out]`` (transposed).
+    """
+    tree: dict[str, Any] = {
+        "token_embedding": {"embedding": ("text_model.embeddings.token_embedding.weight", False)},
+        "position_embedding": ("text_model.embeddings.position_embedding.weight", False),
+        "final_layer_norm": _layer_norm("text_model.final_layer_norm"),
+        "text_projection": {"kernel": ("text_projection.weight", True)},
+    }
+    for i in range(config.num_layers):
+        hf = f"text_model.encoder.layers.{i}"
+        tree[f"layers_{i}"] = {
+            "layer_norm1": _layer_norm(f"{hf}.layer_norm1"),
+            "self_attn": {p: _linear(f"{hf}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")},
+            "layer_norm2": _layer_norm(f"{hf}.layer_norm2"),
+            "mlp": {"fc1": _linear(f"{hf}.mlp.fc1"), "fc2": _linear(f"{hf}.mlp.fc2")},
+        }
+    return tree
+
+
+def _is_leaf(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+
+
+def params_from_hf_state(state: Mapping[str, Any], config: CLIPTextConfig, *, source: str = "checkpoint") -> Params:
+    """Flax params (float32 numpy) from a transformers state dict of numpy arrays.
+
+    Keys of the vision tower of a full ``CLIPModel`` are ignored; any other missing, unexpected or
+    mis-shaped key is reported, all of them in one ValueError.
+    """
+    mapping = hf_param_map(config)
+    expected = {leaf[0] for leaf in jax.tree_util.tree_leaves(mapping, is_leaf=_is_leaf)}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(
+        k for k in state
+        if k not in expected and k not in _IGNORED_KEYS and not k.startswith(_IGNORED_KEY_PREFIXES)
+    )
+    reference = jax.eval_shape(
+        lambda: CLIPTextTower(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    )
+
+    bad_shapes: list[str] = []
+
+    def convert(leaf: tuple[str, bool], ref: jax.ShapeDtypeStruct) -> np.ndarray | None:
+        key, transpose = leaf
+        if key not in state:
+            return None
+        value = np.asarray(state[key], dtype=np.float32)
+        value = value.T if transpose else value
+        if value.shape != ref.shape:
+            bad_shapes.append(f"{key}: {tuple(value.shape)} != expected {tuple(ref.shape)}")
+        return value
+
+    params = jax.tree_util.tree_map(convert, mapping, reference, is_leaf=_is_leaf)
+    if missing or unexpected or bad_shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if bad_shapes:
+            parts.append(f"wrong shapes ({len(bad_shapes)}): {bad_shapes}")
+        raise ValueError(f"CLIP text weights in {source} do not match the config: " + "; ".join(parts))
+    return params
+
+
+def _wanted(key: str) -> bool:
+    return not key.startswith(_IGNORED_KEY_PREFIXES) and key not in _IGNORED_KEYS
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Text-tower tensors of one safetensors file as float32 numpy (bfloat16 via the flax reader)."""
+    from safetensors import safe_open
+
+    out: dict[str, np.ndarray] = {}
+    bf16_keys = []
+    with safe_open(path, framework="numpy") as f:
+        for key in filter(_wanted, f.keys()):
+            if f.get_slice(key).get_dtype() == "BF16":  # numpy cannot hold bfloat16
+                bf16_keys.append(key)
+            else:
+                out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+    if bf16_keys:
+        with safe_open(path, framework="flax") as f:
+            for key in bf16_keys:
+                out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+    return out
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path} needs PyTorch, which is not installed: install torch, or provide "
+            "model.safetensors instead"
+        ) from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.detach().to(torch.float32).numpy() for k, v in state.items() if _wanted(k)}
+
+
+def _read_weights(ckpt_dir: str) -> tuple[dict[str, np.ndarray], str]:
+    """(state dict, file it came from); prefers safetensors, handles sharded ``*.index.json``."""
+    for name, reader in (
+        ("model.safetensors", _read_safetensors),
+        ("model.safetensors.index.json", _read_safetensors),
+        ("pytorch_model.bin", _read_torch_bin),
+        ("pytorch_model.bin.index.json", _read_torch_bin),
+    ):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            continue
+        if not name.endswith(".index.json"):
+            return reader(path), path
+        with open(path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, np.ndarray] = {}
+        for shard in shards:
+            shard_path = os.path.join(ckpt_dir, shard)
+            if not os.path.isfile(shard_path):
+                raise FileNotFoundError(f"shard {shard_path} listed in {path} does not exist")
+            state.update(reader(shard_path))
+        return state, path
+    raise FileNotFoundError(
+        f"no CLIP weights in {ckpt_dir}: expected model.safetensors "
+        "(or model.safetensors.index.json, pytorch_model.bin)"
+    )
+
+
+def _load_tokenizer(ckpt_dir: str) -> Any:
+    has_files = all(os.path.isfile(os.path.join(ckpt_dir, f)) for f in _TOKENIZER_FILES)
+    if not has_files and not os.path.isfile(os.path.join(ckpt_dir, _TOKENIZER_JSON)):
+        raise FileNotFoundError(
+            f"no CLIP tokenizer files in {ckpt_dir}: expected {' + '.join(_TOKENIZER_FILES)} "
+            f"(or {_TOKENIZER_JSON})"
+        )
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(ckpt_dir, local_files_only=True)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.path.exists(name)
+
+
+_HUB_FILES = [
+    "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
+    "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+]
+
+
+def _resolve_hub(repo_id: str, cache_dir: str | None) -> str:
+    """Local snapshot of a hub repo (HF_HUB_OFFLINE / the local cache are honoured)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache_dir)
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+            path = snapshot_download(
+                repo_id, allow_patterns=_HUB_FILES + ["pytorch_model.bin*"], cache_dir=cache_dir
+            )
+    except Exception as e:  # network, offline without cache, unknown repo: say which and what to do
+        raise OSError(
+            f"could not get CLIP checkpoint {repo_id!r} from the Hugging Face hub or its local cache "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {type(e).__name__}: {e}. "
+            "Pass a local directory with config.json, model.safetensors, vocab.json and merges.txt instead."
+        ) from e
+    return path
+
+
+def load_clip_text(
+    name_or_path: str | os.PathLike,
+    dtype: Any = jnp.float32,
+    *,
+    cache_dir: str | None = None,
+) -> tuple[CLIPTextTower, Params, Any]:
+    """Load a CLIP text tower: ``(module, params, tokenizer)`` (the text encoder of Sec. 3.2).
+
+    ``name_or_path``: a local directory holding a ``CLIPModel`` or ``CLIPTextModelWithProjection``
+    (config.json, model.safetensors or pytorch_model.bin, vocab.json + merges.txt), or a hub id
+    such as "openai/clip-vit-base-patch32". Params are float32; ``dtype`` is the compute dtype.
+    """
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        ckpt_dir = name
+    elif _looks_like_path(name):
+        raise FileNotFoundError(f"CLIP checkpoint directory not found: {name}")
+    else:
+        ckpt_dir = _resolve_hub(name, cache_dir)
+    config_path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no config.json in CLIP checkpoint directory {ckpt_dir}")
+    config = CLIPTextConfig.from_hf(config_path)
+    tokenizer = _load_tokenizer(ckpt_dir)
+    state, weights_path = _read_weights(ckpt_dir)
+    params = params_from_hf_state(state, config, source=weights_path)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return CLIPTextTower(config, dtype=dtype), params, tokenizer

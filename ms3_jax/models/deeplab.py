@@ -1,0 +1,180 @@
+"""DeepLab-v3+ head (MMSeg `DepthwiseSeparableASPPHead`) and the MS3 image encoder.
+
+Paper 4.1: DeepLab-v3+ on a ResNet-50, with "two 3-layer projection heads after the ASPP layer"
+giving two 512-d dense embedding maps, one paired with the language embeddings T (Eq. 1/7) and one
+with the visual embeddings V (Eq. 2/8). Submodule names mirror MMSegmentation's
+(`aspp_modules_1/depthwise_conv/conv` <-> `aspp_modules.1.depthwise_conv.conv`) for export.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ms3_jax.models.resnet import ResNet, batch_norm, conv
+
+# RGB, 0..255 scale: what torchvision / MMSegmentation feed an exported backbone.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+# ASPP dilations (the 1 is the 1x1 branch) per output stride, as MMSeg's DeepLab-v3+ configs.
+ASPP_DILATIONS = {8: (1, 12, 24, 36), 16: (1, 6, 12, 18), 32: (1, 3, 6, 9)}
+
+
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of torch's bilinear resize with `align_corners=False`."""
+    scale = n_in / n_out
+    src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    w = np.zeros((n_out, n_in), np.float64)
+    np.add.at(w, (np.arange(n_out), i0), 1.0 - frac)
+    np.add.at(w, (np.arange(n_out), i1), frac)
+    return w
+
+
+def resize_bilinear(x_BxHxWxC: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize equal to `torch.nn.functional.interpolate(..., align_corners=False)`."""
+    h, w = x_BxHxWxC.shape[1:3]
+    if (h, w) == tuple(size):
+        return x_BxHxWxC
+    wh = jnp.asarray(_interp_matrix(h, size[0]), x_BxHxWxC.dtype)
+    ww = jnp.asarray(_interp_matrix(w, size[1]), x_BxHxWxC.dtype)
+    return jnp.einsum("oh,bhwc,pw->bopc", wh, x_BxHxWxC, ww)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """Unit-norm along `axis`, computed in float32 (pixel embeddings of Eq. 1-8 are cosines)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+
+
+class ConvModule(nn.Module):
+    """MMCV `ConvModule`: conv (no bias) -> BN -> ReLU; names `conv`, `bn`."""
+
+    features: int
+    kernel: int = 1
+    dilation: int = 1
+    groups: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        groups = x.shape[-1] if self.groups == -1 else self.groups
+        x = conv(self.features, self.kernel, 1, self.dilation, groups=groups, name="conv",
+                 dtype=self.dtype)(x)
+        return nn.relu(batch_norm(train, "bn", self.dtype)(x))
+
+
+class SeparableConvModule(nn.Module):
+    """MMCV `DepthwiseSeparableConvModule`: depthwise 3x3 ConvModule -> pointwise 1x1 ConvModule."""
+
+    features: int
+    dilation: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = ConvModule(x.shape[-1], 3, self.dilation, groups=-1, dtype=self.dtype,
+                       name="depthwise_conv")(x, train)
+        return ConvModule(self.features, 1, dtype=self.dtype, name="pointwise_conv")(x, train)
+
+
+class DeepLabV3PlusHead(nn.Module):
+    """MMSeg `DepthwiseSeparableASPPHead` without `conv_seg`: returns the stride-4 decoder map.
+
+    Image pooling + 1x1 + depthwise-separable atrous branches, a 3x3 `bottleneck` (a plain
+    ConvModule in MMSeg), a 48-channel projection of layer1 (`c1_bottleneck`) and two separable
+    3x3 convs (`sep_bottleneck`).
+    """
+
+    channels: int = 512
+    c1_channels: int = 48
+    dilations: Sequence[int] = (1, 12, 24, 36)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, layer1: jax.Array, layer4: jax.Array, train: bool) -> jax.Array:
+        d, ch = self.dtype, self.channels
+        hw = layer4.shape[1:3]
+        pooled = jnp.mean(layer4.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(d)
+        pooled = ConvModule(ch, 1, dtype=d, name="image_pool_1")(pooled, train)
+        outs = [jnp.broadcast_to(pooled, pooled.shape[:1] + hw + pooled.shape[3:])]
+        for i, rate in enumerate(self.dilations):
+            if rate == 1:
+                outs.append(ConvModule(ch, 1, dtype=d, name=f"aspp_modules_{i}")(layer4, train))
+            else:
+                outs.append(SeparableConvModule(ch, rate, dtype=d, name=f"aspp_modules_{i}")(
+                    layer4, train))
+        x = ConvModule(ch, 3, dtype=d, name="bottleneck")(jnp.concatenate(outs, -1), train)
+        c1 = ConvModule(self.c1_channels, 1, dtype=d, name="c1_bottleneck")(layer1, train)
+        x = resize_bilinear(x, c1.shape[1:3])
+        x = jnp.concatenate([x, c1], axis=-1)
+        x = SeparableConvModule(ch, dtype=d, name="sep_bottleneck_0")(x, train)
+        return SeparableConvModule(ch, dtype=d, name="sep_bottleneck_1")(x, train)
+
+
+class ProjectionHead(nn.Module):
+    """Paper 4.1: 3-layer projection head (1x1 conv-BN-ReLU, 1x1 conv-BN-ReLU, 1x1 conv)."""
+
+    hidden: int
+    features: int = 512
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        for i in range(2):
+            x = conv(self.hidden, 1, name=f"conv_{i}", dtype=self.dtype)(x)
+            x = nn.relu(batch_norm(train, f"bn_{i}", self.dtype)(x))
+        x = conv(self.features, 1, use_bias=True, name=f"conv_2", dtype=self.dtype)(x)
+        return l2_normalize(x)
+
+
+class MS3Encoder(nn.Module):
+    """Backbone + DeepLab-v3+ head + the language / visual projection heads (paper Fig. 1).
+
+    Input: RGB images [B, H, W, 3] on the 0..255 scale (uint8 or float); normalised here.
+    Returns a dict: `language` and `visual` [B, H/4, W/4, emb_dim] (unit norm per pixel, float32),
+    `decoder` [B, H/4, W/4, channels], and `logits` when `num_classes` is set (CE baselines and
+    fine-tuning). `width` scales every channel count (tiny test models); `dtype` is the compute
+    dtype (params stay float32).
+    """
+
+    depth: int = 50
+    variant: str = "v1"
+    output_stride: int = 8
+    width: float = 1.0
+    stage_sizes: Sequence[int] | None = None
+    head_channels: int = 512
+    c1_channels: int = 48
+    emb_dim: int = 512
+    heads: Sequence[str] = ("language", "visual")
+    num_classes: int | None = None
+    dropout_rate: float = 0.1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images_BxHxWx3: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+        std = jnp.asarray(IMAGENET_STD, jnp.float32)
+        x = (images_BxHxWx3.astype(jnp.float32) - mean) / std
+        feats = ResNet(depth=self.depth, variant=self.variant, output_stride=self.output_stride,
+                       width=self.width, stage_sizes=self.stage_sizes, dtype=self.dtype,
+                       name="backbone")(x, train)
+        head_ch = max(1, round(self.head_channels * self.width))
+        c1_ch = max(1, round(self.c1_channels * self.width))
+        dec = DeepLabV3PlusHead(head_ch, c1_ch, ASPP_DILATIONS[self.output_stride], self.dtype,
+                                name="decode_head")(feats["layer1"], feats["layer4"], train)
+        out = {"decoder": dec}
+        for head in self.heads:
+            out[head] = ProjectionHead(head_ch, self.emb_dim, self.dtype, name=f"proj_{head}")(
+                dec, train)
+        if self.num_classes is not None:
+            y = nn.Dropout(self.dropout_rate, deterministic=not train)(dec)
+            out["logits"] = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+                                    name="conv_seg")(y).astype(jnp.float32)
+        return out

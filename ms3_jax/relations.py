@@ -1,0 +1,163 @@
+"""Cross-modal information exchange (Sect. 3.3): segment-mean pixel–text similarity (Eq. 5), its
+running average, and the unidirectional multi-label mapping Ỹ (Eq. 6); plus a host-side report
+like paper Tab. 8.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IGNORE_LABEL = 255
+
+
+def _class_sums(emb_NxC: jax.Array, labels_N: jax.Array, num_classes: int,
+                ignore_label: int) -> tuple[jax.Array, jax.Array]:
+    """float32 ``(Σ_{y_k = c} F_k  [K, C],  #pixels of c  [K])``; unusable labels dropped."""
+    labels_N = labels_N.astype(jnp.int32)
+    ok_N = (labels_N != ignore_label) & (labels_N >= 0) & (labels_N < num_classes)
+    seg_N = jnp.where(ok_N, labels_N, num_classes)  # extra segment K collects the unusable pixels
+    sum_KxC = jax.ops.segment_sum(emb_NxC.astype(jnp.float32), seg_N, num_classes + 1)
+    count_K = jax.ops.segment_sum(ok_N.astype(jnp.int32), seg_N, num_classes + 1)
+    return sum_KxC[:num_classes], count_K[:num_classes]
+
+
+def segment_similarity(
+    emb_NxC: jax.Array, labels_N: jax.Array, text_KxC: jax.Array, num_classes: int, *,
+    chunk: int | None = None, ignore_label: int = IGNORE_LABEL,
+) -> tuple[jax.Array, jax.Array]:
+    """Batch estimate of Eq. 5: ``S[y, y'] = mean_{k: y_k = y} F_k · T_{y'}``.
+
+    Uses ``Σ_k 1[y_k=y] F_k·T_{y'} = (Σ_k 1[y_k=y] F_k)·T_{y'}``: pixel embeddings are first summed
+    per class (``segment_sum``, O(N·C)) and only the ``[K, C]`` sums meet ``T``, so no
+    ``[N, K]`` similarity map is ever built. ``chunk`` (pixels) additionally bounds the float32
+    copy of ``emb`` when it is bfloat16. Embeddings are assumed L2-normalised (dot = cosine).
+
+    Args:
+      emb_NxC: pixel embeddings ``[N, C]`` (or ``[..., C]``), e.g. the visual-head output ``I_v``.
+      labels_N: ``[N]`` (or ``[...]``) union ids; ``ignore_label`` / out-of-range are skipped.
+      text_KxC: language embeddings ``T``, ``[K, C]`` with ``K == num_classes``.
+    Returns:
+      ``(mean_KxK float32, count_K int32)``; rows of classes absent from the batch are 0.
+    """
+    dim = text_KxC.shape[-1]
+    if text_KxC.shape[0] != num_classes:
+        raise ValueError(f"text has {text_KxC.shape[0]} rows, expected num_classes={num_classes}")
+    emb_NxC = emb_NxC.reshape(-1, dim)
+    labels_N = labels_N.reshape(-1)
+    n = labels_N.shape[0]
+    if chunk is None or chunk >= n:
+        sum_KxC, count_K = _class_sums(emb_NxC, labels_N, num_classes, ignore_label)
+    else:
+        n_chunks = -(-n // chunk)
+        n_pad = n_chunks * chunk - n
+        emb_p = jnp.pad(emb_NxC, ((0, n_pad), (0, 0)))
+        lab_p = jnp.pad(labels_N, (0, n_pad), constant_values=ignore_label)
+        # Chunk j = pixels j, j + n_chunks, ...: stays evenly sharded under data parallelism.
+        emb_p = jnp.swapaxes(emb_p.reshape(chunk, n_chunks, dim), 0, 1)
+        lab_p = jnp.swapaxes(lab_p.reshape(chunk, n_chunks), 0, 1)
+
+        def step(carry, xs):
+            s, c = _class_sums(xs[0], xs[1], num_classes, ignore_label)
+            return (carry[0] + s, carry[1] + c), None
+
+        init = (jnp.zeros((num_classes, dim), jnp.float32), jnp.zeros((num_classes,), jnp.int32))
+        (sum_KxC, count_K), _ = jax.lax.scan(step, init, (emb_p, lab_p))
+    sum_KxK = jnp.dot(sum_KxC, text_KxC.astype(jnp.float32).T)
+    mean_KxK = sum_KxK / jnp.maximum(count_K, 1).astype(jnp.float32)[:, None]
+    return mean_KxK, count_K
+
+
+def update_similarity(
+    S_KxK: jax.Array, batch_mean_KxK: jax.Array, count_K: jax.Array, momentum: float,
+    seen_K: jax.Array | None = None,
+) -> jax.Array:
+    """Running estimate of Eq. 5 over training: ``S_y ← m·S_y + (1−m)·batch_mean_y`` for classes
+    present in the batch (``count > 0``); rows of absent classes are unchanged.
+
+    First sighting: when ``seen_K`` (bool ``[K]``, class had a batch before) is given, a present
+    but unseen row takes the batch mean directly instead of averaging with the (meaningless)
+    initial value. The caller keeps ``seen_K ← seen_K | (count_K > 0)`` (see :func:`update_seen`).
+    Without ``seen_K`` every row is treated as seen (plain EMA from the initial ``S``).
+    """
+    present_K = count_K > 0
+    batch_mean_KxK = batch_mean_KxK.astype(S_KxK.dtype)
+    ema_KxK = momentum * S_KxK + (1.0 - momentum) * batch_mean_KxK
+    if seen_K is not None:
+        ema_KxK = jnp.where(jnp.asarray(seen_K, bool)[:, None], ema_KxK, batch_mean_KxK)
+    return jnp.where(present_K[:, None], ema_KxK, S_KxK)
+
+
+def update_seen(seen_K: jax.Array, count_K: jax.Array) -> jax.Array:
+    """``seen_K | (count_K > 0)``: classes that have had at least one labelled pixel."""
+    return jnp.asarray(seen_K, bool) | (count_K > 0)
+
+
+def other_dataset_matrix(dataset_of_class_K: jax.Array) -> jax.Array:
+    """bool ``[K, K]``: ``[y, y']`` True iff y' belongs to another dataset than y (Eq. 6)."""
+    d = jnp.asarray(dataset_of_class_K)
+    return d[:, None] != d[None, :]
+
+
+def multilabel_mask(S_KxK: jax.Array, other_dataset_KxK: jax.Array,
+                    seen_K: jax.Array | None = None) -> jax.Array:
+    """Multi-label mapping Ỹ, Eq. 6: ``Ỹ[y, y'] = S[y, y'] ≥ S[y, y]  ∧  y' ∈ 𝒴 \\ 𝒴_i``.
+
+    Row y lists the extra positives of pixels labelled y (as ``positives`` of the pairing loss).
+    Never on the diagonal nor inside y's own dataset; not symmetrised (y ⊂ y' can map y → y'
+    without y' → y, Tab. 8). Rows of classes never seen (``seen_K`` False) are all False.
+    """
+    k = S_KxK.shape[0]
+    diag_K = jnp.diagonal(S_KxK)
+    mask = (S_KxK >= diag_K[:, None]) & jnp.asarray(other_dataset_KxK, bool)
+    mask = mask & ~jnp.eye(k, dtype=bool)
+    if seen_K is not None:
+        mask = mask & jnp.asarray(seen_K, bool)[:, None]
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Report (host side, NumPy), paper Tab. 8.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Relation:
+    """Class ``name`` (of ``dataset``, self-similarity ``self_sim = S[y, y]``) maps to ``targets``:
+    ``(name, dataset, S[y, y'])`` sorted by similarity, highest first."""
+
+    name: str
+    dataset: str
+    self_sim: float
+    targets: tuple[tuple[str, str, float], ...]
+
+
+def relations_table(mask: jax.Array | np.ndarray, S: jax.Array | np.ndarray, names: Sequence[str],
+                    dataset_names_of_class: Sequence[str]) -> list[Relation]:
+    """Structured Ỹ: one :class:`Relation` per class with at least one mapped class."""
+    mask = np.asarray(mask, bool)
+    S = np.asarray(S, np.float64)
+    rows = []
+    for y in range(mask.shape[0]):
+        cols = np.flatnonzero(mask[y])
+        if cols.size == 0:
+            continue
+        cols = sorted(cols, key=lambda c: (-S[y, c], c))
+        targets = tuple((names[c], dataset_names_of_class[c], float(S[y, c])) for c in cols)
+        rows.append(Relation(names[y], dataset_names_of_class[y], float(S[y, y]), targets))
+    return rows
+
+
+def relations_report(mask: jax.Array | np.ndarray, S: jax.Array | np.ndarray,
+                     names: Sequence[str], dataset_names_of_class: Sequence[str]) -> str:
+    """Human-readable Ỹ like Tab. 8, one line per mapped class, e.g.
+    ``dirt track [ade20k] (self 0.412) -> path [coco_stuff] 0.431, road [voc] 0.420``.
+    Relations are directed: ``a -> b`` means pixels of a are also pulled towards b."""
+    rows = relations_table(mask, S, names, dataset_names_of_class)
+    n_pairs = sum(len(r.targets) for r in rows)
+    lines = [f"multi-label mapping: {n_pairs} directed pairs from {len(rows)} classes"]
+    for r in rows:
+        tgt = ", ".join(f"{n} [{d}] {s:.3f}" for n, d, s in r.targets)
+        lines.append(f"{r.name} [{r.dataset}] (self {r.self_sim:.3f}) -> {tgt}")
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""Pairing loss (Eq. 1/2, 7/8) and CE baselines against float64 NumPy references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ms3_jax import losses
+
+K, C = 10, 8
+SHAPE = (2, 5, 7)  # N = 70 pixels
+TAU = 0.07
+
+_per_pixel = jax.jit(losses.pairing_loss_per_pixel, static_argnames=("tau", "chunk", "ignore_label"))
+_loss = jax.jit(losses.pairing_loss, static_argnames=("tau", "chunk", "ignore_label"))
+_grad = jax.jit(jax.grad(losses.pairing_loss, argnums=(0, 1)), static_argnames=("tau", "chunk"))
+_acc = jax.jit(losses.pixel_accuracy, static_argnames=("chunk",))
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _inputs(seed, shape=SHAPE, k=K, c=C, ignore_frac=0.2):
+    r = np.random.RandomState(seed)
+    emb = _unit(r.randn(*shape, c)).astype(np.float32)
+    cls = _unit(r.randn(k, c)).astype(np.float32)
+    labels = r.randint(0, k, size=shape)
+    labels[r.rand(*shape) < ignore_frac] = 255
+    return emb, cls, labels.astype(np.int32)
+
+
+def _random_positives(seed, k=K, p=0.3):
+    r = np.random.RandomState(seed)
+    return r.rand(k, k) < p
+
+
+def ref_per_pixel(emb, cls, labels, positives=None, valid=None, tau=TAU):
+    """Literal Eq. 7 (Eq. 1 if no positives), float64, one pixel at a time."""
+    emb = np.asarray(emb, np.float64).reshape(-1, cls.shape[1])
+    cls = np.asarray(cls, np.float64)
+    labels = np.asarray(labels).reshape(-1)
+    k = cls.shape[0]
+    valid = np.ones(k, bool) if valid is None else np.asarray(valid)
+    loss, weight = np.zeros(len(labels)), np.zeros(len(labels))
+    for i, y in enumerate(labels):
+        if y == 255 or y >= k or not valid[y]:
+            continue
+        logit = np.array([emb[i] @ cls[j] / tau for j in range(k)])
+        den = sum(np.exp(logit[j]) for j in range(k) if valid[j])
+        num = np.exp(logit[y])
+        if positives is not None:
+            num += sum(np.exp(logit[j]) for j in range(k)
+                       if j != y and positives[y, j] and valid[j])
+        loss[i] = -np.log(num / den)
+        weight[i] = 1.0
+    return loss, weight
+
+
+def ref_mean(*args, **kw):
+    loss, w = ref_per_pixel(*args, **kw)
+    return loss.sum() / max(w.sum(), 1.0)
+
+
+@pytest.mark.parametrize("use_positives", [False, True])
+@pytest.mark.parametrize("use_valid", [False, True])
+def test_pairing_matches_reference(use_positives, use_valid):
+    emb, cls, labels = _inputs(0)
+    pos = _random_positives(1) if use_positives else None
+    valid = (np.random.RandomState(2).rand(K) < 0.7) if use_valid else None
+    loss, w = _per_pixel(emb, cls, labels, pos, valid, TAU, chunk=None)
+    ref_l, ref_w = ref_per_pixel(emb, cls, labels, pos, valid)
+    assert loss.shape == SHAPE and loss.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(w).reshape(-1), ref_w)
+    np.testing.assert_allclose(np.asarray(loss).reshape(-1), ref_l, rtol=2e-5, atol=2e-5)
+    mean = _loss(emb, cls, labels, pos, valid, TAU, chunk=None)
+    np.testing.assert_allclose(float(mean), ref_mean(emb, cls, labels, pos, valid), rtol=2e-5)
+
+
+def test_chunked_equals_unchunked():
+    emb, cls, labels = _inputs(3)
+    pos = _random_positives(4)
+    valid = np.random.RandomState(5).rand(K) < 0.8
+    full = _per_pixel(emb, cls, labels, pos, valid, TAU, chunk=None)
+    for chunk in (16, 33, 69):  # none divides N = 70
+        part = _per_pixel(emb, cls, labels, pos, valid, TAU, chunk=chunk)
+        np.testing.assert_allclose(part[0], full[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(part[1], full[1])
+    g_full = _grad(emb, cls, labels, pos, valid, TAU, chunk=None)[0]
+    g_part = _grad(emb, cls, labels, pos, valid, TAU, chunk=16)[0]
+    np.testing.assert_allclose(g_part, g_full, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_jaxpr_has_no_full_logits():
+    """With chunking, no [N, K] intermediate exists in the forward or backward program."""
+    n, k = 4096, 64
+    emb = jnp.zeros((n, C), jnp.float32)
+    cls = jnp.zeros((k, C), jnp.float32)
+    labels = jnp.zeros((n,), jnp.int32)
+    fn = jax.grad(lambda e: losses.pairing_loss(e, cls, labels, chunk=256))
+    text = str(jax.make_jaxpr(fn)(emb))
+    assert f"{n},{k}]" not in text and f"256,{k}]" in text
+
+
+def test_gradient_finite_differences():
+    """d Eq. 7 / d emb (JAX, float32) vs central differences of the float64 reference."""
+    emb, cls, labels = _inputs(6, shape=(4,), k=5, c=4, ignore_frac=0.0)
+    labels[1] = 255
+    pos = np.zeros((5, 5), bool)
+    pos[labels[0], (labels[0] + 1) % 5] = True
+    pos[labels[2], (labels[2] + 2) % 5] = True
+    valid = np.array([True, True, True, True, False])
+    labels[3] = 0  # class 0 valid
+    g_emb, g_cls = _grad(emb, cls, labels, pos, valid, TAU, chunk=None)
+    e64 = emb.astype(np.float64)
+    fd = np.zeros_like(e64)
+    eps = 1e-6
+    for idx in np.ndindex(e64.shape):
+        ep, em = e64.copy(), e64.copy()
+        ep[idx] += eps
+        em[idx] -= eps
+        fd[idx] = (ref_mean(ep, cls, labels, pos, valid) - ref_mean(em, cls, labels, pos, valid)) / (2 * eps)
+    assert np.abs(fd).max() > 0.1
+    np.testing.assert_allclose(g_emb, fd, rtol=1e-3, atol=1e-3 * np.abs(fd).max())
+    np.testing.assert_array_equal(g_cls, 0.0)  # class embeddings are targets (stop_gradient)
+    np.testing.assert_array_equal(g_emb[1], 0.0)  # ignored pixel
+
+
+def test_eq7_with_empty_positives_is_eq1():
+    emb, cls, labels = _inputs(7)
+    a = _per_pixel(emb, cls, labels, None, None, TAU, chunk=None)[0]
+    b = _per_pixel(emb, cls, labels, np.zeros((K, K), bool), None, TAU, chunk=None)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_adding_a_positive_never_raises_loss():
+    emb, cls, labels = _inputs(8)
+    r = np.random.RandomState(9)
+    pos = _random_positives(10, p=0.2)
+    prev = np.asarray(_per_pixel(emb, cls, labels, pos, None, TAU, chunk=None)[0])
+    for _ in range(5):
+        pos = pos.copy()
+        pos[r.randint(K), r.randint(K)] = True
+        cur = np.asarray(_per_pixel(emb, cls, labels, pos, None, TAU, chunk=None)[0])
+        assert np.all(cur <= prev + 1e-6)
+        prev = cur
+
+
+def test_identical_embedding_gives_lower_loss():
+    cls = np.eye(K, C + 4, dtype=np.float32)  # orthonormal targets
+    labels = np.random.RandomState(11).randint(0, K, size=(30,)).astype(np.int32)
+    perfect = cls[labels]
+    rand = _unit(np.random.RandomState(12).randn(30, C + 4)).astype(np.float32)
+    lp = float(_loss(perfect, cls, labels, None, None, TAU, chunk=None))
+    lr = float(_loss(rand, cls, labels, None, None, TAU, chunk=None))
+    np.testing.assert_allclose(lp, np.log1p((K - 1) * np.exp(-1 / TAU)), atol=1e-6)  # f32 lse − lse
+    assert lp < 1e-4 < lr
+
+
+def test_all_ignored_is_zero_with_finite_grad():
+    emb, cls, labels = _inputs(13)
+    labels = np.full_like(labels, 255)
+    assert float(_loss(emb, cls, labels, None, None, TAU, chunk=16)) == 0.0
+    g = _grad(emb, cls, labels, None, None, TAU, chunk=16)[0]
+    np.testing.assert_array_equal(g, 0.0)
+    # Every pixel of an invalid class also counts nothing.
+    emb, cls, labels = _inputs(14, ignore_frac=0.0)
+    labels[:] = 3
+    valid = np.ones(K, bool)
+    valid[3] = False
+    assert float(_loss(emb, cls, labels, None, valid, TAU, chunk=None)) == 0.0
+
+
+def test_bf16_embeddings_use_f32_logits():
+    emb, cls, labels = _inputs(15)
+    pos = _random_positives(16)
+    emb_bf = jnp.asarray(emb, jnp.bfloat16)
+    loss = _loss(emb_bf, cls, labels, pos, None, TAU, chunk=16)
+    assert loss.dtype == jnp.float32
+    ref = ref_mean(np.asarray(emb_bf.astype(jnp.float32)), cls, labels, pos)
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    g = _grad(emb_bf, cls, labels, pos, None, TAU, chunk=16)[0]
+    assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
+
+
+def test_pixel_accuracy():
+    emb, cls, labels = _inputs(17)
+    labels[0, 0, :3] = np.arange(3)
+    emb[0, 0, :3] = cls[:3]  # some guaranteed hits
+    valid = np.random.RandomState(18).rand(K) < 0.7
+    for v in (None, valid):
+        acc = float(_acc(emb, cls, labels, v, chunk=16))
+        logits = emb.reshape(-1, C).astype(np.float64) @ cls.T.astype(np.float64)
+        if v is not None:
+            logits[:, ~v] = -np.inf
+        lab = labels.reshape(-1)
+        ok = lab != 255
+        ref = np.mean(logits[ok].argmax(-1) == lab[ok])
+        np.testing.assert_allclose(acc, ref, rtol=1e-6)
+    assert float(_acc(emb, cls, np.full_like(labels, 255), None, chunk=16)) == 0.0
+
+
+def _ref_ce(logits, labels, allowed=None):
+    """allowed: bool [B, K] classes in each image's softmax (None = all)."""
+    logits = np.asarray(logits, np.float64)
+    b = logits.shape[0]
+    total, n = 0.0, 0
+    for bi in range(b):
+        for idx in np.ndindex(labels.shape[1:]):
+            y = labels[(bi,) + idx]
+            if y == 255:
+                continue
+            cl = [k for k in range(logits.shape[-1]) if allowed is None or allowed[bi, k]]
+            if y not in cl:
+                continue
+            z = logits[(bi,) + idx]
+            total += -(z[y] - np.log(sum(np.exp(z[k]) for k in cl)))
+            n += 1
+    return total / max(n, 1)
+
+
+def test_ce_single_head():
+    r = np.random.RandomState(19)
+    logits = r.randn(2, 3, 4, K).astype(np.float32) * 3
+    labels = r.randint(0, K, size=(2, 3, 4)).astype(np.int32)
+    labels[0, 1] = 255
+    out = jax.jit(losses.ce_single_head_loss)(logits, labels)
+    np.testing.assert_allclose(float(out), _ref_ce(logits, labels), rtol=1e-5)
+    out_bf = jax.jit(losses.ce_single_head_loss)(jnp.asarray(logits, jnp.bfloat16), labels)
+    assert out_bf.dtype == jnp.float32
+    assert float(losses.ce_single_head_loss(logits, np.full_like(labels, 255))) == 0.0
+
+
+def test_ce_multi_head():
+    r = np.random.RandomState(20)
+    dataset_of_class = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    dataset_id = np.array([0, 2, 1])
+    logits = r.randn(3, 3, 4, K).astype(np.float32) * 3
+    labels = np.zeros((3, 3, 4), np.int32)
+    for b, d in enumerate(dataset_id):  # labels from the image's own dataset
+        labels[b] = r.choice(np.flatnonzero(dataset_of_class == d), size=(3, 4))
+    labels[1, 0, :2] = 255
+    out = jax.jit(losses.ce_multi_head_loss)(logits, labels, dataset_id, dataset_of_class)
+    allowed = dataset_of_class[None, :] == dataset_id[:, None]
+    np.testing.assert_allclose(float(out), _ref_ce(logits, labels, allowed), rtol=1e-5)
+    # Differs from the single head (the softmax really is restricted).
+    assert abs(float(out) - float(losses.ce_single_head_loss(logits, labels))) > 1e-3

@@ -1,0 +1,146 @@
+"""Image encoder: ResNet parity with a PyTorch reference, DeepLab-v3+ head, MS3Encoder outputs."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from ms3_jax import export
+from ms3_jax.models.deeplab import MS3Encoder, resize_bilinear
+from ms3_jax.models.resnet import OUTPUT_STRIDE_SETTINGS, ResNet
+from tests.torch_reference import TorchResNet, randomize_
+
+torch.set_num_threads(2)
+
+
+@functools.lru_cache(maxsize=None)
+def _apply_fn(model):
+    return jax.jit(functools.partial(model.apply, train=False))
+
+
+@pytest.mark.parametrize("variant", ["v1", "v1c"])
+@pytest.mark.parametrize("output_stride", [8, 32])
+def test_resnet50_matches_torch_reference(variant, output_stride):
+    strides, dilations = OUTPUT_STRIDE_SETTINGS[output_stride]
+    ref = randomize_(TorchResNet(variant=variant, strides=strides, dilations=dilations), seed=1)
+    variables = export.load_backbone_state_dict(ref.state_dict(), ResNet(variant=variant))
+    model = ResNet(variant=variant, output_stride=output_stride)
+    apply = _apply_fn(model)
+    rng = np.random.default_rng(0)
+    for size in (64, 65):
+        x = rng.standard_normal((1, size, size, 3)).astype(np.float32)
+        with torch.no_grad():
+            want = {k: v.permute(0, 2, 3, 1).numpy() for k, v in ref(torch.from_numpy(x).permute(0, 3, 1, 2)).items()}
+        got = apply(variables, x)
+        assert set(got) == {"stem", "layer1", "layer2", "layer3", "layer4"}
+        for k in want:
+            assert got[k].shape == want[k].shape, (k, size)
+            err = np.max(np.abs(np.asarray(got[k]) - want[k])) / np.max(np.abs(want[k]))
+            assert err < 1e-5, (k, size, err)
+        assert got["layer4"].shape[1] == -(-size // output_stride)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v1c"])
+def test_backbone_round_trip_is_bit_exact_and_strict_loads(variant):
+    model = ResNet(variant=variant, width=0.25)
+    variables = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))
+    # Non-trivial batch statistics so that every leaf is checked.
+    variables = jax.tree_util.tree_map(
+        lambda x: x + jax.random.normal(jax.random.PRNGKey(4), x.shape), variables)
+    sd = export.backbone_state_dict(variables)
+    back = export.load_backbone_state_dict(sd, model)
+    flat_a = jax.tree_util.tree_leaves_with_path(variables)
+    flat_b = dict(jax.tree_util.tree_leaves_with_path(back))
+    assert len(flat_a) == len(flat_b)
+    for path, leaf in flat_a:
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(flat_b[path]))
+    ref = TorchResNet(variant=variant, base=16)
+    missing, unexpected = ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    if variant == "v1":
+        assert "layer1.0.downsample.0.weight" in sd and "bn1.running_mean" in sd
+    else:
+        assert {"stem.0.weight", "stem.1.running_var", "stem.7.weight"} <= set(sd)
+
+
+def test_load_backbone_state_dict_lists_every_bad_key():
+    ref = TorchResNet(base=8)
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    del sd["layer2.0.conv1.weight"], sd["bn1.bias"]
+    sd["layer9.0.conv1.weight"] = np.zeros((1,))
+    sd["layer1.0.conv2.weight"] = np.zeros((3, 3, 3, 3), np.float32)
+    with pytest.raises(export.StateDictError) as e:
+        export.load_backbone_state_dict(sd, ResNet(width=0.125))
+    msg = str(e.value)
+    for key in ("layer2.0.conv1.weight", "bn1.bias", "layer9.0.conv1.weight", "layer1.0.conv2.weight"):
+        assert key in msg
+    assert "2 missing" in msg and "1 unexpected" in msg and "1 mis-shaped" in msg
+
+
+def test_resize_bilinear_matches_torch():
+    x = np.random.default_rng(0).standard_normal((2, 9, 7, 3)).astype(np.float32)
+    for size in ((17, 13), (9, 7), (4, 3), (1, 1)):
+        want = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=size,
+                                               mode="bilinear", align_corners=False)
+        np.testing.assert_allclose(resize_bilinear(jnp.asarray(x), size),
+                                   want.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+TINY = dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=16)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_ms3_encoder_shapes_and_unit_norm(output_stride):
+    model = MS3Encoder(output_stride=output_stride, num_classes=5, **TINY)
+    images = jax.random.randint(jax.random.PRNGKey(0), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
+    variables = model.init(jax.random.PRNGKey(1), images)
+    out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                               rngs={"dropout": jax.random.PRNGKey(2)})
+    assert out["language"].shape == out["visual"].shape == (2, 16, 16, 16)
+    assert out["decoder"].shape == (2, 16, 16, 64)
+    assert out["logits"].shape == (2, 16, 16, 5)
+    for head in ("language", "visual"):
+        np.testing.assert_allclose(jnp.linalg.norm(out[head], axis=-1), 1.0, rtol=1e-5)
+    assert not np.allclose(out["language"], out["visual"])
+    assert set(updates["batch_stats"]) == set(variables["batch_stats"])
+
+
+def test_ms3_encoder_bfloat16_compute_keeps_float32_params():
+    model = MS3Encoder(dtype=jnp.bfloat16, **TINY)
+    images = jnp.zeros((1, 32, 32, 3), jnp.uint8)
+    variables = model.init(jax.random.PRNGKey(0), images)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+    out = jax.jit(functools.partial(model.apply, train=False))(variables, images + 100)
+    assert out["decoder"].dtype == jnp.bfloat16
+    assert out["language"].dtype == jnp.float32
+    assert np.all(np.isfinite(out["language"]))
+    np.testing.assert_allclose(jnp.linalg.norm(out["language"], axis=-1), 1.0, rtol=1e-4)
+
+
+def test_segmentor_state_dict_uses_mmseg_names_and_round_trips():
+    model = MS3Encoder(num_classes=7, **TINY)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    sd = export.segmentor_state_dict(variables)
+    c = 64  # decoder channels at width 1/8
+    expected_shapes = {
+        "backbone.conv1.weight": (8, 3, 7, 7),
+        "decode_head.image_pool.1.conv.weight": (c, 256, 1, 1),
+        "decode_head.aspp_modules.0.conv.weight": (c, 256, 1, 1),
+        "decode_head.aspp_modules.1.depthwise_conv.conv.weight": (256, 1, 3, 3),
+        "decode_head.aspp_modules.3.pointwise_conv.bn.running_var": (c,),
+        "decode_head.bottleneck.conv.weight": (c, 5 * c, 3, 3),
+        "decode_head.c1_bottleneck.conv.weight": (6, 32, 1, 1),
+        "decode_head.sep_bottleneck.0.depthwise_conv.conv.weight": (c + 6, 1, 3, 3),
+        "decode_head.sep_bottleneck.1.pointwise_conv.conv.weight": (c, c, 1, 1),
+        "decode_head.conv_seg.weight": (7, c, 1, 1),
+        "decode_head.conv_seg.bias": (7,),
+    }
+    for k, shape in expected_shapes.items():
+        assert sd[k].shape == shape, k
+    assert not any(k.startswith("proj_") or ".proj_" in k for k in sd)
+    back = export.load_segmentor_state_dict(sd, model)
+    np.testing.assert_array_equal(back["params"]["decode_head"]["bottleneck"]["conv"]["kernel"],
+                                  variables["params"]["decode_head"]["bottleneck"]["conv"]["kernel"])
+    np.testing.assert_array_equal(back["params"]["conv_seg"]["bias"], variables["params"]["conv_seg"]["bias"])
