@@ -223,7 +223,7 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
         save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
         return
     import torch
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, path)
+    torch.save({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state_dict.items()}, path)
 
 
 def mmseg_config_snippet(checkpoint: str, variant: str = "v1", what: str = "backbone") -> str:
@@ -237,3 +237,41 @@ def mmseg_config_snippet(checkpoint: str, variant: str = "v1", what: str = "back
         f"    backbone=dict(type={backbone_type!r}, depth=50,\n"
         f"                  init_cfg=dict(type='Pretrained', checkpoint={checkpoint!r})))\n"
     )
+
+
+def export_workdir(workdir: str, out: str, what: str = "backbone", step: int | None = None,
+                   ema: bool = False) -> dict[str, np.ndarray]:
+    """Write the backbone (or segmentor) of a workdir's latest checkpoint to `out` (.pth/.safetensors)."""
+    from ms3_jax import checkpointing
+
+    if what not in ("backbone", "segmentor"):
+        raise ValueError(f"--what must be 'backbone' or 'segmentor', got {what!r}")
+    if not out.endswith((".pth", ".pt", ".safetensors")):
+        raise ValueError(f"output {out!r} must end in .pth, .pt or .safetensors")
+    step, state = checkpointing.restore_state(workdir, step)
+    variables = checkpointing.encoder_variables(state, ema=ema)
+    sd = backbone_state_dict(variables) if what == "backbone" else segmentor_state_dict(variables)
+    write_state_dict(sd, out)
+    return sd
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from ms3_jax import checkpointing
+
+    parser = argparse.ArgumentParser(description="Export an ms3_jax checkpoint to PyTorch.")
+    parser.add_argument("--workdir", required=True, help="pretraining / fine-tuning workdir")
+    parser.add_argument("--out", required=True, help="output file: .pth (torch.save) or .safetensors")
+    parser.add_argument("--what", default="backbone", choices=["backbone", "segmentor"])
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--ema", action="store_true", help="export the momentum encoder instead")
+    args = parser.parse_args(argv)
+    sd = export_workdir(args.workdir, args.out, args.what, args.step, args.ema)
+    variant = checkpointing.read_config(args.workdir).get("model", {}).get("variant", "v1")
+    print(f"wrote {len(sd)} tensors ({sum(v.size for v in sd.values()) / 1e6:.1f}M values) to {args.out}")
+    print("MMSegmentation config:\n" + mmseg_config_snippet(os.path.abspath(args.out), variant, args.what))
+
+
+if __name__ == "__main__":
+    main()

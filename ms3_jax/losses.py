@@ -24,6 +24,42 @@ _NEG = -1e30  # finite "minus infinity" for masked logits: keeps softmax gradien
 # ---------------------------------------------------------------------------------------------
 # Pixel chunking.
 # ---------------------------------------------------------------------------------------------
+def chunk_layout(n: int, chunk: int) -> tuple[int, int]:
+    """``(n_chunks, chunk')`` with ``chunk' <= chunk``: the smallest ``n_chunks >= ceil(n / chunk)``
+    (up to twice that) that divides ``n`` -- so no padding is needed -- else ``ceil(n / chunk)``
+    chunks of ``chunk`` pixels with padding."""
+    n0 = -(-n // chunk)
+    for n_chunks in range(n0, 2 * n0 + 1):
+        if n % n_chunks == 0:
+            return n_chunks, n // n_chunks
+    return n0, chunk
+
+
+def pixel_chunk_grid(arrays: Sequence[jax.Array], pad_values: Sequence[float | int],
+                     chunk: int) -> tuple[list[jax.Array], int, int]:
+    """Pads ``[N, ...]`` arrays to ``n_chunks * chunk`` and views them as ``[chunk, n_chunks, ...]``
+    (a free reshape, no transpose); chunk ``j`` is ``grid[:, j]`` = pixels ``j, j + n_chunks, ...``.
+
+    Taking a chunk along axis 1 keeps it evenly spread over a pixel axis sharded across devices
+    (data parallelism), so looping over chunks needs neither communication nor a transposed copy.
+    Returns ``(grids, n_chunks, chunk)``.
+    """
+    n = arrays[0].shape[0]
+    n_chunks, chunk = chunk_layout(n, chunk)
+    n_pad = n_chunks * chunk - n
+    grids = []
+    for x, pad in zip(arrays, pad_values):
+        if n_pad:
+            x = jnp.pad(x, [(0, n_pad)] + [(0, 0)] * (x.ndim - 1), constant_values=pad)
+        grids.append(x.reshape((chunk, n_chunks) + x.shape[1:]))
+    return grids, n_chunks, chunk
+
+
+def take_chunk(grids: Sequence[jax.Array], i: jax.Array) -> list[jax.Array]:
+    """Chunk ``i`` (``[chunk, ...]``) of each grid from :func:`pixel_chunk_grid`."""
+    return [jax.lax.dynamic_index_in_dim(g, i, axis=1, keepdims=False) for g in grids]
+
+
 def map_pixel_chunks(
     body: Callable[..., tuple[jax.Array, ...]],
     arrays: Sequence[jax.Array],
@@ -32,38 +68,27 @@ def map_pixel_chunks(
     *,
     remat: bool = True,
 ) -> tuple[jax.Array, ...]:
-    """Applies ``body`` to fixed-size pixel chunks and stitches per-pixel outputs back together.
+    """Applies ``body`` to pixel chunks of at most ``chunk`` pixels, returns per-pixel outputs.
 
-    ``arrays`` all have leading dim N (pixels). They are padded with ``pad_values`` to
-    ``n_chunks * chunk`` and laid out as ``[chunk, n_chunks]`` before looping over ``n_chunks``:
-    chunk ``j`` holds pixels ``j, j + n_chunks, ...``. With the pixel axis sharded over a mesh
-    (data parallelism) every chunk stays evenly sharded, so the loop needs no communication.
-    ``body`` maps arrays ``[chunk, ...]`` to a tuple of arrays ``[chunk, ...]``; the result is
-    a tuple of ``[N, ...]`` arrays. With ``remat`` the body is wrapped in ``jax.checkpoint`` so
-    the backward pass also lives on one chunk at a time. ``chunk=None`` or ``chunk >= N``: one call.
+    ``arrays`` all have leading dim N (pixels) and are padded with ``pad_values`` if ``chunk``
+    does not fit N (see :func:`chunk_layout`). ``body`` maps ``[chunk, ...]`` arrays to a tuple of
+    ``[chunk, ...]`` arrays; the result is the tuple of ``[N, ...]`` arrays. With ``remat`` the
+    body is ``jax.checkpoint``-ed, so the backward pass recomputes one chunk at a time and only
+    ``[chunk, K]``-sized intermediates are ever live. ``chunk=None`` or ``>= N``: a single call.
     """
     n = arrays[0].shape[0]
     if chunk is None or chunk >= n:
         return tuple(body(*arrays))
-    n_chunks = -(-n // chunk)
-    n_pad = n_chunks * chunk - n
+    grids, n_chunks, chunk = pixel_chunk_grid(arrays, pad_values, chunk)
 
-    def to_chunks(x: jax.Array, pad: float | int) -> jax.Array:
-        if n_pad:
-            widths = [(0, n_pad)] + [(0, 0)] * (x.ndim - 1)
-            x = jnp.pad(x, widths, constant_values=pad)
-        return jnp.swapaxes(x.reshape((chunk, n_chunks) + x.shape[1:]), 0, 1)
+    def one(i: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(body(*take_chunk(grids, i)))
 
-    xs = tuple(to_chunks(x, p) for x, p in zip(arrays, pad_values))
-    fn = jax.checkpoint(lambda a: tuple(body(*a)), prevent_cse=False) if remat else (
-        lambda a: tuple(body(*a)))
-    outs = jax.lax.map(fn, xs)  # each [n_chunks, chunk, ...]
-
-    def from_chunks(y: jax.Array) -> jax.Array:
-        y = jnp.swapaxes(y, 0, 1).reshape((n_chunks * chunk,) + y.shape[2:])
-        return y[:n]
-
-    return tuple(from_chunks(y) for y in outs)
+    if remat:
+        one = jax.checkpoint(one, prevent_cse=False)
+    outs = jax.lax.map(one, jnp.arange(n_chunks))  # each [n_chunks, chunk, ...]
+    return tuple(jnp.swapaxes(y, 0, 1).reshape((n_chunks * chunk,) + y.shape[2:])[:n]
+                 for y in outs)
 
 
 def _label_mask(labels: jax.Array, num_classes: int, ignore_label: int) -> tuple[jax.Array, jax.Array]:

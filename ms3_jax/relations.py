@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ms3_jax.losses import pixel_chunk_grid, take_chunk
+
 IGNORE_LABEL = 255
 
 
@@ -52,20 +54,14 @@ def segment_similarity(
     if chunk is None or chunk >= n:
         sum_KxC, count_K = _class_sums(emb_NxC, labels_N, num_classes, ignore_label)
     else:
-        n_chunks = -(-n // chunk)
-        n_pad = n_chunks * chunk - n
-        emb_p = jnp.pad(emb_NxC, ((0, n_pad), (0, 0)))
-        lab_p = jnp.pad(labels_N, (0, n_pad), constant_values=ignore_label)
-        # Chunk j = pixels j, j + n_chunks, ...: stays evenly sharded under data parallelism.
-        emb_p = jnp.swapaxes(emb_p.reshape(chunk, n_chunks, dim), 0, 1)
-        lab_p = jnp.swapaxes(lab_p.reshape(chunk, n_chunks), 0, 1)
+        grids, n_chunks, _ = pixel_chunk_grid((emb_NxC, labels_N), (0, ignore_label), chunk)
 
-        def step(carry, xs):
-            s, c = _class_sums(xs[0], xs[1], num_classes, ignore_label)
+        def step(carry, i):
+            s, c = _class_sums(*take_chunk(grids, i), num_classes, ignore_label)
             return (carry[0] + s, carry[1] + c), None
 
         init = (jnp.zeros((num_classes, dim), jnp.float32), jnp.zeros((num_classes,), jnp.int32))
-        (sum_KxC, count_K), _ = jax.lax.scan(step, init, (emb_p, lab_p))
+        (sum_KxC, count_K), _ = jax.lax.scan(step, init, jnp.arange(n_chunks))
     sum_KxK = jnp.dot(sum_KxC, text_KxC.astype(jnp.float32).T)
     mean_KxK = sum_KxK / jnp.maximum(count_K, 1).astype(jnp.float32)[:, None]
     return mean_KxK, count_K

@@ -36,7 +36,8 @@ def _build(dataset, manual, data_dir, **kw):
     b = builders.prepare(dataset, manual, data_dir, **kw)
     out = {}
     for split in builders.SPLITS:
-        src = tfds.data_source(b.name, split=split, data_dir=str(data_dir))
+        name = b.name + (f"/{b.builder_config.name}" if b.builder_config else "")
+        src = tfds.data_source(name, split=split, data_dir=str(data_dir))
         out[split] = {ex["file_name"].decode(): ex for ex in (src[i] for i in range(len(src)))}
     return b, out
 
@@ -189,8 +190,10 @@ def test_mapillary(tmp_path):
 
 def test_mapillary_labels_under_split_and_unlabeled_as_ignore(tmp_path):
     make_mapillary(tmp_path / "m", labels="labels")
-    _, out = _build("mapillary", tmp_path / "m", tmp_path / "d", unlabeled_as_ignore=True)
+    _, out = _build("mapillary", tmp_path / "m", tmp_path / "d",
+                    config="v1.2_unlabeled_ignored")
     assert _ids(out["train"]["a1.jpg"]) == [0, 13, 55, 255]
+    assert (tmp_path / "d/ms3_mapillary/v1.2_unlabeled_ignored/1.0.0").is_dir()
 
 
 def test_ade20k_from_zip(tmp_path):

@@ -96,7 +96,7 @@ def _hf_prompt_embeddings(hf, layout, ctx_MxD):
     m = layout.num_ctx
     with torch.no_grad():
         x = tm.embeddings.token_embedding(ids_t)
-        x[:, 1:1 + m] = torch.from_numpy(np.asarray(ctx_MxD))[None]
+        x[:, 1:1 + m] = torch.from_numpy(np.array(ctx_MxD))[None]
         x = x + tm.embeddings.position_embedding(torch.arange(length))[None]
         mask = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)
         h = tm.encoder(inputs_embeds=x, attention_mask=mask[None, None].expand(n, 1, length, length))

@@ -37,7 +37,8 @@ Builders (tfds name <- dataset key, layout below `manual_dir`):
   `{training, validation}/v1.2/labels/*.png` (or `labels/` directly under the split)
   (18,000 / 2,000). 66 classes, ids 0..65 kept. 65 'Unlabeled' stays a class: that is what
   MMSeg does (`MapillaryDataset_v1` lists it, its configs use `num_classes=66`) and the paper
-  counts 66 categories. Pass `unlabeled_as_ignore=True` to map 65 -> 255 instead.
+  counts 66 categories. Config `ms3_mapillary/v1.2_unlabeled_ignored` maps 65 -> 255 instead
+  (default config: `v1.2`).
 
 Instead of the extracted folders, `manual_dir` may hold the official archives
 (`ADEChallengeData2016.zip`; `train2017.zip`, `val2017.zip`, `stuffthingmaps_trainval2017.zip`;
@@ -347,7 +348,7 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
                 example = encode_pair(pair, self.LUT, self.VALID_RAW)
             except CorruptFileError as e:
                 if not self.skip_corrupt:
-                    raise DatasetError(f"{e} (pass skip_corrupt=True to skip such files)"
+                    raise DatasetError(f"{e} (pass skip_corrupt=True / --skip_corrupt to skip such files)"
                                        ) from None
                 logging.warning("skipping %s", e)
                 skipped.append(pair.file_name)
@@ -497,7 +498,6 @@ class Ms3Mapillary(_SegmentationBuilder):
 
     name = "ms3_mapillary"
     KEY = "mapillary"
-    LUT = classes.MAPILLARY_LUT
     VALID_RAW = _valid(range(66))
     OFFICIAL_SIZES = {"train": 18000, "validation": 2000}
     ARCHIVES = ("mapillary-vistas-dataset_public_v1.2.zip",)
@@ -508,12 +508,21 @@ class Ms3Mapillary(_SegmentationBuilder):
       {training,validation}/v1.2/labels/*.png   (or {training,validation}/labels/*.png)
     """
 
-    def __init__(self, *, unlabeled_as_ignore: bool = False, **kwargs):
-        if unlabeled_as_ignore:
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(
+            name="v1.2", description="66 classes, 65 'Unlabeled' kept (MMSeg, paper)."),
+        tfds.core.BuilderConfig(
+            name="v1.2_unlabeled_ignored", description="65 'Unlabeled' -> 255 (ignore)."),
+    ]
+    DEFAULT_CONFIG_NAME = "v1.2"
+
+    @property
+    def LUT(self) -> np.ndarray:  # noqa: N802 (a class constant on the other builders)
+        if self.builder_config.name == "v1.2_unlabeled_ignored":
             lut = classes.MAPILLARY_LUT.copy()
             lut[65] = IGNORE_INDEX
-            self.LUT = lut
-        super().__init__(**kwargs)
+            return lut
+        return classes.MAPILLARY_LUT
 
     def _list_split(self, dl_manager, split):
         sub = "training" if split == "train" else "validation"
@@ -550,10 +559,10 @@ def builder_class(dataset: str) -> type[_SegmentationBuilder]:
     raise DatasetError(f"unknown dataset {dataset!r}; valid names: {', '.join(valid)}")
 
 
-def source(dataset: str, split: str, data_dir: str | os.PathLike):
+def source(dataset: str, split: str, data_dir: str | os.PathLike, config: str | None = None):
     """`tfds.data_source` of a prepared dataset by key (no download / preparation)."""
-    return tfds.data_source(builder_class(dataset).name, split=split, data_dir=data_dir,
-                            download=False)
+    name = builder_class(dataset).name + (f"/{config}" if config else "")
+    return tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
 
 
 def from_tfds_example(example: dict[str, Any], dataset: str) -> dict[str, Any]:

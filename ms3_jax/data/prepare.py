@@ -29,9 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", required=True, help="tfds data_dir to write to")
     p.add_argument("--skip_corrupt", action="store_true", help="skip (and count) images / "
                    "labels PIL cannot decode instead of failing")
-    p.add_argument("--mapillary_unlabeled_as_ignore", action="store_true",
-                   help="Mapillary only: map class 65 'Unlabeled' to 255 (default: keep it, "
-                   "as MMSeg does)")
+    p.add_argument("--config", default=None, help="builder config; only mapillary has "
+                   "some: v1.2 (default, 66 classes as in MMSeg) or v1.2_unlabeled_ignored "
+                   "(65 'Unlabeled' -> 255)")
     return p
 
 
@@ -58,10 +58,11 @@ def main(argv: Sequence[str] | None = None) -> builders._SegmentationBuilder:
     except builders.DatasetError as e:
         parser.error(str(e))
     kwargs = {}
-    if args.mapillary_unlabeled_as_ignore:
-        if cls is not builders.Ms3Mapillary:
-            parser.error("--mapillary_unlabeled_as_ignore only applies to mapillary")
-        kwargs["unlabeled_as_ignore"] = True
+    if args.config is not None:
+        names = [c.name for c in cls.BUILDER_CONFIGS or ()]
+        if args.config not in names:
+            parser.error(f"{cls.name} has no config {args.config!r}; configs: {names or 'none'}")
+        kwargs["config"] = args.config
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     tfds.disable_progress_bar()  # ours has a total; tfds's does not
     builder = builders.prepare(cls.name, args.manual_dir, args.data_dir,

@@ -391,7 +391,7 @@ def splice_context(x_NxLxD: Array, ctx_MxD: Array) -> Array:
     """Replace positions 1..M of the token embeddings by the shared context vectors ``[W]_1..[W]_M``."""
     n, _, d = x_NxLxD.shape
     ctx_NxMxD = jnp.broadcast_to(ctx_MxD.astype(x_NxLxD.dtype)[None], (n, ctx_MxD.shape[0], d))
-    return jnp.concatenate([x_NxLxD[:, :1], ctx_NxMxD, x_NxLxD[:, 1 + ctx_MxD.shape[0]:]], axis=1)
+    return jnp.concatenate([ctx_NxMxD, x_NxLxD[:, ctx_MxD.shape[0]:]], axis=1)
 
 
 def init_context(

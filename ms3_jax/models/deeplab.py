@@ -178,3 +178,21 @@ class MS3Encoder(nn.Module):
             out["logits"] = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
                                     name="conv_seg")(y).astype(jnp.float32)
         return out
+
+
+MODEL_FIELDS = ("depth", "variant", "output_stride", "width", "stage_sizes", "head_channels",
+                "c1_channels", "emb_dim")
+
+
+def encoder_from_config(model_cfg: Any, **overrides: Any) -> MS3Encoder:
+    """Build the encoder from a config's `model` fields (`dtype`: 'float32' or 'bfloat16')."""
+    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
+    kwargs = {k: get(k) for k in MODEL_FIELDS if get(k) is not None}
+    if kwargs.get("stage_sizes") is not None:
+        kwargs["stage_sizes"] = tuple(kwargs["stage_sizes"])
+    dtype = get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    kwargs["dtype"] = jnp.dtype(dtype)
+    kwargs.update(overrides)
+    return MS3Encoder(**kwargs)

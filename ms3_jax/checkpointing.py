@@ -1,0 +1,62 @@
+"""Workdir layout and orbax checkpoints shared by pretraining, stage 1, fine-tuning and export.
+
+    W/config.json        the job's ml_collections config (model fields build the encoder)
+    W/checkpoints/<step> orbax: item `state` (the TrainState pytree) and item `data` (grain iterator)
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_manager(workdir: str, max_to_keep: int = 3,
+                       item_names: tuple[str, ...] = ("state", "data")) -> ocp.CheckpointManager:
+    """The orbax manager of a workdir (keeps the newest `max_to_keep` complete checkpoints)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+                                 item_names=item_names, options=options)
+
+
+def write_config(workdir: str, config: Any) -> None:
+    """Store the job config as JSON next to the checkpoints (ml_collections or a plain mapping)."""
+    os.makedirs(workdir, exist_ok=True)
+    text = config.to_json(indent=2) if hasattr(config, "to_json") else json.dumps(config, indent=2)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(text)
+
+
+def read_config(workdir: str) -> dict[str, Any]:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} is not an ms3_jax workdir: {path} is missing")
+    with open(path) as f:
+        return json.load(f)
+
+
+def restore_state(workdir: str, step: int | None = None) -> tuple[int, Mapping[str, Any]]:
+    """The raw `state` pytree (nested dicts) of the latest (or given) complete checkpoint."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {workdir}: {directory} is missing")
+    manager = ocp.CheckpointManager(directory)
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    if step is None:
+        step = manager.latest_step()
+    elif step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {sorted(steps)}")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, restored.state
+
+
+def encoder_variables(state: Mapping[str, Any], ema: bool = False) -> dict[str, Any]:
+    """`{'params', 'batch_stats'}` of the online encoder, or of the momentum encoder with `ema`."""
+    prefix = "ema_" if ema else ""
+    return {"params": state[prefix + "params"], "batch_stats": state[prefix + "batch_stats"]}

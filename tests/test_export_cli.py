@@ -1,0 +1,73 @@
+"""`python -m ms3_jax.export`: a workdir checkpoint -> .pth / .safetensors that PyTorch loads."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import orbax.checkpoint as ocp
+import torch
+
+from ms3_jax import checkpointing, export
+from ms3_jax.models.deeplab import encoder_from_config
+from tests.torch_reference import TorchResNet
+
+MODEL_CFG = {"variant": "v1c", "width": 0.125, "stage_sizes": [1, 1, 1, 1], "emb_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("wd"))
+    model = encoder_from_config(MODEL_CFG)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    ema = jax.tree_util.tree_map(lambda x: x + 1.0, variables)
+    state = {"step": jnp.int32(5), "params": variables["params"], "batch_stats": variables["batch_stats"],
+             "ema_params": ema["params"], "ema_batch_stats": ema["batch_stats"]}
+    checkpointing.write_config(wd, {"model": MODEL_CFG})
+    mngr = checkpointing.checkpoint_manager(wd, item_names=("state",))
+    mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mngr.wait_until_finished()
+    return wd, variables, ema
+
+
+def test_cli_writes_pth_that_strict_loads_into_reference(workdir, tmp_path, capsys):
+    wd, variables, _ = workdir
+    out = str(tmp_path / "backbone.pth")
+    export.main(["--workdir", wd, "--out", out])
+    sd = torch.load(out, weights_only=True)
+    ref = TorchResNet(variant="v1c", base=8, stage_sizes=(1, 1, 1, 1))
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    np.testing.assert_array_equal(
+        sd["stem.0.weight"].numpy(),
+        np.transpose(variables["params"]["backbone"]["stem_0"]["kernel"], (3, 2, 0, 1)))
+    printed = capsys.readouterr().out
+    assert "type='Pretrained'" in printed and "ResNetV1c" in printed
+
+
+def test_cli_safetensors_segmentor_and_ema(workdir, tmp_path):
+    from safetensors.numpy import load_file
+    wd, _, ema = workdir
+    out = str(tmp_path / "seg.safetensors")
+    export.main(["--workdir", wd, "--out", out, "--what", "segmentor", "--ema"])
+    sd = load_file(out)
+    assert "decode_head.sep_bottleneck.1.pointwise_conv.bn.running_mean" in sd
+    np.testing.assert_array_equal(sd["backbone.stem.1.weight"], ema["params"]["backbone"]["stem_1"]["scale"])
+
+
+def test_torchvision_file_initialises_the_encoder_backbone(workdir, tmp_path):
+    """The reverse direction: a torchvision-named .pth (with `fc.*`) -> Flax backbone variables."""
+    ref = TorchResNet(base=8, stage_sizes=(1, 1, 1, 1))
+    path = str(tmp_path / "imagenet.pth")
+    torch.save(ref.state_dict(), path)
+    from ms3_jax.models.resnet import ResNet
+    got = export.load_backbone_state_dict(export.read_state_dict(path), ResNet(width=0.125, stage_sizes=(1, 1, 1, 1)))
+    np.testing.assert_array_equal(got["batch_stats"]["layer2_0"]["downsample_1"]["var"],
+                                  ref.layer2[0].downsample[1].running_var.numpy())
+
+
+def test_bad_workdir_and_output_names(tmp_path, workdir):
+    with pytest.raises(FileNotFoundError, match="checkpoints"):
+        export.export_workdir(str(tmp_path), str(tmp_path / "x.pth"))
+    with pytest.raises(ValueError, match=r"\.pth, \.pt or \.safetensors"):
+        export.export_workdir(workdir[0], str(tmp_path / "x.bin"))
+    with pytest.raises(FileNotFoundError, match="step 7"):
+        export.export_workdir(workdir[0], str(tmp_path / "x.pth"), step=7)
