@@ -1,7 +1,7 @@
 """Pixel-embedding pairing loss (Eq. 1, 2, 7, 8) and the cross-entropy baselines (Tab. 4).
 
 All functions are pure and jit-friendly. Labels live in the union label space; ``ignore_label``
-(default 255) and any label outside ``[0, K)`` are ignored.
+(default -1, the union ignore id) and any label outside ``[0, K)`` are ignored.
 
 The class embeddings ``E`` passed to the pairing loss (the adapted language embeddings ``T`` or the
 memory-bank visual embeddings ``V``) are *targets*, not learned parameters: they get a
@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-IGNORE_LABEL = 255
+IGNORE_LABEL = -1  # union-space ignore id (label_space.UNION_IGNORE); ids outside [0, K) are ignored too
 TAU = 0.07
 DEFAULT_CHUNK = 16384  # pixels per chunk: 16384 x 342 classes x 4 B = 22 MB of logits.
 _NEG = -1e30  # finite "minus infinity" for masked logits: keeps softmax gradients NaN-free.

@@ -11,7 +11,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-IGNORE_LABEL = 255
+IGNORE_LABEL = -1  # union-space ignore id (label_space.UNION_IGNORE); ids outside [0, K) are ignored too
 
 
 @struct.dataclass

@@ -13,7 +13,7 @@ import numpy as np
 
 from ms3_jax.losses import pixel_chunk_grid, take_chunk
 
-IGNORE_LABEL = 255
+IGNORE_LABEL = -1  # union-space ignore id (label_space.UNION_IGNORE); ids outside [0, K) are ignored too
 
 
 def _class_sums(emb_NxC: jax.Array, labels_N: jax.Array, num_classes: int,

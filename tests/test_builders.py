@@ -1,4 +1,5 @@
 """tfds builders on tiny fixtures in the official folder layouts, read back without TensorFlow."""
+import subprocess
 import sys
 import zipfile
 
@@ -206,6 +207,30 @@ def test_ade20k_from_zip(tmp_path):
     assert builders.split_sizes(b) == {"train": 1, "validation": 1}
 
 
+def test_coco_stuff_from_zips(tmp_path):
+    make_coco(tmp_path / "src")
+    (tmp_path / "m").mkdir()
+    for name, folder in (("train2017.zip", "images/train2017"), ("val2017.zip", "images/val2017"),
+                         ("stuffthingmaps_trainval2017.zip", "stuffthingmaps_trainval2017")):
+        base = (tmp_path / "src" / folder).parent if name != "stuffthingmaps_trainval2017.zip" \
+            else tmp_path / "src" / folder
+        with zipfile.ZipFile(tmp_path / "m" / name, "w") as z:
+            for f in sorted((tmp_path / "src" / folder).rglob("*.*")):
+                z.write(f, f.relative_to(base))  # train2017/x.jpg ... as in the official zips
+    b, out = _build("coco_stuff", tmp_path / "m", tmp_path / "d")
+    assert builders.split_sizes(b) == {"train": 2, "validation": 1}
+    assert out["validation"]["000000000139.jpg"]["label"][:6, 0, 0].tolist() == [
+        0, 255, 11, 80, 170, 255]
+
+
+def test_voc_deeplab_style_list(tmp_path):
+    voc = make_voc(tmp_path / "m")
+    (voc / "ImageSets/Segmentation/val.txt").write_text(
+        "/JPEGImages/2007_000033.jpg /SegmentationClassAug/2007_000033.png\n")
+    b, _ = _build("voc", tmp_path / "m", tmp_path / "d")
+    assert builders.split_sizes(b)["validation"] == 1
+
+
 def test_source_helper_and_grayscale_jpeg_reencoded(tmp_path):
     make_ade(tmp_path / "m", train=1, val=1)
     _jpg(tmp_path / "m/ADEChallengeData2016/images/training/ADE_train_00000001.jpg", mode="L")
@@ -238,7 +263,9 @@ def test_missing_split_folder(tmp_path):
     for f in (tmp_path / "m/ADEChallengeData2016/annotations/validation").iterdir():
         f.unlink()
     (tmp_path / "m/ADEChallengeData2016/annotations/validation").rmdir()
-    _fails("ADEChallengeData2016/annotations/validation", "ade20k", tmp_path / "m", tmp_path / "d")
+    msg = _fails("ADEChallengeData2016/annotations/validation", "ade20k", tmp_path / "m",
+                 tmp_path / "d")
+    assert "ADEChallengeData2016.zip" in msg  # says that the archive would do too
 
 
 def test_missing_split_list(tmp_path):
@@ -252,6 +279,10 @@ def test_image_without_label(tmp_path):
     (tmp_path / "m/ADEChallengeData2016/annotations/training/ADE_train_00000002.png").unlink()
     msg = _fails("ADE_train_00000002.jpg has no label", "ade20k", tmp_path / "m", tmp_path / "d")
     assert "annotations/training/ADE_train_00000002.png" in msg
+    assert "more" not in msg
+    (tmp_path / "m/ADEChallengeData2016/annotations/training/ADE_train_00000001.png").unlink()
+    _fails("ADE_train_00000001.jpg has no label.*\\(and 1 more\\)", "ade20k", tmp_path / "m",
+           tmp_path / "d")
 
 
 def test_label_without_image(tmp_path):
@@ -320,6 +351,21 @@ def test_prepare_cli(tmp_path, capsys, monkeypatch):
     assert "ms3_cityscapes" in out and "train: 2" in out and "validation: 1" in out
     assert "skipped: 0" in out
     assert len(builders.source("cityscapes", "validation", tmp_path / "d")) == 1
+    # again: already prepared, the summary comes from the stored dataset info
+    prepare.main(["--dataset", "ms3_cityscapes", "--manual_dir", str(tmp_path / "m"),
+                  "--data_dir", str(tmp_path / "d")])
+    out = capsys.readouterr().out
+    assert "train: 2" in out and "skipped: 0" in out
+    # a fresh process reads the files without this package and without TensorFlow
+    code = ("import sys, tensorflow_datasets as tfds\n"
+            "src = tfds.data_source('ms3_cityscapes', split='train', data_dir=sys.argv[1])\n"
+            "ex = src[0]\n"
+            "print(len(src), ex['image'].shape, ex['label'].dtype,\n"
+            "      type(ex['file_name']).__name__,\n"
+            "      'tensorflow' in sys.modules, 'ms3_jax' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert res.stdout.split("\n")[-2] == "2 (16, 20, 3) uint8 bytes False False", res.stderr
     with pytest.raises(SystemExit):
         prepare.main(["--dataset", "kitti", "--manual_dir", str(tmp_path / "m"),
                       "--data_dir", str(tmp_path / "d")])
@@ -346,7 +392,3 @@ def test_from_tfds_cityscapes_mock():
         builders.from_tfds_example(ex, "cityscapes")
     with pytest.raises(DatasetError, match="instance annotations"):
         builders.from_tfds_example({}, "scene_parse150")
-
-
-def test_no_tensorflow_imported():
-    assert "tensorflow" not in sys.modules

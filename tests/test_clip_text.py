@@ -128,6 +128,27 @@ def test_pytorch_bin_checkpoint_loads_the_same(tmp_path, clip_text_dir, loaded):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params_bin, loaded[1])
 
 
+def test_sharded_bfloat16_safetensors(tmp_path, clip_text_dir, loaded):
+    """A sharded checkpoint (model.safetensors.index.json) stored in bfloat16 loads as float32."""
+    from safetensors.torch import save_file as save_torch_file
+
+    directory = _copy_without(clip_text_dir, tmp_path / "sharded", "model.safetensors")
+    state = {k: torch.from_numpy(v).to(torch.bfloat16)
+             for k, v in load_file(clip_text_dir / "model.safetensors").items()}
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, shard_keys in shards.items():
+        save_torch_file({k: state[k] for k in shard_keys}, directory / name)
+    weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _, params, _ = ct.load_clip_text(directory)
+    table = params["token_embedding"]["embedding"]
+    assert table.dtype == jnp.float32
+    expected = state["text_model.embeddings.token_embedding.weight"].to(torch.float32).numpy()
+    np.testing.assert_array_equal(table, expected)
+    np.testing.assert_allclose(table, loaded[1]["token_embedding"]["embedding"], rtol=1e-2)
+
+
 def test_hub_id_resolves_from_local_cache_offline(tmp_path, clip_text_dir):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     repo = tmp_path / "hub" / "models--tiny--clip"

@@ -81,10 +81,20 @@ def test_chunked_equals_unchunked():
     pos = _random_positives(4)
     valid = np.random.RandomState(5).rand(K) < 0.8
     full = _per_pixel(emb, cls, labels, pos, valid, TAU, chunk=None)
-    for chunk in (16, 33, 69):  # none divides N = 70
+    for chunk in (16, 69):  # neither divides N = 70 (chunk_layout shrinks them to 14, 35)
         part = _per_pixel(emb, cls, labels, pos, valid, TAU, chunk=chunk)
         np.testing.assert_allclose(part[0], full[0], rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(part[1], full[1])
+    g_full = _grad(emb, cls, labels, pos, valid, TAU, chunk=None)[0]
+    g_part = _grad(emb, cls, labels, pos, valid, TAU, chunk=16)[0]
+    np.testing.assert_allclose(g_part, g_full, rtol=1e-5, atol=1e-6)
+    # N = 97 (prime): chunks of 16 need padding with ignored pixels.
+    emb, cls, labels = _inputs(23, shape=(97,))
+    assert losses.chunk_layout(97, 16) == (7, 16)
+    full = _per_pixel(emb, cls, labels, pos, valid, TAU, chunk=None)
+    part = _per_pixel(emb, cls, labels, pos, valid, TAU, chunk=16)
+    np.testing.assert_allclose(part[0], full[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(part[1], full[1])
     g_full = _grad(emb, cls, labels, pos, valid, TAU, chunk=None)[0]
     g_part = _grad(emb, cls, labels, pos, valid, TAU, chunk=16)[0]
     np.testing.assert_allclose(g_part, g_full, rtol=1e-5, atol=1e-6)
@@ -244,3 +254,44 @@ def test_ce_multi_head():
     np.testing.assert_allclose(float(out), _ref_ce(logits, labels, allowed), rtol=1e-5)
     # Differs from the single head (the softmax really is restricted).
     assert abs(float(out) - float(losses.ce_single_head_loss(logits, labels))) > 1e-3
+
+
+def test_chunk_layout_prefers_no_padding():
+    assert losses.chunk_layout(25088, 4096) == (7, 3584)  # B=8 at 56x56: exact split
+    assert losses.chunk_layout(70, 16) == (5, 14)
+    assert losses.chunk_layout(97, 16) == (7, 16)  # prime N: padded
+    assert losses.chunk_layout(401408, 16384) == (28, 14336)  # B=128 at 56x56
+
+
+def test_sharded_over_data_axis_matches_and_only_reduces():
+    """Pixels sharded over 8 devices: same loss/grad, and the chunk loop needs no gathers."""
+    import re
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",))
+    emb, cls, labels = _inputs(21, shape=(8, 4, 8))
+    pos = _random_positives(22)
+    data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    fn = jax.jit(jax.value_and_grad(lambda e, c, y, p: losses.pairing_loss(e, c, y, p, chunk=64)),
+                 in_shardings=(data, rep, data, rep), out_shardings=(rep, data))
+    hlo = fn.lower(emb, cls, labels, pos).compile().as_text()
+    assert not re.search(r"all-gather|all-to-all|collective-permute", hlo)
+    val, g = fn(emb, cls, labels, pos)
+    val0, g0 = _grad_and_val(emb, cls, labels, pos)
+    np.testing.assert_allclose(val, val0, rtol=1e-6)
+    np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-7)
+
+
+_grad_and_val = jax.jit(jax.value_and_grad(lambda e, c, y, p: losses.pairing_loss(e, c, y, p, chunk=None)))
+
+
+def test_union_class_255_is_a_class_not_ignore():
+    """|Y| = 342 > 255: union id 255 is a real class; only -1 (and ids outside [0, K)) are ignored."""
+    k, c = 300, 8
+    r = np.random.RandomState(0)
+    cls = r.randn(k, c).astype(np.float32)
+    emb = r.randn(4, c).astype(np.float32)
+    labels = np.array([255, 255, -1, 299], np.int32)
+    loss, weight = losses.pairing_loss_per_pixel(emb, cls, labels, chunk=None)
+    np.testing.assert_array_equal(np.asarray(weight), [1, 1, 0, 1])
+    assert float(loss[0]) > 0

@@ -29,19 +29,19 @@ def ref_segment_similarity(emb, labels, text):
 
 
 def test_segment_similarity_eq5():
-    k, c, n = 7, 6, 45
+    k, c, n = 7, 6, 47  # prime: chunked path pads
     r = np.random.RandomState(0)
     emb = _unit(r.randn(n, c)).astype(np.float32)
     text = _unit(r.randn(k, c)).astype(np.float32)
     labels = r.choice([0, 1, 2, 4, 6, 255, 9], size=n).astype(np.int32)  # 3, 5 absent; 9 >= K
     ref_mean, ref_count = ref_segment_similarity(emb, labels, text)
-    for chunk in (None, 8, 16):  # neither divides 45
+    for chunk in (None, 8, 16):
         mean, count = _seg(emb, labels, text, num_classes=k, chunk=chunk)
         np.testing.assert_array_equal(count, ref_count)
         np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(mean)[[3, 5]] == 0)
     # [B, H, W, C] inputs and bf16 embeddings.
-    mean_b, _ = _seg(jnp.asarray(emb.reshape(5, 9, c), jnp.bfloat16), labels.reshape(5, 9), text,
+    mean_b, _ = _seg(jnp.asarray(emb.reshape(1, 47, c), jnp.bfloat16), labels.reshape(1, 47), text,
                      num_classes=k, chunk=None)
     assert mean_b.dtype == jnp.float32
     np.testing.assert_allclose(mean_b, ref_mean, atol=1e-2)

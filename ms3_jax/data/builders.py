@@ -14,11 +14,14 @@ ignore; the raw -> train-id mapping is done here, at build time. Splits are `tra
     ex = src[i]   # {"image": uint8 [H, W, 3], "label": uint8 [H, W, 1], "file_name": bytes}
 
 (verified on this machine without TF: `tfds.data_source` returns an `ArrayRecordDataSource`
-with `len()`, `__getitem__` and `__getitems__`; images are decoded with PIL (OpenCV if
-installed) into numpy uint8 arrays, `file_name` comes back as `bytes`; records are stored in
-tfds's hash-of-key order, not in file order.) `source(key, split, data_dir)` below does the
-same by dataset key. A data_dir can be read without importing this module (tfds falls back to
-the `dataset_info.json` on disk).
+with `len()`, `__getitem__(int)` and `__getitems__(list)`; images are decoded with PIL (OpenCV
+if installed) into numpy uint8 arrays, `file_name` comes back as `bytes`; records are stored
+in tfds's hash-of-key order, not in file order.) A data_dir can be read without importing this
+module (tfds falls back to the `dataset_info.json` on disk).
+
+Dataset keys ("voc", ...; those of `classes.CLASSES`) are not tfds names: tfds ships builders
+called `voc` and `cityscapes`, so ours are prefixed (`TFDS_NAMES[key]`, e.g. "ms3_voc_aug").
+`source(key, split, data_dir)` opens a prepared split by key.
 
 Builders (tfds name <- dataset key, layout below `manual_dir`):
 
@@ -44,8 +47,9 @@ Instead of the extracted folders, `manual_dir` may hold the official archives
 (`ADEChallengeData2016.zip`; `train2017.zip`, `val2017.zip`, `stuffthingmaps_trainval2017.zip`;
 `leftImg8bit_trainvaltest.zip`, `gtFine_trainvaltest.zip`;
 `mapillary-vistas-dataset_public_v1.2.zip`): they are extracted once with Python's
-zipfile/tarfile into `<data_dir>/downloads/extracted/`. VOC needs MMSeg's converted layout
-(the SBD `.mat` files and `train_aug.txt` are made by MMSeg's `voc_aug.py`).
+zipfile/tarfile into `<data_dir>/downloads/extracted/` (tfds's extractor needs TF); one extra
+top-level folder inside an archive is tolerated. VOC needs MMSeg's converted layout: MMSeg's
+`voc_aug.py` turns SBD's `.mat` files into `SegmentationClassAug` and writes `train_aug.txt`.
 
 Images are stored as the original JPEG bytes when the file is an RGB JPEG; anything else
 (Cityscapes' PNGs, grayscale or CMYK JPEGs) is converted to RGB and re-encoded as JPEG,
@@ -60,11 +64,13 @@ file. Corrupt files stop the build unless `skip_corrupt=True`; skipped files are
 
 Why not tfds's own builders: `scene_parse150` stores the Places-2017 *instance* annotations
 (`annotations_instance.tar`: 3 channels, R = one of 100 object categories), not the 150-class
-SceneParsing maps, and downloads rather than reads `manual_dir`; `voc` has no SBD-augmented
-labels; `cityscapes` reads the zips with `tf.io.gfile` (needs TensorFlow to prepare) and keeps
-raw labelIds. All of them would need a second pass for our id mapping. `from_tfds_example`
-converts an example of tfds's `cityscapes` (config `semantic_segmentation`) into our record;
-`scene_parse150` examples cannot be converted (no 150-class map) and raise `DatasetError`.
+SceneParsing maps, and downloads rather than reads `manual_dir`; `voc` is detection only
+(boxes, no segmentation masks, no SBD); `cityscapes` reads the zips with `tf.io.gfile` (needs
+TensorFlow to prepare) and keeps raw labelIds. All would need a second pass for our id mapping.
+Both `scene_parse150` and `cityscapes` do run without TF under `tfds.testing.mock_data`:
+`from_tfds_example` converts an example of tfds's `cityscapes` (config `semantic_segmentation`)
+into our record; `scene_parse150` examples cannot be converted (no 150-class map) and raise
+`DatasetError`.
 """
 
 from __future__ import annotations
@@ -83,8 +89,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 from etils import epath
-from tensorflow_datasets.core import utils as tfds_utils
 from PIL import Image
+from tensorflow_datasets.core import utils as tfds_utils
 
 from ms3_jax.data import classes
 
@@ -198,9 +204,9 @@ def _valid(ids) -> np.ndarray:
 # Listing files (cheap; every pairing error is found here, before decoding anything).
 
 
-def _require_dir(path: epath.Path, what: str) -> epath.Path:
+def _require_dir(path: epath.Path, what: str, hint: str = "") -> epath.Path:
     if not path.is_dir():
-        raise DatasetError(f"expected the {what} folder at {path}, which does not exist")
+        raise DatasetError(f"expected the {what} folder at {path}, which does not exist{hint}")
     return path
 
 
@@ -227,13 +233,17 @@ def _pair_folders(image_dir: epath.Path, image_suffix: str, label_dir: epath.Pat
         labels = {k: v for k, v in labels.items() if not k.endswith(label_exclude)}
     if not images:
         raise DatasetError(f"no '*{image_suffix}' images found in {image_dir}")
-    for stem in sorted(images.keys() - labels.keys())[:1]:
-        raise DatasetError(f"image {images[stem]} has no label: expected "
-                           f"{label_dir / (stem + label_suffix)}")
-    for stem in sorted(labels.keys() - images.keys())[:1]:
-        raise DatasetError(f"label {labels[stem]} has no image: expected "
-                           f"{image_dir / (stem + image_suffix)}")
+    if missing := sorted(images.keys() - labels.keys()):
+        raise DatasetError(f"image {images[missing[0]]} has no label: expected "
+                           f"{label_dir / (missing[0] + label_suffix)}{_more(missing)}")
+    if missing := sorted(labels.keys() - images.keys()):
+        raise DatasetError(f"label {labels[missing[0]]} has no image: expected "
+                           f"{image_dir / (missing[0] + image_suffix)}{_more(missing)}")
     return [Pair(images[s], labels[s], s + image_suffix) for s in sorted(images)]
+
+
+def _more(missing: list[str]) -> str:
+    return f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
 
 
 def _extract(archive: epath.Path, dest: epath.Path) -> epath.Path:
@@ -317,12 +327,20 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         """First existing folder among (archive or None for manual_dir, relative path)."""
         root = self._manual_root(dl_manager)
         for archive, rel in candidates:
-            base = root if archive is None else self._archive_root(dl_manager, archive)
-            if base is not None and (base / rel).is_dir():
-                return base / rel
+            if archive is None:
+                if (root / rel).is_dir():
+                    return root / rel
+                continue
+            base = self._archive_root(dl_manager, archive)
+            if base is None:
+                continue
+            # archives may wrap their content in one extra top-level folder
+            for path in [base / rel, *(c / rel for c in base.iterdir() if c.is_dir())]:
+                if path.is_dir():
+                    return path
         archives = sorted({a for a, _ in candidates if a})
-        hint = f" (or put {', '.join(archives)} in {root})" if archives else ""
-        return _require_dir(root / candidates[0][1], what + hint)
+        hint = f" (or put {' + '.join(archives)} in {root})" if archives else ""
+        return _require_dir(root / candidates[0][1], what, hint)
 
     def _archive_root(self, dl_manager, archive: str) -> epath.Path | None:
         path = self._manual_root(dl_manager) / archive
@@ -348,8 +366,9 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
                 example = encode_pair(pair, self.LUT, self.VALID_RAW)
             except CorruptFileError as e:
                 if not self.skip_corrupt:
-                    raise DatasetError(f"{e} (pass skip_corrupt=True / --skip_corrupt to skip such files)"
-                                       ) from None
+                    raise DatasetError(
+                        f"{e} (pass skip_corrupt=True / --skip_corrupt to skip such files)"
+                    ) from None
                 logging.warning("skipping %s", e)
                 skipped.append(pair.file_name)
                 bar.set_postfix(skipped=len(skipped))
@@ -385,7 +404,10 @@ class Ms3VocAug(_SegmentationBuilder):
         if not list_file.is_file():
             raise DatasetError(f"expected the {split} split list at {list_file}, which does "
                                "not exist (train_aug.txt is made by MMSeg's voc_aug.py)")
-        ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+        # one id per line; DeepLab-style lines "/JPEGImages/x.jpg /SegmentationClassAug/x.png"
+        # are accepted too (the first column's stem is the id)
+        ids = [os.path.splitext(os.path.basename(line.split()[0]))[0]
+               for line in list_file.read_text().splitlines() if line.strip()]
         if not ids:
             raise DatasetError(f"split list {list_file} is empty")
         pairs = []
@@ -480,17 +502,8 @@ class Ms3Cityscapes(_SegmentationBuilder):
         lab = self._find(dl_manager, [(None, f"gtFine/{sub}"),
                                       (self.ARCHIVES[1], f"gtFine/{sub}")],
                          f"Cityscapes {split} gtFine")
-        images = _files(img, "_leftImg8bit.png", recursive=True)
-        labels = _files(lab, "_gtFine_labelIds.png", recursive=True)
-        if not images:
-            raise DatasetError(f"no '<city>/*_leftImg8bit.png' images found in {img}")
-        for stem in sorted(images.keys() - labels.keys())[:1]:
-            raise DatasetError(f"image {images[stem]} has no label: expected "
-                               f"{lab / (stem + '_gtFine_labelIds.png')}")
-        for stem in sorted(labels.keys() - images.keys())[:1]:
-            raise DatasetError(f"label {labels[stem]} has no image: expected "
-                               f"{img / (stem + '_leftImg8bit.png')}")
-        return [Pair(images[s], labels[s], s + "_leftImg8bit.png") for s in sorted(images)]
+        return _pair_folders(img, "_leftImg8bit.png", lab, "_gtFine_labelIds.png",
+                             recursive=True)
 
 
 class Ms3Mapillary(_SegmentationBuilder):

@@ -7,8 +7,9 @@ datasets are given, so union id = offset[dataset] + local id. Relations between 
 different datasets are left to the multi-label extension (Eq. 6), which only looks at classes of
 *other* datasets -- `LabelSpace.other_dataset_mask()` is that constraint.
 
-Ids: dataset-local labels are 0..n_d-1 with 255 = ignore; union ids are 0..|Y|-1 with 255 =
-ignore (`IGNORE_INDEX`). |Y| may exceed 255 (21 + 150 + 171 = 342), so union labels are int32.
+Ids: dataset-local labels are 0..n_d-1 with 255 = ignore (`IGNORE_INDEX`, the uint8 PNG
+convention of the builders); union ids are 0..|Y|-1 with -1 = ignore (`UNION_IGNORE`), int32:
+|Y| exceeds 255 (21 + 150 + 171 = 342), so 255 is a real union class (COCO-Stuff's 85th).
 """
 
 from __future__ import annotations
@@ -19,212 +20,214 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # dataset-local ignore id (uint8 label PNGs)
+UNION_IGNORE = -1  # union-space ignore id (int32 labels; every id >= 0 is a class)
 
 
 def known_datasets() -> dict[str, tuple[str, ...]]:
-  """All dataset names with built-in class lists: the real ones and the synthetic demo ones."""
-  # Imported lazily: the class lists live in modules written independently of this one.
-  from ms3_jax.data import classes  # pylint: disable=g-import-not-at-top
-  from ms3_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  out = {k: tuple(v) for k, v in classes.CLASSES.items()}
-  out.update({k: tuple(v) for k, v in synthetic.SYNTHETIC_CLASSES.items()})
-  return out
+    """All dataset names with built-in class lists: the real ones and the synthetic demo ones."""
+    # Imported lazily: the class lists live in modules written independently of this one.
+    from ms3_jax.data import classes  # pylint: disable=g-import-not-at-top
+    from ms3_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    out = {k: tuple(v) for k, v in classes.CLASSES.items()}
+    out.update({k: tuple(v) for k, v in synthetic.SYNTHETIC_CLASSES.items()})
+    return out
 
 
 @dataclasses.dataclass(frozen=True, init=False, eq=False)
 class LabelSpace:
-  """Concatenated label space of several datasets.
+    """Concatenated label space of several datasets.
 
-  Construct with `LabelSpace({'voc': (...), 'ade20k': (...)})` (ordered mapping dataset name ->
-  class names) or `LabelSpace.from_datasets(['voc', 'ade20k'])` for the built-in class lists.
+    Construct with `LabelSpace({'voc': (...), 'ade20k': (...)})` (ordered mapping dataset name ->
+    class names) or `LabelSpace.from_datasets(['voc', 'ade20k'])` for the built-in class lists.
 
-  Attributes:
-    dataset_names: the N dataset names, in union order.
-    class_names: per dataset, its local class names.
-    offsets: int array [N + 1]; dataset d owns union ids offsets[d]:offsets[d+1].
-    names: the |Y| union class names (plain, e.g. 'stairway'; these go to the text encoder).
-    display_names: the |Y| names qualified by dataset, e.g. 'ade20k/stairway'.
-    dataset_of_class: int32 array [|Y|], the dataset index of each union class.
-    num_classes: |Y|.
-  """
-
-  dataset_names: tuple[str, ...]
-  class_names: tuple[tuple[str, ...], ...]
-  offsets: np.ndarray
-  names: tuple[str, ...]
-  display_names: tuple[str, ...]
-  dataset_of_class: np.ndarray
-  num_classes: int
-
-  def __init__(self, classes_per_dataset: Mapping[str, Sequence[str]]
-               | Sequence[tuple[str, Sequence[str]]]):
-    items = list(classes_per_dataset.items() if isinstance(classes_per_dataset, Mapping)
-                 else classes_per_dataset)
-    if not items:
-      raise ValueError('LabelSpace needs at least one dataset.')
-    ds_names = [str(k) for k, _ in items]
-    dups = sorted({n for n in ds_names if ds_names.count(n) > 1})
-    if dups:
-      raise ValueError(f'Duplicate dataset names in the label space: {dups}.')
-    class_names = []
-    for name, cls in items:
-      if isinstance(cls, str):
-        raise TypeError(f'Classes of {name!r} must be a sequence of names, not a string.')
-      cls = tuple(str(c) for c in cls)
-      if not cls:
-        raise ValueError(f'Dataset {name!r} has no classes.')
-      if len(cls) > IGNORE_INDEX:
-        raise ValueError(f'Dataset {name!r} has {len(cls)} classes; local ids must stay < 255.')
-      dup_cls = sorted({c for c in cls if cls.count(c) > 1})
-      if dup_cls:
-        raise ValueError(f'Dataset {name!r} repeats class names {dup_cls}.')
-      class_names.append(cls)
-    sizes = [len(c) for c in class_names]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
-    offsets.setflags(write=False)
-    dataset_of_class = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
-    dataset_of_class.setflags(write=False)
-    set_ = lambda k, v: object.__setattr__(self, k, v)
-    set_('dataset_names', tuple(ds_names))
-    set_('class_names', tuple(class_names))
-    set_('offsets', offsets)
-    set_('names', tuple(c for cls in class_names for c in cls))
-    set_('display_names', tuple(f'{d}/{c}' for d, cls in zip(ds_names, class_names) for c in cls))
-    set_('dataset_of_class', dataset_of_class)
-    set_('num_classes', int(offsets[-1]))
-
-  @classmethod
-  def from_datasets(cls, dataset_names: Sequence[str]) -> LabelSpace:
-    """Union of the built-in class lists (`classes.CLASSES`, `synthetic.SYNTHETIC_CLASSES`)."""
-    if isinstance(dataset_names, str):
-      dataset_names = [dataset_names]
-    known = known_datasets()
-    unknown = [n for n in dataset_names if n not in known]
-    if unknown:
-      raise ValueError(f'Unknown dataset name(s) {unknown}; valid names: {sorted(known)}.')
-    return cls([(n, known[n]) for n in dataset_names])
-
-  # --- lookups ---------------------------------------------------------------------------------
-
-  @property
-  def num_datasets(self) -> int:
-    return len(self.dataset_names)
-
-  def dataset_index(self, dataset: str | int) -> int:
-    """Index of a dataset given by name or index."""
-    if isinstance(dataset, (int, np.integer)):
-      if not 0 <= dataset < self.num_datasets:
-        raise IndexError(f'Dataset index {dataset} out of range [0, {self.num_datasets}).')
-      return int(dataset)
-    try:
-      return self.dataset_names.index(dataset)
-    except ValueError:
-      raise ValueError(f'Dataset {dataset!r} is not in this label space; it has '
-                       f'{list(self.dataset_names)}.') from None
-
-  def num_classes_of(self, dataset: str | int) -> int:
-    d = self.dataset_index(dataset)
-    return int(self.offsets[d + 1] - self.offsets[d])
-
-  def class_range(self, dataset: str | int) -> range:
-    """The union ids owned by `dataset`."""
-    d = self.dataset_index(dataset)
-    return range(int(self.offsets[d]), int(self.offsets[d + 1]))
-
-  def union_id(self, qualified_name: str) -> int:
-    """Union id of 'dataset/class' (e.g. 'ade20k/stairway')."""
-    try:
-      return self.display_names.index(qualified_name)
-    except ValueError:
-      raise KeyError(f'{qualified_name!r} is not a class of this label space '
-                     "(expected 'dataset/class').") from None
-
-  # --- label conversion ------------------------------------------------------------------------
-
-  def to_union(self, local_labels: Any, dataset_index: int | str | np.ndarray) -> np.ndarray:
-    """Maps dataset-local labels to union ids (int32); 255 stays 255.
-
-    `dataset_index` is a dataset name/index, or an int array broadcastable against the labels
-    from the left (e.g. shape [b] for labels [b, H, W]). Local ids outside 0..n_d-1 other than
-    255 raise, since they would silently land in another dataset's classes.
+    Attributes:
+      dataset_names: the N dataset names, in union order.
+      class_names: per dataset, its local class names.
+      offsets: int array [N + 1]; dataset d owns union ids offsets[d]:offsets[d+1].
+      names: the |Y| union class names (plain, e.g. 'stairway'; these go to the text encoder).
+      display_names: the |Y| names qualified by dataset, e.g. 'ade20k/stairway'.
+      dataset_of_class: int32 array [|Y|], the dataset index of each union class.
+      num_classes: |Y|.
     """
-    labels = np.asarray(local_labels)
-    if isinstance(dataset_index, (str, int, np.integer)):
-      d = np.asarray(self.dataset_index(dataset_index))
-    else:
-      d = np.asarray(dataset_index).astype(np.int64)
-      if d.size and (d.min() < 0 or d.max() >= self.num_datasets):
-        raise IndexError(f'Dataset indices {np.unique(d)} out of range [0, {self.num_datasets}).')
-      d = d.reshape(d.shape + (1,) * (labels.ndim - d.ndim))
-    labels = labels.astype(np.int64)
-    ignore = labels == IGNORE_INDEX
-    n = (self.offsets[1:] - self.offsets[:-1])[d]
-    bad = ~ignore & ((labels < 0) | (labels >= n))
-    if np.any(bad):
-      raise ValueError(f'Local labels {np.unique(labels[bad])[:10]} out of range for their '
-                       'dataset (expected 0..n-1 or 255).')
-    return np.where(ignore, IGNORE_INDEX, labels + self.offsets[:-1][d]).astype(np.int32)
 
-  def to_local(self, union_labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of `to_union`: (local labels, dataset index), both int32; 255 -> (255, -1)."""
-    y = np.asarray(union_labels).astype(np.int64)
-    ignore = y == IGNORE_INDEX
-    safe = np.where(ignore, 0, y)
-    d = self.dataset_of_class[safe]
-    local = safe - self.offsets[:-1][d]
-    return (np.where(ignore, IGNORE_INDEX, local).astype(np.int32),
-            np.where(ignore, -1, d).astype(np.int32))
+    dataset_names: tuple[str, ...]
+    class_names: tuple[tuple[str, ...], ...]
+    offsets: np.ndarray
+    names: tuple[str, ...]
+    display_names: tuple[str, ...]
+    dataset_of_class: np.ndarray
+    num_classes: int
 
-  def to_union_lut(self, dataset: str | int) -> np.ndarray:
-    """A 256-entry int32 lookup table local id -> union id (255 and unused ids -> 255)."""
-    d = self.dataset_index(dataset)
-    lut = np.full((256,), IGNORE_INDEX, np.int32)
-    n = self.num_classes_of(d)
-    lut[:n] = np.arange(n) + self.offsets[d]
-    return lut
+    def __init__(self, classes_per_dataset: Mapping[str, Sequence[str]]
+                 | Sequence[tuple[str, Sequence[str]]]):
+        items = list(classes_per_dataset.items() if isinstance(classes_per_dataset, Mapping)
+                     else classes_per_dataset)
+        if not items:
+            raise ValueError('LabelSpace needs at least one dataset.')
+        ds_names = [str(k) for k, _ in items]
+        dups = sorted({n for n in ds_names if ds_names.count(n) > 1})
+        if dups:
+            raise ValueError(f'Duplicate dataset names in the label space: {dups}.')
+        class_names = []
+        for name, cls in items:
+            if isinstance(cls, str):
+                raise TypeError(f'Classes of {name!r} must be a sequence of names, not a string.')
+            cls = tuple(str(c) for c in cls)
+            if not cls:
+                raise ValueError(f'Dataset {name!r} has no classes.')
+            if len(cls) > IGNORE_INDEX:
+                raise ValueError(f'Dataset {name!r} has {len(cls)} classes; local ids must stay < 255.')
+            dup_cls = sorted({c for c in cls if cls.count(c) > 1})
+            if dup_cls:
+                raise ValueError(f'Dataset {name!r} repeats class names {dup_cls}.')
+            class_names.append(cls)
+        sizes = [len(c) for c in class_names]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+        offsets.setflags(write=False)
+        dataset_of_class = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        dataset_of_class.setflags(write=False)
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        set_('dataset_names', tuple(ds_names))
+        set_('class_names', tuple(class_names))
+        set_('offsets', offsets)
+        set_('names', tuple(c for cls in class_names for c in cls))
+        set_('display_names', tuple(f'{d}/{c}' for d, cls in zip(ds_names, class_names) for c in cls))
+        set_('dataset_of_class', dataset_of_class)
+        set_('num_classes', int(offsets[-1]))
 
-  # --- masks for Eq. 6 -------------------------------------------------------------------------
+    @classmethod
+    def from_datasets(cls, dataset_names: Sequence[str]) -> LabelSpace:
+        """Union of the built-in class lists (`classes.CLASSES`, `synthetic.SYNTHETIC_CLASSES`)."""
+        if isinstance(dataset_names, str):
+            dataset_names = [dataset_names]
+        known = known_datasets()
+        unknown = [n for n in dataset_names if n not in known]
+        if unknown:
+            raise ValueError(f'Unknown dataset name(s) {unknown}; valid names: {sorted(known)}.')
+        return cls([(n, known[n]) for n in dataset_names])
 
-  def other_dataset_mask(self) -> np.ndarray:
-    """bool [|Y|, |Y|]: True where classes y, y' come from different datasets (Eq. 6)."""
-    return self.dataset_of_class[:, None] != self.dataset_of_class[None, :]
+    # --- lookups ---------------------------------------------------------------------------------
 
-  def relation_matrix(self, relations: Sequence[Mapping[str, str]]) -> np.ndarray:
-    """bool [|Y|, |Y|] from [{'from': 'ds/a', 'to': 'ds/b', ...}]; pairs outside the space skipped.
+    @property
+    def num_datasets(self) -> int:
+        return len(self.dataset_names)
 
-    Useful to score a learned Eq. 6 mapping against the synthetic data's planted relations.
-    """
-    index = {n: i for i, n in enumerate(self.display_names)}
-    out = np.zeros((self.num_classes, self.num_classes), bool)
-    for r in relations:
-      if r['from'] in index and r['to'] in index:
-        out[index[r['from']], index[r['to']]] = True
-    return out
+    def dataset_index(self, dataset: str | int) -> int:
+        """Index of a dataset given by name or index."""
+        if isinstance(dataset, (int, np.integer)):
+            if not 0 <= dataset < self.num_datasets:
+                raise IndexError(f'Dataset index {dataset} out of range [0, {self.num_datasets}).')
+            return int(dataset)
+        try:
+            return self.dataset_names.index(dataset)
+        except ValueError:
+            raise ValueError(f'Dataset {dataset!r} is not in this label space; it has '
+                             f'{list(self.dataset_names)}.') from None
 
-  # --- dunder ----------------------------------------------------------------------------------
+    def num_classes_of(self, dataset: str | int) -> int:
+        d = self.dataset_index(dataset)
+        return int(self.offsets[d + 1] - self.offsets[d])
 
-  def __len__(self) -> int:
-    return self.num_classes
+    def class_range(self, dataset: str | int) -> range:
+        """The union ids owned by `dataset`."""
+        d = self.dataset_index(dataset)
+        return range(int(self.offsets[d]), int(self.offsets[d + 1]))
 
-  def __eq__(self, other: object) -> bool:
-    if not isinstance(other, LabelSpace):
-      return NotImplemented
-    return (self.dataset_names, self.class_names) == (other.dataset_names, other.class_names)
+    def union_id(self, qualified_name: str) -> int:
+        """Union id of 'dataset/class' (e.g. 'ade20k/stairway')."""
+        try:
+            return self.display_names.index(qualified_name)
+        except ValueError:
+            raise KeyError(f'{qualified_name!r} is not a class of this label space '
+                           "(expected 'dataset/class').") from None
 
-  def __hash__(self) -> int:
-    return hash((self.dataset_names, self.class_names))
+    # --- label conversion ------------------------------------------------------------------------
 
-  def __repr__(self) -> str:
-    parts = ', '.join(f'{d}: {len(c)}' for d, c in zip(self.dataset_names, self.class_names))
-    return f'LabelSpace({parts}; |Y|={self.num_classes})'
+    def to_union(self, local_labels: Any, dataset_index: int | str | np.ndarray) -> np.ndarray:
+        """Maps dataset-local labels to union ids (int32); local 255 -> `UNION_IGNORE` (-1).
 
-  def as_dict(self) -> dict[str, tuple[str, ...]]:
-    return dict(zip(self.dataset_names, self.class_names))
+        `dataset_index` is a dataset name/index, or an int array broadcastable against the labels
+        from the left (e.g. shape [b] for labels [b, H, W]). Local ids outside 0..n_d-1 other than
+        255 raise, since they would silently land in another dataset's classes.
+        """
+        labels = np.asarray(local_labels)
+        if isinstance(dataset_index, (str, int, np.integer)):
+            d = np.asarray(self.dataset_index(dataset_index))
+        else:
+            d = np.asarray(dataset_index).astype(np.int64)
+            if d.size and (d.min() < 0 or d.max() >= self.num_datasets):
+                raise IndexError(f'Dataset indices {np.unique(d)} out of range '
+                                 f'[0, {self.num_datasets}).')
+            d = d.reshape(d.shape + (1,) * (labels.ndim - d.ndim))
+        labels = labels.astype(np.int64)
+        ignore = labels == IGNORE_INDEX
+        n = (self.offsets[1:] - self.offsets[:-1])[d]
+        bad = ~ignore & ((labels < 0) | (labels >= n))
+        if np.any(bad):
+            raise ValueError(f'Local labels {np.unique(labels[bad])[:10]} out of range for their '
+                             'dataset (expected 0..n-1 or 255).')
+        return np.where(ignore, UNION_IGNORE, labels + self.offsets[:-1][d]).astype(np.int32)
 
-  def __getstate__(self):
-    return {'items': list(self.as_dict().items())}
+    def to_local(self, union_labels: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse of `to_union`: (local labels, dataset index), both int32; -1 -> (255, -1)."""
+        y = np.asarray(union_labels).astype(np.int64)
+        ignore = y == UNION_IGNORE
+        safe = np.where(ignore, 0, y)
+        d = self.dataset_of_class[safe]
+        local = safe - self.offsets[:-1][d]
+        return (np.where(ignore, IGNORE_INDEX, local).astype(np.int32),
+                np.where(ignore, -1, d).astype(np.int32))
 
-  def __setstate__(self, state):
-    self.__init__(state['items'])
+    def to_union_lut(self, dataset: str | int) -> np.ndarray:
+        """A 256-entry int32 lookup table local id -> union id (255 and unused ids -> -1)."""
+        d = self.dataset_index(dataset)
+        lut = np.full((256,), UNION_IGNORE, np.int32)
+        n = self.num_classes_of(d)
+        lut[:n] = np.arange(n) + self.offsets[d]
+        return lut
+
+    # --- masks for Eq. 6 -------------------------------------------------------------------------
+
+    def other_dataset_mask(self) -> np.ndarray:
+        """bool [|Y|, |Y|]: True where classes y, y' come from different datasets (Eq. 6)."""
+        return self.dataset_of_class[:, None] != self.dataset_of_class[None, :]
+
+    def relation_matrix(self, relations: Sequence[Mapping[str, str]]) -> np.ndarray:
+        """bool [|Y|, |Y|] from [{'from': 'ds/a', 'to': 'ds/b', ...}]; pairs outside the space skipped.
+
+        Useful to score a learned Eq. 6 mapping against the synthetic data's planted relations.
+        """
+        index = {n: i for i, n in enumerate(self.display_names)}
+        out = np.zeros((self.num_classes, self.num_classes), bool)
+        for r in relations:
+            if r['from'] in index and r['to'] in index:
+                out[index[r['from']], index[r['to']]] = True
+        return out
+
+    # --- dunder ----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.num_classes
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LabelSpace):
+            return NotImplemented
+        return (self.dataset_names, self.class_names) == (other.dataset_names, other.class_names)
+
+    def __hash__(self) -> int:
+        return hash((self.dataset_names, self.class_names))
+
+    def __repr__(self) -> str:
+        parts = ', '.join(f'{d}: {len(c)}' for d, c in zip(self.dataset_names, self.class_names))
+        return f'LabelSpace({parts}; |Y|={self.num_classes})'
+
+    def as_dict(self) -> dict[str, tuple[str, ...]]:
+        return dict(zip(self.dataset_names, self.class_names))
+
+    def __getstate__(self):
+        return {'items': list(self.as_dict().items())}
+
+    def __setstate__(self, state):
+        self.__init__(state['items'])
 

@@ -41,11 +41,15 @@ def summary(builder: builders._SegmentationBuilder) -> str:
         official = builder.OFFICIAL_SIZES.get(split)
         note = "" if official is None else f" (official: {official})"
         lines.append(f"  {split}: {n} examples{note}")
-    skipped = {k: len(v) for k, v in builder.skipped.items()}
+    # `builder.skipped` is empty when the data was already prepared: read what was recorded.
+    files = builder.skipped or dict(builder.info.metadata.get("skipped_files", {}))
+    skipped = {k: len(v) for k, v in files.items()}
+    if not builder.skipped and "skipped" in builder.info.metadata:
+        skipped = dict(builder.info.metadata["skipped"])
     lines.append(f"  skipped: {sum(skipped.values())}"
                  + (f" {skipped}" if any(skipped.values()) else ""))
-    for split, files in builder.skipped.items():
-        for f in files[:20]:
+    for split, names in files.items():
+        for f in names[:20]:
             lines.append(f"    skipped ({split}): {f}")
     return "\n".join(lines)
 

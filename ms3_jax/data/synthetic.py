@@ -49,106 +49,106 @@ _JPEG_QUALITY = 95
 # Every texture maps (rng, h, w, scale) -> float32 [h, w, 3] roughly in [0, 1].
 
 def _noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
-  """Smooth value noise in about [-1, 1] with feature size `cell` pixels (bicubic upsampling)."""
-  cell = max(float(cell), 1.0)
-  gh, gw = int(np.ceil(h / cell)) + 3, int(np.ceil(w / cell)) + 3
-  grid = rng.uniform(-1.0, 1.0, (gh, gw)).astype(np.float32)
-  if cell <= 1.0:
-    return grid[:h, :w]
-  up = Image.fromarray(grid, mode='F').resize(
-      (int(round(gw * cell)), int(round(gh * cell))), Image.BICUBIC)
-  oy, ox = int(cell), int(cell)
-  return np.clip(np.asarray(up)[oy:oy + h, ox:ox + w], -1.5, 1.5)
+    """Smooth value noise in about [-1, 1] with feature size `cell` pixels (bicubic upsampling)."""
+    cell = max(float(cell), 1.0)
+    gh, gw = int(np.ceil(h / cell)) + 3, int(np.ceil(w / cell)) + 3
+    grid = rng.uniform(-1.0, 1.0, (gh, gw)).astype(np.float32)
+    if cell <= 1.0:
+        return grid[:h, :w]
+    up = Image.fromarray(grid, mode='F').resize(
+        (int(round(gw * cell)), int(round(gh * cell))), Image.BICUBIC)
+    oy, ox = int(cell), int(cell)
+    return np.clip(np.asarray(up)[oy:oy + h, ox:ox + w], -1.5, 1.5)
 
 
 def _rgb(c: Sequence[float]) -> np.ndarray:
-  return np.asarray(c, np.float32)[None, None, :]
+    return np.asarray(c, np.float32)[None, None, :]
 
 
 def _sky(rng, h, w, s):
-  t = (np.arange(h, dtype=np.float32) / max(h - 1, 1))[:, None, None]
-  base = (1 - t) * _rgb((0.42, 0.62, 0.95)) + t * _rgb((0.74, 0.84, 0.98))
-  return base + 0.02 * _noise(rng, h, w, 24 * s)[..., None]
+    t = (np.arange(h, dtype=np.float32) / max(h - 1, 1))[:, None, None]
+    base = (1 - t) * _rgb((0.42, 0.62, 0.95)) + t * _rgb((0.74, 0.84, 0.98))
+    return base + 0.02 * _noise(rng, h, w, 24 * s)[..., None]
 
 
 def _grass(rng, h, w, s):
-  n = 0.13 * _noise(rng, h, w, 1.5 * s) + 0.05 * _noise(rng, h, w, 8 * s)
-  return _rgb((0.26, 0.56, 0.18)) + n[..., None] * _rgb((0.8, 1.0, 0.5))
+    n = 0.13 * _noise(rng, h, w, 1.5 * s) + 0.05 * _noise(rng, h, w, 8 * s)
+    return _rgb((0.26, 0.56, 0.18)) + n[..., None] * _rgb((0.8, 1.0, 0.5))
 
 
 def _water_waves(rng, h, w, s):
-  yy = np.arange(h, dtype=np.float32)[:, None]
-  phase = 2 * np.pi * (yy / (6 * s) + 0.8 * _noise(rng, h, w, 20 * s))
-  return _rgb((0.12, 0.34, 0.64)) + (0.10 * np.sin(phase))[..., None] * _rgb((1.0, 1.0, 0.7))
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    phase = 2 * np.pi * (yy / (6 * s) + 0.8 * _noise(rng, h, w, 20 * s))
+    return _rgb((0.12, 0.34, 0.64)) + (0.10 * np.sin(phase))[..., None] * _rgb((1.0, 1.0, 0.7))
 
 
 def _water_calm(rng, h, w, s):
-  return _rgb((0.12, 0.34, 0.64)) + 0.035 * _noise(rng, h, w, 16 * s)[..., None]
+    return _rgb((0.12, 0.34, 0.64)) + 0.035 * _noise(rng, h, w, 16 * s)[..., None]
 
 
 def _stairs(rng, h, w, s):
-  period = 10 * s
-  yy = np.arange(h, dtype=np.float32)[:, None] + rng.uniform(0, period)
-  tread = ((yy % period) < 0.62 * period).astype(np.float32)
-  base = tread[..., None] * _rgb((0.74, 0.70, 0.64)) + (1 - tread[..., None]) * _rgb(
-      (0.36, 0.33, 0.30))
-  return base + 0.025 * _noise(rng, h, w, 2 * s)[..., None]
+    period = 10 * s
+    yy = np.arange(h, dtype=np.float32)[:, None] + rng.uniform(0, period)
+    tread = ((yy % period) < 0.62 * period).astype(np.float32)
+    base = tread[..., None] * _rgb((0.74, 0.70, 0.64)) + (1 - tread[..., None]) * _rgb(
+        (0.36, 0.33, 0.30))
+    return base + 0.025 * _noise(rng, h, w, 2 * s)[..., None]
 
 
 def _mountain(rng, h, w, s):
-  n = 0.6 * _noise(rng, h, w, 24 * s) + 0.3 * _noise(rng, h, w, 8 * s) + 0.1 * _noise(
-      rng, h, w, 3 * s)
-  return _rgb((0.47, 0.45, 0.53)) + 0.16 * n[..., None]
+    n = 0.6 * _noise(rng, h, w, 24 * s) + 0.3 * _noise(rng, h, w, 8 * s) + 0.1 * _noise(
+        rng, h, w, 3 * s)
+    return _rgb((0.47, 0.45, 0.53)) + 0.16 * n[..., None]
 
 
 def _boat(rng, h, w, s):
-  period = 12 * s
-  yy = np.arange(h, dtype=np.float32)[:, None] + rng.uniform(0, period)
-  xx = np.arange(w, dtype=np.float32)[None, :] + rng.uniform(0, period)
-  check = ((np.floor(yy / period) + np.floor(xx / period)) % 2).astype(np.float32)[..., None]
-  return check * _rgb((0.92, 0.92, 0.90)) + (1 - check) * _rgb((0.76, 0.15, 0.13))
+    period = 12 * s
+    yy = np.arange(h, dtype=np.float32)[:, None] + rng.uniform(0, period)
+    xx = np.arange(w, dtype=np.float32)[None, :] + rng.uniform(0, period)
+    check = ((np.floor(yy / period) + np.floor(xx / period)) % 2).astype(np.float32)[..., None]
+    return check * _rgb((0.92, 0.92, 0.90)) + (1 - check) * _rgb((0.76, 0.15, 0.13))
 
 
 def _path_plain(rng, h, w, s):
-  return _rgb((0.68, 0.55, 0.38)) + 0.08 * _noise(rng, h, w, 4 * s)[..., None]
+    return _rgb((0.68, 0.55, 0.38)) + 0.08 * _noise(rng, h, w, 4 * s)[..., None]
 
 
 def _path_dirt(rng, h, w, s):
-  yy = np.arange(h, dtype=np.float32)[:, None]
-  xx = np.arange(w, dtype=np.float32)[None, :]
-  streaks = np.sin(2 * np.pi * (xx + yy) / (7 * s) + rng.uniform(0, 2 * np.pi))
-  n = 0.10 * streaks + 0.05 * _noise(rng, h, w, 3 * s)
-  return _rgb((0.60, 0.47, 0.31)) + n[..., None]
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    streaks = np.sin(2 * np.pi * (xx + yy) / (7 * s) + rng.uniform(0, 2 * np.pi))
+    n = 0.10 * streaks + 0.05 * _noise(rng, h, w, 3 * s)
+    return _rgb((0.60, 0.47, 0.31)) + n[..., None]
 
 
 def _building(rng, h, w, s):
-  row_h, brick_w, mortar = 6 * s, 14 * s, max(1.0, 1.5 * s)
-  yy = np.arange(h, dtype=np.float32)[:, None] + rng.uniform(0, row_h)
-  xx = np.arange(w, dtype=np.float32)[None, :] + rng.uniform(0, brick_w)
-  row = np.floor(yy / row_h)
-  xs = xx + (row % 2) * brick_w / 2
-  is_mortar = ((yy % row_h) < mortar) | ((xs % brick_w) < mortar)
-  m = is_mortar.astype(np.float32)[..., None]
-  base = m * _rgb((0.80, 0.78, 0.74)) + (1 - m) * _rgb((0.62, 0.29, 0.21))
-  return base + 0.03 * _noise(rng, h, w, 2 * s)[..., None]
+    row_h, brick_w, mortar = 6 * s, 14 * s, max(1.0, 1.5 * s)
+    yy = np.arange(h, dtype=np.float32)[:, None] + rng.uniform(0, row_h)
+    xx = np.arange(w, dtype=np.float32)[None, :] + rng.uniform(0, brick_w)
+    row = np.floor(yy / row_h)
+    xs = xx + (row % 2) * brick_w / 2
+    is_mortar = ((yy % row_h) < mortar) | ((xs % brick_w) < mortar)
+    m = is_mortar.astype(np.float32)[..., None]
+    base = m * _rgb((0.80, 0.78, 0.74)) + (1 - m) * _rgb((0.62, 0.29, 0.21))
+    return base + 0.03 * _noise(rng, h, w, 2 * s)[..., None]
 
 
 def _tree(rng, h, w, s):
-  blobs = (_noise(rng, h, w, 5 * s) > 0.15).astype(np.float32)[..., None]
-  base = blobs * _rgb((0.20, 0.48, 0.17)) + (1 - blobs) * _rgb((0.08, 0.28, 0.10))
-  return base + 0.03 * _noise(rng, h, w, 2 * s)[..., None]
+    blobs = (_noise(rng, h, w, 5 * s) > 0.15).astype(np.float32)[..., None]
+    base = blobs * _rgb((0.20, 0.48, 0.17)) + (1 - blobs) * _rgb((0.08, 0.28, 0.10))
+    return base + 0.03 * _noise(rng, h, w, 2 * s)[..., None]
 
 
 def _road(rng, h, w, s):
-  return _rgb((0.28, 0.28, 0.30)) + 0.05 * _noise(rng, h, w, 1.2 * s)[..., None]
+    return _rgb((0.28, 0.28, 0.30)) + 0.05 * _noise(rng, h, w, 1.2 * s)[..., None]
 
 
 def _sand(rng, h, w, s):
-  yy = np.arange(h, dtype=np.float32)[:, None]
-  xx = np.arange(w, dtype=np.float32)[None, :]
-  ripples = np.sin(2 * np.pi * (xx + 0.3 * yy) / (9 * s) + rng.uniform(0, 2 * np.pi))
-  n = 0.03 * ripples + 0.05 * _noise(rng, h, w, 2 * s)
-  return _rgb((0.86, 0.76, 0.52)) + n[..., None]
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    ripples = np.sin(2 * np.pi * (xx + 0.3 * yy) / (9 * s) + rng.uniform(0, 2 * np.pi))
+    n = 0.03 * ripples + 0.05 * _noise(rng, h, w, 2 * s)
+    return _rgb((0.86, 0.76, 0.52)) + n[..., None]
 
 
 TEXTURES: dict[str, Callable[..., np.ndarray]] = {
@@ -162,17 +162,17 @@ TEXTURES: dict[str, Callable[..., np.ndarray]] = {
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSpec:
-  """One synthetic dataset: classes (name -> concept variants) and its look."""
-  name: str
-  classes: tuple[tuple[str, tuple[str, ...]], ...]
-  color_gain: tuple[float, float, float]
-  noise_std: float          # sensor noise, in [0, 1] units
-  texture_scale: float      # multiplies every texture's feature size
-  ignore_boundaries: bool   # mark region boundaries 255 (VOC-style)
+    """One synthetic dataset: classes (name -> concept variants) and its look."""
+    name: str
+    classes: tuple[tuple[str, tuple[str, ...]], ...]
+    color_gain: tuple[float, float, float]
+    noise_std: float          # sensor noise, in [0, 1] units
+    texture_scale: float      # multiplies every texture's feature size
+    ignore_boundaries: bool   # mark region boundaries 255 (VOC-style)
 
-  @property
-  def class_names(self) -> tuple[str, ...]:
-    return tuple(c for c, _ in self.classes)
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(c for c, _ in self.classes)
 
 
 SPECS: tuple[SyntheticSpec, ...] = (
@@ -200,90 +200,90 @@ SYNTHETIC_CLASSES: dict[str, tuple[str, ...]] = {s.name: s.class_names for s in 
 
 
 def ground_truth_relations() -> list[dict[str, str]]:
-  """Planted cross-dataset relations, derived from the classes' concept-variant sets.
+    """Planted cross-dataset relations, derived from the classes' concept-variant sets.
 
-  'synonym': same variant set (listed in both directions). 'subset': the 'from' class shows a
-  strict subset of the 'to' class's variants (only that direction, as in Eq. 6 / Tab. 8).
-  """
-  out = []
-  for a in SPECS:
-    for b in SPECS:
-      if a.name == b.name:
-        continue
-      for ca, va in a.classes:
-        for cb, vb in b.classes:
-          sa, sb = set(va), set(vb)
-          kind = 'synonym' if sa == sb else 'subset' if sa < sb else None
-          if kind:
-            out.append({'from': f'{a.name}/{ca}', 'to': f'{b.name}/{cb}', 'kind': kind})
-  return out
+    'synonym': same variant set (listed in both directions). 'subset': the 'from' class shows a
+    strict subset of the 'to' class's variants (only that direction, as in Eq. 6 / Tab. 8).
+    """
+    out = []
+    for a in SPECS:
+        for b in SPECS:
+            if a.name == b.name:
+                continue
+            for ca, va in a.classes:
+                for cb, vb in b.classes:
+                    sa, sb = set(va), set(vb)
+                    kind = 'synonym' if sa == sb else 'subset' if sa < sb else None
+                    if kind:
+                        out.append({'from': f'{a.name}/{ca}', 'to': f'{b.name}/{cb}', 'kind': kind})
+    return out
 
 
 def _region_map(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-  """Warped Voronoi partition: int [h, w] cell ids 0..k-1 with blobby boundaries."""
-  k = int(rng.integers(3, 7))
-  pts = rng.uniform(0, 1, (k, 2)) * np.array([h, w])
-  amp = 0.12 * min(h, w)
-  cell = max(h, w) / 3
-  yy = np.arange(h, dtype=np.float32)[:, None] + amp * _noise(rng, h, w, cell)
-  xx = np.arange(w, dtype=np.float32)[None, :] + amp * _noise(rng, h, w, cell)
-  d = (yy[None] - pts[:, 0, None, None]) ** 2 + (xx[None] - pts[:, 1, None, None]) ** 2
-  return np.argmin(d, axis=0)
+    """Warped Voronoi partition: int [h, w] cell ids 0..k-1 with blobby boundaries."""
+    k = int(rng.integers(3, 7))
+    pts = rng.uniform(0, 1, (k, 2)) * np.array([h, w])
+    amp = 0.12 * min(h, w)
+    cell = max(h, w) / 3
+    yy = np.arange(h, dtype=np.float32)[:, None] + amp * _noise(rng, h, w, cell)
+    xx = np.arange(w, dtype=np.float32)[None, :] + amp * _noise(rng, h, w, cell)
+    d = (yy[None] - pts[:, 0, None, None]) ** 2 + (xx[None] - pts[:, 1, None, None]) ** 2
+    return np.argmin(d, axis=0)
 
 
 def _boundary_mask(label: np.ndarray, width: int = 1) -> np.ndarray:
-  b = np.zeros(label.shape, bool)
-  dy = label[1:, :] != label[:-1, :]
-  dx = label[:, 1:] != label[:, :-1]
-  b[1:, :] |= dy
-  b[:-1, :] |= dy
-  b[:, 1:] |= dx
-  b[:, :-1] |= dx
-  for _ in range(width - 1):
-    b[1:] |= b[:-1].copy()
-    b[:, 1:] |= b[:, :-1].copy()
-  return b
+    b = np.zeros(label.shape, bool)
+    dy = label[1:, :] != label[:-1, :]
+    dx = label[:, 1:] != label[:, :-1]
+    b[1:, :] |= dy
+    b[:-1, :] |= dy
+    b[:, 1:] |= dx
+    b[:, :-1] |= dx
+    for _ in range(width - 1):
+        b[1:] |= b[:-1].copy()
+        b[:, 1:] |= b[:, :-1].copy()
+    return b
 
 
 def generate_example(spec: SyntheticSpec, rng: np.random.Generator,
                      image_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """One (image uint8 [H, W, 3], label uint8 [H, W]) pair of dataset `spec`."""
-  h = image_size
-  w = int(round(image_size * rng.choice([0.75, 1.0, 1.25, 1.5])))
-  cells = _region_map(rng, h, w)
-  n_cells = int(cells.max()) + 1
-  n_cls = len(spec.classes)
-  cls_of_cell = rng.integers(0, n_cls, n_cells)
-  if len(np.unique(cls_of_cell)) < 2:  # at least two classes per image
-    cls_of_cell[0] = (cls_of_cell[0] + 1 + rng.integers(0, n_cls - 1)) % n_cls
-  image = np.zeros((h, w, 3), np.float32)
-  label = np.zeros((h, w), np.uint8)
-  scale = spec.texture_scale * image_size / 128
-  for c in range(n_cells):
-    mask = cells == c
-    if not mask.any():
-      continue
-    cls = int(cls_of_cell[c])
-    variants = spec.classes[cls][1]
-    variant = variants[int(rng.integers(len(variants)))]
-    tex = TEXTURES[variant](rng, h, w, scale)
-    image[mask] = tex[mask]
-    label[mask] = cls
-  image = image * np.asarray(spec.color_gain, np.float32) * rng.uniform(0.92, 1.08)
-  image = image + spec.noise_std * rng.standard_normal(image.shape, dtype=np.float32)
-  image = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
-  if spec.ignore_boundaries:
-    label[_boundary_mask(label)] = IGNORE_INDEX
-  return image, label
+    """One (image uint8 [H, W, 3], label uint8 [H, W]) pair of dataset `spec`."""
+    h = image_size
+    w = int(round(image_size * rng.choice([0.75, 1.0, 1.25, 1.5])))
+    cells = _region_map(rng, h, w)
+    n_cells = int(cells.max()) + 1
+    n_cls = len(spec.classes)
+    cls_of_cell = rng.integers(0, n_cls, n_cells)
+    if len(np.unique(cls_of_cell)) < 2:  # at least two classes per image
+        cls_of_cell[0] = (cls_of_cell[0] + 1 + rng.integers(0, n_cls - 1)) % n_cls
+    image = np.zeros((h, w, 3), np.float32)
+    label = np.zeros((h, w), np.uint8)
+    scale = spec.texture_scale * image_size / 128
+    for c in range(n_cells):
+        mask = cells == c
+        if not mask.any():
+            continue
+        cls = int(cls_of_cell[c])
+        variants = spec.classes[cls][1]
+        variant = variants[int(rng.integers(len(variants)))]
+        tex = TEXTURES[variant](rng, h, w, scale)
+        image[mask] = tex[mask]
+        label[mask] = cls
+    image = image * np.asarray(spec.color_gain, np.float32) * rng.uniform(0.92, 1.08)
+    image = image + spec.noise_std * rng.standard_normal(image.shape, dtype=np.float32)
+    image = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+    if spec.ignore_boundaries:
+        label[_boundary_mask(label)] = IGNORE_INDEX
+    return image, label
 
 
 def _encode(array: np.ndarray, fmt: str) -> bytes:
-  buf = io.BytesIO()
-  if fmt == 'JPEG':
-    Image.fromarray(array).save(buf, format='JPEG', quality=_JPEG_QUALITY)
-  else:
-    Image.fromarray(array).save(buf, format='PNG')
-  return buf.getvalue()
+    buf = io.BytesIO()
+    if fmt == 'JPEG':
+        Image.fromarray(array).save(buf, format='JPEG', quality=_JPEG_QUALITY)
+    else:
+        Image.fromarray(array).save(buf, format='PNG')
+    return buf.getvalue()
 
 
 # --- tfds builders --------------------------------------------------------------------------------
@@ -292,68 +292,68 @@ _SPLITS = ('train', 'validation')
 
 
 class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """tfds builder for one synthetic dataset (subclasses set SPEC_NAME)."""
+    """tfds builder for one synthetic dataset (subclasses set SPEC_NAME)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  SPEC_NAME = ''
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    SPEC_NAME = ''
 
-  # tfds derives `code_path` via importlib.resources, which fails for editable installs without
-  # the `importlib_resources` backport; this module's own file is the right answer anyway.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
+    # tfds derives `code_path` via importlib.resources, which fails for editable installs without
+    # the `importlib_resources` backport; this module's own file is the right answer anyway.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(__file__)
 
-  def __init__(self, *, num_train: int = 300, num_val: int = 50, image_size: int = 128,
-               seed: int = 0, **kwargs):
-    self._num = {'train': int(num_train), 'validation': int(num_val)}
-    self._image_size = int(image_size)
-    self._seed = int(seed)
-    kwargs.setdefault('file_format', 'array_record')
-    super().__init__(**kwargs)
+    def __init__(self, *, num_train: int = 300, num_val: int = 50, image_size: int = 128,
+                 seed: int = 0, **kwargs):
+        self._num = {'train': int(num_train), 'validation': int(num_val)}
+        self._image_size = int(image_size)
+        self._seed = int(seed)
+        kwargs.setdefault('file_format', 'array_record')
+        super().__init__(**kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    spec = SPEC_BY_NAME[self.SPEC_NAME]
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=(f'MS3 synthetic segmentation dataset {spec.name} '
-                     f'(classes: {", ".join(spec.class_names)}).'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-            'label': tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
-                                         encoding_format='png'),
-            'file_name': tfds.features.Text(),
-        }),
-        supervised_keys=None,
-        metadata=tfds.core.MetadataDict(class_names=list(spec.class_names)),
-    )
+    def _info(self) -> tfds.core.DatasetInfo:
+        spec = SPEC_BY_NAME[self.SPEC_NAME]
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(f'MS3 synthetic segmentation dataset {spec.name} '
+                         f'(classes: {", ".join(spec.class_names)}).'),
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+                'label': tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
+                                             encoding_format='png'),
+                'file_name': tfds.features.Text(),
+            }),
+            supervised_keys=None,
+            metadata=tfds.core.MetadataDict(class_names=list(spec.class_names)),
+        )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(split) for split in _SPLITS}
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in _SPLITS}
 
-  def _generate_examples(self, split):
-    spec = SPEC_BY_NAME[self.SPEC_NAME]
-    d = SYNTHETIC_DATASETS.index(spec.name)
-    for i in range(self._num[split]):
-      rng = np.random.default_rng([self._seed, d, _SPLITS.index(split), i])
-      image, label = generate_example(spec, rng, self._image_size)
-      name = f'{spec.name}_{split}_{i:05d}.jpg'
-      yield name, {'image': _encode(image, 'JPEG'), 'label': _encode(label, 'PNG'),
-                   'file_name': name}
+    def _generate_examples(self, split):
+        spec = SPEC_BY_NAME[self.SPEC_NAME]
+        d = SYNTHETIC_DATASETS.index(spec.name)
+        for i in range(self._num[split]):
+            rng = np.random.default_rng([self._seed, d, _SPLITS.index(split), i])
+            image, label = generate_example(spec, rng, self._image_size)
+            name = f'{spec.name}_{split}_{i:05d}.jpg'
+            yield name, {'image': _encode(image, 'JPEG'), 'label': _encode(label, 'PNG'),
+                         'file_name': name}
 
 
 class SynthA(_SyntheticBuilder):
-  SPEC_NAME = 'synth_a'
+    SPEC_NAME = 'synth_a'
 
 
 class SynthB(_SyntheticBuilder):
-  SPEC_NAME = 'synth_b'
+    SPEC_NAME = 'synth_b'
 
 
 class SynthC(_SyntheticBuilder):
-  SPEC_NAME = 'synth_c'
+    SPEC_NAME = 'synth_c'
 
 
 BUILDERS: dict[str, type[_SyntheticBuilder]] = {
@@ -362,66 +362,66 @@ BUILDERS: dict[str, type[_SyntheticBuilder]] = {
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticInfo:
-  data_dir: str
-  dataset_names: tuple[str, ...]
-  relations_path: str
-  num_train: int
-  num_val: int
-  image_size: int
-  seed: int
+    data_dir: str
+    dataset_names: tuple[str, ...]
+    relations_path: str
+    num_train: int
+    num_val: int
+    image_size: int
+    seed: int
 
 
 def prepare_synthetic(data_dir: str | os.PathLike, num_train: int = 300, num_val: int = 50,
                       image_size: int = 128, seed: int = 0) -> SyntheticInfo:
-  """Builds synth_a/b/c as array_record under `data_dir` plus the relations JSON; idempotent.
+    """Builds synth_a/b/c as array_record under `data_dir` plus the relations JSON; idempotent.
 
-  Re-running with the same arguments does nothing; with different arguments the synthetic
-  datasets in `data_dir` are rebuilt (tfds keeps one version per directory).
-  """
-  data_dir = os.fspath(data_dir)
-  os.makedirs(data_dir, exist_ok=True)
-  params = dict(num_train=int(num_train), num_val=int(num_val), image_size=int(image_size),
-                seed=int(seed))
-  info_path = os.path.join(data_dir, INFO_FILE)
-  relations_path = os.path.join(data_dir, RELATIONS_FILE)
-  old = None
-  if os.path.exists(info_path):
-    with open(info_path) as f:
-      old = json.load(f)
-  built = all(
-      os.path.exists(os.path.join(data_dir, n, str(_SyntheticBuilder.VERSION), 'dataset_info.json'))
-      for n in SYNTHETIC_DATASETS)
-  if not (built and old == params and os.path.exists(relations_path)):
-    if old is not None and old != params:
-      logging.info('Synthetic data in %s was built with %s; rebuilding with %s.', data_dir, old,
-                   params)
-    for n in SYNTHETIC_DATASETS:
-      shutil.rmtree(os.path.join(data_dir, n), ignore_errors=True)
+    Re-running with the same arguments does nothing; with different arguments the synthetic
+    datasets in `data_dir` are rebuilt (tfds keeps one version per directory).
+    """
+    data_dir = os.fspath(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    params = dict(num_train=int(num_train), num_val=int(num_val), image_size=int(image_size),
+                  seed=int(seed))
+    info_path = os.path.join(data_dir, INFO_FILE)
+    relations_path = os.path.join(data_dir, RELATIONS_FILE)
+    old = None
     if os.path.exists(info_path):
-      os.remove(info_path)
-    with _quiet_tfds():
-      for n in SYNTHETIC_DATASETS:
-        BUILDERS[n](data_dir=data_dir, **params).download_and_prepare()
-    with open(relations_path, 'w') as f:
-      json.dump(ground_truth_relations(), f, indent=1)
-    with open(info_path, 'w') as f:  # written last: marks a complete build
-      json.dump(params, f)
-  return SyntheticInfo(data_dir=data_dir, dataset_names=SYNTHETIC_DATASETS,
-                       relations_path=relations_path, **params)
+        with open(info_path) as f:
+            old = json.load(f)
+    built = all(
+        os.path.exists(os.path.join(data_dir, n, str(_SyntheticBuilder.VERSION), 'dataset_info.json'))
+        for n in SYNTHETIC_DATASETS)
+    if not (built and old == params and os.path.exists(relations_path)):
+        if old is not None and old != params:
+            logging.info('Synthetic data in %s was built with %s; rebuilding with %s.', data_dir, old,
+                         params)
+        for n in SYNTHETIC_DATASETS:
+            shutil.rmtree(os.path.join(data_dir, n), ignore_errors=True)
+        if os.path.exists(info_path):
+            os.remove(info_path)
+        with _quiet_tfds():
+            for n in SYNTHETIC_DATASETS:
+                BUILDERS[n](data_dir=data_dir, **params).download_and_prepare()
+        with open(relations_path, 'w') as f:
+            json.dump(ground_truth_relations(), f, indent=1)
+        with open(info_path, 'w') as f:  # written last: marks a complete build
+            json.dump(params, f)
+    return SyntheticInfo(data_dir=data_dir, dataset_names=SYNTHETIC_DATASETS,
+                         relations_path=relations_path, **params)
 
 
 @contextlib.contextmanager
 def _quiet_tfds():
-  """tfds progress bars off while building (restored afterwards)."""
-  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
-  previous = getattr(tqdm_utils, '_active', True)
-  tfds.display_progress_bar(False)
-  try:
-    yield
-  finally:
-    tfds.display_progress_bar(previous)
+    """tfds progress bars off while building (restored afterwards)."""
+    from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
+    previous = getattr(tqdm_utils, '_active', True)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(previous)
 
 
 def load_relations(path: str | os.PathLike) -> list[dict[str, str]]:
-  with open(path) as f:
-    return json.load(f)
+    with open(path) as f:
+        return json.load(f)

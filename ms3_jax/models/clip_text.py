@@ -196,7 +196,9 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x_NxLxD: Array) -> Array:
         c = self.config
-        ln = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32)
+        ln = functools.partial(
+            nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32
+        )
         h_NxLxD = ln(name="layer_norm1")(x_NxLxD)
         x_NxLxD = x_NxLxD + CausalSelfAttention(c.width, c.num_heads, self.dtype, name="self_attn")(h_NxLxD)
         h_NxLxD = ln(name="layer_norm2")(x_NxLxD)
@@ -391,7 +393,7 @@ def splice_context(x_NxLxD: Array, ctx_MxD: Array) -> Array:
     """Replace positions 1..M of the token embeddings by the shared context vectors ``[W]_1..[W]_M``."""
     n, _, d = x_NxLxD.shape
     ctx_NxMxD = jnp.broadcast_to(ctx_MxD.astype(x_NxLxD.dtype)[None], (n, ctx_MxD.shape[0], d))
-    return jnp.concatenate([ctx_NxMxD, x_NxLxD[:, ctx_MxD.shape[0]:]], axis=1)
+    return jnp.concatenate([x_NxLxD[:, :1], ctx_NxMxD, x_NxLxD[:, 1 + ctx_MxD.shape[0]:]], axis=1)
 
 
 def init_context(
@@ -487,7 +489,9 @@ def hf_param_map(config: CLIPTextConfig) -> dict[str, Any]:
         hf = f"text_model.encoder.layers.{i}"
         tree[f"layers_{i}"] = {
             "layer_norm1": _layer_norm(f"{hf}.layer_norm1"),
-            "self_attn": {p: _linear(f"{hf}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")},
+            "self_attn": {
+                p: _linear(f"{hf}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+            },
             "layer_norm2": _layer_norm(f"{hf}.layer_norm2"),
             "mlp": {"fc1": _linear(f"{hf}.mlp.fc1"), "fc2": _linear(f"{hf}.mlp.fc2")},
         }
@@ -498,7 +502,9 @@ def _is_leaf(x: Any) -> bool:
     return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
 
 
-def params_from_hf_state(state: Mapping[str, Any], config: CLIPTextConfig, *, source: str = "checkpoint") -> Params:
+def params_from_hf_state(
+    state: Mapping[str, Any], config: CLIPTextConfig, *, source: str = "checkpoint"
+) -> Params:
     """Flax params (float32 numpy) from a transformers state dict of numpy arrays.
 
     Keys of the vision tower of a full ``CLIPModel`` are ignored; any other missing, unexpected or
@@ -631,7 +637,8 @@ def _resolve_hub(repo_id: str, cache_dir: str | None) -> str:
 
     try:
         path = snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache_dir)
-        if not any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+        safetensors_files = ("model.safetensors", "model.safetensors.index.json")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in safetensors_files):
             path = snapshot_download(
                 repo_id, allow_patterns=_HUB_FILES + ["pytorch_model.bin*"], cache_dir=cache_dir
             )

@@ -191,7 +191,7 @@ def encoder_from_config(model_cfg: Any, **overrides: Any) -> MS3Encoder:
     if kwargs.get("stage_sizes") is not None:
         kwargs["stage_sizes"] = tuple(kwargs["stage_sizes"])
     dtype = get("dtype", "float32")
-    if dtype not in ("float32", "bfloat16"):
+    if dtype not in ("float32", "bfloat16", "float64"):  # float64: numerical tests under x64
         raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     kwargs["dtype"] = jnp.dtype(dtype)
     kwargs.update(overrides)

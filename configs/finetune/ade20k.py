@@ -1,0 +1,17 @@
+r"""Fine-tune on ADE20K: 150 classes, 80k iterations, 512 x 512 crops, batch 16.
+
+  python -m ms3_jax.main --config=configs/finetune/ade20k.py:ms3 --config.init.path=PRETRAIN_W --workdir=W
+
+Config strings: see configs/finetune/common.py (ms3 | torchvision | scratch, frozen, tiny).
+"""
+try:
+    from configs.finetune import common
+except ImportError:  # given by path from outside the repository root
+    import os
+    import sys
+    sys.path.append(os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
+    from configs.finetune import common
+
+
+def get_config(arg: str | None = None):
+    return common.get_config("ade20k", arg, crop_size=512, batch_size=16, num_steps=80_000, base_size=512)

@@ -1,0 +1,100 @@
+r"""Shared fine-tuning config (paper 4.1-4.2, Tab. 2 / Tab. 3): DeepLab-v3+ / ResNet-50 as MMSeg.
+
+The per-dataset files (`voc.py`, `ade20k.py`, `coco_stuff.py`, `cityscapes.py`, `mapillary.py`)
+call `get_config(dataset, arg)`. Config strings (the part after `:`), comma-separated:
+
+  ms3 | torchvision | scratch   initialisation (Tab. 2 rows); the path goes in --config.init.path
+  frozen                        frozen-backbone fine-tuning (Tab. 3)
+  tiny                          tiny model on the built-in synthetic data ('synth_a'), for tests
+
+  python -m ms3_jax.main --config=configs/finetune/voc.py:ms3 --config.init.path=PRETRAIN_W --workdir=W
+  python -m ms3_jax.main --config=configs/finetune/ade20k.py:torchvision,frozen \
+      --config.init.path=resnet50-0676ba61.pth --workdir=W
+
+MMSegmentation defaults (what the paper follows): SGD lr 0.01, momentum 0.9, weight decay 5e-4 on
+every parameter, poly decay (power 0.9) to 1e-4 per iteration, SyncBN (= global-batch BN under
+jit), dropout 0.1 before the classifier, cross-entropy on logits upsampled to the crop, ignore
+255, averaged over all pixels (MMSeg `avg_non_ignore=False`); no auxiliary FCN head (paper 4.1).
+Training augmentation = MMSeg's: random rescale of the short side to s * base_size,
+s ~ U[0.5, 2], random crop, flip, photometric distortion (approximated by the pipeline's colour
+jitter: brightness 32/255, contrast and saturation 0.5, hue 18/180); evaluation on whole images
+with the short side resized to base_size (MMSeg `Resize(scale=(2048, base), keep_ratio=True)`).
+"""
+import ml_collections
+
+INIT_ARGS = ("ms3", "torchvision", "scratch")
+
+
+def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num_steps: int,
+               base_size: int) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "finetune"
+    c.seed = 0
+    c.batch_size = batch_size  # global, over all devices and processes
+    c.num_steps = num_steps
+    c.log_every = 50
+    c.eval_every = num_steps // 10  # MMSeg: every 4k of 40k, 8k of 80k; 0: at the end only
+    c.checkpoint_every = num_steps // 10
+    c.keep_checkpoints = 2
+    c.frozen_backbone = False  # Tab. 3: backbone params and BN statistics fixed
+
+    # kind: 'ms3' (path = an MS3 pretraining workdir: backbone + decode head of its latest or
+    # `step` checkpoint; `ema` takes the momentum encoder), 'torchvision' (path = ImageNet ResNet
+    # .pth / .safetensors in torchvision / MMSeg naming: backbone only), 'scratch'.
+    c.init = ml_collections.ConfigDict(dict(kind="ms3", path="", step=0, ema=False))
+
+    c.model = ml_collections.ConfigDict(dict(
+        depth=50, variant="v1", output_stride=8, width=1.0,
+        stage_sizes=ml_collections.config_dict.placeholder(tuple),
+        head_channels=512, c1_channels=48, dropout_rate=0.1, dtype="float32"))
+
+    c.data = ml_collections.ConfigDict(dict(
+        dataset=dataset, data_dir="", crop_size=crop_size, worker_count=4,
+        synthetic=ml_collections.config_dict.placeholder(dict),  # kwargs of prepare_synthetic
+        augment=dict(base_size=base_size, scale_range=(0.5, 2.0), flip_prob=0.5,
+                     color_jitter_prob=1.0, brightness=32 / 255, contrast=0.5, saturation=0.5,
+                     hue=0.1, grayscale_prob=0.0, blur_prob=0.0)))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        split="validation", short_side=base_size, mode="whole",  # or 'slide' with crop / stride
+        crop=ml_collections.config_dict.placeholder(tuple),
+        stride=ml_collections.config_dict.placeholder(tuple),
+        flip=False, max_images=0,  # 0: the whole split
+        num_devices=1))  # local devices per process; > 1 pays off only for repeated image shapes
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=0.01, min_lr=1e-4, power=0.9, momentum=0.9, weight_decay=5e-4,
+        decay_all=True))  # MMSeg decays every parameter; False: kernels only (as pretraining)
+    c.loss = ml_collections.ConfigDict(dict(ignore_index=255, avg_non_ignore=False))
+
+    args = [a for a in (arg or "").split(",") if a]
+    unknown = [a for a in args if a not in INIT_ARGS + ("frozen", "tiny")]
+    if unknown:
+        raise ValueError(f"unknown config string(s) {unknown}; valid: {', '.join(INIT_ARGS)}, "
+                         "frozen, tiny (comma-separated)")
+    if "tiny" in args:
+        tiny(c)
+    kinds = [a for a in args if a in INIT_ARGS]
+    if len(kinds) > 1:
+        raise ValueError(f"choose one initialisation, got {kinds}")
+    if kinds:
+        c.init.kind = kinds[0]
+    c.frozen_backbone = "frozen" in args
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Tiny model on the synthetic 'synth_a' (7 classes): the same code path, seconds on a CPU."""
+    c.init.kind = "scratch"  # unless a config string asks for another
+    c.batch_size = 8
+    c.num_steps = 4
+    c.log_every = 2
+    c.eval_every = 2
+    c.checkpoint_every = 2
+    c.model.update(dict(width=0.125, stage_sizes=(1, 1, 1, 1)))
+    c.data.update(dict(dataset="synth_a", crop_size=32, worker_count=0,
+                       data_dir="/tmp/ms3_jax_data/finetune_synthetic"))
+    c.data.synthetic = dict(num_train=16, num_val=4, image_size=64)
+    c.data.augment.base_size = 48
+    c.eval.update(dict(short_side=48, max_images=4))
+    return c

@@ -1,0 +1,17 @@
+r"""Fine-tune on PASCAL VOC 2012 (+SBD aug): 21 classes, 40k iterations, 513 x 513 crops, batch 16.
+
+  python -m ms3_jax.main --config=configs/finetune/voc.py:ms3 --config.init.path=PRETRAIN_W --workdir=W
+
+Config strings: see configs/finetune/common.py (ms3 | torchvision | scratch, frozen, tiny).
+"""
+try:
+    from configs.finetune import common
+except ImportError:  # given by path from outside the repository root
+    import os
+    import sys
+    sys.path.append(os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
+    from configs.finetune import common
+
+
+def get_config(arg: str | None = None):
+    return common.get_config("voc", arg, crop_size=513, batch_size=16, num_steps=40_000, base_size=512)

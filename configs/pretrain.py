@@ -1,0 +1,78 @@
+r"""MS3 pretraining (stage 2), paper section 4.1.
+
+  python -m ms3_jax.main --config=configs/pretrain.py --workdir=W
+  python -m ms3_jax.main --config=configs/pretrain.py:tiny --workdir=W   # tiny model, synthetic data
+
+Defaults are the paper's: DeepLab-v3+ / ResNet-50 (OS 8), two 3-layer 512-d projection heads,
+VOC-aug + ADE20K + COCO-Stuff-164k (|Y| = 21 + 150 + 171 = 342), 224 crops, batch 128, SGD
+(momentum 0.9, weight decay 4e-5), lr 0.8 per 128 images with cosine decay to 0, 100 epochs,
+tau 0.07, alpha 1. Not in the paper (documented in docs/choices.md): EMA momentum 0.999 (MoCo),
+bank slots K = 256 and P = 32 pixels per class per step, lr warm-up, S momentum and warm-up.
+
+Memory of the per-class bank: |Y| x K x C x 2 bytes in bfloat16 = 342 x 256 x 512 x 2 = 90 MB;
+V is |Y| x C float32 (0.7 MB) and S is |Y| x |Y| float32 (0.5 MB). All replicated.
+Prepare the datasets first: `python -m ms3_jax.data.prepare --dataset voc ...` (README).
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "pretrain"
+    c.seed = 0
+    c.batch_size = 128  # global, over all devices and processes
+    c.num_epochs = 100
+    c.num_steps = 0  # > 0 overrides num_epochs
+    c.log_every = 50
+    c.checkpoint_every = 2000
+    c.keep_checkpoints = 3
+    c.ema_momentum = 0.999
+
+    c.model = ml_collections.ConfigDict(dict(
+        depth=50, variant="v1", output_stride=8, width=1.0,
+        stage_sizes=ml_collections.config_dict.placeholder(tuple),
+        head_channels=512, c1_channels=48, emb_dim=512, dtype="bfloat16",
+        init_from=""))  # optional torchvision / MMSeg ResNet .pth for the backbone
+
+    c.data = ml_collections.ConfigDict(dict(
+        datasets=("voc", "ade20k", "coco_stuff"), data_dir="", crop_size=224, worker_count=4,
+        weights=ml_collections.config_dict.placeholder(dict),  # None: proportional to size
+        synthetic=ml_collections.config_dict.placeholder(dict)))  # kwargs of prepare_synthetic
+
+    c.text = ml_collections.ConfigDict(dict(
+        embeddings="",  # stage 1's W/text_embeddings.npz; empty: CLIP with the hand template
+        clip="openai/clip-vit-base-patch32", template="a photo of a {}."))
+
+    c.loss = ml_collections.ConfigDict(dict(
+        kind="ms3",  # 'ms3' | 'ce_single_head' | 'ce_multi_head' (Tab. 4)
+        use_language=True, use_visual=True, multilabel=True,  # Tab. 4 / Tab. 6 switches
+        tau=0.07, alpha=1.0, chunk=8192))
+
+    c.bank = ml_collections.ConfigDict(dict(slots=256, per_class=32, dtype="bfloat16"))
+    c.relations = ml_collections.ConfigDict(dict(momentum=0.99, warmup_steps=2000, pixel_head="visual"))
+    c.optim = ml_collections.ConfigDict(dict(
+        base_lr=0.8, lr_batch=128, momentum=0.9, weight_decay=4e-5, warmup_steps=1000))
+
+    if arg == "tiny":
+        tiny(c)
+    elif arg:
+        raise ValueError(f"unknown config string {arg!r}; valid: 'tiny'")
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Tiny model on the built-in synthetic data: the same code path, seconds per step on a CPU."""
+    c.batch_size = 8
+    c.num_steps = 20
+    c.log_every = 5
+    c.checkpoint_every = 10
+    c.model.update(dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=32, dtype="float32"))
+    c.data.update(dict(datasets=("synth_a", "synth_b", "synth_c"), crop_size=64, worker_count=0,
+                       data_dir="/tmp/ms3_jax_data/synthetic"))
+    c.data.synthetic = dict(num_train=64, num_val=16, image_size=96)
+    c.text.clip = ""
+    c.bank.update(dict(slots=64, per_class=16, dtype="float32"))
+    c.relations.warmup_steps = 5
+    c.optim.update(dict(base_lr=0.1, warmup_steps=2))
+    c.loss.chunk = 1024
+    return c

@@ -1,0 +1,454 @@
+"""Fine-tuning for semantic segmentation (paper 4.1-4.2): standard (Tab. 2) and frozen-backbone (Tab. 3).
+
+DeepLab-v3+ / ResNet-50 with a fresh classifier (`MS3Encoder(heads=(), num_classes=n)`), trained
+as MMSegmentation does (paper 4.1: "we follow the basic configuration of MMSegmentation"):
+cross-entropy on the logits bilinearly upsampled to the label crop, SGD (momentum 0.9, weight
+decay 5e-4), lr 0.01 with poly decay (power 0.9) to 1e-4, global-batch BN (SyncBN). The
+initialisation (`config.init.kind`) gives the rows of Tab. 2: 'ms3' (backbone + decode head of an
+MS3 pretraining workdir), 'torchvision' (an ImageNet ResNet `.pth`: backbone only) or 'scratch'.
+With `frozen_backbone` (Tab. 3) the backbone gets zero updates and its BN runs in eval mode
+(running statistics, not updated): its variables stay bit-identical; decode head and classifier
+train. The loop mirrors `pretrain.py`: sharded jitted step with donation, orbax checkpoints of
+state + grain iterator with auto-resume, progress lines, TensorBoard, and mIoU on the validation
+split (`evaluate.py`) every `eval_every` steps and at the end -> `W/results.json`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ms3_jax import checkpointing, evaluate, pretrain
+from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
+from ms3_jax.models.resnet import ResNet
+
+INIT_KINDS = ("ms3", "torchvision", "scratch")
+PRETRAINED_PARTS = {"ms3": ("backbone", "decode_head"), "torchvision": ("backbone",), "scratch": ()}
+RESULTS_FILE = "results.json"
+Metrics = dict[str, jax.Array]
+
+
+@struct.dataclass
+class FinetuneState:
+    """Everything that changes while fine-tuning; `params` / `batch_stats` are `MS3Encoder`'s, so
+    `checkpointing.encoder_variables` and `export` read a fine-tuning workdir too."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+# --- loss, optimiser, frozen backbone ---------------------------------------------------------------
+
+def segmentation_loss(logits_BxhxwxK: jax.Array, labels_BxHxW: jax.Array,
+                      ignore_index: int = evaluate.IGNORE_INDEX,
+                      avg_non_ignore: bool = False) -> jax.Array:
+    """MMSeg's decode loss: logits upsampled (bilinear, align_corners=False) to the labels, pixel
+    cross-entropy; labels equal to `ignore_index` or outside [0, K) count zero. The sum is divided
+    by all pixels (MMSeg's default `avg_non_ignore=False`) or by the labelled ones."""
+    logits = resize_bilinear(logits_BxhxwxK.astype(jnp.float32), labels_BxHxW.shape[1:3])
+    k = logits.shape[-1]
+    labels = labels_BxHxW.astype(jnp.int32)
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < k)
+    y = jnp.where(valid, labels, 0)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[..., None], axis=-1)[..., 0]
+    total = jnp.sum(jnp.where(valid, nll, 0.0))
+    count = jnp.sum(valid) if avg_non_ignore else labels.size
+    return total / jnp.maximum(count, 1)
+
+
+def poly_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """MMSeg `PolyLR`: (lr - min_lr) * (1 - step / num_steps) ** power + min_lr."""
+    return optax.polynomial_schedule(optim.lr, optim.min_lr, optim.power, max(num_steps, 1))
+
+
+def backbone_labels(params: Mapping[str, Any]) -> dict[str, Any]:
+    """'frozen' for every leaf under `backbone`, 'train' elsewhere (for `optax.multi_transform`)."""
+    return {k: jax.tree_util.tree_map(lambda _, k=k: "frozen" if k == "backbone" else "train", v)
+            for k, v in params.items()}
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+    """torch-style SGD (decay added to the gradient before momentum); MMSeg decays every
+    parameter (`optim.decay_all`), else kernels only (`pretrain.weight_decay_mask`). Frozen
+    backbone: `set_to_zero` for its parameters (no decay, no momentum state)."""
+    o = config.optim
+    tx = optax.chain(
+        optax.add_decayed_weights(o.weight_decay, None if o.decay_all else pretrain.weight_decay_mask),
+        optax.sgd(schedule, momentum=o.momentum))
+    if not config.frozen_backbone:
+        return tx
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, backbone_labels)
+
+
+def _eval_mode_backbone(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+    """`nn.intercept_methods` hook: the ResNet runs with `train=False` (BN on running statistics,
+    nothing written) and its features carry no gradient (nothing to backpropagate into)."""
+    if isinstance(context.module, ResNet) and context.method_name == "__call__":
+        kwargs = {k: v for k, v in kwargs.items() if k != "train"}
+        return jax.lax.stop_gradient(next_fun(*args[:1], train=False, **kwargs))
+    return next_fun(*args, **kwargs)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> MS3Encoder:
+    return encoder_from_config(config.model, heads=(), num_classes=num_classes,
+                               dropout_rate=config.model.get("dropout_rate", 0.1))
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
+                    tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[..., tuple[FinetuneState, Metrics]]:
+    """`train_step(state, batch) -> (state, metrics)`, pure; frozen or not is decided here, once."""
+    frozen = bool(config.frozen_backbone)
+    ignore_index, avg_non_ignore = config.loss.ignore_index, config.loss.avg_non_ignore
+
+    def loss_fn(params, batch_stats, batch, rng):
+        hook = nn.intercept_methods(_eval_mode_backbone) if frozen else contextlib.nullcontext()
+        with hook:
+            out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                                       train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+        loss = segmentation_loss(out["logits"], batch["label"], ignore_index, avg_non_ignore)
+        return loss, mutated["batch_stats"]
+
+    def train_step(state: FinetuneState, batch: Mapping[str, jax.Array]):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if frozen:  # p + 0 is p except for -0.0: carry the frozen leaves over untouched
+            params = {**params, "backbone": state.params["backbone"]}
+            batch_stats = {**batch_stats, "backbone": state.batch_stats["backbone"]}
+        new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+        return new, {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Fail before any long work on settings that cannot run."""
+    kind = config.init.kind
+    if kind not in INIT_KINDS:
+        raise ValueError(f"init.kind must be one of {INIT_KINDS}, got {kind!r}")
+    if kind != "scratch" and not config.init.path:
+        what = "an MS3 pretraining workdir" if kind == "ms3" else "a torchvision ResNet .pth"
+        raise ValueError(f"init.kind={kind!r} needs init.path ({what})")
+    if kind == "scratch" and config.frozen_backbone:
+        logging.warning("frozen_backbone with init.kind='scratch' trains the head on a random backbone")
+    if config.model.output_stride not in (8, 16, 32):
+        raise ValueError(f"model.output_stride must be 8, 16 or 32, got {config.model.output_stride}")
+    if config.batch_size % num_devices:
+        raise ValueError(f"batch_size {config.batch_size} does not divide over {num_devices} devices")
+    if config.num_steps <= 0:
+        raise ValueError(f"num_steps must be positive, got {config.num_steps}")
+    if min(config.log_every, config.checkpoint_every) <= 0 or config.eval_every < 0:
+        raise ValueError("log_every and checkpoint_every must be positive, eval_every >= 0 "
+                         "(0: evaluate at the end only)")
+    h, w = _pair(config.data.crop_size)
+    if h != w:
+        raise NotImplementedError(
+            f"data.crop_size {(h, w)}: the input pipeline (pipeline.AugmentConfig) only makes square "
+            "crops so far; use a square crop_size")
+    if config.eval.mode not in ("whole", "slide"):
+        raise ValueError(f"eval.mode must be 'whole' or 'slide', got {config.eval.mode!r}")
+    if config.eval.mode == "slide" and not (config.eval.crop and config.eval.stride):
+        raise ValueError("eval.mode='slide' needs eval.crop and eval.stride")
+
+
+def _pair(x: Any) -> tuple[int, int]:
+    return (int(x), int(x)) if np.isscalar(x) else (int(x[0]), int(x[1]))
+
+
+class Trainer:
+    """Owns the mesh, the shardings and the jitted functions; keeps the loop below small."""
+
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
+                 devices: list | None = None):
+        devices = list(devices) if devices is not None else jax.devices()
+        check_config(config, len(devices))
+        self.config, self.num_classes = config, num_classes
+        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.data_sharding = NamedSharding(self.mesh, P("data"))
+        self.model = build_model(config, num_classes)
+        self.num_steps = int(config.num_steps)
+        self.schedule = poly_schedule(config.optim, self.num_steps)
+        self.tx = make_optimizer(config, self.schedule)
+        step = make_train_step(config, self.model, self.tx, self.schedule)
+        self._step = jax.jit(step, in_shardings=(self.replicated, self.data_sharding),
+                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        self._init = _init_fn(self.model, self.replicated)
+        self._opt_init = jax.jit(self.tx.init, out_shardings=self.replicated)
+
+    def init_variables(self, rng: jax.Array) -> dict[str, Any]:
+        """Random `{'params', 'batch_stats'}`, replicated."""
+        return self._init(rng)
+
+    def create_state(self, variables: Mapping[str, Any], rng: jax.Array) -> FinetuneState:
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        return FinetuneState(step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
+                             params=params, batch_stats=batch_stats, opt_state=self._opt_init(params),
+                             rng=jax.device_put(rng, self.replicated))
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's share of the batch -> global arrays sharded over 'data'."""
+        return {k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(local[k]))
+                for k in ("image", "label")}
+
+    def step(self, state: FinetuneState, batch: Mapping[str, jax.Array]) -> tuple[FinetuneState, Metrics]:
+        return self._step(state, batch)
+
+
+@functools.lru_cache(maxsize=None)
+def _init_fn(model: MS3Encoder, sharding: NamedSharding) -> Callable[[jax.Array], Any]:
+    """Jitted `model.init` with replicated outputs, one per model. It runs once, so it is built
+    without backend optimisation: LLVM spends most of its CPU compile time (4x) on the
+    per-parameter random-number kernels. Parameter shapes do not depend on the image size."""
+    return jax.jit(lambda rng: model.init(rng, jnp.zeros((1, 64, 64, 3), jnp.uint8)),
+                   out_shardings=sharding, compiler_options={"xla_backend_optimization_level": 0})
+
+
+_TRAINERS: dict[tuple, Trainer] = {}
+
+
+def get_trainer(config: ml_collections.ConfigDict, num_classes: int,
+                devices: list | None = None) -> Trainer:
+    """A `Trainer`, shared between runs whose step depends on the same settings (sweeps over
+    initialisations in one process, tests), so its jitted functions compile once."""
+    devices = list(devices) if devices is not None else jax.devices()
+    check_config(config, len(devices))
+    parts = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
+             for k in ("model", "optim", "loss", "frozen_backbone", "num_steps", "batch_size")}
+    key = (json.dumps(parts, sort_keys=True, default=str), num_classes, tuple(d.id for d in devices))
+    if key not in _TRAINERS:
+        _TRAINERS[key] = Trainer(config, num_classes, devices)
+    return _TRAINERS[key]
+
+
+# --- initialisation (Tab. 2 rows) ------------------------------------------------------------------
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in leaves}
+
+
+def _replace_parts(variables: Mapping[str, Any], loaded: Mapping[str, Mapping[str, Any]],
+                   sharding: NamedSharding, source: str) -> dict[str, Any]:
+    """`variables` with the top-level modules in `loaded` ({'params': {name: tree}, ...})
+    replaced; every structure or shape mismatch is listed in one error."""
+    out = {c: dict(v) for c, v in variables.items()}
+    problems = []
+    for collection, parts in loaded.items():
+        for name, tree in parts.items():
+            want, got = _shapes(variables[collection][name]), _shapes(tree)
+            if want != got:
+                diff = sorted(set(want.items()) ^ set(got.items()))[:8]
+                problems.append(f"{collection}/{name}: model vs file differ at {diff}")
+                continue
+            out[collection][name] = jax.device_put(
+                jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree), sharding)
+    if problems:
+        raise ValueError(f"{source} does not fit the model (check config.model against the "
+                         "pretraining config):\n  " + "\n  ".join(problems))
+    return out
+
+
+def initial_variables(config: ml_collections.ConfigDict, trainer: Trainer,
+                      rng: jax.Array) -> dict[str, Any]:
+    """Random variables with the pretrained parts of `config.init` loaded over them (replicated)."""
+    variables = trainer.init_variables(rng)
+    kind, path = config.init.kind, config.init.path
+    if kind == "scratch":
+        return variables
+    if kind == "torchvision":
+        from ms3_jax import export
+        m = trainer.model
+        resnet = ResNet(depth=m.depth, variant=m.variant, output_stride=m.output_stride,
+                        width=m.width, stage_sizes=m.stage_sizes)
+        loaded = export.load_backbone_state_dict(export.read_state_dict(path), resnet)
+        parts = {c: {"backbone": loaded[c]} for c in ("params", "batch_stats")}
+        logging.info("backbone initialised from %s", path)
+    else:
+        step, state = checkpointing.restore_state(path, config.init.get("step") or None)
+        enc = checkpointing.encoder_variables(state, ema=config.init.ema)
+        parts = {c: {p: enc[c][p] for p in PRETRAINED_PARTS["ms3"]} for c in ("params", "batch_stats")}
+        logging.info("backbone and decode head initialised from %s (step %d%s)", path, step,
+                     ", momentum encoder" if config.init.ema else "")
+    return _replace_parts(variables, parts, trainer.replicated, path)
+
+
+# --- data and evaluation ---------------------------------------------------------------------------
+
+def make_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace):
+    """The augmented training stream of the one dataset (labels = its local ids)."""
+    from ms3_jax.data import pipeline
+
+    dc = config.data
+    augment = pipeline.AugmentConfig(crop_size=_pair(dc.crop_size)[0], **dc.augment.to_dict())
+    return pipeline.TrainPipeline([dc.dataset], data_dir=dc.data_dir or None,
+                                  global_batch_size=config.batch_size, label_space=label_space,
+                                  augment=augment, seed=config.seed, worker_count=dc.worker_count)
+
+
+def make_eval_dataset(config: ml_collections.ConfigDict, label_space: LabelSpace):
+    """This process's share of the validation images (whole, short side resized)."""
+    from ms3_jax.data import pipeline
+
+    return pipeline.make_eval_dataset(
+        config.data.dataset, label_space=label_space, data_dir=config.data.data_dir or None,
+        split=config.eval.split, short_side=config.eval.short_side or None,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+
+
+def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: FinetuneState,
+                   dataset: Any) -> dict[str, Any]:
+    """mIoU etc. (percent) of the current weights on the validation split, all processes."""
+    ec = config.eval
+    devices = jax.local_devices()
+    devices = devices if not ec.num_devices else devices[:ec.num_devices]
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return evaluate.evaluate(
+        trainer.model, variables, dataset, trainer.num_classes, mode=ec.mode,
+        crop=ec.crop, stride=ec.stride, flip=ec.flip, ignore_index=config.loss.ignore_index,
+        devices=devices, max_images=ec.max_images or None, log_every=500)
+
+
+def _json_float(x: Any) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def results_dict(config: ml_collections.ConfigDict, label_space: LabelSpace, step: int,
+                 metrics: Mapping[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What goes to `W/results.json` (percent; NaN -> null for classes absent from the split)."""
+    names = label_space.class_names[0]
+    return {
+        "dataset": config.data.dataset, "split": config.eval.split, "step": step,
+        "init": config.init.to_dict(), "frozen_backbone": bool(config.frozen_backbone),
+        "eval_mode": config.eval.mode, "flip": bool(config.eval.flip),
+        "num_images": int(metrics["num_images"]),
+        **{k: _json_float(metrics[k]) for k in ("mIoU", "aAcc", "mAcc")},
+        "per_class": {n: {"IoU": _json_float(i), "Acc": _json_float(a)}
+                      for n, i, a in zip(names, metrics["IoU"], metrics["Acc"])},
+        "evaluations": history,
+    }
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_at: int | None = None) -> dict[str, Any] | None:
+    """Fine-tune into `workdir` (resuming from its latest checkpoint) and evaluate; returns the
+    final results (also in `W/results.json`), or None when `stop_at` ends the run early (with a
+    checkpoint, as a preemption would)."""
+    import orbax.checkpoint as ocp
+    from ms3_jax.data import pipeline as data_pipeline
+
+    is_main = jax.process_index() == 0
+    dataset = config.data.dataset
+    label_space = LabelSpace.from_datasets([dataset])
+    if config.data.get("synthetic"):
+        from ms3_jax.data import synthetic
+        synthetic.prepare_synthetic(config.data.data_dir, **config.data.synthetic)
+    pipe = make_pipeline(config, label_space)
+    eval_ds = make_eval_dataset(config, label_space)
+    trainer = get_trainer(config, label_space.num_classes)
+    num_steps = trainer.num_steps
+    if is_main:
+        checkpointing.write_config(workdir, config)
+    mngr = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints)
+    iterator = pipe.make_iterator()
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, state_rng = jax.random.split(rng)
+    start = mngr.latest_step() or 0
+    if start:
+        fresh = trainer.create_state(trainer.init_variables(init_rng), state_rng)
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, fresh)
+        restored = mngr.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            data=data_pipeline.checkpoint_restore_args(iterator)))
+        state = restored.state
+        logging.info("resumed from step %d of %s", start, workdir)
+    else:
+        state = trainer.create_state(initial_variables(config, trainer, init_rng), state_rng)
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    end = num_steps if stop_at is None else min(num_steps, stop_at)
+    history: list[dict[str, Any]] = []
+    metrics: dict[str, Any] | None = None
+
+    def run_eval(step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        m = run_evaluation(config, trainer, state, eval_ds)
+        history.append({"step": step, **{k: _json_float(m[k]) for k in ("mIoU", "aAcc", "mAcc")}})
+        if is_main:
+            logging.info("eval at step %d on %s/%s (%d images, %.0f s):\n%s", step, dataset,
+                         config.eval.split, m["num_images"], time.perf_counter() - t0,
+                         evaluate.format_table(m, label_space.class_names[0]))
+            for k in ("mIoU", "aAcc", "mAcc"):
+                writer.add_scalar(f"eval/{k}", m[k], step)
+            writer.flush()
+        return m
+
+    pending: list[Metrics] = []
+    t_last, s_last = time.perf_counter(), start
+    for step in range(start + 1, end + 1):
+        state, step_metrics = trainer.step(state, trainer.global_batch(next(iterator)))
+        pending.append(step_metrics)
+        if step % config.log_every == 0 or step == end:
+            fetched = jax.device_get(pending)
+            pending = []
+            last = {k: float(v) for k, v in fetched[-1].items()}
+            if not all(math.isfinite(float(m["loss"])) for m in fetched):
+                raise FloatingPointError(f"non-finite loss by step {step}: {[float(m['loss']) for m in fetched]}")
+            now = time.perf_counter()
+            rate = (step - s_last) / (now - t_last)
+            t_last, s_last = now, step
+            last["images_per_s"] = rate * config.batch_size
+            if is_main:
+                logging.info(pretrain._progress(step, num_steps, last, rate))
+                for k, v in last.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+        if step % config.checkpoint_every == 0 or step == end:
+            mngr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=data_pipeline.checkpoint_save_args(iterator)))
+        if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
+            metrics = run_eval(step)
+    mngr.wait_until_finished()
+    if end < num_steps:
+        if writer is not None:
+            writer.close()
+        return None
+    if metrics is None:  # resumed a finished run: evaluate its final weights
+        metrics = run_eval(num_steps)
+    results = results_dict(config, label_space, num_steps, metrics, history)
+    if is_main:
+        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+            json.dump(results, f, indent=1)
+        writer.close()
+        logging.info("%s: mIoU %.2f (aAcc %.2f, mAcc %.2f) -> %s", dataset, metrics["mIoU"],
+                     metrics["aAcc"], metrics["mAcc"], os.path.join(workdir, RESULTS_FILE))
+    return results

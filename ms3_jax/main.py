@@ -1,0 +1,40 @@
+r"""Entry point: `python -m ms3_jax.main --config=configs/<job>.py[:arg] --workdir=W`.
+
+Dispatches on `config.mode`: 'pretrain' (stage 2), 'text_adapt' (stage 1), 'finetune' (Tab. 2/3),
+'demo' (everything on the built-in synthetic data). Any field can be overridden: `--config.batch_size=256`.
+"""
+import logging as py_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "job config", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and outputs go")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or config.get("default_workdir")
+    if not workdir:
+        raise app.UsageError("--workdir is required for this config")
+    logging.set_verbosity(logging.INFO)
+    py_logging.getLogger("absl").handlers[0].setFormatter(py_logging.Formatter("%(asctime)s %(message)s"))
+    if config.mode == "pretrain":
+        from ms3_jax import pretrain
+        pretrain.train_and_evaluate(config, workdir)
+    elif config.mode == "text_adapt":
+        from ms3_jax import text_adapt
+        text_adapt.train_and_evaluate(config, workdir)
+    elif config.mode == "finetune":
+        from ms3_jax import finetune
+        finetune.train_and_evaluate(config, workdir)
+    elif config.mode == "demo":
+        from ms3_jax import demo
+        demo.run(config, workdir)
+    else:
+        raise app.UsageError(f"unknown config.mode {config.mode!r}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,191 @@
+"""A tiny *random* CLIP text model in Hugging Face format: a stand-in where real CLIP cannot be had.
+
+The demo and the tests run stage 1 (paper Sec. 3.2, Fig. 2) on machines that cannot download
+CLIP weights. ``save_tiny_clip(directory)`` writes what a hub snapshot of a CLIP checkpoint holds
+(config.json, model.safetensors, vocab.json, merges.txt) for a width-32, 2-layer text tower, so
+``clip_text.load_clip_text(directory)`` reads it through the same code path as real CLIP.
+
+Its weights are random: its embeddings carry no language knowledge, only the token identities.
+A marker file (``TINY_RANDOM_CLIP``) says so, and ``is_tiny_random_clip`` lets callers warn.
+
+Tokenizer: a CLIP-style BPE (``</w>`` word ends, SOS/EOS as the two largest ids like CLIP's) with
+every single character of ``CHARS`` (so any lowercase name tokenizes, one token per character at
+worst) plus left-to-right merges that make each given word one token.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+MARKER_FILE = "TINY_RANDOM_CLIP"
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'-/&()"
+SOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# Words that get a merged token by default: the hand template, Tab. 1's pairs, the synthetic
+# demo classes (ms3_jax.data.synthetic) and a few common ones.
+DEFAULT_WORDS = (
+    "a", "photo", "of", "cat", "dog", "horse", "cow", "person", "car", "traffic", "light",
+    "potted", "plant", "sky", "grass", "stairway", "stairs", "mountain", "hill", "path", "dirt",
+    "track", "building", "water", "lake", "ship", "boat", "tree", "road", "sand",
+)
+DEFAULT_WIDTH = 32
+DEFAULT_PROJ_DIM = 32  # = configs/pretrain.py:tiny model.emb_dim, so stage 1 feeds stage 2
+DEFAULT_NUM_CTX = 13  # the paper's M (clip_text.DEFAULT_NUM_CTX)
+_MIN_MAX_LEN = 32
+
+
+def _split_words(words: Iterable[str]) -> list[str]:
+    """Lowercase words of the given names/phrases, first-seen order, characters outside CHARS dropped."""
+    out: list[str] = []
+    for phrase in words:
+        for word in str(phrase).lower().split():
+            word = "".join(c for c in word if c in CHARS)
+            if word and word not in out:
+                out.append(word)
+    return out
+
+
+def vocab_and_merges(words: Iterable[str] = DEFAULT_WORDS) -> tuple[dict[str, int], list[str]]:
+    """The BPE vocabulary (token -> id) and merge list for ``words``.
+
+    Merges go left to right ("p h" -> "ph", "ph o" -> "pho", ...), the last symbol carrying the
+    ``</w>`` word end; characters alone are always in the vocabulary (with and without ``</w>``).
+    """
+    vocab: dict[str, int] = {}
+    for token in list(CHARS) + [c + "</w>" for c in CHARS]:
+        vocab[token] = len(vocab)
+    merges: list[str] = []
+    for word in _split_words(words):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merge = f"{symbols[0]} {symbols[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
+            vocab.setdefault(symbols[0], len(vocab))
+    vocab[SOS] = len(vocab)
+    vocab[EOS] = len(vocab)
+    return vocab, merges
+
+
+def write_tokenizer(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_WORDS) -> int:
+    """Write vocab.json + merges.txt (the tokenizer files of a CLIP hub checkpoint); returns the vocab size."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = vocab_and_merges(words)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)
+
+
+def text_config(words: Iterable[str] = DEFAULT_WORDS, *, max_len: int = _MIN_MAX_LEN,
+                width: int = DEFAULT_WIDTH, proj_dim: int = DEFAULT_PROJ_DIM,
+                legacy_eos: bool = False, **overrides):
+    """A transformers ``CLIPTextConfig`` for the tiny tokenizer: 2 layers, 4 heads, MLP 2 x width.
+
+    ``legacy_eos`` writes ``eos_token_id=2`` (old CLIP configs: pooling at argmax of the ids).
+    """
+    import transformers
+
+    vocab, _ = vocab_and_merges(words)
+    kwargs = dict(
+        vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_len,
+        projection_dim=proj_dim, hidden_act="quick_gelu", bos_token_id=vocab[SOS],
+        eos_token_id=2 if legacy_eos else vocab[EOS], pad_token_id=vocab[EOS],
+    )
+    kwargs.update(overrides)
+    return transformers.CLIPTextConfig(**kwargs)
+
+
+def _prompt_length(directory: Path, words: Iterable[str], num_ctx: int) -> int:
+    """Longest ``[SOS] ctx_1..ctx_M name "." [EOS]`` (and template prompt) over ``words``."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+    longest = 1
+    for name in words:
+        longest = max(longest, len(tokenizer(str(name).strip() + ".", add_special_tokens=False)["input_ids"]))
+    template = len(tokenizer("a photo of a", add_special_tokens=False)["input_ids"])
+    return 2 + max(num_ctx, template) + longest
+
+
+def save_tiny_clip(
+    directory: str | os.PathLike,
+    words: Iterable[str] = DEFAULT_WORDS,
+    *,
+    full: bool = False,
+    seed: int = 0,
+    max_len: int | None = None,
+    width: int = DEFAULT_WIDTH,
+    proj_dim: int = DEFAULT_PROJ_DIM,
+    legacy_eos: bool = False,
+    sharpen: bool = True,
+    num_ctx: int = DEFAULT_NUM_CTX,
+) -> Path:
+    """Save a random ``CLIPTextModelWithProjection`` (a full ``CLIPModel`` if ``full``) + tokenizer.
+
+    ``words``: names / phrases whose words get a single token each (others still tokenize, per
+    character). ``max_len`` (position embeddings) defaults to the longest learned-context prompt
+    ``[SOS] + num_ctx + name + "." + [EOS]`` over ``words``, and at least 32; a given ``max_len``
+    too small for those prompts is an error. ``sharpen`` draws larger weights than CLIP's init
+    (embeddings N(0, 0.5), matrices N(0, 0.2)), so attention and the embedded token identities
+    matter instead of being washed out. Writes a ``TINY_RANDOM_CLIP`` marker next to the files.
+    """
+    import torch
+    import transformers
+
+    directory = Path(directory)
+    words = [str(w) for w in words]
+    write_tokenizer(directory, words)
+    needed = _prompt_length(directory, words, num_ctx)
+    if max_len is None:
+        max_len = max(_MIN_MAX_LEN, needed)
+    elif max_len < needed:
+        raise ValueError(f"max_len={max_len} is too short: the longest prompt over the given words "
+                         f"with {num_ctx} context tokens needs {needed}")
+    torch.manual_seed(seed)
+    config = text_config(words, max_len=max_len, width=width, proj_dim=proj_dim,
+                         legacy_eos=legacy_eos)
+    if full:
+        vision_config = transformers.CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=16, projection_dim=proj_dim,
+        )
+        model = transformers.CLIPModel(transformers.CLIPConfig(
+            text_config=config.to_dict(), vision_config=vision_config.to_dict(),
+            projection_dim=proj_dim))
+    else:
+        model = transformers.CLIPTextModelWithProjection(config)
+    if sharpen:
+        _sharpen(model)
+    model.save_pretrained(directory, safe_serialization=True)
+    (directory / MARKER_FILE).write_text(
+        "A tiny CLIP with RANDOM weights written by ms3_jax.models.tiny_clip.save_tiny_clip:\n"
+        "a stand-in for tests and demos, not pretrained CLIP. Its embeddings carry no language "
+        "knowledge.\n")
+    return directory
+
+
+def is_tiny_random_clip(directory: str | os.PathLike) -> bool:
+    """True if ``directory`` was written by ``save_tiny_clip`` (it holds the marker file)."""
+    return os.path.isfile(os.path.join(os.fspath(directory), MARKER_FILE))
+
+
+def _sharpen(model) -> None:
+    """Larger random weights than CLIP's init, so attention is far from uniform and the token
+    identities survive the tower (and any mismatch in mask, pooling, activation or LayerNorm
+    placement shows up in parity tests)."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:  # layer_norm1/2, final_layer_norm, pre_layrnorm, post_layernorm
+                param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(param))
+            elif "embedding" in name:
+                param.normal_(0.0, 0.5)
+            elif param.ndim >= 2:
+                param.normal_(0.0, 0.2)
+            else:
+                param.normal_(0.0, 0.1)

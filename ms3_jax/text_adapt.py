@@ -1,0 +1,570 @@
+"""Stage 1: adapt CLIP's language embeddings to the union segmentation dataset (paper Sec. 3.2, Fig. 2).
+
+M learnable context vectors replace the hand template ("a photo of a [CLS]." becomes
+``[W]_1 .. [W]_M [CLS].``, CoOp with the class token at the end) and are trained jointly with the
+MS3 image encoder (language head only) by the pixel-embedding pairing loss (Eq. 1). Every step
+encodes the prompts of all union classes with the current context -- each distinct name once,
+gathered to the |Y| classes (the same name in two datasets is the same prompt) -- so Eq. 1's
+gradient reaches the context through the CLIP text tower (frozen by default, trainable with
+``text.train_text_tower``). The adapted embeddings are less alike than the template's (Tab. 1).
+
+Outputs in the workdir W:
+
+    W/text_embeddings.npz            T [|Y|, C], source 'adapted': stage 2's `text.embeddings`
+    W/text_model/params/             orbax: {'ctx': [M, width], 'text': text tower params}
+    W/text_model/text_model.json     CLIP source, num_ctx, tower config (`load_adapted_text`)
+    W/text_model/tokenizer/          the CLIP tokenizer files (the workdir is self-contained)
+    W/similarity_report.json         Tab. 1: cosine of class pairs + mean, template vs adapted
+    W/checkpoints/<step>/            orbax: train state + data iterator (auto-resume)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ms3_jax import checkpointing, losses, pretrain, text_embeddings
+from ms3_jax.data import label_space as label_space_lib
+from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.models import clip_text, tiny_clip
+from ms3_jax.models.clip_text import CLIPTextTower
+from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, l2_normalize
+
+# Union labels use -1 as ignore (|Y| = 342 > 255); any label outside [0, |Y|) is ignored anyway.
+IGNORE_LABEL = getattr(label_space_lib, "UNION_IGNORE", -1)
+TEXT_MODEL_DIR = "text_model"
+TEXT_MODEL_META = "text_model.json"
+REPORT_FILE = "similarity_report.json"
+OPTIMIZERS = ("sgd", "adamw")
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@struct.dataclass
+class TextAdaptState:
+    """step; trainable params {'image': encoder, 'ctx': [M, width], 'text': tower (if trained)};
+    the encoder's BatchNorm statistics; optimiser state; base RNG key."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and class prompts
+# ----------------------------------------------------------------------------------------------
+
+
+def adapt_pairing_loss(emb: jax.Array, class_emb_KxC: jax.Array, labels: jax.Array,
+                       tau: float = losses.TAU, *, chunk: int | None = losses.DEFAULT_CHUNK,
+                       ignore_label: int = IGNORE_LABEL) -> jax.Array:
+    """Eq. 1 with gradients to both the pixel embeddings I and the class embeddings T.
+
+    Same value as ``losses.pairing_loss(emb, T, labels)`` (no extra positives), which treats T as
+    a fixed target (stage 2); here T is a function of the learned context, so it is not stopped.
+    Mean over pixels whose label is in ``[0, K)`` and not ``ignore_label``; chunked over pixels.
+    """
+    num_classes, dim = class_emb_KxC.shape
+    emb_NxC = emb.reshape(-1, dim)
+    labels_N = labels.reshape(-1).astype(jnp.int32)
+    class_emb_KxC = class_emb_KxC.astype(jnp.float32)
+
+    def body(e_nxc: jax.Array, y_n: jax.Array) -> tuple[jax.Array, jax.Array]:
+        ok_n = (y_n != ignore_label) & (y_n >= 0) & (y_n < num_classes)
+        y_safe_n = jnp.where(ok_n, y_n, 0)
+        logits_nxk = jnp.dot(e_nxc.astype(jnp.float32), class_emb_KxC.T,
+                             preferred_element_type=jnp.float32) / tau
+        pos_n = jnp.take_along_axis(logits_nxk, y_safe_n[:, None], axis=1)[:, 0]
+        loss_n = jax.nn.logsumexp(logits_nxk, axis=-1) - pos_n
+        return jnp.where(ok_n, loss_n, 0.0), ok_n.astype(jnp.float32)
+
+    loss_N, weight_N = losses.map_pixel_chunks(body, (emb_NxC, labels_N), (0, ignore_label), chunk)
+    return jnp.sum(loss_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
+
+
+def distinct_names(names: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:
+    """(distinct names in first-seen order, int32 index [len(names)] into them).
+
+    Names equal up to case and whitespace are one prompt (CLIP lowercases), e.g. 'sky' of three
+    datasets: they get the same embedding.
+    """
+    keys: dict[str, int] = {}
+    out: list[str] = []
+    index = []
+    for name in names:
+        key = " ".join(str(name).lower().split())
+        if key not in keys:
+            keys[key] = len(out)
+            out.append(str(name).strip())
+        index.append(keys[key])
+    return tuple(out), np.asarray(index, np.int32)
+
+
+def mean_pairwise_cosine(emb_NxC: Any) -> Any:
+    """Mean cosine over all pairs of distinct rows (Tab. 1 'mean'); rows are unit vectors."""
+    xp = jnp if isinstance(emb_NxC, jax.Array) else np
+    n = emb_NxC.shape[0]
+    sim_NxN = emb_NxC @ emb_NxC.T
+    return (xp.sum(sim_NxN) - xp.trace(sim_NxN)) / max(n * (n - 1), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and step
+# ----------------------------------------------------------------------------------------------
+
+
+def text_lr_schedule(config: ml_collections.ConfigDict, peak: float, num_steps: int) -> optax.Schedule:
+    """0 for the first ``text.frozen_steps`` fraction of training (the context waits for the image
+    encoder to tell classes apart), then linear warm-up and cosine decay to 0."""
+    start = int(round(config.text.frozen_steps * num_steps))
+    rest = max(num_steps - start, 1)
+    warmup = min(config.optim.warmup_steps, rest - 1)
+    cosine = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(rest, warmup + 1), 0.0)
+    if not start:
+        return cosine
+    return optax.join_schedules([optax.constant_schedule(0.0), cosine], [start])
+
+
+def _text_optimizer(kind: str, schedule: optax.Schedule, tc: ml_collections.ConfigDict,
+                    mask: Any = None) -> optax.GradientTransformation:
+    if kind == "sgd":  # CoOp: SGD with momentum, cosine
+        return optax.chain(optax.add_decayed_weights(tc.weight_decay, mask),
+                           optax.sgd(schedule, momentum=tc.momentum))
+    return optax.adamw(schedule, weight_decay=tc.weight_decay, mask=mask)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int,
+                   train_text_tower: bool) -> optax.GradientTransformation:
+    """The paper's SGD for the image encoder (as stage 2); SGD or AdamW for the context (and the
+    text tower) with their own lr, both with warm-up and cosine decay to 0 (optax.multi_transform)."""
+    tc = config.text
+    txs = {"image": pretrain.make_optimizer(config, num_steps),
+           "ctx": _text_optimizer(tc.optimizer, text_lr_schedule(config, tc.lr, num_steps), tc)}
+    if train_text_tower:
+        txs["text"] = _text_optimizer(tc.optimizer, text_lr_schedule(config, tc.tower_lr, num_steps),
+                                      tc, pretrain.weight_decay_mask)
+    labels = lambda params: {k: jax.tree_util.tree_map(lambda _, k=k: k, v)  # noqa: E731
+                             for k, v in params.items()}
+    return optax.multi_transform(txs, labels)
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
+                    text_module: CLIPTextTower, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, train_text_tower: bool
+                    ) -> Callable[..., tuple[TextAdaptState, Metrics]]:
+    """``train_step(state, batch, consts) -> (state, metrics)``, pure.
+
+    consts: ``ids`` / ``eos`` (prompt layout of the distinct names, [U, L] / [U]), ``gather``
+    ([|Y|] union class -> distinct name) and, with a frozen tower, ``text`` (its params).
+    """
+    tau, chunk = config.loss.tau, config.loss.chunk
+
+    def class_embeddings(params, consts) -> jax.Array:
+        """T of the distinct names [U, C], L2-normalised; differentiable in ctx (and the tower)."""
+        text_params = params["text"] if train_text_tower else consts["text"]
+        t_UxC = text_module.apply({"params": text_params}, consts["ids"], consts["eos"],
+                                  params["ctx"], method=CLIPTextTower.encode_prompts)
+        return l2_normalize(t_UxC)
+
+    def loss_fn(params, batch_stats, batch: Batch, consts, rng):
+        out, mutated = model.apply({"params": params["image"], "batch_stats": batch_stats},
+                                   batch["image"], train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": rng})
+        t_UxC = class_embeddings(params, consts)
+        text_KxC = t_UxC[consts["gather"]]
+        y = pretrain.downsample_labels(batch["label"], out["language"].shape[1:3])
+        loss = adapt_pairing_loss(out["language"], text_KxC, y, tau, chunk=chunk)
+        return loss, (out["language"], y, text_KxC, t_UxC, mutated["batch_stats"])
+
+    def train_step(state: TextAdaptState, batch: Batch, consts: Mapping[str, Any]):
+        rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (lang, y, text_KxC, t_UxC, batch_stats)), grads = grad_fn(
+            state.params, state.batch_stats, batch, consts, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics: Metrics = {
+            "loss": loss, "lr": schedule(state.step),
+            "acc_language": losses.pixel_accuracy(jax.lax.stop_gradient(lang), text_KxC, y,
+                                                  chunk=chunk, ignore_label=IGNORE_LABEL),
+            "mean_cos": mean_pairwise_cosine(jax.lax.stop_gradient(t_UxC)),
+            "ctx_grad_norm": optax.tree.norm(grads["ctx"]),
+        }
+        new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+        return new, metrics
+
+    return train_step
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Fail before any long work on settings that cannot run."""
+    tc = config.text
+    if tc.optimizer not in OPTIMIZERS:
+        raise ValueError(f"text.optimizer must be one of {OPTIMIZERS}, got {tc.optimizer!r}")
+    if tc.num_ctx < 1:
+        raise ValueError(f"text.num_ctx must be >= 1, got {tc.num_ctx}")
+    if config.model.output_stride not in (8, 16, 32):
+        raise ValueError(f"model.output_stride must be 8, 16 or 32, got {config.model.output_stride}")
+    if config.batch_size % num_devices:
+        raise ValueError(f"batch_size {config.batch_size} does not divide over {num_devices} devices")
+
+
+def check_emb_dim(config: ml_collections.ConfigDict, text_module: CLIPTextTower, clip: str) -> None:
+    """The language head's pixel embeddings are paired with CLIP's text embeddings (Eq. 1)."""
+    proj = text_module.config.proj_dim
+    if config.model.emb_dim != proj:
+        raise ValueError(
+            f"model.emb_dim={config.model.emb_dim} does not match the projection dim {proj} of the "
+            f"CLIP text tower {clip}: the language head's pixel embeddings are paired with the text "
+            f"embeddings (Eq. 1), so set model.emb_dim={proj} (--config.model.emb_dim={proj})")
+
+
+class Trainer:
+    """Owns the mesh, the shardings, the constant prompt tensors and the jitted step."""
+
+    def __init__(self, config: ml_collections.ConfigDict, label_space: LabelSpace,
+                 text_module: CLIPTextTower, text_params: Any, tokenizer: Any, num_steps: int,
+                 devices: list | None = None):
+        devices = devices if devices is not None else jax.devices()
+        check_config(config, len(devices))
+        self.config, self.label_space = config, label_space
+        self.text_module, self.tokenizer = text_module, tokenizer
+        self.train_text_tower = bool(config.text.train_text_tower)
+        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.data_sharding = NamedSharding(self.mesh, P("data"))
+        self.names, gather = distinct_names(label_space.names)
+        layout = clip_text.build_prompt_layout(tokenizer, self.names, config.text.num_ctx,
+                                               text_module.config.max_len)
+        consts = {"ids": jnp.asarray(layout.ids_NxL), "eos": jnp.asarray(layout.eos_index_N),
+                  "gather": jnp.asarray(gather)}
+        if not self.train_text_tower:
+            consts["text"] = text_params
+        self.consts = jax.device_put(consts, self.replicated)
+        self.gather = gather
+        self.model = encoder_from_config(config.model, heads=("language",), num_classes=None)
+        self.num_steps = num_steps
+        self.tx = make_optimizer(config, num_steps, self.train_text_tower)
+        schedule = pretrain.lr_schedule(config, num_steps)
+        step = make_train_step(config, self.model, text_module, self.tx, schedule,
+                               self.train_text_tower)
+        self._step = jax.jit(step, in_shardings=(self.replicated, self.data_sharding, self.replicated),
+                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+    def init_state(self, rng: jax.Array, image_size: int, ctx_MxD: jax.Array,
+                   text_params: Any) -> TextAdaptState:
+        """The state, created directly with its (replicated) sharding."""
+
+        def init(rng, ctx_MxD, text_params):
+            init_rng, state_rng = jax.random.split(rng)
+            images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+            variables = self.model.init(init_rng, images)
+            params = {"image": variables["params"], "ctx": ctx_MxD}
+            if self.train_text_tower:
+                params["text"] = text_params
+            return TextAdaptState(step=jnp.zeros((), jnp.int32), params=params,
+                                  batch_stats=variables["batch_stats"],
+                                  opt_state=self.tx.init(params), rng=state_rng)
+
+        text_params = text_params if self.train_text_tower else None
+        # Runs once: on CPU, skip LLVM optimisation (compiling the many random initialisers
+        # otherwise takes ~3x longer than running them).
+        options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+        return jax.jit(init, out_shardings=self.replicated, compiler_options=options)(
+            rng, ctx_MxD, text_params)
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's share of the batch -> global arrays sharded over 'data'."""
+        return {k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(local[k]))
+                for k in ("image", "label")}
+
+    def step(self, state: TextAdaptState, batch: Mapping[str, jax.Array]
+             ) -> tuple[TextAdaptState, Metrics]:
+        return self._step(state, batch, self.consts)
+
+    def text_params(self, state: TextAdaptState) -> Any:
+        return state.params["text"] if self.train_text_tower else self.consts["text"]
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP source, adapted text model I/O, Tab. 1 report
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_clip(config: ml_collections.ConfigDict, label_space: LabelSpace) -> str:
+    """The CLIP checkpoint to adapt: ``text.tiny_clip_dir`` if set (written first, as a tiny
+    *random* stand-in, when it holds no config.json), else ``text.clip`` (hub id or directory)."""
+    tc = config.text
+    tiny_dir = tc.get("tiny_clip_dir")
+    if tiny_dir:
+        if not os.path.isfile(os.path.join(tiny_dir, "config.json")):
+            if jax.process_index() == 0:
+                logging.warning(
+                    "text.tiny_clip_dir: writing a tiny CLIP with RANDOM weights to %s -- a stand-in "
+                    "for demos/tests, NOT pretrained CLIP; its embeddings carry no language knowledge",
+                    tiny_dir)
+                words = (tiny_clip.DEFAULT_WORDS + tuple(label_space.names)
+                         + tuple(w for pair in tc.report_pairs for w in pair))
+                tiny_clip.save_tiny_clip(tiny_dir, words, proj_dim=config.model.emb_dim,
+                                         num_ctx=tc.num_ctx, seed=config.seed)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices("tiny_clip_written")
+        return os.path.abspath(tiny_dir)
+    if not tc.clip:
+        raise ValueError("stage 1 needs a CLIP checkpoint: set text.clip (a hub id such as "
+                         "'openai/clip-vit-base-patch32' or a local directory) or text.tiny_clip_dir")
+    return os.path.abspath(tc.clip) if os.path.isdir(tc.clip) else tc.clip
+
+
+def load_clip(clip: str, dtype: Any = jnp.float32) -> tuple[CLIPTextTower, Any, Any]:
+    """``load_clip_text`` with the error prefixed by the config field and a warning for stand-ins."""
+    try:
+        loaded = clip_text.load_clip_text(clip, dtype)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"text.clip={clip!r} could not be loaded: {e}") from e
+    if os.path.isdir(clip) and tiny_clip.is_tiny_random_clip(clip):
+        logging.warning("CLIP %s is a tiny RANDOM stand-in (no pretrained weights): the adapted "
+                        "embeddings demonstrate the code path, not language knowledge", clip)
+    return loaded
+
+
+def save_adapted_text(directory: str, module: CLIPTextTower, params: Any, tokenizer: Any,
+                      ctx_MxD: Any, clip: str, **extra: Any) -> None:
+    """``directory/params`` (orbax: ctx + tower params), tokenizer files and a json (Sec. 3.2 output)."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(directory, "params"), {"ctx": ctx_MxD, "text": params}, force=True)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+        meta = {"clip": clip, "num_ctx": int(np.shape(ctx_MxD)[0]),
+                "tower": dataclasses.asdict(module.config), **extra}
+        with open(os.path.join(directory, TEXT_MODEL_META), "w") as f:
+            json.dump(meta, f, indent=1)
+
+
+def load_adapted_text(workdir: str, dtype: Any = jnp.float32
+                      ) -> tuple[CLIPTextTower, Any, Any, jax.Array]:
+    """``(module, params, tokenizer, ctx)`` of a stage-1 workdir; re-embed any class names with
+    ``clip_text.encode_classes(module, params, tokenizer, names, ctx=ctx)``."""
+    import orbax.checkpoint as ocp
+    from transformers import CLIPTokenizer
+
+    directory = os.path.join(os.path.abspath(workdir), TEXT_MODEL_DIR)
+    meta_path = os.path.join(directory, TEXT_MODEL_META)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"no adapted text model in {workdir}: {meta_path} is missing "
+                                "(run stage 1, configs/text_adapt.py, into this workdir)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    config = clip_text.CLIPTextConfig(**meta["tower"])
+    module = CLIPTextTower(config, dtype=dtype)
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_params = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    abstract = {"ctx": jax.ShapeDtypeStruct((meta["num_ctx"], config.width), jnp.float32),
+                "text": abstract_params}
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+    restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), abstract)
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"),
+                                              local_files_only=True)
+    return module, restored["text"], tokenizer, restored["ctx"]
+
+
+def similarity_report(names: Sequence[str], embeddings: Mapping[str, np.ndarray],
+                      pairs: Sequence[Sequence[str]], template: str) -> dict[str, Any]:
+    """Tab. 1: cosine of the given class pairs and the mean over all pairs of distinct names.
+
+    ``embeddings``: [U, C] unit rows of ``names`` per method, e.g. 'template' (the hand template),
+    'initial' (the context at initialisation) and 'adapted'.
+    """
+    embeddings = {k: np.asarray(v) for k, v in embeddings.items()}
+    key = lambda n: " ".join(n.lower().split())  # noqa: E731
+    index = {key(n): i for i, n in enumerate(names)}
+    rows = []
+    for a, b in pairs:
+        missing = [n for n in (a, b) if key(n) not in index]
+        if missing:
+            rows.append({"pair": [a, b], "skipped": f"{', '.join(map(repr, missing))} not in the "
+                                                    "union label space"})
+            continue
+        i, j = index[key(a)], index[key(b)]
+        rows.append({"pair": [a, b], **{k: float(e[i] @ e[j]) for k, e in embeddings.items()}})
+    return {"template": template, "num_names": len(names), "pairs": rows,
+            "mean": {k: float(mean_pairwise_cosine(e)) for k, e in embeddings.items()}}
+
+
+_ROW_LABELS = {"template": "CLIP {template!r}", "initial": "CLIP + context at init",
+               "adapted": "CLIP + M_I (adapted)"}
+
+
+def format_similarity_table(report: Mapping[str, Any]) -> str:
+    """The report as paper Tab. 1 (rows: template, context at init, adapted; last column: mean)."""
+    shown = [r for r in report["pairs"] if "skipped" not in r]
+    heads = [f"'{r['pair'][0]}' vs. '{r['pair'][1]}'" for r in shown] + ["mean"]
+    widths = [max(len(h), 6) for h in heads]
+    methods = list(report["mean"])
+    labels = [_ROW_LABELS.get(m, m).format(template=report["template"]) for m in methods]
+    label_w = max(map(len, labels))
+    lines = [f"Tab. 1 -- cosine similarity of language embeddings ({report['num_names']} distinct "
+             "class names)",
+             " " * label_w + "  " + "  ".join(h.rjust(w) for h, w in zip(heads, widths))]
+    for method, label in zip(methods, labels):
+        values = [r[method] for r in shown] + [report["mean"][method]]
+        lines.append(label.ljust(label_w) + "  "
+                     + "  ".join(f"{v:.2f}".rjust(w) for v, w in zip(values, widths)))
+    lines += [f"(skipped {r['pair'][0]!r} vs. {r['pair'][1]!r}: {r['skipped']})"
+              for r in report["pairs"] if "skipped" in r]
+    return "\n".join(lines)
+
+
+def _init_backbone_from(state: TextAdaptState, path: str, trainer: Trainer) -> TextAdaptState:
+    """Image-encoder backbone from a torchvision / MMSeg ResNet file (``model.init_from``)."""
+    from ms3_jax import export
+    from ms3_jax.models.resnet import ResNet
+
+    cfg = trainer.config.model
+    resnet = ResNet(depth=cfg.depth, variant=cfg.variant, output_stride=cfg.output_stride,
+                    width=cfg.width, stage_sizes=cfg.get("stage_sizes"))
+    loaded = jax.device_put(export.load_backbone_state_dict(export.read_state_dict(path), resnet),
+                            trainer.replicated)
+    params = {**state.params, "image": {**state.params["image"], "backbone": loaded["params"]}}
+    stats = {**state.batch_stats, "backbone": loaded["batch_stats"]}
+    logging.info("image-encoder backbone initialised from %s", path)
+    return state.replace(params=params, batch_stats=stats, opt_state=trainer.tx.init(params))
+
+
+def _write_outputs(workdir: str, trainer: Trainer, state: TextAdaptState, clip: str,
+                   initial_text_params: Any, initial_ctx_MxD: jax.Array) -> dict[str, Any]:
+    """T -> npz, the adapted text model, and the Tab. 1 report (template vs adapted)."""
+    config, ls = trainer.config, trainer.label_space
+    module, tokenizer = trainer.text_module, trainer.tokenizer
+    ctx_MxD = jax.device_get(state.params["ctx"])
+    text_params = jax.device_get(trainer.text_params(state))
+    adapted_UxC = np.asarray(clip_text.encode_classes(module, text_params, tokenizer, trainer.names,
+                                                      ctx=ctx_MxD))
+    save_adapted_text(os.path.join(workdir, TEXT_MODEL_DIR), module, text_params, tokenizer,
+                      ctx_MxD, clip, ctx_init=config.text.ctx_init,
+                      train_text_tower=trainer.train_text_tower)
+    if jax.process_index() != 0:
+        return {}
+    text_embeddings.save_text_embeddings(os.path.join(workdir, text_embeddings.FILE_NAME), ls,
+                                         adapted_UxC[trainer.gather], source="adapted")
+    encode = lambda ctx: np.asarray(clip_text.encode_classes(  # noqa: E731
+        module, initial_text_params, tokenizer, trainer.names, ctx, config.text.template))
+    embeddings = {"template": encode(None), "initial": encode(initial_ctx_MxD),
+                  "adapted": adapted_UxC}
+    report = similarity_report(trainer.names, embeddings, config.text.report_pairs,
+                               config.text.template)
+    with open(os.path.join(workdir, REPORT_FILE), "w") as f:
+        json.dump(report, f, indent=1)
+    table = format_similarity_table(report)
+    print(table)
+    logging.info("\n%s", table)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_at: int | None = None) -> list[dict[str, float]]:
+    """Stage 1 into ``workdir``, resuming from its latest checkpoint; returns the logged metrics.
+
+    At the last step writes text_embeddings.npz, text_model/ and similarity_report.json (module
+    docstring). ``stop_at`` ends this run after that step (with a checkpoint), as a preemption would.
+    """
+    import orbax.checkpoint as ocp
+    from ms3_jax.data import pipeline as data_pipeline
+
+    is_main = jax.process_index() == 0
+    label_space = LabelSpace.from_datasets(list(config.data.datasets))
+    clip = resolve_clip(config, label_space)
+    text_module, text_params, tokenizer = load_clip(clip, jnp.dtype(config.text.dtype))
+    check_emb_dim(config, text_module, clip)
+    if config.data.get("synthetic"):
+        from ms3_jax.data import synthetic
+        synthetic.prepare_synthetic(config.data.data_dir, **config.data.synthetic)
+    pipe = pretrain.make_pipeline(config, label_space)
+    num_steps = pretrain.num_train_steps(config, pipe.dataset_sizes)
+    trainer = Trainer(config, label_space, text_module, text_params, tokenizer, num_steps)
+    logging.info("stage 1: adapting %d context vectors of %s on %s (|Y| = %d, %d distinct names), "
+                 "text tower %s, %d steps", config.text.num_ctx, clip, list(config.data.datasets),
+                 label_space.num_classes, len(trainer.names),
+                 "trained" if trainer.train_text_tower else "frozen", num_steps)
+    if is_main:
+        checkpointing.write_config(workdir, config)
+    mngr = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints)
+    iterator = pipe.make_iterator()
+    rng = jax.random.PRNGKey(config.seed)
+    ctx_MxD = clip_text.init_context(jax.random.fold_in(rng, 1), text_params, tokenizer,
+                                     config.text.num_ctx, config.text.ctx_init or None)
+    state = trainer.init_state(rng, config.data.crop_size, ctx_MxD, text_params)
+    if config.model.get("init_from"):
+        state = _init_backbone_from(state, config.model.init_from, trainer)
+    start = mngr.latest_step() or 0
+    if start:
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+        restored = mngr.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            data=data_pipeline.checkpoint_restore_args(iterator)))
+        state = restored.state
+        logging.info("resumed from step %d of %s", start, workdir)
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    end = num_steps if stop_at is None else min(num_steps, stop_at)
+    history: list[dict[str, float]] = []
+    pending: list[Metrics] = []
+    t_last, s_last = time.perf_counter(), start
+    for step in range(start + 1, end + 1):
+        state, metrics = trainer.step(state, trainer.global_batch(next(iterator)))
+        pending.append(metrics)
+        if step % config.log_every == 0 or step == end:
+            fetched = jax.device_get(pending)
+            pending = []
+            for i, m in enumerate(fetched):
+                history.append({"step": step - len(fetched) + 1 + i, **{k: float(v) for k, v in m.items()}})
+            if not np.isfinite(history[-1]["loss"]):
+                raise FloatingPointError(f"loss is {history[-1]['loss']} at step {step}")
+            now = time.perf_counter()
+            rate = (step - s_last) / (now - t_last)
+            t_last, s_last = now, step
+            last = {k: v for k, v in history[-1].items() if k != "step"}
+            last["images_per_s"] = rate * config.batch_size
+            if is_main:
+                logging.info(pretrain.progress_line(step, num_steps, last, rate))
+                for k, v in last.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+        if step % config.checkpoint_every == 0 or step == end:
+            mngr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=data_pipeline.checkpoint_save_args(iterator)))
+    mngr.wait_until_finished()
+    if writer is not None:
+        writer.close()
+    if end == num_steps:
+        _write_outputs(workdir, trainer, state, clip, text_params, ctx_MxD)
+    return history

@@ -1,0 +1,158 @@
+"""Fine-tuning end to end on synthetic data: the three initialisations of Tab. 2, the frozen
+backbone of Tab. 3, resume, results.json. Runs share one tiny config so steps compile once."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+from absl import flags
+
+from configs.finetune import voc as voc_config
+from ms3_jax import checkpointing, finetune
+from ms3_jax.models.deeplab import encoder_from_config
+from tests.torch_reference import TorchResNet, randomize_
+
+flags.FLAGS.mark_as_parsed()
+
+MODEL_CFG = {"width": 0.125, "stage_sizes": [1, 1, 1, 1], "emb_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def tiny_config(data_dir, **overrides):
+    c = voc_config.get_config("tiny")
+    c.data.data_dir = data_dir
+    c.num_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2, 1
+    c.eval.max_images = 2
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def final_state(workdir):
+    step, state = checkpointing.restore_state(workdir)
+    return step, jax.tree_util.tree_map(np.asarray, state)
+
+
+def read_results(workdir):
+    with open(os.path.join(workdir, finetune.RESULTS_FILE)) as f:
+        return json.load(f)
+
+
+def assert_trees_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def random_variables(model, seed=7):
+    """Random variables without compiling `init` (slow on CPU); BN variances positive."""
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+    def fill(path, x):
+        if path[-1].key == "var":
+            return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
+        return (0.2 * rng.normal(size=x.shape)).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+@pytest.fixture(scope="module")
+def ms3_workdir(tmp_path_factory):
+    """A tiny MS3 pretraining workdir: config + a TrainState-like checkpoint."""
+    wd = str(tmp_path_factory.mktemp("pretrain"))
+    model = encoder_from_config(MODEL_CFG)
+    variables = random_variables(model)
+    ema = jax.tree_util.tree_map(lambda x: x + 1.0, variables)
+    state = {"step": jnp.int32(3), "params": variables["params"], "batch_stats": variables["batch_stats"],
+             "ema_params": ema["params"], "ema_batch_stats": ema["batch_stats"]}
+    checkpointing.write_config(wd, {"model": MODEL_CFG})
+    mngr = checkpointing.checkpoint_manager(wd, item_names=("state",))
+    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mngr.wait_until_finished()
+    return wd, jax.tree_util.tree_map(np.asarray, variables)
+
+
+def test_frozen_backbone_from_ms3_workdir(data_dir, ms3_workdir, tmp_path):
+    """Tab. 3: backbone params and BN statistics bit-identical to the MS3 checkpoint after two
+    steps; the decode head (also from the checkpoint) and the classifier train."""
+    pretrained_wd, pretrained = ms3_workdir
+    wd = str(tmp_path / "ft")
+    config = tiny_config(data_dir, **{"init.kind": "ms3", "init.path": pretrained_wd,
+                                      "frozen_backbone": True})
+    results = finetune.train_and_evaluate(config, wd)
+    step, state = final_state(wd)
+    assert step == 2
+    assert_trees_equal(state["params"]["backbone"], pretrained["params"]["backbone"])
+    assert_trees_equal(state["batch_stats"]["backbone"], pretrained["batch_stats"]["backbone"])
+    head, head0 = state["params"]["decode_head"], pretrained["params"]["decode_head"]
+    assert jax.tree_util.tree_structure(head) == jax.tree_util.tree_structure(head0)
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree_util.tree_leaves(head), jax.tree_util.tree_leaves(head0)))
+    assert "conv_seg" in state["params"] and "proj_language" not in state["params"]
+    on_disk = read_results(wd)
+    assert on_disk == results
+    assert 0.0 <= on_disk["mIoU"] <= 100.0 and on_disk["frozen_backbone"] and on_disk["num_images"] == 2
+    assert set(on_disk["per_class"]) == {"sky", "grass", "stairway", "mountain", "path", "building", "water"}
+
+
+def test_torchvision_pth_initialises_the_backbone(data_dir, tmp_path):
+    """Tab. 2 'Supervised' row: an ImageNet ResNet file in torchvision naming (with `fc.*`)."""
+    ref = randomize_(TorchResNet(base=8, stage_sizes=(1, 1, 1, 1)), seed=3)
+    path = str(tmp_path / "resnet50_imagenet.pth")
+    torch.save(ref.state_dict(), path)
+    wd = str(tmp_path / "ft")
+    config = tiny_config(data_dir, **{"init.kind": "torchvision", "init.path": path,
+                                      "frozen_backbone": True})
+    finetune.train_and_evaluate(config, wd)
+    _, state = final_state(wd)
+    backbone, stats = state["params"]["backbone"], state["batch_stats"]["backbone"]
+    np.testing.assert_array_equal(backbone["conv1"]["kernel"],
+                                  ref.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(stats["layer3_0"]["bn2"]["var"], ref.layer3[0].bn2.running_var.numpy())
+    assert read_results(wd)["init"]["kind"] == "torchvision"
+
+
+def test_scratch_finetune_trains_everything_and_resumes(data_dir, tmp_path):
+    """Tab. 2 'Scratch' row, interrupted after step 1 and resumed == uninterrupted."""
+    config = tiny_config(data_dir, **{"init.kind": "scratch"})
+    straight = str(tmp_path / "straight")
+    finetune.train_and_evaluate(config, straight)
+    resumed = str(tmp_path / "resumed")
+    assert finetune.train_and_evaluate(config, resumed, stop_at=1) is None
+    assert not os.path.exists(os.path.join(resumed, finetune.RESULTS_FILE))
+    results = finetune.train_and_evaluate(config, resumed)
+    _, a = final_state(straight)
+    _, b = final_state(resumed)
+    assert_trees_equal(a["params"], b["params"])
+    assert_trees_equal(a["batch_stats"], b["batch_stats"])
+    assert results["mIoU"] == read_results(straight)["mIoU"]
+    # The backbone trained (its BN statistics moved from their initial 0 / 1).
+    assert not np.allclose(a["batch_stats"]["backbone"]["bn1"]["mean"], 0.0)
+
+
+def test_config_errors_and_strings(data_dir):
+    with pytest.raises(ValueError, match="init.path"):
+        finetune.check_config(tiny_config(data_dir, **{"init.kind": "ms3"}), 1)
+    with pytest.raises(ValueError, match="unknown config string"):
+        voc_config.get_config("tinyy")
+    from configs.finetune import ade20k, cityscapes, coco_stuff, mapillary
+    c = cityscapes.get_config("torchvision,frozen")
+    assert c.frozen_backbone and c.init.kind == "torchvision" and tuple(c.data.crop_size) == (512, 1024)
+    assert (voc_config.get_config().num_steps, ade20k.get_config().num_steps,
+            coco_stuff.get_config().num_steps, mapillary.get_config().data.crop_size) == (40_000, 80_000, 80_000, 768)
+    c.init.path = "resnet50.pth"
+    with pytest.raises(NotImplementedError, match="square"):
+        finetune.check_config(c, 1)

@@ -1,0 +1,176 @@
+"""MS3 pretraining: the sharded step (8 devices == 1 device), ablation switches, resume, config errors."""
+import copy
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+
+from configs import pretrain as pretrain_config
+from ms3_jax import pretrain, text_embeddings
+from ms3_jax.data.label_space import LabelSpace
+
+flags.FLAGS.mark_as_parsed()
+
+DATASETS = ("synth_a", "synth_b", "synth_c")
+
+
+def tiny_config(**overrides):
+    c = pretrain_config.get_config("tiny")
+    c.batch_size = 8
+    c.data.crop_size = 32
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+@functools.lru_cache(maxsize=None)
+def label_space():
+    return LabelSpace.from_datasets(DATASETS)
+
+
+def random_text(dim, seed=0):
+    t = np.random.default_rng(seed).standard_normal((label_space().num_classes, dim))
+    return (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32)
+
+
+def random_batch(rng, batch=8, size=32):
+    ls = label_space()
+    dataset_id = rng.integers(0, ls.num_datasets, batch)
+    labels = np.empty((batch, size, size), np.int32)
+    for b, d in enumerate(dataset_id):
+        lo, hi = ls.offsets[d], ls.offsets[d + 1]
+        # Blocky labels so every 4x4 cell of the stride-4 map has one class.
+        labels[b] = np.kron(rng.integers(lo, hi, (size // 8, size // 8)), np.ones((8, 8), np.int32))
+    # Images that look like their labels (a colour per class, a brightness per image, noise):
+    # i.i.d. noise images give the image-pooling BN a near-zero batch variance, which makes
+    # any float reassociation explode and says nothing about sharding.
+    palette = rng.integers(0, 256, (ls.num_classes, 3))
+    gain = rng.uniform(0.5, 1.0, (batch, 1, 1, 1))
+    images = palette[labels] * gain + rng.normal(0, 8, (batch, size, size, 3))
+    images = np.clip(images, 0, 255).astype(np.uint8)
+    labels[:, :2] = -1  # some ignored pixels
+    return {"image": images, "label": labels, "dataset_id": dataset_id.astype(np.int32)}
+
+
+def run_steps(config, devices, batches, text, float64=False):
+    trainer = pretrain.Trainer(config, label_space(), text, num_steps=10, devices=devices)
+    state = trainer.init_state(jax.random.PRNGKey(0), 32)
+    if float64:
+        state = jax.device_put(jax.tree_util.tree_map(
+            lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, state),
+            trainer.replicated)
+    metrics = []
+    for b in batches:
+        state, m = trainer.step(state, trainer.global_batch(b))
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol)
+
+
+def test_eight_devices_equal_one_device():
+    """Three steps (bank, V, S, multi-label mask and both losses all active from step 2) give the
+    same state on 8 devices as on 1. Run in float64: in float32 the two layouts' different
+    reduction orders differ by ~1e-6 per layer and this tiny random BN net amplifies that (a
+    1e-7 relative perturbation on ONE device grows to 1e-3 in two steps), which would test
+    float reassociation rather than sharding."""
+    assert jax.device_count() == 8
+    config = tiny_config(**{"relations.warmup_steps": 1, "optim.warmup_steps": 1,
+                            "model.dtype": "float64", "bank.dtype": "float64"})
+    rng = np.random.default_rng(0)
+    batches = [random_batch(rng) for _ in range(3)]
+    text = random_text(config.model.emb_dim)
+    with jax.enable_x64(True):
+        s8, m8 = run_steps(config, jax.devices(), batches, text, float64=True)
+        s1, m1 = run_steps(config, jax.devices()[:1], batches, text, float64=True)
+    for a, b in zip(m8, m1):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for field in ("params", "batch_stats", "ema_params", "visual_emb", "sim"):
+        assert_trees_close(getattr(s8, field), getattr(s1, field))
+    np.testing.assert_array_equal(s8.bank.count, s1.bank.count)
+    np.testing.assert_array_equal(s8.visual_valid, s1.visual_valid)
+    assert_trees_close(s8.bank.feats, s1.bank.feats)
+    # The step did real work: the bank filled, S rows were seen, losses are finite.
+    assert s8.bank.count.sum() > 0 and s8.sim_seen.sum() > 0
+    assert jax.tree_util.tree_leaves(s8.params)[0].dtype == np.float64
+    assert m8[2]["lr"] > 0 and m8[2]["loss_visual"] > 0 and m8[2]["relations"] > 0
+    assert all(np.isfinite(m["loss"]) for m in m8)
+
+
+@pytest.mark.parametrize("overrides,expected_terms", [
+    ({"loss.use_visual": False, "relations.pixel_head": "language"}, {"loss_language"}),
+    ({"loss.use_language": False}, {"loss_visual"}),
+    ({"loss.multilabel": False}, {"loss_language", "loss_visual"}),
+    ({"loss.kind": "ce_single_head"}, {"loss_ce"}),
+    ({"loss.kind": "ce_multi_head"}, {"loss_ce"}),
+])
+def test_ablation_switches_select_the_loss_terms(overrides, expected_terms):
+    config = tiny_config(**overrides)
+    rng = np.random.default_rng(1)
+    text = random_text(config.model.emb_dim)
+    state, metrics = run_steps(config, jax.devices(), [random_batch(rng), random_batch(rng)], text)
+    terms = {k for k in metrics[-1] if k.startswith("loss_")}
+    assert terms == expected_terms
+    total = sum(metrics[-1][k] for k in terms)
+    np.testing.assert_allclose(metrics[-1]["loss"], total, rtol=1e-6)
+    assert np.isfinite(metrics[-1]["loss"]) and int(state.step) == 2
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"loss.kind": "focal"}, "loss.kind"),
+    ({"model.output_stride": 4}, "output_stride"),
+    ({"batch_size": 12}, "divide over 8 devices"),
+    ({"bank.per_class": 128}, r"bank.per_class \(P=128\) must be <= bank.slots \(K=64\)"),
+    ({"loss.use_visual": False}, "pixel_head='visual' needs loss.use_visual"),
+])
+def test_bad_config_is_rejected_before_work(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        pretrain.check_config(tiny_config(**overrides), 8)
+
+
+def test_text_embeddings_file_must_match_the_label_space(tmp_path):
+    ls = label_space()
+    path = str(tmp_path / "T.npz")
+    text_embeddings.save_text_embeddings(path, ls, random_text(8), "template")
+    np.testing.assert_allclose(text_embeddings.load_text_embeddings(path, ls), random_text(8))
+    other = LabelSpace.from_datasets(["synth_a", "synth_b"])
+    with pytest.raises(ValueError, match=r"do not match the configured datasets.*not configured: \['synth_c/"):
+        text_embeddings.load_text_embeddings(path, other)
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        text_embeddings.load_text_embeddings(str(tmp_path / "nope.npz"), ls)
+
+
+def test_downsample_labels_is_torch_nearest():
+    import torch
+    labels = np.random.default_rng(0).integers(0, 9, (2, 30, 22)).astype(np.int32)
+    for hw in ((8, 6), (15, 11), (30, 22)):
+        want = torch.nn.functional.interpolate(torch.from_numpy(labels)[:, None].float(), size=hw,
+                                               mode="nearest")[:, 0].numpy()
+        np.testing.assert_array_equal(pretrain.downsample_labels(jnp.asarray(labels), hw), want)
+
+
+def test_weight_decay_only_on_kernels():
+    params = {"conv": {"kernel": jnp.ones((1, 1, 2, 2))}, "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
+    mask = pretrain.weight_decay_mask(params)
+    assert mask == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False}}
+
+
+def test_missing_dataset_is_named_before_training(tmp_path):
+    config = tiny_config(**{"data.datasets": ("voc", "ade20k"), "data.data_dir": str(tmp_path)})
+    config.data.synthetic = None
+    with pytest.raises(FileNotFoundError, match=r"(?s)dataset 'voc' \(tfds 'ms3_voc_aug'.*not prepared.*"
+                                                r"ms3_jax.data.prepare --dataset voc"):
+        pretrain.train_and_evaluate(config, str(tmp_path / "wd"))
