@@ -67,17 +67,18 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     The context only spreads T once the image encoder tells classes apart (docs/choices.md), so
     the tiny run makes the encoder learn fast: no photometric augmentation (the synthetic classes
-    are mostly colour), lr 0.1, and the context frozen for the first half of the 60 steps.
+    are mostly colour), lr 0.1, and the context frozen for the first 60 of the 100 steps (30 were
+    not enough: the encoder was still too weak and the context pulled T together).
     """
-    c.num_steps = 60
+    c.num_steps = 100
     c.log_every = 10
-    c.checkpoint_every = 30
+    c.checkpoint_every = 50
     c.optim.base_lr = 1.6  # x 8 / 128 = 0.1
     c.data.augment = dict(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
     c.text.clip = ""
     c.text.tiny_clip_dir = "/tmp/ms3_jax_data/tiny_clip"
     c.text.lr = 0.02
-    c.text.frozen_steps = 0.5
+    c.text.frozen_steps = 0.6
     c.text.report_pairs = (("stairs", "stairway"), ("mountain", "hill"), ("ship", "boat"),
                            ("sky", "sand"))
     return c

@@ -35,14 +35,12 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ms3_jax import checkpointing, losses, pretrain, text_embeddings
-from ms3_jax.data import label_space as label_space_lib
-from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.data.label_space import UNION_IGNORE, LabelSpace
 from ms3_jax.models import clip_text, tiny_clip
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, l2_normalize
 
-# Union labels use -1 as ignore (|Y| = 342 > 255); any label outside [0, |Y|) is ignored anyway.
-IGNORE_LABEL = getattr(label_space_lib, "UNION_IGNORE", -1)
+IGNORE_LABEL = UNION_IGNORE  # -1 (|Y| = 342 > 255); any label outside [0, |Y|) is ignored too
 TEXT_MODEL_DIR = "text_model"
 TEXT_MODEL_META = "text_model.json"
 REPORT_FILE = "similarity_report.json"
@@ -164,8 +162,8 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int,
 
 def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
                     text_module: CLIPTextTower, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, train_text_tower: bool
-                    ) -> Callable[..., tuple[TextAdaptState, Metrics]]:
+                    schedule: optax.Schedule, ctx_schedule: optax.Schedule,
+                    train_text_tower: bool) -> Callable[..., tuple[TextAdaptState, Metrics]]:
     """``train_step(state, batch, consts) -> (state, metrics)``, pure.
 
     consts: ``ids`` / ``eos`` (prompt layout of the distinct names, [U, L] / [U]), ``gather``
@@ -198,7 +196,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics: Metrics = {
-            "loss": loss, "lr": schedule(state.step),
+            "loss": loss, "lr": schedule(state.step), "lr_ctx": ctx_schedule(state.step),
             "acc_language": losses.pixel_accuracy(jax.lax.stop_gradient(lang), text_KxC, y,
                                                   chunk=chunk, ignore_label=IGNORE_LABEL),
             "mean_cos": mean_pairwise_cosine(jax.lax.stop_gradient(t_UxC)),
@@ -260,8 +258,9 @@ class Trainer:
         self.model = encoder_from_config(config.model, heads=("language",), num_classes=None)
         self.num_steps = num_steps
         self.tx = make_optimizer(config, num_steps, self.train_text_tower)
-        schedule = pretrain.lr_schedule(config, num_steps)
-        step = make_train_step(config, self.model, text_module, self.tx, schedule,
+        step = make_train_step(config, self.model, text_module, self.tx,
+                               pretrain.lr_schedule(config, num_steps),
+                               text_lr_schedule(config, config.text.lr, num_steps),
                                self.train_text_tower)
         self._step = jax.jit(step, in_shardings=(self.replicated, self.data_sharding, self.replicated),
                              out_shardings=(self.replicated, self.replicated), donate_argnums=0)
@@ -337,7 +336,11 @@ def load_clip(clip: str, dtype: Any = jnp.float32) -> tuple[CLIPTextTower, Any, 
     try:
         loaded = clip_text.load_clip_text(clip, dtype)
     except (OSError, ValueError) as e:
-        raise type(e)(f"text.clip={clip!r} could not be loaded: {e}") from e
+        try:
+            wrapped = type(e)(f"text.clip={clip!r} could not be loaded: {e}")
+        except Exception:  # an exception type with another signature: keep it as it is
+            raise e from None
+        raise wrapped from e
     if os.path.isdir(clip) and tiny_clip.is_tiny_random_clip(clip):
         logging.warning("CLIP %s is a tiny RANDOM stand-in (no pretrained weights): the adapted "
                         "embeddings demonstrate the code path, not language knowledge", clip)
@@ -478,9 +481,7 @@ def _write_outputs(workdir: str, trainer: Trainer, state: TextAdaptState, clip: 
                                config.text.template)
     with open(os.path.join(workdir, REPORT_FILE), "w") as f:
         json.dump(report, f, indent=1)
-    table = format_similarity_table(report)
-    print(table)
-    logging.info("\n%s", table)
+    print(format_similarity_table(report), flush=True)
     return report
 
 
@@ -500,6 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     from ms3_jax.data import pipeline as data_pipeline
 
     is_main = jax.process_index() == 0
+    check_config(config, jax.device_count())
     label_space = LabelSpace.from_datasets(list(config.data.datasets))
     clip = resolve_clip(config, label_space)
     text_module, text_params, tokenizer = load_clip(clip, jnp.dtype(config.text.dtype))
@@ -548,8 +550,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             pending = []
             for i, m in enumerate(fetched):
                 history.append({"step": step - len(fetched) + 1 + i, **{k: float(v) for k, v in m.items()}})
-            if not np.isfinite(history[-1]["loss"]):
-                raise FloatingPointError(f"loss is {history[-1]['loss']} at step {step}")
+            bad = [h["step"] for h in history[-len(fetched):] if not np.isfinite(h["loss"])]
+            if bad:
+                raise FloatingPointError(f"stage 1 loss is not finite at steps {bad}")
             now = time.perf_counter()
             rate = (step - s_last) / (now - t_last)
             t_last, s_last = now, step
