@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.synthetic = dict(num_train=200, num_val=20, image_size=96, seed=0)
 
     stage1 = _load("text_adapt", "tiny")
-    stage1.num_steps = 60
+    stage1.num_steps = 150
+    stage1.text.frozen_steps = 0.6  # the context learns once the encoder separates classes
 
     stage2 = _load("pretrain", "tiny")
     stage2.num_steps = 300

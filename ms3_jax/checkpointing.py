@@ -9,15 +9,34 @@ import json
 import os
 from typing import Any, Mapping
 
+import jax
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
+_ARRAY_HANDLER_SET = False
+
+
+def _configure_array_handler() -> None:
+    """On the CPU backend, save replicated arrays from replica 0 whole.
+
+    orbax's replica-parallel save splits every replicated array across its replicas, compiling a
+    slice per array shape: ~100 s for the first save of a small model on 8 simulated CPU devices
+    (0.5 s without). On GPU / TPU (real replicas, real bandwidth) orbax's default stays.
+    """
+    global _ARRAY_HANDLER_SET
+    if jax.default_backend() == "cpu" and not _ARRAY_HANDLER_SET:
+        _ARRAY_HANDLER_SET = True
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 def checkpoint_manager(workdir: str, max_to_keep: int = 3,
                        item_names: tuple[str, ...] = ("state", "data")) -> ocp.CheckpointManager:
     """The orbax manager of a workdir (keeps the newest `max_to_keep` complete checkpoints)."""
+    _configure_array_handler()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
                                  item_names=item_names, options=options)

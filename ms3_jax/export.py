@@ -11,7 +11,6 @@ CLI: `python -m ms3_jax.export --workdir W --out backbone.pth` (or `.safetensors
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass

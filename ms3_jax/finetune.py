@@ -32,7 +32,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, evaluate, pretrain
+from ms3_jax import checkpointing, evaluate, loop, pretrain
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
 from ms3_jax.models.resnet import ResNet
@@ -362,9 +362,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Fine-tune into `workdir` (resuming from its latest checkpoint) and evaluate; returns the
     final results (also in `W/results.json`), or None when `stop_at` ends the run early (with a
     checkpoint, as a preemption would)."""
-    import orbax.checkpoint as ocp
-    from ms3_jax.data import pipeline as data_pipeline
-
     is_main = jax.process_index() == 0
     dataset = config.data.dataset
     label_space = LabelSpace.from_datasets([dataset])
@@ -381,17 +378,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     iterator = pipe.make_iterator()
     rng = jax.random.PRNGKey(config.seed)
     init_rng, state_rng = jax.random.split(rng)
-    start = mngr.latest_step() or 0
-    if start:
-        fresh = trainer.create_state(trainer.init_variables(init_rng), state_rng)
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, fresh)
-        restored = mngr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=data_pipeline.checkpoint_restore_args(iterator)))
-        state = restored.state
-        logging.info("resumed from step %d of %s", start, workdir)
+    if mngr.latest_step():  # resume: a cheap fresh state gives the shapes and shardings
+        state = trainer.create_state(trainer.init_variables(init_rng), state_rng)
     else:
         state = trainer.create_state(initial_variables(config, trainer, init_rng), state_rng)
+    state, start = loop.restore_latest(mngr, state, iterator, workdir)
     writer = None
     if is_main:
         from tensorboardX import SummaryWriter
@@ -400,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] | None = None
 
-    def run_eval(step: int) -> dict[str, Any]:
+    def run_eval(step: int, state: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         m = run_evaluation(config, trainer, state, eval_ds)
         history.append({"step": step, **{k: _json_float(m[k]) for k in ("mIoU", "aAcc", "mAcc")}})
@@ -413,37 +404,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             writer.flush()
         return m
 
-    pending: list[Metrics] = []
-    t_last, s_last = time.perf_counter(), start
-    for step in range(start + 1, end + 1):
-        state, step_metrics = trainer.step(state, trainer.global_batch(next(iterator)))
-        pending.append(step_metrics)
-        if step % config.log_every == 0 or step == end:
-            fetched = jax.device_get(pending)
-            pending = []
-            last = {k: float(v) for k, v in fetched[-1].items()}
-            if not all(math.isfinite(float(m["loss"])) for m in fetched):
-                raise FloatingPointError(f"non-finite loss by step {step}: {[float(m['loss']) for m in fetched]}")
-            now = time.perf_counter()
-            rate = (step - s_last) / (now - t_last)
-            t_last, s_last = now, step
-            last["images_per_s"] = rate * config.batch_size
-            if is_main:
-                logging.info(pretrain._progress(step, num_steps, last, rate))
-                for k, v in last.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-        if step % config.checkpoint_every == 0 or step == end:
-            mngr.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=data_pipeline.checkpoint_save_args(iterator)))
+    def after_step(step: int, state: Any) -> None:
+        nonlocal metrics
         if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
-            metrics = run_eval(step)
-    mngr.wait_until_finished()
+            metrics = run_eval(step, state)
+
+    batches = (trainer.global_batch(b) for b in iterator)
+    state = loop.run(trainer.step, state, batches, iterator, start=start, end=end,
+                     num_steps=num_steps, batch_size=config.batch_size, log_every=config.log_every,
+                     checkpoint_every=config.checkpoint_every, mngr=mngr, writer=writer,
+                     history=[], after_step=after_step)
     if end < num_steps:
         if writer is not None:
             writer.close()
         return None
     if metrics is None:  # resumed a finished run: evaluate its final weights
-        metrics = run_eval(num_steps)
+        metrics = run_eval(num_steps, state)
     results = results_dict(config, label_space, num_steps, metrics, history)
     if is_main:
         with open(os.path.join(workdir, RESULTS_FILE), "w") as f:

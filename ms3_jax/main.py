@@ -19,7 +19,11 @@ def main(argv: list[str]) -> None:
     if not workdir:
         raise app.UsageError("--workdir is required for this config")
     logging.set_verbosity(logging.INFO)
-    py_logging.getLogger("absl").handlers[0].setFormatter(py_logging.Formatter("%(asctime)s %(message)s"))
+    handler = logging.get_absl_handler()
+    handler.setFormatter(py_logging.Formatter("%(asctime)s %(message)s"))
+    # Keep the console to our progress lines: orbax / grain chatter only from WARNING up.
+    handler.addFilter(lambda r: r.levelno >= py_logging.WARNING
+                      or not any(f"/{lib}/" in r.pathname for lib in ("orbax", "grain")))
     if config.mode == "pretrain":
         from ms3_jax import pretrain
         pretrain.train_and_evaluate(config, workdir)

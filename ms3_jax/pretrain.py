@@ -9,11 +9,9 @@ switches of Tab. 4 / 6 pick which terms exist -- chosen once, outside the step.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -23,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, losses, memory_bank, relations
+from ms3_jax import checkpointing, loop, losses, memory_bank, relations
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config
 from ms3_jax.train_state import TrainState, ema_update, init_train_state
@@ -255,15 +253,6 @@ def num_train_steps(config: ml_collections.ConfigDict, dataset_sizes: tuple[int,
     return max(1, int(config.num_epochs * sum(dataset_sizes) // config.batch_size))
 
 
-def _progress(step: int, num_steps: int, metrics: Mapping[str, float], rate: float) -> str:
-    eta = (num_steps - step) / max(rate, 1e-9)
-    parts = [f"step {step}/{num_steps}"] + [f"{k} {v:.4g}" for k, v in sorted(metrics.items())]
-    return " | ".join(parts) + f" | {rate:.2f} steps/s | ETA {eta / 60:.1f} min"
-
-
-progress_line = _progress  # public name: the progress line of the other loops (text_adapt)
-
-
 def write_relations_report(workdir: str, state: TrainState, label_space: LabelSpace,
                            other_dataset: jax.Array) -> str:
     """Tab. 8-style report of the final multi-label mapping -> W/relations.txt and .json."""
@@ -287,9 +276,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     `stop_at` ends this run after that step (with a checkpoint), as a preemption would.
     """
-    import orbax.checkpoint as ocp
-    from ms3_jax.data import pipeline as data_pipeline
-
     is_main = jax.process_index() == 0
     label_space = LabelSpace.from_datasets(list(config.data.datasets))
     if config.data.get("synthetic"):
@@ -306,43 +292,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = trainer.init_state(jax.random.PRNGKey(config.seed), config.data.crop_size)
     if config.model.get("init_from"):
         state = _init_backbone_from(state, config.model.init_from, trainer)
-    start = mngr.latest_step() or 0
-    if start:
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-        restored = mngr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=data_pipeline.checkpoint_restore_args(iterator)))
-        state = restored.state
-        logging.info("resumed from step %d of %s", start, workdir)
+    state, start = loop.restore_latest(mngr, state, iterator, workdir)
     writer = None
     if is_main:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     end = num_steps if stop_at is None else min(num_steps, stop_at)
     history: list[dict[str, float]] = []
-    pending: list[Metrics] = []
-    t_last, s_last = time.perf_counter(), start
-    for step in range(start + 1, end + 1):
-        state, metrics = trainer.step(state, trainer.global_batch(next(iterator)))
-        pending.append(metrics)
-        if step % config.log_every == 0 or step == end:
-            fetched = jax.device_get(pending)
-            pending = []
-            for i, m in enumerate(fetched):
-                history.append({"step": step - len(fetched) + 1 + i, **{k: float(v) for k, v in m.items()}})
-            now = time.perf_counter()
-            rate = (step - s_last) / (now - t_last)
-            t_last, s_last = now, step
-            last = {k: v for k, v in history[-1].items() if k != "step"}
-            last["images_per_s"] = rate * config.batch_size
-            if is_main:
-                logging.info(_progress(step, num_steps, last, rate))
-                for k, v in last.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-        if step % config.checkpoint_every == 0 or step == end:
-            mngr.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=data_pipeline.checkpoint_save_args(iterator)))
-    mngr.wait_until_finished()
+    batches = (trainer.global_batch(b) for b in iterator)
+    state = loop.run(trainer.step, state, batches, iterator, start=start, end=end,
+                     num_steps=num_steps, batch_size=config.batch_size, log_every=config.log_every,
+                     checkpoint_every=config.checkpoint_every, mngr=mngr, writer=writer,
+                     history=history)
     if writer is not None:
         writer.close()
     if is_main and config.loss.kind == "ms3" and end == num_steps:

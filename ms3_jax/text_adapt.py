@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -34,7 +33,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, losses, pretrain, text_embeddings
+from ms3_jax import checkpointing, loop, losses, pretrain, text_embeddings
 from ms3_jax.data.label_space import UNION_IGNORE, LabelSpace
 from ms3_jax.models import clip_text, tiny_clip
 from ms3_jax.models.clip_text import CLIPTextTower
@@ -497,9 +496,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     At the last step writes text_embeddings.npz, text_model/ and similarity_report.json (module
     docstring). ``stop_at`` ends this run after that step (with a checkpoint), as a preemption would.
     """
-    import orbax.checkpoint as ocp
-    from ms3_jax.data import pipeline as data_pipeline
-
     is_main = jax.process_index() == 0
     check_config(config, jax.device_count())
     label_space = LabelSpace.from_datasets(list(config.data.datasets))
@@ -526,46 +522,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = trainer.init_state(rng, config.data.crop_size, ctx_MxD, text_params)
     if config.model.get("init_from"):
         state = _init_backbone_from(state, config.model.init_from, trainer)
-    start = mngr.latest_step() or 0
-    if start:
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-        restored = mngr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=data_pipeline.checkpoint_restore_args(iterator)))
-        state = restored.state
-        logging.info("resumed from step %d of %s", start, workdir)
+    state, start = loop.restore_latest(mngr, state, iterator, workdir)
     writer = None
     if is_main:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     end = num_steps if stop_at is None else min(num_steps, stop_at)
     history: list[dict[str, float]] = []
-    pending: list[Metrics] = []
-    t_last, s_last = time.perf_counter(), start
-    for step in range(start + 1, end + 1):
-        state, metrics = trainer.step(state, trainer.global_batch(next(iterator)))
-        pending.append(metrics)
-        if step % config.log_every == 0 or step == end:
-            fetched = jax.device_get(pending)
-            pending = []
-            for i, m in enumerate(fetched):
-                history.append({"step": step - len(fetched) + 1 + i, **{k: float(v) for k, v in m.items()}})
-            bad = [h["step"] for h in history[-len(fetched):] if not np.isfinite(h["loss"])]
-            if bad:
-                raise FloatingPointError(f"stage 1 loss is not finite at steps {bad}")
-            now = time.perf_counter()
-            rate = (step - s_last) / (now - t_last)
-            t_last, s_last = now, step
-            last = {k: v for k, v in history[-1].items() if k != "step"}
-            last["images_per_s"] = rate * config.batch_size
-            if is_main:
-                logging.info(pretrain.progress_line(step, num_steps, last, rate))
-                for k, v in last.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-        if step % config.checkpoint_every == 0 or step == end:
-            mngr.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=data_pipeline.checkpoint_save_args(iterator)))
-    mngr.wait_until_finished()
+    batches = (trainer.global_batch(b) for b in iterator)
+    state = loop.run(trainer.step, state, batches, iterator, start=start, end=end,
+                     num_steps=num_steps, batch_size=config.batch_size, log_every=config.log_every,
+                     checkpoint_every=config.checkpoint_every, mngr=mngr, writer=writer,
+                     history=history)
     if writer is not None:
         writer.close()
     if end == num_steps:

@@ -1,5 +1,4 @@
 """MS3 pretraining: the sharded step (8 devices == 1 device), ablation switches, resume, config errors."""
-import copy
 import functools
 
 import jax

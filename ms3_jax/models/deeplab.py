@@ -130,7 +130,7 @@ class ProjectionHead(nn.Module):
         for i in range(2):
             x = conv(self.hidden, 1, name=f"conv_{i}", dtype=self.dtype)(x)
             x = nn.relu(batch_norm(train, f"bn_{i}", self.dtype)(x))
-        x = conv(self.features, 1, use_bias=True, name=f"conv_2", dtype=self.dtype)(x)
+        x = conv(self.features, 1, use_bias=True, name="conv_2", dtype=self.dtype)(x)
         return l2_normalize(x)
 
 

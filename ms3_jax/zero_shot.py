@@ -1,0 +1,392 @@
+"""Zero-shot segmentation with arbitrary class names (paper Fig. 3).
+
+The language head's pixel embeddings I (unit norm, [H/4, W/4, C]) are compared with the text
+embeddings T of any class names, encoded by the stage-1 adapted CLIP text tower with its learned
+context ([W]_1 .. [W]_M [CLS].); the cosine logits I T^T are upsampled bilinearly to the image
+size and the argmax is the label (Eq. 1's pairing, read out without a trained classifier).
+
+    python -m ms3_jax.zero_shot --workdir W --image a.jpg b.png --classes "sky,grass,stairs" --out DIR
+
+W is a pretraining workdir (config.json + checkpoints; its stage-1 text model is found from
+`text.embeddings`), a demo workdir (W/pretrain + W/text_adapt), or a stage-1 workdir itself.
+Per image: `<stem>_labels.png` (uint8 index into the class list) and `<stem>_overlay.png`
+(colours blended on the image, legend on the right).
+"""
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import functools
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from ms3_jax import checkpointing
+from ms3_jax.models import clip_text
+from ms3_jax.models.clip_text import CLIPTextTower
+from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
+
+DEFAULT_SHORT_SIDE = 448
+TEXT_MODEL_META = os.path.join("text_model", "text_model.json")  # text_adapt.save_adapted_text
+STAGE1_HINT = ("make one with stage 1: python -m ms3_jax.main --config=configs/text_adapt.py "
+               "--workdir=T (the same datasets and model as pretraining), then pass "
+               "text_workdir=T (CLI: --text_workdir T)")
+
+# Distinct, legible colours for the first classes; more are spread over the hue circle.
+_BASE_PALETTE = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
+    (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def check_classes(class_names: Sequence[str] | str) -> tuple[str, ...]:
+    """Stripped class names; ValueError on an empty list, empty names or duplicates (CLIP
+    lowercases, so 'Sky' and 'sky ' are the same prompt). A string is split at commas."""
+    if isinstance(class_names, str):
+        class_names = class_names.split(",")
+    names = tuple(str(n).strip() for n in class_names)
+    if not names or names == ("",):
+        raise ValueError("the class list is empty: give at least one class name, e.g. 'sky,grass'")
+    return clip_text.check_class_names(names)
+
+
+def read_image(path: str | os.PathLike, *, header_only: bool = False) -> np.ndarray | None:
+    """RGB uint8 [H, W, 3] (EXIF orientation applied); FileNotFoundError / ValueError name the
+    path. `header_only`: just check that PIL can identify the file (returns None)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            if header_only:
+                return None
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def _check_image(image: Any) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 [H, W, 3] (RGB), got {image.dtype} {image.shape}")
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"image is empty: shape {image.shape}")
+    return image
+
+
+def input_size(height: int, width: int, short_side: int | None, multiple: int) -> tuple[int, int]:
+    """Network input size: short side scaled to `short_side` (None: keep), both sides rounded to a
+    multiple of `multiple` (the output stride) so the H/4 embedding grid tiles the image exactly."""
+    scale = 1.0 if short_side is None else short_side / min(height, width)
+    return (max(multiple, int(round(height * scale / multiple)) * multiple),
+            max(multiple, int(round(width * scale / multiple)) * multiple))
+
+
+# ----------------------------------------------------------------------------------------------
+# Workdirs
+# ----------------------------------------------------------------------------------------------
+
+
+def _has_text_model(directory: str | None) -> bool:
+    return bool(directory) and os.path.isfile(os.path.join(directory, TEXT_MODEL_META))
+
+
+def resolve_workdirs(workdir: str | os.PathLike,
+                     text_workdir: str | os.PathLike | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(image-encoder workdir, stage-1 text workdir, its config) for a pretraining, demo or
+    stage-1 workdir. Errors name the missing path and how to make it."""
+    workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir not found: {workdir}")
+    config_file = checkpointing.CONFIG_FILE
+    demo_pretrain = os.path.join(workdir, "pretrain")
+    if (not os.path.isfile(os.path.join(workdir, config_file))
+            and os.path.isfile(os.path.join(demo_pretrain, config_file))):  # demo workdir
+        image_dir, default_text = demo_pretrain, os.path.join(workdir, "text_adapt")
+        why = f"the demo's stage-1 workdir {default_text}"
+        config = checkpointing.read_config(image_dir)
+    else:
+        image_dir = workdir
+        config = checkpointing.read_config(image_dir)  # FileNotFoundError naming config.json
+        embeddings = (config.get("text") or {}).get("embeddings") or ""
+        if config.get("mode") == "text_adapt":
+            default_text, why = image_dir, "this stage-1 workdir"
+        elif embeddings:
+            if not os.path.isabs(embeddings) and not os.path.exists(embeddings):
+                embeddings = os.path.join(image_dir, embeddings)
+            default_text = os.path.dirname(os.path.abspath(embeddings))
+            why = f"the directory of its text.embeddings ({embeddings})"
+        else:
+            default_text, why = None, "none: its config has no text.embeddings (T from the template)"
+    ckpt_dir = os.path.join(image_dir, checkpointing.CHECKPOINT_DIR)
+    if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+        raise FileNotFoundError(f"no checkpoints in {image_dir}: {ckpt_dir} is missing or empty "
+                                "(train it first: python -m ms3_jax.main --config=configs/pretrain.py "
+                                f"--workdir={image_dir})")
+    if text_workdir is not None:
+        text_dir = os.path.abspath(os.path.expanduser(os.fspath(text_workdir)))
+        if not _has_text_model(text_dir):
+            raise FileNotFoundError(
+                f"text_workdir {text_dir} has no stage-1 text model "
+                f"({os.path.join(text_dir, TEXT_MODEL_META)} is missing); {STAGE1_HINT}")
+        return image_dir, text_dir, config
+    if not _has_text_model(default_text):
+        where = (f"{os.path.join(default_text, TEXT_MODEL_META)} is missing" if default_text
+                 else "none recorded")
+        raise FileNotFoundError(
+            f"workdir {image_dir} has no stage-1 text model (looked in {why}; {where}); {STAGE1_HINT}")
+    return image_dir, default_text, config
+
+
+# ----------------------------------------------------------------------------------------------
+# The segmenter
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ZeroShotSegmenter:
+    """Image encoder (language head) + adapted text tower; `segment(image, names)`."""
+
+    model: MS3Encoder
+    variables: Any
+    text_module: CLIPTextTower
+    text_params: Any
+    tokenizer: Any
+    ctx: jax.Array
+    short_side: int | None = DEFAULT_SHORT_SIDE
+    workdir: str = ""
+    text_workdir: str = ""
+
+    def __post_init__(self):
+        self._forward = jax.jit(lambda v, x: self.model.apply(v, x, train=False)["language"])
+        self._class_cache: dict[tuple[str, ...], np.ndarray] = {}
+
+    @classmethod
+    def from_workdir(cls, workdir: str | os.PathLike, text_workdir: str | os.PathLike | None = None,
+                     *, short_side: int | None = DEFAULT_SHORT_SIDE, ema: bool = False,
+                     step: int | None = None) -> "ZeroShotSegmenter":
+        """Load the latest (or `step`) checkpoint's encoder (`ema`: the momentum encoder) and the
+        stage-1 text model (default: the one the workdir was trained with, see `resolve_workdirs`)."""
+        from ms3_jax import text_adapt
+
+        image_dir, text_dir, config = resolve_workdirs(workdir, text_workdir)
+        text_module, text_params, tokenizer, ctx = text_adapt.load_adapted_text(text_dir)
+        _, state = checkpointing.restore_state(image_dir, step)
+        if config.get("mode") == "text_adapt":  # stage 1: {'image': encoder, 'ctx': ...}
+            if ema:
+                raise ValueError(f"{image_dir} is a stage-1 workdir: it has no momentum encoder")
+            variables = {"params": state["params"]["image"], "batch_stats": state["batch_stats"]}
+        else:
+            variables = checkpointing.encoder_variables(state, ema=ema)
+        if "proj_language" not in variables["params"]:
+            kind = (config.get("loss") or {}).get("kind")
+            raise ValueError(f"the encoder in {image_dir} has no language head (loss.kind={kind!r}); "
+                             "zero-shot prediction needs an MS3-pretrained (or stage-1) encoder")
+        model_cfg = config["model"]
+        proj = text_module.config.proj_dim
+        if model_cfg.get("emb_dim") != proj:
+            raise ValueError(f"model.emb_dim={model_cfg.get('emb_dim')} of {image_dir} does not match "
+                             f"the projection dim {proj} of the text model in {text_dir}")
+        model = encoder_from_config(model_cfg, heads=("language",), num_classes=None)
+        keep = ("backbone", "decode_head", "proj_language")  # drop the visual head
+        variables = {col: {k: v for k, v in tree.items() if k in keep}
+                     for col, tree in variables.items()}
+        device = jax.local_devices()[0]
+        variables = jax.device_put(variables, device)
+        return cls(model, variables, text_module, text_params, tokenizer, ctx,
+                   short_side=short_side, workdir=image_dir, text_workdir=text_dir)
+
+    @property
+    def multiple(self) -> int:
+        return int(self.model.output_stride)
+
+    def embed_classes(self, class_names: Sequence[str] | str) -> np.ndarray:
+        """T [K, C] float32, unit rows: the names in the learned-context prompt (Sec. 3.2)."""
+        names = check_classes(class_names)
+        if names not in self._class_cache:
+            t_KxC = clip_text.encode_classes(self.text_module, self.text_params, self.tokenizer,
+                                             names, ctx=self.ctx)
+            self._class_cache[names] = np.asarray(t_KxC, np.float32)
+        return self._class_cache[names]
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """The network input: uint8 [h, w, 3] at `input_size` (bilinear, antialiased)."""
+        image = _check_image(image)
+        h, w = input_size(*image.shape[:2], self.short_side, self.multiple)
+        if (h, w) == image.shape[:2]:
+            return image
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+    def pixel_embeddings(self, image: np.ndarray) -> np.ndarray:
+        """The language head's I [h/4, w/4, C] float32 (unit norm) of the preprocessed image."""
+        x = self.preprocess(image)
+        return np.asarray(self._forward(self.variables, jnp.asarray(x)[None])[0], np.float32)
+
+    def segment(self, image: np.ndarray, class_names: Sequence[str] | str
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(labels int32 [H, W] indexing `class_names`, scores float32 [H, W, K]): cosine of the
+        pixel and class embeddings, bilinearly upsampled to the image size, and its argmax."""
+        t_KxC = self.embed_classes(class_names)
+        image = _check_image(image)
+        emb_hxwxC = self.pixel_embeddings(image)
+        scores_HxWxK = _upsampled_cosine(jnp.asarray(emb_hxwxC), jnp.asarray(t_KxC),
+                                         tuple(image.shape[:2]))
+        scores_HxWxK = np.asarray(scores_HxWxK)
+        return np.argmax(scores_HxWxK, axis=-1).astype(np.int32), scores_HxWxK
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _upsampled_cosine(emb_hxwxC: jax.Array, text_KxC: jax.Array, size: tuple[int, int]) -> jax.Array:
+    logits_hxwxK = jnp.einsum("hwc,kc->hwk", emb_hxwxC, text_KxC,
+                              precision=jax.lax.Precision.HIGHEST)
+    return resize_bilinear(logits_hxwxK[None], size)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing
+# ----------------------------------------------------------------------------------------------
+
+
+def palette(n: int) -> np.ndarray:
+    """uint8 [n, 3] distinct colours (a fixed list, then golden-ratio hues)."""
+    out = list(_BASE_PALETTE[:n])
+    for i in range(len(out), n):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 0.95)
+        out.append((int(r * 255), int(g * 255), int(b * 255)))
+    return np.asarray(out, np.uint8).reshape(n, 3)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+            alpha: float = 0.5, font_size: int | None = None) -> Image.Image:
+    """RGB image: class colours blended on `image` (weight `alpha`), a legend panel on the right
+    listing every class name with its colour (the canvas grows if the legend is taller).
+    `font_size` defaults to 1/30 of the image's short side, at least 12 px."""
+    image = _check_image(image)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels {labels.shape} do not match the image {image.shape[:2]}")
+    font_size = font_size or max(12, min(image.shape[:2]) // 30)
+    colours = palette(len(class_names))
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours[labels].astype(np.float32)
+    blended_im = Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # Pillow < 10.1: bitmap font only
+        font = ImageFont.load_default()
+    pad, box = 6, font_size
+    row = box + 4
+    measure = ImageDraw.Draw(blended_im)
+    text_w = max(int(measure.textlength(n, font=font)) for n in class_names)
+    legend_w = pad + box + pad + text_w + pad
+    h, w = image.shape[:2]
+    canvas = Image.new("RGB", (w + legend_w, max(h, pad + row * len(class_names) + pad)), "white")
+    canvas.paste(blended_im, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(class_names):
+        y = pad + i * row
+        draw.rectangle([w + pad, y, w + pad + box - 1, y + box - 1], fill=tuple(colours[i].tolist()),
+                       outline=(0, 0, 0))
+        draw.text((w + 2 * pad + box, y), name, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def write_outputs(out_dir: str, stem: str, image: np.ndarray, labels: np.ndarray,
+                  class_names: Sequence[str]) -> tuple[str, str]:
+    """`<stem>_labels.png` (uint8 class index) and `<stem>_overlay.png`; returns their paths."""
+    if len(class_names) > 256:
+        raise ValueError(f"{len(class_names)} classes do not fit a uint8 label PNG (at most 256)")
+    os.makedirs(out_dir, exist_ok=True)
+    labels_path = os.path.join(out_dir, f"{stem}_labels.png")
+    overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
+    Image.fromarray(labels.astype(np.uint8)).save(labels_path)
+    overlay(image, labels, class_names).save(overlay_path)
+    return labels_path, overlay_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo helpers (notebook)
+# ----------------------------------------------------------------------------------------------
+
+
+def repo_root() -> str:
+    """The checkout this package runs from (configs/ is not part of the installed package)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo_config(arg: str | None = "quick"):
+    """`configs/demo.py:<arg>` of the checkout (loaded by path, as the configs load each other)."""
+    import importlib.util
+
+    path = os.path.join(repo_root(), "configs", "demo.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: configs/ ships with the repository, not the "
+                                "package; clone the repository and `pip install -e` it")
+    spec = importlib.util.spec_from_file_location("_ms3_configs_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def synthetic_sample(workdir: str, dataset: str = "synth_a", index: int = 0,
+                     split: str = "validation") -> np.ndarray:
+    """One image (uint8 [H, W, 3]) of a synthetic dataset built by the demo into `workdir`/data
+    (the pretraining config's `data.data_dir` when `workdir` is a pretraining workdir)."""
+    from ms3_jax.data import pipeline
+
+    data_dir = os.path.join(workdir, "data")
+    if not os.path.isdir(data_dir):
+        data_dir = checkpointing.read_config(workdir)["data"]["data_dir"]
+    source = pipeline.open_sources([dataset], split, data_dir)[0]
+    return np.asarray(source[index]["image"], np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Zero-shot segmentation with arbitrary class names (MS3 paper, Fig. 3).")
+    parser.add_argument("--workdir", required=True,
+                        help="pretraining workdir (config.json + checkpoints), demo or stage-1 workdir")
+    parser.add_argument("--text_workdir", default=None,
+                        help="stage-1 workdir with text_model/ (default: the one of --workdir)")
+    parser.add_argument("--image", nargs="+", required=True, help="image file(s)")
+    parser.add_argument("--classes", required=True, help='comma-separated names, "cat,dog,grass"')
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--short_side", type=int, default=DEFAULT_SHORT_SIDE,
+                        help="resize the short side to this before encoding (0: keep the size)")
+    parser.add_argument("--ema", action="store_true", help="use the momentum encoder")
+    args = parser.parse_args(argv)
+
+    names = check_classes(args.classes)  # fail on bad input before loading anything
+    for path in args.image:
+        read_image(path, header_only=True)
+    segmenter = ZeroShotSegmenter.from_workdir(args.workdir, args.text_workdir,
+                                               short_side=args.short_side or None, ema=args.ema)
+    written = []
+    for path in args.image:
+        image = read_image(path)
+        labels, _ = segmenter.segment(image, names)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        written.append(write_outputs(args.out, stem, image, labels, names))
+        counts = np.bincount(labels.ravel(), minlength=len(names)) / labels.size
+        share = ", ".join(f"{n} {c:.0%}" for n, c in zip(names, counts))
+        print(f"{path}: {share} -> {written[-1][1]}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
