@@ -165,11 +165,6 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if min(config.log_every, config.checkpoint_every) <= 0 or config.eval_every < 0:
         raise ValueError("log_every and checkpoint_every must be positive, eval_every >= 0 "
                          "(0: evaluate at the end only)")
-    h, w = _pair(config.data.crop_size)
-    if h != w:
-        raise NotImplementedError(
-            f"data.crop_size {(h, w)}: the input pipeline (pipeline.AugmentConfig) only makes square "
-            "crops so far; use a square crop_size")
     if config.eval.mode not in ("whole", "slide"):
         raise ValueError(f"eval.mode must be 'whole' or 'slide', got {config.eval.mode!r}")
     if config.eval.mode == "slide" and not (config.eval.crop and config.eval.stride):
@@ -305,7 +300,7 @@ def make_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace):
     from ms3_jax.data import pipeline
 
     dc = config.data
-    augment = pipeline.AugmentConfig(crop_size=_pair(dc.crop_size)[0], **dc.augment.to_dict())
+    augment = pipeline.AugmentConfig(crop_size=_pair(dc.crop_size), **dc.augment.to_dict())
     return pipeline.TrainPipeline([dc.dataset], data_dir=dc.data_dir or None,
                                   global_batch_size=config.batch_size, label_space=label_space,
                                   augment=augment, seed=config.seed, worker_count=dc.worker_count)

@@ -113,21 +113,22 @@ def resolve_workdirs(workdir: str | os.PathLike,
     if (not os.path.isfile(os.path.join(workdir, config_file))
             and os.path.isfile(os.path.join(demo_pretrain, config_file))):  # demo workdir
         image_dir, default_text = demo_pretrain, os.path.join(workdir, "text_adapt")
-        why = f"the demo's stage-1 workdir {default_text}"
+        why = f"looked in the demo's stage-1 workdir {default_text}"
         config = checkpointing.read_config(image_dir)
     else:
         image_dir = workdir
         config = checkpointing.read_config(image_dir)  # FileNotFoundError naming config.json
         embeddings = (config.get("text") or {}).get("embeddings") or ""
         if config.get("mode") == "text_adapt":
-            default_text, why = image_dir, "this stage-1 workdir"
+            default_text, why = image_dir, "looked in this stage-1 workdir"
         elif embeddings:
             if not os.path.isabs(embeddings) and not os.path.exists(embeddings):
                 embeddings = os.path.join(image_dir, embeddings)
             default_text = os.path.dirname(os.path.abspath(embeddings))
-            why = f"the directory of its text.embeddings ({embeddings})"
+            why = f"looked next to its text.embeddings {embeddings}"
         else:
-            default_text, why = None, "none: its config has no text.embeddings (T from the template)"
+            default_text = None
+            why = "its config has no text.embeddings: T came from the hand template"
     ckpt_dir = os.path.join(image_dir, checkpointing.CHECKPOINT_DIR)
     if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
         raise FileNotFoundError(f"no checkpoints in {image_dir}: {ckpt_dir} is missing or empty "
@@ -141,10 +142,9 @@ def resolve_workdirs(workdir: str | os.PathLike,
                 f"({os.path.join(text_dir, TEXT_MODEL_META)} is missing); {STAGE1_HINT}")
         return image_dir, text_dir, config
     if not _has_text_model(default_text):
-        where = (f"{os.path.join(default_text, TEXT_MODEL_META)} is missing" if default_text
-                 else "none recorded")
-        raise FileNotFoundError(
-            f"workdir {image_dir} has no stage-1 text model (looked in {why}; {where}); {STAGE1_HINT}")
+        if default_text:
+            why += f": {os.path.join(default_text, TEXT_MODEL_META)} is missing"
+        raise FileNotFoundError(f"workdir {image_dir} has no stage-1 text model ({why}); {STAGE1_HINT}")
     return image_dir, default_text, config
 
 
@@ -180,11 +180,12 @@ class ZeroShotSegmenter:
         from ms3_jax import text_adapt
 
         image_dir, text_dir, config = resolve_workdirs(workdir, text_workdir)
+        stage1 = config.get("mode") == "text_adapt"
+        if stage1 and ema:
+            raise ValueError(f"{image_dir} is a stage-1 workdir: it has no momentum encoder")
         text_module, text_params, tokenizer, ctx = text_adapt.load_adapted_text(text_dir)
         _, state = checkpointing.restore_state(image_dir, step)
-        if config.get("mode") == "text_adapt":  # stage 1: {'image': encoder, 'ctx': ...}
-            if ema:
-                raise ValueError(f"{image_dir} is a stage-1 workdir: it has no momentum encoder")
+        if stage1:  # params {'image': encoder, 'ctx': [M, width]}
             variables = {"params": state["params"]["image"], "batch_stats": state["batch_stats"]}
         else:
             variables = checkpointing.encoder_variables(state, ema=ema)

@@ -154,5 +154,16 @@ def test_config_errors_and_strings(data_dir):
     assert (voc_config.get_config().num_steps, ade20k.get_config().num_steps,
             coco_stuff.get_config().num_steps, mapillary.get_config().data.crop_size) == (40_000, 80_000, 80_000, 768)
     c.init.path = "resnet50.pth"
-    with pytest.raises(NotImplementedError, match="square"):
-        finetune.check_config(c, 1)
+    finetune.check_config(c, 1)  # (512, 1024) crops are supported
+
+
+def test_non_square_crops_keep_image_and_label_aligned():
+    from ms3_jax.data import pipeline
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 5, (30, 50)).astype(np.uint8)
+    image = np.repeat(label[..., None] * 40, 3, axis=-1).astype(np.uint8)
+    cfg = pipeline.AugmentConfig.geometric_only(crop_size=(16, 32), base_size="original",
+                                                scale_range=(1.0, 1.0))
+    img, lab = pipeline.augment(image, label, rng, cfg)
+    assert img.shape == (16, 32, 3) and lab.shape == (16, 32)
+    np.testing.assert_array_equal(img[..., 0], lab.astype(np.uint8) * 40)

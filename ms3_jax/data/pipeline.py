@@ -67,7 +67,7 @@ MEAN_PIXEL = (124, 116, 104)  # ImageNet mean (123.675, 116.28, 103.53), rounded
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """Training augmentation (paper 4.1: random crop, colour distortion, Gaussian blur)."""
-    crop_size: int = 224
+    crop_size: int | tuple[int, int] = 224  # square, or (height, width) e.g. Cityscapes (512, 1024)
     scale_range: tuple[float, float] = (0.5, 2.0)
     # Short side before the random scale: an int, 'auto' (= crop_size / 0.875, i.e. 256 for 224)
     # or 'original' (scale the image's own size).
@@ -88,10 +88,15 @@ class AugmentConfig:
         """Scale, crop and flip only (no photometric changes): for alignment tests and debugging."""
         return cls(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, **kwargs)
 
+    @property
+    def crop_hw(self) -> tuple[int, int]:
+        c = self.crop_size
+        return (int(c), int(c)) if isinstance(c, (int, np.integer)) else (int(c[0]), int(c[1]))
+
 
 def _base_size(cfg: AugmentConfig) -> int:
     if cfg.base_size == 'auto':
-        return int(round(cfg.crop_size / 0.875))
+        return int(round(min(cfg.crop_hw) / 0.875))
     if isinstance(cfg.base_size, str) or cfg.base_size <= 0:
         raise ValueError(f"base_size must be a positive int, 'auto' or 'original', not "
                          f'{cfg.base_size!r}.')
@@ -143,12 +148,12 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
     Args:
       image: uint8 [H, W, 3]. label: uint8 [H, W] (local ids, 255 = ignore).
     Returns:
-      image uint8 [c, c, 3], label uint8 [c, c] with c = cfg.crop_size.
+      image uint8 [ch, cw, 3], label uint8 [ch, cw] with (ch, cw) = cfg.crop_hw.
     """
     h, w = label.shape
     if image.shape[:2] != (h, w):
         raise ValueError(f'Image {image.shape} and label {label.shape} sizes differ.')
-    c = cfg.crop_size
+    crop_h, crop_w = cfg.crop_hw
     s = rng.uniform(*cfg.scale_range)
     ratio = s if cfg.base_size == 'original' else s * _base_size(cfg) / min(h, w)
     nh, nw = max(1, int(round(h * ratio))), max(1, int(round(w * ratio)))
@@ -157,7 +162,7 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
     if (nh, nw) != (h, w):
         img = img.resize((nw, nh), Image.BILINEAR)
         lab = lab.resize((nw, nh), Image.NEAREST)
-    ch, cw = min(c, nh), min(c, nw)
+    ch, cw = min(crop_h, nh), min(crop_w, nw)
     y0 = int(rng.integers(0, nh - ch + 1))
     x0 = int(rng.integers(0, nw - cw + 1))
     box = (x0, y0, x0 + cw, y0 + ch)
@@ -171,10 +176,10 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
         img = img.convert('L').convert('RGB')
     if rng.random() < cfg.blur_prob:
         img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*cfg.blur_sigma)))
-    out_img = np.empty((c, c, 3), np.uint8)
+    out_img = np.empty((crop_h, crop_w, 3), np.uint8)
     out_img[...] = np.asarray(cfg.pad_value, np.uint8)
     out_img[:ch, :cw] = np.asarray(img)
-    out_lab = np.full((c, c), IGNORE_INDEX, np.uint8)
+    out_lab = np.full((crop_h, crop_w), IGNORE_INDEX, np.uint8)
     out_lab[:ch, :cw] = np.asarray(lab)
     return out_img, out_lab
 
@@ -360,8 +365,8 @@ class TrainPipeline:
         return self.make_iterator()
 
     def element_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        c, b = self.augment.crop_size, self.batch_size
-        spec = {'image': ((b, c, c, 3), np.dtype(np.uint8)), 'label': ((b, c, c), np.dtype(np.int32)),
+        (h, w), b = self.augment.crop_hw, self.batch_size
+        spec = {'image': ((b, h, w, 3), np.dtype(np.uint8)), 'label': ((b, h, w), np.dtype(np.int32)),
                 'dataset_id': ((b,), np.dtype(np.int32))}
         if self._with_record_ids:
             spec['record_index'] = ((b,), np.dtype(np.int64))

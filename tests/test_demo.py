@@ -1,0 +1,39 @@
+"""configs/demo.py end to end (its 'quick' variant): every stage runs and leaves its outputs."""
+import json
+
+import numpy as np
+from absl import flags
+
+from configs import demo as demo_config
+from ms3_jax import demo, text_embeddings
+from ms3_jax.data.label_space import LabelSpace
+
+flags.FLAGS.mark_as_parsed()
+
+
+def test_demo_quick_runs_every_stage(tmp_path):
+    summary = demo.run(demo_config.get_config("quick"), str(tmp_path))
+    ls = LabelSpace.from_datasets(["synth_a", "synth_b", "synth_c"])
+    t = text_embeddings.load_text_embeddings(str(tmp_path / "text_adapt" / "text_embeddings.npz"), ls)
+    assert t.shape == (ls.num_classes, 32)
+    assert (tmp_path / "text_adapt" / "similarity_report.json").exists()
+    assert (tmp_path / "pretrain" / "relations.txt").read_text().startswith("multi-label mapping")
+    scores = json.loads((tmp_path / "relations_eval.json").read_text())
+    assert 0.0 <= scores["precision"] <= 1.0 and 0.0 <= scores["recall"] <= 1.0
+    assert scores["planted"] > 0 and scores["found"] == len(scores["correct"]) + len(scores["wrong"])
+    from safetensors.numpy import load_file
+    backbone = load_file(summary["backbone"])
+    assert "layer4.0.conv2.weight" in backbone and all(np.isfinite(v).all() for v in backbone.values())
+    assert np.isfinite(summary["loss_first"]) and np.isfinite(summary["loss_last"])
+
+
+def test_score_relations_counts_directed_cross_dataset_pairs():
+    ls = LabelSpace({"a": ["stairway", "path"], "b": ["stairs", "dirt track"]})
+    truth = [{"from": "a/stairway", "to": "b/stairs", "kind": "synonym"},
+             {"from": "b/stairs", "to": "a/stairway", "kind": "synonym"},
+             {"from": "b/dirt track", "to": "a/path", "kind": "subset"}]
+    found = [{"from": "b/dirt track", "to": "a/path"}, {"from": "a/path", "to": "b/dirt track"},
+             {"from": "a/stairway", "to": "b/stairs"}]
+    s = demo.score_relations(found, truth, ls)
+    assert s["precision"] == 2 / 3 and s["recall"] == 2 / 3
+    assert s["wrong"] == ["a/path -> b/dirt track"] and s["missed"] == ["b/stairs -> a/stairway"]
