@@ -164,6 +164,13 @@ def load_backbone_state_dict(state_dict: Mapping[str, Any], model: ResNet | None
                    f"ResNet (variant={model.variant!r})")
 
 
+def load_backbone_file(path: str, encoder: MS3Encoder) -> dict[str, Any]:
+    """Backbone variables for `encoder` from a torchvision / MMSeg ResNet file (.pth/.safetensors)."""
+    resnet = ResNet(depth=encoder.depth, variant=encoder.variant, output_stride=encoder.output_stride,
+                    width=encoder.width, stage_sizes=encoder.stage_sizes)
+    return load_backbone_state_dict(read_state_dict(path), resnet)
+
+
 def _segmentor_subtrees(variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     sub = {"backbone.": ("backbone",), "decode_head.": ("decode_head",)}
     if "conv_seg" in variables.get("params", {}):

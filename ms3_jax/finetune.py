@@ -278,10 +278,7 @@ def initial_variables(config: ml_collections.ConfigDict, trainer: Trainer,
         return variables
     if kind == "torchvision":
         from ms3_jax import export
-        m = trainer.model
-        resnet = ResNet(depth=m.depth, variant=m.variant, output_stride=m.output_stride,
-                        width=m.width, stage_sizes=m.stage_sizes)
-        loaded = export.load_backbone_state_dict(export.read_state_dict(path), resnet)
+        loaded = export.load_backbone_file(path, trainer.model)
         parts = {c: {"backbone": loaded[c]} for c in ("params", "batch_stats")}
         logging.info("backbone initialised from %s", path)
     else:

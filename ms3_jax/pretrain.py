@@ -315,15 +315,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _init_backbone_from(state: TrainState, path: str, trainer: Trainer) -> TrainState:
     """Backbone (online and momentum) from a torchvision / MMSeg ResNet file (`model.init_from`)."""
     from ms3_jax import export
-    from ms3_jax.models.resnet import ResNet
 
-    cfg = trainer.config.model
-    resnet = ResNet(depth=cfg.depth, variant=cfg.variant, output_stride=cfg.output_stride,
-                    width=cfg.width, stage_sizes=cfg.get("stage_sizes"))
-    loaded = export.load_backbone_state_dict(export.read_state_dict(path), resnet)
-    loaded = jax.device_put(loaded, trainer.replicated)
+    loaded = jax.device_put(export.load_backbone_file(path, trainer.model), trainer.replicated)
     params = {**state.params, "backbone": loaded["params"]}
     stats = {**state.batch_stats, "backbone": loaded["batch_stats"]}
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # own buffers: the state is donated
     logging.info("backbone initialised from %s", path)
-    return state.replace(params=params, batch_stats=stats, ema_params=params, ema_batch_stats=stats,
-                         opt_state=trainer.tx.init(params))
+    return state.replace(params=params, batch_stats=stats, ema_params=copy(params),
+                         ema_batch_stats=copy(stats), opt_state=trainer.tx.init(params))

@@ -443,13 +443,8 @@ def format_similarity_table(report: Mapping[str, Any]) -> str:
 def _init_backbone_from(state: TextAdaptState, path: str, trainer: Trainer) -> TextAdaptState:
     """Image-encoder backbone from a torchvision / MMSeg ResNet file (``model.init_from``)."""
     from ms3_jax import export
-    from ms3_jax.models.resnet import ResNet
 
-    cfg = trainer.config.model
-    resnet = ResNet(depth=cfg.depth, variant=cfg.variant, output_stride=cfg.output_stride,
-                    width=cfg.width, stage_sizes=cfg.get("stage_sizes"))
-    loaded = jax.device_put(export.load_backbone_state_dict(export.read_state_dict(path), resnet),
-                            trainer.replicated)
+    loaded = jax.device_put(export.load_backbone_file(path, trainer.model), trainer.replicated)
     params = {**state.params, "image": {**state.params["image"], "backbone": loaded["params"]}}
     stats = {**state.batch_stats, "backbone": loaded["batch_stats"]}
     logging.info("image-encoder backbone initialised from %s", path)

@@ -213,3 +213,19 @@ def test_resume_continues_exactly(synthetic_dir, tmp_path):
     assert list((tmp_path / "full" / "tensorboard").iterdir())
     report = (tmp_path / "full" / "relations.txt").read_text()
     assert report.startswith("multi-label mapping:")
+
+
+def test_init_from_torchvision_file_sets_online_and_momentum_backbones(tmp_path):
+    import torch
+    from tests.torch_reference import TorchResNet, randomize_
+    config = tiny_config()
+    ref = randomize_(TorchResNet(base=8, stage_sizes=(1, 1, 1, 1)), seed=3)
+    path = str(tmp_path / "resnet.pth")
+    torch.save(ref.state_dict(), path)
+    trainer = pretrain.Trainer(config, label_space(), random_text(config.model.emb_dim), num_steps=4)
+    state = pretrain._init_backbone_from(trainer.init_state(jax.random.PRNGKey(0), 32), path, trainer)
+    want = np.transpose(ref.layer3[0].conv2.weight.detach().numpy(), (2, 3, 1, 0))
+    for tree in (state.params, state.ema_params):
+        np.testing.assert_array_equal(tree["backbone"]["layer3_0"]["conv2"]["kernel"], want)
+    np.testing.assert_array_equal(state.ema_batch_stats["backbone"]["bn1"]["var"], ref.bn1.running_var.numpy())
+    assert state.ema_params["backbone"]["conv1"]["kernel"] is not state.params["backbone"]["conv1"]["kernel"]

@@ -112,6 +112,18 @@ def test_label_map_matches_float64_reference(demo_dir, images):
         np.testing.assert_array_equal(labels[clear], ref.argmax(-1)[clear])
 
 
+def test_stage1_workdir_segments_alone(demo_dir, images):
+    """A stage-1 workdir holds both parts: its encoder's language head and the text model."""
+    text_dir = os.path.join(demo_dir, "text_adapt")
+    seg = zero_shot.ZeroShotSegmenter.from_workdir(text_dir, short_side=SHORT_SIDE)
+    assert (seg.workdir, seg.text_workdir) == (text_dir, text_dir)
+    image = zero_shot.read_image(images[1])
+    labels, _ = seg.segment(image, "sky,grass")
+    assert labels.shape == image.shape[:2] and labels.max() < 2
+    with pytest.raises(ValueError, match="no momentum encoder"):
+        zero_shot.ZeroShotSegmenter.from_workdir(text_dir, ema=True)
+
+
 def _copy_config(src: str, dst: str, **text) -> None:
     os.makedirs(dst)
     with open(os.path.join(src, "config.json")) as f:
