@@ -2,6 +2,7 @@ r"""Entry point: `python -m ms3_jax.main --config=configs/<job>.py[:arg] --workd
 
 Dispatches on `config.mode`: 'pretrain' (stage 2), 'text_adapt' (stage 1), 'finetune' (Tab. 2/3),
 'demo' (everything on the built-in synthetic data). Any field can be overridden: `--config.batch_size=256`.
+Multi-host: one process per host, see `launch/` (env MS3_COORDINATOR / MS3_NUM_PROCESSES / MS3_PROCESS_ID).
 """
 import logging as py_logging
 
@@ -14,6 +15,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and out
 
 def main(argv: list[str]) -> None:
     del argv
+    from ms3_jax import sharding
+    sharding.initialize_distributed()  # multi-process (MS3_* env, SLURM, TPU pod): before any JAX use
     config = _CONFIG.value
     workdir = _WORKDIR.value or config.get("default_workdir")
     if not workdir:

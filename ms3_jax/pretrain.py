@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, loop, losses, memory_bank, relations
+from ms3_jax import checkpointing, loop, losses, memory_bank, relations, sharding
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config
 from ms3_jax.train_state import TrainState, ema_update, init_train_state
@@ -60,16 +60,17 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
     )
 
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Fail before any long work on settings that cannot run."""
+def check_config(config: ml_collections.ConfigDict, num_devices: int,
+                 num_processes: int | None = None) -> None:
+    """Fail before any long work on settings that cannot run (processes default: this job's)."""
     if config.loss.kind not in LOSS_KINDS:
         raise ValueError(f"loss.kind must be one of {LOSS_KINDS}, got {config.loss.kind!r}")
     if config.loss.kind == "ms3" and not (config.loss.use_language or config.loss.use_visual):
         raise ValueError("loss.kind='ms3' needs loss.use_language or loss.use_visual")
     if config.model.output_stride not in (8, 16, 32):
         raise ValueError(f"model.output_stride must be 8, 16 or 32, got {config.model.output_stride}")
-    if config.batch_size % num_devices:
-        raise ValueError(f"batch_size {config.batch_size} does not divide over {num_devices} devices")
+    sharding.check_global_batch(config.batch_size, num_devices,
+                                jax.process_count() if num_processes is None else num_processes)
     if config.bank.per_class > config.bank.slots:
         raise ValueError(f"bank.per_class (P={config.bank.per_class}) must be <= bank.slots "
                          f"(K={config.bank.slots}): one step would overwrite its own entries")
@@ -174,7 +175,7 @@ class Trainer:
         devices = devices if devices is not None else jax.devices()
         check_config(config, len(devices))
         self.config, self.label_space = config, label_space
-        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.mesh = sharding.data_mesh(devices)
         self.replicated = NamedSharding(self.mesh, P())
         self.data_sharding = NamedSharding(self.mesh, P("data"))
         k = label_space.num_classes

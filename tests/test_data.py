@@ -102,7 +102,7 @@ def test_synthetic_deterministic(tmp_path):
     c = synthetic.prepare_synthetic(tmp_path / 'c', seed=2, **kw)
     files = sorted(glob.glob(os.path.join(a.data_dir, 'synth_*', '*', '*.array_record*')))
     assert len(files) == 6
-    same = diff = 0
+    diff = 0
     for f in files:
         data = open(f, 'rb').read()
         assert data == open(f.replace(a.data_dir, b.data_dir), 'rb').read()

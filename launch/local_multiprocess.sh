@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# K local CPU processes x D simulated devices each, talking over 127.0.0.1 (a multi-host dry run).
+#
+#   launch/local_multiprocess.sh [K=2] [D=4] -- --config=configs/pretrain.py:tiny --workdir=/tmp/ms3_mh
+#
+# Each process gets MS3_COORDINATOR / MS3_NUM_PROCESSES / MS3_PROCESS_ID (read by
+# ms3_jax.sharding.initialize_distributed in ms3_jax.main); CPU collectives use gloo. Logs of
+# process i go to $LOG_DIR/process_i.log (default: the workdir's parent /tmp). Exits non-zero if
+# any process fails. config.batch_size must divide over K*D devices.
+set -uo pipefail
+
+K=${1:-2}; D=${2:-4}
+shift $(( $# >= 2 ? 2 : $# ))
+[[ "${1:-}" == "--" ]] && shift
+PORT=${PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+LOG_DIR=${LOG_DIR:-/tmp/ms3_local_multiprocess}
+PYTHON=${PYTHON:-python}
+mkdir -p "$LOG_DIR"
+
+pids=()
+for ((i = 0; i < K; i++)); do
+  XLA_FLAGS="--xla_force_host_platform_device_count=$D" JAX_PLATFORMS=cpu \
+  MS3_COORDINATOR="127.0.0.1:$PORT" MS3_NUM_PROCESSES="$K" MS3_PROCESS_ID="$i" \
+    "$PYTHON" -m ms3_jax.main "$@" >"$LOG_DIR/process_$i.log" 2>&1 &
+  pids+=($!)
+done
+echo "started $K processes (${pids[*]}) on 127.0.0.1:$PORT; logs in $LOG_DIR"
+
+status=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    echo "process $i failed; see $LOG_DIR/process_$i.log" >&2
+    status=1
+  fi
+done
+exit $status
