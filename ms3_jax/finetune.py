@@ -375,10 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     else:
         state = trainer.create_state(initial_variables(config, trainer, init_rng), state_rng)
     state, start = loop.restore_latest(mngr, state, iterator, workdir)
-    writer = None
-    if is_main:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = loop.summary_writer(workdir)
     end = num_steps if stop_at is None else min(num_steps, stop_at)
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] | None = None
@@ -401,11 +398,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
             metrics = run_eval(step, state)
 
-    batches = (trainer.global_batch(b) for b in iterator)
-    state = loop.run(trainer.step, state, batches, iterator, start=start, end=end,
-                     num_steps=num_steps, batch_size=config.batch_size, log_every=config.log_every,
-                     checkpoint_every=config.checkpoint_every, mngr=mngr, writer=writer,
-                     history=[], after_step=after_step)
+    state = loop.run(trainer, state, iterator, config, start=start, end=end, num_steps=num_steps,
+                     mngr=mngr, writer=writer, history=[], after_step=after_step)
     if end < num_steps:
         if writer is not None:
             writer.close()

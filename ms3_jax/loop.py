@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -38,20 +39,30 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any, iterator: Any,
     return state, start
 
 
-def run(step_fn: Callable[[Any, Any], tuple[Any, Mapping[str, jax.Array]]], state: Any,
-        batches: Iterator[Any], iterator: Any, *, start: int, end: int, num_steps: int,
-        batch_size: int, log_every: int, checkpoint_every: int, mngr: ocp.CheckpointManager,
-        writer: Any | None, history: list[dict[str, float]],
-        after_step: Callable[[int, Any], None] | None = None) -> Any:
-    """Steps `start + 1 .. end`; appends every step's metrics to `history`; returns the state.
+def summary_writer(workdir: str) -> Any | None:
+    """A TensorBoard writer (tensorboardX) in W/tensorboard on process 0; None elsewhere."""
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-    `batches` yields ready (global) batches; `iterator` is the grain iterator checkpointed with
-    the state. A NaN / inf loss raises `FloatingPointError` naming the steps, before the next save.
+
+def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end: int,
+        num_steps: int, mngr: ocp.CheckpointManager, writer: Any | None,
+        history: list[dict[str, float]],
+        after_step: Callable[[int, Any], None] | None = None) -> Any:
+    """Steps `start + 1 .. end` of `trainer.step` on `trainer.global_batch(next(iterator))`;
+    appends every step's metrics to `history`; returns the state.
+
+    `iterator` is the grain iterator checkpointed with the state; `config` gives `log_every`,
+    `checkpoint_every` and `batch_size`. A NaN / inf loss raises `FloatingPointError` naming the
+    steps, before the next save.
     """
+    log_every, checkpoint_every = config.log_every, config.checkpoint_every
     pending: list[Mapping[str, jax.Array]] = []
     t_last, s_last = time.perf_counter(), start
     for step in range(start + 1, end + 1):
-        state, metrics = step_fn(state, next(batches))
+        state, metrics = trainer.step(state, trainer.global_batch(next(iterator)))
         pending.append(metrics)
         save = step % checkpoint_every == 0 or step == end
         if step % log_every == 0 or save:
@@ -68,7 +79,7 @@ def run(step_fn: Callable[[Any, Any], tuple[Any, Mapping[str, jax.Array]]], stat
             rate = (step - s_last) / max(now - t_last, 1e-9)
             t_last, s_last = now, step
             last = {k: v for k, v in records[-1].items() if k != "step"}
-            last["images_per_s"] = rate * batch_size
+            last["images_per_s"] = rate * config.batch_size
             if writer is not None:
                 logging.info(progress_line(step, num_steps, last, rate))
                 for k, v in last.items():

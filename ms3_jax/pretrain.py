@@ -294,17 +294,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.model.get("init_from"):
         state = _init_backbone_from(state, config.model.init_from, trainer)
     state, start = loop.restore_latest(mngr, state, iterator, workdir)
-    writer = None
-    if is_main:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = loop.summary_writer(workdir)
     end = num_steps if stop_at is None else min(num_steps, stop_at)
     history: list[dict[str, float]] = []
-    batches = (trainer.global_batch(b) for b in iterator)
-    state = loop.run(trainer.step, state, batches, iterator, start=start, end=end,
-                     num_steps=num_steps, batch_size=config.batch_size, log_every=config.log_every,
-                     checkpoint_every=config.checkpoint_every, mngr=mngr, writer=writer,
-                     history=history)
+    state = loop.run(trainer, state, iterator, config, start=start, end=end, num_steps=num_steps,
+                     mngr=mngr, writer=writer, history=history)
     if writer is not None:
         writer.close()
     if is_main and config.loss.kind == "ms3" and end == num_steps:
