@@ -349,7 +349,8 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         return _extract(path, epath.Path(dl_manager.download_dir) / "extracted" / archive)
 
     def _list_split(self, dl_manager, split: str) -> list[Pair]:
-        raise NotImplementedError
+        """Abstract hook: each dataset builder lists its (image, label) pairs of `split`."""
+        raise NotImplementedError(f"{type(self).__name__} must override _list_split")
 
     # -- generation ---------------------------------------------------------------------------
 
