@@ -11,6 +11,10 @@ bank slots K = 256 and P = 32 pixels per class per step, lr warm-up, S momentum 
 
 Memory of the per-class bank: |Y| x K x C x 2 bytes in bfloat16 = 342 x 256 x 512 x 2 = 90 MB;
 V is |Y| x C float32 (0.7 MB) and S is |Y| x |Y| float32 (0.5 MB). All replicated.
+
+Unlabeled images (App. D, Tab. 10), e.g. the paper's VOC + ADE20K + unlabeled COCO-Stuff:
+  --config.data.datasets='("voc","ade20k")' --config.data.unlabeled.source=coco_stuff
+  --config.data.unlabeled.ratio=0.5   (or source=/path/to/image/folder); see `c.pseudo`.
 Prepare the datasets first: `python -m ms3_jax.data.prepare --dataset voc ...` (README).
 """
 import ml_collections
@@ -26,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 2000
     c.keep_checkpoints = 3
+    c.nonfinite = "stop"  # NaN / inf loss or gradients: 'stop' (error naming the step) | 'skip' the step
     c.ema_momentum = 0.999
 
     c.model = ml_collections.ConfigDict(dict(
@@ -36,8 +41,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         datasets=("voc", "ade20k", "coco_stuff"), data_dir="", crop_size=224, worker_count=4,
+        skip_unreadable=False,  # True: replace an undecodable record by the next one, and count it
         weights=ml_collections.config_dict.placeholder(dict),  # None: proportional to size
-        synthetic=ml_collections.config_dict.placeholder(dict)))  # kwargs of prepare_synthetic
+        synthetic=ml_collections.config_dict.placeholder(dict),  # kwargs of prepare_synthetic
+        # App. D / Tab. 10: images without labels. source: '' (none), a dataset name (its images
+        # only, e.g. 'coco_stuff') or an image folder (*.jpg/*.jpeg/*.png, recursive); ratio:
+        # expected fraction of each batch drawn from it, in (0, 1).
+        unlabeled=ml_collections.ConfigDict(dict(source="", split="train", ratio=0.0))))
+    # Pseudo-labels of unlabeled pixels (App. D): class c when the language argmax (I_l vs T) and
+    # the visual argmax (I_v vs V) are both c and both softmax probabilities (at loss.tau) are
+    # >= threshold (0 = the paper's rule). enter_bank: pseudo-labelled pixels may enter the bank.
+    c.pseudo = ml_collections.ConfigDict(dict(threshold=0.0, enter_bank=False))
 
     c.text = ml_collections.ConfigDict(dict(
         embeddings="",  # stage 1's W/text_embeddings.npz; empty: CLIP with the hand template

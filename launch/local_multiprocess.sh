@@ -6,7 +6,8 @@
 # Each process gets MS3_COORDINATOR / MS3_NUM_PROCESSES / MS3_PROCESS_ID (read by
 # ms3_jax.sharding.initialize_distributed in ms3_jax.main); CPU collectives use gloo. Logs of
 # process i go to $LOG_DIR/process_i.log (default: the workdir's parent /tmp). Exits non-zero if
-# any process fails. config.batch_size must divide over K*D devices.
+# any process fails. config.batch_size must divide over K*D devices. Collectives wait up to 600 s
+# for a slower process (`--xla_cpu_collective_timeout_seconds`; gloo's default is 30 s).
 set -uo pipefail
 
 K=${1:-2}; D=${2:-4}
@@ -19,7 +20,8 @@ mkdir -p "$LOG_DIR"
 
 pids=()
 for ((i = 0; i < K; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=$D" JAX_PLATFORMS=cpu \
+  XLA_FLAGS="--xla_force_host_platform_device_count=$D --xla_cpu_collective_timeout_seconds=600" \
+  JAX_PLATFORMS=cpu \
   MS3_COORDINATOR="127.0.0.1:$PORT" MS3_NUM_PROCESSES="$K" MS3_PROCESS_ID="$i" \
     "$PYTHON" -m ms3_jax.main "$@" >"$LOG_DIR/process_$i.log" 2>&1 &
   pids+=($!)

@@ -37,7 +37,9 @@ def checkpoint_manager(workdir: str, max_to_keep: int = 3,
                        item_names: tuple[str, ...] = ("state", "data")) -> ocp.CheckpointManager:
     """The orbax manager of a workdir (keeps the newest `max_to_keep` complete checkpoints)."""
     _configure_array_handler()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    # Half-written checkpoints (a kill during a save) are never listed; cleanup removes them.
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
                                  item_names=item_names, options=options)
 
@@ -59,11 +61,12 @@ def read_config(workdir: str) -> dict[str, Any]:
 
 
 def restore_state(workdir: str, step: int | None = None) -> tuple[int, Mapping[str, Any]]:
-    """The raw `state` pytree (nested dicts) of the latest (or given) complete checkpoint."""
+    """The raw `state` pytree (nested dicts) of the latest (or given) complete checkpoint, on one
+    local device (export, zero-shot, evaluation: any device layout may have written it)."""
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints in {workdir}: {directory} is missing")
-    manager = ocp.CheckpointManager(directory)
+    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()})
     steps = manager.all_steps()
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
@@ -71,7 +74,13 @@ def restore_state(workdir: str, step: int | None = None) -> tuple[int, Mapping[s
         step = manager.latest_step()
     elif step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {sorted(steps)}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Onto this process's first device, whatever device layout wrote the checkpoint (orbax
+    # refuses a target-less restore onto another topology).
+    meta = manager.item_metadata(step).state
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), getattr(meta, "tree", meta))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return step, restored.state
 
 

@@ -32,7 +32,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, evaluate, loop, pretrain
+from ms3_jax import checkpointing, evaluate, loop, nonfinite, pretrain
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
 from ms3_jax.models.resnet import ResNet
@@ -169,6 +169,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(f"eval.mode must be 'whole' or 'slide', got {config.eval.mode!r}")
     if config.eval.mode == "slide" and not (config.eval.crop and config.eval.stride):
         raise ValueError("eval.mode='slide' needs eval.crop and eval.stride")
+    nonfinite.mode_of(config)
 
 
 def _pair(x: Any) -> tuple[int, int]:
@@ -191,7 +192,8 @@ class Trainer:
         self.schedule = poly_schedule(config.optim, self.num_steps)
         self.tx = make_optimizer(config, self.schedule)
         step = make_train_step(config, self.model, self.tx, self.schedule)
-        self._step = jax.jit(step, in_shardings=(self.replicated, self.data_sharding),
+        self._step = jax.jit(nonfinite.guard(step, nonfinite.mode_of(config)),
+                             in_shardings=(self.replicated, self.data_sharding),
                              out_shardings=(self.replicated, self.replicated), donate_argnums=0)
         self._init = _init_fn(self.model, self.replicated)
         self._opt_init = jax.jit(self.tx.init, out_shardings=self.replicated)
@@ -235,6 +237,7 @@ def get_trainer(config: ml_collections.ConfigDict, num_classes: int,
     check_config(config, len(devices))
     parts = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
              for k in ("model", "optim", "loss", "frozen_backbone", "num_steps", "batch_size")}
+    parts["nonfinite"] = nonfinite.mode_of(config)
     key = (json.dumps(parts, sort_keys=True, default=str), num_classes, tuple(d.id for d in devices))
     if key not in _TRAINERS:
         _TRAINERS[key] = Trainer(config, num_classes, devices)
@@ -300,7 +303,8 @@ def make_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace):
     augment = pipeline.AugmentConfig(crop_size=_pair(dc.crop_size), **dc.augment.to_dict())
     return pipeline.TrainPipeline([dc.dataset], data_dir=dc.data_dir or None,
                                   global_batch_size=config.batch_size, label_space=label_space,
-                                  augment=augment, seed=config.seed, worker_count=dc.worker_count)
+                                  augment=augment, seed=config.seed, worker_count=dc.worker_count,
+                                  skip_unreadable=bool(dc.get("skip_unreadable", False)))
 
 
 def make_eval_dataset(config: ml_collections.ConfigDict, label_space: LabelSpace):
@@ -355,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     final results (also in `W/results.json`), or None when `stop_at` ends the run early (with a
     checkpoint, as a preemption would)."""
     is_main = jax.process_index() == 0
+    check_config(config, jax.device_count())  # bad settings fail here, before any long work
     dataset = config.data.dataset
     label_space = LabelSpace.from_datasets([dataset])
     if config.data.get("synthetic"):

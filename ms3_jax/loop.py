@@ -1,21 +1,48 @@
-"""The outer loop shared by stage 1, pretraining and fine-tuning: resume, log, checkpoint.
+"""The outer loop shared by stage 1, pretraining and fine-tuning: resume, log, checkpoint, stop.
 
 The jitted step stays pure; this module only feeds it batches and, every `log_every` steps (and
 before every checkpoint), fetches the queued metrics in one transfer: progress line with ETA,
-TensorBoard scalars, and a stop on a non-finite loss -- before anything non-finite is saved.
+TensorBoard scalars, and the non-finite check (`ms3_jax.nonfinite`) -- before anything
+non-finite is saved.
+
+Preemption: while `run` runs, SIGTERM and SIGINT (Ctrl-C) only set a flag (a second SIGINT
+interrupts at once). The step in flight finishes, the state and the data iterator are saved,
+the save is waited for, and `Preempted` is raised ("preempted at step N, checkpoint saved"; a
+signal during the last step just lets the run end); `main.py` turns it into exit code 75
+(`PREEMPTED_EXIT_CODE`, EX_TEMPFAIL: relaunch the same command to resume). With several processes the signal may reach them at different steps, so
+they agree at every log / checkpoint boundary (an all-gather of the flags, only when
+`jax.process_count() > 1`) and all stop at the first boundary after any of them was signalled.
+A kill -9 cannot be caught: orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp` and
+renames it when complete, and only complete checkpoints are listed, so a resume takes the last
+complete one.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ms3_jax.data import pipeline as data_pipeline
+
+PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, retry"
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(Exception):
+    """A stop signal ended the run after `step`, whose checkpoint (state + data) is complete."""
+
+    def __init__(self, step: int, workdir: str):
+        super().__init__(f"preempted at step {step}, checkpoint saved in {workdir}; "
+                         "relaunch the same command to resume")
+        self.step = step
 
 
 def progress_line(step: int, num_steps: int, metrics: Mapping[str, float], rate: float) -> str:
@@ -47,6 +74,61 @@ def summary_writer(workdir: str) -> Any | None:
     return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
+class StopRequest:
+    """Context manager: SIGTERM / SIGINT set `signal_name` instead of killing the process; the
+    previous handlers come back on exit. A second SIGINT raises KeyboardInterrupt (force quit).
+    Handlers can only be set in the main thread; elsewhere the signals keep their handlers."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        logging.warning("%s received: finishing the current step, then saving a checkpoint and "
+                        "exiting (Ctrl-C again to quit without saving)", self.signal_name)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for s in _STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        else:
+            logging.warning("loop.run outside the main thread: SIGTERM / SIGINT are not caught")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (a collective: all processes must call it
+    at the same point); just `flag` with one process."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def _nonfinite_error(records: list[dict[str, float]], saved: int) -> FloatingPointError | None:
+    """The error for the first non-finite step that was not skipped, or None."""
+    bad = [r for r in records if not r.get("skipped")
+           and (not math.isfinite(r["loss"]) or r.get("finite", 1.0) == 0.0)]
+    if not bad:
+        return None
+    first = bad[0]
+    what = ("loss" if not math.isfinite(first["loss"]) else
+            f"gradients / state (the loss {first['loss']:.4g} is finite)")
+    steps = [r["step"] for r in bad]
+    return FloatingPointError(
+        f"non-finite {what} at step {first['step']} (non-finite steps: {steps}); nothing saved "
+        f"after step {saved}. Set config.nonfinite='skip' to drop such steps and continue.")
+
+
 def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end: int,
         num_steps: int, mngr: ocp.CheckpointManager, writer: Any | None,
         history: list[dict[str, float]],
@@ -55,39 +137,85 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
     appends every step's metrics to `history`; returns the state.
 
     `iterator` is the grain iterator checkpointed with the state; `config` gives `log_every`,
-    `checkpoint_every` and `batch_size`. A NaN / inf loss raises `FloatingPointError` naming the
-    steps, before the next save.
+    `checkpoint_every` and `batch_size`. A NaN / inf loss (or state, with the `finite` metric of
+    `nonfinite.guard`) raises `FloatingPointError` naming the step, before the next save; steps
+    the guard skipped are logged and counted, and so are records replaced by the data pipeline
+    (batches with an 'unreadable' count). SIGTERM / SIGINT raise `Preempted` after saving
+    (module docstring).
     """
     log_every, checkpoint_every = config.log_every, config.checkpoint_every
+    workdir = os.path.dirname(os.fspath(mngr.directory))
     pending: list[Mapping[str, jax.Array]] = []
     t_last, s_last = time.perf_counter(), start
-    for step in range(start + 1, end + 1):
-        state, metrics = trainer.step(state, trainer.global_batch(next(iterator)))
-        pending.append(metrics)
-        save = step % checkpoint_every == 0 or step == end
-        if step % log_every == 0 or save:
-            fetched = jax.device_get(pending)
-            pending = []
-            records = [{"step": step - len(fetched) + 1 + i, **{k: float(v) for k, v in m.items()}}
-                       for i, m in enumerate(fetched)]
-            history.extend(records)
-            bad = [r["step"] for r in records if not math.isfinite(r["loss"])]
-            if bad:
-                raise FloatingPointError(f"non-finite loss at step(s) {bad}; nothing saved after "
-                                         f"step {mngr.latest_step() or 0}")
-            now = time.perf_counter()
-            rate = (step - s_last) / max(now - t_last, 1e-9)
-            t_last, s_last = now, step
-            last = {k: v for k, v in records[-1].items() if k != "step"}
-            last["images_per_s"] = rate * config.batch_size
-            if writer is not None:
-                logging.info(progress_line(step, num_steps, last, rate))
-                for k, v in last.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-        if save:
-            mngr.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=data_pipeline.checkpoint_save_args(iterator)))
-        if after_step is not None:
-            after_step(step, state)
-    mngr.wait_until_finished()
+    skipped, unreadable = 0, 0
+
+    def flush(step: int) -> None:
+        """Fetch the queued metrics: history, the non-finite check, the progress line."""
+        nonlocal pending, t_last, s_last, skipped
+        fetched = jax.device_get(pending)
+        pending = []
+        records = [{"step": step - len(fetched) + 1 + i, **{k: float(v) for k, v in m.items()}}
+                   for i, m in enumerate(fetched)]
+        history.extend(records)
+        error = _nonfinite_error(records, mngr.latest_step() or 0)
+        if error is not None:
+            raise error
+        for r in records:
+            if r.get("skipped"):
+                skipped += 1
+                logging.warning("step %d: non-finite loss or gradients, step skipped (%d in this "
+                                "run; nonfinite='skip')", r["step"], skipped)
+        now = time.perf_counter()
+        rate = (step - s_last) / max(now - t_last, 1e-9)
+        t_last, s_last = now, step
+        last = {k: v for k, v in records[-1].items() if k not in ("step", "finite", "skipped")}
+        if "skipped" in records[-1]:
+            last["skipped_steps"] = skipped
+        last["images_per_s"] = rate * config.batch_size
+        if writer is not None:
+            logging.info(progress_line(step, num_steps, last, rate))
+            for k, v in last.items():
+                writer.add_scalar(f"train/{k}", v, step)
+
+    def save(step: int) -> None:
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=data_pipeline.checkpoint_save_args(iterator)))
+
+    with StopRequest() as stop:
+        try:
+            for step in range(start + 1, end + 1):
+                local = next(iterator)
+                if "unreadable" in local:  # records replaced under data.skip_unreadable
+                    n = int(np.sum(local["unreadable"]))
+                    if n:
+                        unreadable += n
+                        logging.warning("step %d: %d unreadable record(s) replaced (%d in this run; "
+                                        "data.skip_unreadable)", step, n, unreadable)
+                state, metrics = trainer.step(state, trainer.global_batch(local))
+                pending.append(metrics)
+                scheduled = step % checkpoint_every == 0 or step == end
+                boundary = scheduled or step % log_every == 0
+                if boundary:
+                    flush(step)
+                if scheduled:
+                    save(step)
+                # Checked after the fetch, during which a signal usually lands. Several processes
+                # agree only at boundaries (the same steps everywhere).
+                if step < end and (boundary or jax.process_count() == 1) \
+                        and any_process(stop.signal_name is not None):
+                    if not boundary:
+                        flush(step)  # the non-finite check comes before any save
+                    if not scheduled:
+                        save(step)
+                    mngr.wait_until_finished()
+                    error = Preempted(step, workdir)
+                    logging.warning("%s (%s)", error,
+                                    stop.signal_name or "another process was signalled")
+                    raise error
+                if after_step is not None:
+                    after_step(step, state)
+        except Exception:
+            mngr.wait_until_finished()  # an earlier, finite checkpoint still completes
+            raise
+        mngr.wait_until_finished()
     return state

@@ -135,7 +135,8 @@ def pairing_loss_per_pixel(
     num_classes, dim = class_emb.shape
     emb_NxC = emb.reshape(-1, dim)
     labels_N = labels.reshape(-1).astype(jnp.int32)
-    class_emb_KxC = jax.lax.stop_gradient(class_emb).astype(jnp.float32)
+    acc = jnp.promote_types(emb.dtype, jnp.float32)  # float64 stays float64 (numerical tests)
+    class_emb_KxC = jax.lax.stop_gradient(class_emb).astype(acc)
     valid_K = (jnp.ones((num_classes,), bool) if valid_classes is None
                else jnp.asarray(valid_classes, bool))
     pos_KxK = None if positives is None else jax.lax.stop_gradient(jnp.asarray(positives, bool))
@@ -144,8 +145,8 @@ def pairing_loss_per_pixel(
     def body(e_nxc: jax.Array, y_n: jax.Array) -> tuple[jax.Array, jax.Array]:
         y_safe_n, ok_n = _label_mask(y_n, num_classes, ignore_label)
         ok_n = ok_n & valid_K[y_safe_n]
-        logits_nxk = jnp.dot(e_nxc.astype(jnp.float32), class_emb_KxC.T,
-                             preferred_element_type=jnp.float32) * inv_tau
+        logits_nxk = jnp.dot(e_nxc.astype(acc), class_emb_KxC.T,
+                             preferred_element_type=acc) * inv_tau
         all_nxk = jnp.where(valid_K[None, :], logits_nxk, _NEG)
         pos_mask_nxk = jax.nn.one_hot(y_safe_n, num_classes, dtype=bool)
         if pos_KxK is not None:

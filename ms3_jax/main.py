@@ -3,8 +3,14 @@ r"""Entry point: `python -m ms3_jax.main --config=configs/<job>.py[:arg] --workd
 Dispatches on `config.mode`: 'pretrain' (stage 2), 'text_adapt' (stage 1), 'finetune' (Tab. 2/3),
 'demo' (everything on the built-in synthetic data). Any field can be overridden: `--config.batch_size=256`.
 Multi-host: one process per host, see `launch/` (env MS3_COORDINATOR / MS3_NUM_PROCESSES / MS3_PROCESS_ID).
+
+Exit codes: 0 done; 75 preempted -- SIGTERM / SIGINT saved a checkpoint (state + data iterator),
+relaunch the same command to resume exactly (`loop.PREEMPTED_EXIT_CODE`); 1 an error (named in
+the traceback: bad input, non-finite loss, ...).
 """
 import logging as py_logging
+import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,6 +33,16 @@ def main(argv: list[str]) -> None:
     # Keep the console to our progress lines: orbax / grain chatter only from WARNING up.
     handler.addFilter(lambda r: r.levelno >= py_logging.WARNING
                       or not any(f"/{lib}/" in r.pathname for lib in ("orbax", "grain")))
+    from ms3_jax import loop
+    try:
+        _dispatch(config, workdir)
+    except loop.Preempted as e:
+        logging.warning("%s; exit code %d", e, loop.PREEMPTED_EXIT_CODE)
+        logging.flush()
+        sys.exit(loop.PREEMPTED_EXIT_CODE)
+
+
+def _dispatch(config: Any, workdir: str) -> None:
     if config.mode == "pretrain":
         from ms3_jax import pretrain
         pretrain.train_and_evaluate(config, workdir)

@@ -127,17 +127,19 @@ def visual_embeddings(
       * a class seen for the first time (``v_valid[j]`` False) has no ``V_old``: plain mean (w = 1);
       * cosine weights are used as they are, so they may be negative (no clipping);
       * a class with an empty bank (``count == 0``) is returned invalid and keeps ``V_old``.
-    Computed in float32. Returns ``(V [K, C] float32, valid [K] bool = count > 0)``.
+    Computed in float32 (float64 for a float64 bank). Returns ``(V [K, C], valid [K] bool =
+    count > 0)``.
     """
-    m_KxSxC = bank.feats.astype(jnp.float32)
+    acc = jnp.promote_types(bank.feats.dtype, jnp.float32)  # float64 banks: numerical tests
+    m_KxSxC = bank.feats.astype(acc)
     slot_ok_KxS = bank.slot_valid()
-    v_old_KxC = v_old_KxC.astype(jnp.float32)
+    v_old_KxC = v_old_KxC.astype(acc)
     v_old_unit_KxC = v_old_KxC / jnp.maximum(jnp.linalg.norm(v_old_KxC, axis=-1, keepdims=True), eps)
     m_norm_KxS = jnp.maximum(jnp.linalg.norm(m_KxSxC, axis=-1), eps)
     cos_KxS = jnp.einsum("ksc,kc->ks", m_KxSxC, v_old_unit_KxC) / m_norm_KxS
     w_KxS = jnp.where(jnp.asarray(v_valid_K, bool)[:, None], cos_KxS, 1.0)
     w_KxS = jnp.where(slot_ok_KxS, w_KxS, 0.0)
-    n_K = jnp.maximum(bank.count, 1).astype(jnp.float32)
+    n_K = jnp.maximum(bank.count, 1).astype(acc)
     v_KxC = jnp.einsum("ks,ksc->kc", w_KxS, m_KxSxC) / n_K[:, None]
     v_KxC = v_KxC / jnp.maximum(jnp.linalg.norm(v_KxC, axis=-1, keepdims=True), eps)
     valid_K = bank.count > 0

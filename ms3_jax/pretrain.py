@@ -21,7 +21,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, loop, losses, memory_bank, relations, sharding
+from ms3_jax import (checkpointing, loop, losses, memory_bank, nonfinite, pseudo_labels, relations,
+                     sharding)
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config
 from ms3_jax.train_state import TrainState, ema_update, init_train_state
@@ -80,6 +81,26 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     if config.relations.pixel_head == "visual" and not config.loss.use_visual and config.loss.multilabel:
         raise ValueError("relations.pixel_head='visual' needs loss.use_visual (the visual head is "
                          "untrained otherwise); set relations.pixel_head='language'")
+    nonfinite.mode_of(config)
+    if uses_unlabeled(config):
+        lc = config.loss
+        if not (lc.kind == "ms3" and lc.use_language and lc.use_visual):
+            raise ValueError(f"data.unlabeled.source={config.data.unlabeled.source!r} needs "
+                             f"loss.kind='ms3' with loss.use_language and loss.use_visual (the "
+                             f"App. D pseudo-labels need T and V), got loss.kind={lc.kind!r}, "
+                             f"use_language={lc.use_language}, use_visual={lc.use_visual}")
+        if not 0.0 < config.data.unlabeled.ratio < 1.0:
+            raise ValueError(f"data.unlabeled.ratio must be in (0, 1), got "
+                             f"{config.data.unlabeled.ratio!r}")
+        if not 0.0 <= config.pseudo.threshold <= 1.0:
+            raise ValueError(f"pseudo.threshold (a softmax probability) must be in [0, 1], got "
+                             f"{config.pseudo.threshold!r}")
+
+
+def uses_unlabeled(config: ml_collections.ConfigDict) -> bool:
+    """Whether unlabeled images are mixed in (`data.unlabeled.source` set; paper App. D)."""
+    unlabeled = config.data.get("unlabeled")
+    return bool(unlabeled and unlabeled.get("source"))
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> MS3Encoder:
@@ -94,6 +115,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
     """`train_step(state, batch, consts) -> (state, metrics)`, pure; the loss is chosen here, once.
 
     consts: `text` T [|Y|, C], `other_dataset` [|Y|, |Y|] bool, `dataset_of_class` [|Y|].
+    With `data.unlabeled` (App. D) the -2 pixels of unlabeled images get pseudo-labels from this
+    forward pass (`pseudo_labels.label_unlabeled_pixels`); metrics then add `pseudo_fraction`
+    and `pseudo_agreement`.
     """
     lc = config.loss
     kind, ms3 = lc.kind, lc.kind == "ms3"
@@ -104,12 +128,23 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
     momentum, sim_momentum = config.ema_momentum, config.relations.momentum
     warmup, per_class, chunk = config.relations.warmup_steps, config.bank.per_class, lc.chunk
     pixel_head = config.relations.pixel_head
+    # App. D: pixels of unlabeled images (label -2) get multimodal pseudo-labels; they enter the
+    # losses, enter the bank only with pseudo.enter_bank, and never S (Eq. 5 estimates relations
+    # between ground-truth classes) nor acc_language.
+    pseudo = uses_unlabeled(config)
+    threshold = float(config.pseudo.threshold) if pseudo else 0.0
+    enter_bank = pseudo and bool(config.pseudo.enter_bank)
 
     def loss_fn(params, state: TrainState, batch: Batch, consts, rng):
         out, mutated = model.apply({"params": params, "batch_stats": state.batch_stats},
                                    batch["image"], train=True, mutable=["batch_stats"],
                                    rngs={"dropout": rng})
         y = downsample_labels(batch["label"], out["decoder"].shape[1:3])
+        y_fit, extra = y, {}  # y_fit: the labels the losses fit (y plus pseudo-labels)
+        if pseudo:
+            y_fit, extra = pseudo_labels.label_unlabeled_pixels(
+                y, out["language"], out["visual"], consts["text"], state.visual_emb,
+                state.visual_valid, threshold=threshold, tau=lc.tau, chunk=chunk)
         terms: dict[str, jax.Array] = {}
         if kind == "ce_single_head":
             terms["loss_ce"] = losses.ce_single_head_loss(out["logits"], y)
@@ -123,31 +158,33 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
                 positives = mask & (state.step >= warmup)
             if use_lang:
                 terms["loss_language"] = losses.pairing_loss(
-                    out["language"], consts["text"], y, positives, None, lc.tau, chunk=chunk)
+                    out["language"], consts["text"], y_fit, positives, None, lc.tau, chunk=chunk)
             if use_vis:
                 terms["loss_visual"] = lc.alpha * losses.pairing_loss(
-                    out["visual"], state.visual_emb, y, positives, state.visual_valid, lc.tau,
+                    out["visual"], state.visual_emb, y_fit, positives, state.visual_valid, lc.tau,
                     chunk=chunk)
         total = sum(terms.values())
-        return total, (terms, out, y, mutated["batch_stats"])
+        return total, (terms, extra, out, y, y_fit, mutated["batch_stats"])
 
     def train_step(state: TrainState, batch: Batch, consts: Mapping[str, jax.Array]):
         rng = jax.random.fold_in(state.rng, state.step)
         rng_drop, rng_bank = jax.random.split(rng)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (terms, out, y, batch_stats)), grads = grad_fn(state.params, state, batch, consts, rng_drop)
+        (loss, (terms, extra, out, y, y_fit, batch_stats)), grads = grad_fn(
+            state.params, state, batch, consts, rng_drop)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
             ema_params=ema_update(state.ema_params, params, momentum),
             ema_batch_stats=ema_update(state.ema_batch_stats, batch_stats, momentum))
-        metrics: Metrics = {"loss": loss, "lr": schedule(state.step), **terms}
+        metrics: Metrics = {"loss": loss, "lr": schedule(state.step), **terms, **extra}
         if use_vis:
             # Keys from the freshly updated momentum encoder, batch-statistics BN (MoCo).
             ema_out, _ = ema_model.apply({"params": new.ema_params, "batch_stats": new.ema_batch_stats},
                                          batch["image"], train=True, mutable=["batch_stats"])
-            bank = memory_bank.enqueue(new.bank, ema_out["visual"], y, rng_bank, per_class)
+            bank = memory_bank.enqueue(new.bank, ema_out["visual"], y_fit if enter_bank else y,
+                                       rng_bank, per_class)
             v, v_valid = memory_bank.visual_embeddings(bank, state.visual_emb, state.visual_valid)
             new = new.replace(bank=bank, visual_emb=v, visual_valid=v_valid)
             metrics["visual_classes"] = jnp.sum(v_valid)
@@ -192,20 +229,33 @@ class Trainer:
         self.num_steps = num_steps
         self.tx = make_optimizer(config, num_steps)
         step = make_train_step(config, self.model, self.tx, lr_schedule(config, num_steps))
-        self._step = jax.jit(step, in_shardings=(self.replicated, self.data_sharding, self.replicated),
+        self._step = jax.jit(nonfinite.guard(step, nonfinite.mode_of(config)),
+                             in_shardings=(self.replicated, self.data_sharding, self.replicated),
                              out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
     def init_state(self, rng: jax.Array, image_size: int) -> TrainState:
-        """The state, created directly with its (replicated) sharding."""
+        """The state, created directly with its (replicated) sharding.
+
+        `model.dtype='float64'` (numerical tests, under `jax.enable_x64`) makes every floating
+        leaf float64, so runs on different device layouts can be compared without float32
+        reassociation noise."""
         cfg = self.config
+        float64 = cfg.model.dtype == "float64"
 
         def init(rng):
             init_rng, state_rng = jax.random.split(rng)
             images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
             variables = self.model.init(init_rng, images)
-            return init_train_state(variables, self.tx, self.label_space.num_classes,
-                                    cfg.model.emb_dim, cfg.bank.slots, jnp.dtype(cfg.bank.dtype),
-                                    state_rng)
+            if float64:
+                variables = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), variables)
+            state = init_train_state(variables, self.tx, self.label_space.num_classes,
+                                     cfg.model.emb_dim, cfg.bank.slots, jnp.dtype(cfg.bank.dtype),
+                                     state_rng)
+            if float64:
+                state = jax.tree_util.tree_map(
+                    lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                    state)
+            return state
 
         return jax.jit(init, out_shardings=self.replicated)(rng)
 
@@ -244,7 +294,9 @@ def make_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace):
         label_space=label_space,
         augment=pipeline.AugmentConfig(crop_size=dc.crop_size, **dict(dc.get("augment") or {})),
         weights=dict(dc.weights) if dc.get("weights") else None, seed=config.seed,
-        worker_count=dc.worker_count)
+        worker_count=dc.worker_count, skip_unreadable=bool(dc.get("skip_unreadable", False)),
+        **(dict(unlabeled=dc.unlabeled.source, unlabeled_split=dc.unlabeled.split,
+                unlabeled_ratio=dc.unlabeled.ratio) if uses_unlabeled(config) else {}))
 
 
 def num_train_steps(config: ml_collections.ConfigDict, dataset_sizes: tuple[int, ...]) -> int:
@@ -278,11 +330,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     `stop_at` ends this run after that step (with a checkpoint), as a preemption would.
     """
     is_main = jax.process_index() == 0
+    check_config(config, jax.device_count())  # bad settings fail here, before any long work
     label_space = LabelSpace.from_datasets(list(config.data.datasets))
     if config.data.get("synthetic"):
         from ms3_jax.data import synthetic
         synthetic.prepare_synthetic(config.data.data_dir, **config.data.synthetic)
     pipe = make_pipeline(config, label_space)
+    if pipe.unlabeled_source is not None:
+        logging.info("unlabeled images (App. D): %d from %r, ratio %.3g of each batch",
+                     len(pipe.unlabeled_source), pipe.unlabeled, pipe.unlabeled_ratio)
     num_steps = num_train_steps(config, pipe.dataset_sizes)
     text = resolve_text_embeddings(config, label_space)
     trainer = Trainer(config, label_space, text, num_steps)

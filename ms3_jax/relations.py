@@ -22,7 +22,8 @@ def _class_sums(emb_NxC: jax.Array, labels_N: jax.Array, num_classes: int,
     labels_N = labels_N.astype(jnp.int32)
     ok_N = (labels_N != ignore_label) & (labels_N >= 0) & (labels_N < num_classes)
     seg_N = jnp.where(ok_N, labels_N, num_classes)  # extra segment K collects the unusable pixels
-    sum_KxC = jax.ops.segment_sum(emb_NxC.astype(jnp.float32), seg_N, num_classes + 1)
+    acc = jnp.promote_types(emb_NxC.dtype, jnp.float32)  # float64 stays float64 (numerical tests)
+    sum_KxC = jax.ops.segment_sum(emb_NxC.astype(acc), seg_N, num_classes + 1)
     count_K = jax.ops.segment_sum(ok_N.astype(jnp.int32), seg_N, num_classes + 1)
     return sum_KxC[:num_classes], count_K[:num_classes]
 
@@ -60,10 +61,11 @@ def segment_similarity(
             s, c = _class_sums(*take_chunk(grids, i), num_classes, ignore_label)
             return (carry[0] + s, carry[1] + c), None
 
-        init = (jnp.zeros((num_classes, dim), jnp.float32), jnp.zeros((num_classes,), jnp.int32))
+        init = (jnp.zeros((num_classes, dim), jnp.promote_types(emb_NxC.dtype, jnp.float32)),
+                jnp.zeros((num_classes,), jnp.int32))
         (sum_KxC, count_K), _ = jax.lax.scan(step, init, jnp.arange(n_chunks))
-    sum_KxK = jnp.dot(sum_KxC, text_KxC.astype(jnp.float32).T)
-    mean_KxK = sum_KxK / jnp.maximum(count_K, 1).astype(jnp.float32)[:, None]
+    sum_KxK = jnp.dot(sum_KxC, text_KxC.astype(sum_KxC.dtype).T)
+    mean_KxK = sum_KxK / jnp.maximum(count_K, 1).astype(sum_KxC.dtype)[:, None]
     return mean_KxK, count_K
 
 

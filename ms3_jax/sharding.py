@@ -11,8 +11,9 @@ import os
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "MS3_COORDINATOR", "MS3_NUM_PROCESSES", "MS3_PROCESS_ID"
 
@@ -57,7 +58,24 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     else:
         return False
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    if jax.default_backend() == "cpu":
+        _build_cpu_communicator()
     return True
+
+
+def _build_cpu_communicator() -> None:
+    """One all-reduce over every device, now, while the processes are in step.
+
+    gloo (the CPU collectives) builds its communicator at the first collective over a device set
+    and fails if the processes reach it more than 30 s apart (e.g. different compile times);
+    later collectives wait `--xla_cpu_collective_timeout_seconds` (set by the launchers).
+    """
+    mesh = data_mesh()
+    ones = jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P("data")), np.ones((jax.local_device_count(),), np.int32))
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones)
+    if int(total) != jax.device_count():
+        raise RuntimeError(f"all-reduce over {jax.device_count()} devices returned {int(total)}")
 
 
 def data_mesh(devices: Sequence[Any] | None = None) -> Mesh:

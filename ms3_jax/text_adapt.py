@@ -33,7 +33,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, loop, losses, pretrain, text_embeddings
+from ms3_jax import checkpointing, loop, losses, nonfinite, pretrain, text_embeddings
 from ms3_jax.data.label_space import UNION_IGNORE, LabelSpace
 from ms3_jax.models import clip_text, tiny_clip
 from ms3_jax.models.clip_text import CLIPTextTower
@@ -219,6 +219,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(f"model.output_stride must be 8, 16 or 32, got {config.model.output_stride}")
     if config.batch_size % num_devices:
         raise ValueError(f"batch_size {config.batch_size} does not divide over {num_devices} devices")
+    nonfinite.mode_of(config)
 
 
 def check_emb_dim(config: ml_collections.ConfigDict, text_module: CLIPTextTower, clip: str) -> None:
@@ -261,7 +262,8 @@ class Trainer:
                                pretrain.lr_schedule(config, num_steps),
                                text_lr_schedule(config, config.text.lr, num_steps),
                                self.train_text_tower)
-        self._step = jax.jit(step, in_shardings=(self.replicated, self.data_sharding, self.replicated),
+        self._step = jax.jit(nonfinite.guard(step, nonfinite.mode_of(config)),
+                             in_shardings=(self.replicated, self.data_sharding, self.replicated),
                              out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
     def init_state(self, rng: jax.Array, image_size: int, ctx_MxD: jax.Array,

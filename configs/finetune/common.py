@@ -36,6 +36,7 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
     c.eval_every = num_steps // 10  # MMSeg: every 4k of 40k, 8k of 80k; 0: at the end only
     c.checkpoint_every = num_steps // 10
     c.keep_checkpoints = 2
+    c.nonfinite = "stop"  # NaN / inf loss or gradients: 'stop' (error naming the step) | 'skip' the step
     c.frozen_backbone = False  # Tab. 3: backbone params and BN statistics fixed
 
     # kind: 'ms3' (path = an MS3 pretraining workdir: backbone + decode head of its latest or
@@ -50,6 +51,7 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
 
     c.data = ml_collections.ConfigDict(dict(
         dataset=dataset, data_dir="", crop_size=crop_size, worker_count=4,
+        skip_unreadable=False,  # True: replace an undecodable record by the next one, and count it
         synthetic=ml_collections.config_dict.placeholder(dict),  # kwargs of prepare_synthetic
         augment=dict(base_size=base_size, scale_range=(0.5, 2.0), flip_prob=0.5,
                      color_jitter_prob=1.0, brightness=32 / 255, contrast=0.5, saturation=0.5,

@@ -22,6 +22,7 @@ import numpy as np
 
 IGNORE_INDEX = 255  # dataset-local ignore id (uint8 label PNGs)
 UNION_IGNORE = -1  # union-space ignore id (int32 labels; every id >= 0 is a class)
+UNLABELED_PIXEL = -2  # a pixel of an unlabeled image (App. D): pseudo-labelled in the step
 
 
 def known_datasets() -> dict[str, tuple[str, ...]]:
@@ -76,6 +77,9 @@ class LabelSpace:
             cls = tuple(str(c) for c in cls)
             if not cls:
                 raise ValueError(f'Dataset {name!r} has no classes.')
+            empty = [i for i, c in enumerate(cls) if not c.strip()]
+            if empty:
+                raise ValueError(f'Dataset {name!r} has empty class names at positions {empty}.')
             if len(cls) > IGNORE_INDEX:
                 raise ValueError(f'Dataset {name!r} has {len(cls)} classes; local ids must stay < 255.')
             dup_cls = sorted({c for c in cls if cls.count(c) > 1})

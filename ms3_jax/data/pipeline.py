@@ -23,22 +23,34 @@ Choices not in the paper (all are `AugmentConfig` / `TrainPipeline` arguments):
   uniformly); any weights can be given. grain's `MapDataset.mix` interleaves the per-dataset
   streams deterministically in those proportions (stratified, not i.i.d. draws); each dataset
   is shuffled per epoch and repeated forever.
-- Multi-host: every dataset's records are split by `record_index % shard_count == shard_index`
-  (disjoint across processes). Each process mixes its shard with the same weights.
+- Unlabeled images (paper App. D, `unlabeled=`): an image folder or a dataset's images without
+  labels, mixed in as one more stream with weight `unlabeled_ratio` (the labeled weights are
+  scaled by 1 - ratio). Same augmentation; label `UNLABELED_PIXEL` (-2) inside the image, -1 in
+  the crop padding, dataset_id -1. The train step pseudo-labels the -2 pixels.
+- Multi-host: one global stream of global batches, the same whatever the number of processes;
+  process p loads (and augments) only its slice [p * b, (p + 1) * b) of each global batch. So a
+  run may resume on another process count and still see the same global batches.
+- Bad records: a record that cannot be read or decoded raises `UnreadableRecordError` naming
+  the dataset, the record index and its file; label ids outside the dataset's classes (other
+  than 255) raise `ValueError` naming the same. With `skip_unreadable=True` an unreadable record
+  is replaced by the next readable one of its dataset (r + 1, r + 2, ...: deterministic, so
+  batches keep their size and a resume stays exact), a warning names it, and batches carry
+  'unreadable' int32 [b] (records replaced per example; `loop.run` logs the running count).
+  Worker processes ignore SIGINT / SIGTERM: the training process handles them (`loop.run`).
 - Determinism: record order comes from seeded grain shuffles; the augmentation of the element
-  at stream position i draws from `np.random.default_rng([seed, shard_index, i])`. Batching
+  at global stream position i draws from `np.random.default_rng([seed, i])`. Batching
   happens before the multiprocess prefetch, so batches do not depend on `worker_count`.
-- Checkpointing: `TrainIterator` is a grain `DatasetIterator` whose state is the next batch
-  index (plus the seed/batch/shard it belongs to), so a run can resume with another
-  `worker_count`. Save it with orbax next to the train state, e.g.
+- Checkpointing: `TrainIterator` is a grain `DatasetIterator` whose state is the next global
+  batch index (plus the seed/global batch/mixture it belongs to), so a run can resume with
+  another `worker_count` or process count. Save it with orbax next to the train state:
 
     mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)))
+        state=ocp.args.StandardSave(state), data=checkpoint_save_args(it)))
     mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(it)))
+        state=ocp.args.StandardRestore(abstract_state), data=checkpoint_restore_args(it)))
 
-  (`checkpoint_save_args(it)` / `checkpoint_restore_args(it)` return those two grain args).
+  The state is one JSON file written by process 0 (`IteratorHandler`), not grain's
+  per-process files, which would tie the checkpoint to the process count.
 
 Evaluation: `make_eval_dataset` yields whole images (short side optionally resized, labels
 nearest) one at a time; `sliding_window_crops` / `merge_sliding_window` implement
@@ -50,16 +62,26 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 import io
+import json
+import logging
 import os
+import signal
 from typing import Any
 
+from etils import epath
 import grain
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image, ImageEnhance, ImageFilter
 
-from ms3_jax.data.label_space import IGNORE_INDEX, LabelSpace
+from ms3_jax.data.label_space import IGNORE_INDEX, UNION_IGNORE, UNLABELED_PIXEL, LabelSpace
 
 MEAN_PIXEL = (124, 116, 104)  # ImageNet mean (123.675, 116.28, 103.53), rounded
+# UNLABELED_PIXEL (-2): union label of a pixel of an unlabeled image (paper App. D), inside the
+# image; its crop padding is UNION_IGNORE (-1) as usual. Losses, bank and relations ignore it (any
+# id outside [0, K)); the train step replaces it by the multimodal pseudo-label
+# (`ms3_jax.pseudo_labels`).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
 
 # --- augmentation ---------------------------------------------------------------------------------
@@ -197,27 +219,112 @@ class _Tag(grain.transforms.Map):
 
 
 class _LoadAndAugment(grain.transforms.MapWithIndex):
-    """(dataset, record) at stream position i -> augmented example in the union label space."""
+    """(dataset, record) at global stream position i -> augmented example in the union label space."""
 
     def __init__(self, sources: Sequence[Any], luts: Sequence[np.ndarray], cfg: AugmentConfig,
-                 seed: int, shard_index: int, with_record_ids: bool):
+                 seed: int, with_record_ids: bool, num_labeled: int | None = None,
+                 names: Sequence[str] = (), skip_unreadable: bool = False):
         self._sources = list(sources)
         self._luts = [np.asarray(l, np.int32) for l in luts]
         self._cfg = cfg
         self._seed = int(seed)
-        self._shard = int(shard_index)
         self._with_ids = with_record_ids
+        # Sources from index `num_labeled` on are unlabeled (App. D): their label is not read.
+        self._num_labeled = len(self._sources) if num_labeled is None else int(num_labeled)
+        self._names = list(names) or [f'#{d}' for d in range(len(self._sources))]
+        self._num_classes = [int(np.count_nonzero(l >= 0)) for l in self._luts]  # lut[:n] >= 0
+        self._skip_unreadable = bool(skip_unreadable)
 
     def map_with_index(self, index: int, element):
         d, r = element
-        record = self._sources[d][r]
-        image, label = _as_image(record['image']), _as_label(record['label'])
-        rng = np.random.default_rng([self._seed, self._shard, int(index)])
+        image, label, r, replaced = self._read(d, int(r))
+        labeled = d < self._num_labeled
+        rng = np.random.default_rng([self._seed, int(index)])
         image, label = augment(image, label, rng, self._cfg)
-        out = {'image': image, 'label': self._luts[d][label], 'dataset_id': np.int32(d)}
+        out = {'image': image, 'label': self._luts[d][label],
+               'dataset_id': np.int32(d if labeled else -1)}
         if self._with_ids:
             out['record_index'] = np.int64(r)
+        if self._skip_unreadable:
+            out['unreadable'] = np.int32(replaced)
         return out
+
+    def _read(self, d: int, r: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(image, local label, record read, records replaced): record r of dataset d or, with
+        skip_unreadable, the first readable one of r + 1, r + 2, ... (at most 100 tried)."""
+        size = len(self._sources[d])
+        for replaced in range(min(size, _MAX_REPLACED)):
+            try:
+                return (*self._decode(d, (r + replaced) % size), (r + replaced) % size, replaced)
+            except UnreadableRecordError as e:
+                if not self._skip_unreadable:
+                    raise
+                logging.warning('%s; replaced by the next record (skip_unreadable)', e)
+        raise UnreadableRecordError(f'dataset {self._names[d]!r}: records {r} to {r + replaced} '
+                                    f'(mod {size}) are all unreadable')
+
+    def _decode(self, d: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+        name, record, labeled = self._names[d], None, d < self._num_labeled
+        try:
+            record = self._sources[d][r]
+            image = _as_image(record['image'])
+            # Unlabeled: local 0 inside the image (-> UNLABELED_PIXEL), 255 in the padding (-> -1).
+            label = _as_label(record['label']) if labeled else np.zeros(image.shape[:2], np.uint8)
+        except Exception as e:  # tfds, PIL and file systems raise many types for a bad record
+            raise UnreadableRecordError(f'dataset {name!r}, record {r}{_file_of(record)}: cannot read '
+                                        f'or decode it: {type(e).__name__}: {e}') from e
+        if image.ndim != 3 or image.shape[:2] != label.shape:
+            raise ValueError(f'dataset {name!r}, record {r}{_file_of(record)}: image {image.shape} '
+                             f'and label {label.shape} do not match')
+        n = self._num_classes[d]
+        if labeled and label.max() >= n:
+            bad = np.unique(label[(label >= n) & (label != IGNORE_INDEX)])
+            if bad.size:
+                raise ValueError(f'dataset {name!r}, record {r}{_file_of(record)}: label ids '
+                                 f'{bad[:10].tolist()} out of range; its {n} classes are 0..{n - 1} '
+                                 f'(255 = ignore). Was it prepared with another class list?')
+        return image, label
+
+
+_MAX_REPLACED = 100
+
+
+class UnreadableRecordError(OSError):
+    """A training record that cannot be read or decoded (message: dataset, record, file)."""
+
+
+def _file_of(record: Any) -> str:
+    name = record.get('file_name', b'') if isinstance(record, Mapping) else b''
+    name = name.decode(errors='replace') if isinstance(name, bytes) else str(name)
+    return f' (file {name!r})' if name else ''
+
+
+def _ignore_stop_signals(*_: Any) -> None:
+    """grain worker init: SIGINT / SIGTERM are for the training process (`loop.run` saves and
+    exits, then closes the workers); a Ctrl-C reaching the whole process group must not kill
+    the workers first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _LocalSlice(grain.transforms.MapWithIndex):
+    """Global batch i of (dataset, record) pairs -> this process's `batch_size` examples of it.
+
+    Process p loads positions [p * b, (p + 1) * b) of every global batch, each augmented with the
+    randomness of its global stream position, so the global batches (and thus training) do not
+    depend on the number of processes.
+    """
+
+    def __init__(self, load: _LoadAndAugment, global_batch_size: int, batch_size: int,
+                 shard_index: int):
+        self._load, self._g, self._b, self._first = load, global_batch_size, batch_size, \
+            shard_index * batch_size
+
+    def map_with_index(self, index: int, element):
+        datasets_G, records_G = element
+        examples = [self._load.map_with_index(index * self._g + k, (int(datasets_G[k]), int(records_G[k])))
+                    for k in range(self._first, self._first + self._b)]
+        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
 def _sub_seed(seed: int, *keys: int) -> int:
@@ -246,9 +353,81 @@ def open_sources(dataset_names: Sequence[str], split: str, data_dir: str | None)
         try:
             sources.append(tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False))
         except Exception as e:  # tfds raises several types for a missing / partial build
+            if isinstance(e, ValueError) and 'Unknown split' in str(e):
+                raise ValueError(f"{where}: no such split in {data_dir or 'the tfds data_dir'}: "
+                                 f"{e}") from None
             raise FileNotFoundError(f"{where} cannot be read from {data_dir or 'the tfds data_dir'}: "
                                     f"{type(e).__name__}: {e}. Prepare it with: {hint}") from e
     return sources
+
+
+class ImageFolderSource:
+    """Random access to the images under a folder (unlabeled data, paper App. D).
+
+    Files ending in .jpg / .jpeg / .png (any case), found recursively and sorted by relative
+    path; records are {'image': uint8 [H, W, 3] RGB, 'file_name': relative path}. A missing or
+    empty folder fails here, an unreadable image when it is read, each naming the path.
+    """
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(os.path.expanduser(root))
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f'unlabeled image folder {self.root} does not exist or is not '
+                                    f'a directory')
+
+        def fail(e: OSError):
+            raise PermissionError(f'cannot list unlabeled image folder {e.filename}: {e}') from e
+
+        files = [os.path.relpath(os.path.join(dirpath, f), self.root)
+                 for dirpath, _, names in os.walk(self.root, onerror=fail, followlinks=True)
+                 for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise ValueError(f'unlabeled image folder {self.root} holds no '
+                             f'{"/".join(IMAGE_EXTENSIONS)} files')
+        self.files = tuple(sorted(files))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path = os.path.join(self.root, self.files[i])
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert('RGB'))
+        except (OSError, ValueError) as e:
+            raise OSError(f'cannot read unlabeled image {path}: {e}') from e
+        return {'image': image, 'file_name': self.files[i]}
+
+    def __repr__(self) -> str:
+        return f'ImageFolderSource({self.root!r}, {len(self)} images)'
+
+
+def open_unlabeled_source(source: str, split: str, data_dir: str | None) -> Any:
+    """The images of `source` without their labels (App. D): one of our dataset names (read with
+    `open_sources`, label dropped), else an image folder (`ImageFolderSource`), else any prepared
+    tfds dataset with an 'image' feature in `data_dir`."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from ms3_jax.data import builders, synthetic  # pylint: disable=g-import-not-at-top
+
+    try:
+        known = source in synthetic.SYNTHETIC_DATASETS or bool(builders.builder_class(source))
+    except builders.DatasetError:
+        known = False
+    if known:
+        return open_sources([source], split, data_dir)[0]
+    if os.path.isdir(os.path.expanduser(source)):
+        return ImageFolderSource(source)
+    try:
+        src = tfds.data_source(source, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises several types for a missing / unknown dataset
+        raise FileNotFoundError(
+            f'unlabeled source {source!r}: no image folder {os.path.abspath(os.path.expanduser(source))} '
+            f'and no prepared tfds dataset of that name (split {split!r}) in '
+            f'{data_dir or "the tfds data_dir"} ({type(e).__name__}: {str(e).splitlines()[0]})') from e
+    if not len(src) or 'image' not in src[0]:
+        raise ValueError(f'unlabeled tfds source {source!r} (split {split!r}) has no records with '
+                         f'an "image" feature')
+    return src
 
 
 def _process_index_and_count() -> tuple[int, int]:
@@ -276,6 +455,16 @@ class TrainPipeline:
       sources: optional pre-opened random-access sources (one per dataset; records with 'image'
         uint8 [H, W, 3] or encoded bytes and 'label' uint8 [H, W(, 1)]), e.g. in-memory lists.
       with_record_ids: add 'record_index' int64 [b] (the record within its dataset) to batches.
+      unlabeled: images without labels mixed into the stream (paper App. D): a dataset name or an
+        image folder (`open_unlabeled_source`); '' / None = none. Their examples have label
+        `UNLABELED_PIXEL` (-2) inside the image, -1 in the crop padding, and dataset_id -1.
+      unlabeled_split: tfds split of a dataset-name `unlabeled` source.
+      unlabeled_ratio: expected fraction of each batch's examples from the unlabeled stream, in
+        (0, 1); the labeled datasets share the rest in the proportions of `weights`.
+      unlabeled_source: optional pre-opened random-access source for `unlabeled` (records with
+        'image'); `unlabeled` then only names it (iterator identity).
+      skip_unreadable: replace an unreadable record by the next readable one of its dataset and
+        add 'unreadable' int32 [b] to batches (module docstring); False: raise naming it.
     """
 
     def __init__(self, datasets: Sequence[str], *, data_dir: str | None = None,
@@ -285,7 +474,9 @@ class TrainPipeline:
                  worker_count: int = 0, worker_buffer_size: int = 2, num_threads: int = 2,
                  prefetch_buffer_size: int = 2, shard_index: int | None = None,
                  shard_count: int | None = None, sources: Sequence[Any] | None = None,
-                 with_record_ids: bool = False):
+                 with_record_ids: bool = False, unlabeled: str | None = None,
+                 unlabeled_split: str = 'train', unlabeled_ratio: float = 0.0,
+                 unlabeled_source: Any | None = None, skip_unreadable: bool = False):
         self.datasets = tuple(datasets)
         self.label_space = label_space or LabelSpace.from_datasets(self.datasets)
         if self.label_space.dataset_names != self.datasets:
@@ -314,12 +505,18 @@ class TrainPipeline:
         if len(self.sources) != len(self.datasets):
             raise ValueError(f'{len(self.sources)} sources for {len(self.datasets)} datasets.')
         self.dataset_sizes = tuple(len(s) for s in self.sources)
-        for n, size in zip(self.datasets, self.dataset_sizes):
-            if size < self.shard_count:
-                raise ValueError(f'Dataset {n!r} has {size} records, fewer than '
-                                 f'{self.shard_count} shards.')
         self.weights = self._normalise_weights(weights)
         self._with_record_ids = with_record_ids
+        self.unlabeled, self.unlabeled_split = unlabeled or None, unlabeled_split
+        self.unlabeled_ratio = float(unlabeled_ratio) if self.unlabeled else 0.0
+        self.unlabeled_source = None
+        if self.unlabeled:
+            if not 0.0 < self.unlabeled_ratio < 1.0:
+                raise ValueError(f'unlabeled_ratio must be in (0, 1) with unlabeled='
+                                 f'{self.unlabeled!r}, got {unlabeled_ratio!r}.')
+            self.unlabeled_source = unlabeled_source if unlabeled_source is not None else \
+                open_unlabeled_source(self.unlabeled, unlabeled_split, data_dir)
+        self.skip_unreadable = bool(skip_unreadable)
         self.map_dataset = self._build_map_dataset()
 
     def _normalise_weights(self, weights) -> tuple[float, ...]:
@@ -339,14 +536,28 @@ class TrainPipeline:
     def _build_map_dataset(self) -> grain.MapDataset:
         per_dataset = []
         for d, size in enumerate(self.dataset_sizes):
-            ds = grain.MapDataset.range(size)[self.shard_index::self.shard_count]
+            ds = grain.MapDataset.range(size)
             ds = ds.shuffle(seed=_sub_seed(self.seed, 0, d)).repeat().map(_Tag(d))
             per_dataset.append(ds)
-        mixed = grain.MapDataset.mix(per_dataset, weights=list(self.weights))
+        weights, sources = list(self.weights), list(self.sources)
         luts = [self.label_space.to_union_lut(d) for d in range(len(self.datasets))]
-        ds = mixed.map_with_index(_LoadAndAugment(
-            self.sources, luts, self.augment, self.seed, self.shard_index, self._with_record_ids))
-        return ds.batch(self.batch_size, drop_remainder=True)
+        if self.unlabeled_source is not None:  # App. D: one more stream, after the labeled ones
+            u, r = len(self.datasets), self.unlabeled_ratio
+            ds = grain.MapDataset.range(len(self.unlabeled_source))
+            per_dataset.append(ds.shuffle(seed=_sub_seed(self.seed, 1)).repeat().map(_Tag(u)))
+            weights = [w * (1.0 - r) for w in weights] + [r]
+            sources.append(self.unlabeled_source)
+            lut = np.full((256,), UNION_IGNORE, np.int32)
+            lut[0] = UNLABELED_PIXEL
+            luts.append(lut)
+        mixed = grain.MapDataset.mix(per_dataset, weights=weights)
+        names = list(self.datasets) + [f'unlabeled {self.unlabeled}'] * (len(sources) - len(self.datasets))
+        load = _LoadAndAugment(sources, luts, self.augment, self.seed, self._with_record_ids,
+                               num_labeled=len(self.datasets), names=names,
+                               skip_unreadable=self.skip_unreadable)
+        # Global batches of (dataset, record) indices (cheap), then only this process's slice loads.
+        return mixed.batch(self.global_batch_size, drop_remainder=True).map_with_index(
+            _LocalSlice(load, self.global_batch_size, self.batch_size, self.shard_index))
 
     def iter_dataset(self, start_batch: int = 0) -> grain.IterDataset:
         """The grain IterDataset of per-process batches, starting at batch `start_batch`."""
@@ -354,7 +565,8 @@ class TrainPipeline:
         ds = ds.to_iter_dataset(self._read_options)
         if self.worker_count > 0:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.worker_count, per_worker_buffer_size=self._worker_buffer_size))
+                num_workers=self.worker_count, per_worker_buffer_size=self._worker_buffer_size),
+                worker_init_fn=_ignore_stop_signals)
         return ds
 
     def make_iterator(self, start_batch: int = 0) -> TrainIterator:
@@ -370,15 +582,17 @@ class TrainPipeline:
                 'dataset_id': ((b,), np.dtype(np.int32))}
         if self._with_record_ids:
             spec['record_index'] = ((b,), np.dtype(np.int64))
+        if self.skip_unreadable:
+            spec['unreadable'] = ((b,), np.dtype(np.int32))
         return spec
 
 
 class TrainIterator(grain.DatasetIterator):
     """Batch iterator whose state is the index of the next batch.
 
-    Batches are a pure function of (seed, shard, batch index), so the state does not depend on
-    `worker_count`: a run may resume with a different number of workers. The state also records
-    the seed, batch size, shards and mixture and refuses to restore into a different stream.
+    Batches are a pure function of (seed, global batch index, process slice), so the state does
+    not depend on `worker_count` or the process count. The state also records the seed, global
+    batch size and mixture and refuses to restore into a different stream.
     """
 
     def __init__(self, pipeline: TrainPipeline, start_batch: int = 0):
@@ -389,9 +603,11 @@ class TrainIterator(grain.DatasetIterator):
 
     def _identity(self) -> dict[str, Any]:
         p = self._pipeline
-        return {'datasets': list(p.datasets), 'seed': p.seed, 'batch_size': p.batch_size,
-                'shard_index': p.shard_index, 'shard_count': p.shard_count,
-                'weights': [round(w, 12) for w in p.weights]}
+        return {'datasets': list(p.datasets), 'seed': p.seed,
+                'global_batch_size': p.global_batch_size, 'weights': [round(w, 12) for w in p.weights],
+                # None without unlabeled data, which is also what states saved before it give.
+                'unlabeled': ([p.unlabeled, p.unlabeled_split, round(p.unlabeled_ratio, 12)]
+                              if p.unlabeled else None)}
 
     def _ensure_started(self):
         if self._it is None:
@@ -436,14 +652,48 @@ def make_train_iterator(datasets: Sequence[str], *, data_dir: str | None = None,
                          **kwargs).make_iterator()
 
 
-def checkpoint_save_args(iterator: grain.DatasetIterator):
-    """orbax args that save a grain iterator's state (use inside `ocp.args.Composite`)."""
-    return grain.checkpoint.CheckpointSave(iterator)
+class IteratorHandler(ocp.CheckpointHandler):
+    """orbax handler for an iterator whose state is the same on every process (`TrainIterator`,
+    stage 1's and fine-tuning's iterators): process 0 writes `iterator.json`; every process
+    restores from it, so the checkpoint does not depend on the process count."""
+
+    FILE = 'iterator.json'
+
+    def save(self, directory: epath.Path, args: IteratorSave) -> None:
+        if _process_index_and_count()[0] == 0:
+            (directory / self.FILE).write_text(json.dumps(args.item.get_state(), indent=1))
+
+    def restore(self, directory: epath.Path, args: IteratorRestore) -> Any:
+        path = directory / self.FILE
+        if not path.exists():
+            raise FileNotFoundError(f'{path} is missing: not a complete ms3_jax data checkpoint')
+        args.item.set_state(json.loads(path.read_text()))
+        return args.item
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
 
 
-def checkpoint_restore_args(iterator: grain.DatasetIterator):
+@ocp.args.register_with_handler(IteratorHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
+def checkpoint_save_args(iterator: grain.DatasetIterator) -> IteratorSave:
+    """orbax args that save an iterator's state (use inside `ocp.args.Composite`)."""
+    return IteratorSave(iterator)
+
+
+def checkpoint_restore_args(iterator: grain.DatasetIterator) -> IteratorRestore:
     """orbax args that restore the state into `iterator` (a freshly made one of the same pipeline)."""
-    return grain.checkpoint.CheckpointRestore(iterator)
+    return IteratorRestore(iterator)
 
 
 # --- evaluation -----------------------------------------------------------------------------------

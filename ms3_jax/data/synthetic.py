@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import logging
@@ -382,6 +383,19 @@ def prepare_synthetic(data_dir: str | os.PathLike, num_train: int = 300, num_val
     os.makedirs(data_dir, exist_ok=True)
     params = dict(num_train=int(num_train), num_val=int(num_val), image_size=int(image_size),
                   seed=int(seed))
+    # Several processes of one job may call this at once (multi-host on one machine or a shared
+    # filesystem): one builds, the others wait for the lock and then find the build complete.
+    with open(os.path.join(data_dir, '.build.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _prepare_locked(data_dir, params)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return SyntheticInfo(data_dir=data_dir, dataset_names=SYNTHETIC_DATASETS,
+                         relations_path=os.path.join(data_dir, RELATIONS_FILE), **params)
+
+
+def _prepare_locked(data_dir: str, params: dict[str, int]) -> None:
     info_path = os.path.join(data_dir, INFO_FILE)
     relations_path = os.path.join(data_dir, RELATIONS_FILE)
     old = None
@@ -406,8 +420,6 @@ def prepare_synthetic(data_dir: str | os.PathLike, num_train: int = 300, num_val
             json.dump(ground_truth_relations(), f, indent=1)
         with open(info_path, 'w') as f:  # written last: marks a complete build
             json.dump(params, f)
-    return SyntheticInfo(data_dir=data_dir, dataset_names=SYNTHETIC_DATASETS,
-                         relations_path=relations_path, **params)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ms3_jax.models.resnet import ResNet, batch_norm, conv
+from ms3_jax.models.resnet import Conv, ResNet, batch_norm, conv
 
 # RGB, 0..255 scale: what torchvision / MMSegmentation feed an exported backbone.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -37,24 +37,93 @@ def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     return w
 
 
+def _upsample2x(x: jax.Array, axis: int) -> jax.Array:
+    """Exact 2x bilinear upsampling along `axis` (align_corners=False): output 2i is
+    0.75 x[i] + 0.25 x[i-1], output 2i+1 is 0.75 x[i] + 0.25 x[i+1] (edges clamped)."""
+    n = x.shape[axis]
+    take = lambda a, b: jax.lax.slice_in_dim(x, a, b, axis=axis)
+    prev = jnp.concatenate([take(0, 1), take(0, n - 1)], axis=axis)
+    nxt = jnp.concatenate([take(1, n), take(n - 1, n)], axis=axis)
+    even, odd = 0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt
+    out = jnp.stack([even, odd], axis=axis + 1)
+    return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
+
+
 def resize_bilinear(x_BxHxWxC: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize equal to `torch.nn.functional.interpolate(..., align_corners=False)`."""
+    """Bilinear resize equal to `torch.nn.functional.interpolate(..., align_corners=False)`.
+
+    Exact 2x upsampling (the v3+ decoder: stride 8 -> 4 at sizes divisible by 8) uses a 2-tap
+    stencil that XLA fuses; other sizes multiply by the interpolation matrices.
+    """
     h, w = x_BxHxWxC.shape[1:3]
     if (h, w) == tuple(size):
         return x_BxHxWxC
+    if tuple(size) == (2 * h, 2 * w):
+        return _upsample2x(_upsample2x(x_BxHxWxC, 1), 2)
     wh = jnp.asarray(_interp_matrix(h, size[0]), x_BxHxWxC.dtype)
     ww = jnp.asarray(_interp_matrix(w, size[1]), x_BxHxWxC.dtype)
     return jnp.einsum("oh,bhwc,pw->bopc", wh, x_BxHxWxC, ww)
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """Unit-norm along `axis`, computed in float32 (pixel embeddings of Eq. 1-8 are cosines)."""
-    x = x.astype(jnp.float32)
+    """Unit-norm along `axis`, computed in float32 or wider (pixel embeddings of Eq. 1-8 are
+    cosines; float64 inputs stay float64 for the numerical tests)."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
+def depthwise_conv3x3(x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, dilation: int) -> jax.Array:
+    """Depthwise 3x3 conv, stride 1, padding = dilation (torch `Conv2d(C, C, 3, padding=d,
+    dilation=d, groups=C)`), as a sum of the 9 shifted, per-channel-scaled inputs.
+
+    Same result as `lax.conv_general_dilated(..., feature_group_count=C)`, but XLA fuses it into
+    elementwise loops (forward and backward), where the CPU backend runs grouped convolutions
+    10-35x slower than PyTorch (benchmarks/RESULTS.md). Each tap is the in-bounds part of the
+    input, scaled, and zero-padded back to the output size (no padded copy of the input); taps that
+    read only padding (dilation >= the map size: the rate-24/36 ASPP branches on 28x28 maps) are
+    skipped: they add exact zeros. Accumulates in float32 (float64 for float64 inputs); returns
+    the input dtype.
+    """
+    _, h, w, _ = x_BxHxWxC.shape
+    d = dilation
+    acc = jnp.promote_types(x_BxHxWxC.dtype, jnp.float32)
+    k = kernel_3x3x1xC.astype(acc)
+    out = None
+    for i in range(3):
+        di = (i - 1) * d
+        if abs(di) >= h:
+            continue
+        for j in range(3):
+            dj = (j - 1) * d
+            if abs(dj) >= w:
+                continue
+            src = x_BxHxWxC[:, max(0, di):h + min(0, di), max(0, dj):w + min(0, dj)]
+            term = jnp.pad(src.astype(acc) * k[i, j, 0],
+                           ((0, 0), (max(0, -di), max(0, di)), (max(0, -dj), max(0, dj)), (0, 0)))
+            out = term if out is None else out + term
+    return out.astype(x_BxHxWxC.dtype)
+
+
+class DepthwiseConv3x3(nn.Module):
+    """Flax twin of `nn.Conv(C, (3, 3), feature_group_count=C, use_bias=False)` with torch padding:
+    the same `kernel` param ([3, 3, 1, C], same init) computed by :func:`depthwise_conv3x3`."""
+
+    dilation: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                            (3, 3, 1, c), jnp.float32)
+        return depthwise_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.dilation)
+
+
 class ConvModule(nn.Module):
-    """MMCV `ConvModule`: conv (no bias) -> BN -> ReLU; names `conv`, `bn`."""
+    """MMCV `ConvModule`: conv (no bias) -> BN -> ReLU; names `conv`, `bn`.
+
+    `groups=-1` with `kernel=3` is a depthwise conv (:class:`DepthwiseConv3x3`, same params).
+    """
 
     features: int
     kernel: int = 1
@@ -65,8 +134,11 @@ class ConvModule(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         groups = x.shape[-1] if self.groups == -1 else self.groups
-        x = conv(self.features, self.kernel, 1, self.dilation, groups=groups, name="conv",
-                 dtype=self.dtype)(x)
+        if groups == x.shape[-1] == self.features and self.kernel == 3 and groups > 1:
+            x = DepthwiseConv3x3(self.dilation, dtype=self.dtype, name="conv")(x)
+        else:
+            x = conv(self.features, self.kernel, 1, self.dilation, groups=groups, name="conv",
+                     dtype=self.dtype)(x)
         return nn.relu(batch_norm(train, "bn", self.dtype)(x))
 
 
@@ -175,8 +247,9 @@ class MS3Encoder(nn.Module):
                 dec, train)
         if self.num_classes is not None:
             y = nn.Dropout(self.dropout_rate, deterministic=not train)(dec)
-            out["logits"] = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
-                                    name="conv_seg")(y).astype(jnp.float32)
+            out["logits"] = Conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
+                                 kernel_init=nn.initializers.lecun_normal(),
+                                 name="conv_seg")(y).astype(jnp.float32)
         return out
 
 

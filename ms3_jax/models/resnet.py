@@ -35,16 +35,50 @@ def batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
     )
 
 
+class Conv(nn.Module):
+    """`nn.Conv` with PyTorch's symmetric padding (`dilation * (kernel - 1) / 2` on each side):
+    the same params (`kernel` [k, k, in / groups, out], optional `bias`), init and result.
+
+    1x1 convolutions (stride s: every s-th pixel) run as a matrix product: XLA's CPU backend
+    computes them, and above all their weight gradients (a convolution with an HxW window over
+    transposed activations), 3-6x slower than the equivalent GEMM (benchmarks/RESULTS.md).
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dilation: int = 1
+    groups: int = 1
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s, d, cin = self.kernel_size, self.stride, self.dilation, x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (k, k, cin // self.groups, self.features),
+                            jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if k == 1 and self.groups == 1:
+            x = x[:, ::s, ::s] if s > 1 else x
+            lead = x.shape[:-1]
+            y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, self.features)).reshape(
+                lead + (self.features,))
+        else:
+            pad = d * (k - 1) // 2
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (s, s), ((pad, pad), (pad, pad)), rhs_dilation=(d, d),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                               jnp.float32).astype(self.dtype)
+        return y
+
+
 def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, *, name: str,
-         dtype: Any, groups: int = 1, use_bias: bool = False) -> nn.Conv:
-    """Conv with PyTorch's symmetric padding (`dilation * (kernel - 1) / 2` on each side)."""
-    pad = dilation * (kernel - 1) // 2
-    return nn.Conv(
-        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        kernel_dilation=(dilation, dilation), feature_group_count=groups, use_bias=use_bias,
-        dtype=dtype, kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-        name=name,
-    )
+         dtype: Any, groups: int = 1, use_bias: bool = False) -> Conv:
+    """Conv with PyTorch's padding and init (kaiming normal, fan_out); see :class:`Conv`."""
+    return Conv(features, kernel, stride, dilation, groups, use_bias, dtype, name=name)
 
 
 def max_pool_3x3_s2(x_BxHxWxC: jax.Array) -> jax.Array:

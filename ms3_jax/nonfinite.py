@@ -1,0 +1,67 @@
+"""What a train step does with a NaN / inf (`config.nonfinite`: 'stop' or 'skip').
+
+`guard(step, mode)` wraps a pure `step(state, *args) -> (state, metrics)` before it is jitted and
+adds, inside the step (no host round-trip):
+
+  finite   1.0 when the loss and every floating leaf of the new state are finite (parameters,
+           optimizer moments, BN statistics, the momentum encoder, bank, V, S), else 0.0. A
+           non-finite gradient always reaches the parameters or the momentum buffers (even at
+           lr = 0: 0 * inf = NaN), so this covers the gradients too.
+  skipped  ('skip' only) 1.0 when the step was dropped.
+
+'stop' (default): the loop (`loop.run`) raises `FloatingPointError` naming the first bad step at
+its next metrics fetch -- every `log_every` steps and before every checkpoint -- so a non-finite
+state is never saved. 'skip': a bad step changes nothing but the step counter (its batch is
+dropped; params, optimizer, BN statistics, EMA, bank, V and S keep their values; the data
+iterator moves on), so the run continues and resumes exactly; the loop logs each skipped step and
+the running count. Costs one reduction over the state per step ('skip': also a conditional
+that picks the old or the new state).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+MODES = ("stop", "skip")
+
+
+def mode_of(config: Any) -> str:
+    """`config.nonfinite` ('stop' when the field is absent), validated."""
+    mode = config.get("nonfinite", "stop")
+    if mode not in MODES:
+        raise ValueError(f"nonfinite must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """bool scalar: every floating leaf of `tree` is free of NaN / inf."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def guard(step_fn: Callable[..., tuple[Any, dict[str, jax.Array]]],
+          mode: str) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
+    """`step_fn` with the `finite` metric and, in 'skip' mode, bad steps dropped (see module doc).
+
+    The state must be a flax struct with a `step` field (all our train states are)."""
+    if mode not in MODES:
+        raise ValueError(f"nonfinite must be one of {MODES}, got {mode!r}")
+
+    @functools.wraps(step_fn)
+    def guarded(state: Any, *args: Any) -> tuple[Any, dict[str, jax.Array]]:
+        new, metrics = step_fn(state, *args)
+        ok = jnp.isfinite(metrics["loss"]) & all_finite(new)
+        metrics = {**metrics, "finite": ok.astype(jnp.float32)}
+        if mode == "skip":
+            kept = state.replace(step=new.step)
+            # One conditional, not a select per leaf: on CPU the selects made the tiny
+            # pretraining step compile 6x slower (89 s vs 15 s).
+            new = jax.lax.cond(ok, lambda n, k: n, lambda n, k: k, new, kept)
+            metrics["skipped"] = 1.0 - metrics["finite"]
+        return new, metrics
+
+    return guarded

@@ -1,0 +1,104 @@
+"""Multimodal pseudo-labels for unlabeled images (paper App. D, Tab. 10).
+
+App. D: a pixel i of an unlabeled image is compared (cosine) with all language embeddings T and
+all visual embeddings V; "if the most similar language embedding and visual embedding meet the
+same category", pixel i gets that category, otherwise it is ignored. We compare the language-head
+embedding I_l^i with T and the visual-head embedding I_v^i with V -- the pairs each head is
+trained on (Eq. 1 / Eq. 2) -- and only classes with a valid V row (non-empty bank) take part on
+the visual side, so before the bank fills no pixel is labelled.
+
+Choices not in the paper (config `pseudo.*`, docs/choices.md):
+- Confidence: the softmax probability of the chosen class at the pairing-loss temperature tau,
+  `p_l = softmax_k(cos(I_l, T_k) / tau)[c]` over all classes and `p_v` likewise over the valid V
+  rows. A pixel is kept only when both `p_l >= threshold` and `p_v >= threshold`; threshold 0 is
+  the paper's rule. A probability (unlike a raw cosine) lies in [0, 1] for any |Y| and is what the
+  pairing loss itself predicts.
+- Source: the online model's own outputs of the training forward pass (stop-gradient), see
+  `label_unlabeled_pixels`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ms3_jax.data.label_space import UNLABELED_PIXEL
+from ms3_jax.losses import map_pixel_chunks
+
+IGNORE_LABEL = -1  # union-space ignore id (label_space.UNION_IGNORE)
+_NEG = -1e30  # finite "minus infinity" for masked classes
+
+
+def _unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def _nearest(emb_NxC: jax.Array, class_KxC: jax.Array, valid_K: jax.Array,
+             tau: float) -> tuple[jax.Array, jax.Array]:
+    """(argmax_k cos(emb, class_k) over valid k [N] int32, its softmax probability at tau [N])."""
+    logits_NxK = jnp.where(valid_K[None, :], jnp.dot(emb_NxC, class_KxC.T) / tau, _NEG)
+    best_N = jnp.argmax(logits_NxK, axis=-1).astype(jnp.int32)
+    prob_N = jnp.exp(jnp.max(logits_NxK, axis=-1) - jax.nn.logsumexp(logits_NxK, axis=-1))
+    return best_N, prob_N
+
+
+def agreement_labels(lang_NxC: jax.Array, vis_NxC: jax.Array, text_KxC: jax.Array,
+                     visual_KxC: jax.Array, visual_valid_K: jax.Array, *, threshold: float = 0.0,
+                     tau: float = 0.07) -> tuple[jax.Array, jax.Array]:
+    """The App. D rule per pixel.
+
+    Args:
+      lang_NxC, vis_NxC: language- / visual-head pixel embeddings (normalised here: cosine).
+      text_KxC: T. visual_KxC: V; rows with `visual_valid_K` False never win (any content).
+      threshold: minimum softmax probability (at `tau`) of the chosen class, in both modalities.
+    Returns:
+      (label_N int32: the agreed class, or -1 where the two argmaxes differ, no V row is valid,
+       or a confidence is below `threshold`;
+       agree_N bool: the two argmaxes agree, before the threshold).
+    """
+    valid_K = jnp.asarray(visual_valid_K, bool)
+    lang_best_N, lang_prob_N = _nearest(_unit(lang_NxC), _unit(text_KxC),
+                                        jnp.ones(valid_K.shape, bool), tau)
+    vis_best_N, vis_prob_N = _nearest(_unit(vis_NxC), _unit(visual_KxC), valid_K, tau)
+    agree_N = (lang_best_N == vis_best_N) & jnp.any(valid_K)
+    keep_N = agree_N & (lang_prob_N >= threshold) & (vis_prob_N >= threshold)
+    return jnp.where(keep_N, lang_best_N, IGNORE_LABEL), agree_N
+
+
+def label_unlabeled_pixels(labels_BxHxW: jax.Array, lang_BxHxWxC: jax.Array,
+                           vis_BxHxWxC: jax.Array, text_KxC: jax.Array, visual_KxC: jax.Array,
+                           visual_valid_K: jax.Array, *, threshold: float = 0.0, tau: float = 0.07,
+                           chunk: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Replaces the `UNLABELED_PIXEL` (-2) entries of `labels_BxHxW` by their App. D pseudo-label.
+
+    Pixels of unlabeled images carry -2 (inside the image) or -1 (crop padding, never labelled);
+    labelled pixels pass through unchanged. Called inside the jitted step on the online model's
+    outputs of the same forward pass, under `stop_gradient`: no extra forward (the momentum
+    encoder has no language head, so it could not apply the rule without a second encoder), and
+    the labels follow the current T/V pairing the losses train. Chunked over pixels like the loss
+    (at most [chunk, |Y|] logits live).
+
+    Returns (labels int32 [B, H, W] with -1 = ignore, metrics):
+      pseudo_fraction: pseudo-labelled / unlabeled pixels (0 without unlabeled pixels);
+      pseudo_agreement: unlabeled pixels whose language and visual argmax agree (before the
+        threshold) / unlabeled pixels. Always pseudo_fraction <= pseudo_agreement.
+    """
+    dim = text_KxC.shape[-1]
+    lang_NxC = jax.lax.stop_gradient(lang_BxHxWxC).reshape(-1, dim)
+    vis_NxC = jax.lax.stop_gradient(vis_BxHxWxC).reshape(-1, dim)
+    text_KxC, visual_KxC = jax.lax.stop_gradient(text_KxC), jax.lax.stop_gradient(visual_KxC)
+
+    def body(l_nxc: jax.Array, v_nxc: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return agreement_labels(l_nxc, v_nxc, text_KxC, visual_KxC, visual_valid_K,
+                                threshold=threshold, tau=tau)
+
+    label_N, agree_N = map_pixel_chunks(body, (lang_NxC, vis_NxC), (0.0, 0.0), chunk, remat=False)
+    unlabeled_BxHxW = labels_BxHxW == UNLABELED_PIXEL
+    pseudo_BxHxW = label_N.reshape(labels_BxHxW.shape)
+    out_BxHxW = jnp.where(unlabeled_BxHxW, pseudo_BxHxW, labels_BxHxW).astype(jnp.int32)
+    n_unlabeled = jnp.maximum(jnp.sum(unlabeled_BxHxW), 1).astype(jnp.float32)
+    metrics = {
+        "pseudo_fraction": jnp.sum(unlabeled_BxHxW & (pseudo_BxHxW >= 0)) / n_unlabeled,
+        "pseudo_agreement": jnp.sum(unlabeled_BxHxW & agree_N.reshape(labels_BxHxW.shape)) / n_unlabeled,
+    }
+    return out_BxHxW, metrics
