@@ -101,7 +101,9 @@ def enqueue(
     labels_N = labels_N.reshape(-1)
     idx_KxP, valid_KxP = sample_per_class(labels_N, rng, num_classes, per_class,
                                           ignore_label=ignore_label)
-    vals_KxPxC = jax.lax.stop_gradient(emb_NxC)[idx_KxP].astype(bank.feats.dtype)
+    # Cast first, then gather: with the batch sharded over devices XLA gathers each device's own
+    # picks and all-reduces the [K, P, C] result, which is then in the (bf16) bank dtype.
+    vals_KxPxC = jax.lax.stop_gradient(emb_NxC).astype(bank.feats.dtype)[idx_KxP]
     n_valid_K = jnp.sum(valid_KxP, axis=1, dtype=jnp.int32)
     slot_KxP = (bank.ptr[:, None] + jnp.arange(per_class, dtype=jnp.int32)[None, :]) % slots
     slot_KxP = jnp.where(valid_KxP, slot_KxP, slots)  # out of range -> dropped by the scatter
