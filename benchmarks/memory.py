@@ -39,7 +39,8 @@ def main() -> None:
     if args.devices > 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}")
-    sys.path.insert(0, REPO)
+    if REPO not in sys.path:  # after PYTHONPATH, so a checkout there can be compared
+        sys.path.append(REPO)
     import jax
     import numpy as np
 

@@ -83,6 +83,7 @@ def make_part(config: Any):
     from ms3_jax import losses, memory_bank, relations
 
     lc, per_class, m = config.loss, config.bank.per_class, config.relations.momentum
+    product = jnp.dtype(config.model.dtype)  # as pretrain.make_train_step
 
     def part(carry, pixels, consts, rng):
         bank, v, v_valid, sim, seen = carry
@@ -91,13 +92,14 @@ def make_part(config: Any):
         positives = relations.multilabel_mask(sim, other, seen)
 
         def loss_fn(i_l, i_v):
-            terms = (losses.pairing_loss(i_l, text, y, positives, None, lc.tau, chunk=lc.chunk),
-                     lc.alpha * losses.pairing_loss(i_v, v, y, positives, v_valid, lc.tau,
-                                                    chunk=lc.chunk))
-            return sum(terms)
+            loss_l, pred = losses.pairing_loss_and_prediction(
+                i_l, text, y, positives, None, lc.tau, chunk=lc.chunk, product_dtype=product)
+            loss_v = lc.alpha * losses.pairing_loss(i_v, v, y, positives, v_valid, lc.tau,
+                                                    chunk=lc.chunk, product_dtype=product)
+            return loss_l + loss_v, pred
 
-        loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(i_l, i_v)
-        acc = losses.pixel_accuracy(i_l, text, y)
+        (loss, pred), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(i_l, i_v)
+        acc = losses.prediction_accuracy(pred, y, text.shape[0])
         bank = memory_bank.enqueue(bank, i_hat, y, rng, per_class)
         v, v_valid = memory_bank.visual_embeddings(bank, v, v_valid)
         batch_sim, count = relations.segment_similarity(jax.lax.stop_gradient(i_v), y, text,
@@ -138,7 +140,8 @@ def main() -> None:
     if args.devices > 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}")
-    sys.path.insert(0, REPO)
+    if REPO not in sys.path:  # after PYTHONPATH, so a checkout there can be compared
+        sys.path.append(REPO)
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P

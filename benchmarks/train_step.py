@@ -44,6 +44,8 @@ FLAG_SETS = {
     "ynn": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot",
     "ynnconv": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution",
     "xnn": "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise",
+    "xnndot": "--xla_cpu_experimental_xnn_fusion_type=dot",
+    "xnngraph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "fastmath": "--xla_cpu_enable_fast_math=true",
 }
 PEAK_N = 4096  # float32 matmul size for the peak measurement

@@ -5,8 +5,11 @@
 """
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -37,11 +40,28 @@ def checkpoint_manager(workdir: str, max_to_keep: int = 3,
                        item_names: tuple[str, ...] = ("state", "data")) -> ocp.CheckpointManager:
     """The orbax manager of a workdir (keeps the newest `max_to_keep` complete checkpoints)."""
     _configure_array_handler()
-    # Half-written checkpoints (a kill during a save) are never listed; cleanup removes them.
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                                 item_names=item_names, options=options)
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    if jax.process_index() == 0:
+        remove_half_written(directory)
+    # The other processes wait for process 0 at the root-directory barrier orbax runs when
+    # `create=True`, so no save starts before the leftovers are gone.
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(directory, item_names=item_names, options=options)
+
+
+def remove_half_written(directory: str) -> list[str]:
+    """Delete `<step>.orbax-checkpoint-tmp*` leftovers of saves killed before orbax's final rename.
+
+    They are never listed as checkpoints; this removes them now, synchronously. (orbax's own
+    `cleanup_tmp_directories` runs in a background thread, and two managers opened on one workdir
+    in a row -- or a resumed run saving the very step that was interrupted -- race on the same
+    `rmtree`.) Returns the removed paths.
+    """
+    leftovers = sorted(glob.glob(os.path.join(directory, "*" + ocp.utils.TMP_DIR_SUFFIX + "*")))
+    for path in leftovers:
+        logging.warning("removing half-written checkpoint %s (a save was interrupted)", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
 
 
 def write_config(workdir: str, config: Any) -> None:

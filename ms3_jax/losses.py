@@ -10,10 +10,13 @@ encoder is discarded after producing ``T``; ``V`` comes from the momentum encode
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from ms3_jax.models import gemm
 
 IGNORE_LABEL = -1  # union-space ignore id (label_space.UNION_IGNORE); ids outside [0, K) are ignored too
 TAU = 0.07
@@ -111,6 +114,7 @@ def pairing_loss_per_pixel(
     *,
     chunk: int | None = DEFAULT_CHUNK,
     ignore_label: int = IGNORE_LABEL,
+    product_dtype: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-pixel pairing loss (Eq. 7/8; Eq. 1/2 when ``positives`` is None or empty).
 
@@ -126,38 +130,106 @@ def pairing_loss_per_pixel(
       tau: temperature τ (0.07, following LSeg).
       chunk: pixels per chunk; at most ``[chunk, K]`` float32 logits are live, forward and backward.
       ignore_label: label id to ignore.
+      product_dtype: operand dtype of the two ``[N, K, C]`` products (logits, gradient); they
+        always accumulate in float32 (float64 for float64 embeddings), as do the softmaxes.
+        None: that accumulation dtype. ``bfloat16`` (pretraining in bfloat16 compute) rounds
+        ``I`` and ``E`` to 8 bits of mantissa inside the products and runs them on bfloat16 GEMMs.
 
     Returns:
       ``(loss [...], weight [...])``: float32 per-pixel loss (0 where not counted) and a float32
       0/1 mask of the pixels that count (label usable and of a valid class).
     """
+    loss, weight, _ = _pairing_per_pixel(emb, class_emb, labels, positives, valid_classes, tau,
+                                         chunk, ignore_label, product_dtype, with_prediction=False)
+    return loss, weight
+
+
+def _pairing_per_pixel(emb, class_emb, labels, positives, valid_classes, tau, chunk, ignore_label,
+                       product_dtype, with_prediction):
     lead_shape = labels.shape
     num_classes, dim = class_emb.shape
-    emb_NxC = emb.reshape(-1, dim)
-    labels_N = labels.reshape(-1).astype(jnp.int32)
     acc = jnp.promote_types(emb.dtype, jnp.float32)  # float64 stays float64 (numerical tests)
-    class_emb_KxC = jax.lax.stop_gradient(class_emb).astype(acc)
+    class_emb_KxC = jax.lax.stop_gradient(class_emb).astype(product_dtype or acc)
+    class_emb_CxK = gemm.row_major_transpose(class_emb_KxC)  # once, not per chunk
     valid_K = (jnp.ones((num_classes,), bool) if valid_classes is None
                else jnp.asarray(valid_classes, bool))
     pos_KxK = None if positives is None else jax.lax.stop_gradient(jnp.asarray(positives, bool))
+    outs = _pairing_pixels(emb.reshape(-1, dim), labels.reshape(-1).astype(jnp.int32),
+                           (class_emb_KxC, class_emb_CxK), valid_K, pos_KxK, tau, ignore_label,
+                           chunk, with_prediction)
+    loss_N, weight_N = outs[:2]
+    pred = outs[2].reshape(lead_shape) if with_prediction else None
+    return loss_N.reshape(lead_shape), weight_N.reshape(lead_shape), pred
+
+
+def _pairing_terms(e_nxc: jax.Array, y_n: jax.Array, class_emb: tuple[jax.Array, jax.Array],
+                   valid_K: jax.Array,
+                   pos_KxK: jax.Array | None, tau: float, ignore_label: int,
+                   with_prediction: bool, with_grad: bool) -> tuple[jax.Array, ...]:
+    """One chunk: per-pixel loss, 0/1 weight, (``with_prediction``) argmax_k over the valid
+    logits, and (``with_grad``) d loss_i / d I_i ``[n, C]``.
+
+    The gradient of ``lse_all - lse_pos`` w.r.t. the logits is ``softmax(all) - softmax(pos)``
+    (masked classes get exactly 0), so ``d loss / d I = (p_all - p_pos) E / tau``: one extra
+    ``[n, K] x [K, C]`` product in the forward pass, nothing to recompute in the backward.
+    """
+    class_emb_KxC, class_emb_CxK = class_emb  # the same matrix, both row-major
+    num_classes, product = class_emb_KxC.shape[0], class_emb_KxC.dtype
+    acc = jnp.promote_types(e_nxc.dtype, jnp.float32)
+    y_safe_n, ok_n = _label_mask(y_n, num_classes, ignore_label)
+    ok_n = ok_n & valid_K[y_safe_n]
     inv_tau = 1.0 / tau
+    logits_nxk = jnp.dot(e_nxc.astype(product), class_emb_CxK, preferred_element_type=acc) * inv_tau
+    all_nxk = jnp.where(valid_K[None, :], logits_nxk, _NEG)
+    pos_mask_nxk = jax.nn.one_hot(y_safe_n, num_classes, dtype=bool)
+    if pos_KxK is not None:
+        pos_mask_nxk = pos_mask_nxk | pos_KxK[y_safe_n]
+    pos_nxk = jnp.where(pos_mask_nxk & valid_K[None, :], logits_nxk, _NEG)
+    lse_all_n = jax.nn.logsumexp(all_nxk, axis=-1)
+    lse_pos_n = jax.nn.logsumexp(pos_nxk, axis=-1)
+    out = (jnp.where(ok_n, lse_all_n - lse_pos_n, 0.0), ok_n.astype(jnp.float32))
+    if with_prediction:
+        out += (jnp.argmax(all_nxk, axis=-1).astype(jnp.int32),)
+    if with_grad:
+        p_nxk = jnp.exp(all_nxk - lse_all_n[:, None]) - jnp.exp(pos_nxk - lse_pos_n[:, None])
+        g_nxc = jnp.dot(p_nxk.astype(product), class_emb_KxC, preferred_element_type=acc) * inv_tau
+        out += (jnp.where(ok_n[:, None], g_nxc, 0.0),)
+    return out
 
-    def body(e_nxc: jax.Array, y_n: jax.Array) -> tuple[jax.Array, jax.Array]:
-        y_safe_n, ok_n = _label_mask(y_n, num_classes, ignore_label)
-        ok_n = ok_n & valid_K[y_safe_n]
-        logits_nxk = jnp.dot(e_nxc.astype(acc), class_emb_KxC.T,
-                             preferred_element_type=acc) * inv_tau
-        all_nxk = jnp.where(valid_K[None, :], logits_nxk, _NEG)
-        pos_mask_nxk = jax.nn.one_hot(y_safe_n, num_classes, dtype=bool)
-        if pos_KxK is not None:
-            pos_mask_nxk = pos_mask_nxk | pos_KxK[y_safe_n]
-        pos_nxk = jnp.where(pos_mask_nxk & valid_K[None, :], logits_nxk, _NEG)
-        loss_n = jax.nn.logsumexp(all_nxk, axis=-1) - jax.nn.logsumexp(pos_nxk, axis=-1)
-        loss_n = jnp.where(ok_n, loss_n, 0.0)
-        return loss_n, ok_n.astype(jnp.float32)
 
-    loss_N, weight_N = map_pixel_chunks(body, (emb_NxC, labels_N), (0, ignore_label), chunk)
-    return loss_N.reshape(lead_shape), weight_N.reshape(lead_shape)
+def _pairing_chunks(emb_NxC, labels_N, class_emb, valid_K, pos_KxK, tau, ignore_label, chunk,
+                    with_prediction, with_grad):
+    body = lambda e, y: _pairing_terms(e, y, class_emb, valid_K, pos_KxK, tau, ignore_label,
+                                       with_prediction, with_grad)
+    return map_pixel_chunks(body, (emb_NxC, labels_N), (0, ignore_label), chunk, remat=False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _pairing_pixels(emb_NxC, labels_N, class_emb, valid_K, pos_KxK, tau, ignore_label, chunk,
+                    with_prediction):
+    """(loss [N], weight [N][, prediction [N]]) of Eq. 7/8 per pixel, differentiable w.r.t.
+    ``emb_NxC`` only (the class embeddings are targets). Custom VJP: the forward pass keeps
+    d loss_i / d I_i ``[N, C]`` (the size of the embeddings) instead of recomputing the ``[N, K]``
+    logits chunk by chunk and back-propagating through the masked logsumexps: two ``[N, K, C]``
+    products instead of three (benchmarks/RESULTS.md, scaling)."""
+    return _pairing_chunks(emb_NxC, labels_N, class_emb, valid_K, pos_KxK, tau, ignore_label,
+                           chunk, with_prediction, False)
+
+
+def _pairing_pixels_fwd(emb_NxC, labels_N, class_emb, valid_K, pos_KxK, tau, ignore_label,
+                        chunk, with_prediction):
+    *outs, grad_NxC = _pairing_chunks(emb_NxC, labels_N, class_emb, valid_K, pos_KxK, tau,
+                                      ignore_label, chunk, with_prediction, True)
+    return tuple(outs), (grad_NxC, jnp.zeros((), emb_NxC.dtype))
+
+
+def _pairing_pixels_bwd(tau, ignore_label, chunk, with_prediction, residuals, cotangents):
+    grad_NxC, like = residuals  # `like`: a scalar carrying the embeddings' dtype
+    ct_loss_N = cotangents[0]
+    return ((ct_loss_N[:, None] * grad_NxC).astype(like.dtype), None, None, None, None)
+
+
+_pairing_pixels.defvjp(_pairing_pixels_fwd, _pairing_pixels_bwd)
 
 
 def pairing_loss(
@@ -170,6 +242,7 @@ def pairing_loss(
     *,
     chunk: int | None = DEFAULT_CHUNK,
     ignore_label: int = IGNORE_LABEL,
+    product_dtype: Any = None,
 ) -> jax.Array:
     """Mean pairing loss (Eq. 7/8, or Eq. 1/2 without positives) over the pixels that count.
 
@@ -177,9 +250,38 @@ def pairing_loss(
     range, and of a valid class. Returns a float32 scalar; 0 (not NaN) when no pixel counts.
     Gradients flow to ``emb`` only; ``class_emb`` is a fixed target.
     """
-    loss, weight = pairing_loss_per_pixel(emb, class_emb, labels, positives, valid_classes, tau,
-                                          chunk=chunk, ignore_label=ignore_label)
-    return jnp.sum(loss) / jnp.maximum(jnp.sum(weight), 1.0)
+    return pairing_loss_and_prediction(emb, class_emb, labels, positives, valid_classes, tau,
+                                       chunk=chunk, ignore_label=ignore_label,
+                                       product_dtype=product_dtype, with_prediction=False)[0]
+
+
+def pairing_loss_and_prediction(
+    emb: jax.Array,
+    class_emb: jax.Array,
+    labels: jax.Array,
+    positives: jax.Array | None = None,
+    valid_classes: jax.Array | None = None,
+    tau: float = TAU,
+    *,
+    chunk: int | None = DEFAULT_CHUNK,
+    ignore_label: int = IGNORE_LABEL,
+    product_dtype: Any = None,
+    with_prediction: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+    """:func:`pairing_loss` and, from the same logits (no second ``[N, K]`` product), each pixel's
+    nearest class ``argmax_{k valid} I·E_k`` (int32 ``[...]``) for :func:`prediction_accuracy`."""
+    loss, weight, pred = _pairing_per_pixel(emb, class_emb, labels, positives, valid_classes, tau,
+                                            chunk, ignore_label, product_dtype, with_prediction)
+    return jnp.sum(loss) / jnp.maximum(jnp.sum(weight), 1.0), pred
+
+
+def prediction_accuracy(pred: jax.Array, labels: jax.Array, num_classes: int,
+                        ignore_label: int = IGNORE_LABEL) -> jax.Array:
+    """Fraction of labelled pixels (label not ignored, in range) whose prediction is their label;
+    0 when none count."""
+    y_safe, ok = _label_mask(labels, num_classes, ignore_label)
+    correct = ok & (pred == y_safe)
+    return jnp.sum(correct.astype(jnp.float32)) / jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1.0)
 
 
 def pixel_accuracy(
@@ -200,15 +302,12 @@ def pixel_accuracy(
     valid_K = (jnp.ones((num_classes,), bool) if valid_classes is None
                else jnp.asarray(valid_classes, bool))
 
-    def body(e_nxc: jax.Array, y_n: jax.Array) -> tuple[jax.Array, jax.Array]:
-        y_safe_n, ok_n = _label_mask(y_n, num_classes, ignore_label)
+    def body(e_nxc: jax.Array) -> tuple[jax.Array]:
         logits_nxk = jnp.dot(e_nxc.astype(jnp.float32), class_emb_KxC.T)
-        pred_n = jnp.argmax(jnp.where(valid_K[None, :], logits_nxk, _NEG), axis=-1)
-        return (ok_n & (pred_n == y_safe_n)).astype(jnp.float32), ok_n.astype(jnp.float32)
+        return (jnp.argmax(jnp.where(valid_K[None, :], logits_nxk, _NEG), axis=-1),)
 
-    correct_N, ok_N = map_pixel_chunks(body, (emb_NxC, labels_N), (0, ignore_label), chunk,
-                                       remat=False)
-    return jnp.sum(correct_N) / jnp.maximum(jnp.sum(ok_N), 1.0)
+    (pred_N,) = map_pixel_chunks(body, (emb_NxC,), (0,), chunk, remat=False)
+    return prediction_accuracy(pred_N, labels_N, num_classes, ignore_label)
 
 
 # ---------------------------------------------------------------------------------------------

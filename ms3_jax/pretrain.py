@@ -128,6 +128,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
     momentum, sim_momentum = config.ema_momentum, config.relations.momentum
     warmup, per_class, chunk = config.relations.warmup_steps, config.bank.per_class, lc.chunk
     pixel_head = config.relations.pixel_head
+    # The losses' [pixels x |Y| x C] products take the compute dtype's operands (float32 sums).
+    product_dtype = jnp.dtype(config.model.dtype)
     # App. D: pixels of unlabeled images (label -2) get multimodal pseudo-labels; they enter the
     # losses, enter the bank only with pseudo.enter_bank, and never S (Eq. 5 estimates relations
     # between ground-truth classes) nor acc_language.
@@ -146,6 +148,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
                 y, out["language"], out["visual"], consts["text"], state.visual_emb,
                 state.visual_valid, threshold=threshold, tau=lc.tau, chunk=chunk)
         terms: dict[str, jax.Array] = {}
+        pred = None  # nearest-class prediction for acc_language, from the loss's own logits
         if kind == "ce_single_head":
             terms["loss_ce"] = losses.ce_single_head_loss(out["logits"], y)
         elif kind == "ce_multi_head":
@@ -157,20 +160,21 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
                 mask = relations.multilabel_mask(state.sim, consts["other_dataset"], state.sim_seen)
                 positives = mask & (state.step >= warmup)
             if use_lang:
-                terms["loss_language"] = losses.pairing_loss(
-                    out["language"], consts["text"], y_fit, positives, None, lc.tau, chunk=chunk)
+                terms["loss_language"], pred = losses.pairing_loss_and_prediction(
+                    out["language"], consts["text"], y_fit, positives, None, lc.tau, chunk=chunk,
+                    product_dtype=product_dtype)
             if use_vis:
                 terms["loss_visual"] = lc.alpha * losses.pairing_loss(
                     out["visual"], state.visual_emb, y_fit, positives, state.visual_valid, lc.tau,
-                    chunk=chunk)
+                    chunk=chunk, product_dtype=product_dtype)
         total = sum(terms.values())
-        return total, (terms, extra, out, y, y_fit, mutated["batch_stats"])
+        return total, (terms, extra, out, y, y_fit, pred, mutated["batch_stats"])
 
     def train_step(state: TrainState, batch: Batch, consts: Mapping[str, jax.Array]):
         rng = jax.random.fold_in(state.rng, state.step)
         rng_drop, rng_bank = jax.random.split(rng)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (terms, extra, out, y, y_fit, batch_stats)), grads = grad_fn(
+        (loss, (terms, extra, out, y, y_fit, pred, batch_stats)), grads = grad_fn(
             state.params, state, batch, consts, rng_drop)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -197,7 +201,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
             new = new.replace(sim=sim, sim_seen=seen)
             mask = relations.multilabel_mask(sim, consts["other_dataset"], seen)
             metrics["relations"] = jnp.sum(mask & (new.step >= warmup)) if multilabel else jnp.sum(mask)
-        if use_lang or (ms3 and not use_vis):
+        if use_lang:
+            metrics["acc_language"] = losses.prediction_accuracy(pred, y, consts["text"].shape[0])
+        elif ms3 and not use_vis:
             metrics["acc_language"] = losses.pixel_accuracy(out["language"], consts["text"], y)
         return new, metrics
 

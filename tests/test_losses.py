@@ -209,6 +209,51 @@ def test_pixel_accuracy():
     assert float(_acc(emb, cls, np.full_like(labels, 255), None, chunk=16)) == 0.0
 
 
+_loss_pred = jax.jit(losses.pairing_loss_and_prediction, static_argnames=("tau", "chunk"))
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_prediction_from_the_loss_logits(chunk):
+    """pairing_loss_and_prediction: the same loss as pairing_loss, and per-pixel argmax over the
+    valid classes (float64 NumPy) whose accuracy equals pixel_accuracy's."""
+    emb, cls, labels = _inputs(19)
+    pos, valid = _random_positives(20), np.random.RandomState(21).rand(K) < 0.7
+    loss, pred = _loss_pred(emb, cls, labels, pos, valid, TAU, chunk=chunk)
+    assert pred.shape == SHAPE and pred.dtype == jnp.int32
+    np.testing.assert_allclose(float(loss), ref_mean(emb, cls, labels, pos, valid), rtol=2e-5)
+    logits = emb.reshape(-1, C).astype(np.float64) @ cls.T.astype(np.float64)
+    logits[:, ~valid] = -np.inf
+    np.testing.assert_array_equal(np.asarray(pred).reshape(-1), logits.argmax(-1))
+    acc = float(losses.prediction_accuracy(pred, labels, K))
+    lab = labels.reshape(-1)
+    ok = lab != 255
+    np.testing.assert_allclose(acc, np.mean(logits[ok].argmax(-1) == lab[ok]), rtol=1e-6)
+    np.testing.assert_allclose(acc, float(_acc(emb, cls, labels, valid, chunk=chunk)), rtol=1e-6)
+    assert float(losses.prediction_accuracy(pred, np.full_like(labels, 255), K)) == 0.0
+
+
+def test_per_pixel_gradient_weights_each_pixel():
+    """The custom VJP scales each pixel's d loss_i / d I_i by its own cotangent: the gradient of
+    sum_i w_i loss_i (chunked, with padding) vs central differences of the float64 reference."""
+    emb, cls, labels = _inputs(22, shape=(7,), k=5, c=4, ignore_frac=0.0)
+    pos = _random_positives(23, k=5)
+    w = np.random.RandomState(24).randn(7)
+    grad = jax.jit(jax.grad(lambda e: jnp.sum(jnp.asarray(w, jnp.float32) * losses.pairing_loss_per_pixel(
+        e, cls, labels, pos, None, TAU, chunk=3)[0])))
+    g = np.asarray(grad(emb))
+    e64, fd, eps = emb.astype(np.float64), np.zeros((7, 4)), 1e-6
+
+    def f(e):
+        return float(w @ ref_per_pixel(e, cls, labels, pos)[0])
+
+    for idx in np.ndindex(e64.shape):
+        ep, em = e64.copy(), e64.copy()
+        ep[idx] += eps
+        em[idx] -= eps
+        fd[idx] = (f(ep) - f(em)) / (2 * eps)
+    np.testing.assert_allclose(g, fd, rtol=1e-3, atol=1e-3 * np.abs(fd).max())
+
+
 def _ref_ce(logits, labels, allowed=None):
     """allowed: bool [B, K] classes in each image's softmax (None = all)."""
     logits = np.asarray(logits, np.float64)
@@ -295,3 +340,23 @@ def test_union_class_255_is_a_class_not_ignore():
     loss, weight = losses.pairing_loss_per_pixel(emb, cls, labels, chunk=None)
     np.testing.assert_array_equal(np.asarray(weight), [1, 1, 0, 1])
     assert float(loss[0]) > 0
+
+
+def test_bfloat16_products_round_only_the_operands():
+    """product_dtype=bfloat16: the loss is the float64 Eq. 7 of the bfloat16-rounded I and E (the
+    products and softmaxes accumulate in float32); the gradient stays within bfloat16 rounding of
+    the float32-product one, and the argmax prediction is that of the rounded operands."""
+    emb, cls, labels = _inputs(25, shape=(3, 40), k=30, c=64)
+    pos = _random_positives(26, k=30)
+    rnd = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+    fn = jax.jit(losses.pairing_loss_and_prediction, static_argnames=("tau", "chunk", "product_dtype"))
+    loss, pred = fn(emb, cls, labels, pos, None, TAU, chunk=32, product_dtype=jnp.bfloat16)
+    np.testing.assert_allclose(float(loss), ref_mean(rnd(emb), rnd(cls), labels, pos), rtol=1e-5)
+    logits = rnd(emb).reshape(-1, 64).astype(np.float64) @ rnd(cls).T.astype(np.float64)
+    np.testing.assert_array_equal(np.asarray(pred).reshape(-1), logits.argmax(-1))
+    grad = jax.jit(jax.grad(losses.pairing_loss), static_argnames=("tau", "chunk", "product_dtype"))
+    g16 = grad(emb, cls, labels, pos, None, TAU, chunk=32, product_dtype=jnp.bfloat16)
+    g32 = grad(emb, cls, labels, pos, None, TAU, chunk=32)
+    assert g16.dtype == jnp.float32  # the embeddings' dtype
+    np.testing.assert_allclose(g16, g32, rtol=0.05, atol=0.02 * np.abs(g32).max())
+    assert not np.array_equal(g16, g32)

@@ -69,3 +69,80 @@ def test_resize_bilinear_2x_matches_torch(shape):
                                            mode="bilinear", align_corners=False)
     np.testing.assert_allclose(resize_bilinear(jnp.asarray(x), size),
                                want.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _lax_conv(x, k, s, d):
+    pad = d * (k.shape[0] - 1) // 2
+    return jax.lax.conv_general_dilated(x, k, (s, s), ((pad, pad), (pad, pad)), rhs_dilation=(d, d),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("k,s,d,hw", [(3, 1, 1, (5, 6)), (3, 2, 1, (7, 7)), (3, 1, 4, (6, 9)),
+                                      (1, 2, 1, (5, 5))])
+def test_wide_conv_runs_as_tap_products_equal_to_lax_conv(k, s, d, hw):
+    """Convs with >= TAP_PRODUCTS_MIN_CHANNELS inputs (tap products) and 1x1 convs (one product):
+    float64 values and both gradients equal XLA's convolution to rounding."""
+    from ms3_jax.models import resnet
+    cin = resnet.TAP_PRODUCTS_MIN_CHANNELS
+    rng = np.random.default_rng(4)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, *hw, cin)))
+        g = jnp.asarray(rng.standard_normal((2, (hw[0] - 1) // s + 1, (hw[1] - 1) // s + 1, 3)))
+        conv = Conv(3, k, s, d, dtype=jnp.float64)
+        v = conv.init(jax.random.PRNGKey(0), x)
+        kern = v["params"]["kernel"].astype(jnp.float64)
+        y = conv.apply(v, x)
+        assert y.dtype == jnp.float64
+        np.testing.assert_allclose(y, _lax_conv(x, kern, s, d), rtol=1e-12, atol=1e-12)
+        ours = jax.grad(lambda x, v: jnp.sum(conv.apply(v, x) * g), (0, 1))(x, v)
+        want = jax.grad(lambda x, kern: jnp.sum(_lax_conv(x, kern, s, d) * g), (0, 1))(x, kern)
+        np.testing.assert_allclose(ours[0], want[0], rtol=1e-12, atol=1e-12)
+        # the kernel parameter is stored in float32: its gradient is the float64 one, rounded
+        np.testing.assert_allclose(ours[1]["params"]["kernel"], want[1], rtol=2 ** -24, atol=1e-12)
+
+
+def test_conv_matmul_bf16_accumulates_in_f32_forward_and_backward():
+    """bfloat16 operands, float32 accumulation in all three products: each result is the float64
+    product of the bfloat16 operands, rounded once (a bfloat16 accumulation over 4096 terms is
+    off by far more). Gradients come back in the operands' dtype."""
+    from ms3_jax.models.gemm import conv_matmul
+    rng = np.random.default_rng(5)
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+    x, w, g = bf(rng.standard_normal((2, 8, 4096))), bf(rng.standard_normal((4096, 16))), \
+        bf(rng.standard_normal((2, 8, 16)))
+    f64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+    y = conv_matmul(x, w, jnp.float32)
+    np.testing.assert_allclose(y, f64(x) @ f64(w), rtol=1e-5, atol=1e-3)
+    _, vjp = jax.vjp(lambda x, w: conv_matmul(x, w, jnp.bfloat16), x, w)
+    dx, dw = vjp(g)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    ref_dx, ref_dw = f64(g) @ f64(w).T, np.einsum("bpk,bpn->kn", f64(x), f64(g))
+    # one bfloat16 rounding (relative 2^-8) of the exact result
+    np.testing.assert_allclose(f64(dx), ref_dx, rtol=2 ** -8, atol=1e-6 * np.abs(ref_dx).max())
+    np.testing.assert_allclose(f64(dw), ref_dw, rtol=2 ** -8, atol=1e-6 * np.abs(ref_dw).max())
+    with pytest.raises(TypeError, match="differ in dtype: bfloat16 vs float32"):
+        conv_matmul(x, w.astype(jnp.float32), jnp.float32)
+
+
+def test_conv_matmul_keeps_the_batch_sharded():
+    """The backward's row-major copies merge only per-image axes: with the batch sharded over 8
+    devices the compiled gradient gathers no activations (its only collective is the sum of dw)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from ms3_jax.models.gemm import conv_matmul
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    rng = np.random.default_rng(6)
+    xs, ws = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    x = jax.device_put(jnp.asarray(rng.standard_normal((8, 64, 256)), jnp.bfloat16), xs)
+    w = jax.device_put(jnp.asarray(rng.standard_normal((256, 32)), jnp.bfloat16), ws)
+    loss = lambda x, w: jnp.sum(conv_matmul(x, w, jnp.float32) ** 2)
+    fn = jax.jit(jax.grad(loss, (0, 1)), out_shardings=(xs, ws))
+    hlo = fn.lower(x, w).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo and "all-reduce" in hlo
+    dx, dw = fn(x, w)
+    f64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+    y = f64(x) @ f64(w)
+    np.testing.assert_allclose(f64(dw), np.einsum("bpk,bpn->kn", f64(x), 2 * y), rtol=2e-2,
+                               atol=1e-2 * np.abs(f64(dw)).max())
+    np.testing.assert_allclose(f64(dx), 2 * y @ f64(w).T, rtol=2e-2, atol=1e-2 * np.abs(f64(dx)).max())

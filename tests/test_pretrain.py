@@ -105,6 +105,25 @@ def test_eight_devices_equal_one_device():
     assert all(np.isfinite(m["loss"]) for m in m8)
 
 
+def test_bfloat16_compute_on_eight_devices_tracks_float32():
+    """The accelerator setting -- bfloat16 compute and bank, the batch sharded over 8 devices --
+    compiles and runs (every convolution / GEMM takes the bfloat16 x bfloat16 -> float32 path of
+    `models/gemm.py`, forward and backward), and its first loss is the float32 one up to
+    bfloat16 rounding."""
+    rng = np.random.default_rng(1)
+    batches = [random_batch(rng) for _ in range(2)]
+    config = tiny_config(**{"relations.warmup_steps": 1, "optim.warmup_steps": 1})
+    text = random_text(config.model.emb_dim)
+    s32, m32 = run_steps(config, jax.devices(), batches[:1], text)
+    config = tiny_config(**{"relations.warmup_steps": 1, "optim.warmup_steps": 1,
+                            "model.dtype": "bfloat16", "bank.dtype": "bfloat16"})
+    s16, m16 = run_steps(config, jax.devices(), batches, text)
+    assert m16[0]["loss"] > 1.0 and all(np.isfinite(m["loss"]) and m["finite"] for m in m16)
+    np.testing.assert_allclose(m16[0]["loss"], m32[0]["loss"], rtol=3e-2)
+    assert s16.bank.feats.dtype == jnp.bfloat16 and s16.bank.count.sum() > 0
+    assert jax.tree_util.tree_leaves(s16.params)[0].dtype == np.float32  # params stay float32
+
+
 @pytest.mark.parametrize("overrides,expected_terms", [
     ({"loss.use_visual": False, "relations.pixel_head": "language"}, {"loss_language"}),
     ({"loss.use_language": False}, {"loss_visual"}),

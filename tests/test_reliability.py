@@ -195,18 +195,25 @@ def test_second_ctrl_c_quits_without_saving(tmp_path):
 def test_half_written_checkpoint_is_never_picked_up(tmp_path):
     """A save killed before orbax's final rename leaves `<step>.orbax-checkpoint-tmp` (planted
     here exactly so, with a truncated file): it is not listed, resume takes the last complete
-    checkpoint, and the leftover is removed (orbax `cleanup_tmp_directories`, in the background
-    at start-up)."""
+    checkpoint, and the leftover is removed synchronously when a manager opens (orbax's
+    background cleanup raced with a second manager's on the same `rmtree`: a CI failure)."""
     toy_run(tmp_path, 6)
     ckpt = tmp_path / checkpointing.CHECKPOINT_DIR
     import shutil
-    partial = ckpt / "9.orbax-checkpoint-tmp"
-    shutil.copytree(ckpt / "6", partial)
-    for f in sorted(p for p in partial.rglob("*") if p.is_file())[:3]:
-        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+
+    def plant(name):
+        partial = ckpt / name
+        shutil.copytree(ckpt / "6", partial)
+        for f in sorted(p for p in partial.rglob("*") if p.is_file())[:3]:
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+        return partial
+
+    partial = plant("9.orbax-checkpoint-tmp")
+    assert ocp.CheckpointManager(str(ckpt)).all_steps() == [3, 6]  # never listed
     mngr = checkpointing.checkpoint_manager(str(tmp_path))
-    assert mngr.all_steps() == [3, 6] and mngr.latest_step() == 6
+    assert not partial.exists() and mngr.all_steps() == [3, 6] and mngr.latest_step() == 6
     mngr.close()
+    partial = plant("9.orbax-checkpoint-tmp-1764000000")  # orbax's timestamped form, too
     history, _ = toy_run(tmp_path, 9)
     assert [h["step"] for h in history] == [7, 8, 9]
     assert not partial.exists() and restore_toy(tmp_path)[0] == 9

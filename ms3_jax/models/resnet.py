@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ms3_jax.models.gemm import conv_matmul
+
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 # (strides, dilations) per output stride, as in MMSeg's DeepLab / PSPNet configs.
@@ -42,6 +44,8 @@ class Conv(nn.Module):
     1x1 convolutions (stride s: every s-th pixel) run as a matrix product: XLA's CPU backend
     computes them, and above all their weight gradients (a convolution with an HxW window over
     transposed activations), 3-6x slower than the equivalent GEMM (benchmarks/RESULTS.md).
+    Wide k x k convolutions run as k*k accumulated tap products (:func:`conv_as_tap_products`).
+    All products go through :func:`ms3_jax.models.gemm.conv_matmul` (float32 accumulation).
     """
 
     features: int
@@ -61,9 +65,11 @@ class Conv(nn.Module):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if k == 1 and self.groups == 1:
             x = x[:, ::s, ::s] if s > 1 else x
-            lead = x.shape[:-1]
-            y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, self.features)).reshape(
-                lead + (self.features,))
+            b, h, w = x.shape[:3]
+            y = conv_matmul(x.reshape(b, h * w, cin), kernel.reshape(cin, self.features),
+                            self.dtype).reshape(b, h, w, self.features)
+        elif self.groups == 1 and cin >= TAP_PRODUCTS_MIN_CHANNELS:
+            y = conv_as_tap_products(x, kernel, s, d)
         else:
             pad = d * (k - 1) // 2
             y = jax.lax.conv_general_dilated(
@@ -73,6 +79,31 @@ class Conv(nn.Module):
             y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,),
                                jnp.float32).astype(self.dtype)
         return y
+
+
+# From this many input channels a dense k x k convolution runs as tap products: at 256+ channels
+# the bfloat16 GEMMs win (1.6-1.8x the convolution, forward + backward, on the benchmark CPU); at
+# 64-128 channels XLA's convolution is as fast or faster (benchmarks/RESULTS.md).
+TAP_PRODUCTS_MIN_CHANNELS = 256
+
+
+def conv_as_tap_products(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, stride: int,
+                         dilation: int) -> jax.Array:
+    """A dense k x k convolution with PyTorch padding as the sum over its k*k taps of (shifted,
+    strided input) @ (tap weights), accumulated in float32 (float64 for float64 inputs)."""
+    k, _, cin, features = kernel_KxKxCxF.shape
+    s, d = stride, dilation
+    pad = d * (k - 1) // 2
+    b, h, w = x_BxHxWxC.shape[:3]
+    ho, wo = (h + 2 * pad - d * (k - 1) - 1) // s + 1, (w + 2 * pad - d * (k - 1) - 1) // s + 1
+    xp = jnp.pad(x_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    acc = jnp.promote_types(x_BxHxWxC.dtype, jnp.float32)
+    y = jnp.zeros((b, ho * wo, features), acc)
+    for i in range(k):
+        for j in range(k):
+            tap = xp[:, i * d: i * d + (ho - 1) * s + 1: s, j * d: j * d + (wo - 1) * s + 1: s]
+            y = y + conv_matmul(tap.reshape(b, ho * wo, cin), kernel_KxKxCxF[i, j], acc)
+    return y.astype(x_BxHxWxC.dtype).reshape(b, ho, wo, features)
 
 
 def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, *, name: str,

@@ -1,0 +1,101 @@
+r"""The products under the convolutions, one by one: why `models/gemm.py` and the tap products.
+
+  python benchmarks/gemm.py            # ~2 min on 2 CPU cores
+
+1. A bfloat16 [M, K] x [K, N] product on XLA's CPU backend: bfloat16 result vs float32
+   accumulation (`preferred_element_type`), and with a transposed operand (the backward
+   products autodiff writes) vs a physically transposed copy.
+2. A 3x3 convolution, forward and forward + backward, bfloat16: `lax.conv_general_dilated` vs
+   the tap products of `models/resnet.py` (`conv_as_tap_products`, `gemm.conv_matmul`).
+Each time is the fastest of 5 runs (compiled once); GFLOP/s counts 2 M K N per product.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def best_time(fn: Callable[..., Any], *args: Any, reps: int = 5) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def products() -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ms3_jax.models import gemm
+
+    f32 = dict(preferred_element_type=jnp.float32)
+    variants = {
+        "x@w -> bf16": lambda x, w, g: jnp.dot(x, w),
+        "x@w f32 acc": lambda x, w, g: jnp.dot(x, w, **f32),
+        "g@w.T f32 acc": lambda x, w, g: jnp.dot(g, w.T, **f32),
+        "g@copy(w.T)": lambda x, w, g: jnp.dot(g, gemm.row_major_transpose(w), **f32),
+        "x.T@g f32 acc": lambda x, w, g: jnp.dot(x.T, g, **f32),
+        "copy(x.T)@g": lambda x, w, g: jnp.dot(gemm.row_major_transpose(x), g, **f32),
+    }
+    print("bfloat16 products, GFLOP/s (M x K x N)")
+    print(f"{'':>18}" + "".join(f"{name:>15}" for name in variants))
+    rng = np.random.default_rng(0)
+    for m, k, n in ((6272, 2560, 512), (6272, 1024, 256), (25088, 256, 64), (4096, 4096, 4096)):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+        g = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+        row = [2 * m * k * n / best_time(jax.jit(f), x, w, g) / 1e9 for f in variants.values()]
+        print(f"{f'{m}x{k}x{n}':>18}" + "".join(f"{r:>15.0f}" for r in row), flush=True)
+
+
+def convolutions() -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ms3_jax.models import resnet
+
+    def lax_conv(x, k, s, d):
+        return jax.lax.conv_general_dilated(x, k, (s, s), ((d, d), (d, d)), rhs_dilation=(d, d),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    print("\nbfloat16 3x3 convolutions, ms forward / forward + backward")
+    print(f"{'input, out, stride, dilation':>34}{'lax conv':>16}{'tap products':>16}")
+    rng = np.random.default_rng(1)
+    for shape, cout, s, d in (((8, 56, 56, 64), 64, 1, 1), ((8, 56, 56, 128), 128, 2, 1),
+                              ((8, 28, 28, 256), 256, 1, 2), ((8, 28, 28, 512), 512, 1, 4),
+                              ((8, 28, 28, 2560), 512, 1, 1)):
+        x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+        k = jnp.asarray(rng.standard_normal((3, 3, shape[-1], cout)) * 0.05, jnp.bfloat16)
+        cells = []
+        for f in (lax_conv, resnet.conv_as_tap_products):
+            fwd = jax.jit(lambda x, k, f=f: f(x, k, s, d))
+            grad = jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k, s, d).astype(jnp.float32) ** 2),
+                                    (0, 1)))
+            cells.append(f"{best_time(fwd, x, k) * 1e3:.0f} / {best_time(grad, x, k) * 1e3:.0f}")
+        print(f"{f'{shape} {cout} {s} {d}':>34}" + "".join(f"{c:>16}" for c in cells), flush=True)
+
+
+def main() -> None:
+    if REPO not in sys.path:
+        sys.path.append(REPO)
+    import jax
+
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  jax {jax.__version__}, {jax.default_backend()}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()}")
+    products()
+    convolutions()
+
+
+if __name__ == "__main__":
+    main()
