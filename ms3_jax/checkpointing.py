@@ -96,12 +96,16 @@ def restore_state(workdir: str, step: int | None = None) -> tuple[int, Mapping[s
         raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {sorted(steps)}")
     # Onto this process's first device, whatever device layout wrote the checkpoint (orbax
     # refuses a target-less restore onto another topology).
-    meta = manager.item_metadata(step).state
+    # The `state` item alone: the manager would also look at the `data` (iterator) item and warn
+    # that it has no handler for it.
+    path = manager.directory / str(step) / "state"  # an etils Path, as the handler wants
+    manager.close()
+    handler = ocp.StandardCheckpointHandler()
+    meta = handler.metadata(path)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), getattr(meta, "tree", meta))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return step, restored.state
+    return step, handler.restore(path, args=ocp.args.StandardRestore(abstract))
 
 
 def encoder_variables(state: Mapping[str, Any], ema: bool = False) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """MS3 pretraining: the sharded step (8 devices == 1 device), ablation switches, resume, config errors."""
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -208,7 +209,7 @@ def loop_config(synthetic_dir, tmp_path):
     return config
 
 
-def test_resume_continues_exactly(synthetic_dir, tmp_path):
+def test_resume_continues_exactly(synthetic_dir, tmp_path, caplog):
     """N steps, stop, resume, continue to 2N == an uninterrupted 2N run (losses and params)."""
     from ms3_jax import checkpointing
     config = loop_config(synthetic_dir, tmp_path)
@@ -220,9 +221,12 @@ def test_resume_continues_exactly(synthetic_dir, tmp_path):
     for a, b in zip(full[3:], second):
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=f"step {a['step']} {k}")
-    _, s_full = checkpointing.restore_state(str(tmp_path / "full"))
-    _, s_split = checkpointing.restore_state(str(tmp_path / "split"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, s_full = checkpointing.restore_state(str(tmp_path / "full"))
+        _, s_split = checkpointing.restore_state(str(tmp_path / "split"))
     assert_trees_close(s_full, s_split, rtol=1e-6, atol=1e-7)
+    assert not caplog.records, caplog.text  # the state item alone, quietly (no iterator warning)
     # The run wrote what a user looks at: TensorBoard events, the config and the relations report.
     assert (tmp_path / "full" / "config.json").exists()
     assert list((tmp_path / "full" / "tensorboard").iterdir())
