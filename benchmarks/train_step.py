@@ -16,7 +16,8 @@ Variant syntax `kind[:dtype][@flags][#NAME]`:
          channels_last, the same architecture and the same CE step)
   dtype  bf16 | f32: compute dtype (default: the config's bfloat16 for JAX, float32 for torch;
          torch:bf16 is `torch.autocast` bfloat16)
-  flags  a name from FLAG_SETS (XLA CPU options) for JAX variants
+  flags  a name from FLAG_SETS (XLA CPU options, JAX variants) or ENV_SETS (any variant;
+         `@reuse`: MS3_HOST_MALLOC=reuse, glibc keeps freed pages)
   #NAME  the code in --baseline's NAME=DIR instead of this checkout (before/after in one run)
 FLOPs: XLA's cost analysis of the compiled step (JAX); the torch step is credited with the FLOPs
 of the JAX CE step (same architecture; torch's own FlopCounterMode count is printed as a check).
@@ -48,6 +49,12 @@ FLAG_SETS = {
     "xnngraph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "fastmath": "--xla_cpu_enable_fast_math=true",
 }
+# Process environments tried. Every worker (torch too) applies MS3_HOST_MALLOC as
+# `python -m ms3_jax.main` does (`ms3_jax.host_memory.configure_from_env`): "reuse" makes glibc
+# keep freed pages instead of faulting in and zeroing fresh ones every step.
+ENV_SETS = {
+    "reuse": {"MS3_HOST_MALLOC": "reuse"},
+}
 PEAK_N = 4096  # float32 matmul size for the peak measurement
 
 
@@ -62,8 +69,8 @@ def parse_variant(v: str) -> tuple[str, str | None, str]:
         raise ValueError(f"unknown kind in variant {v!r}")
     if dtype not in ("", "bf16", "f32"):
         raise ValueError(f"unknown dtype in variant {v!r}")
-    if flags and flags not in FLAG_SETS:
-        raise ValueError(f"unknown flag set {flags!r}; known: {sorted(FLAG_SETS)}")
+    if flags and flags not in FLAG_SETS and flags not in ENV_SETS:
+        raise ValueError(f"unknown flag set {flags!r}; known: {sorted(FLAG_SETS) + sorted(ENV_SETS)}")
     return kind, dtype or None, flags or "default"
 
 
@@ -227,11 +234,24 @@ def release_memory() -> None:
         pass
 
 
+def set_host_malloc() -> str:
+    """This checkout's `host_memory.configure_from_env()` (also for `#NAME` baselines and torch),
+    before JAX / torch start their threads, as in ms3_jax.main."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_host_memory", os.path.join(REPO, "ms3_jax", "host_memory.py"))
+    host_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_memory)
+    return host_memory.configure_from_env()
+
+
 def worker_main(variant: str, batch: int, size: int) -> None:
     """Set up, print one JSON line of info, then serve 'step' / 'peak' / 'quit' from stdin."""
     import warnings
 
     warnings.filterwarnings("ignore")
+    set_host_malloc()
     kind, dtype, _ = parse_variant(variant)
     w = TorchWorker(dtype, batch, size) if kind == "torch" else JaxWorker(kind, dtype, batch, size)
     print("@@" + json.dumps(w.info()), flush=True)
@@ -242,7 +262,8 @@ def worker_main(variant: str, batch: int, size: int) -> None:
             out = {"t": w.step()}
             out["cpu"] = cpu_seconds() - c0
             out["maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-            release_memory()  # idle workers hand their step's scratch back to the OS
+            if os.environ.get("MS3_HOST_MALLOC") != "reuse":
+                release_memory()  # idle workers hand their step's scratch back to the OS
         elif cmd == "peak":
             out = {"gflops": w.peak()}
         else:
@@ -257,7 +278,8 @@ class Proc:
     def __init__(self, variant: str, args: argparse.Namespace):
         _, _, flags = parse_variant(variant)
         env = dict(os.environ)
-        env["XLA_FLAGS"] = " ".join(x for x in (FLAG_SETS[flags], args.xla_flags) if x)
+        env["XLA_FLAGS"] = " ".join(x for x in (FLAG_SETS.get(flags, ""), args.xla_flags) if x)
+        env.update(ENV_SETS.get(flags, {}))
         _, _, tag = variant.partition("#")
         trees = dict(x.split("=", 1) if "=" in x else ("base", x)
                      for x in args.baseline.split(",") if x)
@@ -267,7 +289,9 @@ class Proc:
         env["PYTHONPATH"] = os.pathsep.join(first + [REPO] + [p for p in [env.get("PYTHONPATH")] if p])
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant,
                "--batch", str(args.batch), "--size", str(args.size)]
-        self.variant, self.xla_flags = variant, env["XLA_FLAGS"]
+        self.variant = variant
+        self.xla_flags = " ".join([env["XLA_FLAGS"]] + [f"{k}={v}" for k, v in
+                                                        ENV_SETS.get(flags, {}).items()]).strip()
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   env=env, cwd=REPO)
         self.info = self._read()
@@ -317,7 +341,9 @@ def profile(variant: str, args: argparse.Namespace, top: int = 25) -> None:
     kind, dtype, flags = parse_variant(variant)
     if kind == "torch":
         raise ValueError("--profile is for JAX variants")
-    os.environ["XLA_FLAGS"] = " ".join(x for x in (FLAG_SETS[flags], args.xla_flags) if x)
+    os.environ["XLA_FLAGS"] = " ".join(x for x in (FLAG_SETS.get(flags, ""), args.xla_flags) if x)
+    os.environ.update(ENV_SETS.get(flags, {}))
+    print(set_host_malloc(), flush=True)
     sys.path.insert(0, REPO)
     import jax
 

@@ -17,7 +17,10 @@ def _grouped_conv(x, k, d):
                                         feature_group_count=x.shape[-1])
 
 
-@pytest.mark.parametrize("hw,d", [((7, 5), 1), ((9, 9), 4), ((6, 6), 6), ((5, 9), 7), ((1, 1), 1)])
+# (h, w), d: both forms -- padded buffer (2d <= min(h, w)) and per-tap shifts (partly or
+# wholly out-of-bounds taps).
+@pytest.mark.parametrize("hw,d", [((7, 5), 1), ((9, 9), 4), ((9, 4), 2), ((5, 9), 3), ((6, 6), 6),
+                                  ((5, 9), 7), ((1, 1), 1)])
 def test_depthwise_equals_grouped_conv_values_and_grads(hw, d):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, *hw, 5)), jnp.float32)
@@ -28,6 +31,20 @@ def test_depthwise_equals_grouped_conv_values_and_grads(hw, d):
     want = jax.grad(lambda x, k: jnp.sum(_grouped_conv(x, k, d) * g), (0, 1))(x, k)
     for a, b in zip(ours, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_copies_its_input_padded_only_without_autodiff():
+    """Without autodiff the input goes through one `dynamic_update_slice` into a padded buffer
+    (XLA does not fuse it, so the producer is not recomputed per tap); the gradient keeps the
+    form without the copy (its input is a residual anyway)."""
+    x = jnp.ones((1, 8, 8, 3), jnp.float32)
+    k = jnp.ones((3, 3, 1, 3), jnp.float32)
+    forward = str(jax.make_jaxpr(lambda x: depthwise_conv3x3(x, k, 2))(x))
+    grad = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(depthwise_conv3x3(x, k, 2))))(x))
+    assert forward.count("dynamic_update_slice") == 1
+    assert "dynamic_update_slice" not in grad
+    # Dilation above half the map: per-tap shifts, no mostly-zero buffer.
+    assert "dynamic_update_slice" not in str(jax.make_jaxpr(lambda x: depthwise_conv3x3(x, k, 5))(x))
 
 
 def test_depthwise_module_has_nn_conv_params_and_init():

@@ -7,6 +7,7 @@ with the visual embeddings V (Eq. 2/8). Submodule names mirror MMSegmentation's
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -72,35 +73,59 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def depthwise_conv3x3(x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, dilation: int) -> jax.Array:
     """Depthwise 3x3 conv, stride 1, padding = dilation (torch `Conv2d(C, C, 3, padding=d,
     dilation=d, groups=C)`), as a sum of the 9 shifted, per-channel-scaled inputs.
 
     Same result as `lax.conv_general_dilated(..., feature_group_count=C)`, but XLA fuses it into
-    elementwise loops (forward and backward), where the CPU backend runs grouped convolutions
-    10-35x slower than PyTorch (benchmarks/RESULTS.md). Each tap is the in-bounds part of the
-    input, scaled, and zero-padded back to the output size (no padded copy of the input); taps that
-    read only padding (dilation >= the map size: the rate-24/36 ASPP branches on 28x28 maps) are
-    skipped: they add exact zeros. Accumulates in float32 (float64 for float64 inputs); returns
-    the input dtype.
+    elementwise loops, where the CPU backend runs grouped convolutions 10-35x slower than PyTorch
+    (benchmarks/RESULTS.md). Taps that read only padding (dilation >= the map size: the rate-24/36
+    ASPP branches on 28x28 maps) are skipped: they add exact zeros. Accumulates in float32
+    (float64 for float64 inputs); returns the input dtype.
+
+    Two forms of the same sum (:func:`_depthwise`): without autodiff (the momentum encoder,
+    evaluation) the input is first copied into a zero-padded buffer; under autodiff (the custom
+    JVP below, which JAX transposes for the gradient) each tap pads its in-bounds part instead.
     """
-    _, h, w, _ = x_BxHxWxC.shape
-    d = dilation
+    return _depthwise(x_BxHxWxC, kernel_3x3x1xC, dilation, padded_copy=True)
+
+
+@depthwise_conv3x3.defjvp
+def _depthwise_jvp(dilation, primals, tangents):
+    (x, kernel), (dx, dkernel) = primals, tangents
+    y = _depthwise(x, kernel, dilation, padded_copy=False)
+    dy = (_depthwise(dx, kernel, dilation, padded_copy=False)
+          + _depthwise(x, dkernel, dilation, padded_copy=False))
+    return y, dy
+
+
+def _depthwise(x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, d: int,
+               padded_copy: bool) -> jax.Array:
+    """The 9-tap sum. `padded_copy` (and a dilation of at most half the map): ``x`` is first
+    written into a zero-padded buffer by a `dynamic_update_slice`, which XLA does not fuse into
+    its consumers. Without it, in a forward pass without autodiff, XLA fuses the producer (the
+    previous BN + ReLU) into the 9-tap loop and recomputes it per tap: 6-10x slower for a 56x56x512
+    map. Under autodiff that input is a residual, materialised anyway, and the copy only adds
+    memory: each tap then scales the in-bounds part of ``x`` and pads the product back."""
+    b, h, w, c = x_BxHxWxC.shape
     acc = jnp.promote_types(x_BxHxWxC.dtype, jnp.float32)
     k = kernel_3x3x1xC.astype(acc)
+    offsets = [((i, j), ((i - 1) * d, (j - 1) * d)) for i in range(3) for j in range(3)]
+    offsets = [(ij, (di, dj)) for ij, (di, dj) in offsets if abs(di) < h and abs(dj) < w]
+    xp = None
+    if padded_copy and 2 * d <= min(h, w):
+        xp = jax.lax.dynamic_update_slice(
+            jnp.zeros((b, h + 2 * d, w + 2 * d, c), x_BxHxWxC.dtype), x_BxHxWxC, (0, d, d, 0))
     out = None
-    for i in range(3):
-        di = (i - 1) * d
-        if abs(di) >= h:
-            continue
-        for j in range(3):
-            dj = (j - 1) * d
-            if abs(dj) >= w:
-                continue
+    for (i, j), (di, dj) in offsets:
+        if xp is not None:
+            term = xp[:, d + di:d + di + h, d + dj:d + dj + w].astype(acc) * k[i, j, 0]
+        else:
             src = x_BxHxWxC[:, max(0, di):h + min(0, di), max(0, dj):w + min(0, dj)]
             term = jnp.pad(src.astype(acc) * k[i, j, 0],
                            ((0, 0), (max(0, -di), max(0, di)), (max(0, -dj), max(0, dj)), (0, 0)))
-            out = term if out is None else out + term
+        out = term if out is None else out + term
     return out.astype(x_BxHxWxC.dtype)
 
 

@@ -1,0 +1,66 @@
+"""MS3_HOST_MALLOC=reuse (host_memory.keep_freed_pages): a large block freed by a worker thread
+is reused without the kernel faulting its pages in again (what a JAX CPU step's scratch needs);
+unset, glibc's defaults stay. Each case runs in a fresh interpreter (the setting is process-wide)."""
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc mallopt only")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Allocate, touch and free 64 MiB on a new thread (as XLA's thread pool does), twice; print the
+# minor page faults of the second round.
+PROBE = r"""
+import ctypes, ctypes.util, resource, threading
+from ms3_jax import host_memory
+print(host_memory.configure_from_env())
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+n = 64 << 20
+def touch():
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    libc.free(p)
+def on_thread():
+    t = threading.Thread(target=touch)
+    t.start()
+    t.join()
+on_thread()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+on_thread()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _probe(mode: str | None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("MS3_HOST_MALLOC", None)
+    if mode is not None:
+        env["MS3_HOST_MALLOC"] = mode
+    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_reuse_keeps_freed_pages_and_the_default_is_glibcs():
+    out = _probe("reuse").stdout.splitlines()
+    msg, faults = out[0], int(out[1])
+    assert msg.startswith("host malloc: one arena, no mmap, no trimming"), msg
+    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert faults < pages // 20, (faults, pages)
+    out = _probe(None).stdout.splitlines()
+    msg, faults_default = out[0], int(out[1])
+    assert msg.startswith("host malloc: glibc defaults"), msg
+    # glibc's defaults: the block is mmapped and unmapped each time, so every page faults again
+    # (fewer with transparent huge pages, still far more than with the setting).
+    assert faults_default > 4 * max(faults, 1), (faults_default, faults)
+
+
+def test_unknown_mode_is_an_error_naming_the_variable():
+    r = _probe("fast")
+    assert r.returncode != 0
+    assert "MS3_HOST_MALLOC must be 'reuse' or 'default', got 'fast'" in r.stderr
