@@ -8,8 +8,8 @@ Exit codes: 0 done; 75 preempted -- SIGTERM / SIGINT saved a checkpoint (state +
 relaunch the same command to resume exactly (`loop.PREEMPTED_EXIT_CODE`); 1 an error (named in
 the traceback: bad input, non-finite loss, ...).
 
-Long CPU runs: MS3_HOST_MALLOC=reuse makes glibc keep freed pages for reuse (15-25 % faster
-steps, slower compiles; `host_memory`).
+Long CPU runs: MS3_HOST_MALLOC=reuse makes glibc keep freed pages for reuse (20-25 % faster
+steps; `host_memory`).
 """
 import logging as py_logging
 import sys

@@ -1,6 +1,7 @@
-"""MS3_HOST_MALLOC=reuse (host_memory.keep_freed_pages): a large block freed by a worker thread
-is reused without the kernel faulting its pages in again (what a JAX CPU step's scratch needs);
-unset, glibc's defaults stay. Each case runs in a fresh interpreter (the setting is process-wide)."""
+"""MS3_HOST_MALLOC=reuse (host_memory.keep_freed_pages): a large freed block is reused without the
+kernel faulting its pages in again (what a JAX CPU step's scratch needs), and JAX's CPU dispatch
+is synchronous (so that scratch comes from the calling thread's main heap); unset, glibc's and
+JAX's defaults stay. Each case runs in a fresh interpreter (the settings are process-wide)."""
 import os
 import platform
 import subprocess
@@ -12,10 +13,10 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Allocate, touch and free 64 MiB on a new thread (as XLA's thread pool does), twice; print the
-# minor page faults of the second round.
+# Allocate, touch and free 64 MiB twice; print the minor page faults of the second round and
+# JAX's CPU dispatch mode.
 PROBE = r"""
-import ctypes, ctypes.util, resource, threading
+import ctypes, ctypes.util, resource
 from ms3_jax import host_memory
 print(host_memory.configure_from_env())
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -26,14 +27,12 @@ def touch():
     p = libc.malloc(n)
     ctypes.memset(p, 1, n)
     libc.free(p)
-def on_thread():
-    t = threading.Thread(target=touch)
-    t.start()
-    t.join()
-on_thread()
+touch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-on_thread()
+touch()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+import jax
+print(jax.config.read("jax_cpu_enable_async_dispatch"))
 """
 
 
@@ -49,12 +48,14 @@ def _probe(mode: str | None) -> subprocess.CompletedProcess:
 def test_reuse_keeps_freed_pages_and_the_default_is_glibcs():
     out = _probe("reuse").stdout.splitlines()
     msg, faults = out[0], int(out[1])
-    assert msg.startswith("host malloc: one arena, no mmap, no trimming"), msg
+    assert msg.startswith("host malloc: large blocks from the main heap, freed pages kept"), msg
+    assert out[2] == "False"  # synchronous CPU dispatch
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
     assert faults < pages // 20, (faults, pages)
     out = _probe(None).stdout.splitlines()
     msg, faults_default = out[0], int(out[1])
     assert msg.startswith("host malloc: glibc defaults"), msg
+    assert out[2] == "True"
     # glibc's defaults: the block is mmapped and unmapped each time, so every page faults again
     # (fewer with transparent huge pages, still far more than with the setting).
     assert faults_default > 4 * max(faults, 1), (faults_default, faults)
