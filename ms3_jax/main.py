@@ -25,7 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and out
 def main(argv: list[str]) -> None:
     del argv
     from ms3_jax import host_memory
-    host_malloc = host_memory.configure_from_env()  # before JAX starts its threads
+    host_malloc = host_memory.configure_from_env()  # before JAX creates its CPU client
     from ms3_jax import sharding
     sharding.initialize_distributed()  # multi-process (MS3_* env, SLURM, TPU pod): before any JAX use
     config = _CONFIG.value
