@@ -94,18 +94,20 @@ def _lax_conv(x, k, s, d):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@pytest.mark.parametrize("k,s,d,hw", [(3, 1, 1, (5, 6)), (3, 2, 1, (7, 7)), (3, 1, 4, (6, 9)),
-                                      (1, 2, 1, (5, 5))])
-def test_wide_conv_runs_as_tap_products_equal_to_lax_conv(k, s, d, hw):
-    """Convs with >= TAP_PRODUCTS_MIN_CHANNELS inputs (tap products) and 1x1 convs (one product):
+@pytest.mark.parametrize("k,s,d,hw,cout", [(3, 1, 1, (5, 6), 3), (3, 2, 1, (7, 7), 3),
+                                           (3, 1, 4, (6, 9), 3), (1, 2, 1, (5, 5), 3),
+                                           (3, 2, 2, (6, 7), 300)])
+def test_wide_conv_runs_as_tap_products_equal_to_lax_conv(k, s, d, hw, cout):
+    """Convs with >= TAP_PRODUCTS_MIN_CHANNELS inputs (tap products, with their written-out
+    gradient: both kernel-gradient orientations, strided taps) and 1x1 convs (one product):
     float64 values and both gradients equal XLA's convolution to rounding."""
     from ms3_jax.models import resnet
     cin = resnet.TAP_PRODUCTS_MIN_CHANNELS
     rng = np.random.default_rng(4)
     with jax.enable_x64(True):
         x = jnp.asarray(rng.standard_normal((2, *hw, cin)))
-        g = jnp.asarray(rng.standard_normal((2, (hw[0] - 1) // s + 1, (hw[1] - 1) // s + 1, 3)))
-        conv = Conv(3, k, s, d, dtype=jnp.float64)
+        g = jnp.asarray(rng.standard_normal((2, (hw[0] - 1) // s + 1, (hw[1] - 1) // s + 1, cout)))
+        conv = Conv(cout, k, s, d, dtype=jnp.float64)
         v = conv.init(jax.random.PRNGKey(0), x)
         kern = v["params"]["kernel"].astype(jnp.float64)
         y = conv.apply(v, x)
@@ -162,3 +164,35 @@ def test_conv_matmul_keeps_the_batch_sharded():
     np.testing.assert_allclose(f64(dw), np.einsum("bpk,bpn->kn", f64(x), 2 * y), rtol=2e-2,
                                atol=1e-2 * np.abs(f64(dw)).max())
     np.testing.assert_allclose(f64(dx), 2 * y @ f64(w).T, rtol=2e-2, atol=1e-2 * np.abs(f64(dx)).max())
+
+
+@pytest.mark.parametrize("s,d,hw", [(1, 1, (5, 6)), (2, 1, (7, 6)), (1, 3, (4, 9))])
+def test_conv_with_uniform_channels_equals_conv_of_the_broadcast_concat(s, d, hw):
+    """The ASPP bottleneck's image-pool channels (constant per image) enter a wide 3x3 conv as
+    per-tap products with border masks: float64 values and all three gradients equal the conv of
+    the materialised [broadcast(u), x] concatenation, border pixels included."""
+    from ms3_jax.models import resnet
+    cin, n_u, cout = resnet.TAP_PRODUCTS_MIN_CHANNELS, 5, 4
+    rng = np.random.default_rng(7)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, *hw, cin)))
+        u = jnp.asarray(rng.standard_normal((2, 1, 1, n_u)))
+        g = jnp.asarray(rng.standard_normal((2, (hw[0] - 1) // s + 1, (hw[1] - 1) // s + 1, cout)))
+        conv = Conv(cout, 3, s, d, use_bias=True, dtype=jnp.float64)
+        v = conv.init(jax.random.PRNGKey(0), x, u)
+        assert v["params"]["kernel"].shape == (3, 3, n_u + cin, cout)
+        kern = v["params"]["kernel"].astype(jnp.float64)
+        bias = v["params"]["bias"].astype(jnp.float64) + 0.5
+
+        def ours(x, u, kern):
+            return conv.apply({"params": {"kernel": kern, "bias": bias}}, x, u)
+
+        def want(x, u, kern):
+            full = jnp.concatenate([jnp.broadcast_to(u, x.shape[:3] + (n_u,)), x], -1)
+            return _lax_conv(full, kern, s, d) + bias
+
+        np.testing.assert_allclose(ours(x, u, kern), want(x, u, kern), rtol=1e-12, atol=1e-12)
+        loss = lambda f: (lambda *a: jnp.sum(f(*a) * g))
+        for a, b in zip(jax.grad(loss(ours), (0, 1, 2))(x, u, kern),
+                        jax.grad(loss(want), (0, 1, 2))(x, u, kern)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-11)

@@ -31,7 +31,7 @@ def row_major_transpose(x_AxB: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(x_AxB.T.reshape(-1)).reshape(x_AxB.shape[::-1])
 
 
-def _row_major_batched(x_BxPxK: jax.Array) -> jax.Array:
+def row_major_batched(x_BxPxK: jax.Array) -> jax.Array:
     """``x`` as [B, K, P], row-major on CPU. The batch stays the major axis, so a batch-sharded
     ``x`` stays sharded (transposing [B*P, K] whole puts the batch minor: GSPMD gathers it)."""
     x_BxKxP = jnp.swapaxes(x_BxPxK, 1, 2)
@@ -41,7 +41,9 @@ def _row_major_batched(x_BxPxK: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(x_BxKxP.reshape(b, k * p)).reshape(b, k, p)
 
 
-def _product(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
+def product(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
+    """``einsum(spec, a, b)`` accumulated in float32 (float64 for float64 operands), cast to
+    ``out_dtype``."""
     return jnp.einsum(spec, a, b, preferred_element_type=_accumulator(a.dtype)).astype(out_dtype)
 
 
@@ -52,7 +54,7 @@ def conv_matmul(x_BxPxK: jax.Array, w_KxN: jax.Array, out_dtype: Any) -> jax.Arr
     both with operands in that dtype and float32 accumulation."""
     if x_BxPxK.dtype != w_KxN.dtype:
         raise TypeError(f"conv_matmul operands differ in dtype: {x_BxPxK.dtype} vs {w_KxN.dtype}")
-    return _product("bpk,kn->bpn", x_BxPxK, w_KxN, out_dtype)
+    return product("bpk,kn->bpn", x_BxPxK, w_KxN, out_dtype)
 
 
 def _conv_matmul_fwd(x_BxPxK, w_KxN, out_dtype):
@@ -62,7 +64,7 @@ def _conv_matmul_fwd(x_BxPxK, w_KxN, out_dtype):
 def _conv_matmul_bwd(out_dtype, residuals, g_BxPxN):
     x_BxPxK, w_KxN = residuals
     g_BxPxN = g_BxPxN.astype(x_BxPxK.dtype)
-    dx_BxPxK = _product("bpn,nk->bpk", g_BxPxN, row_major_transpose(w_KxN), x_BxPxK.dtype)
+    dx_BxPxK = product("bpn,nk->bpk", g_BxPxN, row_major_transpose(w_KxN), x_BxPxK.dtype)
     return dx_BxPxK, _weight_gradient(x_BxPxK, g_BxPxN, w_KxN.dtype)
 
 
@@ -73,8 +75,8 @@ def _weight_gradient(x_BxPxK: jax.Array, g_BxPxN: jax.Array, dtype: Any) -> jax.
     the CPU's bfloat16 GEMM does not take)."""
     k, n = x_BxPxK.shape[-1], g_BxPxN.shape[-1]
     if jax.default_backend() != "cpu" or k <= n:
-        return _product("bkp,bpn->kn", _row_major_batched(x_BxPxK), g_BxPxN, dtype)
-    dw_NxK = _product("bnp,bpk->nk", _row_major_batched(g_BxPxN), x_BxPxK, dtype)
+        return product("bkp,bpn->kn", row_major_batched(x_BxPxK), g_BxPxN, dtype)
+    dw_NxK = product("bnp,bpk->nk", row_major_batched(g_BxPxN), x_BxPxK, dtype)
     return row_major_transpose(jax.lax.optimization_barrier(dw_NxK))
 
 
