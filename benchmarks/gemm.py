@@ -7,6 +7,10 @@ r"""The products under the convolutions, one by one: why `models/gemm.py` and th
    products autodiff writes) vs a physically transposed copy.
 2. A 3x3 convolution, forward and forward + backward, bfloat16: `lax.conv_general_dilated` vs
    the tap products of `models/resnet.py` (`conv_as_tap_products`, `gemm.conv_matmul`).
+3. In context, forward + backward + an SGD update of the parameters, bfloat16, batch 8 at 224:
+   the DeepLab-v3+ decoder head (ASPP with its depthwise branches and image pool, the 3x3
+   bottleneck, the stride-4 decoder) and a layer4 bottleneck block (3x3 tap conv, dilation 4).
+   `PYTHONPATH=DIR python benchmarks/gemm.py` times the checkout in DIR (before / after).
 Each time is the fastest of 5 runs (compiled once); GFLOP/s counts 2 M K N per product.
 """
 from __future__ import annotations
@@ -86,6 +90,38 @@ def convolutions() -> None:
         print(f"{f'{shape} {cout} {s} {d}':>34}" + "".join(f"{c:>16}" for c in cells), flush=True)
 
 
+def in_context() -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ms3_jax.models import deeplab, resnet
+
+    bf16 = jnp.bfloat16
+    rng = np.random.default_rng(2)
+    layer1 = jnp.asarray(rng.standard_normal((8, 56, 56, 256)), bf16)
+    layer4 = jnp.asarray(rng.standard_normal((8, 28, 28, 2048)), bf16)
+    cases = {
+        "decoder head": (deeplab.DeepLabV3PlusHead(512, 48, (1, 12, 24, 36), bf16), (layer1, layer4)),
+        "layer4 block (d=4)": (resnet.Bottleneck(512, dilation=4, dtype=bf16), (layer4,)),
+    }
+    print("\nforward + backward + SGD update, bfloat16, ms")
+    for name, (module, inputs) in cases.items():
+        variables = module.init(jax.random.PRNGKey(0), *inputs, train=False)
+
+        def step(params, stats, inputs, module=module):
+            def loss(params):
+                y, _ = module.apply({"params": params, "batch_stats": stats}, *inputs, train=True,
+                                    mutable=["batch_stats"])
+                return jnp.mean(jnp.square(y.astype(jnp.float32)))
+            grads = jax.grad(loss)(params)
+            return jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
+
+        fn = jax.jit(step)
+        ms = best_time(fn, variables["params"], variables["batch_stats"], inputs) * 1e3
+        print(f"{name:>34}{ms:>10.0f}", flush=True)
+
+
 def main() -> None:
     if REPO not in sys.path:
         sys.path.append(REPO)
@@ -95,6 +131,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load {os.getloadavg()}")
     products()
     convolutions()
+    in_context()
 
 
 if __name__ == "__main__":

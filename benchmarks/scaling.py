@@ -3,6 +3,7 @@ r"""Cost of the MS3-specific part of the step as the label space |Y| grows.
   python benchmarks/scaling.py                                  # |Y| = 21..3000 at 8 x 56 x 56, + the step
   python benchmarks/scaling.py --batch 2 --size 64 --classes 21,342 --reps 2   # quick check
   python benchmarks/scaling.py --devices 8 --classes 342 --no_step   # collectives, 8 fake devices
+  MS3_HOST_MALLOC=reuse python benchmarks/scaling.py            # the host allocator `main` takes
 
 The MS3-specific part, alone: Eq. 6 mask from S; the pairing losses (Eq. 7, 8: language with T,
 visual with V, multi-label positives on) and their gradients w.r.t. the pixel embeddings; the
@@ -142,6 +143,9 @@ def main() -> None:
                                    f" --xla_force_host_platform_device_count={args.devices}")
     if REPO not in sys.path:  # after PYTHONPATH, so a checkout there can be compared
         sys.path.append(REPO)
+    from ms3_jax import host_memory
+
+    host_malloc = host_memory.configure_from_env()  # MS3_HOST_MALLOC, as `ms3_jax.main` does
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -153,7 +157,7 @@ def main() -> None:
     hw, dim, slots = args.size // 4, cfg.model.emb_dim, cfg.bank.slots
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {args.batch} x {hw} x {hw} pixels, C={dim}, bank "
           f"K={slots} slots x P={cfg.bank.per_class} per step ({cfg.bank.dtype}), "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()}", flush=True)
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()}\n# {host_malloc}", flush=True)
     part = make_part(cfg)
     classes = [int(c) for c in args.classes.split(",")]
     fns, data, rows = {}, {}, {}

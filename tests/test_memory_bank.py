@@ -190,3 +190,18 @@ def test_bank_then_visual_end_to_end_jit():
         bank, v, v_valid = step(bank, v, v_valid, emb, labels, jax.random.key(s))
     np.testing.assert_array_equal(v_valid, [True, True, False, False])
     np.testing.assert_array_equal(v[2:], 0.0)
+
+
+def test_enqueue_rewrites_the_bank_without_a_whole_bank_temporary():
+    """The enqueue updates the (donated) bfloat16 bank in place: its compiled scratch stays far
+    below the bank's size (a bfloat16 scatter made XLA's CPU backend round-trip the whole bank
+    through float32: twice its size in temporaries)."""
+    k, slots, dim, n = 256, 64, 128, 1000
+    bank = mb.init_bank(k, slots, dim)  # bfloat16, 4 MiB
+    labels = np.random.RandomState(8).randint(0, k, size=n).astype(np.int32)
+    emb = np.random.RandomState(9).randn(n, dim).astype(np.float32)
+    fn = jax.jit(functools.partial(mb.enqueue, per_class=4), donate_argnums=0)
+    compiled = fn.lower(bank, emb, labels, jax.random.key(0)).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < bank.feats.nbytes / 4
+    new = compiled(bank, emb, labels, jax.random.key(0))
+    assert int(new.count.sum()) == int(np.minimum(np.bincount(labels, minlength=k), 4).sum())
