@@ -130,7 +130,7 @@ def uniform_input_conv(u_Bx1x1xU: jax.Array, kernel_KxKxUxF: jax.Array, hw: tupl
     ``u @ kernel[i, j]`` of the taps (i, j) that read inside the map (all but the border)."""
     k, _, n_u, _ = kernel_KxKxUxF.shape
     acc = jnp.promote_types(u_Bx1x1xU.dtype, jnp.float32)
-    pad, ho, wo, _ = _tap_geometry((0, *hw), k, stride, dilation)
+    pad, ho, wo, _ = _tap_geometry(hw, k, stride, dilation)
     per_tap_BxKxKxF = product("bu,ijuf->bijf", u_Bx1x1xU.reshape(-1, n_u), kernel_KxKxUxF, acc)
     def inside(n_in: int, n_out: int) -> np.ndarray:  # [k, n_out]: tap i reads inside the map
         pos = np.arange(n_out)[None, :] * stride + np.arange(k)[:, None] * dilation - pad
@@ -140,11 +140,11 @@ def uniform_input_conv(u_Bx1x1xU: jax.Array, kernel_KxKxUxF: jax.Array, hw: tupl
                       precision=jax.lax.Precision.HIGHEST)
 
 
-def _tap_geometry(x_shape: tuple[int, ...], k: int, s: int, d: int):
-    """Padding, output size and, per tap, the (start, stop, step) rows / columns it reads of
-    the padded input."""
+def _tap_geometry(hw: tuple[int, int], k: int, s: int, d: int):
+    """For an [H, W] input: padding, output size and, per tap, the (start, stop) rows / columns
+    it reads of the padded input (every s-th)."""
     pad = d * (k - 1) // 2
-    h, w = x_shape[1:3]
+    h, w = hw
     ho, wo = (h + 2 * pad - d * (k - 1) - 1) // s + 1, (w + 2 * pad - d * (k - 1) - 1) // s + 1
     taps = [((i, j), (i * d, i * d + (ho - 1) * s + 1), (j * d, j * d + (wo - 1) * s + 1))
             for i in range(k) for j in range(k)]
@@ -161,7 +161,7 @@ def _tap_products(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array,
                   offset_BxHoxWoxF: jax.Array | None, stride: int, dilation: int) -> jax.Array:
     k, _, _, features = kernel_KxKxCxF.shape
     b = x_BxHxWxC.shape[0]
-    pad, ho, wo, taps = _tap_geometry(x_BxHxWxC.shape, k, stride, dilation)
+    pad, ho, wo, taps = _tap_geometry(x_BxHxWxC.shape[1:3], k, stride, dilation)
     xp = jnp.pad(x_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     acc = jnp.promote_types(x_BxHxWxC.dtype, jnp.float32)
     y = jnp.zeros((b, ho * wo, features), acc)
@@ -187,7 +187,7 @@ def _tap_products_bwd(stride, dilation, residuals, g_BxHoxWoxF):
     k, _, cin, features = kernel.shape
     b, h, w = x.shape[:3]
     s = stride
-    pad, ho, wo, taps = _tap_geometry(x.shape, k, s, dilation)
+    pad, ho, wo, taps = _tap_geometry(x.shape[1:3], k, s, dilation)
     hp, wp = h + 2 * pad, w + 2 * pad
     acc = jnp.promote_types(x.dtype, jnp.float32)
     g_BxPxF = g_BxHoxWoxF.astype(x.dtype).reshape(b, ho * wo, features)
