@@ -63,7 +63,9 @@ def make_inputs(k: int, batch: int, hw: int, dim: int, slots: int, seed: int = 0
                             p=[0.9 / classes.size] * classes.size + [0.1])
         labels[b] = np.kron(coarse, np.ones((g, g), np.int32))[:hw, :hw]
     bank = memory_bank.init_bank(k, slots, dim, jnp.bfloat16)
-    bank = bank.replace(feats=jnp.asarray(unit((k, slots, dim)), jnp.bfloat16),
+    half_full = np.arange(slots)[None, :, None] < slots // 2  # unfilled slots hold zeros
+    bank = bank.replace(feats=jnp.asarray(np.where(half_full, unit((k, slots, dim)), 0.0),
+                                          jnp.bfloat16),
                         count=jnp.full((k,), slots // 2, jnp.int32),
                         ptr=jnp.full((k,), slots // 2, jnp.int32))
     sim = rng.uniform(0, 0.3, (k, k)).astype(np.float32)

@@ -332,7 +332,8 @@ def loadavg() -> str:
 
 def profile(variant: str, args: argparse.Namespace, top: int = 25) -> None:
     """One traced step of a JAX variant (in this process, XLA_FLAGS from the variant); prints the
-    XLA ops (thunks) by total time and by kind (`ynn_fusion`: convolutions / GEMMs via YNNPACK)."""
+    XLA ops (thunks) by total time, by kind (`ynn_fusion`: convolutions / GEMMs via YNNPACK) and
+    the wall time of each region of the step (:func:`step_region`)."""
     import collections
     import glob
     import gzip
@@ -369,6 +370,41 @@ def profile(variant: str, args: argparse.Namespace, top: int = 25) -> None:
     print("by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in by_kind.most_common(12)))
     for name, sec in total.most_common(top):
         print(f"  {sec:8.3f} s  {name}")
+    # Ops run concurrently (XLA's CPU thunk executor), so a region's time is the length of the
+    # union of its ops' intervals, not their sum.
+    op_names = dict(re.findall(r'%?([\w.\-]+) = [^\n]*?metadata=\{[^}\n]*?op_name="([^"]*)"',
+                               w.compiled.as_text()))
+    spans = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in op_names:
+            spans[step_region(op_names[e["name"]])].append((e["ts"], e["ts"] + e.get("dur", 0)))
+    print("by region (wall seconds, intervals merged; regions can overlap):")
+    for region, sp in sorted(spans.items(), key=lambda kv: -union_seconds(kv[1])):
+        print(f"  {union_seconds(sp):8.3f} s  {region}")
+
+
+def step_region(op_name: str) -> str:
+    """Which part of the step an XLA op belongs to, from its JAX op_name: the online model's
+    forward (under `jvp`) or backward (`transpose`), the momentum encoder's forward (the model
+    applied outside autodiff), split into encoder (backbone + decoder) and projection heads."""
+    part = ("projection heads" if "/proj_" in op_name else
+            "encoder" if "/backbone/" in op_name or "/decode_head/" in op_name else
+            "conv_seg" if "/conv_seg/" in op_name else None)
+    if part is None:
+        return "rest (losses, bank, relations, optimizer, EMA)"
+    if "transpose(" in op_name:
+        return f"online {part}, backward"
+    return f"online {part}, forward" if "jvp(" in op_name else f"momentum {part}, forward"
+
+
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) microsecond intervals, in seconds."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e6
 
 
 def main() -> None:

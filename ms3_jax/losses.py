@@ -94,6 +94,16 @@ def map_pixel_chunks(
                  for y in outs)
 
 
+def first_argmax(x_nxk: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, -1)`` (the first maximum; int32) as a max and a min over the indices that
+    reach it: two plain reductions, which XLA's CPU backend runs faster than argmax's paired
+    (value, index) reduction (benchmarks/RESULTS.md, scaling). Rows with a NaN give K."""
+    k = x_nxk.shape[-1]
+    max_nx1 = jnp.max(x_nxk, axis=-1, keepdims=True)
+    iota_1xk = jnp.arange(k, dtype=jnp.int32)[None, :]
+    return jnp.min(jnp.where(x_nxk == max_nx1, iota_1xk, k), axis=-1)
+
+
 def _label_mask(labels: jax.Array, num_classes: int, ignore_label: int) -> tuple[jax.Array, jax.Array]:
     """Returns (in-range labels with ignored ones set to 0, bool mask of usable labels)."""
     labels = labels.astype(jnp.int32)
@@ -189,7 +199,7 @@ def _pairing_terms(e_nxc: jax.Array, y_n: jax.Array, class_emb: tuple[jax.Array,
     lse_pos_n = jax.nn.logsumexp(pos_nxk, axis=-1)
     out = (jnp.where(ok_n, lse_all_n - lse_pos_n, 0.0), ok_n.astype(jnp.float32))
     if with_prediction:
-        out += (jnp.argmax(all_nxk, axis=-1).astype(jnp.int32),)
+        out += (first_argmax(all_nxk),)
     if with_grad:
         p_nxk = jnp.exp(all_nxk - lse_all_n[:, None]) - jnp.exp(pos_nxk - lse_pos_n[:, None])
         g_nxc = jnp.dot(p_nxk.astype(product), class_emb_KxC, preferred_element_type=acc) * inv_tau
@@ -304,7 +314,7 @@ def pixel_accuracy(
 
     def body(e_nxc: jax.Array) -> tuple[jax.Array]:
         logits_nxk = jnp.dot(e_nxc.astype(jnp.float32), class_emb_KxC.T)
-        return (jnp.argmax(jnp.where(valid_K[None, :], logits_nxk, _NEG), axis=-1),)
+        return (first_argmax(jnp.where(valid_K[None, :], logits_nxk, _NEG)),)
 
     (pred_N,) = map_pixel_chunks(body, (emb_NxC,), (0,), chunk, remat=False)
     return prediction_accuracy(pred_N, labels_N, num_classes, ignore_label)

@@ -22,6 +22,9 @@ class MemoryBank:
     ptr: ``[K]`` int32, next slot to write for each class.
     count: ``[K]`` int32, number of filled slots (``min(total enqueued, slots)``). Because writing
       starts at slot 0, the filled slots of class c are ``0 .. count[c] - 1``.
+
+    Invariant (kept by :func:`init_bank` and :func:`enqueue`, relied on by
+    :func:`visual_embeddings`): the unfilled slots ``count[c] ..`` hold zeros.
     """
 
     feats: jax.Array
@@ -116,7 +119,13 @@ def enqueue(
     pick_KxS = jnp.full((num_classes, slots), -1, jnp.int32).at[class_KxP, slot_KxP].set(
         pick_KxP, mode="drop")
     vals_RxC = vals_KxPxC.reshape(num_classes * per_class, dim)
-    feats = jnp.where((pick_KxS >= 0)[..., None], vals_RxC[jnp.maximum(pick_KxS, 0)], bank.feats)
+    # The select runs on the raw bits (exact): as a float select, XLA's CPU backend merged it
+    # with Eq. 4's read of the new bank into one float32 copy of the whole bank.
+    bits = jnp.dtype(f"uint{8 * bank.feats.dtype.itemsize}")
+    feats_bits = jnp.where((pick_KxS >= 0)[..., None],
+                           jax.lax.bitcast_convert_type(vals_RxC, bits)[jnp.maximum(pick_KxS, 0)],
+                           jax.lax.bitcast_convert_type(bank.feats, bits))
+    feats = jax.lax.bitcast_convert_type(feats_bits, bank.feats.dtype)
     return bank.replace(
         feats=feats,
         ptr=(bank.ptr + n_valid_K) % slots,
@@ -136,20 +145,25 @@ def visual_embeddings(
       * a class seen for the first time (``v_valid[j]`` False) has no ``V_old``: plain mean (w = 1);
       * cosine weights are used as they are, so they may be negative (no clipping);
       * a class with an empty bank (``count == 0``) is returned invalid and keeps ``V_old``.
-    Computed in float32 (float64 for a float64 bank). Returns ``(V [K, C], valid [K] bool =
-    count > 0)``.
+    The sums run over all slots: unfilled ones hold zeros (the bank's invariant). Computed in
+    float32 (float64 for a float64 bank). Returns ``(V [K, C], valid [K] bool = count > 0)``.
     """
     acc = jnp.promote_types(bank.feats.dtype, jnp.float32)  # float64 banks: numerical tests
-    m_KxSxC = bank.feats.astype(acc)
-    slot_ok_KxS = bank.slot_valid()
     v_old_KxC = v_old_KxC.astype(acc)
+    v_valid_K = jnp.asarray(v_valid_K, bool)
     v_old_unit_KxC = v_old_KxC / jnp.maximum(jnp.linalg.norm(v_old_KxC, axis=-1, keepdims=True), eps)
-    m_norm_KxS = jnp.maximum(jnp.linalg.norm(m_KxSxC, axis=-1), eps)
-    cos_KxS = jnp.einsum("ksc,kc->ks", m_KxSxC, v_old_unit_KxC) / m_norm_KxS
-    w_KxS = jnp.where(jnp.asarray(v_valid_K, bool)[:, None], cos_KxS, 1.0)
-    w_KxS = jnp.where(slot_ok_KxS, w_KxS, 0.0)
+    # w = cos(M_i, u_j) + first_j with u_j = 0 for a first sighting: w = 1 there, cos otherwise.
+    # Unfilled slots hold zeros (the bank's invariant), so they add nothing to the sum and need
+    # no mask. With no select between the two sums, XLA's CPU backend fuses the whole pass and
+    # reads the bfloat16 bank directly; a select on the weights made it write a float32 copy of
+    # the bank first (1.5 GB at |Y| = 3000; benchmarks/RESULTS.md, scaling).
+    u_KxC = jnp.where(v_valid_K[:, None], v_old_unit_KxC, 0.0)
+    first_K = jnp.where(v_valid_K, 0.0, 1.0).astype(acc)
+    m_KxSxC = bank.feats.astype(acc)
+    m_norm_KxS = jnp.maximum(jnp.sqrt(jnp.sum(m_KxSxC * m_KxSxC, axis=-1)), eps)
+    w_KxS = jnp.sum(m_KxSxC * u_KxC[:, None, :], axis=-1) / m_norm_KxS + first_K[:, None]
     n_K = jnp.maximum(bank.count, 1).astype(acc)
-    v_KxC = jnp.einsum("ks,ksc->kc", w_KxS, m_KxSxC) / n_K[:, None]
+    v_KxC = jnp.sum(m_KxSxC * w_KxS[:, :, None], axis=1) / n_K[:, None]
     v_KxC = v_KxC / jnp.maximum(jnp.linalg.norm(v_KxC, axis=-1, keepdims=True), eps)
     valid_K = bank.count > 0
     return jnp.where(valid_K[:, None], v_KxC, v_old_KxC), valid_K

@@ -232,6 +232,18 @@ def test_prediction_from_the_loss_logits(chunk):
     assert float(losses.prediction_accuracy(pred, np.full_like(labels, 255), K)) == 0.0
 
 
+def test_first_argmax_is_argmax_with_ties():
+    """first_argmax = NumPy's argmax (first maximum), with exact ties (duplicate class embeddings
+    give them) and rows of equal masked logits."""
+    r = np.random.RandomState(30)
+    x = r.randint(-3, 4, size=(64, 9)).astype(np.float32)  # many ties
+    x[5] = losses._NEG
+    x[6, 4] = np.inf
+    got = np.asarray(jax.jit(losses.first_argmax)(x))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, x.argmax(-1))
+
+
 def test_per_pixel_gradient_weights_each_pixel():
     """The custom VJP scales each pixel's d loss_i / d I_i by its own cotangent: the gradient of
     sum_i w_i loss_i (chunked, with padding) vs central differences of the float64 reference."""

@@ -67,6 +67,7 @@ def test_fifo_against_ring_simulation():
             np.testing.assert_array_equal(new[c, written, 1], step)
             ptr[c] = (ptr[c] + n_valid) % slots
             count[c] = min(count[c] + n_valid, slots)
+            np.testing.assert_array_equal(new[c, count[c]:], 0.0)  # unfilled slots stay zero
         np.testing.assert_array_equal(bank.ptr, ptr)
         np.testing.assert_array_equal(bank.count, count)
 
@@ -156,8 +157,10 @@ def test_visual_embeddings_eq4():
     k, slots, dim = 5, 6, 8
     r = np.random.RandomState(6)
     center = r.randn(k, dim)
-    feats = jnp.asarray(center[:, None] + 0.5 * r.randn(k, slots, dim), jnp.bfloat16)
     count = np.array([0, 3, slots, 1, 0], np.int32)
+    filled = np.arange(slots)[None, :, None] < count[:, None, None]  # the bank's invariant
+    feats = jnp.asarray(np.where(filled, center[:, None] + 0.5 * r.randn(k, slots, dim), 0.0),
+                        jnp.bfloat16)
     bank = mb.MemoryBank(feats=feats, ptr=count % slots, count=jnp.asarray(count))
     v_old = (center + 0.3 * r.randn(k, dim)).astype(np.float32)
     v_valid = np.array([True, False, True, True, False])
@@ -170,6 +173,36 @@ def test_visual_embeddings_eq4():
     # First sighting = plain mean, regardless of V_old.
     plain = np.asarray(feats, np.float64)[1, :3].mean(0)
     np.testing.assert_allclose(v[1], plain / np.linalg.norm(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_visual_embeddings_read_the_bank_without_a_float32_copy():
+    """Eq. 4 is one pass over the bfloat16 bank: its compiled scratch stays far below the bank's
+    size (a select on the weights made XLA's CPU backend write a float32 copy of the bank)."""
+    k, slots, dim = 256, 64, 128
+    bank = mb.init_bank(k, slots, dim)  # bfloat16, 4 MiB
+    v_old = np.random.RandomState(10).randn(k, dim).astype(np.float32)
+    v_valid = np.arange(k) % 3 > 0
+    compiled = _visual.lower(bank, v_old, v_valid).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < bank.feats.nbytes / 4
+
+
+def test_enqueue_then_visual_embeddings_without_a_float32_copy():
+    """As in the step: enqueue into the donated bfloat16 bank, then Eq. 4 from the new bank, with
+    the compiled scratch far below the bank's size."""
+    k, slots, dim, n = 256, 64, 128, 1000
+    bank = mb.init_bank(k, slots, dim)  # bfloat16, 4 MiB
+    r = np.random.RandomState(11)
+    labels = r.randint(0, k, size=n).astype(np.int32)
+    emb = r.randn(n, dim).astype(np.float32)
+    v_old, v_valid = r.randn(k, dim).astype(np.float32), np.arange(k) % 3 > 0
+
+    def step(bank, emb, labels, rng, v_old, v_valid):
+        bank = mb.enqueue(bank, emb, labels, rng, per_class=4)
+        return bank, mb.visual_embeddings(bank, v_old, v_valid)
+
+    compiled = jax.jit(step, donate_argnums=0).lower(
+        bank, emb, labels, jax.random.key(0), v_old, v_valid).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < bank.feats.nbytes / 4
 
 
 def test_bank_then_visual_end_to_end_jit():
