@@ -28,6 +28,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -337,7 +338,6 @@ def profile(variant: str, args: argparse.Namespace, top: int = 25) -> None:
     import collections
     import glob
     import gzip
-    import re
 
     kind, dtype, flags = parse_variant(variant)
     if kind == "torch":
@@ -372,8 +372,7 @@ def profile(variant: str, args: argparse.Namespace, top: int = 25) -> None:
         print(f"  {sec:8.3f} s  {name}")
     # Ops run concurrently (XLA's CPU thunk executor), so a region's time is the length of the
     # union of its ops' intervals, not their sum.
-    op_names = dict(re.findall(r'%?([\w.\-]+) = [^\n]*?metadata=\{[^}\n]*?op_name="([^"]*)"',
-                               w.compiled.as_text()))
+    op_names = jax_op_names(w.compiled.as_text())
     spans = collections.defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and e.get("name") in op_names:
@@ -383,6 +382,26 @@ def profile(variant: str, args: argparse.Namespace, top: int = 25) -> None:
         print(f"  {union_seconds(sp):8.3f} s  {region}")
 
 
+def jax_op_names(hlo_text: str) -> dict[str, str]:
+    """XLA instruction name -> the JAX op_name it came from ("" if XLA made it: layout copies,
+    reductions it rewrote). A fusion without its own metadata takes its computation's first."""
+    own = dict(re.findall(r'%?([\w.\-]+) = [^\n]*?metadata=\{[^}\n]*?op_name="([^"]*)"', hlo_text))
+    first_in: dict[str, str] = {}
+    computation = None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+        elif computation and computation not in first_in:
+            found = re.search(r'op_name="([^"]*)"', line)
+            if found:
+                first_in[computation] = found.group(1)
+    names = {}
+    for inst, callee in re.findall(r'%?([\w.\-]+) = [^\n]*?calls=%?([\w.\-]+)', hlo_text):
+        names[inst] = first_in.get(callee, "")
+    names.update(own)
+    return names
+
+
 def step_region(op_name: str) -> str:
     """Which part of the step an XLA op belongs to, from its JAX op_name: the online model's
     forward (under `jvp`) or backward (`transpose`), the momentum encoder's forward (the model
@@ -390,6 +409,8 @@ def step_region(op_name: str) -> str:
     part = ("projection heads" if "/proj_" in op_name else
             "encoder" if "/backbone/" in op_name or "/decode_head/" in op_name else
             "conv_seg" if "/conv_seg/" in op_name else None)
+    if not op_name:
+        return "no JAX name (XLA-made: layout copies, rewritten reductions)"
     if part is None:
         return "rest (losses, bank, relations, optimizer, EMA)"
     if "transpose(" in op_name:
