@@ -1,4 +1,4 @@
-r"""The products under the convolutions, one by one: why `models/gemm.py` and the tap products.
+r"""The products under the convolutions, one by one: why `models/cpu_kernels.py` (GEMMs and tap products).
 
   python benchmarks/gemm.py            # ~2 min on 2 CPU cores
 
@@ -6,7 +6,7 @@ r"""The products under the convolutions, one by one: why `models/gemm.py` and th
    accumulation (`preferred_element_type`), and with a transposed operand (the backward
    products autodiff writes) vs a physically transposed copy.
 2. A 3x3 convolution, forward and forward + backward, bfloat16: `lax.conv_general_dilated` vs
-   the tap products of `models/resnet.py` (`conv_as_tap_products`, `gemm.conv_matmul`).
+   the tap products of `models/cpu_kernels.py` (`conv_as_tap_products`, `conv_matmul`).
 3. In context, forward + backward + an SGD update of the parameters, bfloat16, batch 8 at 224:
    the DeepLab-v3+ decoder head (ASPP with its depthwise branches and image pool, the 3x3
    bottleneck, the stride-4 decoder) and a layer4 bottleneck block (3x3 tap conv, dilation 4).
@@ -40,7 +40,7 @@ def products() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from ms3_jax.models import gemm
+    from ms3_jax.models import cpu_kernels as gemm
 
     f32 = dict(preferred_element_type=jnp.float32)
     variants = {
@@ -67,7 +67,7 @@ def convolutions() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from ms3_jax.models import resnet
+    from ms3_jax.models import cpu_kernels
 
     def lax_conv(x, k, s, d):
         return jax.lax.conv_general_dilated(x, k, (s, s), ((d, d), (d, d)), rhs_dilation=(d, d),
@@ -82,7 +82,7 @@ def convolutions() -> None:
         x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
         k = jnp.asarray(rng.standard_normal((3, 3, shape[-1], cout)) * 0.05, jnp.bfloat16)
         cells = []
-        for f in (lax_conv, resnet.conv_as_tap_products):
+        for f in (lax_conv, cpu_kernels.conv_as_tap_products):
             fwd = jax.jit(lambda x, k, f=f: f(x, k, s, d))
             grad = jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k, s, d).astype(jnp.float32) ** 2),
                                     (0, 1)))
@@ -96,14 +96,15 @@ def in_context() -> None:
     import numpy as np
 
     from ms3_jax.models import deeplab, resnet
+    from ms3_jax.models.cpu_kernels import CpuConv
 
     bf16 = jnp.bfloat16
     rng = np.random.default_rng(2)
     layer1 = jnp.asarray(rng.standard_normal((8, 56, 56, 256)), bf16)
     layer4 = jnp.asarray(rng.standard_normal((8, 28, 28, 2048)), bf16)
     cases = {
-        "decoder head": (deeplab.DeepLabV3PlusHead(512, 48, (1, 12, 24, 36), bf16), (layer1, layer4)),
-        "layer4 block (d=4)": (resnet.Bottleneck(512, dilation=4, dtype=bf16), (layer4,)),
+        "decoder head": (deeplab.DeepLabV3PlusHead(512, 48, (1, 12, 24, 36), bf16, CpuConv), (layer1, layer4)),
+        "layer4 block (d=4)": (resnet.Bottleneck(512, CpuConv, dilation=4, dtype=bf16), (layer4,)),
     }
     print("\nforward + backward + SGD update, bfloat16, ms")
     for name, (module, inputs) in cases.items():

@@ -16,7 +16,8 @@ Variant syntax `kind[:dtype][@flags][#NAME]`:
          channels_last, the same architecture and the same CE step)
   dtype  bf16 | f32: compute dtype (default: the config's bfloat16 for JAX, float32 for torch;
          torch:bf16 is `torch.autocast` bfloat16)
-  flags  a name from FLAG_SETS (XLA CPU options, JAX variants) or ENV_SETS (any variant;
+  flags  names joined by '+' from FLAG_SETS (XLA CPU options) or ENV_SETS (any variant;
+         `@xla`: `model.kernels='xla'`, XLA's native convolutions instead of the CPU plug-in;
          `@reuse`: MS3_HOST_MALLOC=reuse, glibc keeps freed pages)
   #NAME  the code in --baseline's NAME=DIR instead of this checkout (before/after in one run)
 FLOPs: XLA's cost analysis of the compiled step (JAX); the torch step is credited with the FLOPs
@@ -55,6 +56,7 @@ FLAG_SETS = {
 # keep freed pages instead of faulting in and zeroing fresh ones every step.
 ENV_SETS = {
     "reuse": {"MS3_HOST_MALLOC": "reuse"},
+    "xla": {"MS3_BENCH_KERNELS": "xla"},  # read by JaxWorker: config.model.kernels
 }
 PEAK_N = 4096  # float32 matmul size for the peak measurement
 
@@ -70,9 +72,18 @@ def parse_variant(v: str) -> tuple[str, str | None, str]:
         raise ValueError(f"unknown kind in variant {v!r}")
     if dtype not in ("", "bf16", "f32"):
         raise ValueError(f"unknown dtype in variant {v!r}")
-    if flags and flags not in FLAG_SETS and flags not in ENV_SETS:
-        raise ValueError(f"unknown flag set {flags!r}; known: {sorted(FLAG_SETS) + sorted(ENV_SETS)}")
+    for name in flags.split("+") if flags else ():
+        if name not in FLAG_SETS and name not in ENV_SETS:
+            raise ValueError(f"unknown flag set {name!r}; known: {sorted(FLAG_SETS) + sorted(ENV_SETS)}")
     return kind, dtype or None, flags or "default"
+
+
+def flag_env(flags: str, extra_xla_flags: str) -> tuple[str, dict[str, str]]:
+    """XLA_FLAGS and the environment of a '+'-joined flag-set list."""
+    names = flags.split("+")
+    xla = " ".join(x for x in [FLAG_SETS.get(n, "") for n in names] + [extra_xla_flags] if x)
+    env = {k: v for n in names for k, v in ENV_SETS.get(n, {}).items()}
+    return xla, env
 
 
 def synthetic_batch(batch: int, size: int, offsets: list[int], seed: int = 0) -> dict[str, Any]:
@@ -141,6 +152,8 @@ class JaxWorker:
         cfg.loss.kind = "ms3" if kind == "ms3" else "ce_single_head"
         if dtype:
             cfg.model.dtype = {"bf16": "bfloat16", "f32": "float32"}[dtype]
+        if "kernels" in cfg.model:  # absent in checkouts before the switch (--baseline)
+            cfg.model.kernels = os.environ.get("MS3_BENCH_KERNELS", cfg.model.kernels)
         ls = LabelSpace.from_datasets(["voc", "ade20k", "coco_stuff"])
         rng = np.random.default_rng(0)
         text = rng.standard_normal((ls.num_classes, cfg.model.emb_dim)).astype(np.float32)
@@ -279,8 +292,8 @@ class Proc:
     def __init__(self, variant: str, args: argparse.Namespace):
         _, _, flags = parse_variant(variant)
         env = dict(os.environ)
-        env["XLA_FLAGS"] = " ".join(x for x in (FLAG_SETS.get(flags, ""), args.xla_flags) if x)
-        env.update(ENV_SETS.get(flags, {}))
+        env["XLA_FLAGS"], extra_env = flag_env(flags, args.xla_flags)
+        env.update(extra_env)
         _, _, tag = variant.partition("#")
         trees = dict(x.split("=", 1) if "=" in x else ("base", x)
                      for x in args.baseline.split(",") if x)
@@ -292,7 +305,7 @@ class Proc:
                "--batch", str(args.batch), "--size", str(args.size)]
         self.variant = variant
         self.xla_flags = " ".join([env["XLA_FLAGS"]] + [f"{k}={v}" for k, v in
-                                                        ENV_SETS.get(flags, {}).items()]).strip()
+                                                        extra_env.items()]).strip()
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   env=env, cwd=REPO)
         self.info = self._read()
@@ -342,8 +355,8 @@ def profile(variant: str, args: argparse.Namespace, top: int = 25) -> None:
     kind, dtype, flags = parse_variant(variant)
     if kind == "torch":
         raise ValueError("--profile is for JAX variants")
-    os.environ["XLA_FLAGS"] = " ".join(x for x in (FLAG_SETS.get(flags, ""), args.xla_flags) if x)
-    os.environ.update(ENV_SETS.get(flags, {}))
+    os.environ["XLA_FLAGS"], extra_env = flag_env(flags, args.xla_flags)
+    os.environ.update(extra_env)
     print(set_host_malloc(), flush=True)
     sys.path.insert(0, REPO)
     import jax

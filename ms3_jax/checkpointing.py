@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
+from ms3_jax import sharding
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -30,7 +32,7 @@ def _configure_array_handler() -> None:
     (0.5 s without). On GPU / TPU (real replicas, real bandwidth) orbax's default stays.
     """
     global _ARRAY_HANDLER_SET
-    if jax.default_backend() == "cpu" and not _ARRAY_HANDLER_SET:
+    if sharding.platform_of(jax.devices()) == "cpu" and not _ARRAY_HANDLER_SET:
         _ARRAY_HANDLER_SET = True
         ocp.type_handlers.register_type_handler(
             jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)

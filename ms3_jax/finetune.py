@@ -30,9 +30,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, evaluate, loop, nonfinite, pretrain
+from ms3_jax import checkpointing, evaluate, loop, nonfinite, pretrain, sharding
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
 from ms3_jax.models.resnet import ResNet
@@ -108,8 +108,8 @@ def _eval_mode_backbone(next_fun: Callable, args: tuple, kwargs: dict, context: 
     return next_fun(*args, **kwargs)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> MS3Encoder:
-    return encoder_from_config(config.model, heads=(), num_classes=num_classes,
+def build_model(config: ml_collections.ConfigDict, num_classes: int, platform: str) -> MS3Encoder:
+    return encoder_from_config(config.model, platform, heads=(), num_classes=num_classes,
                                dropout_rate=config.model.get("dropout_rate", 0.1))
 
 
@@ -184,10 +184,10 @@ class Trainer:
         devices = list(devices) if devices is not None else jax.devices()
         check_config(config, len(devices))
         self.config, self.num_classes = config, num_classes
-        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.mesh = sharding.data_mesh(devices)
         self.replicated = NamedSharding(self.mesh, P())
         self.data_sharding = NamedSharding(self.mesh, P("data"))
-        self.model = build_model(config, num_classes)
+        self.model = build_model(config, num_classes, sharding.platform_of(devices))
         self.num_steps = int(config.num_steps)
         self.schedule = poly_schedule(config.optim, self.num_steps)
         self.tx = make_optimizer(config, self.schedule)

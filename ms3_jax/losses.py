@@ -16,8 +16,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from ms3_jax.models import gemm
-
 IGNORE_LABEL = -1  # union-space ignore id (label_space.UNION_IGNORE); ids outside [0, K) are ignored too
 TAU = 0.07
 DEFAULT_CHUNK = 16384  # pixels per chunk: 16384 x 342 classes x 4 B = 22 MB of logits.
@@ -160,7 +158,7 @@ def _pairing_per_pixel(emb, class_emb, labels, positives, valid_classes, tau, ch
     num_classes, dim = class_emb.shape
     acc = jnp.promote_types(emb.dtype, jnp.float32)  # float64 stays float64 (numerical tests)
     class_emb_KxC = jax.lax.stop_gradient(class_emb).astype(product_dtype or acc)
-    class_emb_CxK = gemm.row_major_transpose(class_emb_KxC)  # once, not per chunk
+    class_emb_CxK = class_emb_KxC.T  # once, not per chunk
     valid_K = (jnp.ones((num_classes,), bool) if valid_classes is None
                else jnp.asarray(valid_classes, bool))
     pos_KxK = None if positives is None else jax.lax.stop_gradient(jnp.asarray(positives, bool))
@@ -183,7 +181,7 @@ def _pairing_terms(e_nxc: jax.Array, y_n: jax.Array, class_emb: tuple[jax.Array,
     (masked classes get exactly 0), so ``d loss / d I = (p_all - p_pos) E / tau``: one extra
     ``[n, K] x [K, C]`` product in the forward pass, nothing to recompute in the backward.
     """
-    class_emb_KxC, class_emb_CxK = class_emb  # the same matrix, both row-major
+    class_emb_KxC, class_emb_CxK = class_emb  # the same matrix, both orientations
     num_classes, product = class_emb_KxC.shape[0], class_emb_KxC.dtype
     acc = jnp.promote_types(e_nxc.dtype, jnp.float32)
     y_safe_n, ok_n = _label_mask(y_n, num_classes, ignore_label)

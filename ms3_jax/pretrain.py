@@ -103,10 +103,12 @@ def uses_unlabeled(config: ml_collections.ConfigDict) -> bool:
     return bool(unlabeled and unlabeled.get("source"))
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> MS3Encoder:
+def build_model(config: ml_collections.ConfigDict, num_classes: int, platform: str) -> MS3Encoder:
+    """The encoder of `loss.kind` for devices of `platform` (`model.kernels`)."""
     if config.loss.kind == "ms3":
-        return encoder_from_config(config.model, heads=("language", "visual"), num_classes=None)
-    return encoder_from_config(config.model, heads=(), num_classes=num_classes)
+        return encoder_from_config(config.model, platform, heads=("language", "visual"),
+                                   num_classes=None)
+    return encoder_from_config(config.model, platform, heads=(), num_classes=num_classes)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
@@ -231,7 +233,7 @@ class Trainer:
                   "other_dataset": relations.other_dataset_matrix(label_space.dataset_of_class),
                   "dataset_of_class": jnp.asarray(label_space.dataset_of_class)}
         self.consts = jax.device_put(consts, self.replicated)
-        self.model = build_model(config, k)
+        self.model = build_model(config, k, sharding.platform_of(devices))
         self.num_steps = num_steps
         self.tx = make_optimizer(config, num_steps)
         step = make_train_step(config, self.model, self.tx, lr_schedule(config, num_steps))

@@ -58,7 +58,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     else:
         return False
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-    if jax.default_backend() == "cpu":
+    if platform_of(jax.devices()) == "cpu":
         _build_cpu_communicator()
     return True
 
@@ -76,6 +76,15 @@ def _build_cpu_communicator() -> None:
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones)
     if int(total) != jax.device_count():
         raise RuntimeError(f"all-reduce over {jax.device_count()} devices returned {int(total)}")
+
+
+def platform_of(devices: Sequence[Any]) -> str:
+    """The platform ('cpu', 'gpu', 'tpu') of `devices` -- those a step is compiled for, which may
+    be an ahead-of-time topology's, not the host's default backend."""
+    platforms = {d.platform for d in devices}
+    if len(platforms) != 1:
+        raise ValueError(f"devices must share one platform, got {sorted(platforms)}")
+    return platforms.pop()
 
 
 def data_mesh(devices: Sequence[Any] | None = None) -> Mesh:

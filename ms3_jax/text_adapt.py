@@ -31,9 +31,10 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, loop, losses, nonfinite, pretrain, text_embeddings
+from ms3_jax import (checkpointing, loop, losses, nonfinite, pretrain, sharding,
+                     text_embeddings)
 from ms3_jax.data.label_space import UNION_IGNORE, LabelSpace
 from ms3_jax.models import clip_text, tiny_clip
 from ms3_jax.models.clip_text import CLIPTextTower
@@ -243,7 +244,7 @@ class Trainer:
         self.config, self.label_space = config, label_space
         self.text_module, self.tokenizer = text_module, tokenizer
         self.train_text_tower = bool(config.text.train_text_tower)
-        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.mesh = sharding.data_mesh(devices)
         self.replicated = NamedSharding(self.mesh, P())
         self.data_sharding = NamedSharding(self.mesh, P("data"))
         self.names, gather = distinct_names(label_space.names)
@@ -255,7 +256,9 @@ class Trainer:
             consts["text"] = text_params
         self.consts = jax.device_put(consts, self.replicated)
         self.gather = gather
-        self.model = encoder_from_config(config.model, heads=("language",), num_classes=None)
+        self.platform = sharding.platform_of(devices)
+        self.model = encoder_from_config(config.model, self.platform, heads=("language",),
+                                         num_classes=None)
         self.num_steps = num_steps
         self.tx = make_optimizer(config, num_steps, self.train_text_tower)
         step = make_train_step(config, self.model, text_module, self.tx,
@@ -284,7 +287,7 @@ class Trainer:
         text_params = text_params if self.train_text_tower else None
         # Runs once: on CPU, skip LLVM optimisation (compiling the many random initialisers
         # otherwise takes ~3x longer than running them).
-        options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+        options = {"xla_backend_optimization_level": 0} if self.platform == "cpu" else None
         return jax.jit(init, out_shardings=self.replicated, compiler_options=options)(
             rng, ctx_MxD, text_params)
 

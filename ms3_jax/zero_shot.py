@@ -198,11 +198,12 @@ class ZeroShotSegmenter:
         if model_cfg.get("emb_dim") != proj:
             raise ValueError(f"model.emb_dim={model_cfg.get('emb_dim')} of {image_dir} does not match "
                              f"the projection dim {proj} of the text model in {text_dir}")
-        model = encoder_from_config(model_cfg, heads=("language",), num_classes=None)
+        device = jax.local_devices()[0]
+        model = encoder_from_config(model_cfg, device.platform, heads=("language",),
+                                    num_classes=None)
         keep = ("backbone", "decode_head", "proj_language")  # drop the visual head
         variables = {col: {k: v for k, v in tree.items() if k in keep}
                      for col, tree in variables.items()}
-        device = jax.local_devices()[0]
         variables = jax.device_put(variables, device)
         return cls(model, variables, text_module, text_params, tokenizer, ctx,
                    short_side=short_side, workdir=image_dir, text_workdir=text_dir)

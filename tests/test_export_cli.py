@@ -16,7 +16,7 @@ MODEL_CFG = {"variant": "v1c", "width": 0.125, "stage_sizes": [1, 1, 1, 1], "emb
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("wd"))
-    model = encoder_from_config(MODEL_CFG)
+    model = encoder_from_config(MODEL_CFG, "cpu")
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     ema = jax.tree_util.tree_map(lambda x: x + 1.0, variables)
     state = {"step": jnp.int32(5), "params": variables["params"], "batch_stats": variables["batch_stats"],

@@ -73,7 +73,7 @@ def random_variables(model, seed=7):
 def ms3_workdir(tmp_path_factory):
     """A tiny MS3 pretraining workdir: config + a TrainState-like checkpoint."""
     wd = str(tmp_path_factory.mktemp("pretrain"))
-    model = encoder_from_config(MODEL_CFG)
+    model = encoder_from_config(MODEL_CFG, "cpu")
     variables = random_variables(model)
     ema = jax.tree_util.tree_map(lambda x: x + 1.0, variables)
     state = {"step": jnp.int32(3), "params": variables["params"], "batch_stats": variables["batch_stats"],

@@ -9,7 +9,8 @@ import torch
 
 from ms3_jax import export
 from ms3_jax.models.deeplab import MS3Encoder, resize_bilinear
-from ms3_jax.models.resnet import OUTPUT_STRIDE_SETTINGS, ResNet
+from ms3_jax.models.cpu_kernels import CpuConv
+from ms3_jax.models.resnet import OUTPUT_STRIDE_SETTINGS, Conv, ResNet
 from tests.torch_reference import TorchResNet, randomize_
 
 torch.set_num_threads(2)
@@ -20,13 +21,14 @@ def _apply_fn(model):
     return jax.jit(functools.partial(model.apply, train=False))
 
 
+@pytest.mark.parametrize("conv", [Conv, CpuConv], ids=["xla", "cpu"])  # model.kernels
 @pytest.mark.parametrize("variant", ["v1", "v1c"])
 @pytest.mark.parametrize("output_stride", [8, 32])
-def test_resnet50_matches_torch_reference(variant, output_stride):
+def test_resnet50_matches_torch_reference(variant, output_stride, conv):
     strides, dilations = OUTPUT_STRIDE_SETTINGS[output_stride]
     ref = randomize_(TorchResNet(variant=variant, strides=strides, dilations=dilations), seed=1)
     variables = export.load_backbone_state_dict(ref.state_dict(), ResNet(variant=variant))
-    model = ResNet(variant=variant, output_stride=output_stride)
+    model = ResNet(variant=variant, output_stride=output_stride, conv=conv)
     apply = _apply_fn(model)
     rng = np.random.default_rng(0)
     for size in (64, 65):

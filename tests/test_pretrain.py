@@ -108,9 +108,9 @@ def test_eight_devices_equal_one_device():
 
 def test_bfloat16_compute_on_eight_devices_tracks_float32():
     """The accelerator setting -- bfloat16 compute and bank, the batch sharded over 8 devices --
-    compiles and runs (every convolution / GEMM takes the bfloat16 x bfloat16 -> float32 path of
-    `models/gemm.py`, forward and backward), and its first loss is the float32 one up to
-    bfloat16 rounding."""
+    compiles and runs (on these CPU devices `model.kernels='auto'` is the CPU plug-in: every
+    convolution / GEMM takes the bfloat16 x bfloat16 -> float32 path of `models/cpu_kernels.py`,
+    forward and backward), and its first loss is the float32 one up to bfloat16 rounding."""
     rng = np.random.default_rng(1)
     batches = [random_batch(rng) for _ in range(2)]
     config = tiny_config(**{"relations.warmup_steps": 1, "optim.warmup_steps": 1})

@@ -47,7 +47,8 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
     c.model = ml_collections.ConfigDict(dict(
         depth=50, variant="v1", output_stride=8, width=1.0,
         stage_sizes=ml_collections.config_dict.placeholder(tuple),
-        head_channels=512, c1_channels=48, dropout_rate=0.1, dtype="float32"))
+        head_channels=512, c1_channels=48, dropout_rate=0.1, dtype="float32",
+        kernels="auto"))  # 'auto' | 'xla' | 'cpu' (configs/pretrain.py)
 
     c.data = ml_collections.ConfigDict(dict(
         dataset=dataset, data_dir="", crop_size=crop_size, worker_count=4,

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ms3_jax.models.resnet import Conv, ResNet, batch_norm, conv
+from ms3_jax.models.cpu_kernels import CpuConv
+from ms3_jax.models.resnet import Conv, ModuleDef, ResNet, batch_norm
 
 # RGB, 0..255 scale: what torchvision / MMSegmentation feed an exported backbone.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -73,87 +74,11 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def depthwise_conv3x3(x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, dilation: int) -> jax.Array:
-    """Depthwise 3x3 conv, stride 1, padding = dilation (torch `Conv2d(C, C, 3, padding=d,
-    dilation=d, groups=C)`), as a sum of the 9 shifted, per-channel-scaled inputs.
-
-    Same result as `lax.conv_general_dilated(..., feature_group_count=C)`, but XLA fuses it into
-    elementwise loops, where the CPU backend runs grouped convolutions 10-35x slower than PyTorch
-    (benchmarks/RESULTS.md). Taps that read only padding (dilation >= the map size: the rate-24/36
-    ASPP branches on 28x28 maps) are skipped: they add exact zeros. Accumulates in float32
-    (float64 for float64 inputs); returns the input dtype.
-
-    Two forms of the same sum (:func:`_depthwise`): without autodiff (the momentum encoder,
-    evaluation) the input is first copied into a zero-padded buffer; under autodiff (the custom
-    JVP below, which JAX transposes for the gradient) each tap pads its in-bounds part instead.
-    """
-    return _depthwise(x_BxHxWxC, kernel_3x3x1xC, dilation, padded_copy=True)
-
-
-@depthwise_conv3x3.defjvp
-def _depthwise_jvp(dilation, primals, tangents):
-    (x, kernel), (dx, dkernel) = primals, tangents
-    y = _depthwise(x, kernel, dilation, padded_copy=False)
-    dy = (_depthwise(dx, kernel, dilation, padded_copy=False)
-          + _depthwise(x, dkernel, dilation, padded_copy=False))
-    return y, dy
-
-
-def _depthwise(x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, d: int,
-               padded_copy: bool) -> jax.Array:
-    """The 9-tap sum. `padded_copy` (and a dilation of at most half the map): ``x`` is first
-    written into a zero-padded buffer by a `dynamic_update_slice`, which XLA does not fuse into
-    its consumers. Without it, in a forward pass without autodiff, XLA fuses the producer (the
-    previous BN + ReLU) into the 9-tap loop and recomputes it per tap: 6-10x slower for a 56x56x512
-    map. Under autodiff that input is a residual, materialised anyway, and the copy only adds
-    memory: each tap then scales the in-bounds part of ``x`` and pads the product back. ``x`` is
-    cast to the accumulator dtype once, before the taps, so that the transpose sums the 9 taps'
-    input gradients in float32 and rounds once (cast per tap, it summed them in bfloat16)."""
-    b, h, w, c = x_BxHxWxC.shape
-    acc = jnp.promote_types(x_BxHxWxC.dtype, jnp.float32)
-    k = kernel_3x3x1xC.astype(acc)
-    offsets = [((i, j), ((i - 1) * d, (j - 1) * d)) for i in range(3) for j in range(3)]
-    offsets = [(ij, (di, dj)) for ij, (di, dj) in offsets if abs(di) < h and abs(dj) < w]
-    xp = None
-    if padded_copy and 2 * d <= min(h, w):
-        xp = jax.lax.dynamic_update_slice(
-            jnp.zeros((b, h + 2 * d, w + 2 * d, c), x_BxHxWxC.dtype), x_BxHxWxC, (0, d, d, 0))
-    x_acc = x_BxHxWxC.astype(acc) if xp is None else None
-    out = None
-    for (i, j), (di, dj) in offsets:
-        if xp is not None:
-            term = xp[:, d + di:d + di + h, d + dj:d + dj + w].astype(acc) * k[i, j, 0]
-        else:
-            src = x_acc[:, max(0, di):h + min(0, di), max(0, dj):w + min(0, dj)]
-            term = jnp.pad(src * k[i, j, 0],
-                           ((0, 0), (max(0, -di), max(0, di)), (max(0, -dj), max(0, dj)), (0, 0)))
-        out = term if out is None else out + term
-    return out.astype(x_BxHxWxC.dtype)
-
-
-class DepthwiseConv3x3(nn.Module):
-    """Flax twin of `nn.Conv(C, (3, 3), feature_group_count=C, use_bias=False)` with torch padding:
-    the same `kernel` param ([3, 3, 1, C], same init) computed by :func:`depthwise_conv3x3`."""
-
-    dilation: int = 1
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                            (3, 3, 1, c), jnp.float32)
-        return depthwise_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.dilation)
-
-
 class ConvModule(nn.Module):
-    """MMCV `ConvModule`: conv (no bias) -> BN -> ReLU; names `conv`, `bn`.
-
-    `groups=-1` with `kernel=3` is a depthwise conv (:class:`DepthwiseConv3x3`, same params).
-    """
+    """MMCV `ConvModule`: conv (no bias) -> BN -> ReLU; names `conv`, `bn`. `groups=-1`: depthwise."""
 
     features: int
+    conv: ModuleDef
     kernel: int = 1
     dilation: int = 1
     groups: int = 1
@@ -164,11 +89,8 @@ class ConvModule(nn.Module):
                  uniform_Bx1x1xU: jax.Array | None = None) -> jax.Array:
         """`uniform_Bx1x1xU`: channels constant over the map, before x's (see `resnet.Conv`)."""
         groups = x.shape[-1] if self.groups == -1 else self.groups
-        if groups == x.shape[-1] == self.features and self.kernel == 3 and groups > 1:
-            x = DepthwiseConv3x3(self.dilation, dtype=self.dtype, name="conv")(x)
-        else:
-            x = conv(self.features, self.kernel, 1, self.dilation, groups=groups, name="conv",
-                     dtype=self.dtype)(x, uniform_Bx1x1xU)
+        x = self.conv(self.features, self.kernel, 1, self.dilation, groups, dtype=self.dtype,
+                      name="conv")(x, uniform_Bx1x1xU)
         return nn.relu(batch_norm(train, "bn", self.dtype)(x))
 
 
@@ -176,14 +98,16 @@ class SeparableConvModule(nn.Module):
     """MMCV `DepthwiseSeparableConvModule`: depthwise 3x3 ConvModule -> pointwise 1x1 ConvModule."""
 
     features: int
+    conv: ModuleDef
     dilation: int = 1
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = ConvModule(x.shape[-1], 3, self.dilation, groups=-1, dtype=self.dtype,
+        x = ConvModule(x.shape[-1], self.conv, 3, self.dilation, groups=-1, dtype=self.dtype,
                        name="depthwise_conv")(x, train)
-        return ConvModule(self.features, 1, dtype=self.dtype, name="pointwise_conv")(x, train)
+        return ConvModule(self.features, self.conv, dtype=self.dtype, name="pointwise_conv")(
+            x, train)
 
 
 class DeepLabV3PlusHead(nn.Module):
@@ -198,28 +122,30 @@ class DeepLabV3PlusHead(nn.Module):
     c1_channels: int = 48
     dilations: Sequence[int] = (1, 12, 24, 36)
     dtype: Any = jnp.float32
+    conv: ModuleDef = Conv
 
     @nn.compact
     def __call__(self, layer1: jax.Array, layer4: jax.Array, train: bool) -> jax.Array:
-        d, ch = self.dtype, self.channels
-        pooled = jnp.mean(layer4.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(d)
-        pooled = ConvModule(ch, 1, dtype=d, name="image_pool_1")(pooled, train)
+        ch = self.channels
+        conv_module = functools.partial(ConvModule, conv=self.conv, dtype=self.dtype)
+        separable = functools.partial(SeparableConvModule, conv=self.conv, dtype=self.dtype)
+        pooled = jnp.mean(layer4.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+        pooled = conv_module(ch, name="image_pool_1")(pooled, train)
         outs = []
         for i, rate in enumerate(self.dilations):
             if rate == 1:
-                outs.append(ConvModule(ch, 1, dtype=d, name=f"aspp_modules_{i}")(layer4, train))
+                outs.append(conv_module(ch, name=f"aspp_modules_{i}")(layer4, train))
             else:
-                outs.append(SeparableConvModule(ch, rate, dtype=d, name=f"aspp_modules_{i}")(
-                    layer4, train))
-        # MMSeg concatenates [image pool broadcast, branches]; the pooled channels, constant over
-        # the map, enter the 3x3 conv as per-image products (exact, 1/5 fewer FLOPs).
-        x = ConvModule(ch, 3, dtype=d, name="bottleneck")(jnp.concatenate(outs, -1), train,
-                                                          uniform_Bx1x1xU=pooled)
-        c1 = ConvModule(self.c1_channels, 1, dtype=d, name="c1_bottleneck")(layer1, train)
+                outs.append(separable(ch, dilation=rate, name=f"aspp_modules_{i}")(layer4, train))
+        # MMSeg concatenates [image pool broadcast, branches]: the conv takes the pooled
+        # channels apart, so that a conv plug-in may use that they are constant over the map.
+        x = conv_module(ch, kernel=3, name="bottleneck")(jnp.concatenate(outs, -1), train,
+                                                         uniform_Bx1x1xU=pooled)
+        c1 = conv_module(self.c1_channels, name="c1_bottleneck")(layer1, train)
         x = resize_bilinear(x, c1.shape[1:3])
         x = jnp.concatenate([x, c1], axis=-1)
-        x = SeparableConvModule(ch, dtype=d, name="sep_bottleneck_0")(x, train)
-        return SeparableConvModule(ch, dtype=d, name="sep_bottleneck_1")(x, train)
+        x = separable(ch, name="sep_bottleneck_0")(x, train)
+        return separable(ch, name="sep_bottleneck_1")(x, train)
 
 
 class ProjectionHead(nn.Module):
@@ -228,13 +154,14 @@ class ProjectionHead(nn.Module):
     hidden: int
     features: int = 512
     dtype: Any = jnp.float32
+    conv: ModuleDef = Conv
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for i in range(2):
-            x = conv(self.hidden, 1, name=f"conv_{i}", dtype=self.dtype)(x)
+            x = self.conv(self.hidden, 1, dtype=self.dtype, name=f"conv_{i}")(x)
             x = nn.relu(batch_norm(train, f"bn_{i}", self.dtype)(x))
-        x = conv(self.features, 1, use_bias=True, name="conv_2", dtype=self.dtype)(x)
+        x = self.conv(self.features, 1, use_bias=True, dtype=self.dtype, name="conv_2")(x)
         return l2_normalize(x)
 
 
@@ -245,7 +172,7 @@ class MS3Encoder(nn.Module):
     Returns a dict: `language` and `visual` [B, H/4, W/4, emb_dim] (unit norm per pixel, float32),
     `decoder` [B, H/4, W/4, channels], and `logits` when `num_classes` is set (CE baselines and
     fine-tuning). `width` scales every channel count (tiny test models); `dtype` is the compute
-    dtype (params stay float32).
+    dtype (params stay float32); `conv` the convolution module (:func:`conv_for`).
     """
 
     depth: int = 50
@@ -260,6 +187,7 @@ class MS3Encoder(nn.Module):
     num_classes: int | None = None
     dropout_rate: float = 0.1
     dtype: Any = jnp.float32
+    conv: ModuleDef = Conv
 
     @nn.compact
     def __call__(self, images_BxHxWx3: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -268,29 +196,43 @@ class MS3Encoder(nn.Module):
         x = (images_BxHxWx3.astype(jnp.float32) - mean) / std
         feats = ResNet(depth=self.depth, variant=self.variant, output_stride=self.output_stride,
                        width=self.width, stage_sizes=self.stage_sizes, dtype=self.dtype,
-                       name="backbone")(x, train)
+                       conv=self.conv, name="backbone")(x, train)
         head_ch = max(1, round(self.head_channels * self.width))
         c1_ch = max(1, round(self.c1_channels * self.width))
         dec = DeepLabV3PlusHead(head_ch, c1_ch, ASPP_DILATIONS[self.output_stride], self.dtype,
-                                name="decode_head")(feats["layer1"], feats["layer4"], train)
+                                self.conv, name="decode_head")(feats["layer1"], feats["layer4"], train)
         out = {"decoder": dec}
         for head in self.heads:
-            out[head] = ProjectionHead(head_ch, self.emb_dim, self.dtype, name=f"proj_{head}")(
-                dec, train)
+            out[head] = ProjectionHead(head_ch, self.emb_dim, self.dtype, self.conv,
+                                       name=f"proj_{head}")(dec, train)
         if self.num_classes is not None:
             y = nn.Dropout(self.dropout_rate, deterministic=not train)(dec)
-            out["logits"] = Conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
-                                 kernel_init=nn.initializers.lecun_normal(),
-                                 name="conv_seg")(y).astype(jnp.float32)
+            out["logits"] = self.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
+                                      kernel_init=nn.initializers.lecun_normal(),
+                                      name="conv_seg")(y).astype(jnp.float32)
         return out
 
 
 MODEL_FIELDS = ("depth", "variant", "output_stride", "width", "stage_sizes", "head_channels",
                 "c1_channels", "emb_dim")
+KERNELS = ("auto", "xla", "cpu")
 
 
-def encoder_from_config(model_cfg: Any, **overrides: Any) -> MS3Encoder:
-    """Build the encoder from a config's `model` fields (`dtype`: 'float32' or 'bfloat16')."""
+def conv_for(kernels: str, platform: str) -> ModuleDef:
+    """The convolution module for `model.kernels` on `platform`, the platform of the devices the
+    step is compiled for (`sharding.platform_of(mesh.devices)`, never the host's backend):
+    'xla' XLA's native convolutions, 'cpu' the CPU plug-in (`cpu_kernels.CpuConv`), 'auto' the
+    plug-in exactly when the devices are CPUs."""
+    if kernels not in KERNELS:
+        raise ValueError(f"model.kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "auto":
+        kernels = "cpu" if platform == "cpu" else "xla"
+    return CpuConv if kernels == "cpu" else Conv
+
+
+def encoder_from_config(model_cfg: Any, platform: str, **overrides: Any) -> MS3Encoder:
+    """Build the encoder from a config's `model` fields (`dtype`: 'float32' or 'bfloat16';
+    `kernels`: see :func:`conv_for`) for devices of `platform`."""
     get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
     kwargs = {k: get(k) for k in MODEL_FIELDS if get(k) is not None}
     if kwargs.get("stage_sizes") is not None:
@@ -299,5 +241,6 @@ def encoder_from_config(model_cfg: Any, **overrides: Any) -> MS3Encoder:
     if dtype not in ("float32", "bfloat16", "float64"):  # float64: numerical tests under x64
         raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     kwargs["dtype"] = jnp.dtype(dtype)
+    kwargs["conv"] = conv_for(get("kernels", "auto"), platform)
     kwargs.update(overrides)
     return MS3Encoder(**kwargs)
