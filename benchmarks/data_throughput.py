@@ -1,7 +1,7 @@
 """Input-pipeline throughput: images/s (total and per worker) of the full training augmentation.
 
 Decode + random scale/crop to 224 + flip + colour distortion + blur + union-label remap, on the
-built-in synthetic data (paper 4.1 augmentations; see ms3_jax/data/pipeline.py).
+built-in synthetic data (paper 4.1 augmentations; see ms3_jax/data/augment.py).
 
   python benchmarks/data_throughput.py --num_batches=20 --worker_count=0 --batch_size=32
 """
@@ -30,8 +30,8 @@ def main(argv):
                                        image_size=_IMAGE_SIZE.value)
     pipe = pipeline.TrainPipeline(
         info.dataset_names, data_dir=info.data_dir, global_batch_size=_BATCH_SIZE.value,
-        augment=pipeline.AugmentConfig(crop_size=_CROP.value), worker_count=_WORKER_COUNT.value,
-        num_threads=_NUM_THREADS.value, shard_index=0, shard_count=1)
+        augment=pipeline.AugmentConfig(crop_size=_CROP.value), shard_index=0, shard_count=1,
+        loader=pipeline.LoaderOptions(worker_count=_WORKER_COUNT.value, num_threads=_NUM_THREADS.value))
     it = pipe.make_iterator()
     next(it)  # warm-up (worker start-up)
     t0 = time.perf_counter()

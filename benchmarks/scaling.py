@@ -97,8 +97,8 @@ def make_part(config: Any):
         def loss_fn(i_l, i_v):
             loss_l, pred = losses.pairing_loss_and_prediction(
                 i_l, text, y, positives, None, lc.tau, chunk=lc.chunk, product_dtype=product)
-            loss_v = lc.alpha * losses.pairing_loss(i_v, v, y, positives, v_valid, lc.tau,
-                                                    chunk=lc.chunk, product_dtype=product)
+            loss_v = lc.alpha * losses.pairing_loss_fast(i_v, v, y, positives, v_valid, lc.tau,
+                                                         chunk=lc.chunk, product_dtype=product)
             return loss_l + loss_v, pred
 
         (loss, pred), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(i_l, i_v)

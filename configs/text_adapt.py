@@ -7,7 +7,7 @@ r"""Stage 1: adapt CLIP's language embeddings with learnable context (paper Sec.
 Model and data fields are those of configs/pretrain.py (same datasets, crops, image encoder with
 the language head only; model.emb_dim must equal the CLIP projection dim, 512 for ViT-B/32).
 From the paper: M = 13 context tokens ("following DenseCLIP"; read as 13 learnable, see
-DESIGN.md), pixel-embedding pairing with Eq. 1, tau 0.07, the image encoder's SGD (momentum 0.9,
+docs/choices.md), pixel-embedding pairing with Eq. 1, tau 0.07, the image encoder's SGD (momentum 0.9,
 wd 4e-5, lr 0.8 per 128 images, cosine). Not in the paper (docs/choices.md): the context starts
 from "a photo of a" (last 4 slots) + N(0, 0.02) (first 9), AdamW lr 2e-3 (no weight decay) with
 warm-up + cosine for it, the context frozen for the first 20% of the steps (until the image

@@ -25,10 +25,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from ms3_jax.data.pipeline import sliding_window_positions
 from ms3_jax.models.deeplab import resize_bilinear
 
 IGNORE_INDEX = 255
@@ -154,8 +154,62 @@ def predict_whole(apply_fn: ApplyFn, variables: Any, image: jax.Array, num_class
     return _flip_average(predict, image) if flip else predict(image)
 
 
+# --- MMSeg slide-inference windows ---------------------------------------------------------------
+
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return (int(x), int(x)) if np.isscalar(x) else (int(x[0]), int(x[1]))
+
+
+def sliding_window_positions(height: int, width: int, crop: int | Sequence[int],
+                             stride: int | Sequence[int]) -> np.ndarray:
+    """MMSegmentation slide-inference windows: int32 [n, 4] rows (y1, x1, y2, x2).
+
+    h_grids = max(H - crop_h + stride_h - 1, 0) // stride_h + 1 (same for w); windows start at
+    i * stride and are shifted back inside the image at the border (clamped at 0 when the image
+    is smaller than the crop).
+    """
+    ch, cw = _pair(crop)
+    sh, sw = _pair(stride)
+    h_grids = max(height - ch + sh - 1, 0) // sh + 1
+    w_grids = max(width - cw + sw - 1, 0) // sw + 1
+    out = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y1, x1 = hi * sh, wi * sw
+            y2, x2 = min(y1 + ch, height), min(x1 + cw, width)
+            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+            out.append((y1, x1, y2, x2))
+    return np.asarray(out, np.int32).reshape(-1, 4)
+
+
+def sliding_window_crops(image: np.ndarray, crop: int | Sequence[int],
+                         stride: int | Sequence[int], pad_value: Any = 0
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """`image` [H, W, ...] cut into MMSeg slide-inference crops (the NumPy form of `predict_slide`):
+    (crops [n, crop_h, crop_w, ...], positions int32 [n, 4] = (y1, x1, y2, x2)). Crops have a
+    fixed shape: an image smaller than the crop is padded bottom/right with `pad_value`; the valid
+    part of crop k is [:y2-y1, :x2-x1]."""
+    ch, cw = _pair(crop)
+    h, w = image.shape[:2]
+    pos = sliding_window_positions(h, w, (ch, cw), stride)
+    crops = np.empty((len(pos), ch, cw) + image.shape[2:], image.dtype)
+    crops[...] = np.asarray(pad_value, image.dtype)
+    for k, (y1, x1, y2, x2) in enumerate(pos):
+        crops[k, :y2 - y1, :x2 - x1] = image[y1:y2, x1:x2]
+    return crops, pos
+
+
+def merge_sliding_window(crop_outputs: np.ndarray, positions: np.ndarray, height: int,
+                         width: int) -> np.ndarray:
+    """Averages per-crop outputs [n, crop_h, crop_w, C] back to [H, W, C] (MMSeg `count_mat`)."""
+    out = np.zeros((height, width) + crop_outputs.shape[3:], np.float32)
+    count = np.zeros((height, width) + (1,) * (crop_outputs.ndim - 3), np.float32)
+    for k, (y1, x1, y2, x2) in enumerate(positions):
+        out[y1:y2, x1:x2] += crop_outputs[k, :y2 - y1, :x2 - x1]
+        count[y1:y2, x1:x2] += 1
+    if np.any(count == 0):
+        raise ValueError("Sliding windows do not cover the image.")
+    return out / count
 
 
 def predict_slide(apply_fn: ApplyFn, variables: Any, image: jax.Array, crop: int | Sequence[int],
@@ -163,7 +217,7 @@ def predict_slide(apply_fn: ApplyFn, variables: Any, image: jax.Array, crop: int
                   crop_batch: int | None = None) -> jax.Array:
     """MMSeg slide inference: [B, H, W, 3] -> scores [B, H, W, K].
 
-    Windows are MMSeg's grid (`pipeline.sliding_window_positions`, the grid of
+    Windows are MMSeg's grid (`sliding_window_positions`, the grid of
     `sliding_window_crops`); a window never exceeds the image (an image smaller than the crop is
     run at its own size, as in MMSeg, rather than padded). Each window's logits are resized to the
     window, summed into the image and divided by the number of windows covering each pixel.
@@ -233,7 +287,6 @@ def _allgather_sum(conf: np.ndarray, n: int) -> tuple[np.ndarray, int]:
     """Sums of the int64 matrices and image counts of all processes (int32 low/high parts)."""
     if jax.process_count() == 1:
         return conf, n
-    from jax.experimental import multihost_utils
     split = np.stack([conf & _LOW_MASK, conf >> _LOW_BITS]).astype(np.int32)
     gathered = multihost_utils.process_allgather(split)
     total = multihost_utils.process_allgather(np.asarray(n, np.int32))
@@ -250,7 +303,7 @@ def accumulate_confusion(model: nn.Module | ApplyFn, variables: Any,
     """The int64 confusion matrix [K, K] of a dataset and the number of images, over all processes.
 
     `dataset` yields this process's images, one at a time: {'image': uint8 [H, W, 3],
-    'label': int [h, w]} (e.g. `pipeline.make_eval_dataset(..., shard_index=jax.process_index(),
+    'label': int [h, w]} (e.g. `eval_data.make_eval_dataset(..., shard_index=jax.process_index(),
     shard_count=jax.process_count())`). Every process must call this (it gathers at the end).
     `model` is an `MS3Encoder` with `num_classes` set, or an `ApplyFn`. Counts stay on the
     device(s); there is one host transfer at the end.

@@ -8,9 +8,9 @@ initialisation (`config.init.kind`) gives the rows of Tab. 2: 'ms3' (backbone + 
 MS3 pretraining workdir), 'torchvision' (an ImageNet ResNet `.pth`: backbone only) or 'scratch'.
 With `frozen_backbone` (Tab. 3) the backbone gets zero updates and its BN runs in eval mode
 (running statistics, not updated): its variables stay bit-identical; decode head and classifier
-train. The loop mirrors `pretrain.py`: sharded jitted step with donation, orbax checkpoints of
-state + grain iterator with auto-resume, progress lines, TensorBoard, and mIoU on the validation
-split (`evaluate.py`) every `eval_every` steps and at the end -> `W/results.json`.
+train. The loop is the training base's (`training.py`): sharded jitted step with donation, orbax
+checkpoints of state + grain iterator with auto-resume, progress lines, TensorBoard; and mIoU on
+the validation split (`evaluate.py`) every `eval_every` steps and at the end -> `W/results.json`.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, evaluate, loop, nonfinite, pretrain, sharding
+from ms3_jax import checkpointing, evaluate, loop, nonfinite, optim, training
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
 from ms3_jax.models.resnet import ResNet
@@ -74,11 +74,6 @@ def segmentation_loss(logits_BxhxwxK: jax.Array, labels_BxHxW: jax.Array,
     return total / jnp.maximum(count, 1)
 
 
-def poly_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """MMSeg `PolyLR`: (lr - min_lr) * (1 - step / num_steps) ** power + min_lr."""
-    return optax.polynomial_schedule(optim.lr, optim.min_lr, optim.power, max(num_steps, 1))
-
-
 def backbone_labels(params: Mapping[str, Any]) -> dict[str, Any]:
     """'frozen' for every leaf under `backbone`, 'train' elsewhere (for `optax.multi_transform`)."""
     return {k: jax.tree_util.tree_map(lambda _, k=k: "frozen" if k == "backbone" else "train", v)
@@ -88,12 +83,11 @@ def backbone_labels(params: Mapping[str, Any]) -> dict[str, Any]:
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
     """torch-style SGD (decay added to the gradient before momentum); MMSeg decays every
-    parameter (`optim.decay_all`), else kernels only (`pretrain.weight_decay_mask`). Frozen
+    parameter (`optim.decay_all`), else kernels only (`optim.weight_decay_mask`). Frozen
     backbone: `set_to_zero` for its parameters (no decay, no momentum state)."""
     o = config.optim
-    tx = optax.chain(
-        optax.add_decayed_weights(o.weight_decay, None if o.decay_all else pretrain.weight_decay_mask),
-        optax.sgd(schedule, momentum=o.momentum))
+    tx = optim.sgd(schedule, o.momentum, o.weight_decay,
+                   None if o.decay_all else optim.weight_decay_mask)
     if not config.frozen_backbone:
         return tx
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, backbone_labels)
@@ -148,6 +142,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Fail before any long work on settings that cannot run."""
+    training.check_config(config, num_devices)
     kind = config.init.kind
     if kind not in INIT_KINDS:
         raise ValueError(f"init.kind must be one of {INIT_KINDS}, got {kind!r}")
@@ -156,10 +151,6 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(f"init.kind={kind!r} needs init.path ({what})")
     if kind == "scratch" and config.frozen_backbone:
         logging.warning("frozen_backbone with init.kind='scratch' trains the head on a random backbone")
-    if config.model.output_stride not in (8, 16, 32):
-        raise ValueError(f"model.output_stride must be 8, 16 or 32, got {config.model.output_stride}")
-    if config.batch_size % num_devices:
-        raise ValueError(f"batch_size {config.batch_size} does not divide over {num_devices} devices")
     if config.num_steps <= 0:
         raise ValueError(f"num_steps must be positive, got {config.num_steps}")
     if min(config.log_every, config.checkpoint_every) <= 0 or config.eval_every < 0:
@@ -169,32 +160,22 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(f"eval.mode must be 'whole' or 'slide', got {config.eval.mode!r}")
     if config.eval.mode == "slide" and not (config.eval.crop and config.eval.stride):
         raise ValueError("eval.mode='slide' needs eval.crop and eval.stride")
-    nonfinite.mode_of(config)
 
 
-def _pair(x: Any) -> tuple[int, int]:
-    return (int(x), int(x)) if np.isscalar(x) else (int(x[0]), int(x[1]))
-
-
-class Trainer:
-    """Owns the mesh, the shardings and the jitted functions; keeps the loop below small."""
+class Trainer(training.Trainer):
+    """Fine-tuning on the training base: the segmentor, its optimizer and step."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
                  devices: list | None = None):
         devices = list(devices) if devices is not None else jax.devices()
         check_config(config, len(devices))
-        self.config, self.num_classes = config, num_classes
-        self.mesh = sharding.data_mesh(devices)
-        self.replicated = NamedSharding(self.mesh, P())
-        self.data_sharding = NamedSharding(self.mesh, P("data"))
-        self.model = build_model(config, num_classes, sharding.platform_of(devices))
+        super().__init__(config, devices, ("image", "label"))
+        self.num_classes = num_classes
+        self.model = build_model(config, num_classes, self.platform)
         self.num_steps = int(config.num_steps)
-        self.schedule = poly_schedule(config.optim, self.num_steps)
+        self.schedule = optim.poly_schedule(config.optim, self.num_steps)
         self.tx = make_optimizer(config, self.schedule)
-        step = make_train_step(config, self.model, self.tx, self.schedule)
-        self._step = jax.jit(nonfinite.guard(step, nonfinite.mode_of(config)),
-                             in_shardings=(self.replicated, self.data_sharding),
-                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        self.compile_step(make_train_step(config, self.model, self.tx, self.schedule))
         self._init = _init_fn(self.model, self.replicated)
         self._opt_init = jax.jit(self.tx.init, out_shardings=self.replicated)
 
@@ -207,14 +188,6 @@ class Trainer:
         return FinetuneState(step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
                              params=params, batch_stats=batch_stats, opt_state=self._opt_init(params),
                              rng=jax.device_put(rng, self.replicated))
-
-    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's share of the batch -> global arrays sharded over 'data'."""
-        return {k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(local[k]))
-                for k in ("image", "label")}
-
-    def step(self, state: FinetuneState, batch: Mapping[str, jax.Array]) -> tuple[FinetuneState, Metrics]:
-        return self._step(state, batch)
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,10 +253,8 @@ def initial_variables(config: ml_collections.ConfigDict, trainer: Trainer,
     if kind == "scratch":
         return variables
     if kind == "torchvision":
-        from ms3_jax import export
-        loaded = export.load_backbone_file(path, trainer.model)
+        loaded = trainer.backbone_from_file(path, trainer.model)
         parts = {c: {"backbone": loaded[c]} for c in ("params", "batch_stats")}
-        logging.info("backbone initialised from %s", path)
     else:
         step, state = checkpointing.restore_state(path, config.init.get("step") or None)
         enc = checkpointing.encoder_variables(state, ema=config.init.ema)
@@ -300,18 +271,19 @@ def make_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace):
     from ms3_jax.data import pipeline
 
     dc = config.data
-    augment = pipeline.AugmentConfig(crop_size=_pair(dc.crop_size), **dc.augment.to_dict())
+    augment = pipeline.AugmentConfig(crop_size=dc.crop_size, **dc.augment.to_dict())
     return pipeline.TrainPipeline([dc.dataset], data_dir=dc.data_dir or None,
                                   global_batch_size=config.batch_size, label_space=label_space,
-                                  augment=augment, seed=config.seed, worker_count=dc.worker_count,
+                                  augment=augment, seed=config.seed,
+                                  loader=pipeline.LoaderOptions(worker_count=dc.worker_count),
                                   skip_unreadable=bool(dc.get("skip_unreadable", False)))
 
 
 def make_eval_dataset(config: ml_collections.ConfigDict, label_space: LabelSpace):
     """This process's share of the validation images (whole, short side resized)."""
-    from ms3_jax.data import pipeline
+    from ms3_jax.data import eval_data
 
-    return pipeline.make_eval_dataset(
+    return eval_data.make_eval_dataset(
         config.data.dataset, label_space=label_space, data_dir=config.data.data_dir or None,
         split=config.eval.split, short_side=config.eval.short_side or None,
         shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -362,16 +334,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_config(config, jax.device_count())  # bad settings fail here, before any long work
     dataset = config.data.dataset
     label_space = LabelSpace.from_datasets([dataset])
-    if config.data.get("synthetic"):
-        from ms3_jax.data import synthetic
-        synthetic.prepare_synthetic(config.data.data_dir, **config.data.synthetic)
+    training.prepare_synthetic_data(config)
     pipe = make_pipeline(config, label_space)
     eval_ds = make_eval_dataset(config, label_space)
     trainer = get_trainer(config, label_space.num_classes)
     num_steps = trainer.num_steps
-    if is_main:
-        checkpointing.write_config(workdir, config)
-    mngr = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints)
+    mngr = training.checkpoint_manager(config, workdir)
     iterator = pipe.make_iterator()
     rng = jax.random.PRNGKey(config.seed)
     init_rng, state_rng = jax.random.split(rng)
@@ -379,9 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = trainer.create_state(trainer.init_variables(init_rng), state_rng)
     else:
         state = trainer.create_state(initial_variables(config, trainer, init_rng), state_rng)
-    state, start = loop.restore_latest(mngr, state, iterator, workdir)
     writer = loop.summary_writer(workdir)
-    end = num_steps if stop_at is None else min(num_steps, stop_at)
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] | None = None
 
@@ -403,8 +369,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
             metrics = run_eval(step, state)
 
-    state = loop.run(trainer, state, iterator, config, start=start, end=end, num_steps=num_steps,
-                     mngr=mngr, writer=writer, history=[], after_step=after_step)
+    state, _, end = training.fit(trainer, state, iterator, mngr, config, workdir,
+                                 num_steps=num_steps, writer=writer, stop_at=stop_at,
+                                 after_step=after_step)
     if end < num_steps:
         if writer is not None:
             writer.close()

@@ -4,6 +4,7 @@ embeddings computed from it (Sect. 3.2, Eq. 4).
 Shapes are fixed: the bank holds ``slots`` embeddings per class; each step enqueues at most
 ``per_class`` uniformly sampled pixels of every class present in the batch (oldest overwritten).
 Memory: ``num_classes * slots * dim * itemsize`` (342 x 256 x 512 x 2 B ≈ 90 MB in bfloat16).
+Shape suffixes: N pixels, K classes, C embedding dim, P picks per class, S slots.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-IGNORE_LABEL = -1  # union-space ignore id (label_space.UNION_IGNORE); ids outside [0, K) are ignored too
+from ms3_jax.labels import IGNORE_LABEL, valid_labels
 
 
 @struct.dataclass
@@ -70,9 +71,7 @@ def sample_per_class(
     where class k has fewer than P pixels (those indices are arbitrary).
     """
     n = labels_N.shape[0]
-    labels_N = labels_N.astype(jnp.int32)
-    ok_N = (labels_N != ignore_label) & (labels_N >= 0) & (labels_N < num_classes)
-    key_N = jnp.where(ok_N, labels_N, num_classes)  # unusable pixels sort after every class
+    key_N, _ = valid_labels(labels_N, num_classes, ignore_label, num_classes)  # unusable: last
     rand_N = jax.random.uniform(rng, (n,))
     sorted_lab_N, _, perm_N = jax.lax.sort((key_N, rand_N, jnp.arange(n, dtype=jnp.int32)),
                                            num_keys=2)

@@ -1,6 +1,6 @@
 """MS3 pretraining (stage 2): the sharded train step and the loop around it.
 
-One step (DESIGN.md "Data flow"): the online encoder F gives I_l, I_v; the losses are
+One step (docs/design.md "Data flow"): the online encoder F gives I_l, I_v; the losses are
 L~ = L~_l + alpha L~_v (Eq. 7-9; Eq. 1-3 without multi-label); the momentum encoder F-hat
 (updated first, as MoCo) embeds the batch into the memory bank; V follows from the bank (Eq. 4);
 the cross-modal similarity S is an EMA of its batch estimate (Eq. 5); the multi-label mask of the
@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import struct
 
-from ms3_jax import (checkpointing, loop, losses, memory_bank, nonfinite, pseudo_labels, relations,
-                     sharding)
+from ms3_jax import (labels, loop, losses, memory_bank, optim, pseudo_labels, relations,
+                     text_embeddings, training)
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config
 from ms3_jax.train_state import TrainState, ema_update, init_train_state
@@ -32,46 +32,14 @@ Metrics = dict[str, jax.Array]
 LOSS_KINDS = ("ms3", "ce_single_head", "ce_multi_head")
 
 
-def downsample_labels(labels_BxHxW: jax.Array, hw: tuple[int, int]) -> jax.Array:
-    """Nearest-neighbour resize of label maps (torch `interpolate(mode='nearest')` indexing)."""
-    h, w = labels_BxHxW.shape[1:3]
-    rows = (np.arange(hw[0]) * h) // hw[0]
-    cols = (np.arange(hw[1]) * w) // hw[1]
-    return labels_BxHxW[:, rows][:, :, cols]
-
-
-def lr_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """lr = base_lr * batch / lr_batch (linear scaling; 0.8 per 128 images), warm-up, cosine to 0."""
-    peak = config.optim.base_lr * config.batch_size / config.optim.lr_batch
-    warmup = min(config.optim.warmup_steps, max(num_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1), 0.0)
-
-
-def weight_decay_mask(params: Any) -> Any:
-    """Weight decay on conv / dense kernels only, not on BN scales or biases."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
-
-
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """SGD with momentum 0.9 and decoupled-from-BN weight decay 4e-5 (paper 4.1), torch-style
-    (decay added to the gradient before momentum)."""
-    return optax.chain(
-        optax.add_decayed_weights(config.optim.weight_decay, weight_decay_mask),
-        optax.sgd(lr_schedule(config, num_steps), momentum=config.optim.momentum),
-    )
-
-
 def check_config(config: ml_collections.ConfigDict, num_devices: int,
                  num_processes: int | None = None) -> None:
     """Fail before any long work on settings that cannot run (processes default: this job's)."""
+    training.check_config(config, num_devices, num_processes)
     if config.loss.kind not in LOSS_KINDS:
         raise ValueError(f"loss.kind must be one of {LOSS_KINDS}, got {config.loss.kind!r}")
     if config.loss.kind == "ms3" and not (config.loss.use_language or config.loss.use_visual):
         raise ValueError("loss.kind='ms3' needs loss.use_language or loss.use_visual")
-    if config.model.output_stride not in (8, 16, 32):
-        raise ValueError(f"model.output_stride must be 8, 16 or 32, got {config.model.output_stride}")
-    sharding.check_global_batch(config.batch_size, num_devices,
-                                jax.process_count() if num_processes is None else num_processes)
     if config.bank.per_class > config.bank.slots:
         raise ValueError(f"bank.per_class (P={config.bank.per_class}) must be <= bank.slots "
                          f"(K={config.bank.slots}): one step would overwrite its own entries")
@@ -81,7 +49,6 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     if config.relations.pixel_head == "visual" and not config.loss.use_visual and config.loss.multilabel:
         raise ValueError("relations.pixel_head='visual' needs loss.use_visual (the visual head is "
                          "untrained otherwise); set relations.pixel_head='language'")
-    nonfinite.mode_of(config)
     if uses_unlabeled(config):
         lc = config.loss
         if not (lc.kind == "ms3" and lc.use_language and lc.use_visual):
@@ -111,27 +78,100 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, platform: s
     return encoder_from_config(config.model, platform, heads=(), num_classes=num_classes)
 
 
+@struct.dataclass
+class Forward:
+    """What the loss's forward pass hands to the rest of the step (the `has_aux` of its grad)."""
+
+    terms: dict[str, jax.Array]  # the loss terms: loss_language, loss_visual (Eq. 7-9) or loss_ce
+    pseudo: dict[str, jax.Array]  # App. D metrics (pseudo_fraction, pseudo_agreement) or {}
+    out: dict[str, jax.Array]  # the encoder's outputs
+    labels: jax.Array  # y at the embeddings' resolution [B, H/4, W/4]
+    labels_fit: jax.Array  # the labels the losses fit: y plus App. D pseudo-labels
+    prediction: jax.Array | None  # nearest-T class from the loss's own logits (acc_language)
+    batch_stats: Any
+
+
+def positives(state: TrainState, consts: Mapping[str, jax.Array], warmup: int) -> jax.Array:
+    """Ỹ of Eq. 6 from the running S (the mapping of the previous steps), off before `warmup`."""
+    mask = relations.multilabel_mask(state.sim, consts["other_dataset"], state.sim_seen)
+    return mask & (state.step >= warmup)
+
+
+def make_loss_terms(config: ml_collections.ConfigDict) -> Callable[..., tuple[dict, jax.Array | None]]:
+    """`terms(out, y, batch, state, consts) -> (loss terms, prediction)` of `loss.kind` and the
+    Tab. 4 / 6 switches, chosen here once: L~_l + alpha L~_v (Eq. 7-9; Eq. 1-3 without the
+    multi-label mask) or a CE baseline. T and V are targets (stop_gradient)."""
+    lc = config.loss
+    product_dtype = jnp.dtype(config.model.dtype)  # [pixels x |Y| x C] operands; float32 sums
+    warmup = config.relations.warmup_steps
+    if lc.kind == "ce_single_head":
+        return lambda out, y, batch, state, consts: (
+            {"loss_ce": losses.ce_single_head_loss(out["logits"], y)}, None)
+    if lc.kind == "ce_multi_head":
+        return lambda out, y, batch, state, consts: (
+            {"loss_ce": losses.ce_multi_head_loss(out["logits"], y, batch["dataset_id"],
+                                                  consts["dataset_of_class"])}, None)
+
+    def ms3_terms(out, y, batch, state, consts):
+        pos = positives(state, consts, warmup) if lc.multilabel else None
+        terms, pred = {}, None
+        if lc.use_language:
+            terms["loss_language"], pred = losses.pairing_loss_and_prediction(
+                out["language"], jax.lax.stop_gradient(consts["text"]), y, pos, None, lc.tau,
+                chunk=lc.chunk, product_dtype=product_dtype)
+        if lc.use_visual:
+            terms["loss_visual"] = lc.alpha * losses.pairing_loss_fast(
+                out["visual"], jax.lax.stop_gradient(state.visual_emb), y, pos, state.visual_valid,
+                lc.tau, chunk=lc.chunk, product_dtype=product_dtype)
+        return terms, pred
+
+    return ms3_terms
+
+
+def update_memory(state: TrainState, keys_visual: jax.Array | None, bank_labels: jax.Array,
+                  emb_relations: jax.Array, y: jax.Array, consts: Mapping[str, jax.Array],
+                  rng: jax.Array, config: ml_collections.ConfigDict) -> tuple[TrainState, Metrics]:
+    """The memory of MS3 after a parameter update: the momentum encoder's visual keys enqueued
+    into the per-class bank and V from it (Eq. 4; `keys_visual` None: no visual branch), the
+    running cross-modal similarity S (Eq. 5) from `emb_relations` (stop-gradient pixel
+    embeddings) and the number of pairs of the multi-label mapping Ỹ it now gives (Eq. 6)."""
+    metrics: Metrics = {}
+    if keys_visual is not None:
+        bank = memory_bank.enqueue(state.bank, keys_visual, bank_labels, rng, config.bank.per_class)
+        v, v_valid = memory_bank.visual_embeddings(bank, state.visual_emb, state.visual_valid)
+        state = state.replace(bank=bank, visual_emb=v, visual_valid=v_valid)
+        metrics["visual_classes"] = jnp.sum(v_valid)
+    text = consts["text"]
+    batch_sim, count = relations.segment_similarity(emb_relations, y, text, text.shape[0],
+                                                    chunk=config.loss.chunk)
+    sim = relations.update_similarity(state.sim, batch_sim, count, config.relations.momentum,
+                                      state.sim_seen)
+    seen = relations.update_seen(state.sim_seen, count)
+    state = state.replace(sim=sim, sim_seen=seen)
+    mask = relations.multilabel_mask(sim, consts["other_dataset"], seen)
+    if config.loss.multilabel:
+        mask = mask & (state.step >= config.relations.warmup_steps)
+    metrics["relations"] = jnp.sum(mask)
+    return state, metrics
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
                     tx: optax.GradientTransformation,
                     schedule: optax.Schedule) -> Callable[..., tuple[TrainState, Metrics]]:
     """`train_step(state, batch, consts) -> (state, metrics)`, pure; the loss is chosen here, once.
 
     consts: `text` T [|Y|, C], `other_dataset` [|Y|, |Y|] bool, `dataset_of_class` [|Y|].
+    Order (MoCo): loss and gradients of the online encoder F; parameter and EMA updates; the
+    updated momentum encoder F-hat embeds the batch for the bank; `update_memory` (Eq. 4-6).
     With `data.unlabeled` (App. D) the -2 pixels of unlabeled images get pseudo-labels from this
     forward pass (`pseudo_labels.label_unlabeled_pixels`); metrics then add `pseudo_fraction`
     and `pseudo_agreement`.
     """
     lc = config.loss
-    kind, ms3 = lc.kind, lc.kind == "ms3"
+    ms3 = lc.kind == "ms3"
     use_lang, use_vis = ms3 and lc.use_language, ms3 and lc.use_visual
-    multilabel = ms3 and lc.multilabel
-    track_relations = ms3  # S is cheap; kept for the report even when the mask is off
     ema_model = model.clone(heads=("visual",)) if use_vis else None
-    momentum, sim_momentum = config.ema_momentum, config.relations.momentum
-    warmup, per_class, chunk = config.relations.warmup_steps, config.bank.per_class, lc.chunk
-    pixel_head = config.relations.pixel_head
-    # The losses' [pixels x |Y| x C] products take the compute dtype's operands (float32 sums).
-    product_dtype = jnp.dtype(config.model.dtype)
+    loss_terms = make_loss_terms(config)
     # App. D: pixels of unlabeled images (label -2) get multimodal pseudo-labels; they enter the
     # losses, enter the bank only with pseudo.enter_bank, and never S (Eq. 5 estimates relations
     # between ground-truth classes) nor acc_language.
@@ -143,103 +183,73 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
         out, mutated = model.apply({"params": params, "batch_stats": state.batch_stats},
                                    batch["image"], train=True, mutable=["batch_stats"],
                                    rngs={"dropout": rng})
-        y = downsample_labels(batch["label"], out["decoder"].shape[1:3])
-        y_fit, extra = y, {}  # y_fit: the labels the losses fit (y plus pseudo-labels)
+        y = labels.downsample_labels(batch["label"], out["decoder"].shape[1:3])
+        y_fit, pseudo_metrics = y, {}
         if pseudo:
-            y_fit, extra = pseudo_labels.label_unlabeled_pixels(
+            y_fit, pseudo_metrics = pseudo_labels.label_unlabeled_pixels(
                 y, out["language"], out["visual"], consts["text"], state.visual_emb,
-                state.visual_valid, threshold=threshold, tau=lc.tau, chunk=chunk)
-        terms: dict[str, jax.Array] = {}
-        pred = None  # nearest-class prediction for acc_language, from the loss's own logits
-        if kind == "ce_single_head":
-            terms["loss_ce"] = losses.ce_single_head_loss(out["logits"], y)
-        elif kind == "ce_multi_head":
-            terms["loss_ce"] = losses.ce_multi_head_loss(out["logits"], y, batch["dataset_id"],
-                                                         consts["dataset_of_class"])
-        else:
-            positives = None
-            if multilabel:
-                mask = relations.multilabel_mask(state.sim, consts["other_dataset"], state.sim_seen)
-                positives = mask & (state.step >= warmup)
-            if use_lang:
-                terms["loss_language"], pred = losses.pairing_loss_and_prediction(
-                    out["language"], consts["text"], y_fit, positives, None, lc.tau, chunk=chunk,
-                    product_dtype=product_dtype)
-            if use_vis:
-                terms["loss_visual"] = lc.alpha * losses.pairing_loss(
-                    out["visual"], state.visual_emb, y_fit, positives, state.visual_valid, lc.tau,
-                    chunk=chunk, product_dtype=product_dtype)
-        total = sum(terms.values())
-        return total, (terms, extra, out, y, y_fit, pred, mutated["batch_stats"])
+                state.visual_valid, threshold=threshold, tau=lc.tau, chunk=lc.chunk)
+        terms, pred = loss_terms(out, y_fit, batch, state, consts)
+        return sum(terms.values()), Forward(terms, pseudo_metrics, out, y, y_fit, pred,
+                                            mutated["batch_stats"])
 
     def train_step(state: TrainState, batch: Batch, consts: Mapping[str, jax.Array]):
         rng = jax.random.fold_in(state.rng, state.step)
         rng_drop, rng_bank = jax.random.split(rng)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (terms, extra, out, y, y_fit, pred, batch_stats)), grads = grad_fn(
+        (loss, fwd), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state, batch, consts, rng_drop)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        momentum = config.ema_momentum
         new = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+            step=state.step + 1, params=params, batch_stats=fwd.batch_stats, opt_state=opt_state,
             ema_params=ema_update(state.ema_params, params, momentum),
-            ema_batch_stats=ema_update(state.ema_batch_stats, batch_stats, momentum))
-        metrics: Metrics = {"loss": loss, "lr": schedule(state.step), **terms, **extra}
-        if use_vis:
-            # Keys from the freshly updated momentum encoder, batch-statistics BN (MoCo).
-            ema_out, _ = ema_model.apply({"params": new.ema_params, "batch_stats": new.ema_batch_stats},
-                                         batch["image"], train=True, mutable=["batch_stats"])
-            bank = memory_bank.enqueue(new.bank, ema_out["visual"], y_fit if enter_bank else y,
-                                       rng_bank, per_class)
-            v, v_valid = memory_bank.visual_embeddings(bank, state.visual_emb, state.visual_valid)
-            new = new.replace(bank=bank, visual_emb=v, visual_valid=v_valid)
-            metrics["visual_classes"] = jnp.sum(v_valid)
-        if track_relations:
-            emb = jax.lax.stop_gradient(out[pixel_head])
-            batch_sim, count = relations.segment_similarity(emb, y, consts["text"],
-                                                            consts["text"].shape[0], chunk=chunk)
-            sim = relations.update_similarity(new.sim, batch_sim, count, sim_momentum, new.sim_seen)
-            seen = relations.update_seen(new.sim_seen, count)
-            new = new.replace(sim=sim, sim_seen=seen)
-            mask = relations.multilabel_mask(sim, consts["other_dataset"], seen)
-            metrics["relations"] = jnp.sum(mask & (new.step >= warmup)) if multilabel else jnp.sum(mask)
+            ema_batch_stats=ema_update(state.ema_batch_stats, fwd.batch_stats, momentum))
+        metrics: Metrics = {"loss": loss, "lr": schedule(state.step), **fwd.terms, **fwd.pseudo}
+        if ms3:
+            keys = None
+            if use_vis:  # keys of the updated momentum encoder, batch-statistics BN (MoCo)
+                keys = ema_model.apply({"params": new.ema_params, "batch_stats": new.ema_batch_stats},
+                                       batch["image"], train=True, mutable=["batch_stats"])[0]["visual"]
+            emb = jax.lax.stop_gradient(fwd.out[config.relations.pixel_head])
+            new, memory_metrics = update_memory(
+                new, keys, fwd.labels_fit if enter_bank else fwd.labels, emb, fwd.labels, consts,
+                rng_bank, config)
+            metrics.update(memory_metrics)
         if use_lang:
-            metrics["acc_language"] = losses.prediction_accuracy(pred, y, consts["text"].shape[0])
+            metrics["acc_language"] = losses.prediction_accuracy(fwd.prediction, fwd.labels,
+                                                                 consts["text"].shape[0])
         elif ms3 and not use_vis:
-            metrics["acc_language"] = losses.pixel_accuracy(out["language"], consts["text"], y)
+            metrics["acc_language"] = losses.pixel_accuracy(fwd.out["language"], consts["text"],
+                                                            fwd.labels)
         return new, metrics
 
     return train_step
 
 
-class Trainer:
-    """Owns the mesh, the shardings and the jitted step; keeps the loop below small."""
+class Trainer(training.Trainer):
+    """The pretraining stage on the training base: its model, optimizer, constants and step."""
 
     def __init__(self, config: ml_collections.ConfigDict, label_space: LabelSpace,
                  text_KxC: np.ndarray | None, num_steps: int, devices: list | None = None):
-        devices = devices if devices is not None else jax.devices()
+        devices = list(devices) if devices is not None else jax.devices()
         check_config(config, len(devices))
-        self.config, self.label_space = config, label_space
-        self.mesh = sharding.data_mesh(devices)
-        self.replicated = NamedSharding(self.mesh, P())
-        self.data_sharding = NamedSharding(self.mesh, P("data"))
+        super().__init__(config, devices, ("image", "label", "dataset_id"))
+        self.label_space = label_space
         k = label_space.num_classes
         if text_KxC is None:  # CE baselines do not use T; a placeholder keeps one step signature
             text_KxC = np.zeros((k, config.model.emb_dim), np.float32)
         if text_KxC.shape != (k, config.model.emb_dim):
             raise ValueError(f"text embeddings have shape {text_KxC.shape}, expected "
                              f"[{k}, model.emb_dim={config.model.emb_dim}]")
-        consts = {"text": jnp.asarray(text_KxC, jnp.float32),
-                  "other_dataset": relations.other_dataset_matrix(label_space.dataset_of_class),
-                  "dataset_of_class": jnp.asarray(label_space.dataset_of_class)}
-        self.consts = jax.device_put(consts, self.replicated)
-        self.model = build_model(config, k, sharding.platform_of(devices))
+        self.model = build_model(config, k, self.platform)
         self.num_steps = num_steps
-        self.tx = make_optimizer(config, num_steps)
-        step = make_train_step(config, self.model, self.tx, lr_schedule(config, num_steps))
-        self._step = jax.jit(nonfinite.guard(step, nonfinite.mode_of(config)),
-                             in_shardings=(self.replicated, self.data_sharding, self.replicated),
-                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        self.tx = optim.make_optimizer(config, num_steps)
+        self.compile_step(
+            make_train_step(config, self.model, self.tx, optim.lr_schedule(config, num_steps)),
+            {"text": jnp.asarray(text_KxC, jnp.float32),
+             "other_dataset": relations.other_dataset_matrix(label_space.dataset_of_class),
+             "dataset_of_class": jnp.asarray(label_space.dataset_of_class)})
 
     def init_state(self, rng: jax.Array, image_size: int) -> TrainState:
         """The state, created directly with its (replicated) sharding.
@@ -267,20 +277,9 @@ class Trainer:
 
         return jax.jit(init, out_shardings=self.replicated)(rng)
 
-    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's share of the batch -> global arrays sharded over 'data'."""
-        keys = ("image", "label", "dataset_id")
-        return {k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(local[k]))
-                for k in keys}
-
-    def step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
-        return self._step(state, batch, self.consts)
-
 
 def resolve_text_embeddings(config: ml_collections.ConfigDict, label_space: LabelSpace) -> np.ndarray | None:
     """T from `text.embeddings` (stage 1's npz) or, when empty, CLIP with the hand template."""
-    from ms3_jax import text_embeddings
-
     if config.loss.kind != "ms3":
         return None
     if config.text.embeddings:
@@ -291,27 +290,6 @@ def resolve_text_embeddings(config: ml_collections.ConfigDict, label_space: Labe
     logging.info("text.embeddings unset: T from %s with the template %r", config.text.clip,
                  config.text.template)
     return text_embeddings.template_text_embeddings(config.text.clip, label_space, config.text.template)
-
-
-def make_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace):
-    from ms3_jax.data import pipeline
-
-    dc = config.data
-    return pipeline.TrainPipeline(
-        dc.datasets, data_dir=dc.data_dir or None, global_batch_size=config.batch_size,
-        label_space=label_space,
-        augment=pipeline.AugmentConfig(crop_size=dc.crop_size, **dict(dc.get("augment") or {})),
-        weights=dict(dc.weights) if dc.get("weights") else None, seed=config.seed,
-        worker_count=dc.worker_count, skip_unreadable=bool(dc.get("skip_unreadable", False)),
-        **(dict(unlabeled=dc.unlabeled.source, unlabeled_split=dc.unlabeled.split,
-                unlabeled_ratio=dc.unlabeled.ratio) if uses_unlabeled(config) else {}))
-
-
-def num_train_steps(config: ml_collections.ConfigDict, dataset_sizes: tuple[int, ...]) -> int:
-    """`num_steps` if set, else `num_epochs` passes over the union of the training sets."""
-    if config.get("num_steps"):
-        return int(config.num_steps)
-    return max(1, int(config.num_epochs * sum(dataset_sizes) // config.batch_size))
 
 
 def write_relations_report(workdir: str, state: TrainState, label_space: LabelSpace,
@@ -337,48 +315,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     `stop_at` ends this run after that step (with a checkpoint), as a preemption would.
     """
-    is_main = jax.process_index() == 0
     check_config(config, jax.device_count())  # bad settings fail here, before any long work
     label_space = LabelSpace.from_datasets(list(config.data.datasets))
-    if config.data.get("synthetic"):
-        from ms3_jax.data import synthetic
-        synthetic.prepare_synthetic(config.data.data_dir, **config.data.synthetic)
-    pipe = make_pipeline(config, label_space)
+    training.prepare_synthetic_data(config)
+    pipe = training.union_pipeline(config, label_space)
     if pipe.unlabeled_source is not None:
         logging.info("unlabeled images (App. D): %d from %r, ratio %.3g of each batch",
                      len(pipe.unlabeled_source), pipe.unlabeled, pipe.unlabeled_ratio)
-    num_steps = num_train_steps(config, pipe.dataset_sizes)
-    text = resolve_text_embeddings(config, label_space)
-    trainer = Trainer(config, label_space, text, num_steps)
-    if is_main:
-        checkpointing.write_config(workdir, config)
-    mngr = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints)
+    num_steps = training.num_train_steps(config, pipe.dataset_sizes)
+    trainer = Trainer(config, label_space, resolve_text_embeddings(config, label_space), num_steps)
+    mngr = training.checkpoint_manager(config, workdir)
     iterator = pipe.make_iterator()
     state = trainer.init_state(jax.random.PRNGKey(config.seed), config.data.crop_size)
     if config.model.get("init_from"):
-        state = _init_backbone_from(state, config.model.init_from, trainer)
-    state, start = loop.restore_latest(mngr, state, iterator, workdir)
+        state = init_backbone_from(state, config.model.init_from, trainer)
     writer = loop.summary_writer(workdir)
-    end = num_steps if stop_at is None else min(num_steps, stop_at)
-    history: list[dict[str, float]] = []
-    state = loop.run(trainer, state, iterator, config, start=start, end=end, num_steps=num_steps,
-                     mngr=mngr, writer=writer, history=history)
+    state, history, end = training.fit(trainer, state, iterator, mngr, config, workdir,
+                                       num_steps=num_steps, writer=writer, stop_at=stop_at)
     if writer is not None:
         writer.close()
-    if is_main and config.loss.kind == "ms3" and end == num_steps:
+    if jax.process_index() == 0 and config.loss.kind == "ms3" and end == num_steps:
         report = write_relations_report(workdir, state, label_space, trainer.consts["other_dataset"])
         logging.info("\n%s", report)
     return history
 
 
-def _init_backbone_from(state: TrainState, path: str, trainer: Trainer) -> TrainState:
+def init_backbone_from(state: TrainState, path: str, trainer: Trainer) -> TrainState:
     """Backbone (online and momentum) from a torchvision / MMSeg ResNet file (`model.init_from`)."""
-    from ms3_jax import export
-
-    loaded = jax.device_put(export.load_backbone_file(path, trainer.model), trainer.replicated)
+    loaded = trainer.backbone_from_file(path, trainer.model)
     params = {**state.params, "backbone": loaded["params"]}
     stats = {**state.batch_stats, "backbone": loaded["batch_stats"]}
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # own buffers: the state is donated
-    logging.info("backbone initialised from %s", path)
     return state.replace(params=params, batch_stats=stats, ema_params=copy(params),
                          ema_batch_stats=copy(stats), opt_state=trainer.tx.init(params))

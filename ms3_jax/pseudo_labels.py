@@ -15,6 +15,7 @@ Choices not in the paper (config `pseudo.*`, docs/choices.md):
   pairing loss itself predicts.
 - Source: the online model's own outputs of the training forward pass (stop-gradient), see
   `label_unlabeled_pixels`.
+Shape suffixes: N pixels, K classes, C embedding dim.
 """
 from __future__ import annotations
 
@@ -22,10 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from ms3_jax.data.label_space import UNLABELED_PIXEL
-from ms3_jax.losses import map_pixel_chunks
-
-IGNORE_LABEL = -1  # union-space ignore id (label_space.UNION_IGNORE)
-_NEG = -1e30  # finite "minus infinity" for masked classes
+from ms3_jax.chunking import map_pixel_chunks
+from ms3_jax.labels import IGNORE_LABEL, MASKED_LOGIT
 
 
 def _unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -36,7 +35,7 @@ def _unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 def _nearest(emb_NxC: jax.Array, class_KxC: jax.Array, valid_K: jax.Array,
              tau: float) -> tuple[jax.Array, jax.Array]:
     """(argmax_k cos(emb, class_k) over valid k [N] int32, its softmax probability at tau [N])."""
-    logits_NxK = jnp.where(valid_K[None, :], jnp.dot(emb_NxC, class_KxC.T) / tau, _NEG)
+    logits_NxK = jnp.where(valid_K[None, :], jnp.dot(emb_NxC, class_KxC.T) / tau, MASKED_LOGIT)
     best_N = jnp.argmax(logits_NxK, axis=-1).astype(jnp.int32)
     prob_N = jnp.exp(jnp.max(logits_NxK, axis=-1) - jax.nn.logsumexp(logits_NxK, axis=-1))
     return best_N, prob_N

@@ -1,6 +1,6 @@
 """Cross-modal information exchange (Sect. 3.3): segment-mean pixel–text similarity (Eq. 5), its
 running average, and the unidirectional multi-label mapping Ỹ (Eq. 6); plus a host-side report
-like paper Tab. 8.
+like paper Tab. 8. Shape suffixes: N pixels, K classes, C embedding dim.
 """
 from __future__ import annotations
 
@@ -11,17 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ms3_jax.losses import pixel_chunk_grid, take_chunk
-
-IGNORE_LABEL = -1  # union-space ignore id (label_space.UNION_IGNORE); ids outside [0, K) are ignored too
+from ms3_jax.chunking import pixel_chunk_grid, take_chunk
+from ms3_jax.labels import IGNORE_LABEL, valid_labels
 
 
 def _class_sums(emb_NxC: jax.Array, labels_N: jax.Array, num_classes: int,
                 ignore_label: int) -> tuple[jax.Array, jax.Array]:
     """float32 ``(Σ_{y_k = c} F_k  [K, C],  #pixels of c  [K])``; unusable labels dropped."""
-    labels_N = labels_N.astype(jnp.int32)
-    ok_N = (labels_N != ignore_label) & (labels_N >= 0) & (labels_N < num_classes)
-    seg_N = jnp.where(ok_N, labels_N, num_classes)  # extra segment K collects the unusable pixels
+    seg_N, ok_N = valid_labels(labels_N, num_classes, ignore_label, num_classes)  # unusable: K
     acc = jnp.promote_types(emb_NxC.dtype, jnp.float32)  # float64 stays float64 (numerical tests)
     sum_KxC = jax.ops.segment_sum(emb_NxC.astype(acc), seg_N, num_classes + 1)
     count_K = jax.ops.segment_sum(ok_N.astype(jnp.int32), seg_N, num_classes + 1)

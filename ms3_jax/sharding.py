@@ -1,7 +1,7 @@
 """Multi-host setup: start `jax.distributed`, one 'data' mesh over every device of every process.
 
 One process per host (TPU VM worker, SLURM node, or a local CPU process in tests); each feeds
-its share of the global batch (`pretrain.Trainer.global_batch`). Launchers: `launch/`.
+its share of the global batch (`training.Trainer.global_batch`). Launchers: `launch/`.
 """
 from __future__ import annotations
 

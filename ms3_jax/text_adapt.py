@@ -31,16 +31,14 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ms3_jax import (checkpointing, loop, losses, nonfinite, pretrain, sharding,
-                     text_embeddings)
-from ms3_jax.data.label_space import UNION_IGNORE, LabelSpace
-from ms3_jax.models import clip_text, tiny_clip
+from ms3_jax import labels, loop, losses, optim, text_embeddings, training
+from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.models import clip_text
+from ms3_jax.testing import tiny_clip
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, l2_normalize
 
-IGNORE_LABEL = UNION_IGNORE  # -1 (|Y| = 342 > 255); any label outside [0, |Y|) is ignored too
 TEXT_MODEL_DIR = "text_model"
 TEXT_MODEL_META = "text_model.json"
 REPORT_FILE = "similarity_report.json"
@@ -65,33 +63,6 @@ class TextAdaptState:
 # ----------------------------------------------------------------------------------------------
 # Loss and class prompts
 # ----------------------------------------------------------------------------------------------
-
-
-def adapt_pairing_loss(emb: jax.Array, class_emb_KxC: jax.Array, labels: jax.Array,
-                       tau: float = losses.TAU, *, chunk: int | None = losses.DEFAULT_CHUNK,
-                       ignore_label: int = IGNORE_LABEL) -> jax.Array:
-    """Eq. 1 with gradients to both the pixel embeddings I and the class embeddings T.
-
-    Same value as ``losses.pairing_loss(emb, T, labels)`` (no extra positives), which treats T as
-    a fixed target (stage 2); here T is a function of the learned context, so it is not stopped.
-    Mean over pixels whose label is in ``[0, K)`` and not ``ignore_label``; chunked over pixels.
-    """
-    num_classes, dim = class_emb_KxC.shape
-    emb_NxC = emb.reshape(-1, dim)
-    labels_N = labels.reshape(-1).astype(jnp.int32)
-    class_emb_KxC = class_emb_KxC.astype(jnp.float32)
-
-    def body(e_nxc: jax.Array, y_n: jax.Array) -> tuple[jax.Array, jax.Array]:
-        ok_n = (y_n != ignore_label) & (y_n >= 0) & (y_n < num_classes)
-        y_safe_n = jnp.where(ok_n, y_n, 0)
-        logits_nxk = jnp.dot(e_nxc.astype(jnp.float32), class_emb_KxC.T,
-                             preferred_element_type=jnp.float32) / tau
-        pos_n = jnp.take_along_axis(logits_nxk, y_safe_n[:, None], axis=1)[:, 0]
-        loss_n = jax.nn.logsumexp(logits_nxk, axis=-1) - pos_n
-        return jnp.where(ok_n, loss_n, 0.0), ok_n.astype(jnp.float32)
-
-    loss_N, weight_N = losses.map_pixel_chunks(body, (emb_NxC, labels_N), (0, ignore_label), chunk)
-    return jnp.sum(loss_N) / jnp.maximum(jnp.sum(weight_N), 1.0)
 
 
 def distinct_names(names: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:
@@ -140,8 +111,7 @@ def text_lr_schedule(config: ml_collections.ConfigDict, peak: float, num_steps: 
 def _text_optimizer(kind: str, schedule: optax.Schedule, tc: ml_collections.ConfigDict,
                     mask: Any = None) -> optax.GradientTransformation:
     if kind == "sgd":  # CoOp: SGD with momentum, cosine
-        return optax.chain(optax.add_decayed_weights(tc.weight_decay, mask),
-                           optax.sgd(schedule, momentum=tc.momentum))
+        return optim.sgd(schedule, tc.momentum, tc.weight_decay, mask)
     return optax.adamw(schedule, weight_decay=tc.weight_decay, mask=mask)
 
 
@@ -150,14 +120,14 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int,
     """The paper's SGD for the image encoder (as stage 2); SGD or AdamW for the context (and the
     text tower) with their own lr, both with warm-up and cosine decay to 0 (optax.multi_transform)."""
     tc = config.text
-    txs = {"image": pretrain.make_optimizer(config, num_steps),
+    txs = {"image": optim.make_optimizer(config, num_steps),
            "ctx": _text_optimizer(tc.optimizer, text_lr_schedule(config, tc.lr, num_steps), tc)}
     if train_text_tower:
         txs["text"] = _text_optimizer(tc.optimizer, text_lr_schedule(config, tc.tower_lr, num_steps),
-                                      tc, pretrain.weight_decay_mask)
-    labels = lambda params: {k: jax.tree_util.tree_map(lambda _, k=k: k, v)  # noqa: E731
+                                      tc, optim.weight_decay_mask)
+    part_of = lambda params: {k: jax.tree_util.tree_map(lambda _, k=k: k, v)  # noqa: E731
                              for k, v in params.items()}
-    return optax.multi_transform(txs, labels)
+    return optax.multi_transform(txs, part_of)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
@@ -184,8 +154,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
                                    rngs={"dropout": rng})
         t_UxC = class_embeddings(params, consts)
         text_KxC = t_UxC[consts["gather"]]
-        y = pretrain.downsample_labels(batch["label"], out["language"].shape[1:3])
-        loss = adapt_pairing_loss(out["language"], text_KxC, y, tau, chunk=chunk)
+        y = labels.downsample_labels(batch["label"], out["language"].shape[1:3])
+        # Eq. 1 with T not stopped: its gradient reaches the context (and the tower).
+        loss = losses.pairing_loss(out["language"], text_KxC, y, tau=tau, chunk=chunk)
         return loss, (out["language"], y, text_KxC, t_UxC, mutated["batch_stats"])
 
     def train_step(state: TextAdaptState, batch: Batch, consts: Mapping[str, Any]):
@@ -198,7 +169,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
         metrics: Metrics = {
             "loss": loss, "lr": schedule(state.step), "lr_ctx": ctx_schedule(state.step),
             "acc_language": losses.pixel_accuracy(jax.lax.stop_gradient(lang), text_KxC, y,
-                                                  chunk=chunk, ignore_label=IGNORE_LABEL),
+                                                  chunk=chunk, ignore_label=labels.IGNORE_LABEL),
             "mean_cos": mean_pairwise_cosine(jax.lax.stop_gradient(t_UxC)),
             "ctx_grad_norm": optax.tree.norm(grads["ctx"]),
         }
@@ -211,16 +182,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Fail before any long work on settings that cannot run."""
+    training.check_config(config, num_devices)
     tc = config.text
     if tc.optimizer not in OPTIMIZERS:
         raise ValueError(f"text.optimizer must be one of {OPTIMIZERS}, got {tc.optimizer!r}")
     if tc.num_ctx < 1:
         raise ValueError(f"text.num_ctx must be >= 1, got {tc.num_ctx}")
-    if config.model.output_stride not in (8, 16, 32):
-        raise ValueError(f"model.output_stride must be 8, 16 or 32, got {config.model.output_stride}")
-    if config.batch_size % num_devices:
-        raise ValueError(f"batch_size {config.batch_size} does not divide over {num_devices} devices")
-    nonfinite.mode_of(config)
 
 
 def check_emb_dim(config: ml_collections.ConfigDict, text_module: CLIPTextTower, clip: str) -> None:
@@ -233,41 +200,33 @@ def check_emb_dim(config: ml_collections.ConfigDict, text_module: CLIPTextTower,
             f"embeddings (Eq. 1), so set model.emb_dim={proj} (--config.model.emb_dim={proj})")
 
 
-class Trainer:
-    """Owns the mesh, the shardings, the constant prompt tensors and the jitted step."""
+class Trainer(training.Trainer):
+    """Stage 1 on the training base: the prompt constants, the encoder and the step."""
 
     def __init__(self, config: ml_collections.ConfigDict, label_space: LabelSpace,
                  text_module: CLIPTextTower, text_params: Any, tokenizer: Any, num_steps: int,
                  devices: list | None = None):
-        devices = devices if devices is not None else jax.devices()
+        devices = list(devices) if devices is not None else jax.devices()
         check_config(config, len(devices))
-        self.config, self.label_space = config, label_space
+        super().__init__(config, devices, ("image", "label"))
+        self.label_space = label_space
         self.text_module, self.tokenizer = text_module, tokenizer
         self.train_text_tower = bool(config.text.train_text_tower)
-        self.mesh = sharding.data_mesh(devices)
-        self.replicated = NamedSharding(self.mesh, P())
-        self.data_sharding = NamedSharding(self.mesh, P("data"))
-        self.names, gather = distinct_names(label_space.names)
+        self.names, self.gather = distinct_names(label_space.names)
         layout = clip_text.build_prompt_layout(tokenizer, self.names, config.text.num_ctx,
                                                text_module.config.max_len)
         consts = {"ids": jnp.asarray(layout.ids_NxL), "eos": jnp.asarray(layout.eos_index_N),
-                  "gather": jnp.asarray(gather)}
+                  "gather": jnp.asarray(self.gather)}
         if not self.train_text_tower:
             consts["text"] = text_params
-        self.consts = jax.device_put(consts, self.replicated)
-        self.gather = gather
-        self.platform = sharding.platform_of(devices)
         self.model = encoder_from_config(config.model, self.platform, heads=("language",),
                                          num_classes=None)
         self.num_steps = num_steps
         self.tx = make_optimizer(config, num_steps, self.train_text_tower)
-        step = make_train_step(config, self.model, text_module, self.tx,
-                               pretrain.lr_schedule(config, num_steps),
-                               text_lr_schedule(config, config.text.lr, num_steps),
-                               self.train_text_tower)
-        self._step = jax.jit(nonfinite.guard(step, nonfinite.mode_of(config)),
-                             in_shardings=(self.replicated, self.data_sharding, self.replicated),
-                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        self.compile_step(make_train_step(config, self.model, text_module, self.tx,
+                                          optim.lr_schedule(config, num_steps),
+                                          text_lr_schedule(config, config.text.lr, num_steps),
+                                          self.train_text_tower), consts)
 
     def init_state(self, rng: jax.Array, image_size: int, ctx_MxD: jax.Array,
                    text_params: Any) -> TextAdaptState:
@@ -290,15 +249,6 @@ class Trainer:
         options = {"xla_backend_optimization_level": 0} if self.platform == "cpu" else None
         return jax.jit(init, out_shardings=self.replicated, compiler_options=options)(
             rng, ctx_MxD, text_params)
-
-    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's share of the batch -> global arrays sharded over 'data'."""
-        return {k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(local[k]))
-                for k in ("image", "label")}
-
-    def step(self, state: TextAdaptState, batch: Mapping[str, jax.Array]
-             ) -> tuple[TextAdaptState, Metrics]:
-        return self._step(state, batch, self.consts)
 
     def text_params(self, state: TextAdaptState) -> Any:
         return state.params["text"] if self.train_text_tower else self.consts["text"]
@@ -431,12 +381,12 @@ def format_similarity_table(report: Mapping[str, Any]) -> str:
     heads = [f"'{r['pair'][0]}' vs. '{r['pair'][1]}'" for r in shown] + ["mean"]
     widths = [max(len(h), 6) for h in heads]
     methods = list(report["mean"])
-    labels = [_ROW_LABELS.get(m, m).format(template=report["template"]) for m in methods]
-    label_w = max(map(len, labels))
+    row_labels = [_ROW_LABELS.get(m, m).format(template=report["template"]) for m in methods]
+    label_w = max(map(len, row_labels))
     lines = [f"Tab. 1 -- cosine similarity of language embeddings ({report['num_names']} distinct "
              "class names)",
              " " * label_w + "  " + "  ".join(h.rjust(w) for h, w in zip(heads, widths))]
-    for method, label in zip(methods, labels):
+    for method, label in zip(methods, row_labels):
         values = [r[method] for r in shown] + [report["mean"][method]]
         lines.append(label.ljust(label_w) + "  "
                      + "  ".join(f"{v:.2f}".rjust(w) for v, w in zip(values, widths)))
@@ -447,12 +397,9 @@ def format_similarity_table(report: Mapping[str, Any]) -> str:
 
 def _init_backbone_from(state: TextAdaptState, path: str, trainer: Trainer) -> TextAdaptState:
     """Image-encoder backbone from a torchvision / MMSeg ResNet file (``model.init_from``)."""
-    from ms3_jax import export
-
-    loaded = jax.device_put(export.load_backbone_file(path, trainer.model), trainer.replicated)
+    loaded = trainer.backbone_from_file(path, trainer.model)
     params = {**state.params, "image": {**state.params["image"], "backbone": loaded["params"]}}
     stats = {**state.batch_stats, "backbone": loaded["batch_stats"]}
-    logging.info("image-encoder backbone initialised from %s", path)
     return state.replace(params=params, batch_stats=stats, opt_state=trainer.tx.init(params))
 
 
@@ -496,25 +443,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     At the last step writes text_embeddings.npz, text_model/ and similarity_report.json (module
     docstring). ``stop_at`` ends this run after that step (with a checkpoint), as a preemption would.
     """
-    is_main = jax.process_index() == 0
     check_config(config, jax.device_count())
     label_space = LabelSpace.from_datasets(list(config.data.datasets))
     clip = resolve_clip(config, label_space)
     text_module, text_params, tokenizer = load_clip(clip, jnp.dtype(config.text.dtype))
     check_emb_dim(config, text_module, clip)
-    if config.data.get("synthetic"):
-        from ms3_jax.data import synthetic
-        synthetic.prepare_synthetic(config.data.data_dir, **config.data.synthetic)
-    pipe = pretrain.make_pipeline(config, label_space)
-    num_steps = pretrain.num_train_steps(config, pipe.dataset_sizes)
+    training.prepare_synthetic_data(config)
+    pipe = training.union_pipeline(config, label_space)
+    num_steps = training.num_train_steps(config, pipe.dataset_sizes)
     trainer = Trainer(config, label_space, text_module, text_params, tokenizer, num_steps)
     logging.info("stage 1: adapting %d context vectors of %s on %s (|Y| = %d, %d distinct names), "
                  "text tower %s, %d steps", config.text.num_ctx, clip, list(config.data.datasets),
                  label_space.num_classes, len(trainer.names),
                  "trained" if trainer.train_text_tower else "frozen", num_steps)
-    if is_main:
-        checkpointing.write_config(workdir, config)
-    mngr = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints)
+    mngr = training.checkpoint_manager(config, workdir)
     iterator = pipe.make_iterator()
     rng = jax.random.PRNGKey(config.seed)
     ctx_MxD = clip_text.init_context(jax.random.fold_in(rng, 1), text_params, tokenizer,
@@ -522,12 +464,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = trainer.init_state(rng, config.data.crop_size, ctx_MxD, text_params)
     if config.model.get("init_from"):
         state = _init_backbone_from(state, config.model.init_from, trainer)
-    state, start = loop.restore_latest(mngr, state, iterator, workdir)
     writer = loop.summary_writer(workdir)
-    end = num_steps if stop_at is None else min(num_steps, stop_at)
-    history: list[dict[str, float]] = []
-    state = loop.run(trainer, state, iterator, config, start=start, end=end, num_steps=num_steps,
-                     mngr=mngr, writer=writer, history=history)
+    state, history, end = training.fit(trainer, state, iterator, mngr, config, workdir,
+                                       num_steps=num_steps, writer=writer, stop_at=stop_at)
     if writer is not None:
         writer.close()
     if end == num_steps:

@@ -1,4 +1,4 @@
-"""The whole pretraining state as one pytree (DESIGN.md "State").
+"""The whole pretraining state as one pytree (docs/design.md "State").
 
 Everything that changes during training lives here, so one orbax checkpoint of it (plus the grain
 iterator) resumes a run exactly. Replicated over the mesh; only the batch is sharded.

@@ -342,12 +342,12 @@ def synthetic_sample(workdir: str, dataset: str = "synth_a", index: int = 0,
                      split: str = "validation") -> np.ndarray:
     """One image (uint8 [H, W, 3]) of a synthetic dataset built by the demo into `workdir`/data
     (the pretraining config's `data.data_dir` when `workdir` is a pretraining workdir)."""
-    from ms3_jax.data import pipeline
+    from ms3_jax.data import sources
 
     data_dir = os.path.join(workdir, "data")
     if not os.path.isdir(data_dir):
         data_dir = checkpointing.read_config(workdir)["data"]["data_dir"]
-    source = pipeline.open_sources([dataset], split, data_dir)[0]
+    source = sources.open_sources([dataset], split, data_dir)[0]
     return np.asarray(source[index]["image"], np.uint8)
 
 

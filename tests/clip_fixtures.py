@@ -1,4 +1,4 @@
-"""Tiny random CLIP checkpoints for tests: a thin wrapper over ``ms3_jax.models.tiny_clip``.
+"""Tiny random CLIP checkpoints for tests: a thin wrapper over ``ms3_jax.testing.tiny_clip``.
 
 ``save_tiny_clip(dir, full=...)`` writes a width-32, 2-layer model with a 16-d projection and a
 BPE vocabulary covering ``TINY_WORDS`` (max_len 24). Import as ``from tests.clip_fixtures import ...``.
@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ms3_jax.models import tiny_clip
+import transformers
+
+from ms3_jax.testing import tiny_clip
 
 TINY_WORDS = (
     "a", "photo", "of", "cat", "dog", "horse", "cow", "person", "sky", "car", "traffic", "light",
@@ -44,7 +46,5 @@ def save_tiny_clip(
 
 def load_hf_text_model(directory: str | os.PathLike, full: bool = False):
     """The transformers reference model for a tiny checkpoint (eager attention, eval mode)."""
-    import transformers
-
     cls = transformers.CLIPModel if full else transformers.CLIPTextModelWithProjection
     return cls.from_pretrained(directory, attn_implementation="eager").eval()

@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ms3_jax.data import builders, classes, prepare
+from ms3_jax.data import builders, classes, prepare, sources
 from ms3_jax.data.builders import DatasetError
 
 H, W = 16, 20  # every fixture image is 20 wide, 16 high
@@ -235,7 +235,7 @@ def test_source_helper_and_grayscale_jpeg_reencoded(tmp_path):
     make_ade(tmp_path / "m", train=1, val=1)
     _jpg(tmp_path / "m/ADEChallengeData2016/images/training/ADE_train_00000001.jpg", mode="L")
     builders.prepare("ade20k", tmp_path / "m", tmp_path / "d")
-    src = builders.source("ade20k", "train", tmp_path / "d")
+    src = sources.open_sources(["ade20k"], "train", str(tmp_path / "d"))[0]
     assert len(src) == 1 and src[0]["image"].shape == (H, W, 3)
 
 
@@ -350,7 +350,7 @@ def test_prepare_cli(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "ms3_cityscapes" in out and "train: 2" in out and "validation: 1" in out
     assert "skipped: 0" in out
-    assert len(builders.source("cityscapes", "validation", tmp_path / "d")) == 1
+    assert len(sources.open_sources(["cityscapes"], "validation", str(tmp_path / "d"))[0]) == 1
     # again: already prepared, the summary comes from the stored dataset info
     prepare.main(["--dataset", "ms3_cityscapes", "--manual_dir", str(tmp_path / "m"),
                   "--data_dir", str(tmp_path / "d")])

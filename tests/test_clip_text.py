@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
+from safetensors.torch import save_file as save_torch_file
 
 from tests.clip_fixtures import TINY_MAX_LEN, TINY_PROJ_DIM, TINY_WIDTH, load_hf_text_model, save_tiny_clip
 from ms3_jax.models import clip_text as ct
@@ -130,8 +131,6 @@ def test_pytorch_bin_checkpoint_loads_the_same(tmp_path, clip_text_dir, loaded):
 
 def test_sharded_bfloat16_safetensors(tmp_path, clip_text_dir, loaded):
     """A sharded checkpoint (model.safetensors.index.json) stored in bfloat16 loads as float32."""
-    from safetensors.torch import save_file as save_torch_file
-
     directory = _copy_without(clip_text_dir, tmp_path / "sharded", "model.safetensors")
     state = {k: torch.from_numpy(v).to(torch.bfloat16)
              for k, v in load_file(clip_text_dir / "model.safetensors").items()}

@@ -5,24 +5,28 @@ import json
 import os
 
 from absl import flags
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
 
-from ms3_jax.data import pipeline
-from ms3_jax.data import synthetic
+from ms3_jax import evaluate
+from ms3_jax.data import augment, eval_data, pipeline, synthetic
 from ms3_jax.data.label_space import IGNORE_INDEX, UNION_IGNORE, LabelSpace
+from ms3_jax.testing import synthetic_data
 
 SMALL = dict(crop_size=32, base_size=32)
 
 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
-    return synthetic.prepare_synthetic(tmp_path_factory.mktemp('synth'), num_train=30, num_val=4,
-                                       image_size=48, seed=0)
+    return synthetic_data.build(tmp_path_factory.getbasetemp(), num_train=30, num_val=4)
 
 
 def _pipe(synth, **kw):
-    kw.setdefault('augment', pipeline.AugmentConfig(**SMALL))
+    kw.setdefault('augment', augment.AugmentConfig(**SMALL))
     kw.setdefault('global_batch_size', 6)
     kw.setdefault('shard_index', 0)
     kw.setdefault('shard_count', 1)
@@ -115,7 +119,6 @@ def test_synthetic_deterministic(tmp_path):
 
 
 def test_synthetic_records_and_relations_schema(synth):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     ls = LabelSpace.from_datasets(synth.dataset_names)
     for d, name in enumerate(synth.dataset_names):
         src = tfds.data_source(name, split='train', data_dir=synth.data_dir)
@@ -145,7 +148,6 @@ def test_synthetic_records_and_relations_schema(synth):
 
 def test_synthetic_relations_are_visible(synth):
     """Colour/texture stats of related classes are nearest among the target dataset's classes."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     ls = LabelSpace.from_datasets(synth.dataset_names)
     acc = {n: [] for n in ls.display_names}
     for d, name in enumerate(synth.dataset_names):
@@ -209,8 +211,6 @@ def test_pipeline_weights_and_batch_split(synth):
 
 
 def test_pipeline_batch_to_global_jax_array(synth):
-    import jax  # pylint: disable=g-import-not-at-top
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
     batch = next(_pipe(synth, global_batch_size=8).make_iterator())
     mesh = Mesh(np.array(jax.devices()), ('data',))
     arr = jax.make_array_from_process_local_data(NamedSharding(mesh, P('data')), batch['label'])
@@ -238,7 +238,7 @@ def _palette_sources(num_per_dataset=(5, 3)):
 
 def test_pipeline_keeps_image_and_label_aligned():
     sources, ls, palette = _palette_sources()
-    cfg = pipeline.AugmentConfig.geometric_only(crop_size=40, base_size='original',
+    cfg = augment.AugmentConfig.geometric_only(crop_size=40, base_size='original',
                                                 scale_range=(0.5, 2.0))
     p = pipeline.TrainPipeline(['fix_a', 'fix_b'], label_space=ls, sources=sources,
                                global_batch_size=8, augment=cfg, shard_index=0, shard_count=1)
@@ -265,7 +265,7 @@ def test_pipeline_keeps_image_and_label_aligned():
             n_checked += 1
     assert n_pad > 0 and n_checked == 32
     # Without resampling (scale 1) crop, flip and padding keep every pixel consistent.
-    cfg1 = pipeline.AugmentConfig.geometric_only(crop_size=40, base_size='original',
+    cfg1 = augment.AugmentConfig.geometric_only(crop_size=40, base_size='original',
                                                  scale_range=(1.0, 1.0))
     p1 = pipeline.TrainPipeline(['fix_a', 'fix_b'], label_space=ls, sources=sources,
                                 global_batch_size=8, augment=cfg1, shard_index=0, shard_count=1)
@@ -279,12 +279,12 @@ def test_pipeline_keeps_image_and_label_aligned():
 def test_augment_photometric_only_changes_image():
     sources, _, _ = _palette_sources((1, 1))
     rec = sources[0][0]
-    cfg = pipeline.AugmentConfig(crop_size=24, base_size='original', scale_range=(1.0, 1.0),
+    cfg = augment.AugmentConfig(crop_size=24, base_size='original', scale_range=(1.0, 1.0),
                                  color_jitter_prob=1.0, blur_prob=1.0, grayscale_prob=0.0)
-    geo = pipeline.AugmentConfig.geometric_only(crop_size=24, base_size='original',
+    geo = augment.AugmentConfig.geometric_only(crop_size=24, base_size='original',
                                                 scale_range=(1.0, 1.0))
-    img1, lab1 = pipeline.augment(rec['image'], rec['label'][..., 0], np.random.default_rng(3), cfg)
-    img2, lab2 = pipeline.augment(rec['image'], rec['label'][..., 0], np.random.default_rng(3), geo)
+    img1, lab1 = augment.augment(rec['image'], rec['label'][..., 0], np.random.default_rng(3), cfg)
+    img2, lab2 = augment.augment(rec['image'], rec['label'][..., 0], np.random.default_rng(3), geo)
     np.testing.assert_array_equal(lab1, lab2)  # same crop/flip draws, labels untouched
     assert not np.array_equal(img1, img2)
 
@@ -301,7 +301,7 @@ def test_pipeline_same_batches_with_workers(synth):
     """worker_count changes neither the batches nor the checkpoint state (resume 2 -> 0 workers)."""
     flags.FLAGS.mark_as_parsed()
     ref = _take(_pipe(synth, seed=5).make_iterator(), 4)
-    it = _pipe(synth, seed=5, worker_count=2).make_iterator()
+    it = _pipe(synth, seed=5, loader=pipeline.LoaderOptions(worker_count=2)).make_iterator()
     try:
         _assert_batches_equal(ref[:2], _take(it, 2))
         state = it.get_state()
@@ -315,7 +315,6 @@ def test_pipeline_same_batches_with_workers(synth):
 
 
 def test_pipeline_resume_from_orbax_checkpoint(synth, tmp_path):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     ref = _take(_pipe(synth, seed=7).make_iterator(), 4)
     it = _pipe(synth, seed=7).make_iterator()
     _take(it, 2)
@@ -352,7 +351,7 @@ def test_process_slices_make_the_single_process_batches(synth):
 
 def test_eval_dataset(synth):
     ls = LabelSpace.from_datasets(synth.dataset_names)
-    ds = pipeline.make_eval_dataset('synth_b', label_space=ls, data_dir=synth.data_dir,
+    ds = eval_data.make_eval_dataset('synth_b', label_space=ls, data_dir=synth.data_dir,
                                     short_side=40)
     assert len(ds) == 4
     for ex in ds:
@@ -360,7 +359,7 @@ def test_eval_dataset(synth):
         assert min(h, w) == 40 and ex['image'].shape == (h, w, 3) and ex['dataset_id'] == 1
         assert set(np.unique(ex['label'])) <= set(ls.class_range('synth_b')) | {UNION_IGNORE}
         assert ex['file_name'].startswith('synth_b_validation_')
-    halves = [pipeline.make_eval_dataset('synth_b', label_space=ls, data_dir=synth.data_dir,
+    halves = [eval_data.make_eval_dataset('synth_b', label_space=ls, data_dir=synth.data_dir,
                                          shard_index=i, shard_count=2) for i in range(2)]
     names = [{ex['file_name'] for ex in h} for h in halves]
     assert len(names[0]) == len(names[1]) == 2 and not names[0] & names[1]
@@ -373,7 +372,7 @@ def test_sliding_window_crops(hw, crop, stride):
     ch, cw = (crop, crop) if np.isscalar(crop) else crop
     sh, sw = (stride, stride) if np.isscalar(stride) else stride
     image = np.random.default_rng(0).integers(0, 255, (h, w, 3)).astype(np.uint8)
-    crops, pos = pipeline.sliding_window_crops(image, crop, stride, pad_value=7)
+    crops, pos = evaluate.sliding_window_crops(image, crop, stride, pad_value=7)
     h_grids = max(h - ch + sh - 1, 0) // sh + 1
     w_grids = max(w - cw + sw - 1, 0) // sw + 1
     assert crops.shape == (h_grids * w_grids, ch, cw, 3) and pos.shape == (h_grids * w_grids, 4)
@@ -387,5 +386,5 @@ def test_sliding_window_crops(hw, crop, stride):
     assert cover.min() >= 1
     # The last window of each row/column touches the border (MMSeg clamps it back inside).
     assert pos[:, 2].max() == h and pos[:, 3].max() == w
-    merged = pipeline.merge_sliding_window(crops.astype(np.float32), pos, h, w)
+    merged = evaluate.merge_sliding_window(crops.astype(np.float32), pos, h, w)
     np.testing.assert_allclose(merged, image.astype(np.float32))

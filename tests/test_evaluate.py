@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from ms3_jax import evaluate
-from ms3_jax.data import pipeline
 from ms3_jax.models.deeplab import MS3Encoder, resize_bilinear
 
 K = 5
@@ -149,15 +148,15 @@ def test_slide_merges_overlapping_crops_like_mmseg():
     out = evaluate.predict_slide(constant, jnp.asarray(const), image, 24, 16, K)
     np.testing.assert_allclose(out, np.broadcast_to(const, (1, 40, 56, K)), rtol=1e-6)
 
-    # A content-dependent "model" (stride-4 linear map of the pixels) against the pipeline's
+    # A content-dependent "model" (stride-4 linear map of the pixels) against evaluate's
     # NumPy crops + count-map merge.
     w = rng.normal(size=(3, K)).astype(np.float32)
     linear = lambda v, x: x[:, ::4, ::4].astype(jnp.float32) @ v
     got = evaluate.predict_slide(linear, jnp.asarray(w), image, (24, 32), (16, 12), K, crop_batch=2)
-    crops, pos = pipeline.sliding_window_crops(image[0], (24, 32), (16, 12))
+    crops, pos = evaluate.sliding_window_crops(image[0], (24, 32), (16, 12))
     assert len(pos) == 2 * 3  # overlapping windows in both directions
     per_crop = np.asarray(resize_bilinear(linear(w, crops), (24, 32)))
-    want = pipeline.merge_sliding_window(per_crop, pos, 40, 56)
+    want = evaluate.merge_sliding_window(per_crop, pos, 40, 56)
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-4)
 
 

@@ -158,12 +158,12 @@ def test_config_errors_and_strings(data_dir):
 
 
 def test_non_square_crops_keep_image_and_label_aligned():
-    from ms3_jax.data import pipeline
+    from ms3_jax.data import augment
     rng = np.random.default_rng(0)
     label = rng.integers(0, 5, (30, 50)).astype(np.uint8)
     image = np.repeat(label[..., None] * 40, 3, axis=-1).astype(np.uint8)
-    cfg = pipeline.AugmentConfig.geometric_only(crop_size=(16, 32), base_size="original",
-                                                scale_range=(1.0, 1.0))
-    img, lab = pipeline.augment(image, label, rng, cfg)
+    cfg = augment.AugmentConfig.geometric_only(crop_size=(16, 32), base_size="original",
+                                               scale_range=(1.0, 1.0))
+    img, lab = augment.augment(image, label, rng, cfg)
     assert img.shape == (16, 32, 3) and lab.shape == (16, 32)
     np.testing.assert_array_equal(img[..., 0], lab.astype(np.uint8) * 40)

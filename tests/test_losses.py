@@ -1,19 +1,24 @@
-"""Pairing loss (Eq. 1/2, 7/8) and CE baselines against float64 NumPy references."""
+"""Pairing loss (Eq. 1/2, 7/8) and CE baselines against float64 NumPy references; the plain
+pairing loss (autodiff) against its custom-VJP fast path."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ms3_jax import losses
+from ms3_jax import chunking, labels as labels_lib, losses
 
 K, C = 10, 8
 SHAPE = (2, 5, 7)  # N = 70 pixels
 TAU = 0.07
 
 _per_pixel = jax.jit(losses.pairing_loss_per_pixel, static_argnames=("tau", "chunk", "ignore_label"))
-_loss = jax.jit(losses.pairing_loss, static_argnames=("tau", "chunk", "ignore_label"))
+_STATIC = ("tau", "chunk", "ignore_label", "product_dtype")
+_loss = jax.jit(losses.pairing_loss, static_argnames=_STATIC)
 _grad = jax.jit(jax.grad(losses.pairing_loss, argnums=(0, 1)), static_argnames=("tau", "chunk"))
 _acc = jax.jit(losses.pixel_accuracy, static_argnames=("chunk",))
+_fast = jax.jit(losses.pairing_loss_fast, static_argnames=_STATIC)
+_fast_grad = jax.jit(jax.grad(losses.pairing_loss_fast), static_argnames=_STATIC)
+_plain_grad = jax.jit(jax.grad(losses.pairing_loss), static_argnames=_STATIC)
 
 
 def _unit(x):
@@ -85,34 +90,38 @@ def test_chunked_equals_unchunked():
         part = _per_pixel(emb, cls, labels, pos, valid, TAU, chunk=chunk)
         np.testing.assert_allclose(part[0], full[0], rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(part[1], full[1])
-    g_full = _grad(emb, cls, labels, pos, valid, TAU, chunk=None)[0]
-    g_part = _grad(emb, cls, labels, pos, valid, TAU, chunk=16)[0]
-    np.testing.assert_allclose(g_part, g_full, rtol=1e-5, atol=1e-6)
+    g_full = _grad(emb, cls, labels, pos, valid, TAU, chunk=None)
+    g_part = _grad(emb, cls, labels, pos, valid, TAU, chunk=16)
+    for a, b in zip(g_part, g_full):  # d/d emb and d/d class_emb
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # N = 97 (prime): chunks of 16 need padding with ignored pixels.
     emb, cls, labels = _inputs(23, shape=(97,))
-    assert losses.chunk_layout(97, 16) == (7, 16)
+    assert chunking.chunk_layout(97, 16) == (7, 16)
     full = _per_pixel(emb, cls, labels, pos, valid, TAU, chunk=None)
     part = _per_pixel(emb, cls, labels, pos, valid, TAU, chunk=16)
     np.testing.assert_allclose(part[0], full[0], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(part[1], full[1])
-    g_full = _grad(emb, cls, labels, pos, valid, TAU, chunk=None)[0]
-    g_part = _grad(emb, cls, labels, pos, valid, TAU, chunk=16)[0]
-    np.testing.assert_allclose(g_part, g_full, rtol=1e-5, atol=1e-6)
+    g_full = _grad(emb, cls, labels, pos, valid, TAU, chunk=None)
+    g_part = _grad(emb, cls, labels, pos, valid, TAU, chunk=16)
+    for a, b in zip(g_part, g_full):  # d/d emb and d/d class_emb
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_jaxpr_has_no_full_logits():
+@pytest.mark.parametrize("loss_fn", [losses.pairing_loss, losses.pairing_loss_fast])
+def test_chunked_jaxpr_has_no_full_logits(loss_fn):
     """With chunking, no [N, K] intermediate exists in the forward or backward program."""
     n, k = 4096, 64
     emb = jnp.zeros((n, C), jnp.float32)
     cls = jnp.zeros((k, C), jnp.float32)
     labels = jnp.zeros((n,), jnp.int32)
-    fn = jax.grad(lambda e: losses.pairing_loss(e, cls, labels, chunk=256))
+    fn = jax.grad(lambda e: loss_fn(e, cls, labels, chunk=256))
     text = str(jax.make_jaxpr(fn)(emb))
     assert f"{n},{k}]" not in text and f"256,{k}]" in text
 
 
 def test_gradient_finite_differences():
-    """d Eq. 7 / d emb (JAX, float32) vs central differences of the float64 reference."""
+    """d Eq. 7 / d emb and d class_emb (plain form, float32) vs central differences of the float64
+    reference; the fast path's d / d emb is the same."""
     emb, cls, labels = _inputs(6, shape=(4,), k=5, c=4, ignore_frac=0.0)
     labels[1] = 255
     pos = np.zeros((5, 5), bool)
@@ -121,18 +130,23 @@ def test_gradient_finite_differences():
     valid = np.array([True, True, True, True, False])
     labels[3] = 0  # class 0 valid
     g_emb, g_cls = _grad(emb, cls, labels, pos, valid, TAU, chunk=None)
-    e64 = emb.astype(np.float64)
-    fd = np.zeros_like(e64)
     eps = 1e-6
-    for idx in np.ndindex(e64.shape):
-        ep, em = e64.copy(), e64.copy()
-        ep[idx] += eps
-        em[idx] -= eps
-        fd[idx] = (ref_mean(ep, cls, labels, pos, valid) - ref_mean(em, cls, labels, pos, valid)) / (2 * eps)
-    assert np.abs(fd).max() > 0.1
-    np.testing.assert_allclose(g_emb, fd, rtol=1e-3, atol=1e-3 * np.abs(fd).max())
-    np.testing.assert_array_equal(g_cls, 0.0)  # class embeddings are targets (stop_gradient)
+    for which, g in ((0, g_emb), (1, g_cls)):
+        x64 = (emb, cls)[which].astype(np.float64)
+        fd = np.zeros_like(x64)
+        for idx in np.ndindex(x64.shape):
+            ep, em = x64.copy(), x64.copy()
+            ep[idx] += eps
+            em[idx] -= eps
+            args = lambda x: (x, cls) if which == 0 else (emb, x)  # noqa: E731
+            fd[idx] = (ref_mean(*args(ep), labels, pos, valid)
+                       - ref_mean(*args(em), labels, pos, valid)) / (2 * eps)
+        assert np.abs(fd).max() > 0.1
+        np.testing.assert_allclose(g, fd, rtol=1e-3, atol=1e-3 * np.abs(fd).max())
     np.testing.assert_array_equal(g_emb[1], 0.0)  # ignored pixel
+    np.testing.assert_array_equal(g_cls[4], 0.0)  # invalid class
+    g_fast = _fast_grad(emb, cls, labels, pos, valid, TAU, chunk=None)
+    np.testing.assert_allclose(g_fast, g_emb, rtol=1e-5, atol=1e-5 * np.abs(g_emb).max())
 
 
 def test_eq7_with_empty_positives_is_eq1():
@@ -170,8 +184,11 @@ def test_all_ignored_is_zero_with_finite_grad():
     emb, cls, labels = _inputs(13)
     labels = np.full_like(labels, 255)
     assert float(_loss(emb, cls, labels, None, None, TAU, chunk=16)) == 0.0
-    g = _grad(emb, cls, labels, None, None, TAU, chunk=16)[0]
-    np.testing.assert_array_equal(g, 0.0)
+    g = _grad(emb, cls, labels, None, None, TAU, chunk=16)
+    np.testing.assert_array_equal(g[0], 0.0)
+    np.testing.assert_array_equal(g[1], 0.0)
+    assert float(_fast(emb, cls, labels, None, None, TAU, chunk=16)) == 0.0
+    np.testing.assert_array_equal(_fast_grad(emb, cls, labels, None, None, TAU, chunk=16), 0.0)
     # Every pixel of an invalid class also counts nothing.
     emb, cls, labels = _inputs(14, ignore_frac=0.0)
     labels[:] = 3
@@ -237,7 +254,7 @@ def test_first_argmax_is_argmax_with_ties():
     give them) and rows of equal masked logits."""
     r = np.random.RandomState(30)
     x = r.randint(-3, 4, size=(64, 9)).astype(np.float32)  # many ties
-    x[5] = losses._NEG
+    x[5] = labels_lib.MASKED_LOGIT
     x[6, 4] = np.inf
     got = np.asarray(jax.jit(losses.first_argmax)(x))
     assert got.dtype == np.int32
@@ -250,8 +267,8 @@ def test_per_pixel_gradient_weights_each_pixel():
     emb, cls, labels = _inputs(22, shape=(7,), k=5, c=4, ignore_frac=0.0)
     pos = _random_positives(23, k=5)
     w = np.random.RandomState(24).randn(7)
-    grad = jax.jit(jax.grad(lambda e: jnp.sum(jnp.asarray(w, jnp.float32) * losses.pairing_loss_per_pixel(
-        e, cls, labels, pos, None, TAU, chunk=3)[0])))
+    grad = jax.jit(jax.grad(lambda e: jnp.sum(jnp.asarray(w, jnp.float32) * losses._fast_per_pixel(
+        e, cls, labels, pos, None, TAU, 3, -1, None, False)[0])))
     g = np.asarray(grad(emb))
     e64, fd, eps = emb.astype(np.float64), np.zeros((7, 4)), 1e-6
 
@@ -314,14 +331,15 @@ def test_ce_multi_head():
 
 
 def test_chunk_layout_prefers_no_padding():
-    assert losses.chunk_layout(25088, 4096) == (7, 3584)  # B=8 at 56x56: exact split
-    assert losses.chunk_layout(70, 16) == (5, 14)
-    assert losses.chunk_layout(97, 16) == (7, 16)  # prime N: padded
-    assert losses.chunk_layout(401408, 16384) == (28, 14336)  # B=128 at 56x56
+    assert chunking.chunk_layout(25088, 4096) == (7, 3584)  # B=8 at 56x56: exact split
+    assert chunking.chunk_layout(70, 16) == (5, 14)
+    assert chunking.chunk_layout(97, 16) == (7, 16)  # prime N: padded
+    assert chunking.chunk_layout(401408, 16384) == (28, 14336)  # B=128 at 56x56
 
 
 def test_sharded_over_data_axis_matches_and_only_reduces():
-    """Pixels sharded over 8 devices: same loss/grad, and the chunk loop needs no gathers."""
+    """Pixels sharded over 8 devices: the fast path gives the plain form's loss/grad, and its
+    chunk loop needs no gathers."""
     import re
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -329,7 +347,7 @@ def test_sharded_over_data_axis_matches_and_only_reduces():
     emb, cls, labels = _inputs(21, shape=(8, 4, 8))
     pos = _random_positives(22)
     data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    fn = jax.jit(jax.value_and_grad(lambda e, c, y, p: losses.pairing_loss(e, c, y, p, chunk=64)),
+    fn = jax.jit(jax.value_and_grad(lambda e, c, y, p: losses.pairing_loss_fast(e, c, y, p, chunk=64)),
                  in_shardings=(data, rep, data, rep), out_shardings=(rep, data))
     hlo = fn.lower(emb, cls, labels, pos).compile().as_text()
     assert not re.search(r"all-gather|all-to-all|collective-permute", hlo)
@@ -366,9 +384,51 @@ def test_bfloat16_products_round_only_the_operands():
     np.testing.assert_allclose(float(loss), ref_mean(rnd(emb), rnd(cls), labels, pos), rtol=1e-5)
     logits = rnd(emb).reshape(-1, 64).astype(np.float64) @ rnd(cls).T.astype(np.float64)
     np.testing.assert_array_equal(np.asarray(pred).reshape(-1), logits.argmax(-1))
-    grad = jax.jit(jax.grad(losses.pairing_loss), static_argnames=("tau", "chunk", "product_dtype"))
+    grad = _fast_grad
     g16 = grad(emb, cls, labels, pos, None, TAU, chunk=32, product_dtype=jnp.bfloat16)
     g32 = grad(emb, cls, labels, pos, None, TAU, chunk=32)
     assert g16.dtype == jnp.float32  # the embeddings' dtype
     np.testing.assert_allclose(g16, g32, rtol=0.05, atol=0.02 * np.abs(g32).max())
     assert not np.array_equal(g16, g32)
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+@pytest.mark.parametrize("product_dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("emb_dtype", [jnp.float32, jnp.bfloat16])
+def test_plain_form_equals_fast_path(chunk, product_dtype, emb_dtype):
+    """pairing_loss (the equation, autodiff) == pairing_loss_fast (custom VJP): loss and d / d emb,
+    with positives, invalid classes, ignored and out-of-range labels, N = 97 (padded chunks)."""
+    emb, cls, labels = _inputs(40, shape=(97,), k=K, c=C)
+    labels[:5] = [-1, K, K + 3, 255, 0]
+    emb = jnp.asarray(emb, emb_dtype)
+    pos, valid = _random_positives(41), np.random.RandomState(42).rand(K) < 0.7
+    kw = dict(chunk=chunk, product_dtype=product_dtype)
+    plain = _loss(emb, cls, labels, pos, valid, TAU, **kw)
+    fast = _fast(emb, cls, labels, pos, valid, TAU, **kw)
+    np.testing.assert_allclose(float(fast), float(plain), rtol=1e-6)
+    g_plain = _plain_grad(emb, cls, labels, pos, valid, TAU, **kw)
+    g_fast = _fast_grad(emb, cls, labels, pos, valid, TAU, **kw)
+    assert g_plain.dtype == g_fast.dtype == emb_dtype
+    g_plain, g_fast = (np.asarray(g, np.float32) for g in (g_plain, g_fast))
+    # bfloat16 products or gradients: 8-bit mantissa, the two forms round at different places
+    tol = 1e-5 if emb_dtype == jnp.float32 and product_dtype is None else 2e-2
+    np.testing.assert_allclose(g_fast, g_plain, rtol=tol, atol=tol * np.abs(g_plain).max())
+    ref = ref_mean(np.asarray(jnp.asarray(emb, product_dtype or jnp.float32).astype(jnp.float32)),
+                   np.asarray(jnp.asarray(cls, product_dtype or jnp.float32).astype(jnp.float32)),
+                   labels, pos, valid)
+    np.testing.assert_allclose(float(plain), ref, rtol=2e-5)
+
+
+def test_fast_path_differentiates_pixel_embeddings_only():
+    """Differentiating class_emb through the fast path raises; stopped at the call site it is a
+    constant and d / d emb is the plain form's."""
+    emb, cls, labels = _inputs(43)
+    with pytest.raises(TypeError, match="stop_gradient"):
+        jax.grad(losses.pairing_loss_fast, argnums=1)(emb, cls, labels)
+    with pytest.raises(TypeError, match="stop_gradient"):
+        jax.grad(lambda e, c: losses.pairing_loss_and_prediction(e, c, labels)[0], argnums=(0, 1))(emb, cls)
+    g_fast, g_cls = jax.grad(lambda e, c: losses.pairing_loss_fast(
+        e, jax.lax.stop_gradient(c), labels, chunk=16), argnums=(0, 1))(emb, cls)
+    np.testing.assert_array_equal(g_cls, 0.0)
+    g_plain = jax.grad(losses.pairing_loss)(emb, cls, labels, chunk=16)
+    np.testing.assert_allclose(g_fast, g_plain, rtol=1e-5, atol=1e-5 * np.abs(g_plain).max())

@@ -100,10 +100,10 @@ def run_two_processes(args: dict, timeout: float = 300) -> list[dict]:
 def one_device_run(config, steps):
     """The same global batches (1-process pipeline) on ONE device: losses and the final state."""
     import jax
-    from ms3_jax import pretrain
+    from ms3_jax import pretrain, training
     from ms3_jax.data.label_space import LabelSpace
     ls = LabelSpace.from_datasets(list(config.data.datasets))
-    iterator = pretrain.make_pipeline(config, ls).make_iterator()
+    iterator = training.union_pipeline(config, ls).make_iterator()
     trainer = pretrain.Trainer(config, ls, pretrain.resolve_text_embeddings(config, ls), NUM_STEPS,
                                devices=jax.devices()[:1])
     state = trainer.init_state(jax.random.PRNGKey(config.seed), config.data.crop_size)
@@ -146,10 +146,9 @@ def test_two_processes_train_like_one_and_resume_across_layouts(tmp_path):
     import flax
     import jax
     from ms3_jax import checkpointing, pretrain, text_embeddings
-    from ms3_jax.data import synthetic
+    from ms3_jax.testing import synthetic_data
     from tests.test_pretrain import label_space, random_text
-    data_dir, text_path = str(tmp_path / "data"), str(tmp_path / "T.npz")
-    synthetic.prepare_synthetic(data_dir, num_train=24, num_val=4, image_size=48)
+    data_dir, text_path = synthetic_data.build(tmp_path).data_dir, str(tmp_path / "T.npz")
     config = make_config(data_dir, text_path)
     text_embeddings.save_text_embeddings(text_path, label_space(), random_text(config.model.emb_dim),
                                          "template")

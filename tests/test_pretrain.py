@@ -9,8 +9,9 @@ import pytest
 from absl import flags
 
 from configs import pretrain as pretrain_config
-from ms3_jax import pretrain, text_embeddings
+from ms3_jax import labels, optim, pretrain, text_embeddings
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.testing import synthetic_data
 
 flags.FLAGS.mark_as_parsed()
 
@@ -170,16 +171,16 @@ def test_text_embeddings_file_must_match_the_label_space(tmp_path):
 
 def test_downsample_labels_is_torch_nearest():
     import torch
-    labels = np.random.default_rng(0).integers(0, 9, (2, 30, 22)).astype(np.int32)
+    y = np.random.default_rng(0).integers(0, 9, (2, 30, 22)).astype(np.int32)
     for hw in ((8, 6), (15, 11), (30, 22)):
-        want = torch.nn.functional.interpolate(torch.from_numpy(labels)[:, None].float(), size=hw,
+        want = torch.nn.functional.interpolate(torch.from_numpy(y)[:, None].float(), size=hw,
                                                mode="nearest")[:, 0].numpy()
-        np.testing.assert_array_equal(pretrain.downsample_labels(jnp.asarray(labels), hw), want)
+        np.testing.assert_array_equal(labels.downsample_labels(jnp.asarray(y), hw), want)
 
 
 def test_weight_decay_only_on_kernels():
     params = {"conv": {"kernel": jnp.ones((1, 1, 2, 2))}, "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
-    mask = pretrain.weight_decay_mask(params)
+    mask = optim.weight_decay_mask(params)
     assert mask == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False}}
 
 
@@ -193,10 +194,7 @@ def test_missing_dataset_is_named_before_training(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
-    from ms3_jax.data import synthetic
-    d = str(tmp_path_factory.mktemp("synthetic"))
-    synthetic.prepare_synthetic(d, num_train=24, num_val=4, image_size=48)
-    return d
+    return synthetic_data.build(tmp_path_factory.getbasetemp()).data_dir
 
 
 def loop_config(synthetic_dir, tmp_path):
@@ -242,7 +240,7 @@ def test_init_from_torchvision_file_sets_online_and_momentum_backbones(tmp_path)
     path = str(tmp_path / "resnet.pth")
     torch.save(ref.state_dict(), path)
     trainer = pretrain.Trainer(config, label_space(), random_text(config.model.emb_dim), num_steps=4)
-    state = pretrain._init_backbone_from(trainer.init_state(jax.random.PRNGKey(0), 32), path, trainer)
+    state = pretrain.init_backbone_from(trainer.init_state(jax.random.PRNGKey(0), 32), path, trainer)
     want = np.transpose(ref.layer3[0].conv2.weight.detach().numpy(), (2, 3, 1, 0))
     for tree in (state.params, state.ema_params):
         np.testing.assert_array_equal(tree["backbone"]["layer3_0"]["conv2"]["kernel"], want)

@@ -28,6 +28,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ms3_jax import checkpointing, loop, nonfinite
+from ms3_jax.testing import synthetic_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUE_W = np.asarray([1.0, -2.0, 3.0, 0.5], np.float32)
@@ -276,10 +277,7 @@ def test_real_step_with_nonfinite_update_is_skipped_whole():
 
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
-    from ms3_jax.data import synthetic
-    d = str(tmp_path_factory.mktemp("synthetic"))
-    synthetic.prepare_synthetic(d, num_train=24, num_val=4, image_size=48)
-    return d
+    return synthetic_data.build(tmp_path_factory.getbasetemp()).data_dir
 
 
 @pytest.fixture
@@ -391,7 +389,7 @@ def test_text_embeddings_of_other_datasets(tmp_path, synthetic_dir, no_long_work
 ])
 def test_clip_without_weights_or_tokenizer(tmp_path, synthetic_dir, no_long_work, missing, match):
     from ms3_jax import pretrain
-    from ms3_jax.models import tiny_clip
+    from ms3_jax.testing import tiny_clip
     clip = tmp_path / "clip"
     clip.mkdir()
     tiny_clip.text_config().save_pretrained(clip)
@@ -623,9 +621,7 @@ def test_soak_sigterm_and_three_kill_9_resume_to_the_uninterrupted_params(tmp_pa
     then 3 kill -9 at random times, each followed by a resume; the final state equals that of an
     uninterrupted run (launched alongside) bit for bit. Both run with nonfinite='skip': the guard
     of the pretraining step is there and changes nothing when every step is finite."""
-    from ms3_jax.data import synthetic
-    data_dir = str(tmp_path / "data")
-    synthetic.prepare_synthetic(data_dir, num_train=64, num_val=16, image_size=96)  # = tiny's
+    data_dir = synthetic_data.build(tmp_path, num_train=64, num_val=16, image_size=96).data_dir  # = tiny's
     text = save_text(tmp_path / "T.npz", ["synth_a", "synth_b", "synth_c"])
     t0 = time.perf_counter()
     progress = r"step (\d+)/12"

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from ms3_jax import losses, text_adapt, text_embeddings
-from ms3_jax.data import synthetic
 from ms3_jax.data.label_space import LabelSpace
-from ms3_jax.models import clip_text, tiny_clip
+from ms3_jax.models import clip_text
+from ms3_jax.testing import synthetic_data, tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,9 +33,7 @@ def _config(arg: str = "tiny"):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("synthetic")
-    synthetic.prepare_synthetic(path, num_train=24, num_val=4, image_size=64)
-    return str(path)
+    return synthetic_data.build(tmp_path_factory.getbasetemp(), image_size=64).data_dir
 
 
 @pytest.fixture(scope="module")
@@ -119,20 +117,23 @@ def test_npz_schema_and_reembedding(run, tiny_config):
     assert tiny_clip.is_tiny_random_clip(meta["clip"])
 
 
-def test_adapt_pairing_loss_is_eq1_with_gradients_to_both_sides():
+def test_stage1_loss_is_eq1_with_gradients_to_both_sides():
+    """Stage 1 trains T through Eq. 1: `losses.pairing_loss` (not stopped) gives T a gradient,
+    chunked as unchunked, and its pixel gradient is that of the stage-2 fast path."""
     rng = np.random.default_rng(0)
     emb = jnp.asarray(rng.normal(size=(2, 5, 6, 8)), jnp.float32)
     emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
     text = jnp.asarray(rng.normal(size=(7, 8)), jnp.float32)
     text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
     labels = jnp.asarray(rng.integers(-1, 9, size=(2, 5, 6)), jnp.int32)  # -1, 7, 8: ignored
-    ours = text_adapt.adapt_pairing_loss(emb, text, labels, 0.07, chunk=16)
-    ref = losses.pairing_loss(emb, text, labels, tau=0.07, chunk=None, ignore_label=-1)
-    np.testing.assert_allclose(ours, ref, rtol=1e-5)
-    g_emb, g_text = jax.grad(lambda e, t: text_adapt.adapt_pairing_loss(e, t, labels, chunk=16),
-                             argnums=(0, 1))(emb, text)
-    g_ref = jax.grad(lambda e: losses.pairing_loss(e, text, labels, ignore_label=-1))(emb)
-    np.testing.assert_allclose(g_emb, g_ref, rtol=1e-4, atol=1e-6)
+    loss = lambda e, t, chunk: losses.pairing_loss(e, t, labels, tau=0.07, chunk=chunk)
+    np.testing.assert_allclose(loss(emb, text, 16), loss(emb, text, None), rtol=1e-6)
+    g_emb, g_text = jax.grad(loss, argnums=(0, 1))(emb, text, 16)
+    g_emb_full, g_text_full = jax.grad(loss, argnums=(0, 1))(emb, text, None)
+    np.testing.assert_allclose(g_emb, g_emb_full, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g_text, g_text_full, rtol=1e-5, atol=1e-7)
+    g_fast = jax.grad(lambda e: losses.pairing_loss_fast(e, text, labels, tau=0.07))(emb)
+    np.testing.assert_allclose(g_emb, g_fast, rtol=1e-4, atol=1e-6)
     assert float(jnp.abs(g_text).sum()) > 0
 
 

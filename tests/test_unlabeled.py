@@ -11,14 +11,15 @@ from absl import flags
 from PIL import Image
 
 from configs import pretrain as pretrain_config
-from ms3_jax import pretrain, pseudo_labels, text_embeddings
-from ms3_jax.data import pipeline
-from ms3_jax.data.label_space import UNION_IGNORE, LabelSpace
+from ms3_jax import labels, pretrain, pseudo_labels, text_embeddings
+from ms3_jax.data import augment, pipeline, sources
+from ms3_jax.data.label_space import UNION_IGNORE, UNLABELED_PIXEL, LabelSpace
+from ms3_jax.testing import synthetic_data
 
 flags.FLAGS.mark_as_parsed()
 
 LABELED = ("synth_a", "synth_b")
-UNL = pipeline.UNLABELED_PIXEL
+UNL = UNLABELED_PIXEL
 
 
 # --- the rule vs float64 NumPy ----------------------------------------------------------------------
@@ -128,20 +129,20 @@ def _write_folder(root):
 def test_image_folder_source(tmp_path):
     root = str(tmp_path / "imgs")
     paths = _write_folder(root)
-    src = pipeline.ImageFolderSource(root)
+    src = sources.ImageFolderSource(root)
     assert src.files == tuple(paths) and len(src) == 4  # recursive, sorted, any case, no .txt
     rec = src[1]
     assert rec["image"].dtype == np.uint8 and rec["image"].ndim == 3 and rec["image"].shape[2] == 3
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
-        pipeline.ImageFolderSource(str(tmp_path / "missing"))
+        sources.ImageFolderSource(str(tmp_path / "missing"))
     os.makedirs(tmp_path / "empty" / "sub")
     with pytest.raises(ValueError, match=rf"{tmp_path / 'empty'} holds no \.jpg/\.jpeg/\.png"):
-        pipeline.ImageFolderSource(str(tmp_path / "empty"))
+        sources.ImageFolderSource(str(tmp_path / "empty"))
     (tmp_path / "imgs" / "zz_broken.png").write_bytes(b"not a png")
     with pytest.raises(OSError, match="cannot read unlabeled image .*zz_broken.png"):
-        pipeline.ImageFolderSource(root)[4]
+        sources.ImageFolderSource(root)[4]
     with pytest.raises(FileNotFoundError, match=rf"no image folder {tmp_path / 'nope'}"):
-        pipeline.open_unlabeled_source(str(tmp_path / "nope"), "train", str(tmp_path))
+        sources.open_unlabeled_source(str(tmp_path / "nope"), "train", str(tmp_path))
 
 
 def _labeled_sources():
@@ -157,15 +158,15 @@ def _labeled_sources():
 def test_pipeline_mixes_unlabeled_images(tmp_path):
     root = str(tmp_path / "imgs")
     _write_folder(root)
-    sources, ls = _labeled_sources()
+    labeled, ls = _labeled_sources()
 
     def make(**kw):
         return pipeline.TrainPipeline(
-            ls.dataset_names, global_batch_size=8, label_space=ls, sources=sources,
-            augment=pipeline.AugmentConfig(crop_size=32, base_size=32), shard_index=0,
+            ls.dataset_names, global_batch_size=8, label_space=ls, sources=labeled,
+            augment=augment.AugmentConfig(crop_size=32, base_size=32), shard_index=0,
             shard_count=1, weights=[1, 1], **kw)
 
-    p = make(unlabeled=root, unlabeled_ratio=0.5)
+    p = make(unlabeled=pipeline.Unlabeled(root, 0.5))
     assert p.dataset_sizes == (5, 5) and len(p.unlabeled_source) == 4
     it = p.make_iterator()
     batches = [next(it) for _ in range(4)]
@@ -182,17 +183,17 @@ def test_pipeline_mixes_unlabeled_images(tmp_path):
     # tied to the unlabeled source and ratio.
     state = it.get_state()
     assert state["unlabeled"] == [root, "train", 0.5]
-    it2 = make(unlabeled=root, unlabeled_ratio=0.5).make_iterator()
+    it2 = make(unlabeled=pipeline.Unlabeled(root, 0.5)).make_iterator()
     it2.set_state(state)
     nxt, nxt2 = next(it), next(it2)
     for k in nxt:
         np.testing.assert_array_equal(nxt[k], nxt2[k])
     with pytest.raises(ValueError, match="different pipeline"):
-        make(unlabeled=root, unlabeled_ratio=0.25).make_iterator().set_state(state)
+        make(unlabeled=pipeline.Unlabeled(root, 0.25)).make_iterator().set_state(state)
     with pytest.raises(ValueError, match="different pipeline"):
         make().make_iterator().set_state(state)
-    with pytest.raises(ValueError, match=r"unlabeled_ratio must be in \(0, 1\)"):
-        make(unlabeled=root, unlabeled_ratio=1.0)
+    with pytest.raises(ValueError, match=r"Unlabeled.ratio must be in \(0, 1\)"):
+        make(unlabeled=pipeline.Unlabeled(root, 1.0))
     # Without unlabeled data the labeled stream is what it was (no -2, no dataset -1).
     plain = next(make().make_iterator())
     assert (plain["dataset_id"] >= 0).all() and not (plain["label"] == UNL).any()
@@ -268,7 +269,7 @@ def test_pseudo_labels_enter_the_losses_and_the_bank_only_with_the_switch():
     apply = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
     out, _ = apply({"params": state0.params, "batch_stats": state0.batch_stats}, batch["image"])
     lang = np.asarray(out["language"], np.float64).reshape(-1, 32)
-    y = np.asarray(pretrain.downsample_labels(jnp.asarray(batch["label"]), out["language"].shape[1:3]))
+    y = np.asarray(labels.downsample_labels(jnp.asarray(batch["label"]), out["language"].shape[1:3]))
     y = y.reshape(-1)
     unl = y == UNL
     rng = np.random.default_rng(1)
@@ -307,9 +308,7 @@ def test_pseudo_labels_enter_the_losses_and_the_bank_only_with_the_switch():
 # --- a tiny run ---------------------------------------------------------------------------------------
 
 def test_tiny_pretraining_with_unlabeled_images(tmp_path):
-    from ms3_jax.data import synthetic
-    data_dir = str(tmp_path / "synthetic")
-    synthetic.prepare_synthetic(data_dir, num_train=12, num_val=2, image_size=48)
+    data_dir = synthetic_data.build(tmp_path, num_train=12, num_val=2).data_dir
     config = tiny_config(**{"num_steps": 4, "log_every": 2, "checkpoint_every": 4,
                             "data.data_dir": data_dir})
     config.data.synthetic = None

@@ -1,1 +1,1 @@
-"""Datasets: tfds builders, class lists, union label space, grain pipeline, synthetic data."""
+"""Datasets: builders, class lists, label space, sources, augmentation, train pipeline, eval data."""

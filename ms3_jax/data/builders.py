@@ -21,7 +21,7 @@ module (tfds falls back to the `dataset_info.json` on disk).
 
 Dataset keys ("voc", ...; those of `classes.CLASSES`) are not tfds names: tfds ships builders
 called `voc` and `cityscapes`, so ours are prefixed (`TFDS_NAMES[key]`, e.g. "ms3_voc_aug").
-`source(key, split, data_dir)` opens a prepared split by key.
+`sources.open_sources(keys, split, data_dir)` opens prepared splits by key.
 
 Builders (tfds name <- dataset key, layout below `manual_dir`):
 
@@ -571,12 +571,6 @@ def builder_class(dataset: str) -> type[_SegmentationBuilder]:
             return cls
     valid = sorted([*BUILDERS, *ALIASES, *TFDS_NAMES.values()])
     raise DatasetError(f"unknown dataset {dataset!r}; valid names: {', '.join(valid)}")
-
-
-def source(dataset: str, split: str, data_dir: str | os.PathLike, config: str | None = None):
-    """`tfds.data_source` of a prepared dataset by key (no download / preparation)."""
-    name = builder_class(dataset).name + (f"/{config}" if config else "")
-    return tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
 
 
 def from_tfds_example(example: dict[str, Any], dataset: str) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Class names of the five datasets (paper App. A) and the raw-id -> train-id maps.
 
+Also the class names of the three synthetic demo datasets (`synthetic.py`).
+
 Names and order follow MMSegmentation"s dataset classes (``PascalVOCDataset``,
 ``ADE20KDataset``, ``COCOStuffDataset``, ``CityscapesDataset``,
 ``MapillaryDataset_v1``), so a model fine-tuned here and exported to MMSeg has
@@ -113,6 +115,13 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "coco_stuff": COCO_STUFF_CLASSES,
     "cityscapes": CITYSCAPES_CLASSES,
     "mapillary": MAPILLARY_CLASSES,
+}
+
+# The built-in synthetic demo datasets (`synthetic.py`; which concept each class shows is there).
+SYNTHETIC_CLASSES: dict[str, tuple[str, ...]] = {
+    "synth_a": ("sky", "grass", "stairway", "mountain", "path", "building", "water"),
+    "synth_b": ("sky", "stairs", "hill", "ship", "dirt track", "tree", "road"),
+    "synth_c": ("sky", "boat", "mountain", "sand", "lake", "tree"),
 }
 
 # COCO-Stuff-164k stuffthingmaps hold (COCO category id - 1) in 0..181, 255 =

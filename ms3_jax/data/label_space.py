@@ -20,19 +20,11 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = 255  # dataset-local ignore id (uint8 label PNGs)
-UNION_IGNORE = -1  # union-space ignore id (int32 labels; every id >= 0 is a class)
+from ms3_jax.data import classes
+from ms3_jax.labels import IGNORE_LABEL as UNION_IGNORE  # -1 (int32 labels; every id >= 0 a class)
+
+IGNORE_INDEX = classes.IGNORE_INDEX  # dataset-local ignore id (255, uint8 label PNGs)
 UNLABELED_PIXEL = -2  # a pixel of an unlabeled image (App. D): pseudo-labelled in the step
-
-
-def known_datasets() -> dict[str, tuple[str, ...]]:
-    """All dataset names with built-in class lists: the real ones and the synthetic demo ones."""
-    # Imported lazily: the class lists live in modules written independently of this one.
-    from ms3_jax.data import classes  # pylint: disable=g-import-not-at-top
-    from ms3_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    out = {k: tuple(v) for k, v in classes.CLASSES.items()}
-    out.update({k: tuple(v) for k, v in synthetic.SYNTHETIC_CLASSES.items()})
-    return out
 
 
 @dataclasses.dataclass(frozen=True, init=False, eq=False)
@@ -102,10 +94,10 @@ class LabelSpace:
 
     @classmethod
     def from_datasets(cls, dataset_names: Sequence[str]) -> LabelSpace:
-        """Union of the built-in class lists (`classes.CLASSES`, `synthetic.SYNTHETIC_CLASSES`)."""
+        """Union of the built-in class lists (`classes.CLASSES`, `classes.SYNTHETIC_CLASSES`)."""
         if isinstance(dataset_names, str):
             dataset_names = [dataset_names]
-        known = known_datasets()
+        known = {**classes.CLASSES, **classes.SYNTHETIC_CLASSES}
         unknown = [n for n in dataset_names if n not in known]
         if unknown:
             raise ValueError(f'Unknown dataset name(s) {unknown}; valid names: {sorted(known)}.')

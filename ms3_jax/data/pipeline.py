@@ -1,32 +1,15 @@
-"""grain input pipelines: the mixed multi-dataset training stream and whole-image evaluation.
+"""The mixed multi-dataset training stream (grain) and its checkpointable iterator.
 
-Training (paper Sec. 3.1, 4.1): N datasets are read with `tfds.data_source` (array_record, random
-access), mixed into one stream, augmented with "random crop, color distortion, and Gaussian
-blur" at 224 x 224, and their dataset-local labels are mapped to the union label space
-(`LabelSpace.to_union`; -1 = ignore, since |Y| > 255). One process yields its share of the global batch:
+Training (paper Sec. 3.1, 4.1): the datasets' records (`sources.py`) are mixed into one stream,
+augmented (`augment.py`) and their dataset-local labels mapped to the union label space
+(`LabelSpace.to_union`; -1 = ignore, since |Y| > 255). One process yields its share of the
+global batch, ready for `jax.make_array_from_process_local_data(sharding, batch[k])`:
 
   {'image': uint8 [b, H, W, 3], 'label': int32 [b, H, W], 'dataset_id': int32 [b]}
 
-with b = global_batch_size // jax.process_count(), ready for
-`jax.make_array_from_process_local_data(sharding, batch[k])`.
-
-Choices not in the paper (all are `AugmentConfig` / `TrainPipeline` arguments):
-- Random scale before the crop: the short side is resized to `s * base_size` with s ~ U[0.5, 2.0]
-  and base_size = crop_size / 0.875 = 256 (MMSegmentation's `ratio_range=(0.5, 2.0)` around a
-  base scale; datasets of different resolutions land at the same scale), then a random 224
-  crop; smaller images are padded bottom/right with the mean pixel and label 255. Images
-  bilinear, labels nearest.
-- Colour distortion and blur follow MoCo v2 / SimCLR: with p = 0.8 brightness, contrast,
-  saturation 0.4 and hue 0.1 jitter in random order; grayscale p = 0.2; Gaussian blur p = 0.5,
-  sigma ~ U[0.1, 2.0]; horizontal flip p = 0.5. All in PIL / numpy (no TensorFlow).
-- Mixture: weights proportional to dataset size by default (= sampling the concatenated union
-  uniformly); any weights can be given. grain's `MapDataset.mix` interleaves the per-dataset
-  streams deterministically in those proportions (stratified, not i.i.d. draws); each dataset
-  is shuffled per epoch and repeated forever.
-- Unlabeled images (paper App. D, `unlabeled=`): an image folder or a dataset's images without
-  labels, mixed in as one more stream with weight `unlabeled_ratio` (the labeled weights are
-  scaled by 1 - ratio). Same augmentation; label `UNLABELED_PIXEL` (-2) inside the image, -1 in
-  the crop padding, dataset_id -1. The train step pseudo-labels the -2 pixels.
+with b = global_batch_size // jax.process_count(). Choices not in the paper:
+- Unlabeled images (App. D, `Unlabeled`): one more stream; label `UNLABELED_PIXEL` (-2) inside
+  the image, -1 in the crop padding, dataset_id -1; the train step pseudo-labels the -2 pixels.
 - Multi-host: one global stream of global batches, the same whatever the number of processes;
   process p loads (and augments) only its slice [p * b, (p + 1) * b) of each global batch. So a
   run may resume on another process count and still see the same global batches.
@@ -40,182 +23,71 @@ Choices not in the paper (all are `AugmentConfig` / `TrainPipeline` arguments):
 - Determinism: record order comes from seeded grain shuffles; the augmentation of the element
   at global stream position i draws from `np.random.default_rng([seed, i])`. Batching
   happens before the multiprocess prefetch, so batches do not depend on `worker_count`.
-- Checkpointing: `TrainIterator` is a grain `DatasetIterator` whose state is the next global
-  batch index (plus the seed/global batch/mixture it belongs to), so a run can resume with
-  another `worker_count` or process count. Save it with orbax next to the train state:
+- Checkpointing: `TrainIterator`'s state is the next global batch index (plus the seed, global
+  batch and mixture it belongs to), so a run can resume with another `worker_count` or process
+  count. orbax saves it as one JSON file written by process 0 (`IteratorHandler`; grain's
+  per-process files would tie the checkpoint to the process count), next to the train state:
 
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=checkpoint_save_args(it)))
-    mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=checkpoint_restore_args(it)))
-
-  The state is one JSON file written by process 0 (`IteratorHandler`), not grain's
-  per-process files, which would tie the checkpoint to the process count.
-
-Evaluation: `make_eval_dataset` yields whole images (short side optionally resized, labels
-nearest) one at a time; `sliding_window_crops` / `merge_sliding_window` implement
-MMSegmentation's slide inference grid.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-import io
 import json
 import logging
-import os
 import signal
 from typing import Any
 
 from etils import epath
 import grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from PIL import Image, ImageEnhance, ImageFilter
 
+from ms3_jax.data.augment import AugmentConfig, augment
 from ms3_jax.data.label_space import IGNORE_INDEX, UNION_IGNORE, UNLABELED_PIXEL, LabelSpace
+from ms3_jax.data.sources import (decode_image, decode_label, mixed_records, mixture_weights,
+                                  open_sources, open_unlabeled_source, record_file_name)
 
-MEAN_PIXEL = (124, 116, 104)  # ImageNet mean (123.675, 116.28, 103.53), rounded
-# UNLABELED_PIXEL (-2): union label of a pixel of an unlabeled image (paper App. D), inside the
-# image; its crop padding is UNION_IGNORE (-1) as usual. Losses, bank and relations ignore it (any
-# id outside [0, K)); the train step replaces it by the multimodal pseudo-label
-# (`ms3_jax.pseudo_labels`).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-
-
-# --- augmentation ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation (paper 4.1: random crop, colour distortion, Gaussian blur)."""
-    crop_size: int | tuple[int, int] = 224  # square, or (height, width) e.g. Cityscapes (512, 1024)
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    # Short side before the random scale: an int, 'auto' (= crop_size / 0.875, i.e. 256 for 224)
-    # or 'original' (scale the image's own size).
-    base_size: int | str = 'auto'
-    flip_prob: float = 0.5
-    color_jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    pad_value: tuple[int, int, int] = MEAN_PIXEL
-
-    @classmethod
-    def geometric_only(cls, **kwargs) -> AugmentConfig:
-        """Scale, crop and flip only (no photometric changes): for alignment tests and debugging."""
-        return cls(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, **kwargs)
-
-    @property
-    def crop_hw(self) -> tuple[int, int]:
-        c = self.crop_size
-        return (int(c), int(c)) if isinstance(c, (int, np.integer)) else (int(c[0]), int(c[1]))
+class LoaderOptions:
+    """How batches are produced; none of it changes the batches."""
+    worker_count: int = 0  # grain worker processes (0 = in the main process)
+    worker_buffer_size: int = 2  # batches buffered per worker
+    num_threads: int = 2  # grain ReadOptions: threads producing whole batches
+    prefetch_buffer_size: int = 2
 
 
-def _base_size(cfg: AugmentConfig) -> int:
-    if cfg.base_size == 'auto':
-        return int(round(min(cfg.crop_hw) / 0.875))
-    if isinstance(cfg.base_size, str) or cfg.base_size <= 0:
-        raise ValueError(f"base_size must be a positive int, 'auto' or 'original', not "
-                         f'{cfg.base_size!r}.')
-    return int(cfg.base_size)
+@dataclasses.dataclass(frozen=True)
+class Unlabeled:
+    """Images without labels (paper App. D), the fraction `ratio` in (0, 1) of the examples (the
+    labeled weights are scaled by 1 - ratio). `source`: a dataset name, image folder or tfds
+    dataset (`open_unlabeled_source`, `split`), or only the name of `records`, a pre-opened
+    random-access source of {'image': ...}."""
+    source: str
+    ratio: float
+    split: str = 'train'
+    records: Any | None = None
+
+    def __post_init__(self):
+        if not 0.0 < float(self.ratio) < 1.0:
+            raise ValueError(f'Unlabeled.ratio must be in (0, 1) (unlabeled source '
+                             f'{self.source!r}), got {self.ratio!r}.')
 
 
-def _as_image(x: Any) -> np.ndarray:
-    if isinstance(x, (bytes, bytearray)):
-        with Image.open(io.BytesIO(x)) as im:
-            return np.asarray(im.convert('RGB'))
-    return np.asarray(x)
+class UnreadableRecordError(OSError):
+    """A training record that cannot be read or decoded (message: dataset, record, file)."""
 
 
-def _as_label(x: Any) -> np.ndarray:
-    if isinstance(x, (bytes, bytearray)):
-        with Image.open(io.BytesIO(x)) as im:
-            x = np.asarray(im)
-    x = np.asarray(x)
-    if x.ndim == 3:
-        x = x[..., 0]
-    return x.astype(np.uint8, copy=False)
+_MAX_REPLACED = 100
 
 
-def _color_jitter(img: Image.Image, rng: np.random.Generator, cfg: AugmentConfig) -> Image.Image:
-    """torchvision ColorJitter semantics (PIL backend): the four jitters in a random order."""
-    factors = [rng.uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness),
-               rng.uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast),
-               rng.uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation),
-               rng.uniform(-cfg.hue, cfg.hue)]
-    for op in rng.permutation(4):
-        f = factors[op]
-        if op == 0:
-            img = ImageEnhance.Brightness(img).enhance(f)
-        elif op == 1:
-            img = ImageEnhance.Contrast(img).enhance(f)
-        elif op == 2:
-            img = ImageEnhance.Color(img).enhance(f)
-        elif abs(f) > 1e-6:
-            hsv = np.array(img.convert('HSV'))
-            hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(round(f * 255))) % 256
-            img = Image.fromarray(hsv, 'HSV').convert('RGB')
-    return img
-
-
-def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-            cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Random scale + crop (pad) + flip + colour distortion + blur.
-
-    Args:
-      image: uint8 [H, W, 3]. label: uint8 [H, W] (local ids, 255 = ignore).
-    Returns:
-      image uint8 [ch, cw, 3], label uint8 [ch, cw] with (ch, cw) = cfg.crop_hw.
-    """
-    h, w = label.shape
-    if image.shape[:2] != (h, w):
-        raise ValueError(f'Image {image.shape} and label {label.shape} sizes differ.')
-    crop_h, crop_w = cfg.crop_hw
-    s = rng.uniform(*cfg.scale_range)
-    ratio = s if cfg.base_size == 'original' else s * _base_size(cfg) / min(h, w)
-    nh, nw = max(1, int(round(h * ratio))), max(1, int(round(w * ratio)))
-    img = Image.fromarray(image)
-    lab = Image.fromarray(label)
-    if (nh, nw) != (h, w):
-        img = img.resize((nw, nh), Image.BILINEAR)
-        lab = lab.resize((nw, nh), Image.NEAREST)
-    ch, cw = min(crop_h, nh), min(crop_w, nw)
-    y0 = int(rng.integers(0, nh - ch + 1))
-    x0 = int(rng.integers(0, nw - cw + 1))
-    box = (x0, y0, x0 + cw, y0 + ch)
-    img, lab = img.crop(box), lab.crop(box)
-    if rng.random() < cfg.flip_prob:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        lab = lab.transpose(Image.FLIP_LEFT_RIGHT)
-    if rng.random() < cfg.color_jitter_prob:
-        img = _color_jitter(img, rng, cfg)
-    if rng.random() < cfg.grayscale_prob:
-        img = img.convert('L').convert('RGB')
-    if rng.random() < cfg.blur_prob:
-        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*cfg.blur_sigma)))
-    out_img = np.empty((crop_h, crop_w, 3), np.uint8)
-    out_img[...] = np.asarray(cfg.pad_value, np.uint8)
-    out_img[:ch, :cw] = np.asarray(img)
-    out_lab = np.full((crop_h, crop_w), IGNORE_INDEX, np.uint8)
-    out_lab[:ch, :cw] = np.asarray(lab)
-    return out_img, out_lab
-
-
-# --- grain transforms -----------------------------------------------------------------------------
-
-class _Tag(grain.transforms.Map):
-    """record index -> (dataset index, record index)."""
-
-    def __init__(self, dataset_index: int):
-        self._d = dataset_index
-
-    def map(self, record_index):
-        return (self._d, int(record_index))
+def _file_of(record: Any) -> str:
+    return f' (file {name!r})' if (name := record_file_name(record)) else ''
 
 
 class _LoadAndAugment(grain.transforms.MapWithIndex):
@@ -267,9 +139,9 @@ class _LoadAndAugment(grain.transforms.MapWithIndex):
         name, record, labeled = self._names[d], None, d < self._num_labeled
         try:
             record = self._sources[d][r]
-            image = _as_image(record['image'])
+            image = decode_image(record['image'])
             # Unlabeled: local 0 inside the image (-> UNLABELED_PIXEL), 255 in the padding (-> -1).
-            label = _as_label(record['label']) if labeled else np.zeros(image.shape[:2], np.uint8)
+            label = decode_label(record['label']) if labeled else np.zeros(image.shape[:2], np.uint8)
         except Exception as e:  # tfds, PIL and file systems raise many types for a bad record
             raise UnreadableRecordError(f'dataset {name!r}, record {r}{_file_of(record)}: cannot read '
                                         f'or decode it: {type(e).__name__}: {e}') from e
@@ -284,19 +156,6 @@ class _LoadAndAugment(grain.transforms.MapWithIndex):
                                  f'{bad[:10].tolist()} out of range; its {n} classes are 0..{n - 1} '
                                  f'(255 = ignore). Was it prepared with another class list?')
         return image, label
-
-
-_MAX_REPLACED = 100
-
-
-class UnreadableRecordError(OSError):
-    """A training record that cannot be read or decoded (message: dataset, record, file)."""
-
-
-def _file_of(record: Any) -> str:
-    name = record.get('file_name', b'') if isinstance(record, Mapping) else b''
-    name = name.decode(errors='replace') if isinstance(name, bytes) else str(name)
-    return f' (file {name!r})' if name else ''
 
 
 def _ignore_stop_signals(*_: Any) -> None:
@@ -327,165 +186,43 @@ class _LocalSlice(grain.transforms.MapWithIndex):
         return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
-def _sub_seed(seed: int, *keys: int) -> int:
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
-
-
-def open_sources(dataset_names: Sequence[str], split: str, data_dir: str | None) -> list[Any]:
-    """`tfds.data_source` per dataset (random access to array_record; no TensorFlow).
-
-    Names are dataset keys ('voc', 'ade20k', ... resolved to our builders' tfds names) or the
-    synthetic datasets. A dataset that is not prepared fails here, naming the directory.
-    """
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from ms3_jax.data import builders, synthetic  # pylint: disable=g-import-not-at-top
-
-    sources = []
-    for name in dataset_names:
-        tfds_name = name if name in synthetic.SYNTHETIC_DATASETS else builders.builder_class(name).name
-        hint = ("prepare_synthetic(data_dir)" if name in synthetic.SYNTHETIC_DATASETS else
-                f"python -m ms3_jax.data.prepare --dataset {name} --manual_dir DIR --data_dir "
-                f"{data_dir or '~/tensorflow_datasets'}")
-        where = f"dataset {name!r} (tfds {tfds_name!r}, split {split!r})"
-        if data_dir and not os.path.isdir(os.path.join(data_dir, tfds_name)):
-            raise FileNotFoundError(f"{where} is not prepared: {os.path.join(data_dir, tfds_name)} "
-                                    f"does not exist. Prepare it with: {hint}")
-        try:
-            sources.append(tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False))
-        except Exception as e:  # tfds raises several types for a missing / partial build
-            if isinstance(e, ValueError) and 'Unknown split' in str(e):
-                raise ValueError(f"{where}: no such split in {data_dir or 'the tfds data_dir'}: "
-                                 f"{e}") from None
-            raise FileNotFoundError(f"{where} cannot be read from {data_dir or 'the tfds data_dir'}: "
-                                    f"{type(e).__name__}: {e}. Prepare it with: {hint}") from e
-    return sources
-
-
-class ImageFolderSource:
-    """Random access to the images under a folder (unlabeled data, paper App. D).
-
-    Files ending in .jpg / .jpeg / .png (any case), found recursively and sorted by relative
-    path; records are {'image': uint8 [H, W, 3] RGB, 'file_name': relative path}. A missing or
-    empty folder fails here, an unreadable image when it is read, each naming the path.
-    """
-
-    def __init__(self, root: str):
-        self.root = os.path.abspath(os.path.expanduser(root))
-        if not os.path.isdir(self.root):
-            raise FileNotFoundError(f'unlabeled image folder {self.root} does not exist or is not '
-                                    f'a directory')
-
-        def fail(e: OSError):
-            raise PermissionError(f'cannot list unlabeled image folder {e.filename}: {e}') from e
-
-        files = [os.path.relpath(os.path.join(dirpath, f), self.root)
-                 for dirpath, _, names in os.walk(self.root, onerror=fail, followlinks=True)
-                 for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if not files:
-            raise ValueError(f'unlabeled image folder {self.root} holds no '
-                             f'{"/".join(IMAGE_EXTENSIONS)} files')
-        self.files = tuple(sorted(files))
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        path = os.path.join(self.root, self.files[i])
-        try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert('RGB'))
-        except (OSError, ValueError) as e:
-            raise OSError(f'cannot read unlabeled image {path}: {e}') from e
-        return {'image': image, 'file_name': self.files[i]}
-
-    def __repr__(self) -> str:
-        return f'ImageFolderSource({self.root!r}, {len(self)} images)'
-
-
-def open_unlabeled_source(source: str, split: str, data_dir: str | None) -> Any:
-    """The images of `source` without their labels (App. D): one of our dataset names (read with
-    `open_sources`, label dropped), else an image folder (`ImageFolderSource`), else any prepared
-    tfds dataset with an 'image' feature in `data_dir`."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from ms3_jax.data import builders, synthetic  # pylint: disable=g-import-not-at-top
-
-    try:
-        known = source in synthetic.SYNTHETIC_DATASETS or bool(builders.builder_class(source))
-    except builders.DatasetError:
-        known = False
-    if known:
-        return open_sources([source], split, data_dir)[0]
-    if os.path.isdir(os.path.expanduser(source)):
-        return ImageFolderSource(source)
-    try:
-        src = tfds.data_source(source, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises several types for a missing / unknown dataset
-        raise FileNotFoundError(
-            f'unlabeled source {source!r}: no image folder {os.path.abspath(os.path.expanduser(source))} '
-            f'and no prepared tfds dataset of that name (split {split!r}) in '
-            f'{data_dir or "the tfds data_dir"} ({type(e).__name__}: {str(e).splitlines()[0]})') from e
-    if not len(src) or 'image' not in src[0]:
-        raise ValueError(f'unlabeled tfds source {source!r} (split {split!r}) has no records with '
-                         f'an "image" feature')
-    return src
-
-
-def _process_index_and_count() -> tuple[int, int]:
-    import jax  # pylint: disable=g-import-not-at-top
-    return jax.process_index(), jax.process_count()
-
-
 class TrainPipeline:
     """The mixed, augmented, per-process-sharded training stream (see module docstring).
 
     Args:
       datasets: dataset names (tfds names, union order).
-      data_dir: tfds data dir holding the array_record builds.
       global_batch_size: batch over all processes; each process yields global / shard_count.
+      data_dir: tfds data dir holding the array_record builds.
       label_space: defaults to `LabelSpace.from_datasets(datasets)`; must list `datasets` in order.
-      split: tfds split to read.
-      augment: `AugmentConfig`.
+      split, augment: the tfds split to read; the `AugmentConfig`.
       weights: mixture weights (sequence aligned with `datasets` or {name: weight});
         None = proportional to dataset sizes.
       seed: controls record order and augmentation.
-      worker_count: grain worker processes (0 = in the main process).
-      worker_buffer_size: batches buffered per worker.
-      num_threads, prefetch_buffer_size: grain ReadOptions (threads producing whole batches).
+      loader: `LoaderOptions` (worker processes, buffers, threads).
       shard_index, shard_count: default jax.process_index() / jax.process_count().
       sources: optional pre-opened random-access sources (one per dataset; records with 'image'
         uint8 [H, W, 3] or encoded bytes and 'label' uint8 [H, W(, 1)]), e.g. in-memory lists.
       with_record_ids: add 'record_index' int64 [b] (the record within its dataset) to batches.
-      unlabeled: images without labels mixed into the stream (paper App. D): a dataset name or an
-        image folder (`open_unlabeled_source`); '' / None = none. Their examples have label
-        `UNLABELED_PIXEL` (-2) inside the image, -1 in the crop padding, and dataset_id -1.
-      unlabeled_split: tfds split of a dataset-name `unlabeled` source.
-      unlabeled_ratio: expected fraction of each batch's examples from the unlabeled stream, in
-        (0, 1); the labeled datasets share the rest in the proportions of `weights`.
-      unlabeled_source: optional pre-opened random-access source for `unlabeled` (records with
-        'image'); `unlabeled` then only names it (iterator identity).
+      unlabeled: `Unlabeled` images mixed into the stream (App. D), or None.
       skip_unreadable: replace an unreadable record by the next readable one of its dataset and
         add 'unreadable' int32 [b] to batches (module docstring); False: raise naming it.
     """
 
-    def __init__(self, datasets: Sequence[str], *, data_dir: str | None = None,
-                 global_batch_size: int, label_space: LabelSpace | None = None,
+    def __init__(self, datasets: Sequence[str], *, global_batch_size: int,
+                 data_dir: str | None = None, label_space: LabelSpace | None = None,
                  split: str = 'train', augment: AugmentConfig = AugmentConfig(),
                  weights: Sequence[float] | Mapping[str, float] | None = None, seed: int = 0,
-                 worker_count: int = 0, worker_buffer_size: int = 2, num_threads: int = 2,
-                 prefetch_buffer_size: int = 2, shard_index: int | None = None,
+                 loader: LoaderOptions = LoaderOptions(), shard_index: int | None = None,
                  shard_count: int | None = None, sources: Sequence[Any] | None = None,
-                 with_record_ids: bool = False, unlabeled: str | None = None,
-                 unlabeled_split: str = 'train', unlabeled_ratio: float = 0.0,
-                 unlabeled_source: Any | None = None, skip_unreadable: bool = False):
+                 with_record_ids: bool = False, unlabeled: Unlabeled | None = None,
+                 skip_unreadable: bool = False):
         self.datasets = tuple(datasets)
         self.label_space = label_space or LabelSpace.from_datasets(self.datasets)
         if self.label_space.dataset_names != self.datasets:
             raise ValueError(f'Label space datasets {self.label_space.dataset_names} != pipeline '
                              f'datasets {self.datasets}.')
-        if shard_index is None or shard_count is None:
-            pi, pc = _process_index_and_count()
-            shard_index = pi if shard_index is None else shard_index
-            shard_count = pc if shard_count is None else shard_count
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
         if not 0 <= shard_index < shard_count:
             raise ValueError(f'shard_index {shard_index} not in [0, {shard_count}).')
         if global_batch_size % shard_count:
@@ -496,62 +233,36 @@ class TrainPipeline:
         self.batch_size = self.global_batch_size // self.shard_count
         self.augment = augment
         self.seed = int(seed)
-        self.worker_count = int(worker_count)
-        self._worker_buffer_size = worker_buffer_size
-        self._read_options = grain.ReadOptions(num_threads=num_threads,
-                                               prefetch_buffer_size=prefetch_buffer_size)
+        self.loader = loader
         self.sources = list(sources) if sources is not None else open_sources(
             self.datasets, split, data_dir)
         if len(self.sources) != len(self.datasets):
             raise ValueError(f'{len(self.sources)} sources for {len(self.datasets)} datasets.')
         self.dataset_sizes = tuple(len(s) for s in self.sources)
-        self.weights = self._normalise_weights(weights)
+        self.weights = mixture_weights(self.datasets, self.dataset_sizes, weights)
         self._with_record_ids = with_record_ids
-        self.unlabeled, self.unlabeled_split = unlabeled or None, unlabeled_split
-        self.unlabeled_ratio = float(unlabeled_ratio) if self.unlabeled else 0.0
-        self.unlabeled_source = None
-        if self.unlabeled:
-            if not 0.0 < self.unlabeled_ratio < 1.0:
-                raise ValueError(f'unlabeled_ratio must be in (0, 1) with unlabeled='
-                                 f'{self.unlabeled!r}, got {unlabeled_ratio!r}.')
-            self.unlabeled_source = unlabeled_source if unlabeled_source is not None else \
-                open_unlabeled_source(self.unlabeled, unlabeled_split, data_dir)
+        # The unlabeled stream, flat: its name, split and ratio are the iterator's identity.
+        u = unlabeled
+        self.unlabeled, self.unlabeled_split = (u.source, u.split) if u else (None, 'train')
+        self.unlabeled_ratio = float(u.ratio) if u else 0.0
+        self.unlabeled_source = u and (u.records if u.records is not None else
+                                       open_unlabeled_source(u.source, u.split, data_dir))
         self.skip_unreadable = bool(skip_unreadable)
         self.map_dataset = self._build_map_dataset()
 
-    def _normalise_weights(self, weights) -> tuple[float, ...]:
-        if weights is None:
-            w = np.asarray(self.dataset_sizes, np.float64)
-        elif isinstance(weights, Mapping):
-            unknown = set(weights) - set(self.datasets)
-            if unknown:
-                raise ValueError(f'Weights for unknown datasets {sorted(unknown)}.')
-            w = np.asarray([weights.get(n, 0.0) for n in self.datasets], np.float64)
-        else:
-            w = np.asarray(weights, np.float64)
-        if w.shape != (len(self.datasets),) or np.any(w <= 0):
-            raise ValueError(f'Need one positive weight per dataset, got {weights!r}.')
-        return tuple(float(x) for x in w / w.sum())
-
     def _build_map_dataset(self) -> grain.MapDataset:
-        per_dataset = []
-        for d, size in enumerate(self.dataset_sizes):
-            ds = grain.MapDataset.range(size)
-            ds = ds.shuffle(seed=_sub_seed(self.seed, 0, d)).repeat().map(_Tag(d))
-            per_dataset.append(ds)
-        weights, sources = list(self.weights), list(self.sources)
+        sources = list(self.sources)
         luts = [self.label_space.to_union_lut(d) for d in range(len(self.datasets))]
+        names = list(self.datasets)
         if self.unlabeled_source is not None:  # App. D: one more stream, after the labeled ones
-            u, r = len(self.datasets), self.unlabeled_ratio
-            ds = grain.MapDataset.range(len(self.unlabeled_source))
-            per_dataset.append(ds.shuffle(seed=_sub_seed(self.seed, 1)).repeat().map(_Tag(u)))
-            weights = [w * (1.0 - r) for w in weights] + [r]
             sources.append(self.unlabeled_source)
             lut = np.full((256,), UNION_IGNORE, np.int32)
             lut[0] = UNLABELED_PIXEL
             luts.append(lut)
-        mixed = grain.MapDataset.mix(per_dataset, weights=weights)
-        names = list(self.datasets) + [f'unlabeled {self.unlabeled}'] * (len(sources) - len(self.datasets))
+            names.append(f'unlabeled {self.unlabeled}')
+        mixed = mixed_records(self.dataset_sizes, self.weights, self.seed,
+                              None if self.unlabeled_source is None else
+                              (len(self.unlabeled_source), self.unlabeled_ratio))
         load = _LoadAndAugment(sources, luts, self.augment, self.seed, self._with_record_ids,
                                num_labeled=len(self.datasets), names=names,
                                skip_unreadable=self.skip_unreadable)
@@ -562,10 +273,12 @@ class TrainPipeline:
     def iter_dataset(self, start_batch: int = 0) -> grain.IterDataset:
         """The grain IterDataset of per-process batches, starting at batch `start_batch`."""
         ds = self.map_dataset[start_batch:] if start_batch else self.map_dataset
-        ds = ds.to_iter_dataset(self._read_options)
-        if self.worker_count > 0:
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.loader.num_threads,
+                                                  prefetch_buffer_size=self.loader.prefetch_buffer_size))
+        if self.loader.worker_count > 0:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.worker_count, per_worker_buffer_size=self._worker_buffer_size),
+                num_workers=self.loader.worker_count,
+                per_worker_buffer_size=self.loader.worker_buffer_size),
                 worker_init_fn=_ignore_stop_signals)
         return ds
 
@@ -645,13 +358,6 @@ class TrainIterator(grain.DatasetIterator):
         super().close()
 
 
-def make_train_iterator(datasets: Sequence[str], *, data_dir: str | None = None,
-                        global_batch_size: int, **kwargs) -> TrainIterator:
-    """`TrainPipeline(...).make_iterator()`; see `TrainPipeline` for the arguments."""
-    return TrainPipeline(datasets, data_dir=data_dir, global_batch_size=global_batch_size,
-                         **kwargs).make_iterator()
-
-
 class IteratorHandler(ocp.CheckpointHandler):
     """orbax handler for an iterator whose state is the same on every process (`TrainIterator`,
     stage 1's and fine-tuning's iterators): process 0 writes `iterator.json`; every process
@@ -660,7 +366,7 @@ class IteratorHandler(ocp.CheckpointHandler):
     FILE = 'iterator.json'
 
     def save(self, directory: epath.Path, args: IteratorSave) -> None:
-        if _process_index_and_count()[0] == 0:
+        if jax.process_index() == 0:
             (directory / self.FILE).write_text(json.dumps(args.item.get_state(), indent=1))
 
     def restore(self, directory: epath.Path, args: IteratorRestore) -> Any:
@@ -677,127 +383,15 @@ class IteratorHandler(ocp.CheckpointHandler):
 @ocp.args.register_with_handler(IteratorHandler, for_save=True)
 @dataclasses.dataclass
 class IteratorSave(ocp.args.CheckpointArgs):
+    """orbax args that save an iterator's state (use inside `ocp.args.Composite`)."""
     item: Any
 
 
 @ocp.args.register_with_handler(IteratorHandler, for_restore=True)
 @dataclasses.dataclass
 class IteratorRestore(ocp.args.CheckpointArgs):
+    """orbax args that restore the state into `item` (a freshly made iterator of the same stream)."""
     item: Any
 
 
-def checkpoint_save_args(iterator: grain.DatasetIterator) -> IteratorSave:
-    """orbax args that save an iterator's state (use inside `ocp.args.Composite`)."""
-    return IteratorSave(iterator)
-
-
-def checkpoint_restore_args(iterator: grain.DatasetIterator) -> IteratorRestore:
-    """orbax args that restore the state into `iterator` (a freshly made one of the same pipeline)."""
-    return IteratorRestore(iterator)
-
-
-# --- evaluation -----------------------------------------------------------------------------------
-
-def resize_short_side(image: np.ndarray, label: np.ndarray | None,
-                      short_side: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize so min(H, W) == short_side (image bilinear, label nearest); None = unchanged."""
-    if not short_side:
-        return image, label
-    h, w = image.shape[:2]
-    ratio = short_side / min(h, w)
-    nh, nw = max(1, int(round(h * ratio))), max(1, int(round(w * ratio)))
-    if (nh, nw) == (h, w):
-        return image, label
-    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-    if label is not None:
-        label = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
-    return image, label
-
-
-class _EvalMap(grain.transforms.Map):
-
-    def __init__(self, dataset_index: int, lut: np.ndarray, short_side: int | None):
-        self._d, self._lut, self._short = dataset_index, np.asarray(lut, np.int32), short_side
-
-    def map(self, record):
-        image, label = _as_image(record['image']), _as_label(record['label'])
-        image, label = resize_short_side(image, label, self._short)
-        name = record.get('file_name', b'')
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        return {'image': np.ascontiguousarray(image), 'label': self._lut[label],
-                'dataset_id': np.int32(self._d), 'file_name': name}
-
-
-def make_eval_dataset(dataset: str, *, label_space: LabelSpace, data_dir: str | None = None,
-                      split: str = 'validation', short_side: int | None = None,
-                      shard_index: int = 0, shard_count: int = 1,
-                      source: Any | None = None) -> grain.MapDataset:
-    """Whole validation images of one dataset, one per element (sizes differ):
-
-    {'image': uint8 [H, W, 3], 'label': int32 [H, W] union ids / -1, 'dataset_id': int32,
-     'file_name': str}; records `shard_index::shard_count` for multi-process evaluation.
-    Index it, or iterate with small buffers (full-resolution images are large), e.g.
-    `ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))`.
-    """
-    d = label_space.dataset_index(dataset)
-    src = source if source is not None else open_sources([dataset], split, data_dir)[0]
-    ds = grain.MapDataset.source(src)[shard_index::shard_count]
-    return ds.map(_EvalMap(d, label_space.to_union_lut(d), short_side))
-
-
-def _pair(x: int | Sequence[int]) -> tuple[int, int]:
-    return (int(x), int(x)) if np.isscalar(x) else (int(x[0]), int(x[1]))
-
-
-def sliding_window_positions(height: int, width: int, crop: int | Sequence[int],
-                             stride: int | Sequence[int]) -> np.ndarray:
-    """MMSegmentation slide-inference windows: int32 [n, 4] rows (y1, x1, y2, x2).
-
-    h_grids = max(H - crop_h + stride_h - 1, 0) // stride_h + 1 (same for w); windows start at
-    i * stride and are shifted back inside the image at the border (clamped at 0 when the image
-    is smaller than the crop).
-    """
-    ch, cw = _pair(crop)
-    sh, sw = _pair(stride)
-    h_grids = max(height - ch + sh - 1, 0) // sh + 1
-    w_grids = max(width - cw + sw - 1, 0) // sw + 1
-    out = []
-    for hi in range(h_grids):
-        for wi in range(w_grids):
-            y1, x1 = hi * sh, wi * sw
-            y2, x2 = min(y1 + ch, height), min(x1 + cw, width)
-            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
-            out.append((y1, x1, y2, x2))
-    return np.asarray(out, np.int32).reshape(-1, 4)
-
-
-def sliding_window_crops(image: np.ndarray, crop: int | Sequence[int],
-                         stride: int | Sequence[int], pad_value: Any = 0
-                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Cuts `image` [H, W, ...] into MMSeg slide-inference crops.
-
-    Returns (crops [n, crop_h, crop_w, ...], positions int32 [n, 4] = (y1, x1, y2, x2)). Crops
-    have a fixed shape (for jit): when the image is smaller than the crop, the window is padded
-    bottom/right with `pad_value`; the valid part of crop k is [:y2-y1, :x2-x1].
-    """
-    ch, cw = _pair(crop)
-    h, w = image.shape[:2]
-    pos = sliding_window_positions(h, w, (ch, cw), stride)
-    crops = np.empty((len(pos), ch, cw) + image.shape[2:], image.dtype)
-    crops[...] = np.asarray(pad_value, image.dtype)
-    for k, (y1, x1, y2, x2) in enumerate(pos):
-        crops[k, :y2 - y1, :x2 - x1] = image[y1:y2, x1:x2]
-    return crops, pos
-
-
-def merge_sliding_window(crop_outputs: np.ndarray, positions: np.ndarray, height: int,
-                         width: int) -> np.ndarray:
-    """Averages per-crop outputs [n, crop_h, crop_w, C] back to [H, W, C] (MMSeg `count_mat`)."""
-    out = np.zeros((height, width) + crop_outputs.shape[3:], np.float32)
-    count = np.zeros((height, width) + (1,) * (crop_outputs.ndim - 3), np.float32)
-    for k, (y1, x1, y2, x2) in enumerate(positions):
-        out[y1:y2, x1:x2] += crop_outputs[k, :y2 - y1, :x2 - x1]
-        count[y1:y2, x1:x2] += 1
-    if np.any(count == 0):
-        raise ValueError('Sliding windows do not cover the image.')
-    return out / count
+checkpoint_save_args, checkpoint_restore_args = IteratorSave, IteratorRestore  # f(iterator) -> args

@@ -39,8 +39,11 @@ from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
-IGNORE_INDEX = 255
+from ms3_jax.data import classes
+
+IGNORE_INDEX = classes.IGNORE_INDEX
 RELATIONS_FILE = 'synthetic_relations.json'
 INFO_FILE = 'synthetic_info.json'
 _JPEG_QUALITY = 95
@@ -176,28 +179,26 @@ class SyntheticSpec:
         return tuple(c for c, _ in self.classes)
 
 
+def _spec(name: str, concepts: dict[str, tuple[str, ...]], **look) -> SyntheticSpec:
+    """`classes.SYNTHETIC_CLASSES[name]`, each showing `concepts[class]` or its namesake concept."""
+    names = classes.SYNTHETIC_CLASSES[name]
+    return SyntheticSpec(name, tuple((c, concepts.get(c, (c,))) for c in names), **look)
+
+
 SPECS: tuple[SyntheticSpec, ...] = (
-    SyntheticSpec(  # ADE20K-like
-        'synth_a',
-        (('sky', ('sky',)), ('grass', ('grass',)), ('stairway', ('stairs',)),
-         ('mountain', ('mountain',)), ('path', ('path_plain', 'path_dirt')),
-         ('building', ('building',)), ('water', ('water_waves', 'water_calm'))),
-        color_gain=(1.0, 1.0, 1.0), noise_std=0.01, texture_scale=1.0, ignore_boundaries=False),
-    SyntheticSpec(  # VOC-like: ignore boundaries, warm cast, noisy
-        'synth_b',
-        (('sky', ('sky',)), ('stairs', ('stairs',)), ('hill', ('mountain',)),
-         ('ship', ('boat',)), ('dirt track', ('path_dirt',)), ('tree', ('tree',)),
-         ('road', ('road',))),
-        color_gain=(1.07, 1.0, 0.90), noise_std=0.03, texture_scale=0.8, ignore_boundaries=True),
-    SyntheticSpec(  # COCO-Stuff-like: cool cast, coarser textures
-        'synth_c',
-        (('sky', ('sky',)), ('boat', ('boat',)), ('mountain', ('mountain',)),
-         ('sand', ('sand',)), ('lake', ('water_calm',)), ('tree', ('tree',))),
-        color_gain=(0.93, 1.0, 1.07), noise_std=0.02, texture_scale=1.3, ignore_boundaries=False),
+    _spec('synth_a',  # ADE20K-like
+          {'stairway': ('stairs',), 'path': ('path_plain', 'path_dirt'),
+           'water': ('water_waves', 'water_calm')},
+          color_gain=(1.0, 1.0, 1.0), noise_std=0.01, texture_scale=1.0, ignore_boundaries=False),
+    _spec('synth_b',  # VOC-like: ignore boundaries, warm cast, noisy
+          {'hill': ('mountain',), 'ship': ('boat',), 'dirt track': ('path_dirt',)},
+          color_gain=(1.07, 1.0, 0.90), noise_std=0.03, texture_scale=0.8, ignore_boundaries=True),
+    _spec('synth_c',  # COCO-Stuff-like: cool cast, coarser textures
+          {'lake': ('water_calm',)},
+          color_gain=(0.93, 1.0, 1.07), noise_std=0.02, texture_scale=1.3, ignore_boundaries=False),
 )
 SPEC_BY_NAME: dict[str, SyntheticSpec] = {s.name: s for s in SPECS}
 SYNTHETIC_DATASETS: tuple[str, ...] = tuple(s.name for s in SPECS)
-SYNTHETIC_CLASSES: dict[str, tuple[str, ...]] = {s.name: s.class_names for s in SPECS}
 
 
 def ground_truth_relations() -> list[dict[str, str]]:
@@ -280,10 +281,7 @@ def generate_example(spec: SyntheticSpec, rng: np.random.Generator,
 
 def _encode(array: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
-    if fmt == 'JPEG':
-        Image.fromarray(array).save(buf, format='JPEG', quality=_JPEG_QUALITY)
-    else:
-        Image.fromarray(array).save(buf, format='PNG')
+    Image.fromarray(array).save(buf, format=fmt, **({'quality': _JPEG_QUALITY} if fmt == 'JPEG' else {}))
     return buf.getvalue()
 
 
@@ -425,7 +423,6 @@ def _prepare_locked(data_dir: str, params: dict[str, int]) -> None:
 @contextlib.contextmanager
 def _quiet_tfds():
     """tfds progress bars off while building (restored afterwards)."""
-    from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
     previous = getattr(tqdm_utils, '_active', True)
     tfds.display_progress_bar(False)
     try:

@@ -36,7 +36,7 @@ import numpy as np
 Array = jax.Array
 Params = dict[str, Any]
 
-DEFAULT_NUM_CTX = 13  # paper Sec. 4.1: "we set M to 13" (13 learnable tokens; see DESIGN.md)
+DEFAULT_NUM_CTX = 13  # paper Sec. 4.1: "we set M to 13" (13 learnable tokens; docs/choices.md)
 DEFAULT_CTX_INIT = "a photo of a"
 DEFAULT_TEMPLATE = "a photo of a {}."
 _CTX_INIT_STD = 0.02  # CoOp's random context initialisation N(0, 0.02)

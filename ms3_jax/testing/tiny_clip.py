@@ -19,6 +19,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import transformers  # a lazy module: the CLIP classes load on first use
+
 MARKER_FILE = "TINY_RANDOM_CLIP"
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'-/&()"
 SOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -86,8 +88,6 @@ def text_config(words: Iterable[str] = DEFAULT_WORDS, *, max_len: int = _MIN_MAX
 
     ``legacy_eos`` writes ``eos_token_id=2`` (old CLIP configs: pooling at argmax of the ids).
     """
-    import transformers
-
     vocab, _ = vocab_and_merges(words)
     kwargs = dict(
         vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
@@ -101,9 +101,7 @@ def text_config(words: Iterable[str] = DEFAULT_WORDS, *, max_len: int = _MIN_MAX
 
 def _prompt_length(directory: Path, words: Iterable[str], num_ctx: int) -> int:
     """Longest ``[SOS] ctx_1..ctx_M name "." [EOS]`` (and template prompt) over ``words``."""
-    from transformers import CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(directory, local_files_only=True)
     longest = 1
     for name in words:
         longest = max(longest, len(tokenizer(str(name).strip() + ".", add_special_tokens=False)["input_ids"]))
@@ -111,19 +109,11 @@ def _prompt_length(directory: Path, words: Iterable[str], num_ctx: int) -> int:
     return 2 + max(num_ctx, template) + longest
 
 
-def save_tiny_clip(
-    directory: str | os.PathLike,
-    words: Iterable[str] = DEFAULT_WORDS,
-    *,
-    full: bool = False,
-    seed: int = 0,
-    max_len: int | None = None,
-    width: int = DEFAULT_WIDTH,
-    proj_dim: int = DEFAULT_PROJ_DIM,
-    legacy_eos: bool = False,
-    sharpen: bool = True,
-    num_ctx: int = DEFAULT_NUM_CTX,
-) -> Path:
+def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_WORDS, *,
+                   full: bool = False, seed: int = 0, max_len: int | None = None,
+                   width: int = DEFAULT_WIDTH, proj_dim: int = DEFAULT_PROJ_DIM,
+                   legacy_eos: bool = False, sharpen: bool = True,
+                   num_ctx: int = DEFAULT_NUM_CTX) -> Path:
     """Save a random ``CLIPTextModelWithProjection`` (a full ``CLIPModel`` if ``full``) + tokenizer.
 
     ``words``: names / phrases whose words get a single token each (others still tokenize, per
@@ -133,8 +123,7 @@ def save_tiny_clip(
     (embeddings N(0, 0.5), matrices N(0, 0.2)), so attention and the embedded token identities
     matter instead of being washed out. Writes a ``TINY_RANDOM_CLIP`` marker next to the files.
     """
-    import torch
-    import transformers
+    import torch  # optional dependency (the `torch` extra)
 
     directory = Path(directory)
     words = [str(w) for w in words]
@@ -162,7 +151,7 @@ def save_tiny_clip(
         _sharpen(model)
     model.save_pretrained(directory, safe_serialization=True)
     (directory / MARKER_FILE).write_text(
-        "A tiny CLIP with RANDOM weights written by ms3_jax.models.tiny_clip.save_tiny_clip:\n"
+        "A tiny CLIP with RANDOM weights written by ms3_jax.testing.tiny_clip.save_tiny_clip:\n"
         "a stand-in for tests and demos, not pretrained CLIP. Its embeddings carry no language "
         "knowledge.\n")
     return directory
@@ -177,7 +166,7 @@ def _sharpen(model) -> None:
     """Larger random weights than CLIP's init, so attention is far from uniform and the token
     identities survive the tower (and any mismatch in mask, pooling, activation or LayerNorm
     placement shows up in parity tests)."""
-    import torch
+    import torch  # optional dependency (the `torch` extra)
 
     with torch.no_grad():
         for name, param in model.named_parameters():

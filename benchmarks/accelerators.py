@@ -1,0 +1,371 @@
+r"""The whole pretraining train step compiled ahead of time for one TPU / GPU chip, on a CPU host.
+
+  export JAX_PLATFORMS=cpu
+  python benchmarks/accelerators.py --tiny --jobs 2      # tiny model: ~10 min
+  python benchmarks/accelerators.py --targets h100 --kernels auto,xla --steps ms3
+  python benchmarks/accelerators.py --jobs 2 --json out.json   # all 24: ~1-2 h
+
+Targets, one chip each: v4 ("v4:1x1x1", megacore), v5e ("v5e:1x1"), h100 / a100 (XLA's GPU target
+descriptions, benchmarks/targets/*.txtpb). Needs the AOT wheels: the `aot` extra (part of `test`),
+`jax[tpu,cuda12-local]`. Default XLA flags (XLA_FLAGS is never set).
+Steps: `ms3` (both heads, bank, relations, momentum encoder, SGD), `ce` (loss.kind=ce_single_head),
+in `nonfinite.guard`, jitted as `pretrain.Trainer` does (state replicated + donated, batch over
+'data'). Each variant compiles in its own subprocess: a crash is a row ("crashed: SIGABRT").
+
+Columns (per device; GiB = 2^30 B, GB = 1e9 B):
+  compile, s   'ok' / the error's first line / crashed / timeout; trace + lower + compile seconds
+               on this host (with --jobs > 1 variants share the cores). Nothing runs: no step time.
+  arg, temp, out, peak   memory_analysis(); peak = arg + temp + out - alias (~ arg + temp: the
+               outputs alias the donated state). HBM % = peak / chip HBM (v4 32 GiB, v5e 16 GiB,
+               GPUs: device_memory_size of the txtpb, 79 GiB); V100 % = peak / 16 GiB (no headroom).
+  max batch    largest per-device batch with peak <= HBM, ESTIMATED by a linear fit of peak vs batch
+               over two compiles (batch B and B/2; --no-fit skips the second).
+  conv         optimised-HLO `convolution` ops (on TPU dots are `convolution`s too); kxk conv: those
+               and cuDNN conv custom-calls with a k x k window, k > 1; cudnn: cuDNN custom-calls;
+               gemm: `__cublas*` custom-calls + `dot` ops; triton: fusions of a triton kind. All
+               custom-call targets are listed under the table.
+  barriers     `optimization_barrier`s of the lowered program (XLA drops them before the optimised
+               HLO); native: 'yes' when `kernel_problems` finds nothing (no barrier; at least one
+               convolution per conv layer in the lowered program and among the compiled kernels).
+  moved GB     bytes moved per step, an estimate from the optimised HLO: over the ENTRY computation's
+               kernels (all but parameter / constant / tuple / get-tuple-element / bitcast ...:
+               fusions, convolutions, custom-calls, dots, copies ...) the sum of operand + output
+               bytes, each read or written once; while bodies x known trip count (else once), calls
+               and the largest conditional branch inlined. No caches; an in-place update counts its
+               whole buffer.
+  GFLOP, acc GB   cost_analysis() flops / bytes accessed ('-': None, as on GPU).
+The ratio table: moved GB and temp of kernels=auto / kernels=xla per target and step (goal <= 1.1x).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver: compile only
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several processes compiling for TPU
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET_DIR = os.path.join(REPO, "benchmarks", "targets")
+GiB = 2 ** 30
+V100 = 16 * GiB
+TPU_TOPOLOGIES = {"v4": ("v4:1x1x1", "megacore", 32 * GiB), "v5e": ("v5e:1x1", "default", 16 * GiB)}
+GPU_FILES = {"h100": "h100_sxm.txtpb", "a100": "a100_sxm_80.txtpb"}
+STEPS = {"ms3": "ms3", "ce": "ce_single_head"}
+
+
+def require_aot_wheels(target: str) -> None:
+    """Fail clearly when the compile-only backend of `target` is not installed."""
+    mods, extra = ((["libtpu"], "jax[tpu]") if target in TPU_TOPOLOGIES else
+                   (["jax_cuda12_plugin", "jax_plugins.xla_cuda12"],
+                    "jax-cuda12-plugin + jax-cuda12-pjrt (jax[cuda12-local])"))
+    if missing := [m for m in mods if importlib.util.find_spec(m) is None]:
+        raise RuntimeError(f"compiling for {target} needs {missing}: install {extra} "
+                           f"(the AOT wheels; /work/shared/accelerators/README.md)")
+
+
+def target_devices(target: str) -> tuple[list, int]:
+    """(compile-only devices of one chip of `target`, its HBM bytes)."""
+    from jax.experimental import topologies
+    require_aot_wheels(target)
+    if target in TPU_TOPOLOGIES:
+        name, chip, hbm = TPU_TOPOLOGIES[target]
+        return topologies.get_topology_desc(name, "tpu", chip_config_name=chip,
+                                            chips_per_host_bounds=(1, 1, 1)).devices, hbm
+    if target not in GPU_FILES:
+        raise ValueError(f"unknown target {target!r}; valid: {[*TPU_TOPOLOGIES, *GPU_FILES]}")
+    txt = open(os.path.join(TARGET_DIR, GPU_FILES[target])).read()
+    hbm = int(re.search(r"device_memory_size:\s*(\d+)", txt).group(1))
+    return topologies.get_topology_desc("", "cuda", target_config=txt, topology="1x1x1").devices, hbm
+
+
+def make_config(tiny: bool, step: str, kernels: str):
+    if REPO not in sys.path:
+        sys.path.append(REPO)
+    from configs.pretrain import get_config
+    cfg = get_config("tiny" if tiny else None)
+    cfg.loss.kind, cfg.model.kernels = STEPS[step], kernels
+    return cfg
+
+
+def lower_step(cfg, devices, batch: int, size: int, num_classes: int | None = None):
+    """(`jax.jit(guarded train step).trace(...).lower()` on abstract inputs placed on `devices`,
+    the model's number of conv layers). |Y|: `num_classes`, else the config's datasets' (342)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from ms3_jax import nonfinite, optim, pretrain, sharding
+    from ms3_jax.data.label_space import LabelSpace
+    from ms3_jax.train_state import init_train_state
+    k = num_classes or LabelSpace.from_datasets(list(cfg.data.datasets)).num_classes
+    c = cfg.model.emb_dim
+    cfg.batch_size = batch * len(devices)
+    model = pretrain.build_model(cfg, k, sharding.platform_of(devices))
+    tx = optim.make_optimizer(cfg, 10_000)
+    step = pretrain.make_train_step(cfg, model, tx, optim.lr_schedule(cfg, 10_000))
+
+    def init(rng):
+        variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.uint8))
+        return init_train_state(variables, tx, k, c, cfg.bank.slots, jnp.dtype(cfg.bank.dtype), rng)
+
+    mesh = sharding.data_mesh(devices)
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    spec = lambda shape, dtype, s=rep: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+    state = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype),
+                                   jax.eval_shape(init, jax.random.PRNGKey(0)))
+    b = cfg.batch_size
+    batch_specs = {"image": spec((b, size, size, 3), jnp.uint8, data),
+                   "label": spec((b, size, size), jnp.int32, data), "dataset_id": spec((b,), jnp.int32, data)}
+    consts = {"text": spec((k, c), jnp.float32), "other_dataset": spec((k, k), jnp.bool_),
+              "dataset_of_class": spec((k,), jnp.int32)}
+    jitted = jax.jit(nonfinite.guard(step, nonfinite.mode_of(cfg)),
+                     in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
+    layers = sum(len(x.shape) == 4 for x in jax.tree_util.tree_leaves(state.params))
+    return jitted.trace(state, batch_specs, consts).lower(), layers
+
+
+# ------------------------------------------------------------------ optimised-HLO statistics
+DTYPE_BYTES = {"pred": 1, "s4": .5, "u4": .5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+               "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
+ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*|c64|c128)\[([\d,]*)\]")  # f8*: 1 byte (default)
+HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier",
+        "after-all", "add-dependency", "partition-id", "replica-id", "domain"}
+
+
+def shape_bytes(shape: str) -> float:
+    return sum(DTYPE_BYTES.get(t, 16 if t == "c128" else 1) * math.prod(map(int, filter(None, d.split(","))))
+               for t, d in ARRAY.findall(shape))
+
+
+def split_balanced(s: str) -> tuple[str, str]:
+    """'(a(b)) rest' -> ('a(b)', ' rest')."""
+    depth = 0
+    for i, ch in enumerate(s):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return s[1:i], s[i + 1:]
+    return s[1:], ""
+
+
+def parse_hlo(text: str) -> tuple[dict, str]:
+    """{computation: [(opcode, output bytes, operand names, attributes)]}, the entry's name;
+    also {instruction: output bytes} under the key None."""
+    comps, entry, cur, size = {}, "", None, {}
+    for line in text.splitlines():
+        if not line.startswith((" ", "HloModule")) and (m := HEADER.match(line)):
+            cur = comps.setdefault(m.group(2), [])
+            entry = m.group(2) if m.group(1) else entry
+        elif cur is not None and (m := INSTR.match(line)):
+            rest = m.group(2)
+            shape, rest = split_balanced(rest) if rest.startswith("(") else rest.split(" ", 1)
+            op = re.match(r"\s*([\w\-]+)", rest).group(1)
+            args, attrs = split_balanced(rest[rest.index("("):])
+            size[m.group(1)] = shape_bytes(shape)
+            cur.append((op, size[m.group(1)], re.findall(r"%([\w.\-]+)", args), attrs))
+    comps[None] = size
+    return comps, entry
+
+
+def bytes_moved(comps: dict, comp: str, unknown: list) -> float:
+    """Estimated HBM bytes of one run of `comp` (module doc); appends while loops of unknown trip
+    count to `unknown`."""
+    total = 0.0
+    for op, out, operands, attrs in comps.get(comp, []):
+        called = lambda key: re.findall(rf"{key}=%?([\w.\-]+)", attrs)
+        cost = lambda names: [bytes_moved(comps, c, unknown) for c in names]
+        if op in FREE or op.endswith("-done"):
+            continue
+        if op == "while":
+            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+            unknown += [] if trip else [op]
+            total += int(trip.group(1) if trip else 1) * sum(cost(called("body") + called("condition")))
+        elif op in ("call", "conditional"):
+            m = re.search(r"branch_computations=\{([^}]*)\}", attrs)
+            names = re.findall(r"%?([\w.\-]+)", m.group(1)) if m else (
+                called("to_apply") + called("true_computation") + called("false_computation"))
+            total += max(cost(names), default=0)
+        else:
+            ins = sum(comps[None].get(o, 0) for o in operands)
+            total += 2 * ins if op.endswith("-start") else ins + out
+    return total
+
+
+def hlo_stats(text: str) -> dict:
+    comps, entry = parse_hlo(text)
+    unknown: list = []
+    moved = bytes_moved(comps, entry, unknown)
+    calls = Counter(re.findall(r'custom_call_target="([^"]+)"', text))
+    convs = [l for l in text.splitlines() if " convolution(" in l or "__cudnn$conv" in l]
+    windows = [re.search(r"window=\{size=(\d+)x(\d+)", l) for l in convs]
+    return {"conv": sum(" convolution(" in l for l in convs),
+            "kxk_conv": sum(bool(w) and max(map(int, w.groups())) > 1 for w in windows),
+            "cudnn_conv": sum(n for t, n in calls.items() if t.startswith("__cudnn$conv")),
+            "cudnn": sum(n for t, n in calls.items() if "cudnn" in t),
+            "gemm": sum(n for t, n in calls.items() if "cublas" in t) + text.count(" dot("),
+            "triton": len(re.findall(r'"kind":"[^"]*triton[^"]*"', text)),
+            "custom_calls": dict(calls), "moved": moved, "while_unknown_trips": len(unknown)}
+
+
+def kernel_problems(lowered_text: str, conv_layers: int, stats: dict | None = None) -> list[str]:
+    """Why a GPU / TPU step does not run on native kernels (empty: it does). The CPU kernels put
+    optimisation barriers in the program and turn 1x1 / depthwise / wide convolutions into
+    products and shifted sums: fewer convolutions than conv layers in the lowered program and,
+    given `stats` of the optimised HLO, fewer native convolution kernels (cuDNN convs on GPU;
+    k x k `convolution`s on TPU, where dots are 1x1 `convolution`s and a 1x1 layer's weight
+    gradient has an H x W window)."""
+    problems = []
+    if n := lowered_text.count("optimization_barrier"):
+        problems.append(f"{n} optimization_barrier(s) in the lowered program")
+    if (n := lowered_text.count("stablehlo.convolution")) < conv_layers:
+        problems.append(f"{n} convolutions in the lowered program for {conv_layers} conv layers")
+    if stats is not None and (n := stats["cudnn_conv"] or stats["kxk_conv"]) < conv_layers:
+        problems.append(f"{n} native convolution kernels for {conv_layers} conv layers")
+    return problems
+
+
+# ------------------------------------------------------------------ one variant (in a subprocess)
+def measure(v: dict) -> dict:
+    devices, hbm = target_devices(v["target"])
+    out, peaks = {**v, "hbm": hbm}, {}
+    for b in [v["batch"], v["batch"] // 2][:2 if v["fit"] and v["batch"] > 1 else 1]:
+        t = time.perf_counter()
+        lowered, layers = lower_step(make_config(v["tiny"], v["step"], v["kernels"]), devices, b,
+                                     v["size"], v["classes"])
+        compiled = lowered.compile()
+        m = compiled.memory_analysis()
+        peaks[b] = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+                    - m.alias_size_in_bytes)
+        if b == v["batch"]:
+            cost = compiled.cost_analysis()
+            cost = (cost[0] if isinstance(cost, list) else cost) or {}
+            out.update(seconds=time.perf_counter() - t, arg=m.argument_size_in_bytes,
+                       temp=m.temp_size_in_bytes, out=m.output_size_in_bytes, peak=peaks[b],
+                       barriers=lowered.as_text().count("optimization_barrier"), conv_layers=layers,
+                       flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"),
+                       **hlo_stats(compiled.as_text()))
+            out["problems"] = kernel_problems(lowered.as_text(), layers, out)
+    if len(peaks) == 2:
+        (b1, p1), (b2, p2) = sorted(peaks.items())
+        slope = (p2 - p1) / (b2 - b1)
+        out["max_batch"] = int((hbm - p1) // slope + b1) if slope > 0 else None
+    return {**out, "status": "ok"}
+
+
+def run_variant(v: dict, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(v)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**v, "status": f"timeout after {timeout:.0f} s"}
+    if lines := [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]:
+        return json.loads(lines[-1][7:])
+    status = f"crashed: {signal.Signals(-p.returncode).name}" if p.returncode < 0 else f"exit {p.returncode}"
+    return {**v, "status": status, "stderr": p.stderr[-3000:]}
+
+
+def child(v: dict) -> None:
+    try:
+        r = measure(v)
+    except Exception as e:  # noqa: BLE001 -- a row of the table, not the end of the run
+        first = next((l for l in str(e).splitlines() if l.strip()), "")
+        r = {**v, "status": f"{type(e).__name__}: {first[:200]}"}
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+# ------------------------------------------------------------------ report
+COLUMNS = ("target | kernels | step | compile | s | arg GiB | temp GiB | out GiB | peak GiB | HBM % "
+           "| V100 % | max batch (fit) | conv | kxk conv | cudnn | gemm | triton | barriers | native "
+           "| moved GB | GFLOP | acc GB")
+
+
+def row(r: dict) -> str:
+    cells = [r["target"], r["kernels"], r["step"], r["status"].replace("|", "/")]
+    if r["status"] == "ok":
+        f = lambda k, scale=GiB, nd=2: "-" if r.get(k) is None else f"{r[k] / scale:.{nd}f}"
+        cells += [f("seconds", 1, 0), f("arg"), f("temp"), f("out"), f("peak"),
+                  f"{100 * r['peak'] / r['hbm']:.0f}", f"{100 * r['peak'] / V100:.0f}",
+                  str(r.get("max_batch") or "-"),
+                  *[str(r[k]) for k in ("conv", "kxk_conv", "cudnn", "gemm", "triton", "barriers")],
+                  "no" if r["problems"] else "yes", f("moved", 1e9, 1), f("flops", 1e9, 0),
+                  f("bytes_accessed", 1e9, 1)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def report(results: list[dict]) -> str:
+    lines = ["| " + COLUMNS + " |", "|" + "---|" * (COLUMNS.count("|") + 1), *map(row, results), ""]
+    for r in results:
+        name = f"- {r['target']} / {r['kernels']} / {r['step']}: "
+        if r["status"] == "ok":
+            calls = ", ".join(f"{t} {n}" for t, n in sorted(r["custom_calls"].items())) or "none"
+            lines.append(name + f"custom-calls: {calls}" + (
+                f"; {r['while_unknown_trips']} while loop(s) of unknown trip count counted once"
+                if r["while_unknown_trips"] else "") + (
+                f"; NOT native: {'; '.join(r['problems'])}" if r["problems"] else ""))
+        elif "stderr" in r:
+            tail = [l[:200] for l in r["stderr"].splitlines() if l.strip()][-3:]
+            lines.append(name + f"{r['status']}; stderr: " + " / ".join(tail))
+    ok = {(r["target"], r["step"], r["kernels"]): r for r in results if r["status"] == "ok"}
+    lines += ["", "| target | step | moved auto/xla | temp auto/xla | <= 1.1x |", "|---|---|---|---|---|"]
+    for (t, s, k), a in ok.items():
+        if k == "auto" and (x := ok.get((t, s, "xla"))):
+            rm, rt = a["moved"] / x["moved"], a["temp"] / max(x["temp"], 1)
+            lines.append(f"| {t} | {s} | {rm:.2f} | {rt:.2f} | {'yes' if max(rm, rt) <= 1.1 else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--targets", default="v4,v5e,h100,a100")
+    ap.add_argument("--kernels", default="auto,xla,cpu")
+    ap.add_argument("--steps", default="ms3,ce")
+    ap.add_argument("--batch", type=int, help="per device (default 16; --tiny 4)")
+    ap.add_argument("--size", type=int, help="crop (default 224; --tiny 64)")
+    ap.add_argument("--classes", type=int, help="|Y| (default: the config's datasets: 342; tiny 9)")
+    ap.add_argument("--tiny", action="store_true", help="configs/pretrain.py:tiny model")
+    ap.add_argument("--no-fit", action="store_true", help="skip the batch/2 compile (no max batch)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
+    ap.add_argument("--jobs", type=int, default=1, help="variants compiled at once")
+    ap.add_argument("--json", help="write the results here (rewritten as each variant ends)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(json.loads(a.child))
+    batch, size = a.batch or (4 if a.tiny else 16), a.size or (64 if a.tiny else 224)
+    variants = [dict(target=t, kernels=k, step=s, batch=batch, size=size, classes=a.classes,
+                     tiny=a.tiny, fit=not a.no_fit)
+                for t in a.targets.split(",") for k in a.kernels.split(",") for s in a.steps.split(",")]
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {'tiny' if a.tiny else 'paper'} model, batch {batch} "
+          f"@{size} per device, {len(variants)} variants, --jobs {a.jobs}; max batch: "
+          + ("off" if a.no_fit else f"linear fit of peak over batch {batch} and {batch // 2}"), flush=True)
+    done: list[dict] = []
+
+    def one(v: dict) -> dict:
+        r = run_variant(v, a.timeout)
+        done.append(r)
+        print(row(r), flush=True)  # progress; the full report follows at the end
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(done, f, indent=1)
+        return r
+
+    with ThreadPoolExecutor(a.jobs) as pool:
+        results = list(pool.map(one, variants))
+    print("\n" + report(results))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

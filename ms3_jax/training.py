@@ -1,0 +1,137 @@
+"""The training base of the three stages (stage 1, pretraining, fine-tuning).
+
+`Trainer` owns the mesh over the devices, the shardings (state replicated, batch split over the
+mesh axis 'data'), the jitted step (the non-finite guard around the stage's pure step, the state
+donated) and the assembly of global batches from each process's share. `fit` runs a stage in its
+workdir: config.json, checkpoints of state + data iterator, resume from the latest, the loop
+(`loop.run`), TensorBoard. A stage supplies only its state, its step and its evaluation.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ms3_jax import checkpointing, export, loop, nonfinite, sharding
+from ms3_jax.data import pipeline, synthetic
+from ms3_jax.data.label_space import LabelSpace
+
+Metrics = dict[str, jax.Array]
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int,
+                 num_processes: int | None = None) -> None:
+    """Checks every stage shares: the global batch over devices and processes (processes
+    default: this job's), the output stride, the non-finite mode."""
+    if config.model.output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"model.output_stride must be one of {OUTPUT_STRIDES}, got "
+                         f"{config.model.output_stride}")
+    sharding.check_global_batch(config.batch_size, num_devices,
+                                jax.process_count() if num_processes is None else num_processes)
+    nonfinite.mode_of(config)
+
+
+class Trainer:
+    """Mesh, shardings and the jitted step of one stage.
+
+    A stage subclasses it: `__init__` calls `super().__init__(config, devices, batch_keys)`,
+    builds its model for `self.platform` and its pure `step(state, batch[, consts])`, and hands
+    the step to `compile_step`.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, devices: Sequence[Any] | None,
+                 batch_keys: Sequence[str]):
+        devices = list(devices) if devices is not None else jax.devices()
+        check_config(config, len(devices))
+        self.config = config
+        self.platform = sharding.platform_of(devices)  # of the compile target, not the host
+        self.mesh = sharding.data_mesh(devices)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.data_sharding = NamedSharding(self.mesh, P("data"))
+        self.batch_keys = tuple(batch_keys)
+        self.consts: Any = None
+        self._step: Callable[..., Any] | None = None
+
+    def compile_step(self, step: Callable[..., tuple[Any, Metrics]],
+                     consts: Mapping[str, Any] | None = None) -> None:
+        """`step(state, batch[, consts])` jitted with the non-finite guard, the state donated;
+        `consts` (replicated here) are passed as the third argument of every call."""
+        self.consts = None if consts is None else jax.device_put(consts, self.replicated)
+        shardings = (self.replicated, self.data_sharding) + (() if consts is None else (self.replicated,))
+        self._step = jax.jit(nonfinite.guard(step, nonfinite.mode_of(self.config)),
+                             in_shardings=shardings,
+                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's share of the batch -> global arrays sharded over 'data'."""
+        return {k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(local[k]))
+                for k in self.batch_keys}
+
+    def step(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, Metrics]:
+        args = (state, batch) if self.consts is None else (state, batch, self.consts)
+        return self._step(*args)
+
+    def backbone_from_file(self, path: str, model: Any) -> dict[str, Any]:
+        """`{'params', 'batch_stats'}` of `model`'s backbone from a torchvision / MMSeg ResNet
+        file (`model.init_from`, `init.path`), replicated."""
+        loaded = jax.device_put(export.load_backbone_file(path, model), self.replicated)
+        logging.info("backbone initialised from %s", path)
+        return loaded
+
+
+def prepare_synthetic_data(config: ml_collections.ConfigDict) -> None:
+    """Builds the built-in synthetic datasets first when the config asks for them
+    (`data.synthetic`: the tiny configs)."""
+    if config.data.get("synthetic"):
+        synthetic.prepare_synthetic(config.data.data_dir, **config.data.synthetic)
+
+
+def union_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace) -> pipeline.TrainPipeline:
+    """The augmented, mixed stream of `data.datasets` in the union label space (stages 1 and 2),
+    with unlabeled images when `data.unlabeled.source` is set (App. D)."""
+    dc = config.data
+    unlabeled = dc.get("unlabeled")
+    return pipeline.TrainPipeline(
+        dc.datasets, data_dir=dc.data_dir or None, global_batch_size=config.batch_size,
+        label_space=label_space,
+        augment=pipeline.AugmentConfig(crop_size=dc.crop_size, **dict(dc.get("augment") or {})),
+        weights=dict(dc.weights) if dc.get("weights") else None, seed=config.seed,
+        loader=pipeline.LoaderOptions(worker_count=dc.worker_count),
+        skip_unreadable=bool(dc.get("skip_unreadable", False)),
+        unlabeled=(pipeline.Unlabeled(unlabeled.source, unlabeled.ratio, unlabeled.split)
+                   if unlabeled and unlabeled.get("source") else None))
+
+
+def num_train_steps(config: ml_collections.ConfigDict, dataset_sizes: Sequence[int]) -> int:
+    """`num_steps` if set, else `num_epochs` passes over the union of the training sets."""
+    if config.get("num_steps"):
+        return int(config.num_steps)
+    return max(1, int(config.num_epochs * sum(dataset_sizes) // config.batch_size))
+
+
+def checkpoint_manager(config: ml_collections.ConfigDict, workdir: str) -> ocp.CheckpointManager:
+    """Writes W/config.json (process 0) and opens W/checkpoints."""
+    if jax.process_index() == 0:
+        checkpointing.write_config(workdir, config)
+    return checkpointing.checkpoint_manager(workdir, config.keep_checkpoints)
+
+
+def fit(trainer: Trainer, state: Any, iterator: Any, mngr: ocp.CheckpointManager,
+        config: ml_collections.ConfigDict, workdir: str, *, num_steps: int, writer: Any | None,
+        stop_at: int | None = None,
+        after_step: Callable[[int, Any], None] | None = None) -> tuple[Any, list[dict[str, float]], int]:
+    """Resumes `state` and `iterator` from the latest checkpoint in `mngr`, trains up to
+    `num_steps` (or `stop_at`, as a preemption would) and returns `(state, history, end)`: the
+    metrics of every step run here and the last step. `writer`: `loop.summary_writer(workdir)`."""
+    state, start = loop.restore_latest(mngr, state, iterator, workdir)
+    end = num_steps if stop_at is None else min(num_steps, stop_at)
+    history: list[dict[str, float]] = []
+    state = loop.run(trainer, state, iterator, config, start=start, end=end, num_steps=num_steps,
+                     mngr=mngr, writer=writer, history=history, after_step=after_step)
+    return state, history, end

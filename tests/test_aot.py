@@ -1,0 +1,84 @@
+"""The tiny MS3 train step compiled ahead of time for one GPU (H100) and one TPU (v5e) chip.
+
+No accelerator is needed: XLA compiles for `jax.experimental.topologies` devices (compile only;
+GPU target description: benchmarks/targets/h100_sxm.txtpb). With `model.kernels='auto'` the step
+must compile with native convolutions -- at least one per conv layer, both in the lowered program
+and among the compiled kernels (cuDNN conv custom-calls on GPU, k x k `convolution`s on TPU) --
+and without optimisation barriers (XLA drops barriers before the optimised HLO, so they are
+counted in the lowered program). `model.kernels='cpu'` for the GPU must fail the same check
+(barriers, convolutions as products): the check can fail. Helpers: benchmarks/accelerators.py.
+
+Needs the AOT wheels (the `test` extra's `jax[tpu,cuda12-local]`, or `jax[tpu]` plus
+`jax-cuda12-plugin` and `jax-cuda12-pjrt`); without them the tests fail, naming the extra.
+Cost: two compiles of ~20 s CPU each (XLA's per-kernel work: the tiny model has as many kernels
+as a deep one per stage), run in two threads.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no CUDA driver: compile only
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes may hold libtpu
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "ms3_benchmarks_accelerators", os.path.join(REPO, "benchmarks", "accelerators.py"))
+accelerators = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(accelerators)
+
+TARGETS = ("h100", "v5e")
+
+
+def _lower(target: str, kernels: str):
+    devices, _ = accelerators.target_devices(target)
+    cfg = accelerators.make_config(tiny=True, step="ms3", kernels=kernels)
+    return accelerators.lower_step(cfg, devices, batch=2, size=32)
+
+
+def _compile(target: str) -> dict:
+    lowered, layers = _lower(target, "auto")
+    compiled = lowered.compile()
+    stats = accelerators.hlo_stats(compiled.as_text())
+    return {"stats": stats, "memory": compiled.memory_analysis(),
+            "problems": accelerators.kernel_problems(lowered.as_text(), layers, stats)}
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """kernels='auto' compiled for each target, two at a time (XLA compiles outside the GIL), not
+    from or into conftest's persistent compilation cache: the test is about this compile."""
+    import jax
+
+    for target in TARGETS:
+        accelerators.require_aot_wheels(target)  # a clear failure, never a skip
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            return dict(zip(TARGETS, pool.map(_compile, TARGETS)))
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_auto_kernels_compile_native(compiled, target):
+    r = compiled[target]
+    assert r["memory"].temp_size_in_bytes > 0
+    assert r["problems"] == [], r["problems"]
+    if target == "h100":
+        assert r["stats"]["cudnn_conv"] > 0
+    else:
+        assert r["stats"]["conv"] > 0 and r["stats"]["kxk_conv"] > 0
+
+
+def test_cpu_kernels_on_gpu_fail_the_check():
+    """kernels='cpu' lowered for a GPU: barriers, and 1x1 / depthwise convolutions as products."""
+    accelerators.require_aot_wheels("h100")
+    lowered, layers = _lower("h100", "cpu")
+    problems = accelerators.kernel_problems(lowered.as_text(), layers)
+    assert len(problems) == 2, problems
+    assert "optimization_barrier" in problems[0]
