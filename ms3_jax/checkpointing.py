@@ -28,8 +28,9 @@ def _configure_array_handler() -> None:
     """On the CPU backend, save replicated arrays from replica 0 whole.
 
     orbax's replica-parallel save splits every replicated array across its replicas, compiling a
-    slice per array shape: ~100 s for the first save of a small model on 8 simulated CPU devices
-    (0.5 s without). On GPU / TPU (real replicas, real bandwidth) orbax's default stays.
+    slice per array shape: minutes for the first save of a small model on 8 simulated CPU devices
+    instead of a fraction of a second. On GPU / TPU (real replicas, real bandwidth) orbax's
+    default stays.
     """
     global _ARRAY_HANDLER_SET
     if sharding.platform_of(jax.devices()) == "cpu" and not _ARRAY_HANDLER_SET:

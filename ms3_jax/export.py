@@ -11,6 +11,7 @@ CLI: `python -m ms3_jax.export --workdir W --out backbone.pth` (or `.safetensors
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
+from ms3_jax import checkpointing
 from ms3_jax.models.deeplab import MS3Encoder
 from ms3_jax.models.resnet import ResNet
 
@@ -208,10 +211,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no state_dict file at {path}")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
         return dict(load_file(path))
     try:
-        import torch
+        import torch  # optional dependency (the `torch` extra): only for .pth files
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f"reading {path} needs PyTorch (pip install 'ms3_jax[torch]'), "
                           "or convert it to .safetensors") from e
@@ -225,10 +227,9 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
     """Write `.safetensors` (no torch needed) or a torch `.pth`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
         save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
         return
-    import torch
+    import torch  # optional dependency (the `torch` extra): only for .pth files
     torch.save({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state_dict.items()}, path)
 
 
@@ -248,8 +249,6 @@ def mmseg_config_snippet(checkpoint: str, variant: str = "v1", what: str = "back
 def export_workdir(workdir: str, out: str, what: str = "backbone", step: int | None = None,
                    ema: bool = False) -> dict[str, np.ndarray]:
     """Write the backbone (or segmentor) of a workdir's latest checkpoint to `out` (.pth/.safetensors)."""
-    from ms3_jax import checkpointing
-
     if what not in ("backbone", "segmentor"):
         raise ValueError(f"--what must be 'backbone' or 'segmentor', got {what!r}")
     if not out.endswith((".pth", ".pt", ".safetensors")):
@@ -262,10 +261,6 @@ def export_workdir(workdir: str, out: str, what: str = "backbone", step: int | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from ms3_jax import checkpointing
-
     parser = argparse.ArgumentParser(description="Export an ms3_jax checkpoint to PyTorch.")
     parser.add_argument("--workdir", required=True, help="pretraining / fine-tuning workdir")
     parser.add_argument("--out", required=True, help="output file: .pth (torch.save) or .safetensors")

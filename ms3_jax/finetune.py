@@ -33,6 +33,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ms3_jax import checkpointing, evaluate, loop, nonfinite, optim, training
+from ms3_jax.data import augment, eval_data, pipeline
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
 from ms3_jax.models.resnet import ResNet
@@ -176,7 +177,7 @@ class Trainer(training.Trainer):
         self.schedule = optim.poly_schedule(config.optim, self.num_steps)
         self.tx = make_optimizer(config, self.schedule)
         self.compile_step(make_train_step(config, self.model, self.tx, self.schedule))
-        self._init = _init_fn(self.model, self.replicated)
+        self._init = _init_fn(self.model, self.replicated, self.platform)
         self._opt_init = jax.jit(self.tx.init, out_shardings=self.replicated)
 
     def init_variables(self, rng: jax.Array) -> dict[str, Any]:
@@ -191,12 +192,14 @@ class Trainer(training.Trainer):
 
 
 @functools.lru_cache(maxsize=None)
-def _init_fn(model: MS3Encoder, sharding: NamedSharding) -> Callable[[jax.Array], Any]:
+def _init_fn(model: MS3Encoder, replicated: NamedSharding,
+             platform: str) -> Callable[[jax.Array], Any]:
     """Jitted `model.init` with replicated outputs, one per model. It runs once, so it is built
-    without backend optimisation: LLVM spends most of its CPU compile time (4x) on the
+    without backend optimisation on CPU: LLVM spends most of its compile time on the
     per-parameter random-number kernels. Parameter shapes do not depend on the image size."""
+    options = {"xla_backend_optimization_level": 0} if platform == "cpu" else None
     return jax.jit(lambda rng: model.init(rng, jnp.zeros((1, 64, 64, 3), jnp.uint8)),
-                   out_shardings=sharding, compiler_options={"xla_backend_optimization_level": 0})
+                   out_shardings=replicated, compiler_options=options)
 
 
 _TRAINERS: dict[tuple, Trainer] = {}
@@ -268,20 +271,17 @@ def initial_variables(config: ml_collections.ConfigDict, trainer: Trainer,
 
 def make_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace):
     """The augmented training stream of the one dataset (labels = its local ids)."""
-    from ms3_jax.data import pipeline
-
     dc = config.data
-    augment = pipeline.AugmentConfig(crop_size=dc.crop_size, **dc.augment.to_dict())
+    augment_cfg = augment.AugmentConfig(crop_size=dc.crop_size, **dc.augment.to_dict())
     return pipeline.TrainPipeline([dc.dataset], data_dir=dc.data_dir or None,
                                   global_batch_size=config.batch_size, label_space=label_space,
-                                  augment=augment, seed=config.seed,
+                                  augment=augment_cfg, seed=config.seed,
                                   loader=pipeline.LoaderOptions(worker_count=dc.worker_count),
                                   skip_unreadable=bool(dc.get("skip_unreadable", False)))
 
 
 def make_eval_dataset(config: ml_collections.ConfigDict, label_space: LabelSpace):
     """This process's share of the validation images (whole, short side resized)."""
-    from ms3_jax.data import eval_data
 
     return eval_data.make_eval_dataset(
         config.data.dataset, label_space=label_space, data_dir=config.data.data_dir or None,

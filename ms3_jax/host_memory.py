@@ -16,6 +16,8 @@ import ctypes
 import ctypes.util
 import os
 
+import jax
+
 # glibc <malloc.h> mallopt parameters.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -40,8 +42,6 @@ def keep_freed_pages() -> str:
     Call before JAX creates its CPU client (first in `main`). Returns what was done, for the log.
     Off glibc only the dispatch changes.
     """
-    import jax
-
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     name = ctypes.util.find_library("c")
     try:

@@ -29,6 +29,8 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
 
 from ms3_jax.data import pipeline as data_pipeline
 
@@ -70,7 +72,6 @@ def summary_writer(workdir: str) -> Any | None:
     """A TensorBoard writer (tensorboardX) in W/tensorboard on process 0; None elsewhere."""
     if jax.process_index() != 0:
         return None
-    from tensorboardX import SummaryWriter
     return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
@@ -110,7 +111,6 @@ def any_process(flag: bool) -> bool:
     at the same point); just `flag` with one process."""
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 

@@ -18,15 +18,15 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ms3_jax import demo, finetune, host_memory, loop, pretrain, sharding, text_adapt
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "job config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and outputs go")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    from ms3_jax import host_memory
     host_malloc = host_memory.configure_from_env()  # before JAX creates its CPU client
-    from ms3_jax import sharding
     sharding.initialize_distributed()  # multi-process (MS3_* env, SLURM, TPU pod): before any JAX use
     config = _CONFIG.value
     workdir = _WORKDIR.value or config.get("default_workdir")
@@ -39,7 +39,6 @@ def main(argv: list[str]) -> None:
     handler.addFilter(lambda r: r.levelno >= py_logging.WARNING
                       or not any(f"/{lib}/" in r.pathname for lib in ("orbax", "grain")))
     logging.info("%s", host_malloc)
-    from ms3_jax import loop
     try:
         _dispatch(config, workdir)
     except loop.Preempted as e:
@@ -50,16 +49,12 @@ def main(argv: list[str]) -> None:
 
 def _dispatch(config: Any, workdir: str) -> None:
     if config.mode == "pretrain":
-        from ms3_jax import pretrain
         pretrain.train_and_evaluate(config, workdir)
     elif config.mode == "text_adapt":
-        from ms3_jax import text_adapt
         text_adapt.train_and_evaluate(config, workdir)
     elif config.mode == "finetune":
-        from ms3_jax import finetune
         finetune.train_and_evaluate(config, workdir)
     elif config.mode == "demo":
-        from ms3_jax import demo
         demo.run(config, workdir)
     else:
         raise app.UsageError(f"unknown config.mode {config.mode!r}")

@@ -113,7 +113,7 @@ def enqueue(
     # Which pick (row of vals, -1: none) each slot receives, scattered as int32 indices; the bank
     # itself is then rewritten by one elementwise select, in place. A scatter of bfloat16 rows
     # into the bank made XLA's CPU backend convert the whole bank to float32 and back: twice the
-    # bank's size in temporaries (1.5 GB at |Y| = 3000; benchmarks/RESULTS.md, scaling).
+    # bank's size in temporaries (benchmarks/RESULTS.md "MS3 part vs |Y|").
     pick_KxP = jnp.arange(num_classes * per_class, dtype=jnp.int32).reshape(num_classes, per_class)
     pick_KxS = jnp.full((num_classes, slots), -1, jnp.int32).at[class_KxP, slot_KxP].set(
         pick_KxP, mode="drop")
@@ -155,7 +155,7 @@ def visual_embeddings(
     # Unfilled slots hold zeros (the bank's invariant), so they add nothing to the sum and need
     # no mask. With no select between the two sums, XLA's CPU backend fuses the whole pass and
     # reads the bfloat16 bank directly; a select on the weights made it write a float32 copy of
-    # the bank first (1.5 GB at |Y| = 3000; benchmarks/RESULTS.md, scaling).
+    # the bank first (benchmarks/RESULTS.md "MS3 part vs |Y|").
     u_KxC = jnp.where(v_valid_K[:, None], v_old_unit_KxC, 0.0)
     first_K = jnp.where(v_valid_K, 0.0, 1.0).astype(acc)
     m_KxSxC = bank.feats.astype(acc)

@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import struct
+from transformers import CLIPTokenizer
 
 from ms3_jax import labels, loop, losses, optim, text_embeddings, training
 from ms3_jax.data.label_space import LabelSpace
@@ -245,7 +247,7 @@ class Trainer(training.Trainer):
 
         text_params = text_params if self.train_text_tower else None
         # Runs once: on CPU, skip LLVM optimisation (compiling the many random initialisers
-        # otherwise takes ~3x longer than running them).
+        # otherwise takes longer than running them).
         options = {"xla_backend_optimization_level": 0} if self.platform == "cpu" else None
         return jax.jit(init, out_shardings=self.replicated, compiler_options=options)(
             rng, ctx_MxD, text_params)
@@ -304,7 +306,6 @@ def load_clip(clip: str, dtype: Any = jnp.float32) -> tuple[CLIPTextTower, Any, 
 def save_adapted_text(directory: str, module: CLIPTextTower, params: Any, tokenizer: Any,
                       ctx_MxD: Any, clip: str, **extra: Any) -> None:
     """``directory/params`` (orbax: ctx + tower params), tokenizer files and a json (Sec. 3.2 output)."""
-    import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -323,8 +324,6 @@ def load_adapted_text(workdir: str, dtype: Any = jnp.float32
                       ) -> tuple[CLIPTextTower, Any, Any, jax.Array]:
     """``(module, params, tokenizer, ctx)`` of a stage-1 workdir; re-embed any class names with
     ``clip_text.encode_classes(module, params, tokenizer, names, ctx=ctx)``."""
-    import orbax.checkpoint as ocp
-    from transformers import CLIPTokenizer
 
     directory = os.path.join(os.path.abspath(workdir), TEXT_MODEL_DIR)
     meta_path = os.path.join(directory, TEXT_MODEL_META)

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.models.clip_text import encode_classes, load_clip_text
 
 FILE_NAME = "text_embeddings.npz"
 
@@ -60,7 +61,6 @@ def load_text_embeddings(path: str, label_space: LabelSpace) -> np.ndarray:
 def template_text_embeddings(clip: str, label_space: LabelSpace,
                              template: str = "a photo of a {}.") -> np.ndarray:
     """T from CLIP with the hand template (paper Tab. 1 'CLIP' row; Tab. 4 'Language')."""
-    from ms3_jax.models.clip_text import encode_classes, load_clip_text
 
     module, params, tokenizer = load_clip_text(clip)
     # The same name in two datasets ('sky') is one prompt: encode the unique names once.

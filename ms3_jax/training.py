@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ms3_jax import checkpointing, export, loop, nonfinite, sharding
-from ms3_jax.data import pipeline, synthetic
+from ms3_jax.data import augment, pipeline, synthetic
 from ms3_jax.data.label_space import LabelSpace
 
 Metrics = dict[str, jax.Array]
@@ -30,8 +30,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     """Checks every stage shares: the global batch over devices and processes (processes
     default: this job's), the output stride, the non-finite mode."""
     if config.model.output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"model.output_stride must be one of {OUTPUT_STRIDES}, got "
-                         f"{config.model.output_stride}")
+        raise ValueError(f"model.output_stride must be 8, 16 or 32, got {config.model.output_stride}")
     sharding.check_global_batch(config.batch_size, num_devices,
                                 jax.process_count() if num_processes is None else num_processes)
     nonfinite.mode_of(config)
@@ -100,7 +99,7 @@ def union_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace) -
     return pipeline.TrainPipeline(
         dc.datasets, data_dir=dc.data_dir or None, global_batch_size=config.batch_size,
         label_space=label_space,
-        augment=pipeline.AugmentConfig(crop_size=dc.crop_size, **dict(dc.get("augment") or {})),
+        augment=augment.AugmentConfig(crop_size=dc.crop_size, **dict(dc.get("augment") or {})),
         weights=dict(dc.weights) if dc.get("weights") else None, seed=config.seed,
         loader=pipeline.LoaderOptions(worker_count=dc.worker_count),
         skip_unreadable=bool(dc.get("skip_unreadable", False)),

@@ -14,9 +14,11 @@ Per image: `<stem>_labels.png` (uint8 index into the class list) and `<stem>_ove
 """
 from __future__ import annotations
 
+import argparse
 import colorsys
 import dataclasses
 import functools
+import importlib.util
 import os
 from typing import Any, Sequence
 
@@ -25,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from ms3_jax import checkpointing
+from ms3_jax import checkpointing, text_adapt
+from ms3_jax.data import sources
 from ms3_jax.models import clip_text
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
@@ -177,8 +180,6 @@ class ZeroShotSegmenter:
                      step: int | None = None) -> "ZeroShotSegmenter":
         """Load the latest (or `step`) checkpoint's encoder (`ema`: the momentum encoder) and the
         stage-1 text model (default: the one the workdir was trained with, see `resolve_workdirs`)."""
-        from ms3_jax import text_adapt
-
         image_dir, text_dir, config = resolve_workdirs(workdir, text_workdir)
         stage1 = config.get("mode") == "text_adapt"
         if stage1 and ema:
@@ -326,8 +327,6 @@ def repo_root() -> str:
 
 def demo_config(arg: str | None = "quick"):
     """`configs/demo.py:<arg>` of the checkout (loaded by path, as the configs load each other)."""
-    import importlib.util
-
     path = os.path.join(repo_root(), "configs", "demo.py")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: configs/ ships with the repository, not the "
@@ -342,8 +341,6 @@ def synthetic_sample(workdir: str, dataset: str = "synth_a", index: int = 0,
                      split: str = "validation") -> np.ndarray:
     """One image (uint8 [H, W, 3]) of a synthetic dataset built by the demo into `workdir`/data
     (the pretraining config's `data.data_dir` when `workdir` is a pretraining workdir)."""
-    from ms3_jax.data import sources
-
     data_dir = os.path.join(workdir, "data")
     if not os.path.isdir(data_dir):
         data_dir = checkpointing.read_config(workdir)["data"]["data_dir"]
@@ -357,8 +354,6 @@ def synthetic_sample(workdir: str, dataset: str = "synth_a", index: int = 0,
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
-    import argparse
-
     parser = argparse.ArgumentParser(
         description="Zero-shot segmentation with arbitrary class names (MS3 paper, Fig. 3).")
     parser.add_argument("--workdir", required=True,

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 from absl import flags
 
 from configs import demo as demo_config
@@ -9,6 +10,7 @@ from ms3_jax import demo, text_embeddings
 from ms3_jax.data.label_space import LabelSpace
 
 flags.FLAGS.mark_as_parsed()
+pytestmark = pytest.mark.slow  # the whole demo: the full tier (.ci/run)
 
 
 def test_demo_quick_runs_every_stage(tmp_path):

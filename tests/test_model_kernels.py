@@ -83,6 +83,7 @@ def test_both_kernel_sets_build_the_same_params(tiny_encoder_inputs):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_both_kernel_sets_give_the_same_outputs_and_gradients_float64(tiny_encoder_inputs):
     """The tiny encoder has every conv kind: 7x7 stem, strided 1x1 / 3x3, dilated 3x3, depthwise
     (dilations 12-36, taps partly outside), a 256-channel 3x3 with the image-pool channels."""
@@ -98,6 +99,7 @@ def test_both_kernel_sets_give_the_same_outputs_and_gradients_float64(tiny_encod
                                        err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_both_kernel_sets_agree_in_bfloat16(tiny_encoder_inputs):
     """bfloat16 compute (8-bit mantissa, rounded at different points by the two sets): each set is
     as close to the float32 model as the other, and both are close (BN on running statistics:

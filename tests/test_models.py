@@ -21,6 +21,7 @@ def _apply_fn(model):
     return jax.jit(functools.partial(model.apply, train=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv", [Conv, CpuConv], ids=["xla", "cpu"])  # model.kernels
 @pytest.mark.parametrize("variant", ["v1", "v1c"])
 @pytest.mark.parametrize("output_stride", [8, 32])

@@ -18,6 +18,8 @@ import pytest
 
 from ms3_jax import sharding
 
+pytestmark = pytest.mark.slow  # end-to-end runs: the full tier (.ci/run), not `-m "not slow"`
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS, STOP_AT = 6, 4
 

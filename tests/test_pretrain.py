@@ -107,6 +107,7 @@ def test_eight_devices_equal_one_device():
     assert all(np.isfinite(m["loss"]) for m in m8)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_on_eight_devices_tracks_float32():
     """The accelerator setting -- bfloat16 compute and bank, the batch sharded over 8 devices --
     compiles and runs (on these CPU devices `model.kernels='auto'` is the CPU plug-in: every
@@ -126,6 +127,7 @@ def test_bfloat16_compute_on_eight_devices_tracks_float32():
     assert jax.tree_util.tree_leaves(s16.params)[0].dtype == np.float32  # params stay float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,expected_terms", [
     ({"loss.use_visual": False, "relations.pixel_head": "language"}, {"loss_language"}),
     ({"loss.use_language": False}, {"loss_visual"}),
@@ -207,6 +209,7 @@ def loop_config(synthetic_dir, tmp_path):
     return config
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(synthetic_dir, tmp_path, caplog):
     """N steps, stop, resume, continue to 2N == an uninterrupted 2N run (losses and params)."""
     from ms3_jax import checkpointing

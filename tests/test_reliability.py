@@ -537,6 +537,7 @@ def worker(args: dict) -> None:
             sys.exit(loop.PREEMPTED_EXIT_CODE)
 
 
+@pytest.mark.slow
 def test_kill_9_during_save_leaves_only_complete_checkpoints(tmp_path):
     """Saves of a 32 MB state back to back (~50 ms each with the tmp dir alive), killed -9 three
     times: twice within 20 ms of a `<step>.orbax-checkpoint-tmp` dir appearing (mid-save), once at
@@ -616,6 +617,7 @@ def soak_command(workdir, data_dir, text_path):
             "--config.nonfinite=skip"]
 
 
+@pytest.mark.slow
 def test_soak_sigterm_and_three_kill_9_resume_to_the_uninterrupted_params(tmp_path):
     """`python -m ms3_jax.main` tiny pretraining for 12 steps: SIGTERM (exit 75, checkpoint named)
     then 3 kill -9 at random times, each followed by a resume; the final state equals that of an

@@ -59,6 +59,7 @@ def run(tiny_config, tmp_path_factory):
     return workdir, first, second
 
 
+@pytest.mark.slow
 def test_resumes_and_loss_falls(run, tiny_config):
     workdir, first, second = run
     assert [h["step"] for h in first] == list(range(1, 51))

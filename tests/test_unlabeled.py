@@ -252,6 +252,7 @@ def _pairing_loss64(emb, text, y, tau):
     return per[ok].mean()
 
 
+@pytest.mark.slow
 def test_pseudo_labels_enter_the_losses_and_the_bank_only_with_the_switch():
     """One step, V valid only for class 0 (so the visual argmax is 0 everywhere) and T[0] the mean
     language embedding of the unlabeled pixels (so many pick 0): the -2 pixels whose language

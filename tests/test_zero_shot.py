@@ -54,6 +54,7 @@ def test_input_size_is_a_multiple_of_the_stride():
     assert zero_shot.input_size(3, 100, 4, 16) == (16, 128)
 
 
+@pytest.mark.slow
 def test_cli_writes_labels_and_overlay(demo_dir, images, tmp_path):
     out = str(tmp_path / "out")
     written = zero_shot.main(["--workdir", demo_dir, "--image", *images, "--classes",
@@ -112,6 +113,7 @@ def test_label_map_matches_float64_reference(demo_dir, images):
         np.testing.assert_array_equal(labels[clear], ref.argmax(-1)[clear])
 
 
+@pytest.mark.slow
 def test_stage1_workdir_segments_alone(demo_dir, images):
     """A stage-1 workdir holds both parts: its encoder's language head and the text model."""
     text_dir = os.path.join(demo_dir, "text_adapt")
@@ -174,6 +176,7 @@ def test_errors_name_the_problem(demo_dir, images, tmp_path):
         zero_shot.ZeroShotSegmenter.from_workdir(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless(demo_dir, tmp_path):
     import nbclient
     import nbformat

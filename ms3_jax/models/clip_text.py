@@ -32,6 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from transformers import CLIPTokenizer
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -89,7 +93,6 @@ class CLIPTextConfig:
         the top-level value. Dicts are parsed by transformers' own config classes so that missing
         keys get exactly the defaults ``from_pretrained`` would use.
         """
-        import transformers  # local: only needed when reading Hugging Face configs
 
         if isinstance(hf_config, (str, os.PathLike)):
             with open(hf_config) as f:
@@ -552,7 +555,6 @@ def _wanted(key: str) -> bool:
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Text-tower tensors of one safetensors file as float32 numpy (bfloat16 via the flax reader)."""
-    from safetensors import safe_open
 
     out: dict[str, np.ndarray] = {}
     bf16_keys = []
@@ -571,7 +573,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     try:
-        import torch
+        import torch  # optional dependency (the `torch` extra): only for .bin checkpoints
     except ImportError as e:
         raise ImportError(
             f"reading {path} needs PyTorch, which is not installed: install torch, or provide "
@@ -616,7 +618,6 @@ def _load_tokenizer(ckpt_dir: str) -> Any:
             f"no CLIP tokenizer files in {ckpt_dir}: expected {' + '.join(_TOKENIZER_FILES)} "
             f"(or {_TOKENIZER_JSON})"
         )
-    from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(ckpt_dir, local_files_only=True)
 
@@ -633,7 +634,6 @@ _HUB_FILES = [
 
 def _resolve_hub(repo_id: str, cache_dir: str | None) -> str:
     """Local snapshot of a hub repo (HF_HUB_OFFLINE / the local cache are honoured)."""
-    from huggingface_hub import snapshot_download
 
     try:
         path = snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache_dir)
