@@ -1,7 +1,9 @@
 r"""MS3 pretraining (stage 2), paper section 4.1.
 
   python -m ms3_jax.main --config=configs/pretrain.py --workdir=W
-  python -m ms3_jax.main --config=configs/pretrain.py:tiny --workdir=W   # tiny model, synthetic data
+  python -m ms3_jax.main --config=configs/pretrain.py:tiny --workdir=W \
+      --config.text.embeddings=W1/text_embeddings.npz   # tiny model, synthetic data; W1: a stage-1
+                                                        # workdir (configs/text_adapt.py:tiny)
 
 Defaults are the paper's: DeepLab-v3+ / ResNet-50 (OS 8), two 3-layer 512-d projection heads,
 VOC-aug + ADE20K + COCO-Stuff-164k (|Y| = 21 + 150 + 171 = 342), 224 crops, batch 128, SGD
@@ -57,7 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pseudo = ml_collections.ConfigDict(dict(threshold=0.0, enter_bank=False))
 
     c.text = ml_collections.ConfigDict(dict(
-        embeddings="",  # stage 1's W/text_embeddings.npz; empty: CLIP with the hand template
+        # stage 1's W/text_embeddings.npz (required), or 'template': `clip` with the hand
+        # `template` (Tab. 4's original-CLIP rows, an ablation)
+        embeddings="",
         clip="openai/clip-vit-base-patch32", template="a photo of a {}."))
 
     c.loss = ml_collections.ConfigDict(dict(
@@ -66,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         tau=0.07, alpha=1.0, chunk=8192))
 
     c.bank = ml_collections.ConfigDict(dict(slots=256, per_class=32, dtype="bfloat16"))
-    c.relations = ml_collections.ConfigDict(dict(momentum=0.99, warmup_steps=2000, pixel_head="visual"))
+    c.relations = ml_collections.ConfigDict(dict(momentum=0.99, warmup_steps=2000, pixel_head="language"))
     c.optim = ml_collections.ConfigDict(dict(
         base_lr=0.8, lr_batch=128, momentum=0.9, weight_decay=4e-5, warmup_steps=1000))
 

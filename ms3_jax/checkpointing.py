@@ -19,6 +19,7 @@ from ms3_jax import sharding
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+DELETED_DIR = "deleted"  # under CHECKPOINT_DIR: retired steps, removed by `purge_deleted`
 
 
 _ARRAY_HANDLER_SET = False
@@ -48,8 +49,21 @@ def checkpoint_manager(workdir: str, max_to_keep: int = 3,
         remove_half_written(directory)
     # The other processes wait for process 0 at the root-directory barrier orbax runs when
     # `create=True`, so no save starts before the leftovers are gone.
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    # Old steps are renamed into DELETED_DIR (atomic) instead of orbax's rmtree in place, which a
+    # kill -9 can interrupt, leaving a listed step without some of its items.
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           todelete_subdir=DELETED_DIR)
     return ocp.CheckpointManager(directory, item_names=item_names, options=options)
+
+
+def purge_deleted(directory: str) -> None:
+    """Remove the steps orbax has retired into `directory/DELETED_DIR` (process 0 only; called at
+    open and before every save, so at most `max_to_keep` + 1 retired steps wait on disk)."""
+    if jax.process_index() != 0:
+        return
+    trash = os.path.join(directory, DELETED_DIR)
+    for name in os.listdir(trash) if os.path.isdir(trash) else ():
+        shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
 
 def remove_half_written(directory: str) -> list[str]:
@@ -64,6 +78,7 @@ def remove_half_written(directory: str) -> list[str]:
     for path in leftovers:
         logging.warning("removing half-written checkpoint %s (a save was interrupted)", path)
         shutil.rmtree(path, ignore_errors=True)
+    purge_deleted(directory)
     return leftovers
 
 

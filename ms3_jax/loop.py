@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
+from ms3_jax import checkpointing
 from ms3_jax.data import pipeline as data_pipeline
 
 PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, retry"
@@ -178,6 +179,7 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
                 writer.add_scalar(f"train/{k}", v, step)
 
     def save(step: int) -> None:
+        checkpointing.purge_deleted(str(mngr.directory))
         mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=data_pipeline.checkpoint_save_args(iterator)))
 

@@ -30,6 +30,7 @@ from ms3_jax.train_state import TrainState, ema_update, init_train_state
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 LOSS_KINDS = ("ms3", "ce_single_head", "ce_multi_head")
+TEMPLATE = "template"  # text.embeddings: CLIP with the hand template (Tab. 4 ablation)
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int,
@@ -46,9 +47,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     if config.relations.pixel_head not in ("visual", "language"):
         raise ValueError(f"relations.pixel_head must be 'visual' or 'language', got "
                          f"{config.relations.pixel_head!r}")
-    if config.relations.pixel_head == "visual" and not config.loss.use_visual and config.loss.multilabel:
-        raise ValueError("relations.pixel_head='visual' needs loss.use_visual (the visual head is "
-                         "untrained otherwise); set relations.pixel_head='language'")
+    head, other = config.relations.pixel_head, {"visual": "language", "language": "visual"}
+    if config.loss.kind == "ms3" and config.loss.multilabel and not config.loss[f"use_{head}"]:
+        raise ValueError(f"relations.pixel_head={head!r} needs loss.use_{head} (that head is "
+                         f"untrained otherwise); set relations.pixel_head={other[head]!r}")
     if uses_unlabeled(config):
         lc = config.loss
         if not (lc.kind == "ms3" and lc.use_language and lc.use_visual):
@@ -62,6 +64,15 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
         if not 0.0 <= config.pseudo.threshold <= 1.0:
             raise ValueError(f"pseudo.threshold (a softmax probability) must be in [0, 1], got "
                              f"{config.pseudo.threshold!r}")
+    if config.loss.kind == "ms3" and not config.text.embeddings:
+        raise ValueError(
+            "text.embeddings is unset: MS3 pretraining pairs pixels with stage 1's adapted class "
+            "embeddings (Sec. 3.2). Run stage 1 first (python -m ms3_jax.main "
+            "--config=configs/text_adapt.py --workdir=W1) and set "
+            "--config.text.embeddings=W1/text_embeddings.npz, or set "
+            f"--config.text.embeddings={TEMPLATE} for CLIP's hand template (Tab. 4's original-CLIP rows)")
+    if config.loss.kind == "ms3" and config.text.embeddings == TEMPLATE and not config.text.clip:
+        raise ValueError(f"text.embeddings={TEMPLATE!r} needs text.clip (a CLIP checkpoint)")
 
 
 def uses_unlabeled(config: ml_collections.ConfigDict) -> bool:
@@ -279,16 +290,15 @@ class Trainer(training.Trainer):
 
 
 def resolve_text_embeddings(config: ml_collections.ConfigDict, label_space: LabelSpace) -> np.ndarray | None:
-    """T from `text.embeddings` (stage 1's npz) or, when empty, CLIP with the hand template."""
+    """T from `text.embeddings`: stage 1's npz, or TEMPLATE for `text.clip` with the hand
+    template (the "original CLIP" rows of Tab. 4, an ablation: asked for, never a fallback)."""
     if config.loss.kind != "ms3":
         return None
-    if config.text.embeddings:
-        return text_embeddings.load_text_embeddings(config.text.embeddings, label_space)
-    if not config.text.clip:
-        raise ValueError("set text.embeddings (a stage-1 text_embeddings.npz) or text.clip "
-                         "(a CLIP checkpoint for the hand template)")
-    logging.info("text.embeddings unset: T from %s with the template %r", config.text.clip,
-                 config.text.template)
+    source = config.text.embeddings
+    if source != TEMPLATE:
+        return text_embeddings.load_text_embeddings(source, label_space)
+    logging.info("T from %s with the hand template %r (text.embeddings=%r)", config.text.clip,
+                 config.text.template, TEMPLATE)
     return text_embeddings.template_text_embeddings(config.text.clip, label_space, config.text.template)
 
 

@@ -124,14 +124,14 @@ def resolve_workdirs(workdir: str | os.PathLike,
         embeddings = (config.get("text") or {}).get("embeddings") or ""
         if config.get("mode") == "text_adapt":
             default_text, why = image_dir, "looked in this stage-1 workdir"
-        elif embeddings:
+        elif embeddings and embeddings != "template":
             if not os.path.isabs(embeddings) and not os.path.exists(embeddings):
                 embeddings = os.path.join(image_dir, embeddings)
             default_text = os.path.dirname(os.path.abspath(embeddings))
             why = f"looked next to its text.embeddings {embeddings}"
         else:
             default_text = None
-            why = "its config has no text.embeddings: T came from the hand template"
+            why = f"its text.embeddings is {embeddings!r}: T came from CLIP's hand template"
     ckpt_dir = os.path.join(image_dir, checkpointing.CHECKPOINT_DIR)
     if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
         raise FileNotFoundError(f"no checkpoints in {image_dir}: {ckpt_dir} is missing or empty "

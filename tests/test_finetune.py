@@ -14,6 +14,7 @@ from absl import flags
 from configs.finetune import voc as voc_config
 from ms3_jax import checkpointing, finetune
 from ms3_jax.models.deeplab import encoder_from_config
+from tests.conftest import tiny_finetune_config
 from tests.torch_reference import TorchResNet, randomize_
 
 flags.FLAGS.mark_as_parsed()
@@ -26,18 +27,7 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("synthetic"))
 
 
-def tiny_config(data_dir, **overrides):
-    c = voc_config.get_config("tiny")
-    c.data.data_dir = data_dir
-    c.num_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2, 1
-    c.eval.max_images = 2
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+tiny_config = tiny_finetune_config
 
 
 def final_state(workdir):

@@ -107,18 +107,6 @@ def test_chunked_equals_unchunked():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss_fn", [losses.pairing_loss, losses.pairing_loss_fast])
-def test_chunked_jaxpr_has_no_full_logits(loss_fn):
-    """With chunking, no [N, K] intermediate exists in the forward or backward program."""
-    n, k = 4096, 64
-    emb = jnp.zeros((n, C), jnp.float32)
-    cls = jnp.zeros((k, C), jnp.float32)
-    labels = jnp.zeros((n,), jnp.int32)
-    fn = jax.grad(lambda e: loss_fn(e, cls, labels, chunk=256))
-    text = str(jax.make_jaxpr(fn)(emb))
-    assert f"{n},{k}]" not in text and f"256,{k}]" in text
-
-
 def test_gradient_finite_differences():
     """d Eq. 7 / d emb and d class_emb (plain form, float32) vs central differences of the float64
     reference; the fast path's d / d emb is the same."""
@@ -337,10 +325,9 @@ def test_chunk_layout_prefers_no_padding():
     assert chunking.chunk_layout(401408, 16384) == (28, 14336)  # B=128 at 56x56
 
 
-def test_sharded_over_data_axis_matches_and_only_reduces():
-    """Pixels sharded over 8 devices: the fast path gives the plain form's loss/grad, and its
-    chunk loop needs no gathers."""
-    import re
+def test_sharded_over_data_axis_matches():
+    """Pixels sharded over 8 devices: the fast path gives the plain form's loss/grad (that it
+    needs no gathers: benchmarks/program_budgets.py)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     mesh = jax.make_mesh((8,), ("data",))
@@ -349,8 +336,6 @@ def test_sharded_over_data_axis_matches_and_only_reduces():
     data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     fn = jax.jit(jax.value_and_grad(lambda e, c, y, p: losses.pairing_loss_fast(e, c, y, p, chunk=64)),
                  in_shardings=(data, rep, data, rep), out_shardings=(rep, data))
-    hlo = fn.lower(emb, cls, labels, pos).compile().as_text()
-    assert not re.search(r"all-gather|all-to-all|collective-permute", hlo)
     val, g = fn(emb, cls, labels, pos)
     val0, g0 = _grad_and_val(emb, cls, labels, pos)
     np.testing.assert_allclose(val, val0, rtol=1e-6)

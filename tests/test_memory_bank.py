@@ -175,36 +175,6 @@ def test_visual_embeddings_eq4():
     np.testing.assert_allclose(v[1], plain / np.linalg.norm(plain), rtol=1e-5, atol=1e-6)
 
 
-def test_visual_embeddings_read_the_bank_without_a_float32_copy():
-    """Eq. 4 is one pass over the bfloat16 bank: its compiled scratch stays far below the bank's
-    size (a select on the weights made XLA's CPU backend write a float32 copy of the bank)."""
-    k, slots, dim = 256, 64, 128
-    bank = mb.init_bank(k, slots, dim)  # bfloat16, 4 MiB
-    v_old = np.random.RandomState(10).randn(k, dim).astype(np.float32)
-    v_valid = np.arange(k) % 3 > 0
-    compiled = _visual.lower(bank, v_old, v_valid).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < bank.feats.nbytes / 4
-
-
-def test_enqueue_then_visual_embeddings_without_a_float32_copy():
-    """As in the step: enqueue into the donated bfloat16 bank, then Eq. 4 from the new bank, with
-    the compiled scratch far below the bank's size."""
-    k, slots, dim, n = 256, 64, 128, 1000
-    bank = mb.init_bank(k, slots, dim)  # bfloat16, 4 MiB
-    r = np.random.RandomState(11)
-    labels = r.randint(0, k, size=n).astype(np.int32)
-    emb = r.randn(n, dim).astype(np.float32)
-    v_old, v_valid = r.randn(k, dim).astype(np.float32), np.arange(k) % 3 > 0
-
-    def step(bank, emb, labels, rng, v_old, v_valid):
-        bank = mb.enqueue(bank, emb, labels, rng, per_class=4)
-        return bank, mb.visual_embeddings(bank, v_old, v_valid)
-
-    compiled = jax.jit(step, donate_argnums=0).lower(
-        bank, emb, labels, jax.random.key(0), v_old, v_valid).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < bank.feats.nbytes / 4
-
-
 def test_bank_then_visual_end_to_end_jit():
     """enqueue -> Eq. 4 inside one jitted step; classes absent from the batch stay invalid."""
     k, slots, dim = 4, 4, 8
@@ -225,16 +195,14 @@ def test_bank_then_visual_end_to_end_jit():
     np.testing.assert_array_equal(v[2:], 0.0)
 
 
-def test_enqueue_rewrites_the_bank_without_a_whole_bank_temporary():
-    """The enqueue updates the (donated) bfloat16 bank in place: its compiled scratch stays far
-    below the bank's size (a bfloat16 scatter made XLA's CPU backend round-trip the whole bank
-    through float32: twice its size in temporaries)."""
+def test_enqueue_into_the_donated_bfloat16_bank():
+    """The jitted, donated enqueue of a large bfloat16 bank keeps min(count, P) per class (its
+    compiled temporaries: benchmarks/program_budgets.py)."""
     k, slots, dim, n = 256, 64, 128, 1000
     bank = mb.init_bank(k, slots, dim)  # bfloat16, 4 MiB
     labels = np.random.RandomState(8).randint(0, k, size=n).astype(np.int32)
     emb = np.random.RandomState(9).randn(n, dim).astype(np.float32)
     fn = jax.jit(functools.partial(mb.enqueue, per_class=4), donate_argnums=0)
-    compiled = fn.lower(bank, emb, labels, jax.random.key(0)).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < bank.feats.nbytes / 4
-    new = compiled(bank, emb, labels, jax.random.key(0))
+    new = fn(bank, emb, labels, jax.random.key(0))
+    assert new.feats.dtype == jnp.bfloat16
     assert int(new.count.sum()) == int(np.minimum(np.bincount(labels, minlength=k), 4).sum())

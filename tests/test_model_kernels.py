@@ -203,20 +203,6 @@ def test_depthwise_equals_grouped_conv_values_and_grads(hw, d):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_depthwise_copies_its_input_padded_only_without_autodiff():
-    """Without autodiff the input goes through one `dynamic_update_slice` into a padded buffer
-    (XLA does not fuse it, so the producer is not recomputed per tap); the gradient keeps the
-    form without the copy (its input is a residual anyway)."""
-    x = jnp.ones((1, 8, 8, 3), jnp.float32)
-    k = jnp.ones((3, 3, 1, 3), jnp.float32)
-    forward = str(jax.make_jaxpr(lambda x: depthwise_conv3x3(x, k, 2))(x))
-    grad = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(depthwise_conv3x3(x, k, 2))))(x))
-    assert forward.count("dynamic_update_slice") == 1
-    assert "dynamic_update_slice" not in grad
-    # Dilation above half the map: per-tap shifts, no mostly-zero buffer.
-    assert "dynamic_update_slice" not in str(jax.make_jaxpr(lambda x: depthwise_conv3x3(x, k, 5))(x))
-
-
 @pytest.mark.parametrize("shape", [(2, 9, 7, 3), (1, 1, 1, 2), (1, 2, 5, 1)])
 def test_resize_bilinear_2x_matches_torch(shape):
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
@@ -274,9 +260,9 @@ def test_conv_matmul_bf16_accumulates_in_f32_forward_and_backward():
         conv_matmul(x, w.astype(jnp.float32), jnp.float32)
 
 
-def test_conv_matmul_keeps_the_batch_sharded():
-    """The backward's row-major copies merge only per-image axes: with the batch sharded over 8
-    devices the compiled gradient gathers no activations (its only collective is the sum of dw)."""
+def test_conv_matmul_with_the_batch_sharded():
+    """With the batch sharded over 8 devices the gradient is the float64 reference's (that it
+    gathers no activations: benchmarks/program_budgets.py)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
     assert jax.device_count() == 8  # tests/conftest.py sets 8 CPU devices
     mesh = sharding.data_mesh(jax.devices()[:8])
@@ -286,8 +272,6 @@ def test_conv_matmul_keeps_the_batch_sharded():
     w = jax.device_put(jnp.asarray(rng.standard_normal((256, 32)), jnp.bfloat16), ws)
     loss = lambda x, w: jnp.sum(conv_matmul(x, w, jnp.float32) ** 2)
     fn = jax.jit(jax.grad(loss, (0, 1)), out_shardings=(xs, ws))
-    hlo = fn.lower(x, w).compile().as_text()
-    assert "all-gather" not in hlo and "all-to-all" not in hlo and "all-reduce" in hlo
     dx, dw = fn(x, w)
     f64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
     y = f64(x) @ f64(w)

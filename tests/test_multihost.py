@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ms3_jax import sharding
+from tests.conftest import tiny_pretrain_config
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the full tier (.ci/run), not `-m "not slow"`
 
@@ -35,8 +36,7 @@ def make_config(data_dir: str, text_path: str):
     step 3), so that layouts are compared without float32 reassociation noise: in float32 the
     Eq. 6 mask (a `>=` between similarities) flips on 1e-7 differences and the tiny BN net
     amplifies 1e-7 to 1e-3 within two steps."""
-    from tests.test_pretrain import tiny_config
-    config = tiny_config(**{"num_steps": NUM_STEPS, "checkpoint_every": 2, "log_every": 2,
+    config = tiny_pretrain_config(**{"num_steps": NUM_STEPS, "checkpoint_every": 2, "log_every": 2,
                             "data.data_dir": data_dir, "relations.warmup_steps": 2,
                             "optim.warmup_steps": 1, "model.dtype": "float64",
                             "bank.dtype": "float64"})

@@ -8,27 +8,17 @@ import numpy as np
 import pytest
 from absl import flags
 
-from configs import pretrain as pretrain_config
 from ms3_jax import labels, optim, pretrain, text_embeddings
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.testing import synthetic_data
+from tests.conftest import tiny_pretrain_config
 
 flags.FLAGS.mark_as_parsed()
 
 DATASETS = ("synth_a", "synth_b", "synth_c")
 
 
-def tiny_config(**overrides):
-    c = pretrain_config.get_config("tiny")
-    c.batch_size = 8
-    c.data.crop_size = 32
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+tiny_config = tiny_pretrain_config
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,8 +119,8 @@ def test_bfloat16_compute_on_eight_devices_tracks_float32():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides,expected_terms", [
-    ({"loss.use_visual": False, "relations.pixel_head": "language"}, {"loss_language"}),
-    ({"loss.use_language": False}, {"loss_visual"}),
+    ({"loss.use_visual": False}, {"loss_language"}),
+    ({"loss.use_language": False, "relations.pixel_head": "visual"}, {"loss_visual"}),
     ({"loss.multilabel": False}, {"loss_language", "loss_visual"}),
     ({"loss.kind": "ce_single_head"}, {"loss_ce"}),
     ({"loss.kind": "ce_multi_head"}, {"loss_ce"}),
@@ -152,11 +142,27 @@ def test_ablation_switches_select_the_loss_terms(overrides, expected_terms):
     ({"model.output_stride": 4}, "output_stride"),
     ({"batch_size": 12}, "divide over 8 devices"),
     ({"bank.per_class": 128}, r"bank.per_class \(P=128\) must be <= bank.slots \(K=64\)"),
-    ({"loss.use_visual": False}, "pixel_head='visual' needs loss.use_visual"),
+    ({"loss.use_language": False}, "pixel_head='language' needs loss.use_language"),
+    ({"loss.use_visual": False, "relations.pixel_head": "visual"},
+     "pixel_head='visual' needs loss.use_visual"),
 ])
 def test_bad_config_is_rejected_before_work(overrides, match):
     with pytest.raises(ValueError, match=match):
         pretrain.check_config(tiny_config(**overrides), 8)
+
+
+def test_pretraining_without_text_embeddings_points_to_stage_1(tmp_path):
+    """No silent fallback to CLIP's hand template (Tab. 4 ablation): it must be asked for."""
+    config = tiny_config(**{"text.embeddings": ""})
+    with pytest.raises(ValueError, match=r"text.embeddings is unset.*configs/text_adapt.py.*"
+                                         r"text.embeddings=template"):
+        pretrain.check_config(config, 8)
+    config.text.embeddings = pretrain.TEMPLATE
+    with pytest.raises(ValueError, match="text.embeddings='template' needs text.clip"):
+        pretrain.check_config(config, 8)
+    config.loss.kind = "ce_single_head"  # no T needed
+    pretrain.check_config(config, 8)
+    assert pretrain.resolve_text_embeddings(config, label_space()) is None
 
 
 def test_text_embeddings_file_must_match_the_label_space(tmp_path):

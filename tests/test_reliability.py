@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ms3_jax import checkpointing, loop, nonfinite
 from ms3_jax.testing import synthetic_data
+from tests.conftest import tiny_pretrain_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUE_W = np.asarray([1.0, -2.0, 3.0, 0.5], np.float32)
@@ -294,9 +295,9 @@ def no_long_work(monkeypatch):
         monkeypatch.setattr(module, name, reached)
 
 
-def pretrain_config(data_dir, text_path="", **overrides):
-    from tests.test_pretrain import tiny_config
-    config = tiny_config(**{"data.data_dir": data_dir, **overrides})
+def pretrain_config(data_dir, text_path="never_read_text_embeddings.npz", **overrides):
+    """The tiny pretraining on `data_dir`; `text_path` is only read by runs that get that far."""
+    config = tiny_pretrain_config(**{"data.data_dir": data_dir, **overrides})
     config.data.synthetic = None
     config.text.embeddings = text_path
     return config
@@ -395,7 +396,7 @@ def test_clip_without_weights_or_tokenizer(tmp_path, synthetic_dir, no_long_work
     tiny_clip.text_config().save_pretrained(clip)
     if missing != "tokenizer":
         tiny_clip.write_tokenizer(clip)
-    config = pretrain_config(synthetic_dir)
+    config = pretrain_config(synthetic_dir, text_path=pretrain.TEMPLATE)
     config.text.clip = str(clip) if missing != "directory" else str(tmp_path / "nowhere")
     with pytest.raises((FileNotFoundError, OSError), match=match):
         pretrain.train_and_evaluate(config, str(tmp_path / "wd"))
@@ -535,6 +536,24 @@ def worker(args: dict) -> None:
         except loop.Preempted as e:
             print(json.dumps({"preempted": e.step, "latest": mngr.latest_step()}), flush=True)
             sys.exit(loop.PREEMPTED_EXIT_CODE)
+
+
+def test_old_steps_are_retired_by_rename_then_purged(tmp_path):
+    """orbax removes steps beyond `max_to_keep` by an atomic rename into checkpoints/deleted (an
+    rmtree in place, killed -9, left a listed step without its 'data' item); the next save or
+    open purges them."""
+    from ms3_jax.data import pipeline
+    mngr = checkpointing.checkpoint_manager(str(tmp_path), max_to_keep=1)
+    it = ToyIterator()
+    for step in (1, 2):
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": jnp.ones(4) * step}),
+                                                data=pipeline.checkpoint_save_args(it)))
+        mngr.wait_until_finished()
+    trash = tmp_path / checkpointing.CHECKPOINT_DIR / checkpointing.DELETED_DIR
+    assert mngr.all_steps() == [2] and sorted(os.listdir(trash)) == ["1"]
+    assert sorted(os.listdir(trash / "1")) == sorted(os.listdir(tmp_path / "checkpoints" / "2"))
+    checkpointing.checkpoint_manager(str(tmp_path), max_to_keep=1)
+    assert os.listdir(trash) == []
 
 
 @pytest.mark.slow

@@ -75,6 +75,7 @@ def test_resumes_and_loss_falls(run, tiny_config):
     assert abs(cos[-1] - cos[0]) > 1e-3
 
 
+@pytest.mark.slow
 def test_tab1_adapted_embeddings_are_less_alike(run):
     workdir, _, _ = run
     with open(os.path.join(workdir, text_adapt.REPORT_FILE)) as f:
@@ -89,6 +90,7 @@ def test_tab1_adapted_embeddings_are_less_alike(run):
     assert all(-1 <= r["adapted"] <= 1 and -1 <= r["template"] <= 1 for r in pairs.values())
 
 
+@pytest.mark.slow
 def test_npz_schema_and_reembedding(run, tiny_config):
     workdir, _, _ = run
     ls = LabelSpace.from_datasets(list(tiny_config.data.datasets))
@@ -161,6 +163,7 @@ def test_missing_clip_names_the_path(tiny_config, tmp_path):
         text_adapt.train_and_evaluate(c, str(tmp_path / "w"))
 
 
+@pytest.mark.slow
 def test_emb_dim_mismatch(tiny_config, run, tmp_path):
     c = _config("tiny")
     c.text.tiny_clip_dir = tiny_config.text.tiny_clip_dir  # 32-d projection
