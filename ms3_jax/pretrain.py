@@ -64,6 +64,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
         if not 0.0 <= config.pseudo.threshold <= 1.0:
             raise ValueError(f"pseudo.threshold (a softmax probability) must be in [0, 1], got "
                              f"{config.pseudo.threshold!r}")
+
+
+def check_text_source(config: ml_collections.ConfigDict) -> None:
+    """`text.embeddings` names T for MS3: stage 1's npz, or TEMPLATE (asked for, not a fallback)."""
     if config.loss.kind == "ms3" and not config.text.embeddings:
         raise ValueError(
             "text.embeddings is unset: MS3 pretraining pairs pixels with stage 1's adapted class "
@@ -326,6 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     `stop_at` ends this run after that step (with a checkpoint), as a preemption would.
     """
     check_config(config, jax.device_count())  # bad settings fail here, before any long work
+    check_text_source(config)
     label_space = LabelSpace.from_datasets(list(config.data.datasets))
     training.prepare_synthetic_data(config)
     pipe = training.union_pipeline(config, label_space)

@@ -156,12 +156,12 @@ def test_pretraining_without_text_embeddings_points_to_stage_1(tmp_path):
     config = tiny_config(**{"text.embeddings": ""})
     with pytest.raises(ValueError, match=r"text.embeddings is unset.*configs/text_adapt.py.*"
                                          r"text.embeddings=template"):
-        pretrain.check_config(config, 8)
+        pretrain.check_text_source(config)
     config.text.embeddings = pretrain.TEMPLATE
     with pytest.raises(ValueError, match="text.embeddings='template' needs text.clip"):
-        pretrain.check_config(config, 8)
+        pretrain.check_text_source(config)
     config.loss.kind = "ce_single_head"  # no T needed
-    pretrain.check_config(config, 8)
+    pretrain.check_text_source(config)
     assert pretrain.resolve_text_embeddings(config, label_space()) is None
 
 
@@ -193,7 +193,8 @@ def test_weight_decay_only_on_kernels():
 
 
 def test_missing_dataset_is_named_before_training(tmp_path):
-    config = tiny_config(**{"data.datasets": ("voc", "ade20k"), "data.data_dir": str(tmp_path)})
+    config = tiny_config(**{"data.datasets": ("voc", "ade20k"), "data.data_dir": str(tmp_path),
+                            "text.embeddings": str(tmp_path / "never_read.npz")})
     config.data.synthetic = None
     with pytest.raises(FileNotFoundError, match=r"(?s)dataset 'voc' \(tfds 'ms3_voc_aug'.*not prepared.*"
                                                 r"ms3_jax.data.prepare --dataset voc"):
