@@ -27,6 +27,11 @@ def test_demo_quick_runs_every_stage(tmp_path):
     backbone = load_file(summary["backbone"])
     assert "layer4.0.conv2.weight" in backbone and all(np.isfinite(v).all() for v in backbone.values())
     assert np.isfinite(summary["loss_first"]) and np.isfinite(summary["loss_last"])
+    acc = summary["language_accuracy"]
+    assert set(acc["per_class"]) == set(ls.display_names)  # every class has validation pixels
+    assert 0.0 <= acc["pixel_accuracy"] <= 1.0 and 0.0 <= acc["pixel_accuracy_unrelated"] <= 1.0
+    per_class = np.array(list(acc["per_class"].values()))
+    assert per_class.min() <= acc["pixel_accuracy"] <= per_class.max()  # a pixel-weighted mean
 
 
 def test_score_relations_counts_directed_cross_dataset_pairs():
