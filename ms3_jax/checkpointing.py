@@ -58,7 +58,7 @@ def checkpoint_manager(workdir: str, max_to_keep: int = 3,
 
 def purge_deleted(directory: str) -> None:
     """Remove the steps orbax has retired into `directory/DELETED_DIR` (process 0 only; called at
-    open and before every save, so at most `max_to_keep` + 1 retired steps wait on disk)."""
+    open and before every save, so a retired step waits on disk until the next save at most)."""
     if jax.process_index() != 0:
         return
     trash = os.path.join(directory, DELETED_DIR)

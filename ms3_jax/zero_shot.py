@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from ms3_jax import checkpointing, text_adapt
+from ms3_jax import checkpointing, pretrain, text_adapt
 from ms3_jax.data import sources
 from ms3_jax.models import clip_text
 from ms3_jax.models.clip_text import CLIPTextTower
@@ -124,7 +124,7 @@ def resolve_workdirs(workdir: str | os.PathLike,
         embeddings = (config.get("text") or {}).get("embeddings") or ""
         if config.get("mode") == "text_adapt":
             default_text, why = image_dir, "looked in this stage-1 workdir"
-        elif embeddings and embeddings != "template":
+        elif embeddings and embeddings != pretrain.TEMPLATE:
             if not os.path.isabs(embeddings) and not os.path.exists(embeddings):
                 embeddings = os.path.join(image_dir, embeddings)
             default_text = os.path.dirname(os.path.abspath(embeddings))
