@@ -11,12 +11,15 @@ import logging
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ms3_jax import checkpointing, export, pretrain, text_adapt, zero_shot
+from ms3_jax import checkpointing, export, pretrain, text_adapt, text_embeddings
 from ms3_jax.data import eval_data, synthetic
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.models.deeplab import encoder_from_config, resize_bilinear
 
 
 def score_relations(found: list[dict[str, Any]], truth: list[dict[str, str]],
@@ -38,16 +41,27 @@ def score_relations(found: list[dict[str, Any]], truth: list[dict[str, str]],
 
 def language_accuracy(pretrain_dir: str, data_dir: str, truth: list[dict[str, str]],
                       max_images: int | None = None) -> dict[str, Any]:
-    """Pixel accuracy of the nearest-T prediction (the language head against the adapted class
-    embeddings, upsampled to the image as in zero-shot) on every dataset's validation split.
+    """Pixel accuracy of the nearest-T prediction (the language head against the T it was trained
+    with, the cosine upsampled to the image as in zero-shot) on every dataset's validation split.
     Classes sharing a name count as one (their T is one prompt); 'unrelated' keeps the pixels of
     classes without a planted relation to a differently named class (synonyms and subsets by
     another name: whichever of the names the model says, it is not wrong)."""
-    segmenter = zero_shot.ZeroShotSegmenter.from_workdir(pretrain_dir, short_side=None)
-    datasets = checkpointing.read_config(pretrain_dir)["data"]["datasets"]
-    label_space = LabelSpace.from_datasets(list(datasets))
+    config = checkpointing.read_config(pretrain_dir)
+    label_space = LabelSpace.from_datasets(list(config["data"]["datasets"]))
+    text_KxC = text_embeddings.load_text_embeddings(config["text"]["embeddings"], label_space)
     names = sorted(set(label_space.names))
     name_of_class = np.array([names.index(n) for n in label_space.names])
+    text_NxC = jnp.asarray(text_KxC[[label_space.names.index(n) for n in names]])
+    model = encoder_from_config(config["model"], jax.local_devices()[0].platform,
+                                heads=("language",), num_classes=None)
+    variables = checkpointing.encoder_variables(checkpointing.restore_state(pretrain_dir)[1])
+
+    @jax.jit
+    def predict(image_HxWx3):
+        emb_hxwxC = model.apply(variables, image_HxWx3[None], train=False)["language"][0]
+        cos_hxwxN = jnp.einsum("hwc,nc->hwn", emb_hxwxC, text_NxC, precision="highest")
+        return jnp.argmax(resize_bilinear(cos_hxwxN[None], image_HxWx3.shape[:2])[0], axis=-1)
+
     renamed = {r[k] for r in truth for k in ("from", "to")
                if r["from"].split("/", 1)[1] != r["to"].split("/", 1)[1]}
     unrelated = np.array([n not in renamed for n in label_space.display_names])
@@ -56,10 +70,8 @@ def language_accuracy(pretrain_dir: str, data_dir: str, truth: list[dict[str, st
         images = eval_data.make_eval_dataset(dataset, label_space=label_space, data_dir=data_dir)
         for i in range(len(images) if max_images is None else min(len(images), max_images)):
             example = images[i]
-            labels = example["label"]
-            valid = labels >= 0
-            pred, _ = segmenter.segment(example["image"], names)
-            correct = pred[valid] == name_of_class[labels[valid]]
+            labels, valid = example["label"], example["label"] >= 0
+            correct = np.asarray(predict(example["image"]))[valid] == name_of_class[labels[valid]]
             np.add.at(hits, (labels[valid], 0), correct)
             np.add.at(hits, (labels[valid], 1), 1)
     acc = lambda rows: float(hits[rows, 0].sum() / max(hits[rows, 1].sum(), 1))

@@ -45,10 +45,8 @@ ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, images [B,H,W,3])
 def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> jax.Array:
     """int32 [K, K] pixel counts, rows = ground truth, columns = prediction (jit-friendly).
-
     Pixels whose label equals `ignore_index` or lies outside [0, K) are skipped. Matrices of
-    several batches / devices / hosts add up to the matrix of their union.
-    """
+    several batches / devices / hosts add up to the matrix of their union."""
     k = num_classes
     pred = jnp.asarray(pred).reshape(-1).astype(jnp.int32)
     label = jnp.asarray(label).reshape(-1).astype(jnp.int32)
@@ -77,11 +75,9 @@ def counts_to_matrix(counts: Any) -> np.ndarray:
 
 
 def segmentation_metrics(conf: Any) -> dict[str, Any]:
-    """MMSeg `IoUMetric` from a confusion matrix [K, K] (rows = ground truth), in percent.
-
-    Returns `aAcc`, `mIoU`, `mAcc` (floats) and `IoU`, `Acc` (float64 [K]; NaN for a class whose
-    union, resp. ground truth, is empty -- such classes are left out of the means).
-    """
+    """MMSeg `IoUMetric` from a confusion matrix [K, K] (rows = ground truth), in percent:
+    `aAcc`, `mIoU`, `mAcc` (floats) and `IoU`, `Acc` (float64 [K]; NaN for a class whose union,
+    resp. ground truth, is empty -- such classes are left out of the means)."""
     conf = np.asarray(conf, np.float64)
     if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
         raise ValueError(f"confusion matrix must be square [K, K], got {conf.shape}")
@@ -111,8 +107,7 @@ def format_table(metrics: Mapping[str, Any], class_names: Sequence[str] | None =
     rule = "+-" + "-" * width + "-+--------+--------+"
     lines = [rule, f"| {'Class':<{width}} |    IoU |    Acc |", rule]
     lines += [f"| {n:<{width}} | {fmt(i):>6} | {fmt(a):>6} |" for n, i, a in zip(names, iou, acc)]
-    lines.append(rule)
-    lines.append(f"aAcc {metrics['aAcc']:.2f} | mIoU {metrics['mIoU']:.2f} | mAcc {metrics['mAcc']:.2f}")
+    lines += [rule, f"aAcc {metrics['aAcc']:.2f} | mIoU {metrics['mIoU']:.2f} | mAcc {metrics['mAcc']:.2f}"]
     return "\n".join(lines)
 
 
@@ -121,9 +116,7 @@ def format_table(metrics: Mapping[str, Any], class_names: Sequence[str] | None =
 @functools.lru_cache(maxsize=None)
 def logits_fn(model: nn.Module) -> ApplyFn:
     """`apply_fn` of an `MS3Encoder` with a classifier: eval-mode logits [B, H/4, W/4, K].
-
-    Cached per model, so jitted evaluation functions built on it are shared between calls.
-    """
+    Cached per model, so jitted evaluation functions built on it are shared between calls."""
     def apply_fn(variables, images):
         return model.apply(variables, images, train=False)["logits"]
     return apply_fn
@@ -144,11 +137,9 @@ def _flip_average(predict: Callable[[jax.Array], jax.Array], image: jax.Array) -
 
 def predict_whole(apply_fn: ApplyFn, variables: Any, image: jax.Array, num_classes: int,
                   flip: bool = False) -> jax.Array:
-    """Whole-image inference: [B, H, W, 3] -> scores [B, H, W, K].
-
-    Scores are logits resized to the image (bilinear, align_corners=False), or with `flip` the
-    averaged softmax probabilities; either way their argmax is the prediction.
-    """
+    """Whole-image inference: [B, H, W, 3] -> scores [B, H, W, K]: logits resized to the image
+    (bilinear, align_corners=False), or with `flip` the averaged softmax probabilities; either way
+    their argmax is the prediction."""
     def predict(x):
         return resize_bilinear(_check_logits(apply_fn(variables, x), num_classes), x.shape[1:3])
     return _flip_average(predict, image) if flip else predict(image)
@@ -163,11 +154,9 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
 def sliding_window_positions(height: int, width: int, crop: int | Sequence[int],
                              stride: int | Sequence[int]) -> np.ndarray:
     """MMSegmentation slide-inference windows: int32 [n, 4] rows (y1, x1, y2, x2).
-
     h_grids = max(H - crop_h + stride_h - 1, 0) // stride_h + 1 (same for w); windows start at
     i * stride and are shifted back inside the image at the border (clamped at 0 when the image
-    is smaller than the crop).
-    """
+    is smaller than the crop)."""
     ch, cw = _pair(crop)
     sh, sw = _pair(stride)
     h_grids = max(height - ch + sh - 1, 0) // sh + 1
@@ -175,10 +164,8 @@ def sliding_window_positions(height: int, width: int, crop: int | Sequence[int],
     out = []
     for hi in range(h_grids):
         for wi in range(w_grids):
-            y1, x1 = hi * sh, wi * sw
-            y2, x2 = min(y1 + ch, height), min(x1 + cw, width)
-            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
-            out.append((y1, x1, y2, x2))
+            y2, x2 = min(hi * sh + ch, height), min(wi * sw + cw, width)
+            out.append((max(y2 - ch, 0), max(x2 - cw, 0), y2, x2))
     return np.asarray(out, np.int32).reshape(-1, 4)
 
 
@@ -192,8 +179,7 @@ def sliding_window_crops(image: np.ndarray, crop: int | Sequence[int],
     ch, cw = _pair(crop)
     h, w = image.shape[:2]
     pos = sliding_window_positions(h, w, (ch, cw), stride)
-    crops = np.empty((len(pos), ch, cw) + image.shape[2:], image.dtype)
-    crops[...] = np.asarray(pad_value, image.dtype)
+    crops = np.full((len(pos), ch, cw) + image.shape[2:], np.asarray(pad_value, image.dtype), image.dtype)
     for k, (y1, x1, y2, x2) in enumerate(pos):
         crops[k, :y2 - y1, :x2 - x1] = image[y1:y2, x1:x2]
     return crops, pos
@@ -215,14 +201,12 @@ def merge_sliding_window(crop_outputs: np.ndarray, positions: np.ndarray, height
 def predict_slide(apply_fn: ApplyFn, variables: Any, image: jax.Array, crop: int | Sequence[int],
                   stride: int | Sequence[int], num_classes: int, flip: bool = False,
                   crop_batch: int | None = None) -> jax.Array:
-    """MMSeg slide inference: [B, H, W, 3] -> scores [B, H, W, K].
-
-    Windows are MMSeg's grid (`sliding_window_positions`, the grid of
-    `sliding_window_crops`); a window never exceeds the image (an image smaller than the crop is
-    run at its own size, as in MMSeg, rather than padded). Each window's logits are resized to the
-    window, summed into the image and divided by the number of windows covering each pixel.
-    `crop_batch` windows go through the model at a time (default: all of them).
-    """
+    """MMSeg slide inference: [B, H, W, 3] -> scores [B, H, W, K]. Windows are MMSeg's grid
+    (`sliding_window_positions`, the grid of `sliding_window_crops`); a window never exceeds the
+    image (an image smaller than the crop is run at its own size, as in MMSeg, rather than padded).
+    Each window's logits are resized to the window, summed into the image and divided by the
+    number of windows covering each pixel. `crop_batch` windows go through the model at a time
+    (default: all of them)."""
     h, w = image.shape[1:3]
     ch, cw = _pair(crop)
     ch, cw = min(ch, h), min(cw, w)
@@ -264,8 +248,7 @@ def _image_step(apply_fn: ApplyFn, num_classes: int, mode: str, crop: tuple[int,
         if mode == "whole":
             scores = predict_whole(apply_fn, variables, image, num_classes, flip)
         else:
-            scores = predict_slide(apply_fn, variables, image, crop, stride, num_classes, flip,
-                                   crop_batch)
+            scores = predict_slide(apply_fn, variables, image, crop, stride, num_classes, flip, crop_batch)
         if scores.shape[1:3] != label_HxW.shape:
             scores = resize_bilinear(scores, label_HxW.shape)
         pred = jnp.argmax(scores, axis=-1)
@@ -310,8 +293,7 @@ def accumulate_confusion(model: nn.Module | ApplyFn, variables: Any,
 
     `devices`: local devices to deal images to round-robin (default: the first local device).
     Every (image shape, device) pair compiles once, so more devices pay off when shapes repeat
-    (Cityscapes, fixed-size evaluation), not with many distinct shapes (ADE20K whole images).
-    """
+    (Cityscapes, fixed-size evaluation), not with many distinct shapes (ADE20K whole images)."""
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if mode == "slide" and (crop is None or stride is None):
@@ -342,8 +324,6 @@ def accumulate_confusion(model: nn.Module | ApplyFn, variables: Any,
 def evaluate(model: nn.Module | ApplyFn, variables: Any, dataset: Iterable[Mapping[str, Any]],
              num_classes: int, mode: str = "whole", **kwargs: Any) -> dict[str, Any]:
     """`segmentation_metrics` (percent) of `model` on `dataset`, plus `num_images` (all processes).
-
-    Keyword arguments are those of `accumulate_confusion` (crop, stride, flip, ignore_index, ...).
-    """
+    Keyword arguments are those of `accumulate_confusion` (crop, stride, flip, ignore_index, ...)."""
     conf, n = accumulate_confusion(model, variables, dataset, num_classes, mode=mode, **kwargs)
     return {**segmentation_metrics(conf), "num_images": n}

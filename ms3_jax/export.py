@@ -15,7 +15,7 @@ import argparse
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -34,25 +34,21 @@ class StateDictError(ValueError):
     """A state_dict does not fit the model: lists every missing / unexpected / mis-shaped key."""
 
 
+_HWIO_TO_OIHW, _OIHW_TO_HWIO = (3, 2, 0, 1), (2, 3, 1, 0)  # conv kernels: Flax vs torch layout
+
+
 @dataclass(frozen=True)
 class _Entry:
     collection: str  # 'params' or 'batch_stats'
     path: tuple[str, ...]  # path inside the collection
     torch_shape: tuple[int, ...]
-    to_torch: Callable[[np.ndarray], np.ndarray]
-    from_torch: Callable[[np.ndarray], np.ndarray]
+    conv: bool  # a 4-D conv kernel, transposed between the two layouts
 
+    def to_torch(self, x: np.ndarray) -> np.ndarray:
+        return np.transpose(x, _HWIO_TO_OIHW) if self.conv else x
 
-def _identity(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def _hwio_to_oihw(x: np.ndarray) -> np.ndarray:
-    return np.transpose(x, (3, 2, 0, 1))
-
-
-def _oihw_to_hwio(x: np.ndarray) -> np.ndarray:
-    return np.transpose(x, (2, 3, 1, 0))
+    def from_torch(self, x: np.ndarray) -> np.ndarray:
+        return np.transpose(x, _OIHW_TO_HWIO) if self.conv else x
 
 
 _LEAF = {
@@ -87,14 +83,10 @@ def _entries(variables: Mapping[str, Any], subtrees: Mapping[str, tuple[str, ...
                 sub = sub.get(p, {}) if isinstance(sub, Mapping) else {}
             for path, leaf in _walk(sub):
                 parts = [_module_to_torch(m) for m in path[:-1]] + [_LEAF[(collection, path[-1])]]
+                shape, conv = tuple(leaf.shape), len(leaf.shape) == 4
+                torch_shape = tuple(shape[i] for i in _HWIO_TO_OIHW) if conv else shape
                 key = torch_prefix + ".".join(parts)
-                shape = tuple(leaf.shape)
-                if len(shape) == 4:
-                    entry = _Entry(collection, flax_path + path, tuple(shape[i] for i in (3, 2, 0, 1)),
-                                   _hwio_to_oihw, _oihw_to_hwio)
-                else:
-                    entry = _Entry(collection, flax_path + path, shape, _identity, _identity)
-                table[key] = entry
+                table[key] = _Entry(collection, flax_path + path, torch_shape, conv)
     return table
 
 
@@ -111,9 +103,8 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 def _export(variables: Mapping[str, Any], subtrees: Mapping[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
-    table = _entries(variables, subtrees)
     return {k: np.ascontiguousarray(e.to_torch(np.asarray(_get(variables[e.collection], e.path), np.float32)))
-            for k, e in table.items()}
+            for k, e in _entries(variables, subtrees).items()}
 
 
 def _import(state_dict: Mapping[str, Any], template: Mapping[str, Any],
@@ -124,12 +115,9 @@ def _import(state_dict: Mapping[str, Any], template: Mapping[str, Any],
     unexpected = sorted(set(arrays) - set(table))
     misshaped = sorted(f"{k}: file {tuple(arrays[k].shape)} vs model {table[k].torch_shape}"
                        for k in set(table) & set(arrays) if tuple(arrays[k].shape) != table[k].torch_shape)
-    if missing or unexpected or misshaped:
-        lines = [f"state_dict does not fit the {what}:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                lines.append(f"  {len(keys)} {title}: " + ", ".join(keys))
-        raise StateDictError("\n".join(lines))
+    problems = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+    if lines := [f"  {len(keys)} {title}: " + ", ".join(keys) for title, keys in problems if keys]:
+        raise StateDictError("\n".join([f"state_dict does not fit the {what}:", *lines]))
     out: dict[str, Any] = {}
     for k, e in table.items():
         _set(out.setdefault(e.collection, {}), e.path,
@@ -143,24 +131,17 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _backbone_subtree(variables: Mapping[str, Any]) -> tuple[str, ...]:
-    return ("backbone",) if "backbone" in variables.get("params", {}) else ()
-
-
 def backbone_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Backbone weights in torchvision / MMSeg ResNet names (from a `ResNet` or `MS3Encoder`).
-
-    The naming of v1 vs v1c follows from the model's own modules (`conv1` vs `stem.*`).
-    """
-    return _export(variables, {"": _backbone_subtree(variables)})
+    """Backbone weights in torchvision / MMSeg ResNet names (from a `ResNet` or `MS3Encoder`); the
+    naming of v1 vs v1c follows from the model's own modules (`conv1` vs `stem.*`)."""
+    subtree = ("backbone",) if "backbone" in variables.get("params", {}) else ()
+    return _export(variables, {"": subtree})
 
 
 def load_backbone_state_dict(state_dict: Mapping[str, Any], model: ResNet | None = None,
                              variant: str = "v1") -> dict[str, Any]:
     """Inverse of `backbone_state_dict`: torchvision / MMSeg ResNet weights -> Flax variables.
-
-    `fc.*` and `num_batches_tracked` are ignored; every other mismatch is listed in one error.
-    """
+    `fc.*` and `num_batches_tracked` are ignored; every other mismatch is listed in one error."""
     model = model or ResNet(variant=variant)
     template = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     return _import(_strip_prefix(state_dict, "backbone."), template, {"": ()},
@@ -183,17 +164,13 @@ def _segmentor_subtrees(variables: Mapping[str, Any]) -> dict[str, tuple[str, ..
 
 def segmentor_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """`MS3Encoder` variables in MMSeg `EncoderDecoder` names (`backbone.*`, `decode_head.*`).
-
-    The MS3 projection heads are not part of an MMSeg segmentor and are not exported.
-    """
+    The MS3 projection heads are not part of an MMSeg segmentor and are not exported."""
     return _export(variables, _segmentor_subtrees(variables))
 
 
 def load_segmentor_state_dict(state_dict: Mapping[str, Any], model: MS3Encoder) -> dict[str, Any]:
     """MMSeg segmentor weights -> `MS3Encoder` variables (backbone, decode head, `conv_seg`).
-
-    Returns only the mapped collections; projection heads (not in MMSeg files) are left out.
-    """
+    Returns only the mapped collections; projection heads (not in MMSeg files) are left out."""
     template = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     return _import(state_dict, template, _segmentor_subtrees(template),
                    f"MS3Encoder segmentor (variant={model.variant!r})")

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from ms3_jax import checkpointing, evaluate, loop, nonfinite, optim, training
 from ms3_jax.data import augment, eval_data, pipeline
@@ -70,9 +70,8 @@ def segmentation_loss(logits_BxhxwxK: jax.Array, labels_BxHxW: jax.Array,
     valid = (labels != ignore_index) & (labels >= 0) & (labels < k)
     y = jnp.where(valid, labels, 0)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[..., None], axis=-1)[..., 0]
-    total = jnp.sum(jnp.where(valid, nll, 0.0))
     count = jnp.sum(valid) if avg_non_ignore else labels.size
-    return total / jnp.maximum(count, 1)
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1)
 
 
 def backbone_labels(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,8 +86,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
     parameter (`optim.decay_all`), else kernels only (`optim.weight_decay_mask`). Frozen
     backbone: `set_to_zero` for its parameters (no decay, no momentum state)."""
     o = config.optim
-    tx = optim.sgd(schedule, o.momentum, o.weight_decay,
-                   None if o.decay_all else optim.weight_decay_mask)
+    tx = optim.sgd(schedule, o.momentum, o.weight_decay, None if o.decay_all else optim.weight_decay_mask)
     if not config.frozen_backbone:
         return tx
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, backbone_labels)
@@ -116,8 +114,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
     ignore_index, avg_non_ignore = config.loss.ignore_index, config.loss.avg_non_ignore
 
     def loss_fn(params, batch_stats, batch, rng):
-        hook = nn.intercept_methods(_eval_mode_backbone) if frozen else contextlib.nullcontext()
-        with hook:
+        with nn.intercept_methods(_eval_mode_backbone) if frozen else contextlib.nullcontext():
             out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
                                        train=True, mutable=["batch_stats"], rngs={"dropout": rng})
         loss = segmentation_loss(out["logits"], batch["label"], ignore_index, avg_non_ignore)
@@ -166,8 +163,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
 class Trainer(training.Trainer):
     """Fine-tuning on the training base: the segmentor, its optimizer and step."""
 
-    def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
-                 devices: list | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int, devices: list | None = None):
         devices = list(devices) if devices is not None else jax.devices()
         check_config(config, len(devices))
         super().__init__(config, devices, ("image", "label"))
@@ -192,8 +188,7 @@ class Trainer(training.Trainer):
 
 
 @functools.lru_cache(maxsize=None)
-def _init_fn(model: MS3Encoder, replicated: NamedSharding,
-             platform: str) -> Callable[[jax.Array], Any]:
+def _init_fn(model: MS3Encoder, replicated: NamedSharding, platform: str) -> Callable[[jax.Array], Any]:
     """Jitted `model.init` with replicated outputs, one per model. It runs once, so it is built
     without backend optimisation on CPU: LLVM spends most of its compile time on the
     per-parameter random-number kernels. Parameter shapes do not depend on the image size."""
@@ -282,7 +277,6 @@ def make_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace):
 
 def make_eval_dataset(config: ml_collections.ConfigDict, label_space: LabelSpace):
     """This process's share of the validation images (whole, short side resized)."""
-
     return eval_data.make_eval_dataset(
         config.data.dataset, label_space=label_space, data_dir=config.data.data_dir or None,
         split=config.eval.split, short_side=config.eval.short_side or None,
@@ -293,13 +287,12 @@ def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: F
                    dataset: Any) -> dict[str, Any]:
     """mIoU etc. (percent) of the current weights on the validation split, all processes."""
     ec = config.eval
-    devices = jax.local_devices()
-    devices = devices if not ec.num_devices else devices[:ec.num_devices]
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return evaluate.evaluate(
         trainer.model, variables, dataset, trainer.num_classes, mode=ec.mode,
         crop=ec.crop, stride=ec.stride, flip=ec.flip, ignore_index=config.loss.ignore_index,
-        devices=devices, max_images=ec.max_images or None, log_every=500)
+        devices=jax.local_devices()[:ec.num_devices or None], max_images=ec.max_images or None,
+        log_every=500)
 
 
 def _json_float(x: Any) -> float | None:
@@ -310,7 +303,6 @@ def _json_float(x: Any) -> float | None:
 def results_dict(config: ml_collections.ConfigDict, label_space: LabelSpace, step: int,
                  metrics: Mapping[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
     """What goes to `W/results.json` (percent; NaN -> null for classes absent from the split)."""
-    names = label_space.class_names[0]
     return {
         "dataset": config.data.dataset, "split": config.eval.split, "step": step,
         "init": config.init.to_dict(), "frozen_backbone": bool(config.frozen_backbone),
@@ -318,7 +310,7 @@ def results_dict(config: ml_collections.ConfigDict, label_space: LabelSpace, ste
         "num_images": int(metrics["num_images"]),
         **{k: _json_float(metrics[k]) for k in ("mIoU", "aAcc", "mAcc")},
         "per_class": {n: {"IoU": _json_float(i), "Acc": _json_float(a)}
-                      for n, i, a in zip(names, metrics["IoU"], metrics["Acc"])},
+                      for n, i, a in zip(label_space.class_names[0], metrics["IoU"], metrics["Acc"])},
         "evaluations": history,
     }
 
@@ -341,12 +333,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     num_steps = trainer.num_steps
     mngr = training.checkpoint_manager(config, workdir)
     iterator = pipe.make_iterator()
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, state_rng = jax.random.split(rng)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     if mngr.latest_step():  # resume: a cheap fresh state gives the shapes and shardings
-        state = trainer.create_state(trainer.init_variables(init_rng), state_rng)
+        variables = trainer.init_variables(init_rng)
     else:
-        state = trainer.create_state(initial_variables(config, trainer, init_rng), state_rng)
+        variables = initial_variables(config, trainer, init_rng)
+    state = trainer.create_state(variables, state_rng)
     writer = loop.summary_writer(workdir)
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] | None = None

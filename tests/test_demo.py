@@ -44,3 +44,36 @@ def test_score_relations_counts_directed_cross_dataset_pairs():
     s = demo.score_relations(found, truth, ls)
     assert s["precision"] == 2 / 3 and s["recall"] == 2 / 3
     assert s["wrong"] == ["a/path -> b/dirt track"] and s["missed"] == ["b/stairs -> a/stairway"]
+
+
+def test_small_benchmark_learns_and_recovers_relations(tmp_path_factory):
+    """The demo's pretraining at a third of its budget (500 steps, Eq. 6 mask from step 300) on
+    the demo's data, with one random unit T per distinct name (no stage 1): the language head
+    learns and the paper's rule recovers the planted relations. Measured 2026-12-04: accuracy
+    0.94 on the classes without a renamed relation, precision 0.62, recall 0.80 (26 pairs for
+    20 planted); the floors leave room for float reassociation, not for a broken method (the
+    300-step demo that collapsed scored 0.23 / 0.19 / 0.75)."""
+    from ms3_jax import pretrain
+    from ms3_jax.data import synthetic
+    from ms3_jax.testing import synthetic_data
+    root = tmp_path_factory.mktemp("benchmark")
+    data = synthetic_data.build(root, num_train=200, num_val=20, image_size=96)
+    ls = LabelSpace.from_datasets(list(data.dataset_names))
+    names = sorted(set(ls.names))
+    t = np.random.default_rng(0).standard_normal((len(names), 32))
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    text_path = str(root / "text_embeddings.npz")
+    text_embeddings.save_text_embeddings(
+        text_path, ls, np.stack([t[names.index(n)] for n in ls.names]).astype(np.float32), "template")
+    config = demo_config.get_config().pretrain
+    config.update_from_flattened_dict({"data.data_dir": data.data_dir, "text.embeddings": text_path,
+                                       "num_steps": 500, "relations.warmup_steps": 300,
+                                       "log_every": 100})
+    workdir = str(root / "pretrain")
+    pretrain.train_and_evaluate(config, workdir)
+    truth = synthetic.ground_truth_relations()
+    acc = demo.language_accuracy(workdir, data.data_dir, truth)
+    scores = demo.score_relations(json.loads((root / "pretrain" / "relations.json").read_text()),
+                                  truth, ls)
+    assert acc["pixel_accuracy_unrelated"] >= 0.8, acc
+    assert scores["precision"] >= 0.5 and scores["recall"] >= 0.6, scores

@@ -13,53 +13,30 @@ ignore; the raw -> train-id mapping is done here, at build time. Splits are `tra
     src = tfds.data_source("ms3_ade20k", split="train", data_dir=DATA_DIR)
     ex = src[i]   # {"image": uint8 [H, W, 3], "label": uint8 [H, W, 1], "file_name": bytes}
 
-(verified on this machine without TF: `tfds.data_source` returns an `ArrayRecordDataSource`
-with `len()`, `__getitem__(int)` and `__getitems__(list)`; images are decoded with PIL (OpenCV
-if installed) into numpy uint8 arrays, `file_name` comes back as `bytes`; records are stored
-in tfds's hash-of-key order, not in file order.) A data_dir can be read without importing this
-module (tfds falls back to the `dataset_info.json` on disk).
+(verified without TF: an `ArrayRecordDataSource` with `len()`, `__getitem__(int)` and
+`__getitems__(list)`; images are decoded with PIL (OpenCV if installed) into numpy uint8,
+records are stored in tfds's hash-of-key order, not in file order.) A data_dir can be read
+without importing this module (tfds falls back to the `dataset_info.json` on disk).
 
 Dataset keys ("voc", ...; those of `classes.CLASSES`) are not tfds names: tfds ships builders
 called `voc` and `cityscapes`, so ours are prefixed (`TFDS_NAMES[key]`, e.g. "ms3_voc_aug").
-`sources.open_sources(keys, split, data_dir)` opens prepared splits by key.
+`sources.open_sources(keys, split, data_dir)` opens prepared splits by key. Each builder's
+docstring gives its id mapping, `MANUAL_DOWNLOAD_INSTRUCTIONS` its layout below `manual_dir`
+and `OFFICIAL_SIZES` its split sizes.
 
-Builders (tfds name <- dataset key, layout below `manual_dir`):
-
-- `ms3_voc_aug` <- "voc": MMSeg's layout `VOCdevkit/VOC2012/{JPEGImages, SegmentationClassAug,
-  ImageSets/Segmentation/{train_aug.txt, val.txt}}` (10,582 / 1,449). Ids kept (255 stays).
-- `ms3_ade20k` <- "ade20k": `ADEChallengeData2016/{images, annotations}/{training, validation}`
-  (20,210 / 2,000). Reduce-zero-label: 0 -> 255, k -> k - 1.
-- `ms3_coco_stuff164k` <- "coco_stuff": `images/{train2017, val2017}/*.jpg` and the raw
-  stuffthingmaps in `stuffthingmaps_trainval2017/{train2017, val2017}/*.png` (MMSeg's
-  `annotations/{train2017, val2017}` is accepted too; its `*_labelTrainIds.png` are ignored)
-  (118,287 / 5,000). 182 -> 171 ids (`classes.COCO_STUFF_LUT`; the 11 unused ids -> 255).
-- `ms3_cityscapes` <- "cityscapes": `leftImg8bit/{train, val}/<city>/*_leftImg8bit.png` and
-  `gtFine/{train, val}/<city>/*_gtFine_labelIds.png` (2,975 / 500). labelId -> 19 trainIds,
-  others 255 (`classes.CITYSCAPES_LUT`).
-- `ms3_mapillary` <- "mapillary": Vistas v1.2 `{training, validation}/images/*.jpg` and
-  `{training, validation}/v1.2/labels/*.png` (or `labels/` directly under the split)
-  (18,000 / 2,000). 66 classes, ids 0..65 kept. 65 'Unlabeled' stays a class: that is what
-  MMSeg does (`MapillaryDataset_v1` lists it, its configs use `num_classes=66`) and the paper
-  counts 66 categories. Config `ms3_mapillary/v1.2_unlabeled_ignored` maps 65 -> 255 instead
-  (default config: `v1.2`).
-
-Instead of the extracted folders, `manual_dir` may hold the official archives
-(`ADEChallengeData2016.zip`; `train2017.zip`, `val2017.zip`, `stuffthingmaps_trainval2017.zip`;
-`leftImg8bit_trainvaltest.zip`, `gtFine_trainvaltest.zip`;
-`mapillary-vistas-dataset_public_v1.2.zip`): they are extracted once with Python's
-zipfile/tarfile into `<data_dir>/downloads/extracted/` (tfds's extractor needs TF); one extra
-top-level folder inside an archive is tolerated. VOC needs MMSeg's converted layout: MMSeg's
-`voc_aug.py` turns SBD's `.mat` files into `SegmentationClassAug` and writes `train_aug.txt`.
+Instead of the extracted folders, `manual_dir` may hold the official archives (each builder's
+`ARCHIVES`): they are extracted once with Python's zipfile/tarfile into
+`<data_dir>/downloads/extracted/` (tfds's extractor needs TF); one extra top-level folder
+inside an archive is tolerated. VOC needs MMSeg's converted layout: MMSeg's `voc_aug.py`
+turns SBD's `.mat` files into `SegmentationClassAug` and writes `train_aug.txt`.
 
 Images are stored as the original JPEG bytes when the file is an RGB JPEG; anything else
-(Cityscapes' PNGs, grayscale or CMYK JPEGs) is converted to RGB and re-encoded as JPEG,
-quality `JPEG_QUALITY`. EXIF orientation is not applied (labels match the stored pixels).
+(Cityscapes' PNGs, grayscale or CMYK JPEGs) is re-encoded (`encode_image`). EXIF orientation
+is not applied (labels match the stored pixels).
 
-Bad input fails early with `DatasetError` naming the path: a missing manual_dir, split folder
-or split list, and an image without its label (or a label without its image) are found while
-listing, before any file is decoded. While writing, a corrupt image/label, a label that is not
-single-channel, raw ids outside the dataset's id set, and an image/label size mismatch name the
-file. Corrupt files stop the build unless `skip_corrupt=True`; skipped files are counted in
+Bad input raises `DatasetError` naming the path; missing folders, split lists and images
+without labels (or the reverse) are found while listing, before any file is decoded. Corrupt
+files stop the build unless `skip_corrupt=True`; skipped files are counted in
 `builder.skipped` and in the dataset's `metadata.json`.
 
 Why not tfds's own builders: `scene_parse150` stores the Places-2017 *instance* annotations
@@ -67,10 +44,9 @@ Why not tfds's own builders: `scene_parse150` stores the Places-2017 *instance* 
 SceneParsing maps, and downloads rather than reads `manual_dir`; `voc` is detection only
 (boxes, no segmentation masks, no SBD); `cityscapes` reads the zips with `tf.io.gfile` (needs
 TensorFlow to prepare) and keeps raw labelIds. All would need a second pass for our id mapping.
-Both `scene_parse150` and `cityscapes` do run without TF under `tfds.testing.mock_data`:
-`from_tfds_example` converts an example of tfds's `cityscapes` (config `semantic_segmentation`)
-into our record; `scene_parse150` examples cannot be converted (no 150-class map) and raise
-`DatasetError`.
+`from_tfds_example` converts an example of tfds's `cityscapes` (config `semantic_segmentation`,
+which runs without TF under `tfds.testing.mock_data`) into our record; `scene_parse150`
+examples cannot be converted (no 150-class map) and raise `DatasetError`.
 """
 
 from __future__ import annotations
@@ -107,15 +83,12 @@ def features() -> tfds.features.FeaturesDict:
     """The shared record format (see the module docstring)."""
     return tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-        "label": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
-                                     encoding_format="png"),
+        "label": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
         "file_name": tfds.features.Text(),
     })
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-file encoding (pure functions, used by every builder).
-
+# --- Per-file encoding (pure functions, used by every builder) -------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
@@ -162,8 +135,7 @@ def encode_label(path: epath.Path, lut: np.ndarray, valid: np.ndarray) -> tuple[
             raise DatasetError(f"label {path} has ids outside 0..255 "
                                f"(min {raw.min()}, max {raw.max()})")
         raw = raw.astype(np.uint8)
-    present = np.bincount(raw.ravel(), minlength=256) > 0
-    bad = np.flatnonzero(present & ~valid)
+    bad = np.flatnonzero((np.bincount(raw.ravel(), minlength=256) > 0) & ~valid)
     if bad.size:
         raise DatasetError(f"label {path} has ids {bad.tolist()} outside this dataset's valid "
                            f"ids {_describe(valid)}")
@@ -195,14 +167,10 @@ def _describe(valid: np.ndarray) -> str:
 
 
 def _valid(ids) -> np.ndarray:
-    v = np.zeros((256,), dtype=bool)
-    v[list(ids)] = True
-    return v
+    return np.isin(np.arange(256), list(ids))
 
 
-# ---------------------------------------------------------------------------------------------
-# Listing files (cheap; every pairing error is found here, before decoding anything).
-
+# --- Listing files (cheap; every pairing error is found here, before decoding anything) ------
 
 def _require_dir(path: epath.Path, what: str, hint: str = "") -> epath.Path:
     if not path.is_dir():
@@ -253,9 +221,8 @@ def _extract(archive: epath.Path, dest: epath.Path) -> epath.Path:
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     logging.info("extracting %s to %s", archive, dest)
-    name = archive.name
     try:
-        if name.endswith(".zip"):
+        if archive.name.endswith(".zip"):
             with zipfile.ZipFile(os.fspath(archive)) as z:
                 z.extractall(os.fspath(dest))
         else:
@@ -267,9 +234,7 @@ def _extract(archive: epath.Path, dest: epath.Path) -> epath.Path:
     return dest
 
 
-# ---------------------------------------------------------------------------------------------
-# Builders.
-
+# --- Builders --------------------------------------------------------------------------------
 
 class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared logic; subclasses set the class attributes and implement `_list_split`."""
@@ -302,10 +267,8 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
             builder=self,
             description=(f"{self.KEY}: images with dataset-local train ids "
                          f"0..{len(self.class_names) - 1}, 255 = ignore (ms3_jax)."),
-            features=features(),
-            supervised_keys=("image", "label"),
-            homepage=self.HOMEPAGE,
-            citation=self.CITATION,
+            features=features(), supervised_keys=("image", "label"),
+            homepage=self.HOMEPAGE, citation=self.CITATION,
             metadata=tfds.core.MetadataDict(
                 dataset=self.KEY, classes=list(self.class_names), ignore_index=IGNORE_INDEX),
         )
@@ -322,20 +285,16 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         except AssertionError as e:  # tfds: "Manual directory X does not exist or is empty."
             raise DatasetError(f"{self.name}: {e}") from None
 
-    def _find(self, dl_manager, candidates: Sequence[tuple[str | None, str]], what: str
-              ) -> epath.Path:
+    def _find(self, dl_manager, candidates: Sequence[tuple[str | None, str]], what: str) -> epath.Path:
         """First existing folder among (archive or None for manual_dir, relative path)."""
         root = self._manual_root(dl_manager)
         for archive, rel in candidates:
-            if archive is None:
-                if (root / rel).is_dir():
-                    return root / rel
-                continue
-            base = self._archive_root(dl_manager, archive)
+            base = root if archive is None else self._archive_root(dl_manager, archive)
             if base is None:
                 continue
             # archives may wrap their content in one extra top-level folder
-            for path in [base / rel, *(c / rel for c in base.iterdir() if c.is_dir())]:
+            wrapped = [c / rel for c in base.iterdir() if c.is_dir()] if archive else []
+            for path in [base / rel, *wrapped]:
                 if path.is_dir():
                     return path
         archives = sorted({a for a, _ in candidates if a})
@@ -344,9 +303,8 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
 
     def _archive_root(self, dl_manager, archive: str) -> epath.Path | None:
         path = self._manual_root(dl_manager) / archive
-        if not path.exists():
-            return None
-        return _extract(path, epath.Path(dl_manager.download_dir) / "extracted" / archive)
+        extracted = epath.Path(dl_manager.download_dir) / "extracted" / archive
+        return _extract(path, extracted) if path.exists() else None
 
     def _list_split(self, dl_manager, split: str) -> list[Pair]:
         """Abstract hook: each dataset builder lists its (image, label) pairs of `split`."""
@@ -380,7 +338,7 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
 
 
 class Ms3VocAug(_SegmentationBuilder):
-    """PASCAL VOC 2012 with SBD-augmented labels (MMSeg's `voc_aug` layout), 21 classes."""
+    """PASCAL VOC 2012 with SBD-augmented labels (MMSeg's `voc_aug` layout), 21 classes, ids kept."""
 
     name = "ms3_voc_aug"
     KEY = "voc"
@@ -423,7 +381,7 @@ class Ms3VocAug(_SegmentationBuilder):
 
 
 class Ms3Ade20k(_SegmentationBuilder):
-    """ADE20K SceneParsing (ADEChallengeData2016), 150 classes, reduce-zero-label."""
+    """ADE20K SceneParsing (ADEChallengeData2016), 150 classes, reduce-zero-label: 0 -> 255, k -> k-1."""
 
     name = "ms3_ade20k"
     KEY = "ade20k"
@@ -451,7 +409,8 @@ class Ms3Ade20k(_SegmentationBuilder):
 
 
 class Ms3CocoStuff164k(_SegmentationBuilder):
-    """COCO-Stuff-164k (stuffthingmaps), 171 classes."""
+    """COCO-Stuff-164k, 171 classes: the raw stuffthingmaps' 182 ids -> 171 (`classes.COCO_STUFF_LUT`,
+    the 11 unused ids -> 255); MMSeg's `*_labelTrainIds.png` are ignored."""
 
     name = "ms3_coco_stuff164k"
     KEY = "coco_stuff"
@@ -479,7 +438,7 @@ class Ms3CocoStuff164k(_SegmentationBuilder):
 
 
 class Ms3Cityscapes(_SegmentationBuilder):
-    """Cityscapes gtFine, 19 train ids."""
+    """Cityscapes gtFine: labelId -> 19 trainIds, others 255 (`classes.CITYSCAPES_LUT`)."""
 
     name = "ms3_cityscapes"
     KEY = "cityscapes"
@@ -503,12 +462,13 @@ class Ms3Cityscapes(_SegmentationBuilder):
         lab = self._find(dl_manager, [(None, f"gtFine/{sub}"),
                                       (self.ARCHIVES[1], f"gtFine/{sub}")],
                          f"Cityscapes {split} gtFine")
-        return _pair_folders(img, "_leftImg8bit.png", lab, "_gtFine_labelIds.png",
-                             recursive=True)
+        return _pair_folders(img, "_leftImg8bit.png", lab, "_gtFine_labelIds.png", recursive=True)
 
 
 class Ms3Mapillary(_SegmentationBuilder):
-    """Mapillary Vistas v1.2, 66 classes (65 'Unlabeled' kept as a class, as in MMSeg)."""
+    """Mapillary Vistas v1.2, 66 classes, ids kept. 65 'Unlabeled' stays a class, as in MMSeg
+    (`MapillaryDataset_v1` lists it, its configs use `num_classes=66`) and the paper (66
+    categories); config `v1.2_unlabeled_ignored` maps it to 255 instead."""
 
     name = "ms3_mapillary"
     KEY = "mapillary"
@@ -523,10 +483,8 @@ class Ms3Mapillary(_SegmentationBuilder):
     """
 
     BUILDER_CONFIGS = [
-        tfds.core.BuilderConfig(
-            name="v1.2", description="66 classes, 65 'Unlabeled' kept (MMSeg, paper)."),
-        tfds.core.BuilderConfig(
-            name="v1.2_unlabeled_ignored", description="65 'Unlabeled' -> 255 (ignore)."),
+        tfds.core.BuilderConfig(name="v1.2", description="66 classes, 65 'Unlabeled' kept (MMSeg, paper)."),
+        tfds.core.BuilderConfig(name="v1.2_unlabeled_ignored", description="65 'Unlabeled' -> 255 (ignore)."),
     ]
     DEFAULT_CONFIG_NAME = "v1.2"
 
@@ -564,11 +522,8 @@ TFDS_NAMES: dict[str, str] = {key: cls.name for key, cls in BUILDERS.items()}
 def builder_class(dataset: str) -> type[_SegmentationBuilder]:
     """Builder class for a dataset key ('voc', 'ade20k', ...), an alias or a tfds name."""
     key = ALIASES.get(dataset, dataset)
-    if key in BUILDERS:
-        return BUILDERS[key]
-    for cls in BUILDERS.values():
-        if cls.name == dataset:
-            return cls
+    if cls := BUILDERS.get(key) or {c.name: c for c in BUILDERS.values()}.get(dataset):
+        return cls
     valid = sorted([*BUILDERS, *ALIASES, *TFDS_NAMES.values()])
     raise DatasetError(f"unknown dataset {dataset!r}; valid names: {', '.join(valid)}")
 

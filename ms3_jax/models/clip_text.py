@@ -5,14 +5,10 @@ Stage 1 (Fig. 2) replaces the hand template "a photo of a [CLS]." with M learnab
 ``[W]_1 .. [W]_M [CLS]`` (CoOp, class token at the end) and adapts them with the pixel-embedding
 pairing loss (Eq. 1). This module holds the pieces:
 
-- ``CLIPTextConfig`` / ``CLIPTextTower``: the text transformer of ``transformers.CLIPTextModel`` +
-  ``text_projection`` (pre-LN blocks, causal self-attention, quick-GELU MLP, final LayerNorm,
-  pooling at the EOS token, projection without bias). Numerically equal to
-  ``transformers.CLIPTextModelWithProjection`` in float32.
-- the prompt learner: ``build_prompt_layout`` (token ids ``[SOS] ctx_1..ctx_M name "." [EOS] pad``
-  with M placeholder slots), ``init_context`` and ``splice_context``.
-- ``load_clip_text``: a Hugging Face checkpoint (local dir or hub id) -> (module, params, tokenizer),
-  mapping tensor names explicitly.
+- ``CLIPTextConfig`` / ``CLIPTextTower``: ``transformers.CLIPTextModelWithProjection`` in Flax,
+  numerically equal to it in float32.
+- the prompt learner: ``build_prompt_layout``, ``init_context`` and ``splice_context``.
+- ``load_clip_text``: a Hugging Face checkpoint (local dir or hub id) -> (module, params, tokenizer).
 - ``encode_classes``: L2-normalised class embeddings from the hand template or the learned context.
 
 Params are a plain dict used as ``module.apply({"params": params}, ...)``; they are always float32,
@@ -52,10 +48,7 @@ _TOKENIZER_FILES = ("vocab.json", "merges.txt")
 _TOKENIZER_JSON = "tokenizer.json"
 
 
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-
+# --- Config -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
@@ -65,7 +58,6 @@ class CLIPTextConfig:
     transformers pools at ``argmax(input_ids)`` (EOS is the largest id in CLIP's vocabulary); any
     other value pools at the first position equal to it. ``mlp_dim`` is ``intermediate_size``.
     """
-
     vocab_size: int = 49408
     width: int = 512
     num_layers: int = 12
@@ -81,9 +73,8 @@ class CLIPTextConfig:
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(
-                f"unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}"
-            )
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; "
+                             f"expected one of {sorted(_ACTIVATIONS)}")
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> "CLIPTextConfig":
@@ -93,29 +84,23 @@ class CLIPTextConfig:
         the top-level value. Dicts are parsed by transformers' own config classes so that missing
         keys get exactly the defaults ``from_pretrained`` would use.
         """
-
         if isinstance(hf_config, (str, os.PathLike)):
             with open(hf_config) as f:
                 hf_config = json.load(f)
         if isinstance(hf_config, Mapping):
-            if "text_config" in hf_config or hf_config.get("model_type") == "clip":
-                hf_config = transformers.CLIPConfig.from_dict(dict(hf_config))
-            else:
-                hf_config = transformers.CLIPTextConfig.from_dict(dict(hf_config))
-        if hasattr(hf_config, "text_config"):  # CLIPConfig
-            text, proj_dim = hf_config.text_config, hf_config.projection_dim
-        else:
-            text, proj_dim = hf_config, hf_config.projection_dim
+            is_full = "text_config" in hf_config or hf_config.get("model_type") == "clip"
+            config_cls = transformers.CLIPConfig if is_full else transformers.CLIPTextConfig
+            hf_config = config_cls.from_dict(dict(hf_config))
+        text = getattr(hf_config, "text_config", hf_config)  # the text part of a CLIPConfig
         eos = text.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0]
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
         return cls(
             vocab_size=int(text.vocab_size),
             width=int(text.hidden_size),
             num_layers=int(text.num_hidden_layers),
             num_heads=int(text.num_attention_heads),
             max_len=int(text.max_position_embeddings),
-            proj_dim=int(proj_dim),
+            proj_dim=int(hf_config.projection_dim),
             eos_token_id=int(eos),
             layer_norm_eps=float(text.layer_norm_eps),
             hidden_act=str(text.hidden_act),
@@ -123,10 +108,7 @@ class CLIPTextConfig:
         )
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
-
+# --- Model ------------------------------------------------------------------------------------
 
 def _quick_gelu(x: Array) -> Array:
     return x * jax.nn.sigmoid(1.702 * x)
@@ -151,7 +133,6 @@ def eos_positions(ids_NxL: Array, eos_token_id: int) -> Array:
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with a causal mask; softmax in float32."""
-
     width: int
     num_heads: int
     dtype: Any = jnp.float32
@@ -162,9 +143,7 @@ class CausalSelfAttention(nn.Module):
         head_dim = self.width // self.num_heads
         dense = functools.partial(nn.Dense, self.width, dtype=self.dtype, param_dtype=jnp.float32)
         split = lambda t: t.reshape(n, length, self.num_heads, head_dim)  # noqa: E731
-        q_NxLxHxK = split(dense(name="q_proj")(x_NxLxD))
-        k_NxLxHxK = split(dense(name="k_proj")(x_NxLxD))
-        v_NxLxHxK = split(dense(name="v_proj")(x_NxLxD))
+        q_NxLxHxK, k_NxLxHxK, v_NxLxHxK = (split(dense(name=f"{p}_proj")(x_NxLxD)) for p in "qkv")
         logits_NxHxLxL = jnp.einsum(
             "nqhk,nshk->nhqs", q_NxLxHxK, k_NxLxHxK, preferred_element_type=jnp.float32
         ) * (head_dim**-0.5)
@@ -177,7 +156,6 @@ class CausalSelfAttention(nn.Module):
 
 class MLP(nn.Module):
     """fc1 -> activation -> fc2."""
-
     width: int
     mlp_dim: int
     hidden_act: str = "quick_gelu"
@@ -192,16 +170,14 @@ class MLP(nn.Module):
 
 class ResidualBlock(nn.Module):
     """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
-
     config: CLIPTextConfig
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x_NxLxD: Array) -> Array:
         c = self.config
-        ln = functools.partial(
-            nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32
-        )
+        ln = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype,
+                               param_dtype=jnp.float32)
         h_NxLxD = ln(name="layer_norm1")(x_NxLxD)
         x_NxLxD = x_NxLxD + CausalSelfAttention(c.width, c.num_heads, self.dtype, name="self_attn")(h_NxLxD)
         h_NxLxD = ln(name="layer_norm2")(x_NxLxD)
@@ -211,38 +187,28 @@ class ResidualBlock(nn.Module):
 class CLIPTextTower(nn.Module):
     """CLIP text encoder + projection (paper Sec. 3.2, Fig. 2: the text encoder that yields ``T``).
 
-    Entry points (use with ``module.apply({"params": params}, ..., method=...)``):
-    ``__call__(ids_NxL)`` runs from token ids and pools like transformers; ``encode_embeddings
-    (x_NxLxD, eos_index_N)`` runs from input (token) embeddings, e.g. with learnable context
-    spliced in; ``encode_prompts(ids_NxL, eos_index_N, ctx_MxD)`` does the splicing for a
-    ``PromptLayout``. Outputs are float32 ``[N, proj_dim]``, not normalised.
+    Entry points ``__call__`` (token ids), ``encode_embeddings`` (token embeddings) and
+    ``encode_prompts`` (a ``PromptLayout`` + context) return float32 ``[N, proj_dim]``, not normalised.
     """
-
     config: CLIPTextConfig
     dtype: Any = jnp.float32  # compute dtype; params stay float32
 
     def setup(self):
-        c = self.config
+        c, dtypes = self.config, {"dtype": self.dtype, "param_dtype": jnp.float32}
         self.token_embedding = nn.Embed(
-            c.vocab_size, c.width, embedding_init=nn.initializers.normal(0.02),
-            dtype=self.dtype, param_dtype=jnp.float32,
+            c.vocab_size, c.width, embedding_init=nn.initializers.normal(0.02), **dtypes
         )
         self.position_embedding = self.param(
             "position_embedding", nn.initializers.normal(0.01), (c.max_len, c.width), jnp.float32
         )
         self.layers = [ResidualBlock(c, self.dtype) for _ in range(c.num_layers)]
-        self.final_layer_norm = nn.LayerNorm(
-            epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32
-        )
-        self.text_projection = nn.Dense(
-            c.proj_dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32
-        )
+        self.final_layer_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, **dtypes)
+        self.text_projection = nn.Dense(c.proj_dim, use_bias=False, **dtypes)
 
     def __call__(self, ids_NxL: Array) -> Array:
         """Text embeddings from token ids, pooled at EOS as transformers does."""
-        return self.encode_embeddings(
-            self.embed_tokens(ids_NxL), eos_positions(ids_NxL, self.config.eos_token_id)
-        )
+        eos_index_N = eos_positions(ids_NxL, self.config.eos_token_id)
+        return self.encode_embeddings(self.embed_tokens(ids_NxL), eos_index_N)
 
     def embed_tokens(self, ids_NxL: Array) -> Array:
         """Token embeddings (no positions): the input that context vectors are spliced into."""
@@ -257,8 +223,7 @@ class CLIPTextTower(nn.Module):
         for block in self.layers:
             h_NxLxD = block(h_NxLxD)
         # LayerNorm is per position, so pooling before it equals transformers' LN-then-pool.
-        pooled_NxD = h_NxLxD[jnp.arange(n), jnp.asarray(eos_index_N, jnp.int32)]
-        pooled_NxD = self.final_layer_norm(pooled_NxD)
+        pooled_NxD = self.final_layer_norm(h_NxLxD[jnp.arange(n), jnp.asarray(eos_index_N, jnp.int32)])
         return self.text_projection(pooled_NxD).astype(jnp.float32)
 
     def encode_prompts(self, ids_NxL: Array, eos_index_N: Array, ctx_MxD: Array) -> Array:
@@ -266,10 +231,7 @@ class CLIPTextTower(nn.Module):
         return self.encode_embeddings(splice_context(self.embed_tokens(ids_NxL), ctx_MxD), eos_index_N)
 
 
-# ----------------------------------------------------------------------------------------------
-# Prompt learner (CoOp, class token at the end)
-# ----------------------------------------------------------------------------------------------
-
+# --- Prompt learner (CoOp, class token at the end) --------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class PromptLayout:
@@ -278,7 +240,6 @@ class PromptLayout:
     ``ids_NxL[:, 1:1+num_ctx]`` are placeholder slots (they hold the SOS id, which never collides
     with EOS pooling) that ``splice_context`` overwrites; ``eos_index_N`` is the EOS position.
     """
-
     ids_NxL: np.ndarray
     eos_index_N: np.ndarray
     num_ctx: int
@@ -316,28 +277,24 @@ def _special_ids(tokenizer: Any) -> tuple[int, int, int]:
     return int(sos), int(eos), int(pad)
 
 
-def _pack(rows: list[list[int]], pad_id: int, max_len: int, pad_to_max_len: bool) -> np.ndarray:
+def _layout(rows: list[list[int]], names: tuple[str, ...], num_ctx: int, pad_id: int, max_len: int,
+            pad_to_max_len: bool) -> PromptLayout:
+    """Pads the token rows into a ``PromptLayout``; each row pools at its last token (EOS)."""
     length = max_len if pad_to_max_len else max(len(r) for r in rows)
     ids_NxL = np.full((len(rows), length), pad_id, dtype=np.int32)
     for i, row in enumerate(rows):
         ids_NxL[i, : len(row)] = row
-    return ids_NxL
+    eos_index_N = np.array([len(r) - 1 for r in rows], dtype=np.int32)
+    return PromptLayout(ids_NxL=ids_NxL, eos_index_N=eos_index_N, num_ctx=num_ctx, class_names=names)
 
 
 def _too_long(name: str, n_tokens: int, max_len: int, what: str) -> ValueError:
-    return ValueError(
-        f"class name {name!r} is too long: its {what} needs {n_tokens} tokens, max_len is {max_len}"
-    )
+    return ValueError(f"class name {name!r} is too long: its {what} needs {n_tokens} tokens, "
+                      f"max_len is {max_len}")
 
 
-def build_prompt_layout(
-    tokenizer: Any,
-    class_names: Sequence[str],
-    num_ctx: int = DEFAULT_NUM_CTX,
-    max_len: int = 77,
-    *,
-    pad_to_max_len: bool = False,
-) -> PromptLayout:
+def build_prompt_layout(tokenizer: Any, class_names: Sequence[str], num_ctx: int = DEFAULT_NUM_CTX,
+                        max_len: int = 77, *, pad_to_max_len: bool = False) -> PromptLayout:
     """Token ids ``[SOS] ctx_1..ctx_M name-tokens "." [EOS] pad`` per class (Sec. 3.2, CoOp "end").
 
     The EOS index is shifted by M relative to the plain name. Padding goes to the longest prompt
@@ -355,22 +312,11 @@ def build_prompt_layout(
         if len(row) > max_len:
             raise _too_long(name, len(row), max_len, f"prompt with {num_ctx} context tokens")
         rows.append(row)
-    return PromptLayout(
-        ids_NxL=_pack(rows, pad, max_len, pad_to_max_len),
-        eos_index_N=np.array([len(r) - 1 for r in rows], dtype=np.int32),
-        num_ctx=num_ctx,
-        class_names=names,
-    )
+    return _layout(rows, names, num_ctx, pad, max_len, pad_to_max_len)
 
 
-def build_template_layout(
-    tokenizer: Any,
-    class_names: Sequence[str],
-    template: str = DEFAULT_TEMPLATE,
-    max_len: int = 77,
-    *,
-    pad_to_max_len: bool = False,
-) -> PromptLayout:
+def build_template_layout(tokenizer: Any, class_names: Sequence[str], template: str = DEFAULT_TEMPLATE,
+                          max_len: int = 77, *, pad_to_max_len: bool = False) -> PromptLayout:
     """Token ids of a hand-designed template, e.g. "a photo of a {}." (original CLIP, Tab. 1)."""
     names = check_class_names(class_names)
     if "{}" not in template:
@@ -384,12 +330,7 @@ def build_template_layout(
         if len(row) > max_len:
             raise _too_long(name, len(row), max_len, f"prompt {template.format(name)!r}")
         rows.append(row)
-    return PromptLayout(
-        ids_NxL=_pack(rows, pad, max_len, pad_to_max_len),
-        eos_index_N=np.array([len(r) - 1 for r in rows], dtype=np.int32),
-        num_ctx=0,
-        class_names=names,
-    )
+    return _layout(rows, names, 0, pad, max_len, pad_to_max_len)
 
 
 def splice_context(x_NxLxD: Array, ctx_MxD: Array) -> Array:
@@ -399,13 +340,8 @@ def splice_context(x_NxLxD: Array, ctx_MxD: Array) -> Array:
     return jnp.concatenate([x_NxLxD[:, :1], ctx_NxMxD, x_NxLxD[:, 1 + ctx_MxD.shape[0]:]], axis=1)
 
 
-def init_context(
-    rng: Array,
-    params: Params,
-    tokenizer: Any,
-    num_ctx: int = DEFAULT_NUM_CTX,
-    init_phrase: str | None = DEFAULT_CTX_INIT,
-) -> Array:
+def init_context(rng: Array, params: Params, tokenizer: Any, num_ctx: int = DEFAULT_NUM_CTX,
+                 init_phrase: str | None = DEFAULT_CTX_INIT) -> Array:
     """M context vectors, float32 ``[M, width]`` (Sec. 3.2: learnable contexts replace the template).
 
     With ``init_phrase`` the last k rows are the token embeddings of its k tokens, so the prompt
@@ -417,32 +353,22 @@ def init_context(
     if init_phrase:
         phrase_ids = list(tokenizer(init_phrase, add_special_tokens=False)["input_ids"])
         if len(phrase_ids) > num_ctx:
-            raise ValueError(
-                f"init phrase {init_phrase!r} has {len(phrase_ids)} tokens, more than num_ctx={num_ctx}"
-            )
+            raise ValueError(f"init phrase {init_phrase!r} has {len(phrase_ids)} tokens, "
+                             f"more than num_ctx={num_ctx}")
         if phrase_ids:
             ctx_MxD = ctx_MxD.at[num_ctx - len(phrase_ids):].set(table_VxD[jnp.asarray(phrase_ids)])
     return ctx_MxD
 
 
-# ----------------------------------------------------------------------------------------------
-# Encoding class names
-# ----------------------------------------------------------------------------------------------
-
+# --- Encoding class names ---------------------------------------------------------------------
 
 def _l2_normalize(x_NxP: Array) -> Array:
     x_NxP = x_NxP.astype(jnp.float32)
     return x_NxP / jnp.maximum(jnp.linalg.norm(x_NxP, axis=-1, keepdims=True), 1e-12)
 
 
-def encode_classes(
-    module: CLIPTextTower,
-    params: Params,
-    tokenizer: Any,
-    class_names: Sequence[str],
-    ctx: Array | None = None,
-    template: str = DEFAULT_TEMPLATE,
-) -> Array:
+def encode_classes(module: CLIPTextTower, params: Params, tokenizer: Any, class_names: Sequence[str],
+                   ctx: Array | None = None, template: str = DEFAULT_TEMPLATE) -> Array:
     """L2-normalised class embeddings ``T`` ``[n, proj_dim]`` float32 (Sec. 3.2, Tab. 1).
 
     ``ctx=None``: the hand template (original CLIP embeddings). Otherwise ``ctx [M, width]``
@@ -458,16 +384,11 @@ def encode_classes(
             raise ValueError(f"ctx must be [M, {width}], got {ctx_MxD.shape}")
         layout = build_prompt_layout(tokenizer, class_names, ctx_MxD.shape[0], max_len)
     fn = jax.jit(functools.partial(module.apply, method=CLIPTextTower.encode_prompts))
-    text_NxP = fn(
-        {"params": params}, jnp.asarray(layout.ids_NxL), jnp.asarray(layout.eos_index_N), ctx_MxD
-    )
-    return _l2_normalize(text_NxP)
+    ids_NxL, eos_index_N = jnp.asarray(layout.ids_NxL), jnp.asarray(layout.eos_index_N)
+    return _l2_normalize(fn({"params": params}, ids_NxL, eos_index_N, ctx_MxD))
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading Hugging Face checkpoints
-# ----------------------------------------------------------------------------------------------
-
+# --- Loading Hugging Face checkpoints ---------------------------------------------------------
 
 def _linear(prefix: str) -> dict[str, tuple[str, bool]]:
     return {"kernel": (f"{prefix}.weight", True), "bias": (f"{prefix}.bias", False)}
@@ -505,9 +426,8 @@ def _is_leaf(x: Any) -> bool:
     return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
 
 
-def params_from_hf_state(
-    state: Mapping[str, Any], config: CLIPTextConfig, *, source: str = "checkpoint"
-) -> Params:
+def params_from_hf_state(state: Mapping[str, Any], config: CLIPTextConfig, *,
+                         source: str = "checkpoint") -> Params:
     """Flax params (float32 numpy) from a transformers state dict of numpy arrays.
 
     Keys of the vision tower of a full ``CLIPModel`` are ignored; any other missing, unexpected or
@@ -516,14 +436,10 @@ def params_from_hf_state(
     mapping = hf_param_map(config)
     expected = {leaf[0] for leaf in jax.tree_util.tree_leaves(mapping, is_leaf=_is_leaf)}
     missing = sorted(expected - set(state))
-    unexpected = sorted(
-        k for k in state
-        if k not in expected and k not in _IGNORED_KEYS and not k.startswith(_IGNORED_KEY_PREFIXES)
-    )
+    unexpected = sorted(k for k in state if k not in expected and _wanted(k))
     reference = jax.eval_shape(
         lambda: CLIPTextTower(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     )
-
     bad_shapes: list[str] = []
 
     def convert(leaf: tuple[str, bool], ref: jax.ShapeDtypeStruct) -> np.ndarray | None:
@@ -537,14 +453,8 @@ def params_from_hf_state(
         return value
 
     params = jax.tree_util.tree_map(convert, mapping, reference, is_leaf=_is_leaf)
-    if missing or unexpected or bad_shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if bad_shapes:
-            parts.append(f"wrong shapes ({len(bad_shapes)}): {bad_shapes}")
+    problems = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", bad_shapes))
+    if parts := [f"{title} ({len(keys)}): {keys}" for title, keys in problems if keys]:
         raise ValueError(f"CLIP text weights in {source} do not match the config: " + "; ".join(parts))
     return params
 
@@ -555,7 +465,6 @@ def _wanted(key: str) -> bool:
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Text-tower tensors of one safetensors file as float32 numpy (bfloat16 via the flax reader)."""
-
     out: dict[str, np.ndarray] = {}
     bf16_keys = []
     with safe_open(path, framework="numpy") as f:
@@ -575,22 +484,17 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     try:
         import torch  # optional dependency (the `torch` extra): only for .bin checkpoints
     except ImportError as e:
-        raise ImportError(
-            f"reading {path} needs PyTorch, which is not installed: install torch, or provide "
-            "model.safetensors instead"
-        ) from e
+        raise ImportError(f"reading {path} needs PyTorch, which is not installed: install torch, "
+                          "or provide model.safetensors instead") from e
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v.detach().to(torch.float32).numpy() for k, v in state.items() if _wanted(k)}
 
 
 def _read_weights(ckpt_dir: str) -> tuple[dict[str, np.ndarray], str]:
     """(state dict, file it came from); prefers safetensors, handles sharded ``*.index.json``."""
-    for name, reader in (
-        ("model.safetensors", _read_safetensors),
-        ("model.safetensors.index.json", _read_safetensors),
-        ("pytorch_model.bin", _read_torch_bin),
-        ("pytorch_model.bin.index.json", _read_torch_bin),
-    ):
+    for name in ("model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "pytorch_model.bin.index.json"):
+        reader = _read_safetensors if "safetensors" in name else _read_torch_bin
         path = os.path.join(ckpt_dir, name)
         if not os.path.isfile(path):
             continue
@@ -605,20 +509,15 @@ def _read_weights(ckpt_dir: str) -> tuple[dict[str, np.ndarray], str]:
                 raise FileNotFoundError(f"shard {shard_path} listed in {path} does not exist")
             state.update(reader(shard_path))
         return state, path
-    raise FileNotFoundError(
-        f"no CLIP weights in {ckpt_dir}: expected model.safetensors "
-        "(or model.safetensors.index.json, pytorch_model.bin)"
-    )
+    raise FileNotFoundError(f"no CLIP weights in {ckpt_dir}: expected model.safetensors "
+                            "(or model.safetensors.index.json, pytorch_model.bin)")
 
 
 def _load_tokenizer(ckpt_dir: str) -> Any:
     has_files = all(os.path.isfile(os.path.join(ckpt_dir, f)) for f in _TOKENIZER_FILES)
     if not has_files and not os.path.isfile(os.path.join(ckpt_dir, _TOKENIZER_JSON)):
-        raise FileNotFoundError(
-            f"no CLIP tokenizer files in {ckpt_dir}: expected {' + '.join(_TOKENIZER_FILES)} "
-            f"(or {_TOKENIZER_JSON})"
-        )
-
+        raise FileNotFoundError(f"no CLIP tokenizer files in {ckpt_dir}: expected "
+                                f"{' + '.join(_TOKENIZER_FILES)} (or {_TOKENIZER_JSON})")
     return CLIPTokenizer.from_pretrained(ckpt_dir, local_files_only=True)
 
 
@@ -634,7 +533,6 @@ _HUB_FILES = [
 
 def _resolve_hub(repo_id: str, cache_dir: str | None) -> str:
     """Local snapshot of a hub repo (HF_HUB_OFFLINE / the local cache are honoured)."""
-
     try:
         path = snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache_dir)
         safetensors_files = ("model.safetensors", "model.safetensors.index.json")
@@ -651,12 +549,8 @@ def _resolve_hub(repo_id: str, cache_dir: str | None) -> str:
     return path
 
 
-def load_clip_text(
-    name_or_path: str | os.PathLike,
-    dtype: Any = jnp.float32,
-    *,
-    cache_dir: str | None = None,
-) -> tuple[CLIPTextTower, Params, Any]:
+def load_clip_text(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *,
+                   cache_dir: str | None = None) -> tuple[CLIPTextTower, Params, Any]:
     """Load a CLIP text tower: ``(module, params, tokenizer)`` (the text encoder of Sec. 3.2).
 
     ``name_or_path``: a local directory holding a ``CLIPModel`` or ``CLIPTextModelWithProjection``
@@ -676,6 +570,5 @@ def load_clip_text(
     config = CLIPTextConfig.from_hf(config_path)
     tokenizer = _load_tokenizer(ckpt_dir)
     state, weights_path = _read_weights(ckpt_dir)
-    params = params_from_hf_state(state, config, source=weights_path)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    params = jax.tree_util.tree_map(jnp.asarray, params_from_hf_state(state, config, source=weights_path))
     return CLIPTextTower(config, dtype=dtype), params, tokenizer
