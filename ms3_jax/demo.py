@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ms3_jax import checkpointing, export, pretrain, text_adapt, text_embeddings
+from ms3_jax import checkpointing, export, pretrain, text_adapt, text_embeddings, zero_shot
 from ms3_jax.data import eval_data, synthetic
 from ms3_jax.data.label_space import LabelSpace
-from ms3_jax.models.deeplab import encoder_from_config, resize_bilinear
+from ms3_jax.models.deeplab import encoder_from_config
 
 
 def score_relations(found: list[dict[str, Any]], truth: list[dict[str, str]],
@@ -59,8 +59,7 @@ def language_accuracy(pretrain_dir: str, data_dir: str, truth: list[dict[str, st
     @jax.jit
     def predict(image_HxWx3):
         emb_hxwxC = model.apply(variables, image_HxWx3[None], train=False)["language"][0]
-        cos_hxwxN = jnp.einsum("hwc,nc->hwn", emb_hxwxC, text_NxC, precision="highest")
-        return jnp.argmax(resize_bilinear(cos_hxwxN[None], image_HxWx3.shape[:2])[0], axis=-1)
+        return jnp.argmax(zero_shot.upsampled_cosine(emb_hxwxC, text_NxC, image_HxWx3.shape[:2]), axis=-1)
 
     renamed = {r[k] for r in truth for k in ("from", "to")
                if r["from"].split("/", 1)[1] != r["to"].split("/", 1)[1]}

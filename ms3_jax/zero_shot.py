@@ -242,14 +242,15 @@ class ZeroShotSegmenter:
         t_KxC = self.embed_classes(class_names)
         image = _check_image(image)
         emb_hxwxC = self.pixel_embeddings(image)
-        scores_HxWxK = _upsampled_cosine(jnp.asarray(emb_hxwxC), jnp.asarray(t_KxC),
+        scores_HxWxK = upsampled_cosine(jnp.asarray(emb_hxwxC), jnp.asarray(t_KxC),
                                          tuple(image.shape[:2]))
         scores_HxWxK = np.asarray(scores_HxWxK)
         return np.argmax(scores_HxWxK, axis=-1).astype(np.int32), scores_HxWxK
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _upsampled_cosine(emb_hxwxC: jax.Array, text_KxC: jax.Array, size: tuple[int, int]) -> jax.Array:
+def upsampled_cosine(emb_hxwxC: jax.Array, text_KxC: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Cosines [H, W, K] of unit pixel and class embeddings, bilinearly upsampled to `size`."""
     logits_hxwxK = jnp.einsum("hwc,kc->hwk", emb_hxwxC, text_KxC,
                               precision=jax.lax.Precision.HIGHEST)
     return resize_bilinear(logits_hxwxK[None], size)[0]
