@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     stage2 = _load("pretrain", "tiny")
     # 300 steps with the mask from step 100 (the budget before 2026-12-04) collapsed: nearest-T
-    # pixel accuracy 0.35, relations precision 0.19; see docs/choices.md "Demo budget".
+    # pixel accuracy 0.35, relations precision 0.19; see docs/choices.md "Demo budget and data".
     stage2.num_steps = 1500
     stage2.log_every = 100
     stage2.checkpoint_every = 500

@@ -4,8 +4,10 @@ DeepLab-v3+ / ResNet-50 with a fresh classifier (`MS3Encoder(heads=(), num_class
 as MMSegmentation does (paper 4.1: "we follow the basic configuration of MMSegmentation"):
 cross-entropy on the logits bilinearly upsampled to the label crop, SGD (momentum 0.9, weight
 decay 5e-4), lr 0.01 with poly decay (power 0.9) to 1e-4, global-batch BN (SyncBN). The
-initialisation (`config.init.kind`) gives the rows of Tab. 2: 'ms3' (backbone + decode head of an
-MS3 pretraining workdir), 'torchvision' (an ImageNet ResNet `.pth`: backbone only) or 'scratch'.
+initialisation (`config.init.kind`) gives the rows of Tab. 2: 'ms3' (an MS3 pretraining workdir),
+'torchvision' (an ImageNet ResNet `.pth`) or 'scratch'; `init.what` says what is transferred:
+'backbone' (the default: the paper compares backbones, and an ImageNet ResNet has nothing else)
+or 'segmentor' (backbone + decode head, 'ms3' only).
 With `frozen_backbone` (Tab. 3) the backbone gets zero updates and its BN runs in eval mode
 (running statistics, not updated): its variables stay bit-identical; decode head and classifier
 train. The loop is the training base's (`training.py`): sharded jitted step with donation, orbax
@@ -39,7 +41,7 @@ from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilin
 from ms3_jax.models.resnet import ResNet
 
 INIT_KINDS = ("ms3", "torchvision", "scratch")
-PRETRAINED_PARTS = {"ms3": ("backbone", "decode_head"), "torchvision": ("backbone",), "scratch": ()}
+INIT_WHAT = {"backbone": ("backbone",), "segmentor": ("backbone", "decode_head")}
 RESULTS_FILE = "results.json"
 Metrics = dict[str, jax.Array]
 
@@ -147,6 +149,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if kind != "scratch" and not config.init.path:
         what = "an MS3 pretraining workdir" if kind == "ms3" else "a torchvision ResNet .pth"
         raise ValueError(f"init.kind={kind!r} needs init.path ({what})")
+    what = config.init.get("what", "backbone")
+    if what not in INIT_WHAT:
+        raise ValueError(f"init.what must be one of {tuple(INIT_WHAT)}, got {what!r}")
+    if what == "segmentor" and kind != "ms3":
+        raise ValueError(f"init.what='segmentor' (backbone + decode head) needs init.kind='ms3'; "
+                         f"init.kind={kind!r} has a backbone only")
     if kind == "scratch" and config.frozen_backbone:
         logging.warning("frozen_backbone with init.kind='scratch' trains the head on a random backbone")
     if config.num_steps <= 0:
@@ -256,8 +264,9 @@ def initial_variables(config: ml_collections.ConfigDict, trainer: Trainer,
     else:
         step, state = checkpointing.restore_state(path, config.init.get("step") or None)
         enc = checkpointing.encoder_variables(state, ema=config.init.ema)
-        parts = {c: {p: enc[c][p] for p in PRETRAINED_PARTS["ms3"]} for c in ("params", "batch_stats")}
-        logging.info("backbone and decode head initialised from %s (step %d%s)", path, step,
+        what = INIT_WHAT[config.init.get("what", "backbone")]
+        parts = {c: {p: enc[c][p] for p in what} for c in ("params", "batch_stats")}
+        logging.info("%s initialised from %s (step %d%s)", " and ".join(what), path, step,
                      ", momentum encoder" if config.init.ema else "")
     return _replace_parts(variables, parts, trainer.replicated, path)
 

@@ -198,7 +198,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
         out, mutated = model.apply({"params": params, "batch_stats": state.batch_stats},
                                    batch["image"], train=True, mutable=["batch_stats"],
                                    rngs={"dropout": rng})
-        y = labels.downsample_labels(batch["label"], out["decoder"].shape[1:3])
+        grid = next(out[k] for k in ("language", "visual", "logits") if k in out).shape[1:3]
+        y = labels.downsample_labels(batch["label"], grid)
         y_fit, pseudo_metrics = y, {}
         if pseudo:
             y_fit, pseudo_metrics = pseudo_labels.label_unlabeled_pixels(

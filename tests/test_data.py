@@ -105,7 +105,7 @@ def test_synthetic_deterministic(tmp_path):
     b = synthetic.prepare_synthetic(tmp_path / 'b', seed=1, **kw)
     c = synthetic.prepare_synthetic(tmp_path / 'c', seed=2, **kw)
     files = sorted(glob.glob(os.path.join(a.data_dir, 'synth_*', '*', '*.array_record*')))
-    assert len(files) == 6
+    assert len(files) == 2 * len(synthetic.SYNTHETIC_DATASETS)
     diff = 0
     for f in files:
         data = open(f, 'rb').read()
@@ -119,8 +119,8 @@ def test_synthetic_deterministic(tmp_path):
 
 
 def test_synthetic_records_and_relations_schema(synth):
-    ls = LabelSpace.from_datasets(synth.dataset_names)
-    for d, name in enumerate(synth.dataset_names):
+    ls = LabelSpace.from_datasets(synthetic.SYNTHETIC_DATASETS)
+    for d, name in enumerate(synthetic.SYNTHETIC_DATASETS):
         src = tfds.data_source(name, split='train', data_dir=synth.data_dir)
         assert len(src) == 30
         assert len(tfds.data_source(name, split='validation', data_dir=synth.data_dir)) == 4
@@ -146,11 +146,28 @@ def test_synthetic_records_and_relations_schema(synth):
     assert pairs[('synth_c/lake', 'synth_a/water')] == 'subset'
 
 
+def test_synthetic_fine_grained_classes_are_rare_and_synth_d_is_held_out():
+    """Subset classes are drawn at RARE_WEIGHT of the others' frequency (so the parent's name
+    dominates the shared look, see ms3_jax/data/synthetic.py); synth_d is not pretrained on."""
+    for name, rare in (('synth_b', 'dirt track'), ('synth_c', 'lake')):
+        spec = synthetic.SPEC_BY_NAME[name]
+        pixels = np.zeros(len(spec.classes))
+        for i in range(300):
+            _, label = synthetic.generate_example(spec, np.random.default_rng([9, i]), 24)
+            pixels += np.bincount(label[label != IGNORE_INDEX], minlength=len(spec.classes))
+        share = pixels / pixels.sum()
+        r = spec.class_names.index(rare)
+        others = np.delete(share, r).mean()
+        assert 0.1 < share[r] / others < 0.5, (name, share)
+    assert synthetic.HELD_OUT_DATASET in synthetic.SYNTHETIC_DATASETS
+    assert synthetic.HELD_OUT_DATASET not in synthetic.PRETRAIN_DATASETS
+
+
 def test_synthetic_relations_are_visible(synth):
     """Colour/texture stats of related classes are nearest among the target dataset's classes."""
-    ls = LabelSpace.from_datasets(synth.dataset_names)
+    ls = LabelSpace.from_datasets(synthetic.SYNTHETIC_DATASETS)
     acc = {n: [] for n in ls.display_names}
-    for d, name in enumerate(synth.dataset_names):
+    for d, name in enumerate(synthetic.SYNTHETIC_DATASETS):
         src = tfds.data_source(name, split='train', data_dir=synth.data_dir)
         for i in range(len(src)):
             r = src[i]

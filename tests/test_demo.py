@@ -34,31 +34,37 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert per_class.min() <= acc["pixel_accuracy"] <= per_class.max()  # a pixel-weighted mean
 
 
-def test_score_relations_counts_directed_cross_dataset_pairs():
-    ls = LabelSpace({"a": ["stairway", "path"], "b": ["stairs", "dirt track"]})
+def test_score_relations_synonyms_either_way_subsets_one_way():
+    ls = LabelSpace({"a": ["stairway", "path", "sky"], "b": ["stairs", "dirt track", "sky"]})
     truth = [{"from": "a/stairway", "to": "b/stairs", "kind": "synonym"},
              {"from": "b/stairs", "to": "a/stairway", "kind": "synonym"},
-             {"from": "b/dirt track", "to": "a/path", "kind": "subset"}]
-    found = [{"from": "b/dirt track", "to": "a/path"}, {"from": "a/path", "to": "b/dirt track"},
-             {"from": "a/stairway", "to": "b/stairs"}]
+             {"from": "a/sky", "to": "b/sky", "kind": "synonym"},
+             {"from": "b/sky", "to": "a/sky", "kind": "synonym"},
+             {"from": "b/dirt track", "to": "a/path", "kind": "subset"},
+             {"from": "c/x", "to": "a/path", "kind": "subset"}]  # not in the label space
+    found = [{"from": "a/path", "to": "b/dirt track"},  # the wrong direction of a subset
+             {"from": "a/stairway", "to": "b/stairs"},  # one direction of a synonym
+             {"from": "a/sky", "to": "b/sky"}, {"from": "b/sky", "to": "a/sky"}]
     s = demo.score_relations(found, truth, ls)
-    assert s["precision"] == 2 / 3 and s["recall"] == 2 / 3
-    assert s["wrong"] == ["a/path -> b/dirt track"] and s["missed"] == ["b/stairs -> a/stairway"]
+    assert s["precision"] == 3 / 4 and s["recall"] == 2 / 3 and s["planted"] == 3
+    assert s["recall_directed"] == 3 / 5
+    assert s["renamed"] == {"precision": 1 / 2, "recall": 1 / 2, "found": 2, "planted": 2}
+    assert s["wrong"] == ["a/path -> b/dirt track"] and s["missed"] == ["b/dirt track -> a/path"]
 
 
 def test_small_benchmark_learns_and_recovers_relations(tmp_path_factory):
     """The demo's pretraining at a third of its budget (500 steps, Eq. 6 mask from step 300) on
     the demo's data, with one random unit T per distinct name (no stage 1): the language head
-    learns and the paper's rule recovers the planted relations. Measured 2026-12-04: accuracy
-    0.94 on the classes without a renamed relation, precision 0.62, recall 0.80 (26 pairs for
-    20 planted); the floors leave room for float reassociation, not for a broken method (the
-    300-step demo that collapsed scored 0.23 / 0.19 / 0.75)."""
+    learns and the paper's rule recovers the planted relations. Measured 2026-12-04 on data
+    1.2.0: accuracy 0.92 on the classes without a renamed relation, precision 0.64, recall 1.00
+    (15 pairs for 11 relations); the floors leave room for float reassociation, not for a broken
+    method (the 300-step demo that collapsed scored 0.23 / 0.19 / 0.75)."""
     from ms3_jax import pretrain
     from ms3_jax.data import synthetic
     from ms3_jax.testing import synthetic_data
     root = tmp_path_factory.mktemp("benchmark")
     data = synthetic_data.build(root, num_train=200, num_val=20, image_size=96)
-    ls = LabelSpace.from_datasets(list(data.dataset_names))
+    ls = LabelSpace.from_datasets(list(synthetic.PRETRAIN_DATASETS))
     names = sorted(set(ls.names))
     t = np.random.default_rng(0).standard_normal((len(names), 32))
     t /= np.linalg.norm(t, axis=1, keepdims=True)
@@ -76,4 +82,4 @@ def test_small_benchmark_learns_and_recovers_relations(tmp_path_factory):
     scores = demo.score_relations(json.loads((root / "pretrain" / "relations.json").read_text()),
                                   truth, ls)
     assert acc["pixel_accuracy_unrelated"] >= 0.8, acc
-    assert scores["precision"] >= 0.5 and scores["recall"] >= 0.6, scores
+    assert scores["precision"] >= 0.5 and scores["recall"] >= 0.8, scores

@@ -75,13 +75,32 @@ def ms3_workdir(tmp_path_factory):
     return wd, jax.tree_util.tree_map(np.asarray, variables)
 
 
+def test_init_what_transfers_the_backbone_or_the_segmentor(data_dir, ms3_workdir):
+    """`init.what`: 'backbone' (default) leaves the decode head random, 'segmentor' loads it too."""
+    pretrained_wd, pretrained = ms3_workdir
+    leaves = jax.tree_util.tree_leaves
+    for what, head_loaded in (("backbone", False), ("segmentor", True)):
+        config = tiny_config(data_dir, **{"init.kind": "ms3", "init.path": pretrained_wd,
+                                          "init.what": what})
+        trainer = finetune.get_trainer(config, 7)
+        variables = finetune.initial_variables(config, trainer, jax.random.key(0))
+        for c in ("params", "batch_stats"):
+            assert_trees_equal(variables[c]["backbone"], pretrained[c]["backbone"])
+        same = [np.array_equal(a, b) for a, b in zip(leaves(variables["params"]["decode_head"]),
+                                                     leaves(pretrained["params"]["decode_head"]))]
+        assert all(same) if head_loaded else not any(same), what
+    with pytest.raises(ValueError, match="init.what='segmentor'.*init.kind='torchvision'"):
+        finetune.check_config(tiny_config(data_dir, **{"init.kind": "torchvision", "init.path": "x",
+                                                       "init.what": "segmentor"}), 1)
+
+
 def test_frozen_backbone_from_ms3_workdir(data_dir, ms3_workdir, tmp_path):
     """Tab. 3: backbone params and BN statistics bit-identical to the MS3 checkpoint after two
     steps; the decode head (also from the checkpoint) and the classifier train."""
     pretrained_wd, pretrained = ms3_workdir
     wd = str(tmp_path / "ft")
     config = tiny_config(data_dir, **{"init.kind": "ms3", "init.path": pretrained_wd,
-                                      "frozen_backbone": True})
+                                      "init.what": "segmentor", "frozen_backbone": True})
     results = finetune.train_and_evaluate(config, wd)
     step, state = final_state(wd)
     assert step == 2

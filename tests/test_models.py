@@ -110,6 +110,22 @@ def test_ms3_encoder_shapes_and_unit_norm(output_stride):
     assert set(updates["batch_stats"]) == set(variables["batch_stats"])
 
 
+def test_projection_heads_after_the_aspp_or_the_decoder():
+    """`heads_at='aspp'` (paper 4.1: "after the ASPP layer"): embeddings at the output stride,
+    from the same parameters; the decoder map and the logits are unchanged."""
+    images = jax.random.randint(jax.random.PRNGKey(0), (1, 64, 64, 3), 0, 256).astype(jnp.uint8)
+    at_decoder = MS3Encoder(output_stride=8, num_classes=5, **TINY)
+    variables = at_decoder.init(jax.random.PRNGKey(1), images)
+    a = at_decoder.apply(variables, images)
+    b = at_decoder.clone(heads_at="aspp").apply(variables, images)  # same parameter tree
+    assert a["language"].shape == (1, 16, 16, 16) and b["language"].shape == (1, 8, 8, 16)
+    np.testing.assert_array_equal(a["decoder"], b["decoder"])
+    np.testing.assert_array_equal(a["logits"], b["logits"])
+    np.testing.assert_allclose(jnp.linalg.norm(b["visual"], axis=-1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="heads_at"):
+        at_decoder.clone(heads_at="backbone").apply(variables, images)
+
+
 def test_ms3_encoder_bfloat16_compute_keeps_float32_params():
     model = MS3Encoder(dtype=jnp.bfloat16, **TINY)
     images = jnp.zeros((1, 32, 32, 3), jnp.uint8)

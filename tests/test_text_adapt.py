@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 
 from ms3_jax import losses, text_adapt, text_embeddings
 from ms3_jax.data.label_space import LabelSpace
@@ -145,6 +146,32 @@ def test_distinct_names_and_tiny_vocabulary():
     assert names == ("sky", "grass", "dirt  track") and list(index) == [0, 1, 0, 2, 0]
     vocab, merges = tiny_clip.vocab_and_merges(["dirt track", "stairway"])
     assert {"dirt</w>", "track</w>", "stairway</w>", "z", "z</w>"} <= set(vocab)
+
+
+def test_tiny_tokenizer_makes_every_word_one_token(tmp_path):
+    """Under transformers' CLIPTokenizer (merges by rank). Merges appended word by word, left to
+    right, broke this: 'hill' brought 'h i' before 'ship' brought 's h', so 'ship' became
+    s / hi / p and 'building' four tokens."""
+    words = tiny_clip.DEFAULT_WORDS + ("hill", "ship", "building", "dirt track", "sidewalk")
+    tiny_clip.write_tokenizer(tmp_path, words)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    for word in tiny_clip._split_words(words):
+        assert tokenizer.tokenize(word) == [word + "</w>"], word
+
+
+def test_tiny_clip_plants_related_words_near_their_partners(tmp_path):
+    import safetensors.numpy
+    rows = {}
+    for related in (None, {}):
+        d = tiny_clip.save_tiny_clip(tmp_path / str(related is None), related=related, width=64)
+        vocab = json.loads((d / "vocab.json").read_text())
+        table = safetensors.numpy.load_file(d / "model.safetensors")[
+            "text_model.embeddings.token_embedding.weight"]
+        unit = lambda w: table[vocab[w + "</w>"]] / np.linalg.norm(table[vocab[w + "</w>"]])
+        rows[related is None] = {f"{w}/{p}": float(unit(w) @ unit(p))
+                                 for w, p in tiny_clip.RELATED_WORDS.items()}
+    assert min(rows[True].values()) > 0.75, rows[True]  # drawn at cosine 0.9 (64-d: +- 0.1)
+    assert max(abs(c) for c in rows[False].values()) < 0.5, rows[False]  # independent draws
 
 
 def test_missing_clip_names_the_path(tiny_config, tmp_path):

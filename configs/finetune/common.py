@@ -39,10 +39,11 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
     c.nonfinite = "stop"  # NaN / inf loss or gradients: 'stop' (error naming the step) | 'skip' the step
     c.frozen_backbone = False  # Tab. 3: backbone params and BN statistics fixed
 
-    # kind: 'ms3' (path = an MS3 pretraining workdir: backbone + decode head of its latest or
-    # `step` checkpoint; `ema` takes the momentum encoder), 'torchvision' (path = ImageNet ResNet
-    # .pth / .safetensors in torchvision / MMSeg naming: backbone only), 'scratch'.
-    c.init = ml_collections.ConfigDict(dict(kind="ms3", path="", step=0, ema=False))
+    # kind: 'ms3' (path = an MS3 pretraining workdir: its latest or `step` checkpoint; `ema` takes
+    # the momentum encoder), 'torchvision' (path = ImageNet ResNet .pth / .safetensors in
+    # torchvision / MMSeg naming), 'scratch'. what: 'backbone' (as the paper compares
+    # pretrainings) | 'segmentor' (backbone + decode head; 'ms3' only).
+    c.init = ml_collections.ConfigDict(dict(kind="ms3", path="", step=0, ema=False, what="backbone"))
 
     c.model = ml_collections.ConfigDict(dict(
         depth=50, variant="v1", output_stride=8, width=1.0,

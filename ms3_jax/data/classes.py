@@ -122,6 +122,7 @@ SYNTHETIC_CLASSES: dict[str, tuple[str, ...]] = {
     "synth_a": ("sky", "grass", "stairway", "mountain", "path", "building", "water"),
     "synth_b": ("sky", "stairs", "hill", "ship", "dirt track", "tree", "road"),
     "synth_c": ("sky", "boat", "mountain", "sand", "lake", "tree"),
+    "synth_d": ("sky", "road", "building", "vegetation", "terrain", "sidewalk", "river"),
 }
 
 # COCO-Stuff-164k stuffthingmaps hold (COCO category id - 1) in 0..181, 255 =

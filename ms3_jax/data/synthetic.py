@@ -1,4 +1,4 @@
-"""Built-in synthetic multi-dataset: three tiny segmentation datasets with planted class relations.
+"""Built-in synthetic multi-dataset: tiny segmentation datasets with planted class relations.
 
 It exercises the whole MS3 path (paper Sec. 3.1: the union label space of several datasets;
 Sec. 3.3 / Tab. 8: cross-dataset relations that Eq. 6 should discover) on a laptop, with nothing
@@ -11,13 +11,22 @@ downloaded. Not from the paper; every choice here is ours:
   a subset ('synth_b/dirt track' = the streaked variant of 'synth_a/path', 'synth_c/lake' = the
   calm variant of 'synth_a/water'). The relations file is derived from these sets, so it is the
   ground truth by construction: synonyms in both directions, subsets from subset to superset
-  (Eq. 6 / Tab. 8 are unidirectional).
+  (Eq. 6 / Tab. 8 are unidirectional). Three datasets are for pretraining (`PRETRAIN_DATASETS`);
+  synth_d, with its own names for shared concepts (vegetation, terrain, sidewalk, river), is held
+  out for transfer, in Mapillary's role (paper Tab. 3).
+- Fine-grained subset classes (dirt track, lake) are rare (`RARE_WEIGHT` of the others' region
+  frequency), as fine-grained labels are in real data. Eq. 6 maps y to y' when y's pixels lie
+  nearer T_y' than T_y; pixels that look the same get an embedding between the names they carry,
+  nearer the more frequent one, so a subset is found exactly when its parent's label dominates
+  the shared look. With equal class frequencies (1.1.0) 'dirt track' was the more frequent name
+  of its look ('path' shows it in half of its regions only) and neither subset was found
+  (docs/choices.md, "Demo budget and data").
 - The datasets share one look (colour, sensor noise, texture scale; `SyntheticSpec` can vary
   them) and differ in their classes, and synth_b marks region boundaries as ignore (255) like
   VOC. With a colour cast and noise level per dataset (until 2026-12-04) the network told the
   datasets apart and so separated synonyms by their domain, never by their names (Eq. 1 pushes
   stairs from stairway when it can): relation recall 0.55 instead of 0.75 on the demo
-  (docs/choices.md, "Demo budget").
+  (docs/choices.md, "Demo budget and data").
 - Images are warped Voronoi partitions (blobby regions) with one class per cell. Sizes vary
   in aspect ratio around `image_size`. Generation is deterministic for a seed: every image is
   drawn from `np.random.default_rng([seed, dataset, split, index])`.
@@ -166,13 +175,14 @@ TEXTURES: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-# --- the three datasets ---------------------------------------------------------------------------
+# --- the datasets ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSpec:
     """One synthetic dataset: classes (name -> concept variants) and its look."""
     name: str
     classes: tuple[tuple[str, tuple[str, ...]], ...]
+    class_weights: tuple[float, ...]  # relative frequency of each class among an image's regions
     color_gain: tuple[float, float, float]
     noise_std: float          # sensor noise, in [0, 1] units
     texture_scale: float      # multiplies every texture's feature size
@@ -183,12 +193,16 @@ class SyntheticSpec:
         return tuple(c for c, _ in self.classes)
 
 
-def _spec(name: str, concepts: dict[str, tuple[str, ...]], **look) -> SyntheticSpec:
-    """`classes.SYNTHETIC_CLASSES[name]`, each showing `concepts[class]` or its namesake concept."""
+def _spec(name: str, concepts: dict[str, tuple[str, ...]], rare: tuple[str, ...] = (),
+          **look) -> SyntheticSpec:
+    """`classes.SYNTHETIC_CLASSES[name]`, each showing `concepts[class]` or its namesake concept;
+    the `rare` classes are drawn RARE_WEIGHT times as often as the others."""
     names = classes.SYNTHETIC_CLASSES[name]
-    return SyntheticSpec(name, tuple((c, concepts.get(c, (c,))) for c in names), **look)
+    return SyntheticSpec(name, tuple((c, concepts.get(c, (c,))) for c in names),
+                         tuple(RARE_WEIGHT if c in rare else 1.0 for c in names), **look)
 
 
+RARE_WEIGHT = 0.25
 _LOOK = dict(color_gain=(1.0, 1.0, 1.0), noise_std=0.01, texture_scale=1.0)
 SPECS: tuple[SyntheticSpec, ...] = (
     _spec('synth_a',  # ADE20K-like
@@ -196,12 +210,17 @@ SPECS: tuple[SyntheticSpec, ...] = (
            'water': ('water_waves', 'water_calm')}, **_LOOK, ignore_boundaries=False),
     _spec('synth_b',  # VOC-like: ignore boundaries
           {'hill': ('mountain',), 'ship': ('boat',), 'dirt track': ('path_dirt',)},
-          **_LOOK, ignore_boundaries=True),
+          rare=('dirt track',), **_LOOK, ignore_boundaries=True),
     _spec('synth_c',  # COCO-Stuff-like
-          {'lake': ('water_calm',)}, **_LOOK, ignore_boundaries=False),
+          {'lake': ('water_calm',)}, rare=('lake',), **_LOOK, ignore_boundaries=False),
+    _spec('synth_d',  # Mapillary-like: held out of pretraining, for transfer (Tab. 3)
+          {'vegetation': ('tree',), 'terrain': ('grass',), 'sidewalk': ('path_plain',),
+           'river': ('water_waves',)}, **_LOOK, ignore_boundaries=False),
 )
 SPEC_BY_NAME: dict[str, SyntheticSpec] = {s.name: s for s in SPECS}
 SYNTHETIC_DATASETS: tuple[str, ...] = tuple(s.name for s in SPECS)
+PRETRAIN_DATASETS: tuple[str, ...] = ('synth_a', 'synth_b', 'synth_c')
+HELD_OUT_DATASET = 'synth_d'
 
 
 def ground_truth_relations() -> list[dict[str, str]]:
@@ -258,7 +277,8 @@ def generate_example(spec: SyntheticSpec, rng: np.random.Generator,
     cells = _region_map(rng, h, w)
     n_cells = int(cells.max()) + 1
     n_cls = len(spec.classes)
-    cls_of_cell = rng.integers(0, n_cls, n_cells)
+    p = np.asarray(spec.class_weights) / np.sum(spec.class_weights)
+    cls_of_cell = rng.choice(n_cls, n_cells, p=p)
     if len(np.unique(cls_of_cell)) < 2:  # at least two classes per image
         cls_of_cell[0] = (cls_of_cell[0] + 1 + rng.integers(0, n_cls - 1)) % n_cls
     image = np.zeros((h, w, 3), np.float32)
@@ -296,9 +316,10 @@ _SPLITS = ('train', 'validation')
 class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """tfds builder for one synthetic dataset (subclasses set SPEC_NAME)."""
 
-    VERSION = tfds.core.Version('1.1.0')
+    VERSION = tfds.core.Version('1.2.0')
     RELEASE_NOTES = {'1.0.0': 'Initial release.',
-                     '1.1.0': 'One look for all datasets (no per-dataset colour cast / noise).'}
+                     '1.1.0': 'One look for all datasets (no per-dataset colour cast / noise).',
+                     '1.2.0': 'Fine-grained subset classes are rare; held-out synth_d.'}
     SPEC_NAME = ''
 
     # tfds derives `code_path` via importlib.resources, which fails for editable installs without
@@ -359,14 +380,19 @@ class SynthC(_SyntheticBuilder):
     SPEC_NAME = 'synth_c'
 
 
+class SynthD(_SyntheticBuilder):
+    SPEC_NAME = 'synth_d'
+
+
 BUILDERS: dict[str, type[_SyntheticBuilder]] = {
-    'synth_a': SynthA, 'synth_b': SynthB, 'synth_c': SynthC}
+    'synth_a': SynthA, 'synth_b': SynthB, 'synth_c': SynthC, 'synth_d': SynthD}
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticInfo:
     data_dir: str
-    dataset_names: tuple[str, ...]
+    dataset_names: tuple[str, ...]  # the pretraining datasets (all of SYNTHETIC_DATASETS are built)
+    held_out: str
     relations_path: str
     num_train: int
     num_val: int
@@ -376,7 +402,7 @@ class SyntheticInfo:
 
 def prepare_synthetic(data_dir: str | os.PathLike, num_train: int = 300, num_val: int = 50,
                       image_size: int = 128, seed: int = 0) -> SyntheticInfo:
-    """Builds synth_a/b/c as array_record under `data_dir` plus the relations JSON; idempotent.
+    """Builds synth_a/b/c/d as array_record under `data_dir` plus the relations JSON; idempotent.
 
     Re-running with the same arguments does nothing; with different arguments the synthetic
     datasets in `data_dir` are rebuilt (tfds keeps one version per directory).
@@ -393,7 +419,8 @@ def prepare_synthetic(data_dir: str | os.PathLike, num_train: int = 300, num_val
             _prepare_locked(data_dir, params)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return SyntheticInfo(data_dir=data_dir, dataset_names=SYNTHETIC_DATASETS,
+    return SyntheticInfo(data_dir=data_dir, dataset_names=PRETRAIN_DATASETS,
+                         held_out=HELD_OUT_DATASET,
                          relations_path=os.path.join(data_dir, RELATIONS_FILE), **params)
 
 

@@ -111,7 +111,8 @@ class SeparableConvModule(nn.Module):
 
 
 class DeepLabV3PlusHead(nn.Module):
-    """MMSeg `DepthwiseSeparableASPPHead` without `conv_seg`: returns the stride-4 decoder map.
+    """MMSeg `DepthwiseSeparableASPPHead` without `conv_seg`: returns `(aspp, decoder)`, the
+    ASPP output (after `bottleneck`, at the output stride) and the stride-4 decoder map.
 
     Image pooling + 1x1 + depthwise-separable atrous branches, a 3x3 `bottleneck` (a plain
     ConvModule in MMSeg), a 48-channel projection of layer1 (`c1_bottleneck`) and two separable
@@ -125,7 +126,8 @@ class DeepLabV3PlusHead(nn.Module):
     conv: ModuleDef = Conv
 
     @nn.compact
-    def __call__(self, layer1: jax.Array, layer4: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, layer1: jax.Array, layer4: jax.Array,
+                 train: bool) -> tuple[jax.Array, jax.Array]:
         ch = self.channels
         conv_module = functools.partial(ConvModule, conv=self.conv, dtype=self.dtype)
         separable = functools.partial(SeparableConvModule, conv=self.conv, dtype=self.dtype)
@@ -139,13 +141,12 @@ class DeepLabV3PlusHead(nn.Module):
                 outs.append(separable(ch, dilation=rate, name=f"aspp_modules_{i}")(layer4, train))
         # MMSeg concatenates [image pool broadcast, branches]: the conv takes the pooled
         # channels apart, so that a conv plug-in may use that they are constant over the map.
-        x = conv_module(ch, kernel=3, name="bottleneck")(jnp.concatenate(outs, -1), train,
-                                                         uniform_Bx1x1xU=pooled)
+        aspp = conv_module(ch, kernel=3, name="bottleneck")(jnp.concatenate(outs, -1), train,
+                                                            uniform_Bx1x1xU=pooled)
         c1 = conv_module(self.c1_channels, name="c1_bottleneck")(layer1, train)
-        x = resize_bilinear(x, c1.shape[1:3])
-        x = jnp.concatenate([x, c1], axis=-1)
+        x = jnp.concatenate([resize_bilinear(aspp, c1.shape[1:3]), c1], axis=-1)
         x = separable(ch, name="sep_bottleneck_0")(x, train)
-        return separable(ch, name="sep_bottleneck_1")(x, train)
+        return aspp, separable(ch, name="sep_bottleneck_1")(x, train)
 
 
 class ProjectionHead(nn.Module):
@@ -169,9 +170,11 @@ class MS3Encoder(nn.Module):
     """Backbone + DeepLab-v3+ head + the language / visual projection heads (paper Fig. 1).
 
     Input: RGB images [B, H, W, 3] on the 0..255 scale (uint8 or float); normalised here.
-    Returns a dict: `language` and `visual` [B, H/4, W/4, emb_dim] (unit norm per pixel, float32),
-    `decoder` [B, H/4, W/4, channels], and `logits` when `num_classes` is set (CE baselines and
-    fine-tuning). `width` scales every channel count (tiny test models); `dtype` is the compute
+    Returns a dict: `language` and `visual` [B, h, w, emb_dim] (unit norm per pixel, float32),
+    `decoder` [B, H/4, W/4, channels], and `logits` [B, H/4, W/4, num_classes] when `num_classes`
+    is set (CE baselines and fine-tuning). `heads_at`: the projection heads read the decoder map
+    ('decoder', h = H/4) or the ASPP output ('aspp', h = H/output_stride; the paper's "after the
+    ASPP layer", Sec. 4.1); docs/choices.md says which is the default and why. `width` scales every channel count (tiny test models); `dtype` is the compute
     dtype (params stay float32); `conv` the convolution module (:func:`conv_for`).
     """
 
@@ -184,6 +187,7 @@ class MS3Encoder(nn.Module):
     c1_channels: int = 48
     emb_dim: int = 512
     heads: Sequence[str] = ("language", "visual")
+    heads_at: str = "decoder"
     num_classes: int | None = None
     dropout_rate: float = 0.1
     dtype: Any = jnp.float32
@@ -199,12 +203,16 @@ class MS3Encoder(nn.Module):
                        conv=self.conv, name="backbone")(x, train)
         head_ch = max(1, round(self.head_channels * self.width))
         c1_ch = max(1, round(self.c1_channels * self.width))
-        dec = DeepLabV3PlusHead(head_ch, c1_ch, ASPP_DILATIONS[self.output_stride], self.dtype,
-                                self.conv, name="decode_head")(feats["layer1"], feats["layer4"], train)
+        if self.heads_at not in HEADS_AT:
+            raise ValueError(f"model.heads_at must be one of {HEADS_AT}, got {self.heads_at!r}")
+        aspp, dec = DeepLabV3PlusHead(head_ch, c1_ch, ASPP_DILATIONS[self.output_stride],
+                                      self.dtype, self.conv, name="decode_head")(
+                                          feats["layer1"], feats["layer4"], train)
         out = {"decoder": dec}
+        head_in = dec if self.heads_at == "decoder" else aspp
         for head in self.heads:
             out[head] = ProjectionHead(head_ch, self.emb_dim, self.dtype, self.conv,
-                                       name=f"proj_{head}")(dec, train)
+                                       name=f"proj_{head}")(head_in, train)
         if self.num_classes is not None:
             y = nn.Dropout(self.dropout_rate, deterministic=not train)(dec)
             out["logits"] = self.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
@@ -214,7 +222,8 @@ class MS3Encoder(nn.Module):
 
 
 MODEL_FIELDS = ("depth", "variant", "output_stride", "width", "stage_sizes", "head_channels",
-                "c1_channels", "emb_dim")
+                "c1_channels", "emb_dim", "heads_at")
+HEADS_AT = ("decoder", "aspp")
 KERNELS = ("auto", "xla", "cpu")
 
 

@@ -5,8 +5,11 @@ CLIP weights. ``save_tiny_clip(directory)`` writes what a hub snapshot of a CLIP
 (config.json, model.safetensors, vocab.json, merges.txt) for a width-32, 2-layer text tower, so
 ``clip_text.load_clip_text(directory)`` reads it through the same code path as real CLIP.
 
-Its weights are random: its embeddings carry no language knowledge, only the token identities.
-A marker file (``TINY_RANDOM_CLIP``) says so, and ``is_tiny_random_clip`` lets callers warn.
+Its weights are random: its embeddings carry no language knowledge, only the token identities,
+except for a planted prior: the token embedding of each word in ``RELATED_WORDS`` is drawn at
+cosine ``related_cos`` to its partner's, standing in for what real CLIP knows (paper Tab. 1:
+template similarities of related names are high), so that 'boat' starts near 'ship'. A marker
+file (``TINY_RANDOM_CLIP``) says so, and ``is_tiny_random_clip`` lets callers warn.
 
 Tokenizer: a CLIP-style BPE (``</w>`` word ends, SOS/EOS as the two largest ids like CLIP's) with
 every single character of ``CHARS`` (so any lowercase name tokenizes, one token per character at
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import transformers  # a lazy module: the CLIP classes load on first use
@@ -29,8 +32,15 @@ SOS, EOS = "<|startoftext|>", "<|endoftext|>"
 DEFAULT_WORDS = (
     "a", "photo", "of", "cat", "dog", "horse", "cow", "person", "car", "traffic", "light",
     "potted", "plant", "sky", "grass", "stairway", "stairs", "mountain", "hill", "path", "dirt",
-    "track", "building", "water", "lake", "ship", "boat", "tree", "road", "sand",
+    "track", "building", "water", "lake", "ship", "boat", "tree", "road", "sand", "vegetation",
+    "terrain", "sidewalk", "river",
 )
+# word -> partner whose token embedding it is drawn near (synonyms and parents of the synthetic
+# data's renamed classes, ms3_jax.data.synthetic).
+RELATED_WORDS = {"stairway": "stairs", "hill": "mountain", "boat": "ship", "lake": "water",
+                 "dirt": "path", "track": "path", "vegetation": "tree", "terrain": "grass", "sidewalk": "path",
+                 "river": "water"}
+RELATED_COS = 0.9
 DEFAULT_WIDTH = 32
 DEFAULT_PROJ_DIM = 32  # = configs/pretrain.py:tiny model.emb_dim, so stage 1 feeds stage 2
 DEFAULT_NUM_CTX = 13  # the paper's M (clip_text.DEFAULT_NUM_CTX)
@@ -48,27 +58,46 @@ def _split_words(words: Iterable[str]) -> list[str]:
     return out
 
 
-def vocab_and_merges(words: Iterable[str] = DEFAULT_WORDS) -> tuple[dict[str, int], list[str]]:
-    """The BPE vocabulary (token -> id) and merge list for ``words``.
+def _apply_merges(symbols: list[str], ranks: Mapping[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding as CLIP's tokenizer runs it: merge the lowest-ranked adjacent pair
+    (every occurrence, left to right) until no adjacent pair has a merge."""
+    while len(symbols) > 1:
+        best = min(zip(symbols, symbols[1:]), key=lambda pair: ranks.get(pair, len(ranks)))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
 
-    Merges go left to right ("p h" -> "ph", "ph o" -> "pho", ...), the last symbol carrying the
-    ``</w>`` word end; characters alone are always in the vocabulary (with and without ``</w>``).
+
+def vocab_and_merges(words: Iterable[str] = DEFAULT_WORDS) -> tuple[dict[str, int], list[str]]:
+    """The BPE vocabulary (token -> id) and merge list for ``words``: each word one token.
+
+    Each word is encoded with the merges so far (as the tokenizer will, lowest rank first); while
+    it is more than one symbol, the merge of its first two symbols is appended. An appended merge
+    ranks last, so it never changes the encoding of an earlier word. Characters alone are always
+    in the vocabulary (with and without the ``</w>`` word end).
     """
     vocab: dict[str, int] = {}
     for token in list(CHARS) + [c + "</w>" for c in CHARS]:
         vocab[token] = len(vocab)
-    merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in _split_words(words):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        symbols = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         while len(symbols) > 1:
-            merge = f"{symbols[0]} {symbols[1]}"
-            if merge not in merges:
-                merges.append(merge)
-            symbols = [symbols[0] + symbols[1]] + symbols[2:]
-            vocab.setdefault(symbols[0], len(vocab))
+            ranks[(symbols[0], symbols[1])] = len(ranks)
+            vocab.setdefault(symbols[0] + symbols[1], len(vocab))
+            symbols = _apply_merges(symbols, ranks)
     vocab[SOS] = len(vocab)
     vocab[EOS] = len(vocab)
-    return vocab, merges
+    return vocab, [f"{a} {b}" for a, b in ranks]
 
 
 def write_tokenizer(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_WORDS) -> int:
@@ -113,7 +142,8 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
                    full: bool = False, seed: int = 0, max_len: int | None = None,
                    width: int = DEFAULT_WIDTH, proj_dim: int = DEFAULT_PROJ_DIM,
                    legacy_eos: bool = False, sharpen: bool = True,
-                   num_ctx: int = DEFAULT_NUM_CTX) -> Path:
+                   num_ctx: int = DEFAULT_NUM_CTX, related: Mapping[str, str] | None = None,
+                   related_cos: float = RELATED_COS) -> Path:
     """Save a random ``CLIPTextModelWithProjection`` (a full ``CLIPModel`` if ``full``) + tokenizer.
 
     ``words``: names / phrases whose words get a single token each (others still tokenize, per
@@ -121,7 +151,10 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
     ``[SOS] + num_ctx + name + "." + [EOS]`` over ``words``, and at least 32; a given ``max_len``
     too small for those prompts is an error. ``sharpen`` draws larger weights than CLIP's init
     (embeddings N(0, 0.5), matrices N(0, 0.2)), so attention and the embedded token identities
-    matter instead of being washed out. Writes a ``TINY_RANDOM_CLIP`` marker next to the files.
+    matter instead of being washed out. ``related`` (default ``RELATED_WORDS``; ``{}`` for none):
+    word -> partner, the word's token embedding redrawn at cosine ``related_cos`` to the
+    partner's (pairs with a word outside the vocabulary are skipped). Writes a
+    ``TINY_RANDOM_CLIP`` marker next to the files.
     """
     import torch  # optional dependency (the `torch` extra)
 
@@ -149,17 +182,33 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
         model = transformers.CLIPTextModelWithProjection(config)
     if sharpen:
         _sharpen(model)
+    _plant_related(model, vocab_and_merges(words)[0],
+                   RELATED_WORDS if related is None else related, related_cos)
     model.save_pretrained(directory, safe_serialization=True)
     (directory / MARKER_FILE).write_text(
         "A tiny CLIP with RANDOM weights written by ms3_jax.testing.tiny_clip.save_tiny_clip:\n"
         "a stand-in for tests and demos, not pretrained CLIP. Its embeddings carry no language "
-        "knowledge.\n")
+        "knowledge beyond a planted prior: the words of RELATED_WORDS start near their partners.\n")
     return directory
 
 
 def is_tiny_random_clip(directory: str | os.PathLike) -> bool:
     """True if ``directory`` was written by ``save_tiny_clip`` (it holds the marker file)."""
     return os.path.isfile(os.path.join(os.fspath(directory), MARKER_FILE))
+
+
+def _plant_related(model, vocab: Mapping[str, int], related: Mapping[str, str],
+                   cos: float) -> None:
+    """Token embedding of each word := cos * partner's + sqrt(1 - cos^2) * its own random one
+    (both drawn i.i.d., so the norm is kept in expectation and the cosine is about ``cos``)."""
+    import torch  # optional dependency (the `torch` extra)
+
+    table = model.text_model.embeddings.token_embedding.weight
+    with torch.no_grad():
+        for word, partner in related.items():
+            w, p = vocab.get(word + "</w>"), vocab.get(partner + "</w>")
+            if w is not None and p is not None:
+                table[w] = cos * table[p] + (1.0 - cos ** 2) ** 0.5 * table[w]
 
 
 def _sharpen(model) -> None:
