@@ -2,7 +2,8 @@ r"""The whole MS3 path on the built-in synthetic multi-dataset, on a CPU, in min
 
   python -m ms3_jax.main --config=configs/demo.py --workdir=/tmp/ms3_demo
 
-Steps (each output lands in the workdir): build the synthetic datasets (data/); stage 1 with a
+Steps (each output lands in the workdir): build the synthetic datasets (data/: synth_a/b/c for
+pretraining, synth_d held out for transfer, see benchmarks/ablations.py); stage 1 with a
 tiny RANDOM CLIP text tower -- no CLIP weights can be downloaded here; point
 `text_adapt.text.clip` at a real checkpoint for meaningful language embeddings (text_adapt/);
 MS3 pretraining with Eq. 7-9 (pretrain/); the relations report scored against the planted
@@ -28,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mode = "demo"
     c.default_workdir = "/tmp/ms3_demo"
     c.synthetic = dict(num_train=200, num_val=20, image_size=96, seed=0)
+    c.check_accuracy = True  # fail (exit 1) when nearest-T pixel accuracy < 2 x chance
 
     stage1 = _load("text_adapt", "tiny")
     stage1.num_steps = 150
@@ -49,7 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage.data.data_dir = ""  # set by the demo to W/data
     c.text_adapt = stage1
     c.pretrain = stage2
-    if arg == "quick":  # for tests: a handful of steps
+    if arg == "quick":  # for tests: a handful of steps (no accuracy to check)
+        c.check_accuracy = False
         c.synthetic = dict(num_train=24, num_val=4, image_size=48, seed=0)
         stage1.num_steps, stage1.log_every, stage1.checkpoint_every = 4, 2, 4
         stage2.num_steps, stage2.log_every, stage2.checkpoint_every = 4, 2, 4

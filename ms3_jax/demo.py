@@ -22,6 +22,10 @@ from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models.deeplab import encoder_from_config
 
 
+class NoBetterThanChance(RuntimeError):
+    """The demo's pretrained model predicts no better than twice chance: a broken run."""
+
+
 def score_relations(found: list[dict[str, Any]], truth: list[dict[str, str]],
                     label_space: LabelSpace) -> dict[str, Any]:
     """Precision / recall of Eq. 6's directed pairs (paper Tab. 8) against the planted relations.
@@ -157,4 +161,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  "python -m ms3_jax.export --workdir %s --out backbone.pth", summary["loss_first"],
                  summary["loss_last"], accuracy["pixel_accuracy"], scores["precision"],
                  scores["recall"], workdir, pre_dir)
+    if config.get("check_accuracy", True):
+        check_better_than_chance(accuracy["pixel_accuracy"], len(set(label_space.names)), workdir)
     return summary
+
+
+def check_better_than_chance(pixel_accuracy: float, num_names: int, workdir: str) -> None:
+    """Raises NoBetterThanChance when the accuracy is below twice chance (1 / num_names)."""
+    chance = 1.0 / num_names
+    if pixel_accuracy < 2 * chance:
+        raise NoBetterThanChance(
+            f"the pretrained model is no better than chance: nearest-T pixel accuracy "
+            f"{pixel_accuracy:.3f} < 2 x chance (1 in {num_names} names = {chance:.3f}), whatever "
+            f"the loss did. Outputs are in {workdir} (demo_summary.json); see docs/choices.md, "
+            "\"Demo budget and data\"")

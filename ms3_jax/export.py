@@ -23,8 +23,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from ms3_jax import checkpointing
-from ms3_jax.models.deeplab import MS3Encoder
-from ms3_jax.models.resnet import ResNet
+from ms3_jax.models.deeplab import ASPP_DILATIONS, MS3Encoder
+from ms3_jax.models.resnet import OUTPUT_STRIDE_SETTINGS, STAGE_SIZES, ResNet
 
 # Keys that torchvision / MMSeg files carry and we deliberately do not map.
 _IGNORED = re.compile(r"(^|\.)num_batches_tracked$|^fc\.(weight|bias)$")
@@ -210,17 +210,42 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
     torch.save({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state_dict.items()}, path)
 
 
-def mmseg_config_snippet(checkpoint: str, variant: str = "v1", what: str = "backbone") -> str:
-    """A ready MMSegmentation config fragment that loads an exported file."""
-    backbone_type = "ResNetV1c" if variant == "v1c" else "ResNet"
-    if what == "segmentor":
-        return f"load_from = {checkpoint!r}  # whole DeepLab-v3+ (backbone + decode_head)\n"
-    return (
-        "model = dict(\n"
-        "    pretrained=None,\n"
-        f"    backbone=dict(type={backbone_type!r}, depth=50,\n"
-        f"                  init_cfg=dict(type='Pretrained', checkpoint={checkpoint!r})))\n"
-    )
+def mmseg_config_snippet(checkpoint: str, model_cfg: Mapping[str, Any], what: str = "backbone",
+                         num_classes: int | None = None) -> str:
+    """An MMSegmentation config fragment for the exported network (`model_cfg`: the workdir's
+    `config.json` `model` fields): backbone type / depth / strides / dilations and, for the
+    segmentor, the decode head's channels, ASPP rates and classes. A network MMSeg's ResNet
+    cannot build (width != 1 or a non-standard block layout) gets an explanation instead."""
+    get = lambda k, d: model_cfg.get(k) if model_cfg.get(k) is not None else d
+    depth, width, sizes = int(get("depth", 50)), float(get("width", 1.0)), get("stage_sizes", None)
+    standard = STAGE_SIZES.get(depth)
+    if width != 1.0 or (sizes is not None and tuple(sizes) != standard):
+        return (f"# No MMSegmentation config: this network is not a standard ResNet-{depth} "
+                f"(width {width:g}, blocks per stage {tuple(sizes) if sizes else standard}; MMSeg's "
+                f"ResNet has width 1 and {standard}).\n# The file loads into a model of this "
+                "exact shape only, e.g. ms3_jax with the same config.model.\n")
+    os_ = int(get("output_stride", 8))
+    strides, dilations = OUTPUT_STRIDE_SETTINGS[os_]
+    backbone_type = "ResNetV1c" if get("variant", "v1") == "v1c" else "ResNet"
+    backbone = (f"    backbone=dict(type={backbone_type!r}, depth={depth}, num_stages=4, "
+                f"out_indices=(0, 1, 2, 3),\n"
+                f"                  strides={tuple(strides)}, dilations={tuple(dilations)}, "
+                "contract_dilation=True,\n"
+                "                  norm_cfg=dict(type='SyncBN', requires_grad=True), style='pytorch'")
+    if what == "backbone":
+        return ("model = dict(\n    pretrained=None,\n" + backbone + ",\n"
+                f"                  init_cfg=dict(type='Pretrained', checkpoint={checkpoint!r})))\n")
+    head_ch, c1_ch = int(get("head_channels", 512)), int(get("c1_channels", 48))
+    classes = num_classes if num_classes is not None else "NUM_CLASSES  # of your dataset"
+    return ("model = dict(\n    pretrained=None,\n" + backbone + "),\n"
+            "    decode_head=dict(type='DepthwiseSeparableASPPHead', in_channels=2048, in_index=3,\n"
+            f"                     channels={head_ch}, dilations={tuple(ASPP_DILATIONS[os_])}, "
+            f"c1_in_channels=256, c1_channels={c1_ch},\n"
+            "                     dropout_ratio=0.1, align_corners=False,\n"
+            "                     norm_cfg=dict(type='SyncBN', requires_grad=True),\n"
+            f"                     num_classes={classes}),\n"
+            "    auxiliary_head=None)\n"
+            f"load_from = {checkpoint!r}  # backbone.* + decode_head.* (conv_seg when fine-tuned)\n")
 
 
 def export_workdir(workdir: str, out: str, what: str = "backbone", step: int | None = None,
@@ -246,9 +271,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema", action="store_true", help="export the momentum encoder instead")
     args = parser.parse_args(argv)
     sd = export_workdir(args.workdir, args.out, args.what, args.step, args.ema)
-    variant = checkpointing.read_config(args.workdir).get("model", {}).get("variant", "v1")
+    model_cfg = checkpointing.read_config(args.workdir).get("model", {})
+    num_classes = (sd["decode_head.conv_seg.weight"].shape[0]
+                   if "decode_head.conv_seg.weight" in sd else None)
     print(f"wrote {len(sd)} tensors ({sum(v.size for v in sd.values()) / 1e6:.1f}M values) to {args.out}")
-    print("MMSegmentation config:\n" + mmseg_config_snippet(os.path.abspath(args.out), variant, args.what))
+    print("MMSegmentation config:\n" + mmseg_config_snippet(os.path.abspath(args.out), model_cfg,
+                                                            args.what, num_classes))
 
 
 if __name__ == "__main__":

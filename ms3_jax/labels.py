@@ -23,8 +23,8 @@ def valid_labels(labels_N: jax.Array, num_classes: int, ignore_label: int = IGNO
 
 
 def downsample_labels(labels_BxHxW: jax.Array, hw: tuple[int, int]) -> jax.Array:
-    """Nearest-neighbour resize of label maps to the embeddings' [H/4, W/4] (torch
-    `interpolate(mode='nearest')` indexing)."""
+    """Nearest-neighbour resize of label maps to the embeddings' grid `hw` ([H/4, W/4], or
+    [H/os, W/os] with the heads after the ASPP) (torch `interpolate(mode='nearest')` indexing)."""
     h, w = labels_BxHxW.shape[1:3]
     rows = (np.arange(hw[0]) * h) // hw[0]
     cols = (np.arange(hw[1]) * w) // hw[1]

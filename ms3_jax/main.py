@@ -4,14 +4,20 @@ Dispatches on `config.mode`: 'pretrain' (stage 2), 'text_adapt' (stage 1), 'fine
 'demo' (everything on the built-in synthetic data). Any field can be overridden: `--config.batch_size=256`.
 Multi-host: one process per host, see `launch/` (env MS3_COORDINATOR / MS3_NUM_PROCESSES / MS3_PROCESS_ID).
 
+`--config` paths are taken relative to the working directory, else to the checkout this package
+runs from (so `--config=configs/demo.py` works from anywhere in a clone); `--print_config` prints
+the resolved config and exits.
+
 Exit codes: 0 done; 75 preempted -- SIGTERM / SIGINT saved a checkpoint (state + data iterator),
-relaunch the same command to resume exactly (`loop.PREEMPTED_EXIT_CODE`); 1 an error (named in
-the traceback: bad input, non-finite loss, ...).
+relaunch the same command to resume exactly (`loop.PREEMPTED_EXIT_CODE`); 2 a usage error (bad
+config value, missing file or data: one line on stderr, the traceback with `--verbose`); 1 any
+other error (non-finite loss, a bug, ...), with its traceback.
 
 Long CPU runs: MS3_HOST_MALLOC=reuse makes glibc keep freed pages for reuse (20-25 % faster
 steps; `host_memory`).
 """
 import logging as py_logging
+import os
 import sys
 from typing import Any
 
@@ -20,8 +26,35 @@ from ml_collections import config_flags
 
 from ms3_jax import demo, finetune, host_memory, loop, pretrain, sharding, text_adapt
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "job config", lock_config=True)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USAGE_EXIT_CODE = 2
+# Raised for what the user can fix (config values, paths, data); anything else is exit code 1.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(REPO, "configs", "demo.py"),
+    "job config: configs/<job>.py[:arg], relative to the working directory or to the checkout",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and outputs go")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the resolved config and exit")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "full tracebacks for usage errors too")
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+    """`--config=PATH[:arg]` (or `--config PATH[:arg]`) with PATH made absolute against the
+    checkout when it does not exist relative to the working directory."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            prefix, value = "--config=", a[len("--config="):]
+        elif a == "--config" and i + 1 < len(out):
+            prefix, value, i = "", out[i + 1], i + 1
+        else:
+            continue
+        path, sep, arg = value.partition(":")
+        if not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
+            out[i] = prefix + os.path.join(REPO, path) + sep + arg
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -29,6 +62,9 @@ def main(argv: list[str]) -> None:
     host_malloc = host_memory.configure_from_env()  # before JAX creates its CPU client
     sharding.initialize_distributed()  # multi-process (MS3_* env, SLURM, TPU pod): before any JAX use
     config = _CONFIG.value
+    if _PRINT_CONFIG.value:
+        print(config)
+        return
     workdir = _WORKDIR.value or config.get("default_workdir")
     if not workdir:
         raise app.UsageError("--workdir is required for this config")
@@ -45,6 +81,17 @@ def main(argv: list[str]) -> None:
         logging.warning("%s; exit code %d", e, loop.PREEMPTED_EXIT_CODE)
         logging.flush()
         sys.exit(loop.PREEMPTED_EXIT_CODE)
+    except demo.NoBetterThanChance as e:
+        logging.error("%s", e)
+        logging.flush()
+        sys.exit(1)
+    except USER_ERRORS as e:
+        if _VERBOSE.value:
+            raise
+        logging.flush()
+        print(f"error: {e}\n(exit code {USAGE_EXIT_CODE}; --verbose shows the traceback)",
+              file=sys.stderr)
+        sys.exit(USAGE_EXIT_CODE)
 
 
 def _dispatch(config: Any, workdir: str) -> None:
@@ -61,4 +108,4 @@ def _dispatch(config: Any, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, argv=resolve_config_argv(sys.argv))

@@ -9,8 +9,9 @@ size and the argmax is the label (Eq. 1's pairing, read out without a trained cl
 
 W is a pretraining workdir (config.json + checkpoints; its stage-1 text model is found from
 `text.embeddings`), a demo workdir (W/pretrain + W/text_adapt), or a stage-1 workdir itself.
-Per image: `<stem>_labels.png` (uint8 index into the class list) and `<stem>_overlay.png`
-(colours blended on the image, legend on the right).
+Per image: `<stem>_labels.png` (palette PNG, value = index into the class list, named in
+`<stem>_labels.json`) and `<stem>_overlay.png` (colours blended on the image, legend on the
+right).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import colorsys
 import dataclasses
 import functools
 import importlib.util
+import json
 import os
 from typing import Any, Sequence
 
@@ -305,13 +307,18 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
 
 def write_outputs(out_dir: str, stem: str, image: np.ndarray, labels: np.ndarray,
                   class_names: Sequence[str]) -> tuple[str, str]:
-    """`<stem>_labels.png` (uint8 class index) and `<stem>_overlay.png`; returns their paths."""
+    """`<stem>_labels.png` (palette PNG: pixel value = class index, shown in the overlay's colours),
+    `<stem>_labels.json` (index -> class name) and `<stem>_overlay.png`; returns the two PNG paths."""
     if len(class_names) > 256:
         raise ValueError(f"{len(class_names)} classes do not fit a uint8 label PNG (at most 256)")
     os.makedirs(out_dir, exist_ok=True)
     labels_path = os.path.join(out_dir, f"{stem}_labels.png")
     overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
-    Image.fromarray(labels.astype(np.uint8)).save(labels_path)
+    indexed = Image.fromarray(labels.astype(np.uint8), mode="P")
+    indexed.putpalette(palette(len(class_names)).astype(np.uint8).ravel().tolist())
+    indexed.save(labels_path)
+    with open(os.path.join(out_dir, f"{stem}_labels.json"), "w") as f:
+        json.dump({str(i): name for i, name in enumerate(class_names)}, f, indent=1)
     overlay(image, labels, class_names).save(overlay_path)
     return labels_path, overlay_path
 

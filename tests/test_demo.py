@@ -34,6 +34,12 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert per_class.min() <= acc["pixel_accuracy"] <= per_class.max()  # a pixel-weighted mean
 
 
+def test_demo_fails_when_no_better_than_chance():
+    demo.check_better_than_chance(0.2, 16, "/w")  # chance 0.0625: fine above 0.125
+    with pytest.raises(demo.NoBetterThanChance, match=r"0\.100 < 2 x chance \(1 in 16 names"):
+        demo.check_better_than_chance(0.1, 16, "/w")
+
+
 def test_score_relations_synonyms_either_way_subsets_one_way():
     ls = LabelSpace({"a": ["stairway", "path", "sky"], "b": ["stairs", "dirt track", "sky"]})
     truth = [{"from": "a/stairway", "to": "b/stairs", "kind": "synonym"},

@@ -39,8 +39,36 @@ def test_cli_writes_pth_that_strict_loads_into_reference(workdir, tmp_path, caps
     np.testing.assert_array_equal(
         sd["stem.0.weight"].numpy(),
         np.transpose(variables["params"]["backbone"]["stem_0"]["kernel"], (3, 2, 0, 1)))
-    printed = capsys.readouterr().out
-    assert "type='Pretrained'" in printed and "ResNetV1c" in printed
+    printed = capsys.readouterr().out  # a tiny network: no config that calls it a ResNet-50
+    assert "No MMSegmentation config" in printed and "width 0.125" in printed
+    assert "(1, 1, 1, 1)" in printed and "depth=" not in printed
+
+
+def _run_snippet(text):
+    scope = {}
+    exec(text, {}, scope)  # the snippet is Python an MMSeg config file can hold
+    return scope
+
+
+def test_mmseg_snippet_matches_the_exported_network():
+    """Against MMSeg's `_base_/models/deeplabv3plus_r50-d8.py` numbers (OS 8) and OS 16."""
+    paper = {"depth": 50, "variant": "v1c", "output_stride": 8, "width": 1.0,
+             "head_channels": 512, "c1_channels": 48}
+    backbone = _run_snippet(export.mmseg_config_snippet("/x/b.pth", paper))["model"]["backbone"]
+    assert backbone["type"] == "ResNetV1c" and backbone["depth"] == 50
+    assert backbone["strides"] == (1, 2, 1, 1) and backbone["dilations"] == (1, 1, 2, 4)
+    assert backbone["contract_dilation"] and backbone["init_cfg"]["checkpoint"] == "/x/b.pth"
+    seg = _run_snippet(export.mmseg_config_snippet(
+        "/x/s.pth", {**paper, "variant": "v1", "output_stride": 16, "depth": 101}, "segmentor", 19))
+    head = seg["model"]["decode_head"]
+    assert seg["load_from"] == "/x/s.pth" and seg["model"]["backbone"]["type"] == "ResNet"
+    assert seg["model"]["backbone"]["depth"] == 101
+    assert seg["model"]["backbone"]["strides"] == (1, 2, 2, 1)
+    assert head["dilations"] == (1, 6, 12, 18) and head["num_classes"] == 19
+    assert (head["channels"], head["c1_in_channels"], head["c1_channels"]) == (512, 256, 48)
+    for bad in ({"width": 0.5}, {"stage_sizes": [3, 4, 6, 2]}):
+        text = export.mmseg_config_snippet("/x/b.pth", {**paper, **bad})
+        assert text.startswith("# No MMSegmentation config") and "model" not in _run_snippet(text)
 
 
 def test_cli_safetensors_segmentor_and_ema(workdir, tmp_path):

@@ -67,9 +67,13 @@ def test_cli_writes_labels_and_overlay(demo_dir, images, tmp_path):
         with Image.open(path) as im:
             w, h = im.size
         with Image.open(labels_png) as im:
-            assert im.mode == "L" and im.size == (w, h)
+            assert im.mode == "P" and im.size == (w, h)
             labels = np.asarray(im)
+            lut = np.asarray(im.getpalette()[:3 * len(NAMES)]).reshape(-1, 3)
         assert labels.max() < len(NAMES)
+        np.testing.assert_array_equal(lut, zero_shot.palette(len(NAMES)))
+        mapping = json.loads(open(os.path.join(out, f"{stem}_labels.json")).read())
+        assert mapping == {str(i): n for i, n in enumerate(NAMES)}
         with Image.open(overlay_png) as im:
             assert im.mode == "RGB"
             assert im.size[0] > w and im.size[1] >= h  # legend appended on the right
