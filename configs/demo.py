@@ -44,6 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stage2.batch_size = 16
     stage2.data.crop_size = 64
     stage2.relations.warmup_steps = 1000
+    stage2.eval_every = 500  # nearest-T / V mIoU of each validation split (pretrain_eval.py)
+    stage2.eval.update(dict(max_images=0, short_side=0))
     stage2.optim.update(dict(base_lr=1.6, warmup_steps=20))  # x 16 / 128 = 0.2
 
     for stage in (stage1, stage2):
@@ -57,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage1.num_steps, stage1.log_every, stage1.checkpoint_every = 4, 2, 4
         stage2.num_steps, stage2.log_every, stage2.checkpoint_every = 4, 2, 4
         stage2.batch_size, stage2.data.crop_size, stage2.relations.warmup_steps = 8, 32, 2
+        stage2.eval_every, stage2.eval.max_images = 4, 2
     elif arg:
         raise ValueError(f"unknown config string {arg!r}; valid: 'quick'")
     return c

@@ -32,6 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 2000
     c.keep_checkpoints = 3
+    # Every eval_every steps and at the end (0: never): each dataset's validation split segmented
+    # by nearest T / V (ms3_jax/pretrain_eval.py) -> console, TensorBoard, W/results.json.
+    c.eval_every = 10000
+    c.eval = ml_collections.ConfigDict(dict(max_images=200, short_side=512))
     c.nonfinite = "stop"  # NaN / inf loss or gradients: 'stop' (error naming the step) | 'skip' the step
     c.ema_momentum = 0.999
 
@@ -88,6 +92,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.num_steps = 20
     c.log_every = 5
     c.checkpoint_every = 10
+    c.eval_every = 0
+    c.eval.update(dict(max_images=4, short_side=0))
     c.model.update(dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=32, dtype="float32"))
     c.data.update(dict(datasets=("synth_a", "synth_b", "synth_c"), crop_size=64, worker_count=0,
                        data_dir="/tmp/ms3_jax_data/synthetic"))

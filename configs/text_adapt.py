@@ -39,8 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = _pretrain_config(arg or None)
     c.mode = "text_adapt"
     c.num_epochs = 10
-    # Stage 2 only: the visual branch, the memory bank, the relations, the stage-1 output.
-    for key in ("ema_momentum", "bank", "relations"):
+    # Stage 2 only: the visual branch, the memory bank, the relations, the stage-1 output, its
+    # evaluation.
+    for key in ("ema_momentum", "bank", "relations", "eval_every", "eval"):
         del c[key]
     c.loss = ml_collections.ConfigDict(dict(tau=c.loss.tau, chunk=c.loss.chunk))
     c.data.augment = ml_collections.config_dict.placeholder(dict)  # AugmentConfig overrides

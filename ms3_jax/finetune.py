@@ -348,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     else:
         variables = initial_variables(config, trainer, init_rng)
     state = trainer.create_state(variables, state_rng)
-    writer = loop.summary_writer(workdir)
+    writer = loop.summary_writer(workdir, config)
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] | None = None
 

@@ -69,11 +69,15 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any, iterator: Any,
     return state, start
 
 
-def summary_writer(workdir: str) -> Any | None:
-    """A TensorBoard writer (tensorboardX) in W/tensorboard on process 0; None elsewhere."""
+def summary_writer(workdir: str, config: Any | None = None) -> Any | None:
+    """A TensorBoard writer (tensorboardX) in W/tensorboard on process 0; None elsewhere. The
+    `config` (an ml_collections ConfigDict) goes in as text, 'config'."""
     if jax.process_index() != 0:
         return None
-    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if config is not None:
+        writer.add_text("config", "    " + str(config).replace("\n", "\n    "), 0)
+    return writer
 
 
 class StopRequest:

@@ -21,8 +21,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from ms3_jax import (labels, loop, losses, memory_bank, optim, pseudo_labels, relations,
-                     text_embeddings, training)
+from ms3_jax import (labels, loop, losses, memory_bank, optim, pretrain_eval, pseudo_labels,
+                     relations, text_embeddings, training)
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config
 from ms3_jax.train_state import TrainState, ema_update, init_train_state
@@ -307,6 +307,9 @@ def resolve_text_embeddings(config: ml_collections.ConfigDict, label_space: Labe
     return text_embeddings.template_text_embeddings(config.text.clip, label_space, config.text.template)
 
 
+RESULTS_FILE = "results.json"
+
+
 def write_relations_report(workdir: str, state: TrainState, label_space: LabelSpace,
                            other_dataset: jax.Array) -> str:
     """Tab. 8-style report of the final multi-label mapping -> W/relations.txt and .json."""
@@ -345,15 +348,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = trainer.init_state(jax.random.PRNGKey(config.seed), config.data.crop_size)
     if config.model.get("init_from"):
         state = init_backbone_from(state, config.model.init_from, trainer)
-    writer = loop.summary_writer(workdir)
+    writer = loop.summary_writer(workdir, config)
+    evaluations: list[dict[str, Any]] = []
+
+    def after_step(step: int, state: TrainState) -> None:
+        every = config.get("eval_every", 0)
+        if every and (step % every == 0 or step == num_steps):
+            evaluations.append(run_evaluation(config, trainer, state, step, workdir, writer))
+
     state, history, end = training.fit(trainer, state, iterator, mngr, config, workdir,
-                                       num_steps=num_steps, writer=writer, stop_at=stop_at)
-    if writer is not None:
-        writer.close()
+                                       num_steps=num_steps, writer=writer, stop_at=stop_at,
+                                       after_step=after_step)
     if jax.process_index() == 0 and config.loss.kind == "ms3" and end == num_steps:
         report = write_relations_report(workdir, state, label_space, trainer.consts["other_dataset"])
-        logging.info("\n%s", report)
+        logging.info("%s (Eq. 6); the table (paper Tab. 8 form) is in %s", report.splitlines()[0],
+                     os.path.join(workdir, "relations.txt"))
+        if writer is not None:
+            writer.add_text("relations", "    " + report.replace("\n", "\n    "), end)
+    if writer is not None:
+        writer.close()
     return history
+
+
+def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: TrainState,
+                   step: int, workdir: str, writer: Any | None) -> dict[str, Any]:
+    """`pretrain_eval` on every dataset's validation split at `step`: one console line,
+    TensorBoard `eval/<dataset>/<head>/<metric>`, and the history in W/results.json."""
+    lc = config.loss
+    if lc.kind != "ms3":
+        heads = {"logits": None}
+    else:
+        heads = {**({"language": trainer.consts["text"]} if lc.use_language else {}),
+                 **({"visual": state.visual_emb} if lc.use_visual else {})}
+    ec = config.get("eval") or {}
+    results = pretrain_eval.evaluate_pretraining(
+        trainer.model, {"params": state.params, "batch_stats": state.batch_stats}, heads,
+        trainer.label_space, config.data.data_dir or None, short_side=ec.get("short_side"),
+        max_images=ec.get("max_images", 0))
+    entry = {"step": step, **{k: {m: float(v[m]) for m in ("mIoU", "aAcc", "mAcc")}
+                              for k, v in results.items()}}
+    if jax.process_index() == 0:
+        logging.info("%s", pretrain_eval.summary_line(step, results))
+        if writer is not None:
+            for key, m in results.items():
+                for name in ("mIoU", "aAcc", "mAcc"):
+                    writer.add_scalar(f"eval/{key}/{name}", m[name], step)
+            writer.flush()
+        path = os.path.join(workdir, RESULTS_FILE)
+        history = []
+        if os.path.exists(path):
+            with open(path) as f:
+                history = [e for e in json.load(f)["eval"] if e["step"] < step]
+        per_class = {k: dict(zip(v["class_names"], [None if np.isnan(x) else float(x)
+                                                    for x in v["IoU"]])) for k, v in results.items()}
+        with open(path, "w") as f:
+            json.dump({"eval": history + [entry], "per_class_IoU": per_class}, f, indent=1)
+    return entry
 
 
 def init_backbone_from(state: TrainState, path: str, trainer: Trainer) -> TrainState:

@@ -463,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = trainer.init_state(rng, config.data.crop_size, ctx_MxD, text_params)
     if config.model.get("init_from"):
         state = _init_backbone_from(state, config.model.init_from, trainer)
-    writer = loop.summary_writer(workdir)
+    writer = loop.summary_writer(workdir, config)
     state, history, end = training.fit(trainer, state, iterator, mngr, config, workdir,
                                        num_steps=num_steps, writer=writer, stop_at=stop_at)
     if writer is not None:

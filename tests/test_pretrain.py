@@ -1,5 +1,6 @@
 """MS3 pretraining: the sharded step (8 devices == 1 device), ablation switches, resume, config errors."""
 import functools
+import json
 import logging
 
 import jax
@@ -208,7 +209,8 @@ def synthetic_dir(tmp_path_factory):
 
 def loop_config(synthetic_dir, tmp_path):
     config = tiny_config(**{"num_steps": 6, "checkpoint_every": 3, "log_every": 2,
-                            "data.data_dir": synthetic_dir, "relations.warmup_steps": 2})
+                            "data.data_dir": synthetic_dir, "relations.warmup_steps": 2,
+                            "eval_every": 3, "eval.max_images": 1})
     config.data.synthetic = None
     path = str(tmp_path / "T.npz")
     text_embeddings.save_text_embeddings(path, label_space(), random_text(config.model.emb_dim), "template")
@@ -240,6 +242,17 @@ def test_resume_continues_exactly(synthetic_dir, tmp_path, caplog):
     assert list((tmp_path / "full" / "tensorboard").iterdir())
     report = (tmp_path / "full" / "relations.txt").read_text()
     assert report.startswith("multi-label mapping:")
+    events = b"".join(f.read_bytes() for f in (tmp_path / "full" / "tensorboard").iterdir())
+    for tag in (b"eval/synth_a/language/mIoU", b"multi-label mapping", b"crop_size: 32"):
+        assert tag in events, tag  # scalars, the relations table and the config as text
+    # Evaluation at steps 3 and 6, kept across the resume (pretrain_eval.py).
+    for run in ("full", "split"):
+        results = json.loads((tmp_path / run / "results.json").read_text())
+        assert [e["step"] for e in results["eval"]] == [3, 6]
+        assert set(results["eval"][-1]) == {"step"} | {f"{d}/{h}" for d in DATASETS
+                                                      for h in ("language", "visual")}
+        assert set(results["per_class_IoU"]["synth_b/visual"]) == set(LabelSpace.from_datasets(
+            ["synth_b"]).class_names[0])
 
 
 def test_init_from_torchvision_file_sets_online_and_momentum_backbones(tmp_path):
@@ -256,3 +269,40 @@ def test_init_from_torchvision_file_sets_online_and_momentum_backbones(tmp_path)
         np.testing.assert_array_equal(tree["backbone"]["layer3_0"]["conv2"]["kernel"], want)
     np.testing.assert_array_equal(state.ema_batch_stats["backbone"]["bn1"]["var"], ref.bn1.running_var.numpy())
     assert state.ema_params["backbone"]["conv1"]["kernel"] is not state.params["backbone"]["conv1"]["kernel"]
+
+
+def test_evaluation_during_pretraining_matches_a_numpy_reference(synthetic_dir):
+    """Per dataset, nearest-T among its own classes, cosines upsampled to the image (bilinear,
+    align_corners=False), against the same pipeline in float64 NumPy, for the first 2 images."""
+    from ms3_jax import pretrain_eval
+    from ms3_jax.data import eval_data
+    from ms3_jax.models.deeplab import _interp_matrix
+    config = tiny_config()
+    model = pretrain.build_model(config, label_space().num_classes, "cpu")
+    variables = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3), jnp.uint8))
+    text = random_text(config.model.emb_dim, seed=4)
+    got = pretrain_eval.evaluate_pretraining(model, variables, {"language": text}, label_space(),
+                                             synthetic_dir, max_images=2)
+    assert sorted(got) == [f"{d}/language" for d in DATASETS]
+    ls = label_space()
+    for d, name in enumerate(DATASETS):
+        rows = text[ls.offsets[d]:ls.offsets[d + 1]].astype(np.float64)
+        k = len(rows)
+        conf = np.zeros((k, k), np.int64)
+        local = LabelSpace.from_datasets([name])
+        images = eval_data.make_eval_dataset(name, label_space=local, data_dir=synthetic_dir)
+        for i in range(2):
+            image, label = images[i]["image"], images[i]["label"]
+            emb = np.asarray(model.apply(variables, image[None])["language"][0], np.float64)
+            cos = emb @ rows.T  # [h, w, k]
+            h, w = image.shape[:2]
+            up = np.einsum("Hh,hwk,Ww->HWk", _interp_matrix(cos.shape[0], h), cos,
+                           _interp_matrix(cos.shape[1], w))
+            pred, ok = up.argmax(-1), label >= 0
+            np.add.at(conf, (label[ok], pred[ok]), 1)
+        m = got[f"{name}/language"]
+        tp, union = np.diag(conf), conf.sum(0) + conf.sum(1) - np.diag(conf)
+        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+        assert m["num_images"] == 2 and m["class_names"] == list(local.class_names[0])
+        np.testing.assert_allclose(m["mIoU"], 100 * np.nanmean(iou), atol=0.2)
+        np.testing.assert_allclose(m["aAcc"], 100 * tp.sum() / conf.sum(), atol=0.2)

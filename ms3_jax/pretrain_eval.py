@@ -1,0 +1,65 @@
+"""Evaluation during pretraining: each dataset's validation split segmented by the embeddings.
+
+Per dataset d and head: a pixel's prediction is the nearest class embedding among d's own
+classes (its rows of T for the language head, of V for the visual head, Eq. 1 / 2 at test time),
+the cosine map upsampled to the image as in zero-shot (`evaluate.predict_whole`); CE baselines
+(Tab. 4) use their logits restricted to d's classes. mIoU / aAcc / mAcc per dataset and head, as
+fine-tuning reports them (`evaluate.segmentation_metrics`). Not in the paper, which evaluates
+only after fine-tuning; it shows whether pretraining learns while it runs.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ms3_jax import evaluate
+from ms3_jax.data import eval_data
+from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.labels import IGNORE_LABEL
+
+
+@functools.lru_cache(maxsize=None)
+def head_logits_fn(model: nn.Module, head: str) -> evaluate.ApplyFn:
+    """`apply_fn({'model': variables, 'classes': E_KxC}, images)` -> [B, h, w, K]: cosines of the
+    `head` embeddings with the rows E ('language' / 'visual'), or the `logits` columns E (int
+    indices) of a CE head. Cached, so evaluation compiles once per image shape."""
+    def apply_fn(variables, images):
+        out = model.apply(variables["model"], images, train=False)
+        if head == "logits":
+            return jnp.take(out["logits"], variables["classes"], axis=-1)
+        return jnp.einsum("bhwc,kc->bhwk", out[head], variables["classes"])
+    return apply_fn
+
+
+def evaluate_pretraining(model: nn.Module, variables: Any, class_embeddings: dict[str, Any],
+                         label_space: LabelSpace, data_dir: str | None, *,
+                         short_side: int | None = None, max_images: int = 0,
+                         split: str = "validation") -> dict[str, dict[str, Any]]:
+    """{'<dataset>/<head>': metrics} for every dataset of `label_space` and every head in
+    `class_embeddings` ({'language': T [K, C], 'visual': V [K, C]} or {'logits': None}). All
+    processes must call it (their shares of the images are gathered)."""
+    results = {}
+    for d, name in enumerate(label_space.dataset_names):
+        rows = np.arange(label_space.offsets[d], label_space.offsets[d + 1])
+        local = LabelSpace.from_datasets([name])  # labels as d's own ids 0..K_d-1
+        images = eval_data.make_eval_dataset(
+            name, label_space=local, data_dir=data_dir, split=split, short_side=short_side,
+            shard_index=jax.process_index(), shard_count=jax.process_count())
+        for head, emb_KxC in class_embeddings.items():
+            classes = rows if emb_KxC is None else np.asarray(emb_KxC, np.float32)[rows]
+            metrics = evaluate.evaluate(
+                head_logits_fn(model, head), {"model": variables, "classes": classes}, images,
+                len(rows), ignore_index=IGNORE_LABEL, max_images=max_images or None)
+            results[f"{name}/{head}"] = {**metrics, "class_names": list(local.class_names[0])}
+    return results
+
+
+def summary_line(step: int, results: dict[str, dict[str, Any]]) -> str:
+    """One console line: mIoU (aAcc) per dataset and head."""
+    parts = [f"{key} mIoU {m['mIoU']:.1f} (aAcc {m['aAcc']:.1f})" for key, m in results.items()]
+    return f"eval at step {step} | " + " | ".join(parts)
