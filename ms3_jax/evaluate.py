@@ -257,7 +257,7 @@ def _image_step(apply_fn: ApplyFn, num_classes: int, mode: str, crop: tuple[int,
     return jax.jit(step, donate_argnums=0)
 
 
-def _local_copy(tree: Any) -> Any:
+def local_copy(tree: Any) -> Any:
     """This process's copy of (replicated) variables as host arrays."""
     def local(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -303,7 +303,7 @@ def accumulate_confusion(model: nn.Module | ApplyFn, variables: Any,
                        None if crop is None else _pair(crop), None if stride is None else _pair(stride),
                        bool(flip), int(ignore_index), crop_batch or None)
     devices = list(devices) if devices else jax.local_devices()[:1]
-    host_vars = _local_copy(variables)
+    host_vars = local_copy(variables)
     dev_vars = [jax.device_put(host_vars, d) for d in devices]
     counts = [jax.device_put(np.zeros((2, num_classes, num_classes), np.int32), d) for d in devices]
     n, t0 = 0, time.perf_counter()

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ms3_jax import evaluate
+from ms3_jax import evaluate, visualize
 from ms3_jax.data import eval_data
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.labels import IGNORE_LABEL
@@ -44,6 +44,7 @@ def evaluate_pretraining(model: nn.Module, variables: Any, class_embeddings: dic
     `class_embeddings` ({'language': T [K, C], 'visual': V [K, C]} or {'logits': None}). All
     processes must call it (their shares of the images are gathered)."""
     results = {}
+    class_embeddings = evaluate.local_copy(class_embeddings)  # T / V: replicated over processes
     for d, name in enumerate(label_space.dataset_names):
         rows = np.arange(label_space.offsets[d], label_space.offsets[d + 1])
         local = LabelSpace.from_datasets([name])  # labels as d's own ids 0..K_d-1
@@ -57,6 +58,41 @@ def evaluate_pretraining(model: nn.Module, variables: Any, class_embeddings: dic
                 len(rows), ignore_index=IGNORE_LABEL, max_images=max_images or None)
             results[f"{name}/{head}"] = {**metrics, "class_names": list(local.class_names[0])}
     return results
+
+
+def example_panels(model: nn.Module, variables: Any, class_embeddings: dict[str, Any],
+                   label_space: LabelSpace, data_dir: str | None, *,
+                   short_side: int | None = None, index: int = 0) -> dict[str, np.ndarray]:
+    """{'<dataset>/<head>': uint8 [H, W, 3]}: validation image `index` of each dataset with its
+    ground truth (left) and the head's prediction (right) as colour overlays with the class names
+    (`visualize.overlay`; ignored pixels in the last colour, named '(ignored)')."""
+    panels = {}
+    # This process alone may call this: host copies of the (replicated) arrays.
+    variables, class_embeddings = evaluate.local_copy((variables, class_embeddings))
+    for d, name in enumerate(label_space.dataset_names):
+        rows = np.arange(label_space.offsets[d], label_space.offsets[d + 1])
+        local = LabelSpace.from_datasets([name])
+        example = eval_data.make_eval_dataset(name, label_space=local, data_dir=data_dir,
+                                              short_side=short_side)[index]
+        image, label = np.asarray(example["image"]), np.asarray(example["label"])
+        names = list(local.class_names[0])
+        truth = visualize.overlay(image, np.where(label < 0, len(names), label), names + ["(ignored)"])
+        for head, emb_KxC in class_embeddings.items():
+            classes = rows if emb_KxC is None else np.asarray(emb_KxC, np.float32)[rows]
+            scores = _predict(head_logits_fn(model, head), len(rows))(
+                {"model": variables, "classes": classes}, image[None])
+            pred = visualize.overlay(image, np.asarray(jnp.argmax(scores[0], -1)), names)
+            canvas = np.full((max(truth.height, pred.height), truth.width + pred.width, 3), 255,
+                             np.uint8)
+            canvas[:truth.height, :truth.width] = np.asarray(truth)
+            canvas[:pred.height, truth.width:] = np.asarray(pred)
+            panels[f"{name}/{head}"] = canvas
+    return panels
+
+
+@functools.lru_cache(maxsize=None)
+def _predict(apply_fn: evaluate.ApplyFn, num_classes: int):
+    return jax.jit(functools.partial(evaluate.predict_whole, apply_fn, num_classes=num_classes))
 
 
 def summary_line(step: int, results: dict[str, dict[str, Any]]) -> str:

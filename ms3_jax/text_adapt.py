@@ -466,8 +466,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer = loop.summary_writer(workdir, config)
     state, history, end = training.fit(trainer, state, iterator, mngr, config, workdir,
                                        num_steps=num_steps, writer=writer, stop_at=stop_at)
+    if end == num_steps:
+        report = _write_outputs(workdir, trainer, state, clip, text_params, ctx_MxD)
+        if writer is not None and report:
+            table = format_similarity_table(report)
+            writer.add_text("tab1_similarity", "    " + table.replace("\n", "\n    "), end)
     if writer is not None:
         writer.close()
-    if end == num_steps:
-        _write_outputs(workdir, trainer, state, clip, text_params, ctx_MxD)
     return history

@@ -16,7 +16,6 @@ right).
 from __future__ import annotations
 
 import argparse
-import colorsys
 import dataclasses
 import functools
 import importlib.util
@@ -27,27 +26,20 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageOps
 
 from ms3_jax import checkpointing, pretrain, text_adapt
 from ms3_jax.data import sources
 from ms3_jax.models import clip_text
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
+from ms3_jax.visualize import check_image, overlay, palette  # noqa: F401 (palette: re-exported)
 
 DEFAULT_SHORT_SIDE = 448
 TEXT_MODEL_META = os.path.join("text_model", "text_model.json")  # text_adapt.save_adapted_text
 STAGE1_HINT = ("make one with stage 1: python -m ms3_jax.main --config=configs/text_adapt.py "
                "--workdir=T (the same datasets and model as pretraining), then pass "
                "text_workdir=T (CLI: --text_workdir T)")
-
-# Distinct, legible colours for the first classes; more are spread over the hue circle.
-_BASE_PALETTE = (
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
-    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
-    (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128))
-
 
 # ----------------------------------------------------------------------------------------------
 # Inputs
@@ -78,15 +70,6 @@ def read_image(path: str | os.PathLike, *, header_only: bool = False) -> np.ndar
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-
-
-def _check_image(image: Any) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 [H, W, 3] (RGB), got {image.dtype} {image.shape}")
-    if min(image.shape[:2]) < 1:
-        raise ValueError(f"image is empty: shape {image.shape}")
-    return image
 
 
 def input_size(height: int, width: int, short_side: int | None, multiple: int) -> tuple[int, int]:
@@ -226,7 +209,7 @@ class ZeroShotSegmenter:
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """The network input: uint8 [h, w, 3] at `input_size` (bilinear, antialiased)."""
-        image = _check_image(image)
+        image = check_image(image)
         h, w = input_size(*image.shape[:2], self.short_side, self.multiple)
         if (h, w) == image.shape[:2]:
             return image
@@ -242,7 +225,7 @@ class ZeroShotSegmenter:
         """(labels int32 [H, W] indexing `class_names`, scores float32 [H, W, K]): cosine of the
         pixel and class embeddings, bilinearly upsampled to the image size, and its argmax."""
         t_KxC = self.embed_classes(class_names)
-        image = _check_image(image)
+        image = check_image(image)
         emb_hxwxC = self.pixel_embeddings(image)
         scores_HxWxK = upsampled_cosine(jnp.asarray(emb_hxwxC), jnp.asarray(t_KxC),
                                          tuple(image.shape[:2]))
@@ -261,48 +244,6 @@ def upsampled_cosine(emb_hxwxC: jax.Array, text_KxC: jax.Array, size: tuple[int,
 # ----------------------------------------------------------------------------------------------
 # Drawing
 # ----------------------------------------------------------------------------------------------
-
-
-def palette(n: int) -> np.ndarray:
-    """uint8 [n, 3] distinct colours (a fixed list, then golden-ratio hues)."""
-    out = list(_BASE_PALETTE[:n])
-    for i in range(len(out), n):
-        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 0.95)
-        out.append((int(r * 255), int(g * 255), int(b * 255)))
-    return np.asarray(out, np.uint8).reshape(n, 3)
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-            alpha: float = 0.5, font_size: int | None = None) -> Image.Image:
-    """RGB image: class colours blended on `image` (weight `alpha`), a legend panel on the right
-    listing every class name with its colour (the canvas grows if the legend is taller).
-    `font_size` defaults to 1/30 of the image's short side, at least 12 px."""
-    image = _check_image(image)
-    if labels.shape != image.shape[:2]:
-        raise ValueError(f"labels {labels.shape} do not match the image {image.shape[:2]}")
-    font_size = font_size or max(12, min(image.shape[:2]) // 30)
-    colours = palette(len(class_names))
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours[labels].astype(np.float32)
-    blended_im = Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
-    try:
-        font = ImageFont.load_default(size=font_size)
-    except TypeError:  # Pillow < 10.1: bitmap font only
-        font = ImageFont.load_default()
-    pad, box = 6, font_size
-    row = box + 4
-    measure = ImageDraw.Draw(blended_im)
-    text_w = max(int(measure.textlength(n, font=font)) for n in class_names)
-    legend_w = pad + box + pad + text_w + pad
-    h, w = image.shape[:2]
-    canvas = Image.new("RGB", (w + legend_w, max(h, pad + row * len(class_names) + pad)), "white")
-    canvas.paste(blended_im, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, name in enumerate(class_names):
-        y = pad + i * row
-        draw.rectangle([w + pad, y, w + pad + box - 1, y + box - 1], fill=tuple(colours[i].tolist()),
-                       outline=(0, 0, 0))
-        draw.text((w + 2 * pad + box, y), name, fill=(0, 0, 0), font=font)
-    return canvas
 
 
 def write_outputs(out_dir: str, stem: str, image: np.ndarray, labels: np.ndarray,

@@ -243,8 +243,9 @@ def test_resume_continues_exactly(synthetic_dir, tmp_path, caplog):
     report = (tmp_path / "full" / "relations.txt").read_text()
     assert report.startswith("multi-label mapping:")
     events = b"".join(f.read_bytes() for f in (tmp_path / "full" / "tensorboard").iterdir())
-    for tag in (b"eval/synth_a/language/mIoU", b"multi-label mapping", b"crop_size: 32"):
-        assert tag in events, tag  # scalars, the relations table and the config as text
+    for tag in (b"eval/synth_a/language/mIoU", b"eval_IoU/synth_b/visual/", b"examples/synth_c/visual",
+                b"multi-label mapping", b"crop_size: 32"):
+        assert tag in events, tag  # scalars, images, the relations table and the config as text
     # Evaluation at steps 3 and 6, kept across the resume (pretrain_eval.py).
     for run in ("full", "split"):
         results = json.loads((tmp_path / run / "results.json").read_text())

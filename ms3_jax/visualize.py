@@ -1,0 +1,67 @@
+"""Label maps as pictures: a fixed class palette and colour overlays with a legend (zero-shot
+outputs, TensorBoard examples)."""
+from __future__ import annotations
+
+import colorsys
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# Distinct, legible colours for the first classes; more are spread over the hue circle.
+_BASE_PALETTE = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
+    (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128))
+
+
+def check_image(image: Any) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 [H, W, 3] (RGB), got {image.dtype} {image.shape}")
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"image is empty: shape {image.shape}")
+    return image
+
+
+def palette(n: int) -> np.ndarray:
+    """uint8 [n, 3] distinct colours (a fixed list, then golden-ratio hues)."""
+    out = list(_BASE_PALETTE[:n])
+    for i in range(len(out), n):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 0.95)
+        out.append((int(r * 255), int(g * 255), int(b * 255)))
+    return np.asarray(out, np.uint8).reshape(n, 3)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+            alpha: float = 0.5, font_size: int | None = None) -> Image.Image:
+    """RGB image: class colours blended on `image` (weight `alpha`), a legend panel on the right
+    listing every class name with its colour (the canvas grows if the legend is taller).
+    `font_size` defaults to 1/30 of the image's short side, at least 12 px."""
+    image = check_image(image)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels {labels.shape} do not match the image {image.shape[:2]}")
+    font_size = font_size or max(12, min(image.shape[:2]) // 30)
+    colours = palette(len(class_names))
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours[labels].astype(np.float32)
+    blended_im = Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # Pillow < 10.1: bitmap font only
+        font = ImageFont.load_default()
+    pad, box = 6, font_size
+    row = box + 4
+    measure = ImageDraw.Draw(blended_im)
+    text_w = max(int(measure.textlength(n, font=font)) for n in class_names)
+    legend_w = pad + box + pad + text_w + pad
+    h, w = image.shape[:2]
+    canvas = Image.new("RGB", (w + legend_w, max(h, pad + row * len(class_names) + pad)), "white")
+    canvas.paste(blended_im, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(class_names):
+        y = pad + i * row
+        draw.rectangle([w + pad, y, w + pad + box - 1, y + box - 1], fill=tuple(colours[i].tolist()),
+                       outline=(0, 0, 0))
+        draw.text((w + 2 * pad + box, y), name, fill=(0, 0, 0), font=font)
+    return canvas
