@@ -3,6 +3,8 @@ outputs, TensorBoard examples)."""
 from __future__ import annotations
 
 import colorsys
+import json
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -65,3 +67,21 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                        outline=(0, 0, 0))
         draw.text((w + 2 * pad + box, y), name, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def write_outputs(out_dir: str, stem: str, image: np.ndarray, labels: np.ndarray,
+                  class_names: Sequence[str]) -> tuple[str, str]:
+    """`<stem>_labels.png` (palette PNG: pixel value = class index, shown in the overlay's colours),
+    `<stem>_labels.json` (index -> class name) and `<stem>_overlay.png`; returns the two PNG paths."""
+    if len(class_names) > 256:
+        raise ValueError(f"{len(class_names)} classes do not fit a uint8 label PNG (at most 256)")
+    os.makedirs(out_dir, exist_ok=True)
+    labels_path = os.path.join(out_dir, f"{stem}_labels.png")
+    overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
+    indexed = Image.fromarray(labels.astype(np.uint8), mode="P")
+    indexed.putpalette(palette(len(class_names)).astype(np.uint8).ravel().tolist())
+    indexed.save(labels_path)
+    with open(os.path.join(out_dir, f"{stem}_labels.json"), "w") as f:
+        json.dump({str(i): name for i, name in enumerate(class_names)}, f, indent=1)
+    overlay(image, labels, class_names).save(overlay_path)
+    return labels_path, overlay_path

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
-import json
 import os
 from typing import Any, Sequence
 
@@ -33,7 +32,7 @@ from ms3_jax.data import sources
 from ms3_jax.models import clip_text
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
-from ms3_jax.visualize import check_image, overlay, palette  # noqa: F401 (palette: re-exported)
+from ms3_jax.visualize import check_image, write_outputs
 
 DEFAULT_SHORT_SIDE = 448
 TEXT_MODEL_META = os.path.join("text_model", "text_model.json")  # text_adapt.save_adapted_text
@@ -106,6 +105,13 @@ def resolve_workdirs(workdir: str | os.PathLike,
     else:
         image_dir = workdir
         config = checkpointing.read_config(image_dir)  # FileNotFoundError naming config.json
+        if config.get("mode") == "finetune":
+            init = (config.get("init") or {}).get("path") or "its MS3 pretraining workdir"
+            raise ValueError(
+                f"{image_dir} is a fine-tuning workdir: its segmentor predicts the classes of "
+                f"{(config.get('data') or {}).get('dataset')!r} only (python -m ms3_jax.predict "
+                f"--workdir {image_dir} --image ...). Zero-shot with any class names needs the "
+                f"language head of a pretraining workdir, e.g. {init}")
         embeddings = (config.get("text") or {}).get("embeddings") or ""
         if config.get("mode") == "text_adapt":
             default_text, why = image_dir, "looked in this stage-1 workdir"
@@ -244,24 +250,6 @@ def upsampled_cosine(emb_hxwxC: jax.Array, text_KxC: jax.Array, size: tuple[int,
 # ----------------------------------------------------------------------------------------------
 # Drawing
 # ----------------------------------------------------------------------------------------------
-
-
-def write_outputs(out_dir: str, stem: str, image: np.ndarray, labels: np.ndarray,
-                  class_names: Sequence[str]) -> tuple[str, str]:
-    """`<stem>_labels.png` (palette PNG: pixel value = class index, shown in the overlay's colours),
-    `<stem>_labels.json` (index -> class name) and `<stem>_overlay.png`; returns the two PNG paths."""
-    if len(class_names) > 256:
-        raise ValueError(f"{len(class_names)} classes do not fit a uint8 label PNG (at most 256)")
-    os.makedirs(out_dir, exist_ok=True)
-    labels_path = os.path.join(out_dir, f"{stem}_labels.png")
-    overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
-    indexed = Image.fromarray(labels.astype(np.uint8), mode="P")
-    indexed.putpalette(palette(len(class_names)).astype(np.uint8).ravel().tolist())
-    indexed.save(labels_path)
-    with open(os.path.join(out_dir, f"{stem}_labels.json"), "w") as f:
-        json.dump({str(i): name for i, name in enumerate(class_names)}, f, indent=1)
-    overlay(image, labels, class_names).save(overlay_path)
-    return labels_path, overlay_path
 
 
 # ----------------------------------------------------------------------------------------------

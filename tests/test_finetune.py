@@ -176,3 +176,42 @@ def test_non_square_crops_keep_image_and_label_aligned():
     img, lab = augment.augment(image, label, rng, cfg)
     assert img.shape == (16, 32, 3) and lab.shape == (16, 32)
     np.testing.assert_array_equal(img[..., 0], lab.astype(np.uint8) * 40)
+
+
+def test_predict_cli_segments_a_folder_like_the_model(data_dir, tmp_path, capsys):
+    """`python -m ms3_jax.predict`: a folder in, palette PNG + names + overlay out; the labels are
+    the argmax of the model's logits resized to the image (float64 NumPy reference)."""
+    from PIL import Image
+    from ms3_jax import predict
+    from ms3_jax.models.deeplab import _interp_matrix
+    wd = str(tmp_path / "ft")
+    finetune.train_and_evaluate(tiny_config(data_dir, **{"init.kind": "scratch"}), wd)
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(40, 56), (48, 48)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    written = predict.main(["--workdir", wd, "--image", str(folder), "--out", str(tmp_path / "out"),
+                            "--short_side", "0"])
+    assert len(written) == 2 and "im0.png" in capsys.readouterr().out
+    seg = predict.Segmentor(wd)
+    names = json.loads((tmp_path / "out" / "im1_labels.json").read_text())
+    assert list(names.values()) == list(seg.class_names)
+    for i, (labels_png, overlay_png) in enumerate(written):
+        image = np.asarray(Image.open(folder / f"im{i}.png"))
+        with Image.open(labels_png) as im:
+            assert im.mode == "P" and im.size == image.shape[1::-1]
+            labels = np.asarray(im)
+        logits = np.asarray(seg.model.apply(seg.variables, image[None])["logits"][0], np.float64)
+        h, w = image.shape[:2]
+        ref = np.einsum("Hh,hwk,Ww->HWk", _interp_matrix(logits.shape[0], h), logits,
+                        _interp_matrix(logits.shape[1], w)).argmax(-1)
+        assert np.mean(labels == ref) > 0.999
+    with pytest.raises(FileNotFoundError, match="no_such"):
+        predict.main(["--workdir", wd, "--image", str(tmp_path / "no_such"), "--out", "x"])
+    with pytest.raises(ValueError, match="not a fine-tuned segmentor"):
+        checkpointing.write_config(str(tmp_path / "pre"), {"mode": "pretrain"})
+        predict.Segmentor(str(tmp_path / "pre"))
+    from ms3_jax import zero_shot  # zero-shot on it says what it needs instead
+    with pytest.raises(ValueError, match=r"fine-tuning workdir.*ms3_jax\.predict"):
+        zero_shot.resolve_workdirs(wd)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ms3_jax import demo, zero_shot
+from ms3_jax import demo, visualize, zero_shot
 
 flags.FLAGS.mark_as_parsed()
 
@@ -71,7 +71,7 @@ def test_cli_writes_labels_and_overlay(demo_dir, images, tmp_path):
             labels = np.asarray(im)
             lut = np.asarray(im.getpalette()[:3 * len(NAMES)]).reshape(-1, 3)
         assert labels.max() < len(NAMES)
-        np.testing.assert_array_equal(lut, zero_shot.palette(len(NAMES)))
+        np.testing.assert_array_equal(lut, visualize.palette(len(NAMES)))
         mapping = json.loads(open(os.path.join(out, f"{stem}_labels.json")).read())
         assert mapping == {str(i): n for i, n in enumerate(NAMES)}
         with Image.open(overlay_png) as im:
@@ -79,7 +79,7 @@ def test_cli_writes_labels_and_overlay(demo_dir, images, tmp_path):
             assert im.size[0] > w and im.size[1] >= h  # legend appended on the right
             left = np.asarray(im)[:h, :w]
         # The left part is the colour blend of exactly this label map.
-        colours = zero_shot.palette(len(NAMES)).astype(np.float32)
+        colours = visualize.palette(len(NAMES)).astype(np.float32)
         image = zero_shot.read_image(path).astype(np.float32)
         np.testing.assert_allclose(left, np.round(0.5 * image + 0.5 * colours[labels]), atol=1)
 

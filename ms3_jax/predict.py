@@ -1,0 +1,142 @@
+r"""Predict with a fine-tuned segmentor (Tab. 2 / 3 workdirs): images or folders in, label maps out.
+
+  python -m ms3_jax.predict --workdir W3 --image photo.jpg more/ --out out/
+  python -m ms3_jax.predict --workdir W3 --image street.png --mode slide --crop 512 --stride 341 --flip
+
+Inference as the workdir's evaluation does it (`config.eval`: short side, whole / slide, flip),
+each option overridable; the scores are resized back to the image before the argmax. Per image:
+`<stem>_labels.png` (palette PNG, value = class index), `<stem>_labels.json` (index -> name) and
+`<stem>_overlay.png`, as `ms3_jax.zero_shot` writes them (`visualize.write_outputs`). Zero-shot
+with arbitrary class names is `ms3_jax.zero_shot` on a pretraining workdir.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from ms3_jax import checkpointing, evaluate, finetune
+from ms3_jax.data.eval_data import resize_short_side
+from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.models.deeplab import resize_bilinear
+from ms3_jax.visualize import write_outputs
+from ms3_jax.zero_shot import read_image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class Segmentor:
+    """A fine-tuned DeepLab-v3+ restored from a workdir, with its class names and eval settings."""
+
+    def __init__(self, workdir: str, step: int | None = None):
+        config = checkpointing.read_config(workdir)  # FileNotFoundError naming config.json
+        if config.get("mode") != "finetune":
+            raise ValueError(
+                f"{workdir} is a {config.get('mode')!r} workdir, not a fine-tuned segmentor; "
+                "for zero-shot segmentation with any class names use python -m ms3_jax.zero_shot "
+                f"--workdir {workdir} --classes ...")
+        self.class_names = tuple(LabelSpace.from_datasets([config["data"]["dataset"]]).class_names[0])
+        self.eval = dict(config.get("eval") or {})
+        platform = jax.local_devices()[0].platform
+        self.model = finetune.build_model(_Config(config), len(self.class_names), platform)
+        self.step, state = checkpointing.restore_state(workdir, step)
+        self.variables = evaluate.local_copy({"params": state["params"],
+                                              "batch_stats": state["batch_stats"]})
+
+    def predict(self, image_HxWx3: np.ndarray, *, short_side: int | None = None,
+                mode: str = "whole", crop: Sequence[int] | None = None,
+                stride: Sequence[int] | None = None, flip: bool = False) -> np.ndarray:
+        """int [H, W] class indices at the image's own size."""
+        h, w = image_HxWx3.shape[:2]
+        resized, _ = resize_short_side(image_HxWx3, None, short_side)
+        scores = _scorer(self.model, len(self.class_names), mode,
+                         None if crop is None else tuple(crop), None if stride is None else tuple(stride),
+                         bool(flip), (h, w))(self.variables, resized[None])
+        return np.asarray(scores[0])
+
+
+class _Config(dict):
+    """A config.json dict with attribute access, as `finetune.build_model` reads it."""
+
+    def __getattr__(self, key: str) -> Any:
+        value = self[key]
+        return _Config(value) if isinstance(value, dict) else value
+
+
+@functools.lru_cache(maxsize=None)
+def _scorer(model: Any, num_classes: int, mode: str, crop: tuple[int, ...] | None,
+            stride: tuple[int, ...] | None, flip: bool, size: tuple[int, int]):
+    apply_fn = evaluate.logits_fn(model)
+
+    def run(variables, image_1xHxWx3):
+        if mode == "whole":
+            scores = evaluate.predict_whole(apply_fn, variables, image_1xHxWx3, num_classes, flip)
+        else:
+            scores = evaluate.predict_slide(apply_fn, variables, image_1xHxWx3, crop, stride,
+                                            num_classes, flip)
+        if scores.shape[1:3] != size:
+            scores = resize_bilinear(scores, size)
+        return scores.argmax(-1)
+    return jax.jit(run)
+
+
+def list_images(paths: Sequence[str]) -> list[str]:
+    """Files as given, folders expanded to their images (sorted, recursive); errors name the path."""
+    out = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files
+                           if f.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+            out += found
+        elif os.path.isfile(path):
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"image or folder not found: {path}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
+    parser = argparse.ArgumentParser(description="Segment images with a fine-tuned ms3_jax workdir.")
+    parser.add_argument("--workdir", required=True, help="fine-tuning workdir (configs/finetune/)")
+    parser.add_argument("--image", nargs="+", required=True, help="image files and / or folders")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--short_side", type=int, default=None,
+                        help="resize the short side first (default: the workdir's eval.short_side; 0: keep)")
+    parser.add_argument("--mode", choices=("whole", "slide"), default=None,
+                        help="default: the workdir's eval.mode")
+    parser.add_argument("--crop", type=int, nargs="+", default=None, help="slide window (h [w])")
+    parser.add_argument("--stride", type=int, nargs="+", default=None, help="slide stride (h [w])")
+    parser.add_argument("--flip", action="store_true", default=None, help="flip averaging")
+    args = parser.parse_args(argv)
+    images = list_images(args.image)  # bad paths fail before the model loads
+    seg = Segmentor(args.workdir, args.step)
+    ev = seg.eval
+    short = ev.get("short_side") if args.short_side is None else args.short_side
+    mode = args.mode or ev.get("mode", "whole")
+    crop, stride = args.crop or ev.get("crop"), args.stride or ev.get("stride")
+    crop, stride = [None if v is None else (tuple(v) * 2)[:2] for v in (crop, stride)]
+    if mode == "slide" and not (crop and stride):
+        raise ValueError("--mode slide needs --crop and --stride (or the workdir's eval.crop / stride)")
+    flip = bool(ev.get("flip", False) if args.flip is None else args.flip)
+    written = []
+    for path in images:
+        image = read_image(path)
+        labels = seg.predict(image, short_side=short or None, mode=mode, crop=crop, stride=stride,
+                             flip=flip)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        written.append(write_outputs(args.out, stem, image, labels, seg.class_names))
+        share = np.bincount(labels.ravel(), minlength=len(seg.class_names)) / labels.size
+        top = ", ".join(f"{seg.class_names[i]} {share[i]:.0%}" for i in np.argsort(-share)[:3])
+        print(f"{path}: {top} -> {written[-1][1]}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
