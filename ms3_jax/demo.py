@@ -154,12 +154,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     k = max(1, len(losses) // 5)
     summary = {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
                "language_accuracy": accuracy, "relations": scores, "backbone": out}
+    results_path = os.path.join(pre_dir, pretrain.RESULTS_FILE)
+    miou = ""
+    if os.path.exists(results_path):  # the last evaluation of pretraining (pretrain_eval.py)
+        with open(results_path) as f:
+            summary["eval"] = json.load(f)["eval"][-1]
+        lang = [v["mIoU"] for key, v in summary["eval"].items() if key.endswith("/language")]
+        miou = f", nearest-T mIoU {np.mean(lang):.1f} (mean of the datasets)" if lang else ""
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    logging.info("demo done: loss %.3f -> %.3f, pixel accuracy %.3f, relations P %.2f R %.2f; "
+    logging.info("demo done: loss %.3f -> %.3f, pixel accuracy %.3f%s, relations P %.2f R %.2f; "
                  "outputs in %s. For PyTorch: "
                  "python -m ms3_jax.export --workdir %s --out backbone.pth", summary["loss_first"],
-                 summary["loss_last"], accuracy["pixel_accuracy"], scores["precision"],
+                 summary["loss_last"], accuracy["pixel_accuracy"], miou, scores["precision"],
                  scores["recall"], workdir, pre_dir)
     if config.get("check_accuracy", True):
         check_better_than_chance(accuracy["pixel_accuracy"], len(set(label_space.names)), workdir)

@@ -357,11 +357,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         m = run_evaluation(config, trainer, state, eval_ds)
         history.append({"step": step, **{k: _json_float(m[k]) for k in ("mIoU", "aAcc", "mAcc")}})
         if is_main:
-            logging.info("eval at step %d on %s/%s (%d images, %.0f s):\n%s", step, dataset,
-                         config.eval.split, m["num_images"], time.perf_counter() - t0,
-                         evaluate.format_table(m, label_space.class_names[0]))
+            logging.info("eval at step %d on %s/%s (%d images, %.0f s): mIoU %.2f, aAcc %.2f, "
+                         "mAcc %.2f; per class in TensorBoard (eval_IoU/) and, at the end, %s",
+                         step, dataset, config.eval.split, m["num_images"],
+                         time.perf_counter() - t0, m["mIoU"], m["aAcc"], m["mAcc"],
+                         os.path.join(workdir, RESULTS_FILE))
             for k in ("mIoU", "aAcc", "mAcc"):
                 writer.add_scalar(f"eval/{k}", m[k], step)
+            for name, iou in zip(label_space.class_names[0], m["IoU"]):
+                if not np.isnan(iou):
+                    writer.add_scalar(f"eval_IoU/{name}", iou, step)
+            writer.add_text("eval_table", "    " + evaluate.format_table(
+                m, label_space.class_names[0]).replace("\n", "\n    "), step)
             writer.flush()
         return m
 

@@ -30,6 +30,8 @@ def test_demo_quick_runs_every_stage(tmp_path):
     acc = summary["language_accuracy"]
     assert acc["per_class"] and set(acc["per_class"]) <= set(ls.display_names)  # classes seen in val
     assert 0.0 <= acc["pixel_accuracy"] <= 1.0 and 0.0 <= acc["pixel_accuracy_unrelated"] <= 1.0
+    assert set(summary["eval"]) == {"step"} | {f"{d}/{h}" for d in ("synth_a", "synth_b", "synth_c")
+                                                for h in ("language", "visual")}
     per_class = np.array(list(acc["per_class"].values()))
     assert per_class.min() <= acc["pixel_accuracy"] <= per_class.max()  # a pixel-weighted mean
 
