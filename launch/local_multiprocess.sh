@@ -5,8 +5,9 @@
 #
 # Each process gets MS3_COORDINATOR / MS3_NUM_PROCESSES / MS3_PROCESS_ID (read by
 # ms3_jax.sharding.initialize_distributed in ms3_jax.main); CPU collectives use gloo. Logs of
-# process i go to $LOG_DIR/process_i.log (default: the workdir's parent /tmp). Exits non-zero if
-# any process fails. config.batch_size must divide over K*D devices. Collectives wait up to 600 s
+# process i go to $LOG_DIR/process_i.log (default: /tmp/ms3_local_multiprocess). Exit code: 0 when
+# every process succeeded, 75 (preempted: relaunch to resume) when the others did too or were
+# preempted, else the first other failure's code (2 usage error, 1 error). config.batch_size must divide over K*D devices. Collectives wait up to 600 s
 # for a slower process (`--xla_cpu_collective_timeout_seconds`; gloo's default is 30 s).
 set -uo pipefail
 
@@ -30,9 +31,12 @@ echo "started $K processes (${pids[*]}) on 127.0.0.1:$PORT; logs in $LOG_DIR"
 
 status=0
 for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    echo "process $i failed; see $LOG_DIR/process_$i.log" >&2
-    status=1
+  wait "${pids[$i]}"
+  rc=$?
+  if (( rc != 0 )); then
+    echo "process $i exited with $rc; see $LOG_DIR/process_$i.log" >&2
+    # A failure outranks a preemption; the first failure's code is kept.
+    if (( status == 0 || (status == 75 && rc != 75) )); then status=$rc; fi
   fi
 done
 exit $status

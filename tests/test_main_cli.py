@@ -1,7 +1,10 @@
-"""`python -m ms3_jax.main`: configs found from any directory, --print_config, usage errors."""
+"""`python -m ms3_jax.main` and the launchers: configs found from any directory, --print_config,
+usage errors, the exit-code contract (0 / 75 / 1 / 2) through local_multiprocess.sh and SLURM."""
 import os
 import subprocess
 import sys
+
+import pytest
 
 from ms3_jax import main as main_module
 from tests.test_reliability import ROOT, subprocess_env
@@ -36,3 +39,39 @@ def test_print_config_from_another_directory_and_usage_error_exit_code(tmp_path)
     verbose = _main(["--config=configs/pretrain.py:tiny", f"--workdir={tmp_path / 'w'}",
                      "--verbose"], cwd=tmp_path)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
+def _fake(path, body):
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize("codes, expected", [((0, 0), 0), ((75, 75), 75), ((75, 0), 75),
+                                             ((75, 1), 1), ((2, 75), 2), ((1, 2), 1)])
+def test_local_launcher_passes_the_exit_code_contract(tmp_path, codes, expected):
+    """launch/local_multiprocess.sh: 75 (relaunch to resume) survives, a failure outranks it."""
+    python = _fake(tmp_path / "python", 'codes=(%s); exit "${codes[$MS3_PROCESS_ID]}"\n'
+                   % " ".join(map(str, codes)))
+    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "1",
+                           "--", "--config=x"], env={**os.environ, "PYTHON": python, "PORT": "1",
+                                                     "LOG_DIR": str(tmp_path / "logs")},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == expected, done.stderr
+
+
+@pytest.mark.parametrize("rc", [0, 75, 1])
+def test_slurm_script_requeues_on_75(tmp_path, rc):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake(bin_dir / "srun", f"exit {rc}\n")
+    _fake(bin_dir / "scontrol", f'echo "$@" > {tmp_path / "scontrol.args"}\n')
+    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch"), "--config=x"],
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                               "SLURM_JOB_ID": "123", "SLURM_SUBMIT_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == rc
+    requeued = (tmp_path / "scontrol.args").exists()
+    assert requeued == (rc == 75)
+    if requeued:
+        assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "123"]
