@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 10000
     c.eval = ml_collections.ConfigDict(dict(max_images=200, short_side=512))
     c.nonfinite = "stop"  # NaN / inf loss or gradients: 'stop' (error naming the step) | 'skip' the step
+    c.nonfinite_max_skipped = 0.1  # 'skip': stop after more skipped steps (a count, or a fraction)
     c.ema_momentum = 0.999
 
     c.model = ml_collections.ConfigDict(dict(

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
-from ms3_jax import checkpointing
+from ms3_jax import checkpointing, nonfinite
 from ms3_jax.data import pipeline as data_pipeline
 
 PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, retry"
@@ -153,6 +153,7 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
     pending: list[Mapping[str, jax.Array]] = []
     t_last, s_last = time.perf_counter(), start
     skipped, unreadable = 0, 0
+    cap = nonfinite.max_skipped(config, num_steps)
 
     def flush(step: int) -> None:
         """Fetch the queued metrics: history, the non-finite check, the progress line."""
@@ -170,6 +171,13 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
                 skipped += 1
                 logging.warning("step %d: non-finite loss or gradients, step skipped (%d in this "
                                 "run; nonfinite='skip')", r["step"], skipped)
+                if skipped > cap:
+                    raise FloatingPointError(
+                        f"{skipped} steps skipped for a non-finite loss or gradients in this run, "
+                        f"more than nonfinite_max_skipped allows ({cap} of {num_steps} steps; the "
+                        f"last at step {r['step']}); nothing saved after step "
+                        f"{mngr.latest_step() or 0}. The run diverges: lower the learning rate, "
+                        "check the data, or raise config.nonfinite_max_skipped.")
         now = time.perf_counter()
         rate = (step - s_last) / max(now - t_last, 1e-9)
         t_last, s_last = now, step

@@ -14,7 +14,9 @@ its next metrics fetch -- every `log_every` steps and before every checkpoint --
 state is never saved. 'skip': a bad step changes nothing but the step counter (its batch is
 dropped; params, optimizer, BN statistics, EMA, bank, V and S keep their values; the data
 iterator moves on), so the run continues and resumes exactly; the loop logs each skipped step and
-the running count. Costs one reduction over the state per step ('skip': also a conditional
+the running count, and stops with the 'stop' error once more than `config.nonfinite_max_skipped`
+steps were skipped in this run (a count >= 1, or a fraction < 1 of the run's steps; default 0.1):
+a run that skips most of its steps is broken, not unlucky. Costs one reduction over the state per step ('skip': also a conditional
 that picks the old or the new state).
 """
 from __future__ import annotations
@@ -34,6 +36,15 @@ def mode_of(config: Any) -> str:
     if mode not in MODES:
         raise ValueError(f"nonfinite must be one of {MODES}, got {mode!r}")
     return mode
+
+
+def max_skipped(config: Any, num_steps: int) -> int:
+    """How many skipped steps a run may have (`config.nonfinite_max_skipped`, see module doc)."""
+    cap = config.get("nonfinite_max_skipped", 0.1)
+    if not cap > 0:
+        raise ValueError(f"nonfinite_max_skipped must be > 0 (a count >= 1 or a fraction < 1 of "
+                         f"the steps), got {cap!r}")
+    return int(cap) if cap >= 1 else max(1, int(cap * num_steps))
 
 
 def all_finite(tree: Any) -> jax.Array:

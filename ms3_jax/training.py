@@ -34,6 +34,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     sharding.check_global_batch(config.batch_size, num_devices,
                                 jax.process_count() if num_processes is None else num_processes)
     nonfinite.mode_of(config)
+    nonfinite.max_skipped(config, 1)  # validates nonfinite_max_skipped
 
 
 class Trainer:

@@ -242,7 +242,7 @@ def test_nonfinite_skip_drops_the_step_and_counts_it(tmp_path, caplog):
     params = []
     with caplog.at_level(logging.WARNING):
         history, state = toy_run(tmp_path, 8, bad={3: "loss", 6: "grad"}, nonfinite="skip",
-                                 params_log=params)
+                                 nonfinite_max_skipped=2, params_log=params)
     assert [h["skipped"] for h in history] == [0, 0, 1, 0, 0, 1, 0, 0]
     p = dict(params)
     np.testing.assert_array_equal(p[3], p[2])
@@ -250,6 +250,18 @@ def test_nonfinite_skip_drops_the_step_and_counts_it(tmp_path, caplog):
     assert not np.array_equal(p[4], p[3]) and all(np.all(np.isfinite(v)) for v in p.values())
     assert int(state.step) == 8 and restore_toy(tmp_path)[0] == 8
     assert "step 6: non-finite loss or gradients, step skipped (2 in this run" in caplog.text
+
+
+def test_nonfinite_skip_stops_beyond_the_cap(tmp_path):
+    """27 of 30 steps skipped used to exit 0: more than `nonfinite_max_skipped` stops the run."""
+    bad = {s: "loss" for s in range(2, 31)}
+    with pytest.raises(FloatingPointError, match=r"4 steps skipped .* \(3 of 30 steps; the last at "
+                                                 r"step 5\); nothing saved after step 3"):
+        toy_run(tmp_path / "fraction", 30, bad=bad, nonfinite="skip", nonfinite_max_skipped=0.1)
+    with pytest.raises(FloatingPointError, match=r"2 steps skipped .* \(1 of 30 steps"):
+        toy_run(tmp_path / "count", 30, bad=bad, nonfinite="skip", nonfinite_max_skipped=1)
+    with pytest.raises(ValueError, match="nonfinite_max_skipped must be > 0"):
+        toy_run(tmp_path / "bad", 30, nonfinite="skip", nonfinite_max_skipped=0)
 
 
 def test_real_step_with_nonfinite_update_is_skipped_whole():
