@@ -10,8 +10,9 @@ the resolved config and exits.
 
 Exit codes: 0 done; 75 preempted -- SIGTERM / SIGINT saved a checkpoint (state + data iterator),
 relaunch the same command to resume exactly (`loop.PREEMPTED_EXIT_CODE`); 2 a usage error (bad
-config value, missing file or data: one line on stderr, the traceback with `--verbose`); 1 any
-other error (non-finite loss, a bug, ...), with its traceback.
+config value, missing file or data, a workdir another run holds (`workdir_lock`): one line on
+stderr, the traceback with `--verbose`); 1 any other error (non-finite loss, a bug, ...), with
+its traceback.
 
 Long CPU runs: MS3_HOST_MALLOC=reuse makes glibc keep freed pages for reuse (20-25 % faster
 steps; `host_memory`).
@@ -24,12 +25,13 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ms3_jax import demo, finetune, host_memory, loop, pretrain, sharding, text_adapt
+from ms3_jax import demo, finetune, host_memory, loop, pretrain, sharding, text_adapt, workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USAGE_EXIT_CODE = 2
 # Raised for what the user can fix (config values, paths, data); anything else is exit code 1.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               workdir_lock.WorkdirInUse)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(REPO, "configs", "demo.py"),
@@ -76,7 +78,8 @@ def main(argv: list[str]) -> None:
                       or not any(f"/{lib}/" in r.pathname for lib in ("orbax", "grain")))
     logging.info("%s", host_malloc)
     try:
-        _dispatch(config, workdir)
+        with workdir_lock.hold(workdir):  # one run per workdir
+            _dispatch(config, workdir)
     except loop.Preempted as e:
         logging.warning("%s; exit code %d", e, loop.PREEMPTED_EXIT_CODE)
         logging.flush()

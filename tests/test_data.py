@@ -116,6 +116,13 @@ def test_synthetic_deterministic(tmp_path):
     mtime = os.path.getmtime(files[0])
     synthetic.prepare_synthetic(tmp_path / 'a', seed=1, **kw)
     assert os.path.getmtime(files[0]) == mtime
+    # Other arguments on built data: refused, nothing deleted (a tiny config pointed at the demo's
+    # data used to delete it and rebuild it at its own sizes).
+    with pytest.raises(ValueError, match=r"holds synthetic data built with .*'num_train': 3.*asks "
+                                          r"for .*'num_train': 5"):
+        synthetic.prepare_synthetic(tmp_path / 'a', num_train=5, num_val=2, image_size=32, seed=1)
+    assert all(open(f, 'rb').read() == open(f.replace(a.data_dir, b.data_dir), 'rb').read()
+               for f in files)
 
 
 def test_synthetic_records_and_relations_schema(synth):

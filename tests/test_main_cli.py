@@ -75,3 +75,24 @@ def test_slurm_script_requeues_on_75(tmp_path, rc):
     assert requeued == (rc == 75)
     if requeued:
         assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "123"]
+
+
+def test_second_run_on_a_workdir_stops_naming_the_first(tmp_path):
+    """The lock of a live run refuses a second one (pid and host named); a dead run's lock file
+    is taken over (the kernel released its lock)."""
+    from ms3_jax import workdir_lock
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ms3_jax import workdir_lock\n"
+        f"with workdir_lock.hold({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        bad = _main(["--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}"], cwd=tmp_path)
+        assert bad.returncode == main_module.USAGE_EXIT_CODE
+        assert f"workdir {tmp_path} is in use by" in bad.stderr
+        assert f'"pid": {holder.pid}' in bad.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    with workdir_lock.hold(str(tmp_path)):  # taken over from the killed holder
+        assert str(os.getpid()) in (tmp_path / workdir_lock.LOCK_FILE).read_text()

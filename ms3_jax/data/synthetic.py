@@ -43,9 +43,7 @@ import dataclasses
 import fcntl
 import io
 import json
-import logging
 import os
-import shutil
 from collections.abc import Callable, Sequence
 
 from etils import epath
@@ -404,8 +402,9 @@ def prepare_synthetic(data_dir: str | os.PathLike, num_train: int = 300, num_val
                       image_size: int = 128, seed: int = 0) -> SyntheticInfo:
     """Builds synth_a/b/c/d as array_record under `data_dir` plus the relations JSON; idempotent.
 
-    Re-running with the same arguments does nothing; with different arguments the synthetic
-    datasets in `data_dir` are rebuilt (tfds keeps one version per directory).
+    Re-running with the same arguments does nothing; a new data version is built next to the old
+    one (tfds: a folder per version); other arguments than the build in `data_dir` had are
+    refused (ValueError naming both): built data is never deleted.
     """
     data_dir = os.fspath(data_dir)
     os.makedirs(data_dir, exist_ok=True)
@@ -431,17 +430,15 @@ def _prepare_locked(data_dir: str, params: dict[str, int]) -> None:
     if os.path.exists(info_path):
         with open(info_path) as f:
             old = json.load(f)
+    if old is not None and old != params:  # never delete data someone built
+        raise ValueError(
+            f'{data_dir} holds synthetic data built with {old}; this config asks for {params}. '
+            'Point data.data_dir at another directory (or delete that one yourself).')
     built = all(
         os.path.exists(os.path.join(data_dir, n, str(_SyntheticBuilder.VERSION), 'dataset_info.json'))
         for n in SYNTHETIC_DATASETS)
     if not (built and old == params and os.path.exists(relations_path)):
-        if old is not None and old != params:
-            logging.info('Synthetic data in %s was built with %s; rebuilding with %s.', data_dir, old,
-                         params)
-        for n in SYNTHETIC_DATASETS:
-            shutil.rmtree(os.path.join(data_dir, n), ignore_errors=True)
-        if os.path.exists(info_path):
-            os.remove(info_path)
+        # A missing or older version is built next to what is there (tfds: one folder per version).
         with _quiet_tfds():
             for n in SYNTHETIC_DATASETS:
                 BUILDERS[n](data_dir=data_dir, **params).download_and_prepare()
