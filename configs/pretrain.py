@@ -76,7 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         tau=0.07, alpha=1.0, chunk=8192))
 
     c.bank = ml_collections.ConfigDict(dict(slots=256, per_class=32, dtype="bfloat16"))
-    c.relations = ml_collections.ConfigDict(dict(momentum=0.99, warmup_steps=2000, pixel_head="language"))
+    # top_k > 0: keep per class only the k most similar of Eq. 6's pairs (not in the paper; opt-in)
+    c.relations = ml_collections.ConfigDict(dict(momentum=0.99, warmup_steps=2000,
+                                                 pixel_head="language", top_k=0))
     c.optim = ml_collections.ConfigDict(dict(
         base_lr=0.8, lr_batch=128, momentum=0.9, weight_decay=4e-5, warmup_steps=1000))
 

@@ -106,9 +106,10 @@ class Forward:
     batch_stats: Any
 
 
-def positives(state: TrainState, consts: Mapping[str, jax.Array], warmup: int) -> jax.Array:
+def positives(state: TrainState, consts: Mapping[str, jax.Array], warmup: int,
+              top_k: int = 0) -> jax.Array:
     """Ỹ of Eq. 6 from the running S (the mapping of the previous steps), off before `warmup`."""
-    mask = relations.multilabel_mask(state.sim, consts["other_dataset"], state.sim_seen)
+    mask = relations.multilabel_mask(state.sim, consts["other_dataset"], state.sim_seen, top_k)
     return mask & (state.step >= warmup)
 
 
@@ -118,7 +119,7 @@ def make_loss_terms(config: ml_collections.ConfigDict) -> Callable[..., tuple[di
     multi-label mask) or a CE baseline. T and V are targets (stop_gradient)."""
     lc = config.loss
     product_dtype = jnp.dtype(config.model.dtype)  # [pixels x |Y| x C] operands; float32 sums
-    warmup = config.relations.warmup_steps
+    warmup, top_k = config.relations.warmup_steps, config.relations.get("top_k", 0)
     if lc.kind == "ce_single_head":
         return lambda out, y, batch, state, consts: (
             {"loss_ce": losses.ce_single_head_loss(out["logits"], y)}, None)
@@ -128,7 +129,7 @@ def make_loss_terms(config: ml_collections.ConfigDict) -> Callable[..., tuple[di
                                                   consts["dataset_of_class"])}, None)
 
     def ms3_terms(out, y, batch, state, consts):
-        pos = positives(state, consts, warmup) if lc.multilabel else None
+        pos = positives(state, consts, warmup, top_k) if lc.multilabel else None
         terms, pred = {}, None
         if lc.use_language:
             terms["loss_language"], pred = losses.pairing_loss_and_prediction(
@@ -163,7 +164,8 @@ def update_memory(state: TrainState, keys_visual: jax.Array | None, bank_labels:
                                       state.sim_seen)
     seen = relations.update_seen(state.sim_seen, count)
     state = state.replace(sim=sim, sim_seen=seen)
-    mask = relations.multilabel_mask(sim, consts["other_dataset"], seen)
+    mask = relations.multilabel_mask(sim, consts["other_dataset"], seen,
+                                     config.relations.get("top_k", 0))
     if config.loss.multilabel:
         mask = mask & (state.step >= config.relations.warmup_steps)
     metrics["relations"] = jnp.sum(mask)
@@ -311,10 +313,10 @@ RESULTS_FILE = "results.json"
 
 
 def write_relations_report(workdir: str, state: TrainState, label_space: LabelSpace,
-                           other_dataset: jax.Array) -> str:
+                           other_dataset: jax.Array, top_k: int = 0) -> str:
     """Tab. 8-style report of the final multi-label mapping -> W/relations.txt and .json."""
     sim, seen = np.asarray(jax.device_get(state.sim)), np.asarray(jax.device_get(state.sim_seen))
-    mask = np.asarray(relations.multilabel_mask(sim, np.asarray(other_dataset), seen))
+    mask = np.asarray(relations.multilabel_mask(sim, np.asarray(other_dataset), seen, top_k))
     ds_of = [label_space.dataset_names[d] for d in label_space.dataset_of_class]
     report = relations.relations_report(mask, sim, list(label_space.names), ds_of)
     with open(os.path.join(workdir, "relations.txt"), "w") as f:
@@ -360,7 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                        num_steps=num_steps, writer=writer, stop_at=stop_at,
                                        after_step=after_step)
     if jax.process_index() == 0 and config.loss.kind == "ms3" and end == num_steps:
-        report = write_relations_report(workdir, state, label_space, trainer.consts["other_dataset"])
+        report = write_relations_report(workdir, state, label_space, trainer.consts["other_dataset"],
+                                        config.relations.get("top_k", 0))
         logging.info("%s (Eq. 6); the table (paper Tab. 8 form) is in %s", report.splitlines()[0],
                      os.path.join(workdir, "relations.txt"))
         if writer is not None:

@@ -98,12 +98,14 @@ def other_dataset_matrix(dataset_of_class_K: jax.Array) -> jax.Array:
 
 
 def multilabel_mask(S_KxK: jax.Array, other_dataset_KxK: jax.Array,
-                    seen_K: jax.Array | None = None) -> jax.Array:
+                    seen_K: jax.Array | None = None, top_k: int = 0) -> jax.Array:
     """Multi-label mapping Ỹ, Eq. 6: ``Ỹ[y, y'] = S[y, y'] ≥ S[y, y]  ∧  y' ∈ 𝒴 \\ 𝒴_i``.
 
     Row y lists the extra positives of pixels labelled y (as ``positives`` of the pairing loss).
     Never on the diagonal nor inside y's own dataset; not symmetrised (y ⊂ y' can map y → y'
     without y' → y, Tab. 8). Rows of classes never seen (``seen_K`` False) are all False.
+    ``top_k`` > 0 (not in the paper, opt-in: ``relations.top_k``) keeps of each row only the
+    pairs with the k largest S[y, y'] (ties with the k-th kept).
     """
     k = S_KxK.shape[0]
     diag_K = jnp.diagonal(S_KxK)
@@ -111,6 +113,10 @@ def multilabel_mask(S_KxK: jax.Array, other_dataset_KxK: jax.Array,
     mask = mask & ~jnp.eye(k, dtype=bool)
     if seen_K is not None:
         mask = mask & jnp.asarray(seen_K, bool)[:, None]
+    if top_k:
+        scores_KxK = jnp.where(mask, S_KxK, -jnp.inf)
+        kth_K = jax.lax.top_k(scores_KxK, min(int(top_k), k))[0][:, -1]
+        mask = mask & (scores_KxK >= kth_K[:, None])
     return mask
 
 

@@ -98,6 +98,29 @@ def test_multilabel_mask_eq6():
     np.testing.assert_array_equal(m, other)
 
 
+def test_multilabel_mask_top_k_keeps_the_k_most_similar_pairs():
+    """The opt-in `relations.top_k` (not the paper's rule): per row, Eq. 6's pairs with the k
+    largest S, ties with the k-th kept; against a plain NumPy reference."""
+    k = 12
+    r = np.random.RandomState(5)
+    ds = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2])
+    other = np.asarray(rel.other_dataset_matrix(ds))
+    s = np.round(r.rand(k, k), 1).astype(np.float32)
+    np.fill_diagonal(s, r.rand(k) * 0.5)
+    full = ref_mask(s, ds, None)
+    for top in (1, 2, 3):
+        want = np.zeros_like(full)
+        for y in range(k):
+            passing = sorted(s[y, full[y]], reverse=True)
+            if passing:
+                kth = passing[min(top, len(passing)) - 1]
+                want[y] = full[y] & (s[y] >= kth)
+        got = np.asarray(jax.jit(rel.multilabel_mask, static_argnums=3)(s, other, None, top))
+        np.testing.assert_array_equal(got, want)
+        assert (got.sum(1) <= np.maximum(full.sum(1), 0)).all() and got.sum() < full.sum()
+    np.testing.assert_array_equal(np.asarray(rel.multilabel_mask(s, other, None, 0)), full)
+
+
 def test_unidirectional_subset_relation():
     """'dirt track' (ADE) ⊂ 'path' (COCO): dirt-track pixels look like 'path', not conversely."""
     names = ["dirt track", "car", "path", "bus"]
