@@ -31,6 +31,7 @@ Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 LOSS_KINDS = ("ms3", "ce_single_head", "ce_multi_head")
 TEMPLATE = "template"  # text.embeddings: CLIP with the hand template (Tab. 4 ablation)
+RESULTS_FILE = "results.json"  # the evaluations during pretraining (pretrain_eval.py)
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int,
@@ -309,9 +310,6 @@ def resolve_text_embeddings(config: ml_collections.ConfigDict, label_space: Labe
     return text_embeddings.template_text_embeddings(config.text.clip, label_space, config.text.template)
 
 
-RESULTS_FILE = "results.json"
-
-
 def write_relations_report(workdir: str, state: TrainState, label_space: LabelSpace,
                            other_dataset: jax.Array, top_k: int = 0) -> str:
     """Tab. 8-style report of the final multi-label mapping -> W/relations.txt and .json."""
@@ -351,12 +349,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.model.get("init_from"):
         state = init_backbone_from(state, config.model.init_from, trainer)
     writer = loop.summary_writer(workdir, config)
-    evaluations: list[dict[str, Any]] = []
 
     def after_step(step: int, state: TrainState) -> None:
         every = config.get("eval_every", 0)
         if every and (step % every == 0 or step == num_steps):
-            evaluations.append(run_evaluation(config, trainer, state, step, workdir, writer))
+            run_evaluation(config, trainer, state, step, workdir, writer)
 
     state, history, end = training.fit(trainer, state, iterator, mngr, config, workdir,
                                        num_steps=num_steps, writer=writer, stop_at=stop_at,
