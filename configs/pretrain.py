@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(max_images=200, short_side=512))
     c.nonfinite = "stop"  # NaN / inf loss or gradients: 'stop' (error naming the step) | 'skip' the step
     c.nonfinite_max_skipped = 0.1  # 'skip': stop after more skipped steps (a count, or a fraction)
+    # A resumed run refuses a config that computes something else (training.resume_changes)
+    # unless the changed fields (or their prefixes, e.g. "optim") are named here.
+    c.resume_overrides = ()
     c.ema_momentum = 0.999
 
     c.model = ml_collections.ConfigDict(dict(

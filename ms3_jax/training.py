@@ -8,7 +8,9 @@ workdir: config.json, checkpoints of state + data iterator, resume from the late
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -115,11 +117,55 @@ def num_train_steps(config: ml_collections.ConfigDict, dataset_sizes: Sequence[i
     return max(1, int(config.num_epochs * sum(dataset_sizes) // config.batch_size))
 
 
+# Fields a resumed run may change freely: logging, checkpoint cadence, evaluation, failure
+# handling, where the data lives and how it is read, the kernels (same numbers). Any other change
+# alters what the run computes and must be named in `resume_overrides`.
+RESUME_FREE = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval.",
+               "nonfinite", "nonfinite_max_skipped", "resume_overrides", "default_workdir",
+               "data.data_dir", "data.worker_count", "data.skip_unreadable", "model.kernels")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: list(tree) if isinstance(tree, (tuple, list)) else tree}
+
+
+def resume_changes(saved: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """`field: saved -> now` for every field that differs and is neither free to change
+    (RESUME_FREE) nor named (or under a name) in `config.resume_overrides`."""
+    allowed = tuple(RESUME_FREE) + tuple(config.get("resume_overrides") or ())
+    old, new = _flat(saved), _flat(config)
+    free = lambda k: any(k == a or k.startswith(a if a.endswith(".") else a + ".") for a in allowed)
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not free(k)]
+
+
 def checkpoint_manager(config: ml_collections.ConfigDict, workdir: str) -> ocp.CheckpointManager:
-    """Writes W/config.json (process 0) and opens W/checkpoints."""
+    """Opens W/checkpoints and writes W/config.json (process 0). On a resume the config is first
+    compared with the saved one: a change of what the run computes (`resume_changes`) raises,
+    listing the fields; the previous config.json is kept as config.<n>.json when it differs."""
+    mngr = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints)
+    path = os.path.join(workdir, checkpointing.CONFIG_FILE)
+    saved = checkpointing.read_config(workdir) if os.path.isfile(path) else None
+    current = json.loads(config.to_json())
+    if saved is not None and mngr.latest_step():
+        changes, step = resume_changes(saved, current), mngr.latest_step()
+        if changes:
+            mngr.close()
+            raise ValueError(
+                f"{workdir} holds a run (step {step}) with another config; resuming "
+                "would mix two runs:\n  " + "\n  ".join(changes) + "\nUse another --workdir, or "
+                "name the fields you mean to change: --config.resume_overrides='(\"" +
+                changes[0].split(":")[0] + "\",)'")
     if jax.process_index() == 0:
+        if saved is not None and saved != current:
+            n = 1
+            while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+                n += 1
+            os.replace(path, os.path.join(workdir, f"config.{n}.json"))
         checkpointing.write_config(workdir, config)
-    return checkpointing.checkpoint_manager(workdir, config.keep_checkpoints)
+    return mngr
 
 
 def fit(trainer: Trainer, state: Any, iterator: Any, mngr: ocp.CheckpointManager,

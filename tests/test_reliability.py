@@ -704,3 +704,28 @@ def test_soak_sigterm_and_three_kill_9_resume_to_the_uninterrupted_params(tmp_pa
 
 if __name__ == "__main__":
     worker(json.loads(sys.argv[1]))
+
+
+def test_resume_refuses_a_config_that_computes_something_else(tmp_path):
+    """A changed tau / lr / model on a workdir with checkpoints used to resume silently and
+    overwrite config.json: now the changes are listed unless `resume_overrides` names them; free
+    fields (logging, cadence) pass; the earlier config.json is kept."""
+    from ms3_jax import training
+    wd = str(tmp_path)
+    config = tiny_pretrain_config()
+    mngr = training.checkpoint_manager(config, wd)
+    mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)})))
+    mngr.wait_until_finished()
+    mngr.close()
+    changed = tiny_pretrain_config(**{"loss.tau": 0.5, "optim.base_lr": 0.3, "log_every": 7})
+    with pytest.raises(ValueError) as e:
+        training.checkpoint_manager(changed, wd)
+    msg = str(e.value)
+    assert "holds a run (step 1)" in msg and "loss.tau: 0.07 -> 0.5" in msg
+    assert "optim.base_lr: 0.1 -> 0.3" in msg and "log_every" not in msg
+    assert json.loads((tmp_path / "config.json").read_text())["loss"]["tau"] == 0.07  # untouched
+    allowed = tiny_pretrain_config(**{"loss.tau": 0.5, "optim.base_lr": 0.3, "log_every": 7,
+                                      "resume_overrides": ("loss.tau", "optim")})
+    training.checkpoint_manager(allowed, wd).close()
+    assert json.loads((tmp_path / "config.json").read_text())["loss"]["tau"] == 0.5
+    assert json.loads((tmp_path / "config.1.json").read_text())["loss"]["tau"] == 0.07

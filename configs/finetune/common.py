@@ -38,6 +38,9 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
     c.keep_checkpoints = 2
     c.nonfinite = "stop"  # NaN / inf loss or gradients: 'stop' (error naming the step) | 'skip' the step
     c.nonfinite_max_skipped = 0.1  # 'skip': stop after more skipped steps (a count, or a fraction)
+    # A resumed run refuses a config that computes something else (training.resume_changes)
+    # unless the changed fields (or their prefixes, e.g. "optim") are named here.
+    c.resume_overrides = ()
     c.frozen_backbone = False  # Tab. 3: backbone params and BN statistics fixed
 
     # kind: 'ms3' (path = an MS3 pretraining workdir: its latest or `step` checkpoint; `ema` takes
