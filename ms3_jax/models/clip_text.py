@@ -463,35 +463,33 @@ def _wanted(key: str) -> bool:
     return not key.startswith(_IGNORED_KEY_PREFIXES) and key not in _IGNORED_KEYS
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Text-tower tensors of one safetensors file as float32 numpy (bfloat16 via the flax reader)."""
+def _read_safetensors(path: str, wanted: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    """The `wanted` tensors of one safetensors file as float32 numpy (bfloat16 via the flax reader)."""
     out: dict[str, np.ndarray] = {}
-    bf16_keys = []
     with safe_open(path, framework="numpy") as f:
-        for key in filter(_wanted, f.keys()):
-            if f.get_slice(key).get_dtype() == "BF16":  # numpy cannot hold bfloat16
-                bf16_keys.append(key)
-            else:
-                out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        keys = [k for k in f.keys() if wanted(k)]
+        bf16_keys = [k for k in keys if f.get_slice(k).get_dtype() == "BF16"]  # numpy has no bfloat16
+        out.update((k, np.asarray(f.get_tensor(k), dtype=np.float32)) for k in keys if k not in bf16_keys)
     if bf16_keys:
         with safe_open(path, framework="flax") as f:
-            for key in bf16_keys:
-                out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+            out.update((k, np.asarray(f.get_tensor(k).astype(jnp.float32))) for k in bf16_keys)
     return out
 
 
-def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+def _read_torch_bin(path: str, wanted: Callable[[str], bool]) -> dict[str, np.ndarray]:
     try:
         import torch  # optional dependency (the `torch` extra): only for .bin checkpoints
     except ImportError as e:
         raise ImportError(f"reading {path} needs PyTorch, which is not installed: install torch, "
                           "or provide model.safetensors instead") from e
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.detach().to(torch.float32).numpy() for k, v in state.items() if _wanted(k)}
+    return {k: v.detach().to(torch.float32).numpy() for k, v in state.items() if wanted(k)}
 
 
-def _read_weights(ckpt_dir: str) -> tuple[dict[str, np.ndarray], str]:
-    """(state dict, file it came from); prefers safetensors, handles sharded ``*.index.json``."""
+def read_weights(ckpt_dir: str, wanted: Callable[[str], bool] = _wanted
+                 ) -> tuple[dict[str, np.ndarray], str]:
+    """(the `wanted` tensors of a Hugging Face checkpoint directory, the file they came from);
+    prefers safetensors; of a sharded ``*.index.json`` reads only the shards holding wanted keys."""
     for name in ("model.safetensors", "model.safetensors.index.json",
                  "pytorch_model.bin", "pytorch_model.bin.index.json"):
         reader = _read_safetensors if "safetensors" in name else _read_torch_bin
@@ -499,15 +497,15 @@ def _read_weights(ckpt_dir: str) -> tuple[dict[str, np.ndarray], str]:
         if not os.path.isfile(path):
             continue
         if not name.endswith(".index.json"):
-            return reader(path), path
+            return reader(path, wanted), path
         with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = json.load(f)["weight_map"]
         state: dict[str, np.ndarray] = {}
-        for shard in shards:
+        for shard in sorted({file for key, file in weight_map.items() if wanted(key)}):
             shard_path = os.path.join(ckpt_dir, shard)
             if not os.path.isfile(shard_path):
                 raise FileNotFoundError(f"shard {shard_path} listed in {path} does not exist")
-            state.update(reader(shard_path))
+            state.update(reader(shard_path, wanted))
         return state, path
     raise FileNotFoundError(f"no CLIP weights in {ckpt_dir}: expected model.safetensors "
                             "(or model.safetensors.index.json, pytorch_model.bin)")
@@ -569,6 +567,6 @@ def load_clip_text(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *,
         raise FileNotFoundError(f"no config.json in CLIP checkpoint directory {ckpt_dir}")
     config = CLIPTextConfig.from_hf(config_path)
     tokenizer = _load_tokenizer(ckpt_dir)
-    state, weights_path = _read_weights(ckpt_dir)
+    state, weights_path = read_weights(ckpt_dir)
     params = jax.tree_util.tree_map(jnp.asarray, params_from_hf_state(state, config, source=weights_path))
     return CLIPTextTower(config, dtype=dtype), params, tokenizer

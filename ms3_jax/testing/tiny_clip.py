@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import transformers  # a lazy module: the CLIP classes load on first use
 
@@ -143,7 +144,8 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
                    width: int = DEFAULT_WIDTH, proj_dim: int = DEFAULT_PROJ_DIM,
                    legacy_eos: bool = False, sharpen: bool = True,
                    num_ctx: int = DEFAULT_NUM_CTX, related: Mapping[str, str] | None = None,
-                   related_cos: float = RELATED_COS) -> Path:
+                   related_cos: float = RELATED_COS,
+                   vision_overrides: Mapping[str, Any] | None = None) -> Path:
     """Save a random ``CLIPTextModelWithProjection`` (a full ``CLIPModel`` if ``full``) + tokenizer.
 
     ``words``: names / phrases whose words get a single token each (others still tokenize, per
@@ -153,7 +155,9 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
     (embeddings N(0, 0.5), matrices N(0, 0.2)), so attention and the embedded token identities
     matter instead of being washed out. ``related`` (default ``RELATED_WORDS``; ``{}`` for none):
     word -> partner, the word's token embedding redrawn at cosine ``related_cos`` to the
-    partner's (pairs with a word outside the vocabulary are skipped). Writes a
+    partner's (pairs with a word outside the vocabulary are skipped). ``vision_overrides``
+    (``full`` only): ``CLIPVisionConfig`` fields replacing the tiny vision tower's (width 16,
+    1 layer, 2 heads, MLP 32, 32 px images in 16 px patches), e.g. a patch-32 layout. Writes a
     ``TINY_RANDOM_CLIP`` marker next to the files.
     """
     import torch  # optional dependency (the `torch` extra)
@@ -170,11 +174,14 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
     torch.manual_seed(seed)
     config = text_config(words, max_len=max_len, width=width, proj_dim=proj_dim,
                          legacy_eos=legacy_eos)
+    if vision_overrides and not full:
+        raise ValueError("vision_overrides needs full=True (a text-only model has no vision tower)")
     if full:
-        vision_config = transformers.CLIPVisionConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            image_size=32, patch_size=16, projection_dim=proj_dim,
-        )
+        vision_config = transformers.CLIPVisionConfig(**{
+            "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "image_size": 32, "patch_size": 16,
+            "projection_dim": proj_dim, **(vision_overrides or {}),
+        })
         model = transformers.CLIPModel(transformers.CLIPConfig(
             text_config=config.to_dict(), vision_config=vision_config.to_dict(),
             projection_dim=proj_dim))

@@ -1,0 +1,348 @@
+"""CLIP vision tower in Flax (``transformers.CLIPVisionModelWithProjection``) and real-weight loading.
+
+MS3 compares pixel embeddings with CLIP's embedding space (paper Sec. 3.2). The vision tower gives
+two views of an image: the global ``image_embeds`` (post_layernorm(class token) @ visual_projection,
+exactly ``CLIPModel.get_image_features``) and ``dense`` per-patch embeddings, the DenseCLIP way:
+the final layer's patch tokens passed through the same post_layernorm and visual_projection,
+laid out on the patch grid.
+
+- ``CLIPVisionConfig`` / ``CLIPVisionTower``: the tower, numerically equal to transformers in
+  float32 at the native image size; other sizes (multiples of the patch size, H != W allowed) use
+  position embeddings resized bicubically as transformers' ``interpolate_pos_encoding`` does.
+- ``interpolate_position_embedding``: that resize (torch ``bicubic``, ``align_corners=False``).
+- ``load_clip_vision``: a Hugging Face ``CLIPModel`` (local dir or hub id) -> (module, variables).
+
+Params are float32 (``variables = {"params": ...}``); ``dtype`` only sets the compute dtype.
+Layers, checkpoint resolution and the name-mapping helpers are shared with ``clip_text``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+
+from ms3_jax.models import clip_text as ct
+
+Array = jax.Array
+Params = dict[str, Any]
+
+# Checkpoint keys of the vision tower of a CLIPModel / CLIPVisionModelWithProjection.
+_VISION_KEY_PREFIXES = ("vision_model.", "visual_projection.")
+_IGNORED_KEYS = ("vision_model.embeddings.position_ids",)  # a non-persistent buffer in old checkpoints
+_BICUBIC_A = -0.75  # torch's (and so transformers') cubic convolution coefficient
+
+
+# --- Config -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    """Shape of the CLIP vision tower (defaults: OpenAI ViT-B/32; ViT-B/16 is ``patch_size=16``).
+
+    ``mlp_dim`` is ``intermediate_size``; the patch grid at the native ``image_size`` is
+    ``grid_size`` x ``grid_size``.
+    """
+    width: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    patch_size: int = 32
+    image_size: int = 224
+    proj_dim: int = 512
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    num_channels: int = 3
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_act not in ct._ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; "
+                             f"expected one of {sorted(ct._ACTIVATIONS)}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "CLIPVisionConfig":
+        """From a transformers ``CLIPConfig`` / ``CLIPVisionConfig``, a config dict or a config.json path.
+
+        For a full ``CLIPModel`` config the vision part is ``vision_config`` and ``projection_dim``
+        is the top-level value. Dicts are parsed by transformers' own config classes so that
+        missing keys get exactly the defaults ``from_pretrained`` would use.
+        """
+        if isinstance(hf_config, (str, os.PathLike)):
+            with open(hf_config) as f:
+                hf_config = json.load(f)
+        if isinstance(hf_config, Mapping):
+            model_type = hf_config.get("model_type")
+            if model_type not in (None, "clip", "clip_vision_model"):
+                raise ValueError(f"not a CLIP vision config: model_type {model_type!r} "
+                                 "(expected 'clip' or 'clip_vision_model')")
+            is_full = "vision_config" in hf_config or model_type == "clip"
+            config_cls = transformers.CLIPConfig if is_full else transformers.CLIPVisionConfig
+            hf_config = config_cls.from_dict(dict(hf_config))
+        vision = getattr(hf_config, "vision_config", hf_config)  # the vision part of a CLIPConfig
+        if not hasattr(vision, "patch_size"):
+            raise ValueError(f"not a CLIP vision config: {type(vision).__name__} has no patch_size")
+        return cls(
+            width=int(vision.hidden_size),
+            num_layers=int(vision.num_hidden_layers),
+            num_heads=int(vision.num_attention_heads),
+            mlp_dim=int(vision.intermediate_size),
+            patch_size=int(vision.patch_size),
+            image_size=int(vision.image_size),
+            proj_dim=int(hf_config.projection_dim),
+            layer_norm_eps=float(vision.layer_norm_eps),
+            hidden_act=str(vision.hidden_act),
+            num_channels=int(vision.num_channels),
+        )
+
+
+# --- Position-embedding interpolation ---------------------------------------------------------
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Weights ``[..., 4]`` of the taps at offsets -1, 0, 1, 2 for fractional positions ``t``."""
+    a = _BICUBIC_A
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """``[out, in]`` float64 matrix of torch's 1-D bicubic resize (``align_corners=False``).
+
+    Source position ``(o + 0.5) * in / out - 0.5``, taps clamped at the borders. At
+    ``in == out`` it is exactly the identity (the weights at ``t = 0`` are 0, 1, 0, 0).
+    """
+    src_O = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    floor_O = np.floor(src_O)
+    weights_Ox4 = _cubic_weights(src_O - floor_O)
+    taps_Ox4 = np.clip(floor_O[:, None].astype(np.int64) + np.arange(-1, 3), 0, in_size - 1)
+    matrix_OxI = np.zeros((out_size, in_size))
+    np.add.at(matrix_OxI, (np.repeat(np.arange(out_size), 4), taps_Ox4.ravel()), weights_Ox4.ravel())
+    return matrix_OxI
+
+
+def interpolate_position_embedding(table_PxD: Array, grid_h: int, grid_w: int) -> Array:
+    """Position table ``[1 + g*g, D]`` (class position first) resized to a ``grid_h x grid_w`` grid.
+
+    The class position is kept; the patch part is resized as transformers'
+    ``interpolate_pos_encoding`` does (torch bicubic, ``align_corners=False``, no antialiasing).
+    Returns ``[1 + grid_h*grid_w, D]``; the table itself at the native grid.
+    """
+    num_patches, dim = table_PxD.shape[0] - 1, table_PxD.shape[1]
+    grid = int(round(num_patches ** 0.5))
+    if grid * grid != num_patches:
+        raise ValueError(f"position table has {num_patches} patch positions, not a square grid")
+    if (grid_h, grid_w) == (grid, grid):
+        return table_PxD
+    rows_HxG = jnp.asarray(_bicubic_matrix(grid, grid_h), table_PxD.dtype)
+    cols_WxG = jnp.asarray(_bicubic_matrix(grid, grid_w), table_PxD.dtype)
+    patch_GxGxD = table_PxD[1:].reshape(grid, grid, dim)
+    patch_HxWxD = jnp.einsum("hy,wx,yxd->hwd", rows_HxG, cols_WxG, patch_GxGxD,
+                             precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([table_PxD[:1], patch_HxWxD.reshape(grid_h * grid_w, dim)], axis=0)
+
+
+# --- Model ------------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over all tokens (no mask); softmax in float32."""
+    width: int
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxNxD: Array) -> Array:
+        b, n, _ = x_BxNxD.shape
+        head_dim = self.width // self.num_heads
+        dense = functools.partial(nn.Dense, self.width, dtype=self.dtype, param_dtype=jnp.float32)
+        split = lambda t: t.reshape(b, n, self.num_heads, head_dim)  # noqa: E731
+        q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (split(dense(name=f"{p}_proj")(x_BxNxD)) for p in "qkv")
+        logits_BxHxNxN = jnp.einsum(
+            "bqhk,bshk->bhqs", q_BxNxHxK, k_BxNxHxK, preferred_element_type=jnp.float32
+        ) * (head_dim**-0.5)
+        weights_BxHxNxN = jax.nn.softmax(logits_BxHxNxN, axis=-1).astype(self.dtype)
+        out_BxNxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxNxN, v_BxNxHxK)
+        return dense(name="out_proj")(out_BxNxHxK.reshape(b, n, self.width))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+    config: CLIPVisionConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxNxD: Array) -> Array:
+        c = self.config
+        ln = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype,
+                               param_dtype=jnp.float32)
+        h_BxNxD = ln(name="layer_norm1")(x_BxNxD)
+        x_BxNxD = x_BxNxD + SelfAttention(c.width, c.num_heads, self.dtype, name="self_attn")(h_BxNxD)
+        h_BxNxD = ln(name="layer_norm2")(x_BxNxD)
+        return x_BxNxD + ct.MLP(c.width, c.mlp_dim, c.hidden_act, self.dtype, name="mlp")(h_BxNxD)
+
+
+class CLIPVisionTower(nn.Module):
+    """CLIP ViT image encoder + projection (``CLIPVisionModelWithProjection``) with dense outputs.
+
+    ``__call__(pixels_BxHxWxC)`` takes pixels normalised as ``CLIPProcessor`` does (NHWC float);
+    H and W must be multiples of ``patch_size``. Returns float32
+    ``{"image_embeds": [B, proj_dim], "dense": [B, H/p, W/p, proj_dim]}``, neither normalised.
+    """
+    config: CLIPVisionConfig
+    dtype: Any = jnp.float32  # compute dtype; params stay float32
+
+    def setup(self):
+        c, dtypes = self.config, {"dtype": self.dtype, "param_dtype": jnp.float32}
+        self.patch_embedding = nn.Conv(c.width, (c.patch_size, c.patch_size),
+                                       strides=(c.patch_size, c.patch_size), padding="VALID",
+                                       use_bias=False, **dtypes)
+        self.class_embedding = self.param(
+            "class_embedding", nn.initializers.normal(c.width**-0.5), (c.width,), jnp.float32
+        )
+        self.position_embedding = self.param(
+            "position_embedding", nn.initializers.normal(0.02), (c.grid_size**2 + 1, c.width), jnp.float32
+        )
+        self.pre_layrnorm = nn.LayerNorm(epsilon=c.layer_norm_eps, **dtypes)  # transformers' spelling
+        self.layers = [EncoderLayer(c, self.dtype) for _ in range(c.num_layers)]
+        self.post_layernorm = nn.LayerNorm(epsilon=c.layer_norm_eps, **dtypes)
+        self.visual_projection = nn.Dense(c.proj_dim, use_bias=False, **dtypes)
+
+    def __call__(self, pixels_BxHxWxC: Array) -> dict[str, Array]:
+        c = self.config
+        if pixels_BxHxWxC.ndim != 4 or pixels_BxHxWxC.shape[-1] != c.num_channels:
+            raise ValueError(f"pixels must be [B, H, W, {c.num_channels}] (NHWC), "
+                             f"got shape {tuple(pixels_BxHxWxC.shape)}")
+        b, height, width, _ = pixels_BxHxWxC.shape
+        if height % c.patch_size or width % c.patch_size:
+            raise ValueError(f"input size {height}x{width} (HxW) is not a multiple of the patch "
+                             f"size {c.patch_size}")
+        grid_h, grid_w = height // c.patch_size, width // c.patch_size
+        patches_BxGhxGwxD = self.patch_embedding(jnp.asarray(pixels_BxHxWxC, self.dtype))
+        patches_BxGxD = patches_BxGhxGwxD.reshape(b, grid_h * grid_w, c.width)  # row-major, as torch
+        cls_Bx1xD = jnp.broadcast_to(self.class_embedding.astype(self.dtype), (b, 1, c.width))
+        pos_NxD = interpolate_position_embedding(self.position_embedding, grid_h, grid_w)
+        h_BxNxD = jnp.concatenate([cls_Bx1xD, patches_BxGxD], axis=1) + pos_NxD.astype(self.dtype)
+        h_BxNxD = self.pre_layrnorm(h_BxNxD)
+        for layer in self.layers:
+            h_BxNxD = layer(h_BxNxD)
+        # post_layernorm is per token: on every token it equals transformers' LN of the class token,
+        # and it is DenseCLIP's treatment of the patch tokens.
+        emb_BxNxP = self.visual_projection(self.post_layernorm(h_BxNxD)).astype(jnp.float32)
+        return {
+            "image_embeds": emb_BxNxP[:, 0],
+            "dense": emb_BxNxP[:, 1:].reshape(b, grid_h, grid_w, c.proj_dim),
+        }
+
+
+# --- Loading Hugging Face checkpoints ---------------------------------------------------------
+
+def hf_param_map(config: CLIPVisionConfig) -> dict[str, Any]:
+    """Flax param tree whose leaves are ``(hf_key, transpose)``: the explicit name mapping.
+
+    Torch Linear weights ``[out, in]`` become Dense kernels ``[in, out]``; the patch Conv2d
+    weight ``[out, in, kh, kw]`` becomes the Flax Conv kernel ``[kh, kw, in, out]``.
+    """
+    emb = "vision_model.embeddings"
+    tree: dict[str, Any] = {
+        "patch_embedding": {"kernel": (f"{emb}.patch_embedding.weight", True)},
+        "class_embedding": (f"{emb}.class_embedding", False),
+        "position_embedding": (f"{emb}.position_embedding.weight", False),
+        "pre_layrnorm": ct._layer_norm("vision_model.pre_layrnorm"),
+        "post_layernorm": ct._layer_norm("vision_model.post_layernorm"),
+        "visual_projection": {"kernel": ("visual_projection.weight", True)},
+    }
+    for i in range(config.num_layers):
+        hf = f"vision_model.encoder.layers.{i}"
+        tree[f"layers_{i}"] = {
+            "layer_norm1": ct._layer_norm(f"{hf}.layer_norm1"),
+            "self_attn": {
+                p: ct._linear(f"{hf}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+            },
+            "layer_norm2": ct._layer_norm(f"{hf}.layer_norm2"),
+            "mlp": {"fc1": ct._linear(f"{hf}.mlp.fc1"), "fc2": ct._linear(f"{hf}.mlp.fc2")},
+        }
+    return tree
+
+
+def _to_flax_layout(value: np.ndarray) -> np.ndarray:
+    """Torch Linear ``[out, in]`` -> ``[in, out]``; Conv2d ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]``."""
+    return value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
+
+
+def params_from_hf_state(state: Mapping[str, Any], config: CLIPVisionConfig, *,
+                         source: str = "checkpoint") -> Params:
+    """Flax params (float32 numpy) from a transformers state dict of numpy arrays.
+
+    Keys outside the vision tower (text tower, ``logit_scale``) are ignored; any other missing,
+    unexpected or mis-shaped key is reported, all of them in one ValueError.
+    """
+    mapping = hf_param_map(config)
+    expected = {leaf[0] for leaf in jax.tree_util.tree_leaves(mapping, is_leaf=ct._is_leaf)}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(k for k in state if k not in expected and _is_vision_key(k))
+    pixels = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
+    reference = jax.eval_shape(lambda: CLIPVisionTower(config).init(jax.random.key(0), pixels)["params"])
+    bad_shapes: list[str] = []
+
+    def convert(leaf: tuple[str, bool], ref: jax.ShapeDtypeStruct) -> np.ndarray | None:
+        key, transpose = leaf
+        if key not in state:
+            return None
+        value = np.asarray(state[key], dtype=np.float32)
+        value = _to_flax_layout(value) if transpose else value
+        if value.shape != ref.shape:
+            bad_shapes.append(f"{key}: {tuple(value.shape)} != expected {tuple(ref.shape)}")
+        return value
+
+    params = jax.tree_util.tree_map(convert, mapping, reference, is_leaf=ct._is_leaf)
+    problems = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", bad_shapes))
+    if parts := [f"{title} ({len(keys)}): {keys}" for title, keys in problems if keys]:
+        raise ValueError(f"CLIP vision weights in {source} do not match the config: " + "; ".join(parts))
+    return params
+
+
+def _is_vision_key(key: str) -> bool:
+    return key.startswith(_VISION_KEY_PREFIXES) and key not in _IGNORED_KEYS
+
+
+def load_clip_vision(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *,
+                     cache_dir: str | None = None) -> tuple[CLIPVisionTower, dict[str, Params]]:
+    """Load a CLIP vision tower: ``(module, variables)``, ``variables = {"params": float32 params}``.
+
+    ``name_or_path``: a local directory holding a ``CLIPModel`` or ``CLIPVisionModelWithProjection``
+    (config.json, model.safetensors or pytorch_model.bin), or a hub id such as
+    "openai/clip-vit-base-patch16" (resolved as ``clip_text.load_clip_text`` does).
+    ``module.apply(variables, pixels_BxHxWx3)`` returns ``{"image_embeds", "dense"}``.
+    """
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        ckpt_dir = name
+    elif ct._looks_like_path(name):
+        raise FileNotFoundError(f"CLIP checkpoint directory not found: {name}")
+    else:
+        ckpt_dir = ct._resolve_hub(name, cache_dir)
+    config_path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no config.json in CLIP checkpoint directory {ckpt_dir}")
+    config = CLIPVisionConfig.from_hf(config_path)
+    state, weights_path = ct.read_weights(ckpt_dir, _is_vision_key)
+    if not state:
+        raise ValueError(f"no CLIP vision-tower weights ({'*, '.join(_VISION_KEY_PREFIXES)}*) in "
+                         f"{weights_path}: is it a text-only checkpoint?")
+    params = jax.tree_util.tree_map(jnp.asarray, params_from_hf_state(state, config, source=weights_path))
+    return CLIPVisionTower(config, dtype=dtype), {"params": params}
