@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         depth=50, variant="v1", output_stride=8, width=1.0,
         stage_sizes=ml_collections.config_dict.placeholder(tuple),
         head_channels=512, c1_channels=48, emb_dim=512, dtype="bfloat16",
-        heads_at="decoder",  # projection heads on the decoder map | 'aspp' (docs/choices.md)
+        heads_at="aspp",  # projection heads after the ASPP (paper 4.1) | 'decoder' (docs/choices.md)
         # 'auto': XLA's native convolutions on GPU / TPU, the CPU plug-in on CPU devices (decided
         # from the mesh the step is compiled for); 'xla' | 'cpu' force one (same numbers).
         kernels="auto",
