@@ -64,9 +64,10 @@ def test_small_benchmark_learns_and_recovers_relations(tmp_path_factory):
     """The demo's pretraining at a third of its budget (500 steps, Eq. 6 mask from step 300) on
     the demo's data, with one random unit T per distinct name (no stage 1): the language head
     learns and the paper's rule recovers the planted relations. Measured 2026-12-04 on data
-    1.2.0: accuracy 0.92 on the classes without a renamed relation, precision 0.64, recall 1.00
-    (15 pairs for 11 relations); the floors leave room for float reassociation, not for a broken
-    method (the 300-step demo that collapsed scored 0.23 / 0.19 / 0.75)."""
+    1.2.0 with the heads after the ASPP (the default): accuracy 0.91 on the classes without a
+    renamed relation, precision 0.80, recall 1.00 (with the heads on the decoder: 0.92, 0.64,
+    1.00); the floors leave room for float reassociation, not for a broken method (the 300-step
+    demo that collapsed scored 0.23 / 0.19 / 0.75)."""
     from ms3_jax import pretrain
     from ms3_jax.data import synthetic
     from ms3_jax.testing import synthetic_data
@@ -90,4 +91,4 @@ def test_small_benchmark_learns_and_recovers_relations(tmp_path_factory):
     scores = demo.score_relations(json.loads((root / "pretrain" / "relations.json").read_text()),
                                   truth, ls)
     assert acc["pixel_accuracy_unrelated"] >= 0.8, acc
-    assert scores["precision"] >= 0.5 and scores["recall"] >= 0.8, scores
+    assert scores["precision"] >= 0.6 and scores["recall"] >= 0.8, scores
