@@ -366,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 writer.add_scalar(f"eval/{k}", m[k], step)
             for name, iou in zip(label_space.class_names[0], m["IoU"]):
                 if not np.isnan(iou):
-                    writer.add_scalar(f"eval_IoU/{name}", iou, step)
+                    writer.add_scalar(loop.tag("eval_IoU", name), iou, step)
             writer.add_text("eval_table", "    " + evaluate.format_table(
                 m, label_space.class_names[0]).replace("\n", "\n    "), step)
             writer.flush()

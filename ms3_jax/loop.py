@@ -69,6 +69,11 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any, iterator: Any,
     return state, start
 
 
+def tag(*parts: str) -> str:
+    """A TensorBoard tag from parts that may hold spaces (class names): 'a/dirt_track'."""
+    return "/".join(str(p).replace(" ", "_") for p in parts)
+
+
 def summary_writer(workdir: str, config: Any | None = None) -> Any | None:
     """A TensorBoard writer (tensorboardX) in W/tensorboard on process 0; None elsewhere. The
     `config` (an ml_collections ConfigDict) goes in as text, 'config'."""

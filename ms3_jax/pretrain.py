@@ -395,7 +395,7 @@ def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: T
                     writer.add_scalar(f"eval/{key}/{name}", m[name], step)
                 for cls, iou in zip(m["class_names"], m["IoU"]):
                     if not np.isnan(iou):
-                        writer.add_scalar(f"eval_IoU/{key}/{cls}", iou, step)
+                        writer.add_scalar(loop.tag("eval_IoU", key, cls), iou, step)
             panels = pretrain_eval.example_panels(
                 trainer.model, {"params": state.params, "batch_stats": state.batch_stats}, heads,
                 trainer.label_space, config.data.data_dir or None, short_side=ec.get("short_side"))
