@@ -7,9 +7,8 @@ r"""MS3 pretraining (stage 2), paper section 4.1.
 
 Defaults are the paper's: DeepLab-v3+ / ResNet-50 (OS 8), two 3-layer 512-d projection heads
 after the ASPP, VOC-aug + ADE20K + COCO-Stuff-164k (|Y| = 21 + 150 + 171 = 342), 224 crops,
-batch 128, SGD
-(momentum 0.9, weight decay 4e-5), lr 0.8 per 128 images with cosine decay to 0, 100 epochs,
-tau 0.07, alpha 1. Not in the paper (documented in docs/choices.md): EMA momentum 0.999 (MoCo),
+batch 128, SGD (momentum 0.9, weight decay 4e-5), lr 0.8 per 128 images with cosine decay to
+0, 100 epochs, tau 0.07, alpha 1. Not in the paper (documented in docs/choices.md): EMA momentum 0.999 (MoCo),
 bank slots K = 256 and P = 32 pixels per class per step, lr warm-up, S momentum and warm-up.
 
 Memory of the per-class bank: |Y| x K x C x 2 bytes in bfloat16 = 342 x 256 x 512 x 2 = 90 MB;
