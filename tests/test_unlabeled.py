@@ -255,7 +255,10 @@ def test_pseudo_labels_enter_the_losses_and_the_bank_only_with_the_switch():
     on, it gets P of them. Other classes' counts are the same in both, and S never sees class 0."""
     batch = _step_batch()
     k = label_space().num_classes
-    trainers = {eb: pretrain.Trainer(tiny_config(**{"pseudo.enter_bank": eb}), label_space(),
+    # Heads on the stride-4 decoder map: 8x8 pixels per image (after the ASPP, 4x4 is too few
+    # for the mean embedding to win some unlabeled pixels and not all).
+    trainers = {eb: pretrain.Trainer(tiny_config(**{"pseudo.enter_bank": eb,
+                                                    "model.heads_at": "decoder"}), label_space(),
                                      np.zeros((k, 32), np.float32), num_steps=4)
                 for eb in (False, True)}
     model, replicated = trainers[False].model, trainers[False].replicated
