@@ -131,11 +131,13 @@ def eos_positions(ids_NxL: Array, eos_token_id: int) -> Array:
     return jnp.argmax(ids_NxL == eos_token_id, axis=-1)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention with a causal mask; softmax in float32."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, causal (the text tower) or over all tokens (the vision tower);
+    softmax in float32."""
     width: int
     num_heads: int
     dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x_NxLxD: Array) -> Array:
@@ -147,8 +149,9 @@ class CausalSelfAttention(nn.Module):
         logits_NxHxLxL = jnp.einsum(
             "nqhk,nshk->nhqs", q_NxLxHxK, k_NxLxHxK, preferred_element_type=jnp.float32
         ) * (head_dim**-0.5)
-        causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
-        logits_NxHxLxL = jnp.where(causal_LxL, logits_NxHxLxL, jnp.finfo(jnp.float32).min)
+        if self.causal:
+            causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
+            logits_NxHxLxL = jnp.where(causal_LxL, logits_NxHxLxL, jnp.finfo(jnp.float32).min)
         weights_NxHxLxL = jax.nn.softmax(logits_NxHxLxL, axis=-1).astype(self.dtype)
         out_NxLxHxK = jnp.einsum("nhqs,nshk->nqhk", weights_NxHxLxL, v_NxLxHxK)
         return dense(name="out_proj")(out_NxLxHxK.reshape(n, length, self.width))
@@ -169,9 +172,11 @@ class MLP(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
-    config: CLIPTextConfig
+    """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x)). `config`: a text or vision
+    config (width, num_heads, mlp_dim, hidden_act, layer_norm_eps)."""
+    config: Any
     dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x_NxLxD: Array) -> Array:
@@ -179,7 +184,8 @@ class ResidualBlock(nn.Module):
         ln = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype,
                                param_dtype=jnp.float32)
         h_NxLxD = ln(name="layer_norm1")(x_NxLxD)
-        x_NxLxD = x_NxLxD + CausalSelfAttention(c.width, c.num_heads, self.dtype, name="self_attn")(h_NxLxD)
+        attention = SelfAttention(c.width, c.num_heads, self.dtype, self.causal, name="self_attn")
+        x_NxLxD = x_NxLxD + attention(h_NxLxD)
         h_NxLxD = ln(name="layer_norm2")(x_NxLxD)
         return x_NxLxD + MLP(c.width, c.mlp_dim, c.hidden_act, self.dtype, name="mlp")(h_NxLxD)
 

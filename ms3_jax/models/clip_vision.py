@@ -19,7 +19,6 @@ Layers, checkpoint resolution and the name-mapping helpers are shared with ``cli
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Mapping
@@ -159,43 +158,6 @@ def interpolate_position_embedding(table_PxD: Array, grid_h: int, grid_w: int) -
 
 # --- Model ------------------------------------------------------------------------------------
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over all tokens (no mask); softmax in float32."""
-    width: int
-    num_heads: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_BxNxD: Array) -> Array:
-        b, n, _ = x_BxNxD.shape
-        head_dim = self.width // self.num_heads
-        dense = functools.partial(nn.Dense, self.width, dtype=self.dtype, param_dtype=jnp.float32)
-        split = lambda t: t.reshape(b, n, self.num_heads, head_dim)  # noqa: E731
-        q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (split(dense(name=f"{p}_proj")(x_BxNxD)) for p in "qkv")
-        logits_BxHxNxN = jnp.einsum(
-            "bqhk,bshk->bhqs", q_BxNxHxK, k_BxNxHxK, preferred_element_type=jnp.float32
-        ) * (head_dim**-0.5)
-        weights_BxHxNxN = jax.nn.softmax(logits_BxHxNxN, axis=-1).astype(self.dtype)
-        out_BxNxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxNxN, v_BxNxHxK)
-        return dense(name="out_proj")(out_BxNxHxK.reshape(b, n, self.width))
-
-
-class EncoderLayer(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
-    config: CLIPVisionConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_BxNxD: Array) -> Array:
-        c = self.config
-        ln = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype,
-                               param_dtype=jnp.float32)
-        h_BxNxD = ln(name="layer_norm1")(x_BxNxD)
-        x_BxNxD = x_BxNxD + SelfAttention(c.width, c.num_heads, self.dtype, name="self_attn")(h_BxNxD)
-        h_BxNxD = ln(name="layer_norm2")(x_BxNxD)
-        return x_BxNxD + ct.MLP(c.width, c.mlp_dim, c.hidden_act, self.dtype, name="mlp")(h_BxNxD)
-
-
 class CLIPVisionTower(nn.Module):
     """CLIP ViT image encoder + projection (``CLIPVisionModelWithProjection``) with dense outputs.
 
@@ -218,7 +180,7 @@ class CLIPVisionTower(nn.Module):
             "position_embedding", nn.initializers.normal(0.02), (c.grid_size**2 + 1, c.width), jnp.float32
         )
         self.pre_layrnorm = nn.LayerNorm(epsilon=c.layer_norm_eps, **dtypes)  # transformers' spelling
-        self.layers = [EncoderLayer(c, self.dtype) for _ in range(c.num_layers)]
+        self.layers = [ct.ResidualBlock(c, self.dtype, causal=False) for _ in range(c.num_layers)]
         self.post_layernorm = nn.LayerNorm(epsilon=c.layer_norm_eps, **dtypes)
         self.visual_projection = nn.Dense(c.proj_dim, use_bias=False, **dtypes)
 
