@@ -86,8 +86,10 @@ def write_config(workdir: str, config: Any) -> None:
     """Store the job config as JSON next to the checkpoints (ml_collections or a plain mapping)."""
     os.makedirs(workdir, exist_ok=True)
     text = config.to_json(indent=2) if hasattr(config, "to_json") else json.dumps(config, indent=2)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:  # replaced atomically: other processes may be reading it
         f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def read_config(workdir: str) -> dict[str, Any]:

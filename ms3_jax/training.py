@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -163,7 +164,7 @@ def checkpoint_manager(config: ml_collections.ConfigDict, workdir: str) -> ocp.C
             n = 1
             while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
                 n += 1
-            os.replace(path, os.path.join(workdir, f"config.{n}.json"))
+            shutil.copyfile(path, os.path.join(workdir, f"config.{n}.json"))  # path stays readable
         checkpointing.write_config(workdir, config)
     return mngr
 
