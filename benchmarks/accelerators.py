@@ -10,7 +10,11 @@ descriptions, benchmarks/targets/*.txtpb). Needs the AOT wheels: the `aot` extra
 `jax[tpu,cuda12-local]`. Default XLA flags (XLA_FLAGS is never set).
 Steps: `ms3` (both heads, bank, relations, momentum encoder, SGD), `ce` (loss.kind=ce_single_head),
 in `nonfinite.guard`, jitted as `pretrain.Trainer` does (state replicated + donated, batch over
-'data'). Each variant compiles in its own subprocess: a crash is a row ("crashed: SIGABRT").
+'data'); `stage1`: stage 1 with CLIP's image encoder (configs/text_adapt.py: the ViT trained
+with AdamW, 13 context tokens through the frozen text tower for every distinct union name each
+step, Eq. 1 at the patch grid) at ViT-B/16 (--stage1-patch 32: B/32; --tiny: the tiny stand-in),
+kernels ignored (no DeepLab). Each variant compiles in its own subprocess: a crash is a row
+("crashed: SIGABRT").
 
 Columns (per device; GiB = 2^30 B, GB = 1e9 B):
   compile, s   'ok' / the error's first line / crashed / timeout; trace + lower + compile seconds
@@ -60,7 +64,8 @@ GiB = 2 ** 30
 V100 = 16 * GiB
 TPU_TOPOLOGIES = {"v4": ("v4:1x1x1", "megacore", 32 * GiB), "v5e": ("v5e:1x1", "default", 16 * GiB)}
 GPU_FILES = {"h100": "h100_sxm.txtpb", "a100": "a100_sxm_80.txtpb"}
-STEPS = {"ms3": "ms3", "ce": "ce_single_head"}
+STEPS = {"ms3": "ms3", "ce": "ce_single_head", "stage1": None}
+STAGE1_PROMPT_LEN = 32  # tokens per prompt: SOS + 13 context + name (<= ~8 BPE tokens) + '.' + EOS, padded
 
 
 def require_aot_wheels(target: str) -> None:
@@ -91,10 +96,72 @@ def target_devices(target: str) -> tuple[list, int]:
 def make_config(tiny: bool, step: str, kernels: str):
     if REPO not in sys.path:
         sys.path.append(REPO)
+    if step == "stage1":
+        from configs.text_adapt import get_config as stage1_config
+        return stage1_config("tiny" if tiny else None)
     from configs.pretrain import get_config
     cfg = get_config("tiny" if tiny else None)
     cfg.loss.kind, cfg.model.kernels = STEPS[step], kernels
     return cfg
+
+
+def lower_stage1(cfg, devices, batch: int, size: int, patch: int, num_classes: int | None = None):
+    """(stage 1's guarded train step with CLIP's image encoder lowered on abstract inputs, 1 conv
+    layer). Towers: OpenAI ViT-B/`patch` vision + the ViT-B text tower (random shapes, no weights
+    needed), or the tiny stand-in's with `cfg` tiny; |Y| and the distinct names from the config's
+    datasets unless `num_classes` (then all distinct)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from ms3_jax import nonfinite, sharding, text_adapt
+    from ms3_jax.data.label_space import LabelSpace
+    from ms3_jax.models import clip_text, clip_vision
+    from ms3_jax.testing import tiny_clip
+    if cfg.text.tiny_clip_dir:
+        text_cfg = clip_text.CLIPTextConfig(vocab_size=300, width=32, num_layers=2, num_heads=4,
+                                            max_len=STAGE1_PROMPT_LEN, proj_dim=32, mlp_dim=128)
+        over = tiny_clip.tiny_vision(size)
+        vision_cfg = clip_vision.CLIPVisionConfig(
+            width=over["hidden_size"], num_layers=over["num_hidden_layers"],
+            num_heads=over["num_attention_heads"], mlp_dim=over["intermediate_size"],
+            patch_size=over["patch_size"], image_size=size, proj_dim=32)
+    else:
+        text_cfg = clip_text.CLIPTextConfig()
+        vision_cfg = clip_vision.CLIPVisionConfig(patch_size=patch)
+    if num_classes:
+        k = u = num_classes
+    else:
+        names = LabelSpace.from_datasets(list(cfg.data.datasets)).names
+        k, u = len(names), len(text_adapt.distinct_names(names)[0])
+    cfg.batch_size = batch * len(devices)
+    text = clip_text.CLIPTextTower(text_cfg, dtype=jnp.dtype(cfg.text.dtype))
+    vision = clip_vision.CLIPVisionTower(vision_cfg, dtype=jnp.dtype(cfg.model.dtype))
+    embed = text_adapt.clip_embed(clip_vision.PixelEncoder(vision))
+    tx = text_adapt.make_optimizer(cfg, 10_000, train_text_tower=False)
+    step = text_adapt.make_train_step(cfg, embed, text, tx, text_adapt.image_lr_schedule(cfg, 10_000),
+                                      text_adapt.text_lr_schedule(cfg, cfg.text.lr, 10_000), False)
+
+    def init(rng):
+        params = {"image": vision.init(rng, jnp.zeros((1, size, size, 3)))["params"],
+                  "ctx": jnp.zeros((cfg.text.num_ctx, text_cfg.width))}
+        return text_adapt.TextAdaptState(step=jnp.zeros((), jnp.int32), params=params,
+                                         batch_stats={}, opt_state=tx.init(params), rng=rng)
+
+    mesh = sharding.data_mesh(devices)
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    spec = lambda shape, dtype, s=rep: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+    abstract = lambda tree: jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), tree)
+    state = abstract(jax.eval_shape(init, jax.random.PRNGKey(0)))
+    text_params = abstract(jax.eval_shape(
+        lambda: text.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+    b = cfg.batch_size
+    batch_specs = {"image": spec((b, size, size, 3), jnp.uint8, data),
+                   "label": spec((b, size, size), jnp.int32, data)}
+    consts = {"ids": spec((u, STAGE1_PROMPT_LEN), jnp.int32), "eos": spec((u,), jnp.int32),
+              "gather": spec((k,), jnp.int32), "text": text_params}
+    jitted = jax.jit(nonfinite.guard(step, nonfinite.mode_of(cfg)),
+                     in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
+    return jitted.trace(state, batch_specs, consts).lower(), 1
 
 
 def lower_step(cfg, devices, batch: int, size: int, num_classes: int | None = None):
@@ -240,8 +307,10 @@ def measure(v: dict) -> dict:
     out, peaks = {**v, "hbm": hbm}, {}
     for b in [v["batch"], v["batch"] // 2][:2 if v["fit"] and v["batch"] > 1 else 1]:
         t = time.perf_counter()
-        lowered, layers = lower_step(make_config(v["tiny"], v["step"], v["kernels"]), devices, b,
-                                     v["size"], v["classes"])
+        cfg = make_config(v["tiny"], v["step"], v["kernels"])
+        lowered, layers = (lower_stage1(cfg, devices, b, v["size"], v["patch"], v["classes"])
+                           if v["step"] == "stage1" else
+                           lower_step(cfg, devices, b, v["size"], v["classes"]))
         compiled = lowered.compile()
         m = compiled.memory_analysis()
         peaks[b] = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
@@ -328,7 +397,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", default="v4,v5e,h100,a100")
     ap.add_argument("--kernels", default="auto,xla,cpu")
-    ap.add_argument("--steps", default="ms3,ce")
+    ap.add_argument("--steps", default="ms3,ce", help="ms3, ce, stage1")
+    ap.add_argument("--stage1-patch", type=int, default=16, help="stage1: ViT-B/16 or /32")
     ap.add_argument("--batch", type=int, help="per device (default 16; --tiny 4)")
     ap.add_argument("--size", type=int, help="crop (default 224; --tiny 64)")
     ap.add_argument("--classes", type=int, help="|Y| (default: the config's datasets: 342; tiny 9)")
@@ -343,8 +413,9 @@ def main() -> None:
         return child(json.loads(a.child))
     batch, size = a.batch or (4 if a.tiny else 16), a.size or (64 if a.tiny else 224)
     variants = [dict(target=t, kernels=k, step=s, batch=batch, size=size, classes=a.classes,
-                     tiny=a.tiny, fit=not a.no_fit)
-                for t in a.targets.split(",") for k in a.kernels.split(",") for s in a.steps.split(",")]
+                     tiny=a.tiny, fit=not a.no_fit, patch=a.stage1_patch)
+                for t in a.targets.split(",") for s in a.steps.split(",")
+                for k in (a.kernels.split(",") if s != "stage1" else ["-"])]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {'tiny' if a.tiny else 'paper'} model, batch {batch} "
           f"@{size} per device, {len(variants)} variants, --jobs {a.jobs}; max batch: "
           + ("off" if a.no_fit else f"linear fit of peak over batch {batch} and {batch // 2}"), flush=True)

@@ -4,7 +4,7 @@ r"""The whole MS3 path on the built-in synthetic multi-dataset, on a CPU, in min
 
 Steps (each output lands in the workdir): build the synthetic datasets (data/: synth_a/b/c for
 pretraining, synth_d held out for transfer, see benchmarks/ablations.py); stage 1 with a
-tiny RANDOM CLIP text tower -- no CLIP weights can be downloaded here; point
+tiny RANDOM CLIP (text and vision towers) -- no CLIP weights can be downloaded here; point
 `text_adapt.text.clip` at a real checkpoint for meaningful language embeddings (text_adapt/);
 MS3 pretraining with Eq. 7-9 (pretrain/); the relations report scored against the planted
 synonyms and subsets (relations_eval.json); the backbone exported for PyTorch
@@ -32,8 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.check_accuracy = True  # fail (exit 1) when nearest-T pixel accuracy < 2 x chance
 
     stage1 = _load("text_adapt", "tiny")
-    stage1.num_steps = 150
-    stage1.text.frozen_steps = 0.6  # the context learns once the encoder separates classes
+    stage1.num_steps = 150  # CLIP's (tiny, random) vision tower and the context, from step 0
 
     stage2 = _load("pretrain", "tiny")
     # 300 steps with the mask from step 100 (the budget before 2026-12-04) collapsed: nearest-T
@@ -45,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stage2.data.crop_size = 64
     stage2.relations.warmup_steps = 1000
     stage2.eval_every = 500  # nearest-T / V mIoU of each validation split (pretrain_eval.py)
-    stage2.eval.update(dict(max_images=0, short_side=0))
+    stage2.eval.update(dict(max_images=0, short_side=0, held_out=("synth_d",)))
     stage2.optim.update(dict(base_lr=1.6, warmup_steps=20))  # x 16 / 128 = 0.2
 
     for stage in (stage1, stage2):

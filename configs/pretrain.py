@@ -35,7 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Every eval_every steps and at the end (0: never): each dataset's validation split segmented
     # by nearest T / V (ms3_jax/pretrain_eval.py) -> console, TensorBoard, W/results.json.
     c.eval_every = 10000
-    c.eval = ml_collections.ConfigDict(dict(max_images=200, short_side=512))
+    # held_out: datasets outside data.datasets also evaluated (language head, by their own class
+    # names embedded with stage 1's text model), e.g. ("cityscapes",).
+    c.eval = ml_collections.ConfigDict(dict(max_images=200, short_side=512, held_out=()))
     c.nonfinite = "stop"  # NaN / inf loss or gradients: 'stop' (error naming the step) | 'skip' the step
     c.nonfinite_max_skipped = 0.1  # 'skip': stop after more skipped steps (a count, or a fraction)
     # A resumed run refuses a config that computes something else (training.resume_changes)

@@ -159,8 +159,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if os.path.exists(results_path):  # the last evaluation of pretraining (pretrain_eval.py)
         with open(results_path) as f:
             summary["eval"] = json.load(f)["eval"][-1]
-        lang = [v["mIoU"] for key, v in summary["eval"].items() if key.endswith("/language")]
+        lang = [summary["eval"][f"{d}/language"]["mIoU"] for d in label_space.dataset_names
+                if f"{d}/language" in summary["eval"]]
         miou = f", nearest-T mIoU {np.mean(lang):.1f} (mean of the datasets)" if lang else ""
+        for d in config.pretrain.eval.get("held_out", ()):
+            if f"{d}/language" in summary["eval"]:
+                miou += f", held-out {d} {summary['eval'][f'{d}/language']['mIoU']:.1f}"
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     logging.info("demo done: loss %.3f -> %.3f, pixel accuracy %.3f%s, relations P %.2f R %.2f; "

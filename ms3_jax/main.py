@@ -25,17 +25,18 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ms3_jax import demo, finetune, host_memory, loop, pretrain, sharding, text_adapt, workdir_lock
+from ms3_jax import (config_paths, demo, finetune, host_memory, loop, pretrain, sharding, text_adapt,
+                     workdir_lock)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USAGE_EXIT_CODE = 2
 # Raised for what the user can fix (config values, paths, data); anything else is exit code 1.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                workdir_lock.WorkdirInUse)
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(REPO, "configs", "demo.py"),
-    "job config: configs/<job>.py[:arg], relative to the working directory or to the checkout",
+    "config", config_paths.find_config(os.path.join("configs", "demo.py")),
+    "job config: configs/<job>.py[:arg], relative to the working directory, the checkout or the "
+    "installed package",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and outputs go")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the resolved config and exit")
@@ -44,7 +45,8 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "full tracebacks for usage errors
 
 def resolve_config_argv(argv: list[str]) -> list[str]:
     """`--config=PATH[:arg]` (or `--config PATH[:arg]`) with PATH made absolute against the
-    checkout when it does not exist relative to the working directory."""
+    checkout (or the installed package's configs) when it does not exist relative to the
+    working directory."""
     out = list(argv)
     for i, a in enumerate(out):
         if a.startswith("--config="):
@@ -54,8 +56,8 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
         else:
             continue
         path, sep, arg = value.partition(":")
-        if not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
-            out[i] = prefix + os.path.join(REPO, path) + sep + arg
+        if not os.path.exists(path) and (found := config_paths.find_config(path)):
+            out[i] = prefix + found + sep + arg
     return out
 
 

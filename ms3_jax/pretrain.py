@@ -22,8 +22,9 @@ import optax
 from flax import struct
 
 from ms3_jax import (labels, loop, losses, memory_bank, optim, pretrain_eval, pseudo_labels,
-                     relations, text_embeddings, training)
+                     relations, text_adapt, text_embeddings, training)
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.models import clip_text
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config
 from ms3_jax.train_state import TrainState, ema_update, init_train_state
 
@@ -310,6 +311,34 @@ def resolve_text_embeddings(config: ml_collections.ConfigDict, label_space: Labe
     return text_embeddings.template_text_embeddings(config.text.clip, label_space, config.text.template)
 
 
+def held_out_text_embeddings(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """{dataset: T [K_d, C]} for `eval.held_out`: datasets outside pretraining, evaluated with the
+    language head by their own class names. T comes from the source of the pretraining T: stage
+    1's adapted text model (the `text_model/` next to `text.embeddings`) re-embeds any names;
+    TEMPLATE: `text.clip` with the hand template."""
+    held_out = tuple((config.get("eval") or {}).get("held_out") or ())
+    if not held_out or not config.get("eval_every"):
+        return {}
+    if overlap := [d for d in held_out if d in config.data.datasets]:
+        raise ValueError(f"eval.held_out={held_out}: {overlap} are pretraining datasets "
+                         "(data.datasets), not held out")
+    if config.loss.kind != "ms3" or not config.loss.use_language:
+        raise ValueError("eval.held_out segments by nearest T: it needs loss.kind='ms3' with "
+                         "loss.use_language")
+    spaces = {d: LabelSpace.from_datasets([d]) for d in held_out}  # unknown names fail here
+    if config.text.embeddings == TEMPLATE:
+        return {d: text_embeddings.template_text_embeddings(config.text.clip, ls, config.text.template)
+                for d, ls in spaces.items()}
+    text_dir = os.path.dirname(os.path.abspath(config.text.embeddings))
+    try:
+        module, params, tokenizer, ctx = text_adapt.load_adapted_text(text_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"eval.held_out={held_out} embeds their class names with stage 1's "
+                                f"text model next to text.embeddings: {e}") from e
+    return {d: np.asarray(clip_text.encode_classes(module, params, tokenizer, list(ls.names), ctx=ctx))
+            for d, ls in spaces.items()}
+
+
 def write_relations_report(workdir: str, state: TrainState, label_space: LabelSpace,
                            other_dataset: jax.Array, top_k: int = 0) -> str:
     """Tab. 8-style report of the final multi-label mapping -> W/relations.txt and .json."""
@@ -343,6 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      len(pipe.unlabeled_source), pipe.unlabeled, pipe.unlabeled_ratio)
     num_steps = training.num_train_steps(config, pipe.dataset_sizes)
     trainer = Trainer(config, label_space, resolve_text_embeddings(config, label_space), num_steps)
+    held_out = held_out_text_embeddings(config)
     mngr = training.checkpoint_manager(config, workdir)
     iterator = pipe.make_iterator()
     state = trainer.init_state(jax.random.PRNGKey(config.seed), config.data.crop_size)
@@ -353,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     def after_step(step: int, state: TrainState) -> None:
         every = config.get("eval_every", 0)
         if every and (step % every == 0 or step == num_steps):
-            run_evaluation(config, trainer, state, step, workdir, writer)
+            run_evaluation(config, trainer, state, step, workdir, writer, held_out)
 
     state, history, end = training.fit(trainer, state, iterator, mngr, config, workdir,
                                        num_steps=num_steps, writer=writer, stop_at=stop_at,
@@ -371,9 +401,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: TrainState,
-                   step: int, workdir: str, writer: Any | None) -> dict[str, Any]:
-    """`pretrain_eval` on every dataset's validation split at `step`: one console line,
-    TensorBoard `eval/<dataset>/<head>/<metric>`, and the history in W/results.json."""
+                   step: int, workdir: str, writer: Any | None,
+                   held_out: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """`pretrain_eval` on every dataset's validation split at `step` (and on each held-out
+    dataset's, language head, `held_out_text_embeddings`): one console line, TensorBoard
+    `eval/<dataset>/<head>/<metric>`, and the history in W/results.json."""
     lc = config.loss
     if lc.kind != "ms3":
         heads = {"logits": None}
@@ -381,10 +413,15 @@ def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: T
         heads = {**({"language": trainer.consts["text"]} if lc.use_language else {}),
                  **({"visual": state.visual_emb} if lc.use_visual else {})}
     ec = config.get("eval") or {}
-    results = pretrain_eval.evaluate_pretraining(
-        trainer.model, {"params": state.params, "batch_stats": state.batch_stats}, heads,
-        trainer.label_space, config.data.data_dir or None, short_side=ec.get("short_side"),
-        max_images=ec.get("max_images", 0))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    # (label space, heads) per evaluated group: the pretraining datasets, then each held-out one.
+    groups = [(trainer.label_space, heads)] + [
+        (LabelSpace.from_datasets([d]), {"language": t_KxC}) for d, t_KxC in (held_out or {}).items()]
+    results = {}
+    for space, group_heads in groups:
+        results.update(pretrain_eval.evaluate_pretraining(
+            trainer.model, variables, group_heads, space, config.data.data_dir or None,
+            short_side=ec.get("short_side"), max_images=ec.get("max_images", 0)))
     entry = {"step": step, **{k: {m: float(v[m]) for m in ("mIoU", "aAcc", "mAcc")}
                               for k, v in results.items()}}
     if jax.process_index() == 0:
@@ -396,9 +433,11 @@ def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: T
                 for cls, iou in zip(m["class_names"], m["IoU"]):
                     if not np.isnan(iou):
                         writer.add_scalar(loop.tag("eval_IoU", key, cls), iou, step)
-            panels = pretrain_eval.example_panels(
-                trainer.model, {"params": state.params, "batch_stats": state.batch_stats}, heads,
-                trainer.label_space, config.data.data_dir or None, short_side=ec.get("short_side"))
+            panels = {}
+            for space, group_heads in groups:
+                panels.update(pretrain_eval.example_panels(
+                    trainer.model, variables, group_heads, space, config.data.data_dir or None,
+                    short_side=ec.get("short_side")))
             for key, panel in panels.items():
                 writer.add_image(f"examples/{key}", panel, step, dataformats="HWC")
             writer.flush()

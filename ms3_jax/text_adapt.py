@@ -1,8 +1,11 @@
 """Stage 1: adapt CLIP's language embeddings to the union segmentation dataset (paper Sec. 3.2, Fig. 2).
 
 M learnable context vectors replace the hand template ("a photo of a [CLS]." becomes
-``[W]_1 .. [W]_M [CLS].``, CoOp with the class token at the end) and are trained jointly with the
-MS3 image encoder (language head only) by the pixel-embedding pairing loss (Eq. 1). Every step
+``[W]_1 .. [W]_M [CLS].``, CoOp with the class token at the end) and are trained jointly with an
+image encoder by the pixel-embedding pairing loss (Eq. 1). The image encoder (``encoder``) is
+CLIP's own vision tower by default ('clip': the checkpoint's ViT, its dense patch embeddings
+paired with T at the patch grid, DenseCLIP-style; paper Fig. 2, Tab. 5) or the MS3 DeepLab
+encoder with the language head ('deeplab', fresh or ``model.init_from``). Every step
 encodes the prompts of all union classes with the current context -- each distinct name once,
 gathered to the |Y| classes (the same name in two datasets is the same prompt) -- so Eq. 1's
 gradient reaches the context through the CLIP text tower (frozen by default, trainable with
@@ -36,18 +39,26 @@ from transformers import CLIPTokenizer
 
 from ms3_jax import labels, loop, losses, optim, text_embeddings, training
 from ms3_jax.data.label_space import LabelSpace
-from ms3_jax.models import clip_text
+from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.testing import tiny_clip
 from ms3_jax.models.clip_text import CLIPTextTower
+from ms3_jax.models.clip_vision import CLIPVisionTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, l2_normalize
 
 TEXT_MODEL_DIR = "text_model"
 TEXT_MODEL_META = "text_model.json"
 REPORT_FILE = "similarity_report.json"
 OPTIMIZERS = ("sgd", "adamw")
+ENCODERS = ("clip", "deeplab")
+# text.frozen_steps when unset: no frozen phase with CLIP's pretrained image tower; 20% with the
+# fresh DeepLab encoder (docs/choices.md, "Stage 1").
+DEFAULT_FROZEN_STEPS = {"clip": 0.0, "deeplab": 0.2}
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# (params, batch_stats, uint8 images [B, H, W, 3], rng) -> (unit pixel embeddings [B, h, w, C],
+# new batch_stats): the image side of Eq. 1.
+EmbedFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
 @struct.dataclass
@@ -98,10 +109,16 @@ def mean_pairwise_cosine(emb_NxC: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
+def frozen_fraction(config: ml_collections.ConfigDict) -> float:
+    """``text.frozen_steps``, or when unset the encoder's default (``DEFAULT_FROZEN_STEPS``)."""
+    value = config.text.get("frozen_steps")
+    return float(DEFAULT_FROZEN_STEPS[config.encoder] if value is None else value)
+
+
 def text_lr_schedule(config: ml_collections.ConfigDict, peak: float, num_steps: int) -> optax.Schedule:
-    """0 for the first ``text.frozen_steps`` fraction of training (the context waits for the image
-    encoder to tell classes apart), then linear warm-up and cosine decay to 0."""
-    start = int(round(config.text.frozen_steps * num_steps))
+    """0 for the first ``frozen_fraction`` of training (the context waits for the image encoder
+    to tell classes apart), then linear warm-up and cosine decay to 0."""
+    start = int(round(frozen_fraction(config) * num_steps))
     rest = max(num_steps - start, 1)
     warmup = min(config.optim.warmup_steps, rest - 1)
     cosine = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(rest, warmup + 1), 0.0)
@@ -117,12 +134,29 @@ def _text_optimizer(kind: str, schedule: optax.Schedule, tc: ml_collections.Conf
     return optax.adamw(schedule, weight_decay=tc.weight_decay, mask=mask)
 
 
+def image_lr_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """The image encoder's lr: stage 2's (``optim``) for DeepLab; ``image_tower.lr`` for CLIP's
+    tower; both with warm-up and cosine decay to 0."""
+    if config.encoder == "deeplab":
+        return optim.lr_schedule(config, num_steps)
+    warmup = min(config.optim.warmup_steps, max(num_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, config.image_tower.lr, warmup,
+                                              max(num_steps, warmup + 1), 0.0)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int,
                    train_text_tower: bool) -> optax.GradientTransformation:
-    """The paper's SGD for the image encoder (as stage 2); SGD or AdamW for the context (and the
-    text tower) with their own lr, both with warm-up and cosine decay to 0 (optax.multi_transform)."""
+    """The image encoder: the paper's SGD for DeepLab (as stage 2), AdamW for CLIP's ViT (as
+    DenseCLIP fine-tunes it); SGD or AdamW for the context (and the text tower) with their own
+    lr; all with warm-up and cosine decay to 0 (optax.multi_transform)."""
     tc = config.text
-    txs = {"image": optim.make_optimizer(config, num_steps),
+    if config.encoder == "deeplab":
+        image_tx = optim.make_optimizer(config, num_steps)
+    else:
+        image_tx = optax.adamw(image_lr_schedule(config, num_steps),
+                               weight_decay=config.image_tower.weight_decay,
+                               mask=optim.weight_decay_mask)
+    txs = {"image": image_tx,
            "ctx": _text_optimizer(tc.optimizer, text_lr_schedule(config, tc.lr, num_steps), tc)}
     if train_text_tower:
         txs["text"] = _text_optimizer(tc.optimizer, text_lr_schedule(config, tc.tower_lr, num_steps),
@@ -132,7 +166,29 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int,
     return optax.multi_transform(txs, part_of)
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
+def deeplab_embed(model: MS3Encoder) -> EmbedFn:
+    """The MS3 encoder's language head (unit norm per pixel); updates its BatchNorm statistics."""
+
+    def embed(params, batch_stats, images, rng):
+        out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                   train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+        return out["language"], mutated["batch_stats"]
+
+    return embed
+
+
+def clip_embed(encoder: clip_vision.PixelEncoder) -> EmbedFn:
+    """CLIP's dense patch embeddings (``CLIPVisionTower``'s ``dense``), L2-normalised per patch;
+    pixels normalised as CLIP's processor does. No batch statistics."""
+
+    def embed(params, batch_stats, images, rng):
+        del rng  # CLIP's ViT has no dropout
+        return encoder.apply({"params": params}, images)["language"], batch_stats
+
+    return embed
+
+
+def make_train_step(config: ml_collections.ConfigDict, embed: EmbedFn,
                     text_module: CLIPTextTower, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, ctx_schedule: optax.Schedule,
                     train_text_tower: bool) -> Callable[..., tuple[TextAdaptState, Metrics]]:
@@ -151,15 +207,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
         return l2_normalize(t_UxC)
 
     def loss_fn(params, batch_stats, batch: Batch, consts, rng):
-        out, mutated = model.apply({"params": params["image"], "batch_stats": batch_stats},
-                                   batch["image"], train=True, mutable=["batch_stats"],
-                                   rngs={"dropout": rng})
+        emb_BxhxwxC, batch_stats = embed(params["image"], batch_stats, batch["image"], rng)
         t_UxC = class_embeddings(params, consts)
         text_KxC = t_UxC[consts["gather"]]
-        y = labels.downsample_labels(batch["label"], out["language"].shape[1:3])
+        # Labels at the embeddings' grid (the patch grid for CLIP's ViT).
+        y = labels.downsample_labels(batch["label"], emb_BxhxwxC.shape[1:3])
         # Eq. 1 with T not stopped: its gradient reaches the context (and the tower).
-        loss = losses.pairing_loss(out["language"], text_KxC, y, tau=tau, chunk=chunk)
-        return loss, (out["language"], y, text_KxC, t_UxC, mutated["batch_stats"])
+        loss = losses.pairing_loss(emb_BxhxwxC, text_KxC, y, tau=tau, chunk=chunk)
+        return loss, (emb_BxhxwxC, y, text_KxC, t_UxC, batch_stats)
 
     def train_step(state: TextAdaptState, batch: Batch, consts: Mapping[str, Any]):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -190,10 +245,18 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(f"text.optimizer must be one of {OPTIMIZERS}, got {tc.optimizer!r}")
     if tc.num_ctx < 1:
         raise ValueError(f"text.num_ctx must be >= 1, got {tc.num_ctx}")
+    if config.encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {config.encoder!r}")
+    if not 0.0 <= frozen_fraction(config) < 1.0:
+        raise ValueError(f"text.frozen_steps must be a fraction in [0, 1), got {tc.frozen_steps}")
+    if config.encoder == "clip" and config.model.get("init_from"):
+        raise ValueError("model.init_from initialises the DeepLab encoder; with encoder='clip' the "
+                         "image tower comes from text.clip (use --config.encoder=deeplab)")
 
 
 def check_emb_dim(config: ml_collections.ConfigDict, text_module: CLIPTextTower, clip: str) -> None:
-    """The language head's pixel embeddings are paired with CLIP's text embeddings (Eq. 1)."""
+    """The language head's pixel embeddings are paired with CLIP's text embeddings (Eq. 1); stage 2
+    pairs them too, so ``model.emb_dim`` must match with either encoder."""
     proj = text_module.config.proj_dim
     if config.model.emb_dim != proj:
         raise ValueError(
@@ -202,12 +265,43 @@ def check_emb_dim(config: ml_collections.ConfigDict, text_module: CLIPTextTower,
             f"embeddings (Eq. 1), so set model.emb_dim={proj} (--config.model.emb_dim={proj})")
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageTower:
+    """CLIP's vision tower as stage 1's image encoder (``encoder='clip'``): the pixel encoder
+    (tower + the checkpoint's pixel statistics) and its pretrained variables."""
+
+    encoder: clip_vision.PixelEncoder
+    variables: Any
+
+    @property
+    def module(self) -> CLIPVisionTower:
+        return self.encoder.tower
+
+
+def load_image_tower(config: ml_collections.ConfigDict, clip: str) -> ImageTower:
+    """CLIP's vision tower from the stage's CLIP checkpoint, its error naming the config field."""
+    try:
+        module, variables = clip_vision.load_clip_vision(clip, jnp.dtype(config.model.dtype))
+        mean, std = clip_vision.pixel_statistics(clip)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"encoder='clip' needs CLIP's vision tower, but text.clip={clip!r} has "
+                      f"none usable: {e} (a text-only checkpoint works with --config.encoder=deeplab)"
+                      ) from e
+    if config.data.crop_size % module.config.patch_size:
+        raise ValueError(f"data.crop_size={config.data.crop_size} is not a multiple of the patch "
+                         f"size {module.config.patch_size} of {clip}'s vision tower")
+    if module.config.proj_dim != config.model.emb_dim:
+        raise ValueError(f"the vision tower of {clip} projects to {module.config.proj_dim}, not "
+                         f"model.emb_dim={config.model.emb_dim}")
+    return ImageTower(clip_vision.PixelEncoder(module, tuple(mean), tuple(std)), variables)
+
+
 class Trainer(training.Trainer):
-    """Stage 1 on the training base: the prompt constants, the encoder and the step."""
+    """Stage 1 on the training base: the prompt constants, the image encoder and the step."""
 
     def __init__(self, config: ml_collections.ConfigDict, label_space: LabelSpace,
                  text_module: CLIPTextTower, text_params: Any, tokenizer: Any, num_steps: int,
-                 devices: list | None = None):
+                 devices: list | None = None, image_tower: ImageTower | None = None):
         devices = list(devices) if devices is not None else jax.devices()
         check_config(config, len(devices))
         super().__init__(config, devices, ("image", "label"))
@@ -221,12 +315,22 @@ class Trainer(training.Trainer):
                   "gather": jnp.asarray(self.gather)}
         if not self.train_text_tower:
             consts["text"] = text_params
-        self.model = encoder_from_config(config.model, self.platform, heads=("language",),
-                                         num_classes=None)
+        if (config.encoder == "clip") != (image_tower is not None):
+            raise ValueError(f"encoder={config.encoder!r} "
+                             + ("needs CLIP's image tower" if image_tower is None else
+                                "takes no CLIP image tower"))
+        self.image_tower = image_tower
+        if image_tower is not None:
+            self.model = image_tower.module
+            embed = clip_embed(image_tower.encoder)
+        else:
+            self.model = encoder_from_config(config.model, self.platform, heads=("language",),
+                                             num_classes=None)
+            embed = deeplab_embed(self.model)
         self.num_steps = num_steps
         self.tx = make_optimizer(config, num_steps, self.train_text_tower)
-        self.compile_step(make_train_step(config, self.model, text_module, self.tx,
-                                          optim.lr_schedule(config, num_steps),
+        self.compile_step(make_train_step(config, embed, text_module, self.tx,
+                                          image_lr_schedule(config, num_steps),
                                           text_lr_schedule(config, config.text.lr, num_steps),
                                           self.train_text_tower), consts)
 
@@ -234,23 +338,25 @@ class Trainer(training.Trainer):
                    text_params: Any) -> TextAdaptState:
         """The state, created directly with its (replicated) sharding."""
 
-        def init(rng, ctx_MxD, text_params):
+        def init(rng, ctx_MxD, text_params, image_variables):
             init_rng, state_rng = jax.random.split(rng)
-            images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
-            variables = self.model.init(init_rng, images)
-            params = {"image": variables["params"], "ctx": ctx_MxD}
+            if image_variables is None:  # DeepLab: a fresh encoder
+                images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+                image_variables = self.model.init(init_rng, images)
+            params = {"image": image_variables["params"], "ctx": ctx_MxD}
             if self.train_text_tower:
                 params["text"] = text_params
             return TextAdaptState(step=jnp.zeros((), jnp.int32), params=params,
-                                  batch_stats=variables["batch_stats"],
+                                  batch_stats=image_variables.get("batch_stats", {}),
                                   opt_state=self.tx.init(params), rng=state_rng)
 
         text_params = text_params if self.train_text_tower else None
+        image_variables = None if self.image_tower is None else self.image_tower.variables
         # Runs once: on CPU, skip LLVM optimisation (compiling the many random initialisers
         # otherwise takes longer than running them).
         options = {"xla_backend_optimization_level": 0} if self.platform == "cpu" else None
         return jax.jit(init, out_shardings=self.replicated, compiler_options=options)(
-            rng, ctx_MxD, text_params)
+            rng, ctx_MxD, text_params, image_variables)
 
     def text_params(self, state: TextAdaptState) -> Any:
         return state.params["text"] if self.train_text_tower else self.consts["text"]
@@ -267,7 +373,15 @@ def resolve_clip(config: ml_collections.ConfigDict, label_space: LabelSpace) -> 
     tc = config.text
     tiny_dir = tc.get("tiny_clip_dir")
     if tiny_dir:
-        if not os.path.isfile(os.path.join(tiny_dir, "config.json")):
+        config_path = os.path.join(tiny_dir, "config.json")
+        if os.path.isfile(config_path) and config.encoder == "clip":
+            with open(config_path) as f:
+                has_vision = "vision_config" in json.load(f)
+            if not has_vision:
+                raise ValueError(f"text.tiny_clip_dir={tiny_dir} holds a text-only CLIP (written "
+                                 "before stage 1 used CLIP's image tower); encoder='clip' needs "
+                                 "both towers: remove the directory to have it rewritten")
+        if not os.path.isfile(config_path):
             if jax.process_index() == 0:
                 logging.warning(
                     "text.tiny_clip_dir: writing a tiny CLIP with RANDOM weights to %s -- a stand-in "
@@ -276,7 +390,9 @@ def resolve_clip(config: ml_collections.ConfigDict, label_space: LabelSpace) -> 
                 words = (tiny_clip.DEFAULT_WORDS + tuple(label_space.names)
                          + tuple(w for pair in tc.report_pairs for w in pair))
                 tiny_clip.save_tiny_clip(tiny_dir, words, proj_dim=config.model.emb_dim,
-                                         num_ctx=tc.num_ctx, seed=config.seed)
+                                         num_ctx=tc.num_ctx, seed=config.seed, full=True,
+                                         vision_overrides=tiny_clip.tiny_vision(
+                                             config.data.crop_size))
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
                 multihost_utils.sync_global_devices("tiny_clip_written")
@@ -347,6 +463,19 @@ def load_adapted_text(workdir: str, dtype: Any = jnp.float32
     return module, restored["text"], tokenizer, restored["ctx"]
 
 
+def load_image_encoder(workdir: str) -> clip_vision.PixelEncoder | None:
+    """The stage-1 image encoder of a workdir trained with ``encoder='clip'`` (its params are the
+    checkpoints' ``params['image']``), from ``text_model.json``; None for ``encoder='deeplab'``."""
+    path = os.path.join(os.path.abspath(workdir), TEXT_MODEL_DIR, TEXT_MODEL_META)
+    with open(path) as f:
+        vision = json.load(f).get("vision")
+    if vision is None:
+        return None
+    mean, std, dtype = tuple(vision.pop("mean")), tuple(vision.pop("std")), vision.pop("dtype")
+    tower = CLIPVisionTower(clip_vision.CLIPVisionConfig(**vision), dtype=jnp.dtype(dtype))
+    return clip_vision.PixelEncoder(tower, mean, std)
+
+
 def similarity_report(names: Sequence[str], embeddings: Mapping[str, np.ndarray],
                       pairs: Sequence[Sequence[str]], template: str) -> dict[str, Any]:
     """Tab. 1: cosine of the given class pairs and the mean over all pairs of distinct names.
@@ -411,9 +540,14 @@ def _write_outputs(workdir: str, trainer: Trainer, state: TextAdaptState, clip: 
     text_params = jax.device_get(trainer.text_params(state))
     adapted_UxC = np.asarray(clip_text.encode_classes(module, text_params, tokenizer, trainer.names,
                                                       ctx=ctx_MxD))
+    image = {}
+    if trainer.image_tower is not None:  # what zero-shot needs to rebuild the encoder (load_image_encoder)
+        enc = trainer.image_tower.encoder
+        image = {"vision": {**dataclasses.asdict(enc.tower.config), "mean": list(enc.mean),
+                            "std": list(enc.std), "dtype": jnp.dtype(enc.tower.dtype).name}}
     save_adapted_text(os.path.join(workdir, TEXT_MODEL_DIR), module, text_params, tokenizer,
                       ctx_MxD, clip, ctx_init=config.text.ctx_init,
-                      train_text_tower=trainer.train_text_tower)
+                      train_text_tower=trainer.train_text_tower, encoder=config.encoder, **image)
     if jax.process_index() != 0:
         return {}
     text_embeddings.save_text_embeddings(os.path.join(workdir, text_embeddings.FILE_NAME), ls,
@@ -447,14 +581,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     clip = resolve_clip(config, label_space)
     text_module, text_params, tokenizer = load_clip(clip, jnp.dtype(config.text.dtype))
     check_emb_dim(config, text_module, clip)
+    image_tower = load_image_tower(config, clip) if config.encoder == "clip" else None
     training.prepare_synthetic_data(config)
     pipe = training.union_pipeline(config, label_space)
     num_steps = training.num_train_steps(config, pipe.dataset_sizes)
-    trainer = Trainer(config, label_space, text_module, text_params, tokenizer, num_steps)
-    logging.info("stage 1: adapting %d context vectors of %s on %s (|Y| = %d, %d distinct names), "
-                 "text tower %s, %d steps", config.text.num_ctx, clip, list(config.data.datasets),
+    trainer = Trainer(config, label_space, text_module, text_params, tokenizer, num_steps,
+                      image_tower=image_tower)
+    encoder = ("CLIP's vision tower (labels at its %dx%d patch grid)"
+               % ((config.data.crop_size // image_tower.module.config.patch_size,) * 2)
+               if image_tower else "the DeepLab encoder's language head")
+    logging.info("stage 1: adapting %d context vectors of %s with %s on %s (|Y| = %d, %d distinct "
+                 "names), text tower %s, context frozen for the first %d of %d steps",
+                 config.text.num_ctx, clip, encoder, list(config.data.datasets),
                  label_space.num_classes, len(trainer.names),
-                 "trained" if trainer.train_text_tower else "frozen", num_steps)
+                 "trained" if trainer.train_text_tower else "frozen",
+                 round(frozen_fraction(config) * num_steps), num_steps)
     mngr = training.checkpoint_manager(config, workdir)
     iterator = pipe.make_iterator()
     rng = jax.random.PRNGKey(config.seed)

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
-from ms3_jax import checkpointing, pretrain, text_adapt
+from ms3_jax import checkpointing, config_paths, pretrain, text_adapt
 from ms3_jax.data import sources
-from ms3_jax.models import clip_text
+from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
 from ms3_jax.visualize import check_image, write_outputs
@@ -149,9 +149,10 @@ def resolve_workdirs(workdir: str | os.PathLike,
 
 @dataclasses.dataclass
 class ZeroShotSegmenter:
-    """Image encoder (language head) + adapted text tower; `segment(image, names)`."""
+    """Image encoder (language head, or CLIP's dense patch embeddings of a stage-1 workdir) +
+    adapted text tower; `segment(image, names)`."""
 
-    model: MS3Encoder
+    model: MS3Encoder | clip_vision.PixelEncoder
     variables: Any
     text_module: CLIPTextTower
     text_params: Any
@@ -177,6 +178,12 @@ class ZeroShotSegmenter:
             raise ValueError(f"{image_dir} is a stage-1 workdir: it has no momentum encoder")
         text_module, text_params, tokenizer, ctx = text_adapt.load_adapted_text(text_dir)
         _, state = checkpointing.restore_state(image_dir, step)
+        device = jax.local_devices()[0]
+        clip_encoder = text_adapt.load_image_encoder(image_dir) if stage1 else None
+        if clip_encoder is not None:  # stage 1 with CLIP's vision tower: its dense embeddings
+            variables = jax.device_put({"params": state["params"]["image"]}, device)
+            return cls(clip_encoder, variables, text_module, text_params, tokenizer, ctx,
+                       short_side=short_side, workdir=image_dir, text_workdir=text_dir)
         if stage1:  # params {'image': encoder, 'ctx': [M, width]}
             variables = {"params": state["params"]["image"], "batch_stats": state["batch_stats"]}
         else:
@@ -190,7 +197,6 @@ class ZeroShotSegmenter:
         if model_cfg.get("emb_dim") != proj:
             raise ValueError(f"model.emb_dim={model_cfg.get('emb_dim')} of {image_dir} does not match "
                              f"the projection dim {proj} of the text model in {text_dir}")
-        device = jax.local_devices()[0]
         model = encoder_from_config(model_cfg, device.platform, heads=("language",),
                                     num_classes=None)
         keep = ("backbone", "decode_head", "proj_language")  # drop the visual head
@@ -257,17 +263,12 @@ def upsampled_cosine(emb_hxwxC: jax.Array, text_KxC: jax.Array, size: tuple[int,
 # ----------------------------------------------------------------------------------------------
 
 
-def repo_root() -> str:
-    """The checkout this package runs from (configs/ is not part of the installed package)."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def demo_config(arg: str | None = "quick"):
-    """`configs/demo.py:<arg>` of the checkout (loaded by path, as the configs load each other)."""
-    path = os.path.join(repo_root(), "configs", "demo.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: configs/ ships with the repository, not the "
-                                "package; clone the repository and `pip install -e` it")
+    """`configs/demo.py:<arg>` of the checkout or the installed package (loaded by path, as the
+    configs load each other)."""
+    path = config_paths.find_config(os.path.join("configs", "demo.py"))
+    if path is None:
+        raise FileNotFoundError("configs/demo.py not found in the checkout or the installed package")
     spec = importlib.util.spec_from_file_location("_ms3_configs_demo", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

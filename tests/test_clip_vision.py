@@ -310,3 +310,28 @@ def test_bad_input_shapes(loaded):
         module.apply(variables, _pixels(0, 1, 40, 48))
     with pytest.raises(ValueError, match=r"\[B, H, W, 3\] \(NHWC\), got shape \(1, 3, 32, 32\)"):
         module.apply(variables, _pixels(0, 1, 32, 32).transpose(0, 3, 1, 2))
+
+
+def test_normalize_pixels_matches_clip_image_processor():
+    """uint8 RGB -> CLIP's input, as CLIPImageProcessor gives it (rescale, normalise; no resize)."""
+    images = np.random.default_rng(0).integers(0, 256, (2, 24, 40, 3), dtype=np.uint8)
+    processor = transformers.CLIPImageProcessor(do_resize=False, do_center_crop=False,
+                                                do_convert_rgb=False)
+    expected = processor(images=list(images), return_tensors="np")["pixel_values"]  # NCHW
+    got = cv.normalize_pixels(images, cv.CLIP_PIXEL_MEAN, cv.CLIP_PIXEL_STD)
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, atol=2e-6)
+    assert cv.normalize_pixels(images, cv.CLIP_PIXEL_MEAN, cv.CLIP_PIXEL_STD,
+                               jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_pixel_statistics_from_preprocessor_config(tmp_path, clip_dir):
+    # No preprocessor_config.json (the tiny stand-ins): CLIPImageProcessor's defaults.
+    assert cv.pixel_statistics(clip_dir) == (cv.CLIP_PIXEL_MEAN, cv.CLIP_PIXEL_STD)
+    defaults = transformers.CLIPImageProcessor()
+    assert (tuple(defaults.image_mean), tuple(defaults.image_std)) == (cv.CLIP_PIXEL_MEAN, cv.CLIP_PIXEL_STD)
+    transformers.CLIPImageProcessor(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]
+                                    ).save_pretrained(tmp_path)
+    assert cv.pixel_statistics(tmp_path) == ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    (tmp_path / cv.PREPROCESSOR_FILE).write_text(json.dumps({"image_mean": [0.5, 0.5]}))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: image_mean must have 3 values"):
+        cv.pixel_statistics(tmp_path)

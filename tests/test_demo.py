@@ -30,8 +30,10 @@ def test_demo_quick_runs_every_stage(tmp_path):
     acc = summary["language_accuracy"]
     assert acc["per_class"] and set(acc["per_class"]) <= set(ls.display_names)  # classes seen in val
     assert 0.0 <= acc["pixel_accuracy"] <= 1.0 and 0.0 <= acc["pixel_accuracy_unrelated"] <= 1.0
-    assert set(summary["eval"]) == {"step"} | {f"{d}/{h}" for d in ("synth_a", "synth_b", "synth_c")
-                                                for h in ("language", "visual")}
+    # The pretraining datasets by both heads; the held-out synth_d by T of its own names.
+    assert set(summary["eval"]) == {"step", "synth_d/language"} | {
+        f"{d}/{h}" for d in ("synth_a", "synth_b", "synth_c") for h in ("language", "visual")}
+    assert 0.0 <= summary["eval"]["synth_d/language"]["mIoU"] <= 100.0
     per_class = np.array(list(acc["per_class"].values()))
     assert per_class.min() <= acc["pixel_accuracy"] <= per_class.max()  # a pixel-weighted mean
 
@@ -83,7 +85,8 @@ def test_small_benchmark_learns_and_recovers_relations(tmp_path_factory):
     config = demo_config.get_config().pretrain
     config.update_from_flattened_dict({"data.data_dir": data.data_dir, "text.embeddings": text_path,
                                        "num_steps": 500, "relations.warmup_steps": 300,
-                                       "log_every": 100})
+                                       "log_every": 100,
+                                       "eval.held_out": ()})  # random T: no text model for synth_d
     workdir = str(root / "pretrain")
     pretrain.train_and_evaluate(config, workdir)
     truth = synthetic.ground_truth_relations()

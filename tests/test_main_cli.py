@@ -28,6 +28,42 @@ def test_config_paths_resolve_against_the_checkout(tmp_path, monkeypatch):
         "m", "--config=configs/demo.py"]
 
 
+def test_pyproject_lists_every_package():
+    """pyproject.toml lists the packages (configs/ is mapped into ms3_jax.configs): none missing."""
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        tool = tomllib.load(f)["tool"]["setuptools"]
+    found = set()
+    for top, name in (("ms3_jax", "ms3_jax"), ("configs", "ms3_jax.configs")):
+        for d, _, files in os.walk(os.path.join(ROOT, top)):
+            if "__init__.py" in files:
+                rel = os.path.relpath(d, os.path.join(ROOT, top))
+                found.add(name if rel == "." else name + "." + rel.replace(os.sep, "."))
+    assert set(tool["packages"]) == found
+    assert tool["package-dir"] == {"ms3_jax.configs": "configs"}
+
+
+@pytest.mark.slow
+def test_configs_resolve_from_a_wheel_install(tmp_path):
+    """A wheel carries configs/: `--config=configs/...` works with no checkout in sight."""
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "-q", ROOT, "-w", str(tmp_path / "wheel")], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next((tmp_path / "wheel").glob("ms3_jax-*.whl"))
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                              str(tmp_path / "site"), str(wheel)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-2000:]
+    env = {**subprocess_env(), "PYTHONPATH": str(tmp_path / "site")}  # before the editable install
+    run = lambda *args: subprocess.run([sys.executable, *args], cwd=tmp_path, env=env,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    where = run("-c", "import ms3_jax.main as m; print(m.__file__)")
+    assert where.stdout.strip().startswith(str(tmp_path / "site")), where.stderr[-2000:]
+    for config, expect in (("configs/demo.py:quick", "mode: demo"),
+                           ("configs/finetune/voc.py:tiny", "mode: finetune")):
+        done = run("-m", "ms3_jax.main", f"--config={config}", "--print_config")
+        assert done.returncode == 0 and expect in done.stdout, done.stderr[-2000:]
+
+
 def test_print_config_from_another_directory_and_usage_error_exit_code(tmp_path):
     done = _main(["--config=configs/pretrain.py:tiny", "--config.loss.tau=0.5", "--print_config"],
                  cwd=tmp_path)

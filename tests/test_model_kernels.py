@@ -1,7 +1,6 @@
 """`model.kernels`: XLA's native convolutions and the CPU plug-in (`cpu_kernels.CpuConv`) are the
 same model -- same params, same outputs and gradients -- and 'auto' picks by the platform of the
 devices the step is compiled for. Also: the CPU kernels one by one against XLA's convolution."""
-import functools
 
 import flax.linen as nn
 import jax

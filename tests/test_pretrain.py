@@ -307,3 +307,37 @@ def test_evaluation_during_pretraining_matches_a_numpy_reference(synthetic_dir):
         assert m["num_images"] == 2 and m["class_names"] == list(local.class_names[0])
         np.testing.assert_allclose(m["mIoU"], 100 * np.nanmean(iou), atol=0.2)
         np.testing.assert_allclose(m["aAcc"], 100 * tp.sum() / conf.sum(), atol=0.2)
+
+
+def test_held_out_datasets_are_embedded_by_stage_1s_text_model(tmp_path):
+    """eval.held_out: T of a dataset outside pretraining, by its own class names through the
+    stage-1 text model next to text.embeddings (context included); misuse is named."""
+    from ms3_jax import text_adapt
+    from ms3_jax.models import clip_text
+    from ms3_jax.testing import tiny_clip
+    held = LabelSpace.from_datasets(["synth_d"])
+    clip_dir = tiny_clip.save_tiny_clip(tmp_path / "clip", tiny_clip.DEFAULT_WORDS)
+    module, params, tokenizer = clip_text.load_clip_text(str(clip_dir))
+    ctx = 0.1 * jax.random.normal(jax.random.key(0), (13, module.config.width))
+    text_adapt.save_adapted_text(str(tmp_path / "w1" / text_adapt.TEXT_MODEL_DIR), module, params,
+                                 tokenizer, ctx, str(clip_dir))
+    config = tiny_config()
+    config.update_from_flattened_dict({"eval_every": 5, "eval.held_out": ("synth_d",),
+                                       "text.embeddings": str(tmp_path / "w1" / "text_embeddings.npz")})
+    got = pretrain.held_out_text_embeddings(config)
+    expected = clip_text.encode_classes(module, params, tokenizer, list(held.names), ctx=ctx)
+    assert list(got) == ["synth_d"] and got["synth_d"].shape == (held.num_classes, 32)
+    np.testing.assert_allclose(got["synth_d"], expected, atol=1e-6)
+
+    config.eval.held_out = ("synth_a",)
+    with pytest.raises(ValueError, match=r"\['synth_a'\] are pretraining datasets"):
+        pretrain.held_out_text_embeddings(config)
+    config.eval.held_out = ("synth_d",)
+    config.text.embeddings = str(tmp_path / "elsewhere" / "text_embeddings.npz")
+    with pytest.raises(FileNotFoundError, match=r"eval.held_out=\('synth_d',\) .*elsewhere"):
+        pretrain.held_out_text_embeddings(config)
+    config.loss.kind = "ce_single_head"
+    with pytest.raises(ValueError, match="eval.held_out segments by nearest T"):
+        pretrain.held_out_text_embeddings(config)
+    config.eval_every = 0  # no evaluation: nothing to embed
+    assert pretrain.held_out_text_embeddings(config) == {}

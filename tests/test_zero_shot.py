@@ -120,11 +120,21 @@ def test_label_map_matches_float64_reference(demo_dir, images):
 
 @pytest.mark.slow
 def test_stage1_workdir_segments_alone(demo_dir, images):
-    """A stage-1 workdir holds both parts: its encoder's language head and the text model."""
+    """A stage-1 workdir holds both parts: its image encoder (CLIP's vision tower: dense patch
+    embeddings, DenseCLIP-style) and the text model."""
+    from ms3_jax.models import clip_vision
     text_dir = os.path.join(demo_dir, "text_adapt")
     seg = zero_shot.ZeroShotSegmenter.from_workdir(text_dir, short_side=SHORT_SIDE)
     assert (seg.workdir, seg.text_workdir) == (text_dir, text_dir)
+    assert isinstance(seg.model, clip_vision.PixelEncoder) and seg.multiple == 8  # the patch size
     image = zero_shot.read_image(images[1])
+    # I: the tower's dense output of the CLIP-normalised pixels, unit norm (float64 reference).
+    x = seg.preprocess(image).astype(np.float64) / 255.0
+    pixels = (x - np.asarray(seg.model.mean)) / np.asarray(seg.model.std)
+    dense = np.asarray(seg.model.tower.apply(seg.variables, pixels[None].astype(np.float32))["dense"][0],
+                       np.float64)
+    np.testing.assert_allclose(seg.pixel_embeddings(image),
+                               dense / np.linalg.norm(dense, axis=-1, keepdims=True), atol=2e-5)
     labels, _ = seg.segment(image, "sky,grass")
     assert labels.shape == image.shape[:2] and labels.max() < 2
     with pytest.raises(ValueError, match="no momentum encoder"):

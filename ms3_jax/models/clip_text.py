@@ -153,8 +153,28 @@ class SelfAttention(nn.Module):
             causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
             logits_NxHxLxL = jnp.where(causal_LxL, logits_NxHxLxL, jnp.finfo(jnp.float32).min)
         weights_NxHxLxL = jax.nn.softmax(logits_NxHxLxL, axis=-1).astype(self.dtype)
-        out_NxLxHxK = jnp.einsum("nhqs,nshk->nqhk", weights_NxHxLxL, v_NxLxHxK)
-        return dense(name="out_proj")(out_NxLxHxK.reshape(n, length, self.width))
+        # Heads stay a leading dim and the output projection contracts (head, channel) at once:
+        # no transpose feeds a GEMM (XLA's Triton GEMM cannot tile one when compiling for a GPU
+        # ahead of time: "Couldn't find output tile sizes", jaxlib 0.10.2).
+        out_NxHxLxK = jnp.einsum("nhqs,nshk->nhqk", weights_NxHxLxL, v_NxLxHxK)
+        return HeadsDense(self.width, self.dtype, name="out_proj")(out_NxHxLxK)
+
+
+class HeadsDense(nn.Module):
+    """``nn.Dense(width)`` over the flattened (head, channel) dims of ``[N, H, L, K]``: the same
+    params (``kernel`` [H*K, width], ``bias``) and numbers, computed without a transpose."""
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_NxHxLxK: Array) -> Array:
+        _, heads, _, head_dim = x_NxHxLxK.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (heads * head_dim, self.width),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.width,), jnp.float32)
+        kernel_HxKxD = kernel.astype(self.dtype).reshape(heads, head_dim, self.width)
+        y_NxLxD = jnp.einsum("nhqk,hkd->nqd", x_NxHxLxK.astype(self.dtype), kernel_HxKxD)
+        return y_NxLxD + bias.astype(self.dtype)
 
 
 class MLP(nn.Module):
@@ -532,6 +552,7 @@ def _looks_like_path(name: str) -> bool:
 _HUB_FILES = [
     "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "preprocessor_config.json",
 ]
 
 

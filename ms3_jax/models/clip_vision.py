@@ -11,6 +11,8 @@ laid out on the patch grid.
   position embeddings resized bicubically as transformers' ``interpolate_pos_encoding`` does.
 - ``interpolate_position_embedding``: that resize (torch ``bicubic``, ``align_corners=False``).
 - ``load_clip_vision``: a Hugging Face ``CLIPModel`` (local dir or hub id) -> (module, variables).
+- ``pixel_statistics`` / ``normalize_pixels``: what ``CLIPProcessor`` does to uint8 pixels
+  (rescale to [0, 1], subtract the mean, divide by the std), without its resize and crop.
 
 Params are float32 (``variables = {"params": ...}``); ``dtype`` only sets the compute dtype.
 Layers, checkpoint resolution and the name-mapping helpers are shared with ``clip_text``.
@@ -31,6 +33,7 @@ import numpy as np
 import transformers
 
 from ms3_jax.models import clip_text as ct
+from ms3_jax.models.deeplab import l2_normalize
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -39,6 +42,11 @@ Params = dict[str, Any]
 _VISION_KEY_PREFIXES = ("vision_model.", "visual_projection.")
 _IGNORED_KEYS = ("vision_model.embeddings.position_ids",)  # a non-persistent buffer in old checkpoints
 _BICUBIC_A = -0.75  # torch's (and so transformers') cubic convolution coefficient
+# CLIPImageProcessor's defaults (OpenAI CLIP's training statistics), used when a checkpoint
+# directory has no preprocessor_config.json (the tiny stand-ins; hub snapshots have one).
+CLIP_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 # --- Config -----------------------------------------------------------------------------------
@@ -211,6 +219,28 @@ class CLIPVisionTower(nn.Module):
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class PixelEncoder:
+    """The tower as a pixel encoder with ``MS3Encoder``'s interface (stage 1's image encoder,
+    zero-shot from a stage-1 workdir): uint8 RGB [B, H, W, 3] in (normalised with ``mean`` /
+    ``std`` as ``CLIPProcessor`` does), ``{"language": unit dense embeddings [B, H/p, W/p, D]}``
+    out; ``output_stride`` is the patch size. ``variables = {"params": tower params}``."""
+    tower: CLIPVisionTower
+    mean: tuple[float, ...] = CLIP_PIXEL_MEAN
+    std: tuple[float, ...] = CLIP_PIXEL_STD
+
+    @property
+    def output_stride(self) -> int:
+        return self.tower.config.patch_size
+
+    def apply(self, variables: Mapping[str, Any], images_BxHxWx3: Array, train: bool = False
+              ) -> dict[str, Array]:
+        del train  # no dropout, no batch statistics
+        pixels = normalize_pixels(images_BxHxWx3, self.mean, self.std, self.tower.dtype)
+        dense_BxhxwxD = self.tower.apply({"params": variables["params"]}, pixels)["dense"]
+        return {"language": l2_normalize(dense_BxhxwxD)}
+
+
 # --- Loading Hugging Face checkpoints ---------------------------------------------------------
 
 def hf_param_map(config: CLIPVisionConfig) -> dict[str, Any]:
@@ -282,6 +312,16 @@ def _is_vision_key(key: str) -> bool:
     return key.startswith(_VISION_KEY_PREFIXES) and key not in _IGNORED_KEYS
 
 
+def checkpoint_dir(name_or_path: str | os.PathLike, cache_dir: str | None = None) -> str:
+    """Local directory of a CLIP checkpoint: ``name_or_path`` itself, or a hub snapshot."""
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        return name
+    if ct._looks_like_path(name):
+        raise FileNotFoundError(f"CLIP checkpoint directory not found: {name}")
+    return ct._resolve_hub(name, cache_dir)
+
+
 def load_clip_vision(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *,
                      cache_dir: str | None = None) -> tuple[CLIPVisionTower, dict[str, Params]]:
     """Load a CLIP vision tower: ``(module, variables)``, ``variables = {"params": float32 params}``.
@@ -291,13 +331,7 @@ def load_clip_vision(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, 
     "openai/clip-vit-base-patch16" (resolved as ``clip_text.load_clip_text`` does).
     ``module.apply(variables, pixels_BxHxWx3)`` returns ``{"image_embeds", "dense"}``.
     """
-    name = os.fspath(name_or_path)
-    if os.path.isdir(name):
-        ckpt_dir = name
-    elif ct._looks_like_path(name):
-        raise FileNotFoundError(f"CLIP checkpoint directory not found: {name}")
-    else:
-        ckpt_dir = ct._resolve_hub(name, cache_dir)
+    ckpt_dir = checkpoint_dir(name_or_path, cache_dir)
     config_path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in CLIP checkpoint directory {ckpt_dir}")
@@ -308,3 +342,31 @@ def load_clip_vision(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, 
                          f"{weights_path}: is it a text-only checkpoint?")
     params = jax.tree_util.tree_map(jnp.asarray, params_from_hf_state(state, config, source=weights_path))
     return CLIPVisionTower(config, dtype=dtype), {"params": params}
+
+
+def pixel_statistics(name_or_path: str | os.PathLike, *, cache_dir: str | None = None
+                     ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(image_mean, image_std)`` of a checkpoint's preprocessor_config.json (per channel, for
+    pixels in [0, 1]); ``CLIP_PIXEL_MEAN`` / ``CLIP_PIXEL_STD`` when it has none, as
+    ``CLIPImageProcessor()`` would use."""
+    path = os.path.join(checkpoint_dir(name_or_path, cache_dir), PREPROCESSOR_FILE)
+    if not os.path.isfile(path):
+        return CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
+    with open(path) as f:
+        processor = json.load(f)
+    stats = []
+    for key, default in (("image_mean", CLIP_PIXEL_MEAN), ("image_std", CLIP_PIXEL_STD)):
+        value = processor.get(key, default)
+        value = [value] * 3 if np.isscalar(value) else value
+        if len(value) != 3:
+            raise ValueError(f"{path}: {key} must have 3 values (RGB), got {value!r}")
+        stats.append(tuple(float(v) for v in value))
+    return stats[0], stats[1]
+
+
+def normalize_pixels(images_BxHxWx3: Array, mean: tuple[float, ...], std: tuple[float, ...],
+                     dtype: Any = jnp.float32) -> Array:
+    """uint8 (or 0..255 float) RGB -> ``(x / 255 - mean) / std``, as ``CLIPProcessor`` does."""
+    mean_C = jnp.asarray(mean, jnp.float32) * 255.0
+    scale_C = 1.0 / (jnp.asarray(std, jnp.float32) * 255.0)
+    return ((jnp.asarray(images_BxHxWx3, jnp.float32) - mean_C) * scale_C).astype(dtype)

@@ -188,7 +188,7 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
     else:
         model = transformers.CLIPTextModelWithProjection(config)
     if sharpen:
-        _sharpen(model)
+        _sharpen(model, seed)
     _plant_related(model, vocab_and_merges(words)[0],
                    RELATED_WORDS if related is None else related, related_cos)
     model.save_pretrained(directory, safe_serialization=True)
@@ -197,6 +197,15 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
         "a stand-in for tests and demos, not pretrained CLIP. Its embeddings carry no language "
         "knowledge beyond a planted prior: the words of RELATED_WORDS start near their partners.\n")
     return directory
+
+
+def tiny_vision(image_size: int, patch_size: int = 8) -> dict[str, Any]:
+    """``vision_overrides`` of the stage-1 stand-in: a width-32, 2-layer ViT whose native size is
+    ``image_size`` (no position interpolation at that crop), ``patch_size`` px patches."""
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "image_size": image_size, "patch_size": patch_size}
 
 
 def is_tiny_random_clip(directory: str | os.PathLike) -> bool:
@@ -218,14 +227,17 @@ def _plant_related(model, vocab: Mapping[str, int], related: Mapping[str, str],
                 table[w] = cos * table[p] + (1.0 - cos ** 2) ** 0.5 * table[w]
 
 
-def _sharpen(model) -> None:
+def _sharpen(model, seed: int) -> None:
     """Larger random weights than CLIP's init, so attention is far from uniform and the token
     identities survive the tower (and any mismatch in mask, pooling, activation or LayerNorm
-    placement shows up in parity tests)."""
+    placement shows up in parity tests). Drawn from ``seed``, the text tower's first, so it is
+    the same with or without a vision tower."""
     import torch  # optional dependency (the `torch` extra)
 
+    torch.manual_seed(seed)
+    named = sorted(model.named_parameters(), key=lambda item: not item[0].startswith("text"))
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in named:
             if "norm" in name:  # layer_norm1/2, final_layer_norm, pre_layrnorm, post_layernorm
                 param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(param))
             elif "embedding" in name:
