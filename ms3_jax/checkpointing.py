@@ -1,7 +1,15 @@
 """Workdir layout and orbax checkpoints shared by pretraining, stage 1, fine-tuning and export.
 
     W/config.json        the job's ml_collections config (model fields build the encoder)
-    W/checkpoints/<step> orbax: item `state` (the TrainState pytree) and item `data` (grain iterator)
+    W/checkpoints/<step> orbax: item `state` (the TrainState pytree) and item `data` (grain iterator),
+                         and MANIFEST (size + crc32 of every file of the step, see `write_manifest`)
+    W/checkpoints/unusable/<step>  steps a resume found corrupt and set aside (`set_aside`)
+
+Integrity: process 0 writes the manifest once orbax has finished a step (in orbax's finalize
+thread, after the rename); every restore (`restore_first_usable`: `loop.restore_latest`,
+`restore_state`) checks the newest step against it and falls back to the newest older step that
+verifies and restores. Steps without a manifest (written before manifests) restore unverified.
+Every save first checks that the checkpoint directory is writable (`check_writable`).
 """
 from __future__ import annotations
 
@@ -10,16 +18,45 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Mapping
+import tempfile
+import time
+import zlib
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from ms3_jax import sharding
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 DELETED_DIR = "deleted"  # under CHECKPOINT_DIR: retired steps, removed by `purge_deleted`
+UNUSABLE_DIR = "unusable"  # under CHECKPOINT_DIR: corrupt steps a resume set aside (kept for a look)
+MANIFEST = "ms3_manifest.json"  # in every step directory: size + crc32 of each of its files
+_CHUNK = 4 << 20  # checksums read files in chunks of 4 MiB, never whole
+
+
+class CheckpointError(ValueError):
+    """A checkpoint step that cannot be used; names the step, the file and why."""
+
+    def __init__(self, step: int, path: str, reason: str):
+        super().__init__(f"checkpoint step {step}: {path}: {reason}")
+        self.step, self.path, self.reason = step, path, reason
+
+
+class NoUsableCheckpoint(ValueError):
+    """Every checkpoint step tried was unusable; `failures` holds one `CheckpointError` per step."""
+
+    def __init__(self, workdir: str, failures: Sequence[CheckpointError]):
+        lines = "\n  ".join(str(f) for f in failures)
+        super().__init__(f"no usable checkpoint in {workdir}; tried {len(failures)} step(s), "
+                         f"newest first:\n  {lines}\nMove the damaged steps out of "
+                         f"{os.path.join(workdir, CHECKPOINT_DIR)} to start over, or restore them "
+                         "from a copy.")
+        self.failures = list(failures)
 
 
 _ARRAY_HANDLER_SET = False
@@ -40,11 +77,77 @@ def _configure_array_handler() -> None:
             jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
+# --- the checkpoint directory must be writable: checked up front, not after orbax's barrier -------
+
+def _any_process(flag: bool) -> np.ndarray:
+    """The flag of every process (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return np.asarray([flag])
+    return np.asarray(multihost_utils.process_allgather(np.asarray(flag, np.int32))).reshape(-1)
+
+
+def check_writable(directory: str, create: bool = False) -> None:
+    """Raise an OSError naming `directory` unless a file can be created and removed in it (`create`:
+    make the directory first). A real write, not `os.access` (read-only mounts, ACLs, a regular
+    file in the way). orbax, given an unwritable directory, blocked the main thread ~300 s in a
+    barrier (deaf to SIGTERM) and then raised a TimeoutError. All processes call it together."""
+    error: OSError | None = None
+    try:
+        if create:
+            os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ms3_write_test.", dir=directory)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        error = e
+    failed = _any_process(error is not None)
+    if error is None and failed.any():
+        raise OSError(f"cannot save checkpoints in {directory}: process(es) "
+                      f"{np.flatnonzero(failed).tolist()} cannot write there (see their logs)")
+    if error is not None:
+        where = "" if error.filename in (None, directory) or os.path.dirname(
+            os.fspath(error.filename)) == directory else f" on {error.filename}"
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            where += "; it is a file, not a directory"
+        raise OSError(error.errno, (
+            f"cannot save checkpoints: {directory} is not writable ({type(error).__name__}: "
+            f"{error.strerror or error}{where}). Make it writable by this user (check its "
+            "permissions, owner, free space and mount), or pass another --workdir")) from error
+
+
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager with two checks: the directory is writable before each save is handed to
+    orbax, and process 0 writes the step's manifest once orbax has finished it."""
+
+    def save(self, step: int, *args: Any, **kwargs: Any) -> bool:
+        check_writable(os.fspath(self.directory))
+        return super().save(step, *args, **kwargs)
+
+    def _finalize(self, step: int, *args: Any, **kwargs: Any) -> None:
+        # orbax's finalize (the save thread when async): when it returns, the step directory is
+        # complete and renamed; `wait_until_finished` waits for this manifest too.
+        super()._finalize(step, *args, **kwargs)
+        if jax.process_index() == 0:
+            step_dir = os.path.join(os.fspath(self.directory), str(step))
+            if os.path.isdir(step_dir):
+                try:
+                    write_manifest(step_dir)
+                except Exception as e:  # the step is complete; it just stays unverified
+                    logging.warning("checkpoint step %d: could not write %s (%s: %s); the step "
+                                    "stays unverified", step, os.path.join(step_dir, MANIFEST),
+                                    type(e).__name__, e)
+
+
 def checkpoint_manager(workdir: str, max_to_keep: int = 3,
                        item_names: tuple[str, ...] = ("state", "data")) -> ocp.CheckpointManager:
-    """The orbax manager of a workdir (keeps the newest `max_to_keep` complete checkpoints)."""
+    """The orbax manager of a workdir (keeps the newest `max_to_keep` complete checkpoints); raises
+    an OSError naming W/checkpoints at once when it is not writable."""
     _configure_array_handler()
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    check_writable(directory, create=True)
     if jax.process_index() == 0:
         remove_half_written(directory)
     # The other processes wait for process 0 at the root-directory barrier orbax runs when
@@ -53,7 +156,7 @@ def checkpoint_manager(workdir: str, max_to_keep: int = 3,
     # kill -9 can interrupt, leaving a listed step without some of its items.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            todelete_subdir=DELETED_DIR)
-    return ocp.CheckpointManager(directory, item_names=item_names, options=options)
+    return _Manager(directory, item_names=item_names, options=options)
 
 
 def purge_deleted(directory: str) -> None:
@@ -100,32 +203,216 @@ def read_config(workdir: str) -> dict[str, Any]:
         return json.load(f)
 
 
+# --- manifests: size + crc32 of every file of a step, checked before a restore -------------------
+
+def _crc32(path: str) -> tuple[int, int]:
+    """(size, crc32) of a file, read in chunks."""
+    crc, size = 0, 0
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(_CHUNK):
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return size, crc
+
+
+def _step_files(step_dir: str) -> list[str]:
+    """The files under `step_dir` (relative, '/'-separated, sorted), the manifest excluded."""
+    out = []
+    for root, dirs, names in os.walk(step_dir):
+        dirs.sort()
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), step_dir).replace(os.sep, "/")
+            if not rel.startswith(MANIFEST):
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(step_dir: str) -> dict[str, Any]:
+    """Write `step_dir/MANIFEST`: {"format": 1, "checksum": "crc32", "files": {relative path:
+    {"size": bytes, "crc32": "8 hex digits"}}} for every file under the step (atomic: a temporary
+    file, fsync, rename). Call it only once the step is complete (orbax has renamed it)."""
+    t0 = time.perf_counter()
+    files = {}
+    for rel in _step_files(step_dir):
+        size, crc = _crc32(os.path.join(step_dir, rel))
+        files[rel] = {"size": size, "crc32": f"{crc:08x}"}
+    manifest = {"format": 1, "checksum": "crc32", "files": files}
+    path = os.path.join(step_dir, MANIFEST)
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    logging.info("wrote %s (%d files, %.1f MB, %.3f s)", path, len(files),
+                 sum(v["size"] for v in files.values()) / 1e6, time.perf_counter() - t0)
+    return manifest
+
+
+def verify_step(step_dir: str, step: int, items: Sequence[str] | None = None) -> bool:
+    """Check the files of a step (those under `items` only, if given) against its manifest: True
+    when they match, False when the step has no manifest (written before manifests: unverified).
+    Raises `CheckpointError` naming the step and the first file missing, of another size or with
+    another checksum (sizes of all files first, then the checksums)."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.isdir(step_dir):
+        raise CheckpointError(step, step_dir, "the step directory is missing")
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+        entries = [(rel, int(v["size"]), int(v["crc32"], 16)) for rel, v in files.items()
+                   if items is None or rel.split("/", 1)[0] in items]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(step, path, f"unreadable manifest ({type(e).__name__}: {e})") from e
+    for rel, size, _ in entries:
+        file = os.path.join(step_dir, rel)
+        if not os.path.isfile(file):
+            raise CheckpointError(step, file, "missing (listed in the manifest)")
+        actual = os.path.getsize(file)
+        if actual != size:
+            what = "truncated" if actual < size else "grown"
+            raise CheckpointError(step, file, f"{what}: {actual} bytes, the manifest says {size}")
+    for rel, size, crc in entries:
+        file = os.path.join(step_dir, rel)
+        try:
+            actual_size, actual = _crc32(file)
+        except OSError as e:  # EIO from a bad sector, EACCES, ...
+            raise CheckpointError(step, file, f"cannot be read ({type(e).__name__}: {e})") from e
+        if actual != crc or actual_size != size:
+            raise CheckpointError(step, file, f"checksum mismatch: crc32 {actual:08x}, the "
+                                              f"manifest says {crc:08x} (the file changed on disk)")
+    return True
+
+
+def _failure_of(step_dir: str, step: int, error: Exception) -> CheckpointError:
+    """A restore error as a `CheckpointError` naming a file: the first metadata / JSON file of the
+    step that does not parse, else a path of the step in the message, else the step directory."""
+    message = f"{type(error).__name__}: {error}"
+    if len(message) > 500:
+        message = message[:500] + " [...]"
+    for rel in _step_files(step_dir):
+        name = rel.rsplit("/", 1)[-1]
+        if name in ("_METADATA", "_CHECKPOINT_METADATA", "_sharding") or name.endswith(".json"):
+            file = os.path.join(step_dir, rel)
+            try:
+                with open(file) as f:
+                    json.load(f)
+            except (OSError, ValueError) as e:
+                return CheckpointError(step, file, f"unreadable ({type(e).__name__}: {e}); "
+                                                   f"restoring failed with {message}")
+    text = str(error)
+    for rel in sorted(_step_files(step_dir), key=len, reverse=True):
+        if os.path.join(step_dir, rel) in text:
+            return CheckpointError(step, os.path.join(step_dir, rel), f"restoring failed with {message}")
+    return CheckpointError(step, step_dir, f"restoring failed with {message}")
+
+
+def restore_first_usable(directory: str, steps: Sequence[int], restore: Callable[[int], Any],
+                         workdir: str, items: Sequence[str] | None = None
+                         ) -> tuple[int, Any, list[CheckpointError]]:
+    """`(step, restore(step), failures)` for the newest of `steps` (in `directory`) whose files
+    match its manifest (`verify_step`, on `items` only if given) and which `restore` reads
+    without an exception. Each unusable step is logged (a WARNING naming the step, the file and
+    why) and the next older one is tried; `failures` lists them, newest first. Raises
+    `NoUsableCheckpoint` when none is usable. Processes agree on every step (process 0 checks
+    the manifest; a restore failing on any process fails the step everywhere)."""
+    failures: list[CheckpointError] = []
+    ordered = sorted(steps, reverse=True)
+    for step in ordered:
+        step_dir = os.path.join(directory, str(step))
+        error: CheckpointError | None = None
+        if jax.process_index() == 0:
+            t0 = time.perf_counter()
+            try:
+                if verify_step(step_dir, step, items):
+                    logging.info("checkpoint step %d verified against %s (%.3f s)", step, MANIFEST,
+                                 time.perf_counter() - t0)
+                else:
+                    logging.info("checkpoint step %d of %s has no %s (saved before manifests): "
+                                 "restoring it unverified", step, workdir, MANIFEST)
+            except CheckpointError as e:
+                error = e
+        bad = _any_process(error is not None).any()
+        if bad and error is None:
+            error = CheckpointError(step, step_dir, "failed its manifest check on process 0 (see its log)")
+        result = None
+        if not bad:
+            try:
+                result = restore(step)
+            except Exception as e:  # any failure to read the step: try an older one
+                error = _failure_of(step_dir, step, e)
+            if _any_process(error is not None).any() and error is None:
+                error = CheckpointError(step, step_dir, "restoring it failed on another process "
+                                                        "(see its log)")
+        if error is None:
+            if failures:
+                logging.warning("restored step %d of %s instead of the latest step %d: newer "
+                                "step(s) %s are unusable (above)", step, workdir, ordered[0],
+                                [f.step for f in failures])
+            return step, result, failures
+        failures.append(error)
+        older = "; trying the next older step" if step != ordered[-1] else "; no older step left"
+        logging.warning("%s%s", error, older)
+    raise NoUsableCheckpoint(workdir, failures)
+
+
+def set_aside(directory: str, steps: Sequence[int]) -> list[str]:
+    """Move unusable steps to `directory/UNUSABLE_DIR/<step>` (process 0; the other processes wait
+    for it), so the run can save those steps again; they are kept for inspection. Returns the
+    new paths (on process 0)."""
+    moved = []
+    target_dir = os.path.join(directory, UNUSABLE_DIR)
+    if jax.process_index() == 0:
+        for step in steps:
+            target, n = os.path.join(target_dir, str(step)), 1
+            while os.path.exists(target):
+                target, n = os.path.join(target_dir, f"{step}.{n}"), n + 1
+            os.makedirs(target_dir, exist_ok=True)
+            os.rename(os.path.join(directory, str(step)), target)
+            logging.warning("checkpoint step %d set aside in %s (unusable; delete it once looked at)",
+                            step, target)
+            moved.append(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ms3_jax checkpointing.set_aside")
+    return moved
+
+
 def restore_state(workdir: str, step: int | None = None) -> tuple[int, Mapping[str, Any]]:
     """The raw `state` pytree (nested dicts) of the latest (or given) complete checkpoint, on one
-    local device (export, zero-shot, evaluation: any device layout may have written it)."""
+    local device (export, zero-shot, evaluation: any device layout may have written it).
+
+    The step's `state` files are checked against its manifest first; without `step`, an unusable
+    latest step is logged and the newest older usable one is restored (`restore_first_usable`)."""
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints in {workdir}: {directory} is missing")
     manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()})
     steps = manager.all_steps()
+    root = manager.directory
+    manager.close()
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    if step is None:
-        step = manager.latest_step()
-    elif step not in steps:
+    if step is not None and step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {sorted(steps)}")
-    # Onto this process's first device, whatever device layout wrote the checkpoint (orbax
-    # refuses a target-less restore onto another topology).
-    # The `state` item alone: the manager would also look at the `data` (iterator) item and warn
-    # that it has no handler for it.
-    path = manager.directory / str(step) / "state"  # an etils Path, as the handler wants
-    manager.close()
-    handler = ocp.StandardCheckpointHandler()
-    meta = handler.metadata(path)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), getattr(meta, "tree", meta))
-    return step, handler.restore(path, args=ocp.args.StandardRestore(abstract))
+
+    def restore(s: int) -> Mapping[str, Any]:
+        # Onto this process's first device, whatever device layout wrote the checkpoint (orbax
+        # refuses a target-less restore onto another topology).
+        # The `state` item alone: the manager would also look at the `data` (iterator) item and
+        # warn that it has no handler for it.
+        path = epath.Path(root) / str(s) / "state"  # an etils Path, as the handler wants
+        handler = ocp.StandardCheckpointHandler()
+        meta = handler.metadata(path)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            getattr(meta, "tree", meta))
+        return handler.restore(path, args=ocp.args.StandardRestore(abstract))
+
+    step, state, _ = restore_first_usable(os.fspath(root), steps if step is None else [step],
+                                          restore, workdir, items=("state",))
+    return step, state
 
 
 def encoder_variables(state: Mapping[str, Any], ema: bool = False) -> dict[str, Any]:

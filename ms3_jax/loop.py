@@ -14,7 +14,10 @@ they agree at every log / checkpoint boundary (an all-gather of the flags, only 
 `jax.process_count() > 1`) and all stop at the first boundary after any of them was signalled.
 A kill -9 cannot be caught: orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp` and
 renames it when complete, and only complete checkpoints are listed, so a resume takes the last
-complete one.
+complete one -- the last one that also matches its manifest (`restore_latest`). A save into an
+unwritable W/checkpoints raises an OSError naming it before orbax starts
+(`checkpointing.check_writable`). A signal arriving while the loop waits for a pending save is
+kept in the flag and honoured right after the wait.
 """
 from __future__ import annotations
 
@@ -56,16 +59,30 @@ def progress_line(step: int, num_steps: int, metrics: Mapping[str, float], rate:
 
 def restore_latest(mngr: ocp.CheckpointManager, state: Any, iterator: Any,
                    workdir: str) -> tuple[Any, int]:
-    """(state, step) of the latest complete checkpoint, restored into `state`'s shapes and
-    shardings and into `iterator`; `(state, 0)` unchanged when there is none."""
-    start = mngr.latest_step() or 0
-    if start:
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-        restored = mngr.restore(start, args=ocp.args.Composite(
+    """(state, step) of the latest usable checkpoint, restored into `state`'s shapes and
+    shardings and into `iterator`; `(state, 0)` unchanged when there is none.
+
+    Usable: its files match its manifest (steps saved before manifests restore unverified) and
+    orbax reads it. An unusable newer step is logged (step, file, reason), the next older one is
+    tried (`checkpointing.restore_first_usable`), and the unusable ones are then set aside in
+    W/checkpoints/unusable so the run can save those steps again. None usable: raises
+    `checkpointing.NoUsableCheckpoint` naming every step tried and why."""
+    steps = mngr.all_steps()
+    if not steps:
+        return state, 0
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+
+    def restore(step: int) -> Any:
+        return mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract),
-            data=data_pipeline.checkpoint_restore_args(iterator)))
-        state = restored.state
-        logging.info("resumed from step %d of %s", start, workdir)
+            data=data_pipeline.checkpoint_restore_args(iterator))).state
+
+    directory = os.fspath(mngr.directory)
+    start, state, failures = checkpointing.restore_first_usable(directory, steps, restore, workdir)
+    if failures:
+        checkpointing.set_aside(directory, [f.step for f in failures])
+        mngr.reload()
+    logging.info("resumed from step %d of %s", start, workdir)
     return state, start
 
 
