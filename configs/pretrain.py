@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         datasets=("voc", "ade20k", "coco_stuff"), data_dir="", crop_size=224, worker_count=4,
-        skip_unreadable=False,  # True: replace an undecodable record by the next one, and count it
+        skip_unreadable=False,  # True: undecodable / badly labelled records replaced, counted
         weights=ml_collections.config_dict.placeholder(dict),  # None: proportional to size
         synthetic=ml_collections.config_dict.placeholder(dict),  # kwargs of prepare_synthetic
         # App. D / Tab. 10: images without labels. source: '' (none), a dataset name (its images

@@ -51,6 +51,29 @@ class Preempted(Exception):
         self.step = step
 
 
+class StoppedOutsideLoop(BaseException):
+    """SIGTERM outside the training loop (start-up, compiling, evaluation, final outputs): nothing
+    new is saved; the workdir's checkpoints are as the last save left them. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way (data builders, loaders) can
+    swallow it."""
+
+    def __init__(self, signal_name: str, workdir: str):
+        super().__init__(f"{signal_name} outside the training loop: nothing new saved, the "
+                         f"checkpoints in {workdir} are as they were; relaunch the same command "
+                         "to resume")
+
+
+def terminate_outside_loop(workdir: str) -> None:
+    """From now on (main thread) SIGTERM raises `StoppedOutsideLoop`, so a job stopped before or
+    after its loop still exits with the preemption code (75); `StopRequest` takes SIGTERM over
+    while the loop runs and gives it back after."""
+    def handle(signum: int, frame: Any) -> None:
+        del frame
+        raise StoppedOutsideLoop(signal.Signals(signum).name, workdir)
+
+    signal.signal(signal.SIGTERM, handle)
+
+
 def progress_line(step: int, num_steps: int, metrics: Mapping[str, float], rate: float) -> str:
     eta = (num_steps - step) / max(rate, 1e-9)
     parts = [f"step {step}/{num_steps}"] + [f"{k} {v:.4g}" for k, v in sorted(metrics.items())]

@@ -9,7 +9,9 @@ runs from (so `--config=configs/demo.py` works from anywhere in a clone); `--pri
 the resolved config and exits.
 
 Exit codes: 0 done; 75 preempted -- SIGTERM / SIGINT saved a checkpoint (state + data iterator),
-relaunch the same command to resume exactly (`loop.PREEMPTED_EXIT_CODE`); 2 a usage error (bad
+relaunch the same command to resume exactly (`loop.PREEMPTED_EXIT_CODE`); SIGTERM outside the
+training loop (start-up, compiling, evaluation, final outputs) also exits 75, saving nothing new;
+2 a usage error (bad
 config value, missing file or data, a workdir another run holds (`workdir_lock`): one line on
 stderr, the traceback with `--verbose`); 1 any other error (non-finite loss, a bug, ...), with
 its traceback.
@@ -17,9 +19,16 @@ its traceback.
 Long CPU runs: MS3_HOST_MALLOC=reuse makes glibc keep freed pages for reuse (20-25 % faster
 steps; `host_memory`).
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # `python -m ms3_jax.main`, not an import
+    # SIGTERM while the heavy imports below run: the preemption exit code (75), nothing saved
+    # yet. main() replaces this with `loop.terminate_outside_loop` once the workdir is known.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(75))
+
 import logging as py_logging
 import os
-import sys
 from typing import Any
 
 from absl import app, flags, logging
@@ -79,10 +88,11 @@ def main(argv: list[str]) -> None:
     handler.addFilter(lambda r: r.levelno >= py_logging.WARNING
                       or not any(f"/{lib}/" in r.pathname for lib in ("orbax", "grain")))
     logging.info("%s", host_malloc)
+    loop.terminate_outside_loop(workdir)  # exit code 75 for SIGTERM at any point, not 143
     try:
         with workdir_lock.hold(workdir):  # one run per workdir
             _dispatch(config, workdir)
-    except loop.Preempted as e:
+    except (loop.Preempted, loop.StoppedOutsideLoop) as e:
         logging.warning("%s; exit code %d", e, loop.PREEMPTED_EXIT_CODE)
         logging.flush()
         sys.exit(loop.PREEMPTED_EXIT_CODE)

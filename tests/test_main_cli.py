@@ -132,3 +132,39 @@ def test_second_run_on_a_workdir_stops_naming_the_first(tmp_path):
         holder.wait()
     with workdir_lock.hold(str(tmp_path)):  # taken over from the killed holder
         assert str(os.getpid()) in (tmp_path / workdir_lock.LOCK_FILE).read_text()
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Linux: the process has a SIGTERM handler (bit 15 of SigCgt in /proc/<pid>/status)."""
+    import signal
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.parametrize("when", ["imports", "before the loop"])
+def test_sigterm_outside_the_loop_exits_75(tmp_path, when):
+    """The exit-code contract from process start: SIGTERM while the modules import, or while
+    stage 1 prepares (synthetic data, the tiny CLIP, compiling) gives 75, not 143."""
+    import signal
+    import time
+    args = [sys.executable, "-m", "ms3_jax.main", "--config=configs/text_adapt.py:tiny",
+            f"--workdir={tmp_path / 'w'}", f"--config.data.data_dir={tmp_path / 'data'}",
+            f"--config.text.tiny_clip_dir={tmp_path / 'clip'}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        if when == "imports":  # as soon as the process catches SIGTERM (the top of ms3_jax.main)
+            deadline = time.monotonic() + 60
+            while not _catches_sigterm(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        else:  # wait for main() to start the job (its first log line names the host memory mode)
+            for line in proc.stderr:
+                if "stage 1: adapting" in line or "Generating dataset" in line:
+                    break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err[-2000:]
+    if when != "imports":
+        assert "outside the training loop" in err and not (tmp_path / "w" / "checkpoints" / "1").exists()

@@ -453,6 +453,18 @@ def test_label_ids_out_of_range_name_dataset_and_record():
         take(memory_pipeline(memory_records(bad_label=3)).make_iterator(), 3)
 
 
+def test_label_ids_out_of_range_are_skipped_and_counted(caplog):
+    """skip_unreadable also replaces a badly labelled record (a relaunch does not crash-loop on
+    it): by the next good one, named in a warning, counted in the batch."""
+    with caplog.at_level(logging.WARNING):
+        batches = take(memory_pipeline(memory_records(bad_label=3), skip_unreadable=True).make_iterator(), 4)
+    assert "record 3 (file 'img_3.png'): label ids [200] out of range" in caplog.text
+    ids = np.concatenate([b["record_index"] for b in batches])
+    replaced = np.concatenate([b["unreadable"] for b in batches])
+    assert 3 not in ids and set(ids[replaced == 1]) == {4}
+    assert all(b["label"].max() < 7 for b in batches)
+
+
 def test_unreadable_image_is_named_or_skipped_and_counted(caplog):
     from ms3_jax.data import pipeline
     with pytest.raises(pipeline.UnreadableRecordError,

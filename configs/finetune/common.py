@@ -57,7 +57,7 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
 
     c.data = ml_collections.ConfigDict(dict(
         dataset=dataset, data_dir="", crop_size=crop_size, worker_count=4,
-        skip_unreadable=False,  # True: replace an undecodable record by the next one, and count it
+        skip_unreadable=False,  # True: undecodable / badly labelled records replaced, counted
         synthetic=ml_collections.config_dict.placeholder(dict),  # kwargs of prepare_synthetic
         augment=dict(base_size=base_size, scale_range=(0.5, 2.0), flip_prob=0.5,
                      color_jitter_prob=1.0, brightness=32 / 255, contrast=0.5, saturation=0.5,

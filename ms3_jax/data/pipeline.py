@@ -15,8 +15,9 @@ with b = global_batch_size // jax.process_count(). Choices not in the paper:
   run may resume on another process count and still see the same global batches.
 - Bad records: a record that cannot be read or decoded raises `UnreadableRecordError` naming
   the dataset, the record index and its file; label ids outside the dataset's classes (other
-  than 255) raise `ValueError` naming the same. With `skip_unreadable=True` an unreadable record
-  is replaced by the next readable one of its dataset (r + 1, r + 2, ...: deterministic, so
+  than 255) or a label map of another shape raise `BadLabelError` (a ValueError) naming the
+  same. With `skip_unreadable=True` such a record (unreadable or badly labelled) is replaced by
+  the next good one of its dataset (r + 1, r + 2, ...: deterministic, so
   batches keep their size and a resume stays exact), a warning names it, and batches carry
   'unreadable' int32 [b] (records replaced per example; `loop.run` logs the running count).
   Worker processes ignore SIGINT / SIGTERM: the training process handles them (`loop.run`).
@@ -83,6 +84,11 @@ class UnreadableRecordError(OSError):
     """A training record that cannot be read or decoded (message: dataset, record, file)."""
 
 
+class BadLabelError(UnreadableRecordError, ValueError):
+    """A record whose label map does not fit: label ids outside its dataset's classes, or a label
+    shape other than the image's. Skipped like an unreadable record with `skip_unreadable`."""
+
+
 _MAX_REPLACED = 100
 
 
@@ -146,13 +152,13 @@ class _LoadAndAugment(grain.transforms.MapWithIndex):
             raise UnreadableRecordError(f'dataset {name!r}, record {r}{_file_of(record)}: cannot read '
                                         f'or decode it: {type(e).__name__}: {e}') from e
         if image.ndim != 3 or image.shape[:2] != label.shape:
-            raise ValueError(f'dataset {name!r}, record {r}{_file_of(record)}: image {image.shape} '
+            raise BadLabelError(f'dataset {name!r}, record {r}{_file_of(record)}: image {image.shape} '
                              f'and label {label.shape} do not match')
         n = self._num_classes[d]
         if labeled and label.max() >= n:
             bad = np.unique(label[(label >= n) & (label != IGNORE_INDEX)])
             if bad.size:
-                raise ValueError(f'dataset {name!r}, record {r}{_file_of(record)}: label ids '
+                raise BadLabelError(f'dataset {name!r}, record {r}{_file_of(record)}: label ids '
                                  f'{bad[:10].tolist()} out of range; its {n} classes are 0..{n - 1} '
                                  f'(255 = ignore). Was it prepared with another class list?')
         return image, label
