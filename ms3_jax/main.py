@@ -73,7 +73,11 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     del argv
     host_malloc = host_memory.configure_from_env()  # before JAX creates its CPU client
-    sharding.initialize_distributed()  # multi-process (MS3_* env, SLURM, TPU pod): before any JAX use
+    try:  # multi-process (MS3_* env, SLURM, TPU pod): before any JAX use
+        sharding.initialize_distributed()
+    except sharding.PeerError as e:  # a process missing at start-up: named, exit code 1
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     config = _CONFIG.value
     if _PRINT_CONFIG.value:
         print(config)

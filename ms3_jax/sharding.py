@@ -8,6 +8,8 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import socket
+import time
 from typing import Any, Sequence
 
 import jax
@@ -16,6 +18,94 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "MS3_COORDINATOR", "MS3_NUM_PROCESSES", "MS3_PROCESS_ID"
+# Seconds the processes of a job wait for each other at start-up (`rendezvous`); also
+# jax.distributed's initialization_timeout.
+ENV_PEER_TIMEOUT, DEFAULT_PEER_TIMEOUT = "MS3_PEER_TIMEOUT", 300.0
+
+
+class PeerError(RuntimeError):
+    """A process of a multi-process job did not show up at start-up, or process 0 did not answer
+    (`rendezvous`): the job stops, naming which."""
+
+
+def _peer_timeout() -> float:
+    value = os.environ.get(ENV_PEER_TIMEOUT, "")
+    try:
+        timeout = float(value) if value else DEFAULT_PEER_TIMEOUT
+    except ValueError:
+        raise ValueError(f"{ENV_PEER_TIMEOUT}={value!r} is not a number of seconds") from None
+    if timeout <= 0:
+        raise ValueError(f"{ENV_PEER_TIMEOUT}={value!r} must be > 0 seconds")
+    return timeout
+
+
+def rendezvous(coordinator_address: str, num_processes: int, process_id: int,
+               timeout: float) -> None:
+    """All processes meet at the coordinator's port + 1 before `jax.distributed` starts.
+
+    Process 0 listens and waits up to `timeout` s for every other process id; then it tells them
+    to go on, or to stop, and raises `PeerError` naming the ids that never came. The others
+    connect (retrying) and wait for that answer up to `timeout` s, else raise `PeerError`. Without
+    it a missing process makes jax.distributed abort the others (SIGABRT, exit 134) after its
+    initialization_timeout, naming none.
+    """
+    host, port = coordinator_address.rsplit(":", 1)
+    address = (host, int(port) + 1)
+    deadline = time.monotonic() + timeout
+    where = f"the rendezvous at {host}:{address[1]} ({ENV_PEER_TIMEOUT}={timeout:g} s)"
+    if process_id == 0:
+        peers: dict[int, socket.socket] = {}
+        try:
+            server = socket.create_server(("", address[1]))
+        except OSError as e:
+            raise PeerError(f"process 0 cannot listen for {where}: {e} (the port after the "
+                            "coordinator's must be free)") from e
+        with server:
+            server.settimeout(0.2)
+            try:
+                while len(peers) < num_processes - 1 and time.monotonic() < deadline:
+                    try:
+                        conn, _ = server.accept()
+                    except socket.timeout:
+                        continue
+                    conn.settimeout(5.0)
+                    try:
+                        peers[int(conn.recv(32).decode().strip())] = conn
+                    except (OSError, ValueError):
+                        conn.close()
+                missing = sorted(set(range(1, num_processes)) - set(peers))
+                answer = f"stop: process(es) {missing} missing" if missing else "go"
+                for conn in peers.values():
+                    try:
+                        conn.sendall(answer.encode())
+                    except OSError:
+                        pass
+            finally:
+                for conn in peers.values():
+                    conn.close()
+        if missing:
+            raise PeerError(f"process(es) {missing} of {num_processes} did not reach {where}: "
+                            "the job stops (did they start? the same MS3_COORDINATOR?)")
+        return
+    while True:
+        try:
+            conn = socket.create_connection(address, timeout=2.0)
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise PeerError(f"process {process_id}: process 0 did not answer at {where}: the "
+                                "job stops (did it start? is the address right?)") from None
+            time.sleep(0.2)
+    with conn:
+        conn.sendall(f"{process_id}".encode())
+        conn.settimeout(max(deadline - time.monotonic(), 1.0))
+        try:
+            answer = conn.recv(256).decode().strip()
+        except OSError:
+            answer = ""
+    if answer != "go":
+        raise PeerError(f"process {process_id}: process 0 stopped the job at {where}"
+                        + (f" ({answer})" if answer else ": no answer"))
 
 
 def _auto_detectable() -> bool:
@@ -32,7 +122,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
     Explicit when the three values are given (arguments, else env `MS3_COORDINATOR`,
     `MS3_NUM_PROCESSES`, `MS3_PROCESS_ID`); with no arguments when JAX can detect the cluster
-    (SLURM with `SLURM_NTASKS` > 1, Cloud TPU). A single process does nothing. Idempotent.
+    (SLURM with `SLURM_NTASKS` > 1, Cloud TPU). A single process does nothing. Idempotent. With
+    the three values the processes first meet (`rendezvous`; `MS3_PEER_TIMEOUT` s, default 300):
+    a missing one is a `PeerError` naming it.
     Must run before anything touches the JAX backend. `kwargs` go to `jax.distributed.initialize`
     (e.g. `heartbeat_timeout_seconds`: how soon the others fail when one process dies).
     """
@@ -52,6 +144,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if all(given):
         if num_processes == 1:
             return False
+        timeout = _peer_timeout()
+        rendezvous(coordinator_address, num_processes, process_id, timeout)
+        kwargs.setdefault("initialization_timeout", int(timeout))
         jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
     elif _auto_detectable():
         jax.distributed.initialize(**kwargs)

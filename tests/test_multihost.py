@@ -244,3 +244,22 @@ def test_single_process_does_not_initialize(monkeypatch):
 
 if __name__ == "__main__":
     worker(json.loads(sys.argv[1]))
+
+
+@pytest.mark.parametrize("present", [0, 1])
+def test_a_missing_process_is_named_and_the_job_exits_1(present):
+    """MS3_PEER_TIMEOUT: the process that came ends with exit code 1 within the timeout, naming
+    the one that did not (jax.distributed alone aborted with 134 after 300 s, naming none)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "MS3_PEER_TIMEOUT": "3",
+           "MS3_COORDINATOR": f"127.0.0.1:{free_port()}", "MS3_NUM_PROCESSES": "2",
+           "MS3_PROCESS_ID": str(present)}
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "ms3_jax.main", "--config=configs/pretrain.py:tiny",
+                           "--print_config"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert done.returncode == 1, done.stderr[-2000:]
+    expected = ("process(es) [1] of 2 did not reach the rendezvous" if present == 0 else
+                "process 1: process 0 did not answer at the rendezvous")
+    assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert elapsed < 60, elapsed  # start-up (imports) + the 3 s timeout
