@@ -5,10 +5,13 @@ its share of the global batch (`training.Trainer.global_batch`). Launchers: `lau
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import logging
 import os
 import socket
+import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -40,14 +43,15 @@ def _peer_timeout() -> float:
 
 
 def rendezvous(coordinator_address: str, num_processes: int, process_id: int,
-               timeout: float) -> None:
+               timeout: float) -> dict[int, socket.socket]:
     """All processes meet at the coordinator's port + 1 before `jax.distributed` starts.
 
     Process 0 listens and waits up to `timeout` s for every other process id; then it tells them
     to go on, or to stop, and raises `PeerError` naming the ids that never came. The others
     connect (retrying) and wait for that answer up to `timeout` s, else raise `PeerError`. Without
     it a missing process makes jax.distributed abort the others (SIGABRT, exit 134) after its
-    initialization_timeout, naming none.
+    initialization_timeout, naming none. Returns the open connections ({peer id: socket}: all
+    others on process 0, process 0 elsewhere) for `watch_peers`.
     """
     host, port = coordinator_address.rsplit(":", 1)
     address = (host, int(port) + 1)
@@ -80,13 +84,16 @@ def rendezvous(coordinator_address: str, num_processes: int, process_id: int,
                         conn.sendall(answer.encode())
                     except OSError:
                         pass
-            finally:
+            except BaseException:
                 for conn in peers.values():
                     conn.close()
+                raise
         if missing:
+            for conn in peers.values():
+                conn.close()
             raise PeerError(f"process(es) {missing} of {num_processes} did not reach {where}: "
                             "the job stops (did they start? the same MS3_COORDINATOR?)")
-        return
+        return peers
     while True:
         try:
             conn = socket.create_connection(address, timeout=2.0)
@@ -96,16 +103,57 @@ def rendezvous(coordinator_address: str, num_processes: int, process_id: int,
                 raise PeerError(f"process {process_id}: process 0 did not answer at {where}: the "
                                 "job stops (did it start? is the address right?)") from None
             time.sleep(0.2)
-    with conn:
-        conn.sendall(f"{process_id}".encode())
-        conn.settimeout(max(deadline - time.monotonic(), 1.0))
-        try:
-            answer = conn.recv(256).decode().strip()
-        except OSError:
-            answer = ""
+    conn.sendall(f"{process_id}".encode())
+    conn.settimeout(max(deadline - time.monotonic(), 1.0))
+    try:
+        answer = conn.recv(256).decode().strip()
+    except OSError:
+        answer = ""
     if answer != "go":
+        conn.close()
         raise PeerError(f"process {process_id}: process 0 stopped the job at {where}"
                         + (f" ({answer})" if answer else ": no answer"))
+    return {0: conn}
+
+
+_BYE = b"bye"
+PEER_LOST_EXIT_CODE = 1
+
+
+def watch_peers(connections: dict[int, socket.socket], process_id: int) -> None:
+    """Keep the rendezvous connections open for the life of the process: one that closes without
+    a goodbye (its process was killed or crashed) ends this process at once with exit code 1,
+    naming it -- before XLA's heartbeat would abort it (134). Process 0 watches every other
+    process, the others watch process 0, so a death anywhere reaches all. At a normal exit (any
+    code: done, preempted, error) `atexit` says goodbye first."""
+
+    def watch(peer: int, conn: socket.socket) -> None:
+        conn.settimeout(None)
+        try:
+            data = conn.recv(16)
+        except OSError:
+            data = b""
+        if data.startswith(_BYE):
+            return
+        message = (f"error: process {peer} of the job is gone (killed or crashed: its connection "
+                   f"to process {process_id} closed without a goodbye); process {process_id} "
+                   f"stops too, exit code {PEER_LOST_EXIT_CODE}")
+        logging.error("%s", message)
+        print(message, file=sys.stderr, flush=True)
+        os._exit(PEER_LOST_EXIT_CODE)
+
+    def goodbye() -> None:
+        for conn in connections.values():
+            try:
+                conn.sendall(_BYE)
+                conn.close()
+            except OSError:
+                pass
+
+    atexit.register(goodbye)
+    for peer, conn in connections.items():
+        threading.Thread(target=watch, args=(peer, conn), daemon=True,
+                         name=f"ms3-watch-process-{peer}").start()
 
 
 def _auto_detectable() -> bool:
@@ -145,9 +193,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         if num_processes == 1:
             return False
         timeout = _peer_timeout()
-        rendezvous(coordinator_address, num_processes, process_id, timeout)
+        connections = rendezvous(coordinator_address, num_processes, process_id, timeout)
         kwargs.setdefault("initialization_timeout", int(timeout))
         jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
+        watch_peers(connections, process_id)
     elif _auto_detectable():
         jax.distributed.initialize(**kwargs)
     else:
