@@ -127,13 +127,15 @@ def watch_peers(connections: dict[int, socket.socket], process_id: int) -> None:
     process, the others watch process 0, so a death anywhere reaches all. At a normal exit (any
     code: done, preempted, error) `atexit` says goodbye first."""
 
+    exiting = threading.Event()
+
     def watch(peer: int, conn: socket.socket) -> None:
         conn.settimeout(None)
         try:
             data = conn.recv(16)
         except OSError:
             data = b""
-        if data.startswith(_BYE):
+        if data.startswith(_BYE) or exiting.is_set():  # the peer, or this process, is exiting
             return
         message = (f"error: process {peer} of the job is gone (killed or crashed: its connection "
                    f"to process {process_id} closed without a goodbye); process {process_id} "
@@ -143,10 +145,10 @@ def watch_peers(connections: dict[int, socket.socket], process_id: int) -> None:
         os._exit(PEER_LOST_EXIT_CODE)
 
     def goodbye() -> None:
+        exiting.set()  # before anything can wake a watcher of this process
         for conn in connections.values():
             try:
-                conn.sendall(_BYE)
-                conn.close()
+                conn.sendall(_BYE)  # the socket closes with the process
             except OSError:
                 pass
 
