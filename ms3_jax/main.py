@@ -11,10 +11,10 @@ the resolved config and exits.
 Exit codes: 0 done; 75 preempted -- SIGTERM / SIGINT saved a checkpoint (state + data iterator),
 relaunch the same command to resume exactly (`loop.PREEMPTED_EXIT_CODE`); SIGTERM outside the
 training loop (start-up, compiling, evaluation, final outputs) also exits 75, saving nothing new;
-2 a usage error (bad
-config value, missing file or data, a workdir another run holds (`workdir_lock`): one line on
-stderr, the traceback with `--verbose`); 1 any other error (non-finite loss, a bug, ...), with
-its traceback.
+2 a usage error (bad config value, missing file or data, a workdir another run holds
+(`workdir_lock`): one line on stderr, the traceback with `--verbose`); 1 any other error
+(non-finite loss, a bug, a process of the job missing or dead (`sharding.rendezvous`,
+`sharding.watch_peers`), ...), with its traceback or a named one-line error.
 
 Long CPU runs: MS3_HOST_MALLOC=reuse makes glibc keep freed pages for reuse (20-25 % faster
 steps; `host_memory`).
