@@ -50,6 +50,16 @@ _TOKENIZER_JSON = "tokenizer.json"
 
 # --- Config -----------------------------------------------------------------------------------
 
+def check_block_shape(config: Any) -> None:
+    """The transformer-block fields a text or vision config shares (`ResidualBlock`): heads
+    divide the width, the activation is supported."""
+    if config.width % config.num_heads:
+        raise ValueError(f"width {config.width} is not divisible by num_heads {config.num_heads}")
+    if config.hidden_act not in _ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; "
+                         f"expected one of {sorted(_ACTIVATIONS)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
     """Shape of the CLIP text tower (defaults: OpenAI ViT-B/32, whose text embeddings are 512-d).
@@ -70,11 +80,7 @@ class CLIPTextConfig:
     mlp_dim: int = 2048
 
     def __post_init__(self):
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; "
-                             f"expected one of {sorted(_ACTIVATIONS)}")
+        check_block_shape(self)
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> "CLIPTextConfig":

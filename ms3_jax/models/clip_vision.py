@@ -70,13 +70,9 @@ class CLIPVisionConfig:
     num_channels: int = 3
 
     def __post_init__(self):
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        ct.check_block_shape(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.hidden_act not in ct._ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; "
-                             f"expected one of {sorted(ct._ACTIVATIONS)}")
 
     @property
     def grid_size(self) -> int:
