@@ -4,8 +4,10 @@
 #   TPU_NAME=ms3 ZONE=us-central2-b ACCELERATOR=v4-32 WORKDIR=gs://BUCKET/ms3_pretrain \
 #   DATA_DIR=gs://BUCKET/tfds launch/tpu_vm_pod.sh [--config.batch_size=256 ...]
 #
-# One process per TPU VM worker; JAX finds the pod from the TPU metadata, so no MS3_* variables
-# are needed (ms3_jax.sharding.initialize_distributed calls jax.distributed.initialize()).
+# One process per TPU VM worker; JAX's cluster detection reads the pod from the TPU metadata, so
+# no MS3_* variables are needed (ms3_jax.sharding.initialize_distributed). The workers first meet
+# at worker 0 on the coordinator's port + 1 (8483; JAX_COORDINATOR_PORT moves both): a missing or
+# dead worker ends the others with exit 1, naming it.
 # WORKDIR and DATA_DIR must be visible to every worker (a GCS bucket). Skip creation with CREATE=0.
 set -euo pipefail
 

@@ -1,7 +1,8 @@
 """Multi-host setup: start `jax.distributed`, one 'data' mesh over every device of every process.
 
-One process per host (TPU VM worker, SLURM node, or a local CPU process in tests); each feeds
-its share of the global batch (`training.Trainer.global_batch`). Launchers: `launch/`.
+One process per host (TPU VM worker, SLURM node, or a local CPU process in tests), or per GPU
+under a bare `srun` (JAX's SLURM model); each feeds its share of the global batch
+(`training.Trainer.global_batch`). Launchers: `launch/`.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def rendezvous(coordinator_address: str, num_processes: int, process_id: int,
             for conn in peers.values():
                 conn.close()
             raise PeerError(f"process(es) {missing} of {num_processes} did not reach {where}: "
-                            "the job stops (did they start? the same MS3_COORDINATOR?)")
+                            "the job stops (did they start? with the same coordinator address?)")
         return peers
     while True:
         try:
@@ -166,17 +167,44 @@ def _auto_detectable() -> bool:
                 or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
+def _env_local_device_ids() -> list[int] | None:
+    value = os.environ.get("JAX_LOCAL_DEVICE_IDS", "")
+    return [int(i) for i in value.split(",")] if value else None
+
+
+def detected_cluster(timeout: float) -> tuple[str, int, int, list[int] | None]:
+    """(coordinator address, number of processes, process id, local device ids) from JAX's own
+    cluster detection -- what a bare `jax.distributed.initialize()` would use. SLURM: one process
+    per GPU (device `SLURM_LOCALID`), coordinator on the step's first node; Cloud TPU: one process
+    per VM worker, from the TPU metadata. `JAX_COORDINATOR_ADDRESS`, `JAX_COORDINATOR_PORT` and
+    `JAX_LOCAL_DEVICE_IDS` override, as in JAX."""
+    # jax.distributed.initialize's detection; no public API returns its values.
+    from jax._src import clusters
+    coordinator, count, process_id, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        os.environ.get("JAX_COORDINATOR_ADDRESS") or None, None, None, _env_local_device_ids(),
+        None, int(timeout))
+    if None in (coordinator, count, process_id):
+        raise PeerError(
+            f"this looks like a cluster (SLURM_NTASKS={os.environ.get('SLURM_NTASKS')!r}, or a "
+            f"Cloud TPU VM) but JAX's cluster detection gave coordinator {coordinator!r}, "
+            f"{count!r} processes, process id {process_id!r}: launch with srun / the TPU "
+            f"launcher, or set {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}")
+    return coordinator, int(count), int(process_id), None if local is None else list(local)
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, **kwargs: Any) -> bool:
     """Call `jax.distributed.initialize` when this is one of several processes; True if it did.
 
     Explicit when the three values are given (arguments, else env `MS3_COORDINATOR`,
-    `MS3_NUM_PROCESSES`, `MS3_PROCESS_ID`); with no arguments when JAX can detect the cluster
-    (SLURM with `SLURM_NTASKS` > 1, Cloud TPU). A single process does nothing. Idempotent. With
-    the three values the processes first meet (`rendezvous`; `MS3_PEER_TIMEOUT` s, default 300):
-    a missing one is a `PeerError` naming it.
+    `MS3_NUM_PROCESSES`, `MS3_PROCESS_ID`): one process per host, driving all its devices (even
+    inside a SLURM step, whose detection would give each process one GPU). Else from JAX's cluster
+    detection (`detected_cluster`) when this is a multi-task SLURM step or a Cloud TPU VM. A single
+    process does nothing. Idempotent. Either way the processes first meet (`rendezvous`;
+    `MS3_PEER_TIMEOUT` s, default 300): a missing one is a `PeerError` naming it; then they stay
+    connected (`watch_peers`): one that dies ends the others with exit code 1, naming it.
     Must run before anything touches the JAX backend. `kwargs` go to `jax.distributed.initialize`
-    (e.g. `heartbeat_timeout_seconds`: how soon the others fail when one process dies).
+    (e.g. `heartbeat_timeout_seconds`).
     """
     if jax.distributed.is_initialized():
         return True
@@ -191,19 +219,27 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         raise ValueError(f"multi-process needs all of coordinator_address ({ENV_COORDINATOR}), "
                          f"num_processes ({ENV_NUM_PROCESSES}) and process_id ({ENV_PROCESS_ID}); "
                          f"got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
-    if all(given):
-        if num_processes == 1:
-            return False
-        timeout = _peer_timeout()
-        connections = rendezvous(coordinator_address, num_processes, process_id, timeout)
-        kwargs.setdefault("initialization_timeout", int(timeout))
-        jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
-        watch_peers(connections, process_id)
-    elif _auto_detectable():
-        jax.distributed.initialize(**kwargs)
-    else:
+    if not all(given) and not _auto_detectable():
         return False
-    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    timeout = _peer_timeout()
+    local_device_ids = _env_local_device_ids()
+    source = "explicit"
+    if not all(given):
+        coordinator_address, num_processes, process_id, local_device_ids = detected_cluster(timeout)
+        source = "JAX's cluster detection"
+    if num_processes == 1:
+        return False
+    connections = rendezvous(coordinator_address, num_processes, process_id, timeout)
+    kwargs.setdefault("initialization_timeout", int(timeout))
+    # Detection is done (or the values are explicit): JAX must not redo it, which inside a SLURM
+    # step would narrow an explicit process to the GPU `SLURM_LOCALID`.
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               local_device_ids=local_device_ids,
+                               cluster_detection_method="deactivate", **kwargs)
+    watch_peers(connections, process_id)
+    logging.info("jax.distributed: process %d of %d, coordinator %s (%s), %d local devices",
+                 jax.process_index(), jax.process_count(), coordinator_address, source,
+                 jax.local_device_count())
     if platform_of(jax.devices()) == "cpu":
         _build_cpu_communicator()
     return True

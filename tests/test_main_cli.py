@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from ms3_jax import main as main_module
+from tests.test_multihost import free_port
 from tests.test_reliability import ROOT, subprocess_env
 
 
@@ -77,6 +78,16 @@ def test_print_config_from_another_directory_and_usage_error_exit_code(tmp_path)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
+def port_is_free(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _fake(path, body):
     path.write_text("#!/usr/bin/env bash\n" + body)
     path.chmod(0o755)
@@ -96,21 +107,52 @@ def test_local_launcher_passes_the_exit_code_contract(tmp_path, codes, expected)
     assert done.returncode == expected, done.stderr
 
 
+def _slurm_job(tmp_path, srun_body: str, job_id: int = 123):
+    """launch/slurm_gpu.sbatch inside a simulated 2-node job: `srun` and `scontrol` are fakes (the
+    node list expands to localhost and node2; `scontrol requeue` is recorded)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    _fake(bin_dir / "srun", srun_body)
+    _fake(bin_dir / "scontrol", 'if [[ "$1 $2" == "show hostnames" ]]; then printf "localhost\\nnode2\\n"; '
+          f'else echo "$@" > {tmp_path / "scontrol.args"}; fi\n')
+    path = f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
+    return subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch"), "--config=configs/pretrain.py:tiny",
+         "--print_config"],
+        env={**subprocess_env(devices=4), "PATH": path, "SLURM_JOB_ID": str(job_id),
+             "SLURM_JOB_NODELIST": "localhost,node2", "SLURM_NNODES": "2",
+             "SLURM_SUBMIT_DIR": ROOT}, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("rc", [0, 75, 1])
 def test_slurm_script_requeues_on_75(tmp_path, rc):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _fake(bin_dir / "srun", f"exit {rc}\n")
-    _fake(bin_dir / "scontrol", f'echo "$@" > {tmp_path / "scontrol.args"}\n')
-    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch"), "--config=x"],
-                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-                               "SLURM_JOB_ID": "123", "SLURM_SUBMIT_DIR": str(tmp_path)},
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == rc
+    done = _slurm_job(tmp_path, f"exit {rc}\n")
+    assert done.returncode == rc, done.stderr
     requeued = (tmp_path / "scontrol.args").exists()
     assert requeued == (rc == 75)
     if requeued:
         assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "123"]
+
+
+def test_slurm_script_runs_one_process_per_node_on_all_its_devices(tmp_path):
+    """The script's own variables (MS3_COORDINATOR on the first node, MS3_PROCESS_ID per task)
+    start a 2-process job whose processes each drive all their local devices; srun's tasks are
+    run here as local processes."""
+    srun = ('while [[ "$1" == --* ]]; do shift; done\n'  # srun's options
+            'pids=(); for ((i = 0; i < SLURM_NNODES; i++)); do\n'
+            f'  SLURM_PROCID=$i SLURM_LOCALID=0 "$@" > {tmp_path}/task_$i.log 2>&1 & pids+=($!)\n'
+            'done\nrc=0; for p in "${pids[@]}"; do wait $p; r=$?; (( r > rc )) && rc=$r; done\n'
+            'exit $rc\n')
+    while True:  # a job id whose coordinator port (20000 + id % 20000) and the next are free
+        port = free_port()
+        if 20000 <= port < 39999 and port_is_free(port + 1):
+            break
+    done = _slurm_job(tmp_path, srun, job_id=port - 20000)
+    logs = [(tmp_path / f"task_{i}.log").read_text() for i in range(2)]
+    assert done.returncode == 0, done.stderr + "\n".join(log[-2000:] for log in logs)
+    for i, log in enumerate(logs):
+        assert (f"jax.distributed: process {i} of 2, coordinator localhost:{port} (explicit), "
+                "4 local devices") in log, log[-2000:]
 
 
 def test_second_run_on_a_workdir_stops_naming_the_first(tmp_path):

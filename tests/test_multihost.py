@@ -45,8 +45,16 @@ def make_config(data_dir: str, text_path: str):
     return config
 
 
-def spawn(args: dict, process_id: int) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+def slurm_step_env(process_id: int, coordinator_port: int) -> dict:
+    """A simulated 2-task SLURM step on this host, as srun sets it (JAX_COORDINATOR_PORT moves
+    JAX's port, derived from the job id, to a free one)."""
+    return {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+            "SLURM_PROCID": str(process_id), "SLURM_LOCALID": str(process_id),
+            "JAX_COORDINATOR_PORT": str(coordinator_port)}
+
+
+def spawn(args: dict, process_id: int, extra_env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, **(extra_env or {}), "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
                                         "--xla_cpu_collective_timeout_seconds=600",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,  # conftest's compilation cache
            "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "ms3_jax_test_xla_cache"),
@@ -60,10 +68,17 @@ def worker(args: dict) -> None:
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_x64", True)
-    sharding.initialize_distributed(args["coordinator"], 2, args["process_id"],
-                                    heartbeat_timeout_seconds=args["heartbeat"])
+    if args["coordinator"]:
+        sharding.initialize_distributed(args["coordinator"], 2, args["process_id"],
+                                        heartbeat_timeout_seconds=args["heartbeat"])
+    else:  # from the environment: MS3_* or a (simulated) SLURM step
+        sharding.initialize_distributed(heartbeat_timeout_seconds=args["heartbeat"])
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
-    print("initialised", flush=True)
+    assert jax.process_index() == args["process_id"]
+    from jax._src import xla_bridge  # the GPUs this process drives (JAX's flag; 'all' by default)
+    print("initialised; visible GPUs:", xla_bridge.CUDA_VISIBLE_DEVICES.value, flush=True)
+    if args["mode"] == "exit":
+        return
     if args["mode"] == "wait":  # keep talking to the peer until it disappears
         from jax.experimental import multihost_utils
         for i in range(600):
@@ -199,18 +214,29 @@ def test_two_processes_train_like_one_and_resume_across_layouts(tmp_path):
     assert (wd / "relations.txt").exists()
 
 
-@pytest.mark.parametrize("killed", [1, 0])
-def test_dead_peer_fails_the_other_process_fast(killed):
+def wait_until_initialised(proc: subprocess.Popen) -> str:
+    line = proc.stdout.readline()
+    while line and "initialised" not in line:
+        line = proc.stdout.readline()
+    assert line, proc.communicate()[0][-3000:]
+    return line.strip()
+
+
+@pytest.mark.parametrize("killed, launch", [(1, "explicit"), (0, "explicit"), (0, "slurm")])
+def test_dead_peer_fails_the_other_process_fast(killed, launch):
     """kill -9 of either process: the other ends with exit code 1 within seconds, naming it
-    (`sharding.watch_peers`; the heartbeat is set to 60 s, so XLA's abort is not what ends it)."""
-    args = {"mode": "wait", "coordinator": f"127.0.0.1:{free_port()}", "heartbeat": 60}
-    procs = [spawn(args, i) for i in range(2)]
+    (`sharding.watch_peers`; the heartbeat is set to 60 s, so XLA's abort is not what ends it).
+    Also in a SLURM step found by JAX's cluster detection (launch 'slurm', no MS3_*)."""
+    if launch == "explicit":
+        args, envs = {"coordinator": f"127.0.0.1:{free_port()}"}, [None, None]
+    else:
+        port = free_port()
+        args, envs = {"coordinator": None}, [slurm_step_env(i, port) for i in range(2)]
+    args.update(mode="wait", heartbeat=60)
+    procs = [spawn(args, i, envs[i]) for i in range(2)]
     try:
         for p in procs:  # both past initialize
-            line = p.stdout.readline()
-            while line and "initialised" not in line:
-                line = p.stdout.readline()
-            assert line, p.communicate()[0][-3000:]
+            wait_until_initialised(p)
         procs[killed].send_signal(signal.SIGKILL)
         t0 = time.perf_counter()
         survivor = procs[1 - killed]
@@ -225,6 +251,32 @@ def test_dead_peer_fails_the_other_process_fast(killed):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+@pytest.mark.parametrize("launch", ["explicit", "slurm"])
+def test_the_gpus_a_process_drives_inside_a_slurm_step(launch):
+    """In a SLURM step JAX's detection gives process i the GPU SLURM_LOCALID only (one process per
+    GPU, a bare `srun`); MS3_* (launch/slurm_gpu.sbatch: one process per node) must keep all
+    of them, which a bare `jax.distributed.initialize` in a SLURM step did not."""
+    port = free_port()
+    envs = [slurm_step_env(i, port) for i in range(2)]
+    if launch == "explicit":
+        coordinator = f"127.0.0.1:{free_port()}"
+        for i, env in enumerate(envs):
+            env.update(MS3_COORDINATOR=coordinator, MS3_NUM_PROCESSES="2", MS3_PROCESS_ID=str(i))
+    procs = [spawn({"coordinator": None, "mode": "exit", "heartbeat": 60}, i, envs[i])
+             for i in range(2)]
+    try:
+        lines = [wait_until_initialised(p) for p in procs]
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    expected = ["all", "all"] if launch == "explicit" else ["0", "1"]
+    assert [line.rsplit(" ", 1)[1] for line in lines] == expected, lines
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
 
 
 def test_check_global_batch_names_the_numbers():
@@ -248,17 +300,29 @@ def test_single_process_does_not_initialize(monkeypatch):
     assert mesh.axis_names == ("data",) and mesh.devices.size == 8
 
 
-if __name__ == "__main__":
-    worker(json.loads(sys.argv[1]))
+def test_an_incomplete_cluster_environment_is_named(monkeypatch):
+    """SLURM_NTASKS > 1 outside an srun step (no SLURM_JOB_ID, node list, task id): an error
+    naming what JAX's detection found, not a 300 s wait for a coordinator at None."""
+    for k in ("MS3_COORDINATOR", "MS3_NUM_PROCESSES", "MS3_PROCESS_ID", "SLURM_JOB_ID",
+              "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(sharding.PeerError, match=r"SLURM_NTASKS='2'.*gave coordinator None, None "
+                       r"processes, process id None.*MS3_COORDINATOR"):
+        sharding.initialize_distributed()
 
 
-@pytest.mark.parametrize("present", [0, 1])
-def test_a_missing_process_is_named_and_the_job_exits_1(present):
+@pytest.mark.parametrize("present, launch", [(0, "explicit"), (1, "explicit"), (0, "slurm")])
+def test_a_missing_process_is_named_and_the_job_exits_1(present, launch):
     """MS3_PEER_TIMEOUT: the process that came ends with exit code 1 within the timeout, naming
-    the one that did not (jax.distributed alone aborted with 134 after 300 s, naming none)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "MS3_PEER_TIMEOUT": "3",
-           "MS3_COORDINATOR": f"127.0.0.1:{free_port()}", "MS3_NUM_PROCESSES": "2",
-           "MS3_PROCESS_ID": str(present)}
+    the one that did not (jax.distributed alone aborted with 134 after 300 s, naming none). Also
+    in a SLURM step found by JAX's cluster detection (no MS3_*)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "MS3_PEER_TIMEOUT": "3"}
+    if launch == "explicit":
+        env.update(MS3_COORDINATOR=f"127.0.0.1:{free_port()}", MS3_NUM_PROCESSES="2",
+                   MS3_PROCESS_ID=str(present))
+    else:
+        env.update(slurm_step_env(present, free_port()))
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "ms3_jax.main", "--config=configs/pretrain.py:tiny",
                            "--print_config"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -269,3 +333,7 @@ def test_a_missing_process_is_named_and_the_job_exits_1(present):
                 "process 1: process 0 did not answer at the rendezvous")
     assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert elapsed < 60, elapsed  # start-up (imports) + the 3 s timeout
+
+
+if __name__ == "__main__":
+    worker(json.loads(sys.argv[1]))
