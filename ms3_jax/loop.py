@@ -9,7 +9,7 @@ Preemption: while `run` runs, SIGTERM and SIGINT (Ctrl-C) only set a flag (a sec
 interrupts at once). The step in flight finishes, the state and the data iterator are saved,
 the save is waited for, and `Preempted` is raised ("preempted at step N, checkpoint saved"; a
 signal during the last step just lets the run end); `main.py` turns it into exit code 75
-(`PREEMPTED_EXIT_CODE`, EX_TEMPFAIL: relaunch the same command to resume). With several processes the signal may reach them at different steps, so
+(`exit_codes.PREEMPTED`, EX_TEMPFAIL: relaunch the same command to resume). With several processes the signal may reach them at different steps, so
 they agree at every log / checkpoint boundary (an all-gather of the flags, only when
 `jax.process_count() > 1`) and all stop at the first boundary after any of them was signalled.
 A kill -9 cannot be caught: orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp` and
@@ -38,7 +38,6 @@ from tensorboardX import SummaryWriter
 from ms3_jax import checkpointing, nonfinite
 from ms3_jax.data import pipeline as data_pipeline
 
-PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, retry"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 

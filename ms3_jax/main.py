@@ -9,12 +9,14 @@ runs from (so `--config=configs/demo.py` works from anywhere in a clone); `--pri
 the resolved config and exits.
 
 Exit codes: 0 done; 75 preempted -- SIGTERM / SIGINT saved a checkpoint (state + data iterator),
-relaunch the same command to resume exactly (`loop.PREEMPTED_EXIT_CODE`); SIGTERM outside the
+relaunch the same command to resume exactly (`exit_codes`); SIGTERM outside the
 training loop (start-up, compiling, evaluation, final outputs) also exits 75, saving nothing new;
 2 a usage error (bad config value, missing file or data, a workdir another run holds
 (`workdir_lock`): one line on stderr, the traceback with `--verbose`); 1 any other error
 (non-finite loss, a bug, a process of the job missing or dead (`sharding.rendezvous`,
-`sharding.watch_peers`), ...), with its traceback or a named one-line error.
+`sharding.watch_peers`), ...), with its traceback or a named one-line error. A process that
+stops makes the others stop too: at once when it died, with its code (75 for a preemption,
+else 1) when it exited and they do not follow within `MS3_PEER_EXIT_GRACE` s (default 60).
 
 Long CPU runs: MS3_HOST_MALLOC=reuse makes glibc keep freed pages for reuse (20-25 % faster
 steps; `host_memory`).
@@ -34,10 +36,9 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ms3_jax import (config_paths, demo, finetune, host_memory, loop, pretrain, sharding, text_adapt,
+from ms3_jax import (config_paths, demo, exit_codes, finetune, host_memory, loop, pretrain, sharding, text_adapt,
                      workdir_lock)
 
-USAGE_EXIT_CODE = 2
 # Raised for what the user can fix (config values, paths, data); anything else is exit code 1.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                workdir_lock.WorkdirInUse)
@@ -97,9 +98,9 @@ def main(argv: list[str]) -> None:
         with workdir_lock.hold(workdir):  # one run per workdir
             _dispatch(config, workdir)
     except (loop.Preempted, loop.StoppedOutsideLoop) as e:
-        logging.warning("%s; exit code %d", e, loop.PREEMPTED_EXIT_CODE)
+        logging.warning("%s; exit code %d", e, exit_codes.PREEMPTED)
         logging.flush()
-        sys.exit(loop.PREEMPTED_EXIT_CODE)
+        sys.exit(exit_codes.PREEMPTED)
     except demo.NoBetterThanChance as e:
         logging.error("%s", e)
         logging.flush()
@@ -108,9 +109,9 @@ def main(argv: list[str]) -> None:
         if _VERBOSE.value:
             raise
         logging.flush()
-        print(f"error: {e}\n(exit code {USAGE_EXIT_CODE}; --verbose shows the traceback)",
+        print(f"error: {e}\n(exit code {exit_codes.USAGE}; --verbose shows the traceback)",
               file=sys.stderr)
-        sys.exit(USAGE_EXIT_CODE)
+        sys.exit(exit_codes.USAGE)
 
 
 def _dispatch(config: Any, workdir: str) -> None:
@@ -127,4 +128,11 @@ def _dispatch(config: Any, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, argv=resolve_config_argv(sys.argv))
+    try:
+        app.run(main, argv=resolve_config_argv(sys.argv))
+    except SystemExit as e:  # the code the other processes of the job are told (`sharding`)
+        sharding.exiting_with(e.code)
+        raise
+    except BaseException:
+        sharding.exiting_with(exit_codes.ERROR)
+        raise

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ms3_jax import exit_codes
+
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "MS3_COORDINATOR", "MS3_NUM_PROCESSES", "MS3_PROCESS_ID"
 # Seconds the processes of a job wait for each other at start-up (`rendezvous`); also
 # jax.distributed's initialization_timeout.
@@ -32,15 +34,15 @@ class PeerError(RuntimeError):
     (`rendezvous`): the job stops, naming which."""
 
 
-def _peer_timeout() -> float:
-    value = os.environ.get(ENV_PEER_TIMEOUT, "")
+def _positive_seconds(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
     try:
-        timeout = float(value) if value else DEFAULT_PEER_TIMEOUT
+        seconds = float(value) if value else default
     except ValueError:
-        raise ValueError(f"{ENV_PEER_TIMEOUT}={value!r} is not a number of seconds") from None
-    if timeout <= 0:
-        raise ValueError(f"{ENV_PEER_TIMEOUT}={value!r} must be > 0 seconds")
-    return timeout
+        raise ValueError(f"{name}={value!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise ValueError(f"{name}={value!r} must be > 0 seconds")
+    return seconds
 
 
 def rendezvous(coordinator_address: str, num_processes: int, process_id: int,
@@ -117,41 +119,102 @@ def rendezvous(coordinator_address: str, num_processes: int, process_id: int,
     return {0: conn}
 
 
-_BYE = b"bye"
-PEER_LOST_EXIT_CODE = 1
+# Seconds the others give a process that stopped with an error or a preemption to be followed by
+# their own exit (a preemption stops every process at the same step, within seconds) before
+# they stop too.
+ENV_PEER_EXIT_GRACE, DEFAULT_PEER_EXIT_GRACE = "MS3_PEER_EXIT_GRACE", 60.0
+_GONE = -1  # the code a goodbye relays for a process that died without one
+_exit_code: int | None = None
+
+
+def exiting_with(code: Any) -> None:
+    """Record the exit code this process is leaving with (`sys.exit`'s argument: None is 0, a
+    message 1), for the goodbye `watch_peers` sends. Without it an uncaught exception reads as
+    1 and anything else as 0."""
+    global _exit_code
+    _exit_code = 0 if code is None else code if isinstance(code, int) else 1
+
+
+def _own_exit_code() -> int:
+    if _exit_code is not None:
+        return _exit_code
+    return 1 if getattr(sys, "last_value", None) is not None else 0
 
 
 def watch_peers(connections: dict[int, socket.socket], process_id: int) -> None:
-    """Keep the rendezvous connections open for the life of the process: one that closes without
-    a goodbye (its process was killed or crashed) ends this process at once with exit code 1,
-    naming it -- before XLA's heartbeat would abort it (134). Process 0 watches every other
-    process, the others watch process 0, so a death anywhere reaches all. At a normal exit (any
-    code: done, preempted, error) `atexit` says goodbye first."""
-
+    """Keep the rendezvous connections open for the life of the process, so that no process
+    outlives the job (XLA would abort it, 134, after its heartbeat timeout, naming nobody; or it
+    would wait in a collective). Process 0 watches every other process and relays what it sees;
+    the others watch process 0. At exit `atexit` says goodbye with the exit code
+    (`exiting_with`). What the others do:
+    - code 0 (done): nothing.
+    - a connection closed without a goodbye (killed, crashed): stop at once, exit code 1.
+    - another code (an error; 75, preempted): wait up to `MS3_PEER_EXIT_GRACE` s (default 60)
+      for this process to end by itself (a preemption stops all at one step), then stop with
+      75 for a preemption, else 1.
+    Stopping names the process it started from and tells the others, which stop at once."""
+    grace = _positive_seconds(ENV_PEER_EXIT_GRACE, DEFAULT_PEER_EXIT_GRACE)
     exiting = threading.Event()
+    stop_lock = threading.Lock()
+
+    def say_goodbye(code: int, origin: int, skip: int | None = None) -> None:
+        for peer, conn in connections.items():
+            if peer != skip:
+                try:
+                    conn.sendall(f"bye {code} {origin}\n".encode())  # closes with the process
+                except OSError:
+                    pass
+
+    def stop(code: int, origin: int, sender: int) -> None:
+        with stop_lock:  # held until os._exit: `goodbye` of the main thread waits behind it
+            if exiting.is_set():
+                return
+            exiting.set()
+            exit_code = exit_codes.PREEMPTED if code == exit_codes.PREEMPTED else exit_codes.ERROR
+            what = ("is gone (killed or crashed: its connection closed without a goodbye)"
+                    if code == _GONE else "was preempted (exit code 75)"
+                    if code == exit_codes.PREEMPTED else f"stopped with exit code {code}")
+            message = (f"error: process {origin} of the job {what}; process {process_id} stops "
+                       f"too, exit code {exit_code}")
+            logging.error("%s", message)
+            print(message, file=sys.stderr, flush=True)
+            say_goodbye(code, origin, skip=sender)
+            if code != _GONE:
+                # The process that exited waits in jax.distributed's shutdown barrier, and aborts
+                # (134) if this process leaves without joining it.
+                shutdown = threading.Thread(target=jax.distributed.shutdown, daemon=True)
+                shutdown.start()
+                shutdown.join(grace)
+            os._exit(exit_code)
 
     def watch(peer: int, conn: socket.socket) -> None:
         conn.settimeout(None)
+        data = b""
         try:
-            data = conn.recv(16)
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(64)
+                if not chunk:
+                    break
+                data += chunk
         except OSError:
-            data = b""
-        if data.startswith(_BYE) or exiting.is_set():  # the peer, or this process, is exiting
+            pass
+        if exiting.is_set():  # this process is exiting: whatever the peer does is its echo
             return
-        message = (f"error: process {peer} of the job is gone (killed or crashed: its connection "
-                   f"to process {process_id} closed without a goodbye); process {process_id} "
-                   f"stops too, exit code {PEER_LOST_EXIT_CODE}")
-        logging.error("%s", message)
-        print(message, file=sys.stderr, flush=True)
-        os._exit(PEER_LOST_EXIT_CODE)
+        try:
+            _, code, origin = data.decode().split()
+            code, origin = int(code), int(origin)
+        except ValueError:  # closed without a (whole) goodbye
+            code, origin = _GONE, peer
+        if code == 0:
+            return
+        if code != _GONE and origin == peer and exiting.wait(grace):
+            return  # this process ended by itself within the grace
+        stop(code, origin, peer)
 
     def goodbye() -> None:
-        exiting.set()  # before anything can wake a watcher of this process
-        for conn in connections.values():
-            try:
-                conn.sendall(_BYE)  # the socket closes with the process
-            except OSError:
-                pass
+        with stop_lock:  # a watcher stopping this process ends it with the job's exit code
+            exiting.set()  # before anything can wake a watcher of this process
+            say_goodbye(_own_exit_code(), process_id)
 
     atexit.register(goodbye)
     for peer, conn in connections.items():
@@ -221,7 +284,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                          f"got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
     if not all(given) and not _auto_detectable():
         return False
-    timeout = _peer_timeout()
+    timeout = _positive_seconds(ENV_PEER_TIMEOUT, DEFAULT_PEER_TIMEOUT)
     local_device_ids = _env_local_device_ids()
     source = "explicit"
     if not all(given):
@@ -231,6 +294,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         return False
     connections = rendezvous(coordinator_address, num_processes, process_id, timeout)
     kwargs.setdefault("initialization_timeout", int(timeout))
+    # JAX's preemption service installs a C++ SIGTERM handler that swallows the signal (for
+    # `multihost_utils.reached_preemption_sync_point`, unused: `loop` agrees on the step itself),
+    # so a SIGTERM before `loop` takes the signal would not give exit code 75.
+    jax.config.update("jax_enable_preemption_service", False)
     # Detection is done (or the values are explicit): JAX must not redo it, which inside a SLURM
     # step would narrow an explicit process to the GPU `SLURM_LOCALID`.
     jax.distributed.initialize(coordinator_address, num_processes, process_id,

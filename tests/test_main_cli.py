@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ms3_jax import main as main_module
+from ms3_jax import exit_codes, main as main_module
 from tests.test_multihost import free_port
 from tests.test_reliability import ROOT, subprocess_env
 
@@ -71,7 +71,7 @@ def test_print_config_from_another_directory_and_usage_error_exit_code(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "tau: 0.5" in done.stdout and "synth_a" in done.stdout
     bad = _main(["--config=configs/pretrain.py:tiny", f"--workdir={tmp_path / 'w'}"], cwd=tmp_path)
-    assert bad.returncode == main_module.USAGE_EXIT_CODE
+    assert bad.returncode == exit_codes.USAGE
     assert "error: text.embeddings is unset" in bad.stderr and "Traceback" not in bad.stderr
     verbose = _main(["--config=configs/pretrain.py:tiny", f"--workdir={tmp_path / 'w'}",
                      "--verbose"], cwd=tmp_path)
@@ -166,7 +166,7 @@ def test_second_run_on_a_workdir_stops_naming_the_first(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         bad = _main(["--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}"], cwd=tmp_path)
-        assert bad.returncode == main_module.USAGE_EXIT_CODE
+        assert bad.returncode == exit_codes.USAGE
         assert f"workdir {tmp_path} is in use by" in bad.stderr
         assert f'"pid": {holder.pid}' in bad.stderr
     finally:

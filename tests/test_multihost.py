@@ -68,17 +68,22 @@ def worker(args: dict) -> None:
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_x64", True)
+    n = args.get("num_processes", 2)
     if args["coordinator"]:
-        sharding.initialize_distributed(args["coordinator"], 2, args["process_id"],
+        sharding.initialize_distributed(args["coordinator"], n, args["process_id"],
                                         heartbeat_timeout_seconds=args["heartbeat"])
     else:  # from the environment: MS3_* or a (simulated) SLURM step
         sharding.initialize_distributed(heartbeat_timeout_seconds=args["heartbeat"])
-    assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+    assert jax.process_count() == n and jax.device_count() == 4 * n and jax.local_device_count() == 4
     assert jax.process_index() == args["process_id"]
     from jax._src import xla_bridge  # the GPUs this process drives (JAX's flag; 'all' by default)
     print("initialised; visible GPUs:", xla_bridge.CUDA_VISIBLE_DEVICES.value, flush=True)
     if args["mode"] == "exit":
         return
+    if args["mode"] == "raise":  # an error in this process alone
+        raise RuntimeError(f"an error in process {args['process_id']} alone")
+    if args["mode"] == "preempt":  # SIGTERM before the loop: exit 75 (ms3_jax.main)
+        sys.exit(75)
     if args["mode"] == "wait":  # keep talking to the peer until it disappears
         from jax.experimental import multihost_utils
         for i in range(600):
@@ -253,6 +258,92 @@ def test_dead_peer_fails_the_other_process_fast(killed, launch):
                 p.wait()
 
 
+@pytest.mark.parametrize("mode, code, stopper, n", [("raise", 1, 1, 2), ("preempt", 75, 1, 2),
+                                                    ("raise", 1, 0, 2), ("preempt", 75, 2, 3)])
+def test_a_process_that_stops_alone_stops_the_others_with_its_code(mode, code, stopper, n):
+    """Process `stopper` exits on its own (an error: 1; SIGTERM before the loop: 75) while the
+    others wait in collectives: they stop within MS3_PEER_EXIT_GRACE (3 s here) with 1 / 75,
+    naming it (process 0 tells the others), instead of waiting for XLA's timeouts; and it keeps
+    its own exit code (it waits in jax.distributed's shutdown barrier, which they join)."""
+    args = {"coordinator": f"127.0.0.1:{free_port()}", "heartbeat": 60, "num_processes": n}
+    grace = {"MS3_PEER_EXIT_GRACE": "3"}
+    procs = [spawn({**args, "mode": mode if i == stopper else "wait"}, i, grace) for i in range(n)]
+    others = [i for i in range(n) if i != stopper]
+    try:
+        wait_until_initialised(procs[others[0]])
+        t0 = time.perf_counter()
+        outs = {i: procs[i].communicate(timeout=120)[0] for i in others}
+        elapsed = time.perf_counter() - t0
+        procs[stopper].communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = [p.returncode for p in procs]
+    print(f"{mode} in process {stopper} of {n}: exit codes {codes}, the others within {elapsed:.1f} s")
+    assert codes == [code] * n, {i: out[-3000:] for i, out in outs.items()}
+    what = "was preempted (exit code 75)" if code == 75 else "stopped with exit code 1"
+    for i in others:
+        assert (f"process {stopper} of the job {what}; process {i} stops too, exit code {code}"
+                in outs[i]), outs[i][-3000:]
+    assert elapsed < 30, elapsed  # the stopper's start-up + the 3 s grace
+
+
+def test_sigterm_to_one_process_before_the_loop_ends_the_job_with_75(tmp_path):
+    """`python -m ms3_jax.main` on 2 processes: SIGTERM to process 1 just after start-up (75,
+    nothing saved) makes process 0 exit 75 too, naming it, within MS3_PEER_EXIT_GRACE."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
+           "MS3_COORDINATOR": f"127.0.0.1:{free_port()}", "MS3_NUM_PROCESSES": "2",
+           "MS3_PEER_EXIT_GRACE": "5"}
+    args = [sys.executable, "-m", "ms3_jax.main", "--config=configs/text_adapt.py:tiny",
+            f"--workdir={tmp_path / 'w'}", f"--config.data.data_dir={tmp_path / 'data'}",
+            f"--config.text.tiny_clip_dir={tmp_path / 'clip'}"]
+    procs = [subprocess.Popen(args, cwd=ROOT, env={**env, "MS3_PROCESS_ID": str(i)},
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        for line in procs[1].stderr:
+            if "jax.distributed: process 1 of 2" in line:
+                break
+        procs[1].send_signal(signal.SIGTERM)
+        t0 = time.perf_counter()
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+        elapsed = time.perf_counter() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    print(f"exit codes {[p.returncode for p in procs]}, {elapsed:.1f} s after the SIGTERM")
+    assert [p.returncode for p in procs] == [75, 75], [e[-2000:] for e in errs]
+    assert ("process 1 of the job was preempted (exit code 75); process 0 stops too, exit code "
+            "75") in errs[0], errs[0][-2000:]
+    assert elapsed < 60, elapsed
+
+
+def test_a_death_is_relayed_by_process_0_naming_the_dead_process():
+    """Three processes; process 2 is killed: process 0 sees it and stops at once, telling
+    process 1, which names process 2 (not process 0) and stops too."""
+    args = {"coordinator": f"127.0.0.1:{free_port()}", "mode": "wait", "heartbeat": 60,
+            "num_processes": 3}
+    procs = [spawn(args, i) for i in range(3)]
+    try:
+        for p in procs:
+            wait_until_initialised(p)
+        procs[2].send_signal(signal.SIGKILL)
+        outs = [p.communicate(timeout=60)[0] for p in procs[:2]]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i in (0, 1):
+        assert procs[i].returncode == 1, outs[i][-3000:]
+        assert (f"process 2 of the job is gone (killed or crashed: its connection closed without "
+                f"a goodbye); process {i} stops too, exit code 1") in outs[i], outs[i][-3000:]
+
+
 @pytest.mark.parametrize("launch", ["explicit", "slurm"])
 def test_the_gpus_a_process_drives_inside_a_slurm_step(launch):
     """In a SLURM step JAX's detection gives process i the GPU SLURM_LOCALID only (one process per
@@ -336,4 +427,11 @@ def test_a_missing_process_is_named_and_the_job_exits_1(present, launch):
 
 
 if __name__ == "__main__":
-    worker(json.loads(sys.argv[1]))
+    try:  # as ms3_jax.main does: the exit code goes into the goodbye to the other processes
+        worker(json.loads(sys.argv[1]))
+    except SystemExit as e:
+        sharding.exiting_with(e.code)
+        raise
+    except BaseException:
+        sharding.exiting_with(1)
+        raise

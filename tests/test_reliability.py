@@ -27,7 +27,7 @@ import pytest
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, loop, nonfinite
+from ms3_jax import checkpointing, exit_codes, loop, nonfinite
 from ms3_jax.testing import synthetic_data
 from tests.conftest import tiny_pretrain_config
 
@@ -559,7 +559,7 @@ def worker(args: dict) -> None:
                      mngr=mngr, writer=None, history=[])
         except loop.Preempted as e:
             print(json.dumps({"preempted": e.step, "latest": mngr.latest_step()}), flush=True)
-            sys.exit(loop.PREEMPTED_EXIT_CODE)
+            sys.exit(exit_codes.PREEMPTED)
 
 
 def test_old_steps_are_retired_by_rename_then_purged(tmp_path):
@@ -644,7 +644,7 @@ def test_two_processes_agree_on_the_preemption_step(tmp_path):
             raise
         outs.append(open(tmp_path / f"p{i}.txt").read())
     for p, out in zip(procs, outs):
-        assert p.returncode == loop.PREEMPTED_EXIT_CODE, out[-3000:]
+        assert p.returncode == exit_codes.PREEMPTED, out[-3000:]
         assert '{"preempted": 4, "latest": 4}' in out
     assert "SIGTERM received" in outs[1] and "SIGTERM received" not in outs[0]
 
@@ -679,7 +679,7 @@ def test_soak_sigterm_and_three_kill_9_resume_to_the_uninterrupted_params(tmp_pa
     proc = launch(soak_command(workdir, data_dir, text), log)
     wait_for(proc, log, progress)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == loop.PREEMPTED_EXIT_CODE, open(log).read()[-3000:]
+    assert proc.wait(timeout=120) == exit_codes.PREEMPTED, open(log).read()[-3000:]
     saved = int(re.search(r"preempted at step (\d+), checkpoint saved", open(log).read()).group(1))
     latest, mid_save = [saved], 0
     for cycle in range(1, 4):
