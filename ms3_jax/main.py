@@ -8,15 +8,15 @@ Multi-host: one process per host, see `launch/` (env MS3_COORDINATOR / MS3_NUM_P
 runs from (so `--config=configs/demo.py` works from anywhere in a clone); `--print_config` prints
 the resolved config and exits.
 
-Exit codes: 0 done; 75 preempted -- SIGTERM / SIGINT saved a checkpoint (state + data iterator),
-relaunch the same command to resume exactly (`exit_codes`); SIGTERM outside the
-training loop (start-up, compiling, evaluation, final outputs) also exits 75, saving nothing new;
-2 a usage error (bad config value, missing file or data, a workdir another run holds
-(`workdir_lock`): one line on stderr, the traceback with `--verbose`); 1 any other error
-(non-finite loss, a bug, a process of the job missing or dead (`sharding.rendezvous`,
-`sharding.watch_peers`), ...), with its traceback or a named one-line error. A process that
-stops makes the others stop too: at once when it died, with its code (75 for a preemption,
-else 1) when it exited and they do not follow within `MS3_PEER_EXIT_GRACE` s (default 60).
+Exit codes (`exit_codes`): 0 done; 75 preempted -- SIGTERM / SIGINT saved a checkpoint (state +
+data iterator), relaunch the same command to resume exactly; SIGTERM outside the training loop
+(start-up, compiling, evaluation, final outputs) also exits 75, saving nothing new; 2 a usage error
+(bad config value, missing file or data, a workdir another run holds (`workdir_lock`): one line on
+stderr, the traceback with `--verbose`); 1 any other error (non-finite loss, a bug, a process of
+the job missing or dead (`sharding.rendezvous`, `sharding.watch_peers`), ...), with its traceback
+or a named one-line error. A process that stops makes the others stop too: at once when it died,
+with its code (75 for a preemption, else 1) when it exited and they do not follow within
+`MS3_PEER_EXIT_GRACE` s (default 60).
 
 Long CPU runs: MS3_HOST_MALLOC=reuse makes glibc keep freed pages for reuse (20-25 % faster
 steps; `host_memory`).
@@ -36,8 +36,8 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ms3_jax import (config_paths, demo, exit_codes, finetune, host_memory, loop, pretrain, sharding, text_adapt,
-                     workdir_lock)
+from ms3_jax import (config_paths, demo, exit_codes, finetune, host_memory, loop, pretrain,
+                     sharding, text_adapt, workdir_lock)
 
 # Raised for what the user can fix (config values, paths, data); anything else is exit code 1.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,

@@ -243,7 +243,8 @@ def detected_cluster(timeout: float) -> tuple[str, int, int, list[int] | None]:
     `JAX_LOCAL_DEVICE_IDS` override, as in JAX."""
     # jax.distributed.initialize's detection; no public API returns its values.
     from jax._src import clusters
-    coordinator, count, process_id, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+    detect = clusters.ClusterEnv.auto_detect_unset_distributed_params
+    coordinator, count, process_id, local = detect(
         os.environ.get("JAX_COORDINATOR_ADDRESS") or None, None, None, _env_local_device_ids(),
         None, int(timeout))
     if None in (coordinator, count, process_id):
