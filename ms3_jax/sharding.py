@@ -10,6 +10,7 @@ import atexit
 import glob
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -295,15 +296,17 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         return False
     connections = rendezvous(coordinator_address, num_processes, process_id, timeout)
     kwargs.setdefault("initialization_timeout", int(timeout))
-    # JAX's preemption service installs a C++ SIGTERM handler that swallows the signal (for
-    # `multihost_utils.reached_preemption_sync_point`, unused: `loop` agrees on the step itself),
-    # so a SIGTERM before `loop` takes the signal would not give exit code 75.
-    jax.config.update("jax_enable_preemption_service", False)
+    sigterm = signal.getsignal(signal.SIGTERM)
     # Detection is done (or the values are explicit): JAX must not redo it, which inside a SLURM
     # step would narrow an explicit process to the GPU `SLURM_LOCALID`.
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                local_device_ids=local_device_ids,
                                cluster_detection_method="deactivate", **kwargs)
+    if sigterm is not None and threading.current_thread() is threading.main_thread():
+        # JAX's preemption service has replaced it with a C++ handler that swallows SIGTERM (for
+        # `multihost_utils.reached_preemption_sync_point`, unused: `loop` agrees on the stop
+        # step itself), so SIGTERM before `loop` takes the signal would not give exit code 75.
+        signal.signal(signal.SIGTERM, sigterm)
     watch_peers(connections, process_id)
     logging.info("jax.distributed: process %d of %d, coordinator %s (%s), %d local devices",
                  jax.process_index(), jax.process_count(), coordinator_address, source,
