@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from ms3_jax import exit_codes, main as main_module
-from tests.test_multihost import free_port
 from tests.test_reliability import ROOT, subprocess_env
 
 
@@ -143,10 +142,9 @@ def test_slurm_script_runs_one_process_per_node_on_all_its_devices(tmp_path):
             f'  SLURM_PROCID=$i SLURM_LOCALID=0 "$@" > {tmp_path}/task_$i.log 2>&1 & pids+=($!)\n'
             'done\nrc=0; for p in "${pids[@]}"; do wait $p; r=$?; (( r > rc )) && rc=$r; done\n'
             'exit $rc\n')
-    while True:  # a job id whose coordinator port (20000 + id % 20000) and the next are free
-        port = free_port()
-        if 20000 <= port < 39999 and port_is_free(port + 1):
-            break
+    import random
+    port = next(p for p in iter(lambda: random.randrange(20000, 39999), None)  # the script's
+                if port_is_free(p) and port_is_free(p + 1))  # 20000 + job id % 20000, and + 1
     done = _slurm_job(tmp_path, srun, job_id=port - 20000)
     logs = [(tmp_path / f"task_{i}.log").read_text() for i in range(2)]
     assert done.returncode == 0, done.stderr + "\n".join(log[-2000:] for log in logs)
