@@ -287,7 +287,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if not all(given) and not _auto_detectable():
         return False
     timeout = _positive_seconds(ENV_PEER_TIMEOUT, DEFAULT_PEER_TIMEOUT)
-    local_device_ids = _env_local_device_ids()
+    local_device_ids = None  # explicit: all local devices, or JAX_LOCAL_DEVICE_IDS (read by JAX)
     source = "explicit"
     if not all(given):
         coordinator_address, num_processes, process_id, local_device_ids = detected_cluster(timeout)
