@@ -113,7 +113,7 @@ def lower_stage1(cfg, devices, batch: int, size: int, patch: int, num_classes: i
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from ms3_jax import nonfinite, sharding, text_adapt
+    from ms3_jax import labels, nonfinite, sharding, text_adapt
     from ms3_jax.data.label_space import LabelSpace
     from ms3_jax.models import clip_text, clip_vision
     from ms3_jax.testing import tiny_clip
@@ -132,7 +132,7 @@ def lower_stage1(cfg, devices, batch: int, size: int, patch: int, num_classes: i
         k = u = num_classes
     else:
         names = LabelSpace.from_datasets(list(cfg.data.datasets)).names
-        k, u = len(names), len(text_adapt.distinct_names(names)[0])
+        k, u = len(names), len(labels.distinct_names(names)[0])
     cfg.batch_size = batch * len(devices)
     text = clip_text.CLIPTextTower(text_cfg, dtype=jnp.dtype(cfg.text.dtype))
     vision = clip_vision.CLIPVisionTower(vision_cfg, dtype=jnp.dtype(cfg.model.dtype))

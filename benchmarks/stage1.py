@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ms3_jax import text_adapt  # noqa: E402
+from ms3_jax.labels import distinct_names  # noqa: E402
 from ms3_jax.data.label_space import LabelSpace  # noqa: E402
 from ms3_jax.models import clip_text, clip_vision  # noqa: E402
 from ms3_jax.models.deeplab import encoder_from_config  # noqa: E402
@@ -53,7 +54,7 @@ def build(variant: str, batch: int, size: int):
     cfg = get_config()
     cfg.encoder, cfg.batch_size = encoder, batch
     names = LabelSpace.from_datasets(list(cfg.data.datasets)).names
-    distinct, gather = text_adapt.distinct_names(names)
+    distinct, gather = distinct_names(names)
     text = clip_text.CLIPTextTower(clip_text.CLIPTextConfig(), dtype=jnp.dtype(cfg.text.dtype))
     rng = jax.random.PRNGKey(0)
     if encoder == "clip":

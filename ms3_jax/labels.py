@@ -5,6 +5,8 @@ Union ids are int32 ``0..K-1``; ``IGNORE_LABEL`` (-1) and any id outside ``[0, K
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,3 +31,22 @@ def downsample_labels(labels_BxHxW: jax.Array, hw: tuple[int, int]) -> jax.Array
     rows = (np.arange(hw[0]) * h) // hw[0]
     cols = (np.arange(hw[1]) * w) // hw[1]
     return labels_BxHxW[:, rows][:, :, cols]
+
+
+def distinct_names(names: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:
+    """(distinct names in first-seen order, int32 index [len(names)] into them).
+
+    Names equal up to case and whitespace are one prompt (CLIP lowercases), e.g. 'sky' of three
+    datasets: they get the same embedding (stage 1), and App. D's "same category" is decided on
+    this index (`pseudo_labels.agreement_labels`).
+    """
+    keys: dict[str, int] = {}
+    out: list[str] = []
+    index = []
+    for name in names:
+        key = " ".join(str(name).lower().split())
+        if key not in keys:
+            keys[key] = len(out)
+            out.append(str(name).strip())
+        index.append(keys[key])
+    return tuple(out), np.asarray(index, np.int32)

@@ -179,7 +179,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
                     schedule: optax.Schedule) -> Callable[..., tuple[TrainState, Metrics]]:
     """`train_step(state, batch, consts) -> (state, metrics)`, pure; the loss is chosen here, once.
 
-    consts: `text` T [|Y|, C], `other_dataset` [|Y|, |Y|] bool, `dataset_of_class` [|Y|].
+    consts: `text` T [|Y|, C], `other_dataset` [|Y|, |Y|] bool, `dataset_of_class` [|Y|],
+    `name_id` [|Y|] int32 (class -> id of its name; App. D agreement is per name).
     Order (MoCo): loss and gradients of the online encoder F; parameter and EMA updates; the
     updated momentum encoder F-hat embeds the batch for the bank; `update_memory` (Eq. 4-6).
     With `data.unlabeled` (App. D) the -2 pixels of unlabeled images get pseudo-labels from this
@@ -208,7 +209,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
         if pseudo:
             y_fit, pseudo_metrics = pseudo_labels.label_unlabeled_pixels(
                 y, out["language"], out["visual"], consts["text"], state.visual_emb,
-                state.visual_valid, threshold=threshold, tau=lc.tau, chunk=lc.chunk)
+                state.visual_valid, consts["name_id"], threshold=threshold, tau=lc.tau,
+                chunk=lc.chunk)
         terms, pred = loss_terms(out, y_fit, batch, state, consts)
         return sum(terms.values()), Forward(terms, pseudo_metrics, out, y, y_fit, pred,
                                             mutated["batch_stats"])
@@ -269,7 +271,8 @@ class Trainer(training.Trainer):
             make_train_step(config, self.model, self.tx, optim.lr_schedule(config, num_steps)),
             {"text": jnp.asarray(text_KxC, jnp.float32),
              "other_dataset": relations.other_dataset_matrix(label_space.dataset_of_class),
-             "dataset_of_class": jnp.asarray(label_space.dataset_of_class)})
+             "dataset_of_class": jnp.asarray(label_space.dataset_of_class),
+             "name_id": jnp.asarray(labels.distinct_names(label_space.names)[1])})
 
     def init_state(self, rng: jax.Array, image_size: int) -> TrainState:
         """The state, created directly with its (replicated) sharding.

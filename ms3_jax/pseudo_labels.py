@@ -7,11 +7,19 @@ embedding I_l^i with T and the visual-head embedding I_v^i with V -- the pairs e
 trained on (Eq. 1 / Eq. 2) -- and only classes with a valid V row (non-empty bank) take part on
 the visual side, so before the bank fills no pixel is labelled.
 
+Shared names: "the same category" is decided per class NAME (`name_id_K`, from
+`labels.distinct_names`). A name shared by several datasets (VOC's and ADE20K's 'person') is one
+prompt, so its T rows are equal and the language argmax cannot tell the copies apart (it returns
+the first), while V has one row per dataset-class. The two argmaxes agree when their classes have the same name, and the pixel is
+labelled with the VISUAL argmax's class: the copy whose visual prototype is nearest.
+
 Choices not in the paper (config `pseudo.*`, docs/choices.md):
-- Confidence: the softmax probability of the chosen class at the pairing-loss temperature tau,
-  `p_l = softmax_k(cos(I_l, T_k) / tau)[c]` over all classes and `p_v` likewise over the valid V
-  rows. A pixel is kept only when both `p_l >= threshold` and `p_v >= threshold`; threshold 0 is
-  the paper's rule. A probability (unlike a raw cosine) lies in [0, 1] for any |Y| and is what the
+- Confidence: the softmax probability of the chosen NAME at the pairing-loss temperature tau,
+  `p_l = sum_{k: name(k) = name(c)} softmax_k(cos(I_l, T_k) / tau)` over all classes and `p_v`
+  likewise over the valid V rows. Summed over the copies: an exact tie of T rows would otherwise
+  halve p_l of a shared name and make a threshold stricter for it than for a name of one dataset.
+  A pixel is kept only when both `p_l >= threshold` and `p_v >= threshold`; threshold 0 is the
+  paper's rule. A probability (unlike a raw cosine) lies in [0, 1] for any |Y| and is what the
   pairing loss itself predicts.
 - Source: the online model's own outputs of the training forward pass (stop-gradient), see
   `label_unlabeled_pixels`.
@@ -32,46 +40,52 @@ def _unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def _nearest(emb_NxC: jax.Array, class_KxC: jax.Array, valid_K: jax.Array,
+def _nearest(emb_NxC: jax.Array, class_KxC: jax.Array, valid_K: jax.Array, name_id_K: jax.Array,
              tau: float) -> tuple[jax.Array, jax.Array]:
-    """(argmax_k cos(emb, class_k) over valid k [N] int32, its softmax probability at tau [N])."""
+    """(argmax_k cos(emb, class_k) over valid k [N] int32, the softmax probability at tau of its
+    name, summed over the valid classes with that name [N])."""
     logits_NxK = jnp.where(valid_K[None, :], jnp.dot(emb_NxC, class_KxC.T) / tau, MASKED_LOGIT)
     best_N = jnp.argmax(logits_NxK, axis=-1).astype(jnp.int32)
-    prob_N = jnp.exp(jnp.max(logits_NxK, axis=-1) - jax.nn.logsumexp(logits_NxK, axis=-1))
-    return best_N, prob_N
+    prob_NxK = jnp.exp(logits_NxK - jax.nn.logsumexp(logits_NxK, axis=-1, keepdims=True))
+    same_NxK = (name_id_K[None, :] == name_id_K[best_N][:, None]) & valid_K[None, :]
+    return best_N, jnp.sum(jnp.where(same_NxK, prob_NxK, 0.0), axis=-1)
 
 
 def agreement_labels(lang_NxC: jax.Array, vis_NxC: jax.Array, text_KxC: jax.Array,
-                     visual_KxC: jax.Array, visual_valid_K: jax.Array, *, threshold: float = 0.0,
-                     tau: float = 0.07) -> tuple[jax.Array, jax.Array]:
-    """The App. D rule per pixel.
+                     visual_KxC: jax.Array, visual_valid_K: jax.Array, name_id_K: jax.Array, *,
+                     threshold: float = 0.0, tau: float = 0.07) -> tuple[jax.Array, jax.Array]:
+    """The App. D rule per pixel, decided per class name.
 
     Args:
       lang_NxC, vis_NxC: language- / visual-head pixel embeddings (normalised here: cosine).
       text_KxC: T. visual_KxC: V; rows with `visual_valid_K` False never win (any content).
-      threshold: minimum softmax probability (at `tau`) of the chosen class, in both modalities.
+      name_id_K: int [K], class -> id of its name (`labels.distinct_names`): the same category.
+      threshold: minimum softmax probability (at `tau`) of the chosen name, in both modalities.
     Returns:
-      (label_N int32: the agreed class, or -1 where the two argmaxes differ, no V row is valid,
-       or a confidence is below `threshold`;
-       agree_N bool: the two argmaxes agree, before the threshold).
+      (label_N int32: the visual argmax's class where its name is the language argmax's name,
+       else -1; also -1 where no V row is valid or a confidence is below `threshold`;
+       agree_N bool: the two argmaxes' names agree, before the threshold).
     """
     valid_K = jnp.asarray(visual_valid_K, bool)
+    name_id_K = jnp.asarray(name_id_K, jnp.int32)
     lang_best_N, lang_prob_N = _nearest(_unit(lang_NxC), _unit(text_KxC),
-                                        jnp.ones(valid_K.shape, bool), tau)
-    vis_best_N, vis_prob_N = _nearest(_unit(vis_NxC), _unit(visual_KxC), valid_K, tau)
-    agree_N = (lang_best_N == vis_best_N) & jnp.any(valid_K)
+                                        jnp.ones(valid_K.shape, bool), name_id_K, tau)
+    vis_best_N, vis_prob_N = _nearest(_unit(vis_NxC), _unit(visual_KxC), valid_K, name_id_K, tau)
+    agree_N = (name_id_K[lang_best_N] == name_id_K[vis_best_N]) & jnp.any(valid_K)
     keep_N = agree_N & (lang_prob_N >= threshold) & (vis_prob_N >= threshold)
-    return jnp.where(keep_N, lang_best_N, IGNORE_LABEL), agree_N
+    return jnp.where(keep_N, vis_best_N, IGNORE_LABEL), agree_N
 
 
 def label_unlabeled_pixels(labels_BxHxW: jax.Array, lang_BxHxWxC: jax.Array,
                            vis_BxHxWxC: jax.Array, text_KxC: jax.Array, visual_KxC: jax.Array,
-                           visual_valid_K: jax.Array, *, threshold: float = 0.0, tau: float = 0.07,
+                           visual_valid_K: jax.Array, name_id_K: jax.Array, *,
+                           threshold: float = 0.0, tau: float = 0.07,
                            chunk: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Replaces the `UNLABELED_PIXEL` (-2) entries of `labels_BxHxW` by their App. D pseudo-label.
 
     Pixels of unlabeled images carry -2 (inside the image) or -1 (crop padding, never labelled);
-    labelled pixels pass through unchanged. Called inside the jitted step on the online model's
+    labelled pixels pass through unchanged. `name_id_K`: class -> name id, see
+    `agreement_labels`. Called inside the jitted step on the online model's
     outputs of the same forward pass, under `stop_gradient`: no extra forward (the momentum
     encoder has no language head, so it could not apply the rule without a second encoder), and
     the labels follow the current T/V pairing the losses train. Chunked over pixels like the loss
@@ -79,8 +93,8 @@ def label_unlabeled_pixels(labels_BxHxW: jax.Array, lang_BxHxWxC: jax.Array,
 
     Returns (labels int32 [B, H, W] with -1 = ignore, metrics):
       pseudo_fraction: pseudo-labelled / unlabeled pixels (0 without unlabeled pixels);
-      pseudo_agreement: unlabeled pixels whose language and visual argmax agree (before the
-        threshold) / unlabeled pixels. Always pseudo_fraction <= pseudo_agreement.
+      pseudo_agreement: unlabeled pixels whose language and visual argmax have the same name
+        (before the threshold) / unlabeled pixels. Always pseudo_fraction <= pseudo_agreement.
     """
     dim = text_KxC.shape[-1]
     lang_NxC = jax.lax.stop_gradient(lang_BxHxWxC).reshape(-1, dim)
@@ -88,7 +102,7 @@ def label_unlabeled_pixels(labels_BxHxW: jax.Array, lang_BxHxWxC: jax.Array,
     text_KxC, visual_KxC = jax.lax.stop_gradient(text_KxC), jax.lax.stop_gradient(visual_KxC)
 
     def body(l_nxc: jax.Array, v_nxc: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return agreement_labels(l_nxc, v_nxc, text_KxC, visual_KxC, visual_valid_K,
+        return agreement_labels(l_nxc, v_nxc, text_KxC, visual_KxC, visual_valid_K, name_id_K,
                                 threshold=threshold, tau=tau)
 
     label_N, agree_N = map_pixel_chunks(body, (lang_NxC, vis_NxC), (0.0, 0.0), chunk, remat=False)

@@ -78,24 +78,6 @@ class TextAdaptState:
 # ----------------------------------------------------------------------------------------------
 
 
-def distinct_names(names: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:
-    """(distinct names in first-seen order, int32 index [len(names)] into them).
-
-    Names equal up to case and whitespace are one prompt (CLIP lowercases), e.g. 'sky' of three
-    datasets: they get the same embedding.
-    """
-    keys: dict[str, int] = {}
-    out: list[str] = []
-    index = []
-    for name in names:
-        key = " ".join(str(name).lower().split())
-        if key not in keys:
-            keys[key] = len(out)
-            out.append(str(name).strip())
-        index.append(keys[key])
-    return tuple(out), np.asarray(index, np.int32)
-
-
 def mean_pairwise_cosine(emb_NxC: Any) -> Any:
     """Mean cosine over all pairs of distinct rows (Tab. 1 'mean'); rows are unit vectors."""
     xp = jnp if isinstance(emb_NxC, jax.Array) else np
@@ -308,7 +290,7 @@ class Trainer(training.Trainer):
         self.label_space = label_space
         self.text_module, self.tokenizer = text_module, tokenizer
         self.train_text_tower = bool(config.text.train_text_tower)
-        self.names, self.gather = distinct_names(label_space.names)
+        self.names, self.gather = labels.distinct_names(label_space.names)
         layout = clip_text.build_prompt_layout(tokenizer, self.names, config.text.num_ctx,
                                                text_module.config.max_len)
         consts = {"ids": jnp.asarray(layout.ids_NxL), "eos": jnp.asarray(layout.eos_index_N),

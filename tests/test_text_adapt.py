@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import transformers
 
-from ms3_jax import losses, text_adapt, text_embeddings
+from ms3_jax import labels, losses, text_adapt, text_embeddings
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.testing import synthetic_data, tiny_clip
@@ -145,7 +145,7 @@ def test_stage1_loss_is_eq1_with_gradients_to_both_sides():
 
 
 def test_distinct_names_and_tiny_vocabulary():
-    names, index = text_adapt.distinct_names(["sky", "grass", "Sky", "dirt  track", "sky"])
+    names, index = labels.distinct_names(["sky", "grass", "Sky", "dirt  track", "sky"])
     assert names == ("sky", "grass", "dirt  track") and list(index) == [0, 1, 0, 2, 0]
     vocab, merges = tiny_clip.vocab_and_merges(["dirt track", "stairway"])
     assert {"dirt</w>", "track</w>", "stairway</w>", "z", "z</w>"} <= set(vocab)
@@ -162,19 +162,24 @@ def test_tiny_tokenizer_makes_every_word_one_token(tmp_path):
         assert tokenizer.tokenize(word) == [word + "</w>"], word
 
 
-def test_tiny_clip_plants_related_words_near_their_partners(tmp_path):
+def test_tiny_clip_plants_its_word_prior(tmp_path):
+    """Each word of WORD_PRIOR sits at about its cosine to each anchor; without a prior the
+    words are independent draws."""
     import safetensors.numpy
     rows = {}
-    for related in (None, {}):
-        d = tiny_clip.save_tiny_clip(tmp_path / str(related is None), related=related, width=64)
+    for prior in (None, {}):
+        d = tiny_clip.save_tiny_clip(tmp_path / str(prior is None), prior=prior, width=64)
         vocab = json.loads((d / "vocab.json").read_text())
         table = safetensors.numpy.load_file(d / "model.safetensors")[
             "text_model.embeddings.token_embedding.weight"]
         unit = lambda w: table[vocab[w + "</w>"]] / np.linalg.norm(table[vocab[w + "</w>"]])
-        rows[related is None] = {f"{w}/{p}": float(unit(w) @ unit(p))
-                                 for w, p in tiny_clip.RELATED_WORDS.items()}
-    assert min(rows[True].values()) > 0.75, rows[True]  # drawn at cosine 0.9 (64-d: +- 0.1)
+        rows[prior is None] = {(w, a, c): float(unit(w) @ unit(a))
+                               for w, anchors in tiny_clip.WORD_PRIOR.items() for a, c in anchors.items()}
+    for (w, a, c), cos in rows[True].items():  # exact for one anchor; terrain has two
+        assert abs(cos - c) < (0.15 if len(tiny_clip.WORD_PRIOR[w]) > 1 else 1e-5), (w, a, c, cos)
     assert max(abs(c) for c in rows[False].values()) < 0.5, rows[False]  # independent draws
+    with pytest.raises(ValueError, match="both redrawn and anchors"):
+        tiny_clip.save_tiny_clip(tmp_path / "bad", prior={"boat": {"ship": 0.5}, "ship": {"sea": 0.5}})
 
 
 def test_missing_clip_names_the_path(tiny_config, tmp_path):

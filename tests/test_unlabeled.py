@@ -11,7 +11,9 @@ from absl import flags
 from PIL import Image
 
 from configs import pretrain as pretrain_config
-from ms3_jax import labels, pretrain, pseudo_labels, text_embeddings
+from ms3_jax import pretrain, pseudo_labels, text_embeddings
+from ms3_jax import labels as label_rules
+from ms3_jax.labels import distinct_names
 from ms3_jax.data import augment, pipeline, sources
 from ms3_jax.data.label_space import UNION_IGNORE, UNLABELED_PIXEL, LabelSpace
 from ms3_jax.testing import synthetic_data
@@ -30,23 +32,31 @@ def _unit64(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def reference_rule(lang, vis, text, visual, valid, threshold, tau):
-    """App. D in float64: cosine argmax over T and over the valid V rows must agree; both softmax
-    probabilities (at tau) of the chosen class >= threshold. -> (labels with -1, agree)."""
+def reference_rule(lang, vis, text, visual, valid, names, threshold, tau):
+    """App. D in float64, per class NAME: the name of the cosine argmax over T must be the name of
+    the cosine argmax over the valid V rows; the label is the V argmax's class; each side's
+    softmax probability (at tau) summed over the (valid) classes of that name >= threshold.
+    Names are compared like prompts, ignoring case and whitespace. -> (labels with -1, agree)."""
+    names = np.asarray([" ".join(n.lower().split()) for n in names])
     cos_l = _unit64(lang) @ _unit64(text).T
-    cos_v = _unit64(vis) @ _unit64(visual).T
-    cos_v = np.where(valid[None, :], cos_v, -np.inf)
-    best_l, best_v = cos_l.argmax(-1), cos_v.argmax(-1)
+    cos_v = np.where(valid[None, :], _unit64(vis) @ _unit64(visual).T, -np.inf)
+    labels, agree = np.full(len(lang), -1), np.zeros(len(lang), bool)
+    for i in range(len(lang)):
+        if not valid.any():
+            continue
+        best_l, best_v = cos_l[i].argmax(), cos_v[i].argmax()
+        agree[i] = names[best_l] == names[best_v]
+        p_l = np.exp((cos_l[i] - cos_l[i].max()) / tau)
+        p_l = p_l[names == names[best_l]].sum() / p_l.sum()
+        p_v = np.where(valid, np.exp((cos_v[i] - cos_v[i].max()) / tau), 0.0)
+        p_v = p_v[names == names[best_v]].sum() / p_v.sum()
+        if agree[i] and p_l >= threshold and p_v >= threshold:
+            labels[i] = best_v
+    return labels, agree
 
-    def prob(cos, best):
-        z = cos / tau
-        z = z - z.max(-1, keepdims=True)
-        p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-        return p[np.arange(len(best)), best]
 
-    agree = (best_l == best_v) & valid.any()
-    keep = agree & (prob(cos_l, best_l) >= threshold) & (prob(cos_v, best_v) >= threshold)
-    return np.where(keep, best_l, -1), agree
+def distinct(k):
+    return tuple(f"class{i}" for i in range(k))
 
 
 def random_problem(seed, n=400, k=9, c=6):
@@ -64,13 +74,17 @@ def random_problem(seed, n=400, k=9, c=6):
     return lang, vis, text, visual, valid
 
 
+def f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
 @pytest.mark.parametrize("threshold,tau", [(0.0, 0.07), (0.35, 0.07), (0.2, 0.5)])
 def test_agreement_rule_matches_float64_reference(threshold, tau):
     lang, vis, text, visual, valid = random_problem(0)
-    want, want_agree = reference_rule(lang, vis, text, visual, valid, threshold, tau)
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
-    got, got_agree = pseudo_labels.agreement_labels(f32(lang), f32(vis), f32(text), f32(visual),
-                                                    jnp.asarray(valid), threshold=threshold, tau=tau)
+    want, want_agree = reference_rule(lang, vis, text, visual, valid, distinct(9), threshold, tau)
+    got, got_agree = pseudo_labels.agreement_labels(
+        f32(lang), f32(vis), f32(text), f32(visual), jnp.asarray(valid),
+        distinct_names(distinct(9))[1], threshold=threshold, tau=tau)
     np.testing.assert_array_equal(np.asarray(got_agree), want_agree)
     np.testing.assert_array_equal(np.asarray(got), want)
     # The case is not degenerate: some pixels agree, some do not, and the threshold bites.
@@ -80,36 +94,119 @@ def test_agreement_rule_matches_float64_reference(threshold, tau):
     assert set(np.unique(want[want >= 0])) <= set(np.flatnonzero(valid))
 
 
+# Two datasets sharing 'person' (0 / 4) and 'tree' (2 / 6, case and spaces differ: one prompt).
+SHARED = LabelSpace({"a": ["person", "car", "tree"], "b": ["road", "person", "sky", " Tree"]})
+PERSON_A, CAR, TREE_A, ROAD, PERSON_B, SKY, TREE_B = range(7)
+
+
+def shared_problem(seed=0, n=600, c=6):
+    """Random embeddings on SHARED (T rows equal for a shared name, V one row per class, b/tree's
+    V row invalid and pointing at some pixels) + hand-made pixels:
+      0: lang = T['person'], vis = V[b/person]  -> b/person (language argmax is a/person: a tie);
+      1: lang = T['car'],    vis = V[road]      -> -1 (disagree);
+      2: lang = T['tree'],   vis = 3 V[b/tree] (invalid: never wins, but a/tree may).
+    """
+    rng = np.random.default_rng(seed)
+    k = SHARED.num_classes
+    ids = distinct_names(SHARED.names)[1]
+    text = rng.standard_normal((ids.max() + 1, c))[ids]  # one prompt per name
+    visual = text + 0.5 * rng.standard_normal((k, c))
+    lang = rng.standard_normal((n, c))
+    vis = lang + 0.8 * rng.standard_normal((n, c))
+    valid = np.ones(k, bool)
+    valid[TREE_B] = False
+    visual[TREE_B] = vis[3:10].mean(0)
+    lang[:3] = text[[PERSON_A, CAR, TREE_A]]
+    vis[:3] = visual[[PERSON_B, ROAD, TREE_B]] * [[1.0], [1.0], [3.0]]
+    return lang, vis, text, visual, valid
+
+
+@pytest.mark.parametrize("threshold,tau", [(0.0, 0.07), (0.6, 0.07), (0.3, 0.5)])
+def test_agreement_is_per_name_with_the_visual_copy(threshold, tau):
+    lang, vis, text, visual, valid = shared_problem()
+    want, want_agree = reference_rule(lang, vis, text, visual, valid, SHARED.names, threshold, tau)
+    got, got_agree = pseudo_labels.agreement_labels(
+        f32(lang), f32(vis), f32(text), f32(visual), jnp.asarray(valid),
+        jnp.asarray(distinct_names(SHARED.names)[1]), threshold=threshold, tau=tau)
+    got, got_agree = np.asarray(got), np.asarray(got_agree)
+    np.testing.assert_array_equal(got_agree, want_agree)
+    np.testing.assert_array_equal(got, want)
+    # (a) the second dataset's copy of the shared name is the visual argmax: labelled with it;
+    # (b) different names: ignored.
+    assert want_agree[0] and want[0] == PERSON_B
+    assert not want_agree[1] and want[1] == -1
+    # (d) an invalid V row never wins, even at cosine 1.
+    assert TREE_B not in set(want) and (want[2] == TREE_A) == want_agree[2]
+    # The random pixels exercise it too: the language argmax is never a second copy (equal T
+    # rows tie, the first wins) but second copies are labelled.
+    best_l = (_unit64(lang) @ _unit64(text).T).argmax(-1)
+    assert not np.isin(best_l, [PERSON_B, TREE_B]).any()
+    assert (want[3:] == PERSON_B).sum() > 0 and (want[3:] == PERSON_A).sum() > 0
+    assert 0.1 < want_agree.mean() < 0.9
+    kept = (want >= 0).sum()
+    assert kept > 0 and (kept < want_agree.sum()) == (threshold > 0)
+
+
+def test_threshold_uses_the_summed_probability_of_a_shared_name():
+    """(c) lang = T['person'] exactly: each copy has softmax probability ~1/2 (an exact tie), the
+    name ~1. A threshold of 0.6 keeps the pixel (0.5 per copy would drop it); 0.99 and a tau at
+    which the name itself is unsure do drop it, in both implementations."""
+    lang, vis, text, visual, valid = shared_problem()
+    lang, vis = lang[:1], vis[:1]
+    ids = jnp.asarray(distinct_names(SHARED.names)[1])
+    cos = _unit64(lang) @ _unit64(text).T
+    for threshold, tau, kept in [(0.6, 0.02, True), (0.999, 0.02, True), (0.6, 1.0, False)]:
+        p = np.exp(cos / tau) / np.exp(cos / tau).sum()
+        assert np.isclose(p[0, PERSON_A], p[0, PERSON_B])
+        want, _ = reference_rule(lang, vis, text, visual, valid, SHARED.names, threshold, tau)
+        got, agree = pseudo_labels.agreement_labels(f32(lang), f32(vis), f32(text), f32(visual),
+                                                    jnp.asarray(valid), ids, threshold=threshold,
+                                                    tau=tau)
+        assert bool(agree[0])
+        assert int(got[0]) == want[0] == (PERSON_B if kept else -1), (threshold, tau)
+        if kept:
+            assert p[0, PERSON_A] < threshold <= p[0, PERSON_A] + p[0, PERSON_B]
+
+
+def test_no_valid_visual_row_labels_nothing():
+    lang, vis, text, visual, valid = shared_problem()
+    got, agree = pseudo_labels.agreement_labels(
+        f32(lang), f32(vis), f32(text), f32(visual), jnp.zeros(len(valid), bool),
+        jnp.asarray(distinct_names(SHARED.names)[1]))
+    assert (np.asarray(got) == -1).all() and not np.asarray(agree).any()
+
+
 def test_label_unlabeled_pixels_only_touches_unlabeled_and_reports_rates():
-    """Chunked, [B, H, W] layout: -2 pixels get the rule's label, GT and -1 pixels are unchanged;
-    the metrics are the reference rates over the -2 pixels."""
-    lang, vis, text, visual, valid = random_problem(1, n=2 * 10 * 12)
+    """Chunked, [B, H, W] layout, a shared name: -2 pixels get the rule's label, GT and -1 pixels
+    are unchanged; the metrics are the reference rates over the -2 pixels."""
+    lang, vis, text, visual, valid = shared_problem(1, n=2 * 10 * 12)
+    ids = jnp.asarray(distinct_names(SHARED.names)[1])
     rng = np.random.default_rng(1)
-    labels = rng.integers(0, 9, (2, 10, 12)).astype(np.int32)
+    labels = rng.integers(0, 7, (2, 10, 12)).astype(np.int32)
     labels[1] = UNL
     labels[1, :3] = -1  # crop padding of the unlabeled image: never labelled
     labels[0, 0] = -1
-    want_rule, want_agree = reference_rule(lang, vis, text, visual, valid, 0.7, 0.07)
+    want_rule, want_agree = reference_rule(lang, vis, text, visual, valid, SHARED.names, 0.7, 0.07)
     want_rule, want_agree = want_rule.reshape(labels.shape), want_agree.reshape(labels.shape)
     unl = labels == UNL
     want = np.where(unl, want_rule, labels)
-    f32 = lambda x: jnp.asarray(x, jnp.float32).reshape(2, 10, 12, -1)
+    img = lambda x: jnp.asarray(x, jnp.float32).reshape(2, 10, 12, -1)
     got, metrics = pseudo_labels.label_unlabeled_pixels(
-        jnp.asarray(labels), f32(lang), f32(vis), jnp.asarray(text, jnp.float32),
-        jnp.asarray(visual, jnp.float32), jnp.asarray(valid), threshold=0.7, tau=0.07, chunk=37)
+        jnp.asarray(labels), img(lang), img(vis), f32(text), f32(visual), jnp.asarray(valid), ids,
+        threshold=0.7, tau=0.07, chunk=37)
     np.testing.assert_array_equal(np.asarray(got), want)
+    assert (want_rule[unl] == PERSON_B).any()
     np.testing.assert_allclose(metrics["pseudo_fraction"], (want_rule[unl] >= 0).mean(), rtol=1e-6)
     np.testing.assert_allclose(metrics["pseudo_agreement"], want_agree[unl].mean(), rtol=1e-6)
     assert 0 < metrics["pseudo_fraction"] < metrics["pseudo_agreement"] < 1
     # No valid V row (bank empty, step 1): nothing is labelled; no unlabeled pixel: rates are 0.
     got, metrics = pseudo_labels.label_unlabeled_pixels(
-        jnp.asarray(labels), f32(lang), f32(vis), jnp.asarray(text, jnp.float32),
-        jnp.asarray(visual, jnp.float32), jnp.zeros(9, bool))
+        jnp.asarray(labels), img(lang), img(vis), f32(text), f32(visual), jnp.zeros(7, bool), ids)
     np.testing.assert_array_equal(np.asarray(got), np.where(unl, -1, labels))
     assert metrics["pseudo_fraction"] == 0 and metrics["pseudo_agreement"] == 0
     _, metrics = pseudo_labels.label_unlabeled_pixels(
-        jnp.asarray(labels[:1]), f32(lang)[:1], f32(vis)[:1], jnp.asarray(text, jnp.float32),
-        jnp.asarray(visual, jnp.float32), jnp.asarray(valid))
+        jnp.asarray(labels[:1]), img(lang)[:1], img(vis)[:1], f32(text), f32(visual),
+        jnp.asarray(valid), ids)
     assert metrics["pseudo_fraction"] == 0 and metrics["pseudo_agreement"] == 0
 
 
@@ -250,9 +347,10 @@ def _pairing_loss64(emb, text, y, tau):
 def test_pseudo_labels_enter_the_losses_and_the_bank_only_with_the_switch():
     """One step, V valid only for class 0 (so the visual argmax is 0 everywhere) and T[0] the mean
     language embedding of the unlabeled pixels (so many pick 0): the -2 pixels whose language
-    argmax is 0 are pseudo-labelled 0 and enter the language loss (float64 reference). With
-    pseudo.enter_bank off the bank of class 0 stays empty (the labeled images have no class 0);
-    on, it gets P of them. Other classes' counts are the same in both, and S never sees class 0."""
+    argmax has class 0's name ('sky', shared with class 7) are pseudo-labelled 0 and enter the
+    language loss (float64 reference). With pseudo.enter_bank off the bank of class 0 stays empty
+    (the labeled images have no class 0); on, it gets P of them. Other classes' counts are the
+    same in both, and S never sees class 0."""
     batch = _step_batch()
     k = label_space().num_classes
     # Heads on the stride-4 decoder map: 8x8 pixels per image (after the ASPP, 4x4 is too few
@@ -267,13 +365,17 @@ def test_pseudo_labels_enter_the_losses_and_the_bank_only_with_the_switch():
     apply = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
     out, _ = apply({"params": state0.params, "batch_stats": state0.batch_stats}, batch["image"])
     lang = np.asarray(out["language"], np.float64).reshape(-1, 32)
-    y = np.asarray(labels.downsample_labels(jnp.asarray(batch["label"]), out["language"].shape[1:3]))
+    y = np.asarray(label_rules.downsample_labels(jnp.asarray(batch["label"]), out["language"].shape[1:3]))
     y = y.reshape(-1)
     unl = y == UNL
     rng = np.random.default_rng(1)
+    # One prompt per name, as in a real T: synth_a/sky (0) and synth_b/sky (7) share T[0].
+    ids = distinct_names(label_space().names)[1]
+    assert ids[7] == ids[0]
     text = _unit64(rng.standard_normal((k, 32)))
     text[0] = _unit64(lang[unl].mean(0))
-    picks0 = unl & ((_unit64(lang) @ text.T).argmax(-1) == 0)
+    text = text[np.unique(ids, return_index=True)[1]][ids]
+    picks0 = unl & (ids[(_unit64(lang) @ text.T).argmax(-1)] == ids[0])
     assert 0 < picks0.sum() < unl.sum()
     y_fit = np.where(picks0, 0, np.where(unl, -1, y))
     state0 = state0.replace(
