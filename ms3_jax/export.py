@@ -8,12 +8,15 @@ Names follow from the Flax module names by one rule (`layer1_0` <-> `layer1.0`),
 keys, shapes and transposes is derived from the model itself (via `jax.eval_shape`), never typed.
 
 CLI: `python -m ms3_jax.export --workdir W --out backbone.pth` (or `.safetensors`, no torch).
+`--what segmentor` refuses an MS3 pretraining with `model.heads_at='aspp'`: it never trained the
+decoder. Errors the user can fix (paths, that refusal): one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -22,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ms3_jax import checkpointing
-from ms3_jax.models.deeplab import ASPP_DILATIONS, MS3Encoder
+from ms3_jax import checkpointing, exit_codes
+from ms3_jax.models.deeplab import ASPP_DILATIONS, MS3Encoder, untrained_subtrees
 from ms3_jax.models.resnet import OUTPUT_STRIDE_SETTINGS, STAGE_SIZES, ResNet
 
 # Keys that torchvision / MMSeg files carry and we deliberately do not map.
@@ -250,11 +253,19 @@ def mmseg_config_snippet(checkpoint: str, model_cfg: Mapping[str, Any], what: st
 
 def export_workdir(workdir: str, out: str, what: str = "backbone", step: int | None = None,
                    ema: bool = False) -> dict[str, np.ndarray]:
-    """Write the backbone (or segmentor) of a workdir's latest checkpoint to `out` (.pth/.safetensors)."""
+    """Write the backbone (or segmentor) of a workdir's latest checkpoint to `out` (.pth/.safetensors).
+    The segmentor of a run that never trained its decoder (`untrained_subtrees`: an MS3 pretraining
+    with `model.heads_at='aspp'`) is refused: its decoder is a decayed random initialisation."""
     if what not in ("backbone", "segmentor"):
         raise ValueError(f"--what must be 'backbone' or 'segmentor', got {what!r}")
     if not out.endswith((".pth", ".pt", ".safetensors")):
         raise ValueError(f"output {out!r} must end in .pth, .pt or .safetensors")
+    if what == "segmentor" and (untrained := untrained_subtrees(checkpointing.read_config(workdir))):
+        raise ValueError(
+            f"cannot export the segmentor of {workdir}: its decoder "
+            f"({', '.join(p[-1] for p in untrained)}) was never trained, the pretraining had "
+            "model.heads_at='aspp' (projection heads after the ASPP, zero gradient to the decoder); "
+            "use --what backbone, or pretrain with model.heads_at='decoder'")
     step, state = checkpointing.restore_state(workdir, step)
     variables = checkpointing.encoder_variables(state, ema=ema)
     sd = backbone_state_dict(variables) if what == "backbone" else segmentor_state_dict(variables)
@@ -269,9 +280,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--what", default="backbone", choices=["backbone", "segmentor"])
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--ema", action="store_true", help="export the momentum encoder instead")
+    parser.add_argument("--verbose", action="store_true", help="full tracebacks for usage errors too")
     args = parser.parse_args(argv)
-    sd = export_workdir(args.workdir, args.out, args.what, args.step, args.ema)
-    model_cfg = checkpointing.read_config(args.workdir).get("model", {})
+    try:
+        sd = export_workdir(args.workdir, args.out, args.what, args.step, args.ema)
+        model_cfg = checkpointing.read_config(args.workdir).get("model", {})
+    except (ValueError, FileNotFoundError) as e:  # what the user can fix: as `ms3_jax.main` does
+        if args.verbose:
+            raise
+        print(f"error: {e}\n(exit code {exit_codes.USAGE}; --verbose shows the traceback)",
+              file=sys.stderr)
+        sys.exit(exit_codes.USAGE)
     num_classes = (sd["decode_head.conv_seg.weight"].shape[0]
                    if "decode_head.conv_seg.weight" in sd else None)
     print(f"wrote {len(sd)} tensors ({sum(v.size for v in sd.values()) / 1e6:.1f}M values) to {args.out}")

@@ -7,7 +7,8 @@ decay 5e-4), lr 0.01 with poly decay (power 0.9) to 1e-4, global-batch BN (SyncB
 initialisation (`config.init.kind`) gives the rows of Tab. 2: 'ms3' (an MS3 pretraining workdir),
 'torchvision' (an ImageNet ResNet `.pth`) or 'scratch'; `init.what` says what is transferred:
 'backbone' (the default: the paper compares backbones, and an ImageNet ResNet has nothing else)
-or 'segmentor' (backbone + decode head, 'ms3' only).
+or 'segmentor' (backbone + decode head, 'ms3' only; from a pretraining with
+`model.heads_at='aspp'`, which trains no decoder, the backbone + ASPP, the decoder left fresh).
 With `frozen_backbone` (Tab. 3) the backbone gets zero updates and its BN runs in eval mode
 (running statistics, not updated): its variables stay bit-identical; decode head and classifier
 train. The loop is the training base's (`training.py`): sharded jitted step with donation, orbax
@@ -37,7 +38,8 @@ from jax.sharding import NamedSharding
 from ms3_jax import checkpointing, evaluate, loop, nonfinite, optim, training
 from ms3_jax.data import augment, eval_data, pipeline
 from ms3_jax.data.label_space import LabelSpace
-from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
+from ms3_jax.models.deeplab import (MS3Encoder, encoder_from_config, resize_bilinear,
+                                    untrained_subtrees)
 from ms3_jax.models.resnet import ResNet
 
 INIT_KINDS = ("ms3", "torchvision", "scratch")
@@ -266,9 +268,30 @@ def initial_variables(config: ml_collections.ConfigDict, trainer: Trainer,
         enc = checkpointing.encoder_variables(state, ema=config.init.ema)
         what = INIT_WHAT[config.init.get("what", "backbone")]
         parts = {c: {p: enc[c][p] for p in what} for c in ("params", "batch_stats")}
-        logging.info("%s initialised from %s (step %d%s)", " and ".join(what), path, step,
-                     ", momentum encoder" if config.init.ema else "")
+        # What the pretraining never trained stays at its fresh initialisation (`heads_at='aspp'`).
+        untrained = untrained_subtrees(checkpointing.read_config(path)) if "decode_head" in what else ()
+        fresh = [p for p in untrained if p[0] in what]
+        for p in fresh:
+            parts = {c: _graft(parts[c], variables[c], p) for c in parts}
+        source = f"{path} (step {step}{', momentum encoder' if config.init.ema else ''})"
+        if fresh:
+            names = ", ".join(p[-1] for p in fresh)
+            logging.warning("backbone and the ASPP of decode_head initialised from %s; the decoder "
+                            "(%s) left at its fresh initialisation: the pretraining had "
+                            "model.heads_at='aspp', which trains no decoder", source, names)
+        else:
+            logging.info("%s initialised from %s", " and ".join(what), source)
     return _replace_parts(variables, parts, trainer.replicated, path)
+
+
+def _graft(tree: Mapping[str, Any], source: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """`tree` with its subtree at `path` taken from `source` (neither modified; a path that
+    `tree` does not have, e.g. a module without `batch_stats`, changes nothing)."""
+    if not path:
+        return source
+    if path[0] not in tree:
+        return tree
+    return {**tree, path[0]: _graft(tree[path[0]], source[path[0]], path[1:])}
 
 
 # --- data and evaluation ---------------------------------------------------------------------------

@@ -99,3 +99,31 @@ def test_bad_workdir_and_output_names(tmp_path, workdir):
         export.export_workdir(workdir[0], str(tmp_path / "x.bin"))
     with pytest.raises(FileNotFoundError, match="step 7"):
         export.export_workdir(workdir[0], str(tmp_path / "x.pth"), step=7)
+
+
+def test_segmentor_of_an_aspp_pretraining_is_refused(workdir, tmp_path, capsys):
+    """heads_at='aspp' trains no decoder: --what segmentor is a one-line error, exit code 2, and
+    nothing is written; --what backbone still works, and fine-tuning workdirs export their whole
+    segmentor whatever `model.heads_at` says."""
+    import shutil
+    from ms3_jax import exit_codes
+    wd = str(tmp_path / "aspp")
+    shutil.copytree(workdir[0], wd)
+    pretrain_cfg = {"mode": "pretrain", "loss": {"kind": "ms3"}, "model": {**MODEL_CFG, "heads_at": "aspp"}}
+    checkpointing.write_config(wd, pretrain_cfg)
+    out = str(tmp_path / "seg.safetensors")
+    with pytest.raises(ValueError) as e:
+        export.export_workdir(wd, out, "segmentor")
+    message = str(e.value)
+    assert "\n" not in message and "heads_at='aspp'" in message and "never trained" in message
+    assert "--what backbone" in message and "model.heads_at='decoder'" in message
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        export.main(["--workdir", wd, "--out", out, "--what", "segmentor"])
+    assert exit_.value.code == exit_codes.USAGE == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == f"error: {message}"
+    assert not (tmp_path / "seg.safetensors").exists()
+    export.main(["--workdir", wd, "--out", str(tmp_path / "backbone.safetensors")])
+    checkpointing.write_config(wd, {**pretrain_cfg, "mode": "finetune"})
+    assert "decode_head.c1_bottleneck.conv.weight" in export.export_workdir(wd, out, "segmentor")

@@ -94,6 +94,49 @@ def test_init_what_transfers_the_backbone_or_the_segmentor(data_dir, ms3_workdir
                                                        "init.what": "segmentor"}), 1)
 
 
+def aspp_copy(workdir, dest):
+    """`workdir` (checkpoint and all) with its config saying an MS3 pretraining with heads_at='aspp'."""
+    import shutil
+    shutil.copytree(workdir, dest)
+    config = checkpointing.read_config(dest)
+    checkpointing.write_config(dest, {**config, "mode": "pretrain", "loss": {"kind": "ms3"},
+                                      "model": {**config["model"], "heads_at": "aspp"}})
+    return str(dest)
+
+
+def test_init_segmentor_from_aspp_pretraining_leaves_the_decoder_fresh(data_dir, ms3_workdir,
+                                                                        tmp_path, caplog):
+    """heads_at='aspp' trains no decoder: 'segmentor' transfers the backbone and the ASPP and leaves
+    c1_bottleneck / sep_bottleneck_* at the fresh initialisation, saying so; heads_at='decoder'
+    (the fixture's config: no heads_at, the encoder's default) transfers them too."""
+    from ms3_jax.models.deeplab import DECODER_MODULES
+    pretrained_wd, pretrained = ms3_workdir
+    for wd, decoder_pretrained in ((aspp_copy(pretrained_wd, tmp_path / "aspp"), False),
+                                   (pretrained_wd, True)):
+        config = tiny_config(data_dir, **{"init.kind": "ms3", "init.path": wd, "init.what": "segmentor"})
+        trainer = finetune.get_trainer(config, 7)
+        fresh = jax.tree_util.tree_map(np.asarray, trainer.init_variables(jax.random.key(0)))
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            variables = finetune.initial_variables(config, trainer, jax.random.key(0))
+        for c in ("params", "batch_stats"):
+            assert_trees_equal(variables[c]["backbone"], pretrained[c]["backbone"])
+            head, head0, head_fresh = (v[c]["decode_head"] for v in (variables, pretrained, fresh))
+            for m in head:
+                assert_trees_equal(head[m], (head0 if m not in DECODER_MODULES or decoder_pretrained
+                                             else head_fresh)[m])
+            for m in DECODER_MODULES:  # the two inits differ: the test can tell them apart
+                assert not np.array_equal(jax.tree_util.tree_leaves(head0[m])[0],
+                                          jax.tree_util.tree_leaves(head_fresh[m])[0])
+        messages = [r.getMessage() for r in caplog.records if "initialised from" in r.getMessage()]
+        assert len(messages) == 1, messages
+        if decoder_pretrained:
+            assert messages[0].startswith("backbone and decode_head initialised from")
+        else:
+            assert "ASPP" in messages[0] and "heads_at='aspp'" in messages[0]
+            assert all(m in messages[0] for m in DECODER_MODULES) and "\n" not in messages[0]
+
+
 def test_frozen_backbone_from_ms3_workdir(data_dir, ms3_workdir, tmp_path):
     """Tab. 3: backbone params and BN statistics bit-identical to the MS3 checkpoint after two
     steps; the decode head (also from the checkpoint) and the classifier train."""

@@ -46,7 +46,8 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
     # kind: 'ms3' (path = an MS3 pretraining workdir: its latest or `step` checkpoint; `ema` takes
     # the momentum encoder), 'torchvision' (path = ImageNet ResNet .pth / .safetensors in
     # torchvision / MMSeg naming), 'scratch'. what: 'backbone' (as the paper compares
-    # pretrainings) | 'segmentor' (backbone + decode head; 'ms3' only).
+    # pretrainings) | 'segmentor' (backbone + decode head; 'ms3' only; after a pretraining with
+    # model.heads_at='aspp' the ASPP only: its decoder was never trained and stays fresh).
     c.init = ml_collections.ConfigDict(dict(kind="ms3", path="", step=0, ema=False, what="backbone"))
 
     c.model = ml_collections.ConfigDict(dict(

@@ -8,7 +8,7 @@ with the visual embeddings V (Eq. 2/8). Submodule names mirror MMSegmentation's
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -225,6 +225,24 @@ MODEL_FIELDS = ("depth", "variant", "output_stride", "width", "stage_sizes", "he
                 "c1_channels", "emb_dim", "heads_at")
 HEADS_AT = ("decoder", "aspp")
 KERNELS = ("auto", "xla", "cpu")
+
+# The modules of `decode_head` after the ASPP: the v3+ decoder proper (layer1 projection + fusion).
+DECODER_MODULES = ("c1_bottleneck", "sep_bottleneck_0", "sep_bottleneck_1")
+
+
+def untrained_subtrees(workdir_config: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """Paths (in `params` / `batch_stats`) of the encoder modules a workdir's run never trained,
+    from its `config.json`. An MS3 pretraining (`loss.kind='ms3'`) with `model.heads_at='aspp'`
+    feeds its projection heads from the ASPP: the decoder (`DECODER_MODULES`) gets exactly zero
+    gradient (weight decay only shrinks it). Fine-tuning, the CE baselines and `heads_at='decoder'`
+    train the whole decode head: (). `heads_at` missing: the encoder's default, as it was built."""
+    if workdir_config.get("mode") == "finetune":
+        return ()
+    kind = (workdir_config.get("loss") or {}).get("kind", "ms3")
+    heads_at = (workdir_config.get("model") or {}).get("heads_at") or MS3Encoder.heads_at
+    if kind != "ms3" or heads_at != "aspp":
+        return ()
+    return tuple(("decode_head", m) for m in DECODER_MODULES)
 
 
 def conv_for(kernels: str, platform: str) -> ModuleDef:
