@@ -28,7 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "demo"
     c.default_workdir = "/tmp/ms3_demo"
-    c.synthetic = dict(num_train=200, num_val=20, image_size=96, seed=0)
+    # Data 2.0 with the paper's difficulties at their defaults (ms3_jax/data/synthetic.py,
+    # `Difficulty`): a look per dataset, synonyms drawn per dataset, scenes, look-alikes.
+    c.synthetic = dict(num_train=200, num_val=20, image_size=96, seed=0, domain_gap=1.0,
+                       synonym_similarity=0.5, cooccurrence=0.8, lookalike=0.6)
     c.check_accuracy = True  # fail (exit 1) when nearest-T pixel accuracy < 2 x chance
 
     stage1 = _load("text_adapt", "tiny")
@@ -54,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain = stage2
     if arg == "quick":  # for tests: a handful of steps (no accuracy to check)
         c.check_accuracy = False
-        c.synthetic = dict(num_train=24, num_val=4, image_size=48, seed=0)
+        c.synthetic.update(num_train=24, num_val=4, image_size=48)
         stage1.num_steps, stage1.log_every, stage1.checkpoint_every = 4, 2, 4
         stage2.num_steps, stage2.log_every, stage2.checkpoint_every = 4, 2, 4
         stage2.batch_size, stage2.data.crop_size, stage2.relations.warmup_steps = 8, 32, 2

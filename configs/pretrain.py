@@ -5,11 +5,14 @@ r"""MS3 pretraining (stage 2), paper section 4.1.
       --config.text.embeddings=W1/text_embeddings.npz   # tiny model, synthetic data; W1: a stage-1
                                                         # workdir (configs/text_adapt.py:tiny)
 
-Defaults are the paper's: DeepLab-v3+ / ResNet-50 (OS 8), two 3-layer 512-d projection heads
-after the ASPP, VOC-aug + ADE20K + COCO-Stuff-164k (|Y| = 21 + 150 + 171 = 342), 224 crops,
+Defaults are the paper's where it states them: DeepLab-v3+ / ResNet-50, two 3-layer 512-d
+projection heads after the ASPP, VOC-aug + ADE20K + COCO-Stuff-164k (|Y| = 21 + 150 + 171 = 342), 224 crops,
 batch 128, SGD (momentum 0.9, weight decay 4e-5), lr 0.8 per 128 images with cosine decay to
-0, 100 epochs, tau 0.07, alpha 1. Not in the paper (documented in docs/choices.md): EMA momentum 0.999 (MoCo),
-bank slots K = 256 and P = 32 pixels per class per step, lr warm-up, S momentum and warm-up.
+0, 100 epochs, tau 0.07, alpha 1. Not in the paper (documented in docs/choices.md): output
+stride 8 (the paper is silent; MMSegmentation's DeepLab-v3+ default, and a 28x28 map at 224 px
+gives Eq. 1-9 more pixels per class than 16's 14x14; `model.output_stride=16` is cheaper), EMA
+momentum 0.999 (MoCo), bank slots K = 256 and P = 32 pixels per class per step, lr warm-up, S
+momentum and warm-up.
 
 Memory of the per-class bank: |Y| x K x C x 2 bytes in bfloat16 = 342 x 256 x 512 x 2 = 90 MB;
 V is |Y| x C float32 (0.7 MB) and S is |Y| x |Y| float32 (0.5 MB). All replicated.

@@ -27,49 +27,59 @@ class NoBetterThanChance(RuntimeError):
 
 
 def score_relations(found: list[dict[str, Any]], truth: list[dict[str, str]],
-                    label_space: LabelSpace) -> dict[str, Any]:
-    """Precision / recall of Eq. 6's directed pairs (paper Tab. 8) against the planted relations.
+                    label_space: LabelSpace, sim_KxK: np.ndarray | None = None) -> dict[str, Any]:
+    """Precision / recall of Eq. 6's directed pairs (paper Tab. 8) between differently named
+    classes, against the planted relations; same-name pairs apart, as a sanity count.
 
-    A found pair is correct when it is planted: a subset from subset to superset, a synonym in
-    either direction. Recall counts relations: a synonym is recovered when either direction is
-    found (Eq. 6 finds a synonym one way: pixels that look alike sit nearer one of the two T, and
-    only the class whose pixels sit nearer the other name passes; Tab. 8 lists 'stairs' vs
-    'stairway' one way too), a subset when its direction is. `recall_directed` counts each
-    direction of a synonym apart. `renamed` scores only pairs whose names differ: same-name
-    classes share T, so Eq. 6 always pairs them.
+    Same-name classes share one T, so Eq. 6 pairs them by construction: they are never counted
+    in the headline. A found pair is correct when it is planted: a subset from subset to
+    superset, a synonym in either direction. Recall counts relations: a synonym is recovered
+    when either direction is found (pixels of two synonyms get one embedding, nearer one of the
+    two T, so Eq. 6 passes for one of them; Tab. 8 lists 'stairs' vs 'stairway' one way too), a
+    subset when its direction is; `recall_directed` counts each direction apart. `pairs`: one row
+    per planted or found directed pair (status found / missed / wrong, with S[from, to] and
+    S[from, from] when `sim_KxK`, Eq. 5's S, is given).
     """
-    names = set(label_space.display_names)
+    names = list(label_space.display_names)
     dataset = {n: n.split("/")[0] for n in names}
     short = lambda n: n.split("/", 1)[1]
-    truth = [r for r in truth if r["from"] in names and r["to"] in names
+    truth = [r for r in truth if r["from"] in dataset and r["to"] in dataset
              and dataset[r["from"]] != dataset[r["to"]]]
-    want = {(r["from"], r["to"]) for r in truth}
-    relations = {frozenset((r["from"], r["to"])) if r["kind"] == "synonym" else (r["from"], r["to"])
-                 for r in truth}
     got = {(r["from"], r["to"]) for r in found}
+    renamed = lambda p: short(p[0]) != short(p[1])
+    kind = {(r["from"], r["to"]): r["kind"] for r in truth if renamed((r["from"], r["to"]))}
+    want, got_renamed = set(kind), {p for p in got if renamed(p)}
+    relations = {frozenset(p) if k == "synonym" else p for p, k in kind.items()}
+    recovered = lambda rel: bool({tuple(rel), tuple(rel)[::-1]} & got) if isinstance(
+        rel, frozenset) else rel in got
+    same = [(a, b) for a in names for b in names
+            if dataset[a] != dataset[b] and short(a) == short(b)]
 
-    def recovered(rel) -> bool:
-        return bool({tuple(rel), tuple(rel)[::-1]} & got) if isinstance(rel, frozenset) else rel in got
+    def row(pair: tuple[str, str], status: str) -> dict[str, Any]:
+        out = {"from": pair[0], "to": pair[1], "kind": kind.get(pair, "none"), "status": status}
+        if sim_KxK is not None:
+            a, b = names.index(pair[0]), names.index(pair[1])
+            out.update(S=round(float(sim_KxK[a, b]), 4), S_self=round(float(sim_KxK[a, a]), 4))
+        return out
 
-    def scores(keep) -> dict[str, Any]:
-        g = {p for p in got if keep(p)}
-        rels = [r for r in relations if keep(tuple(r))]
-        hits = sum(recovered(r) for r in rels)
-        return {"precision": len(g & want) / len(g) if g else 0.0,
-                "recall": hits / len(rels) if rels else 0.0, "found": len(g), "planted": len(rels)}
-
-    out = scores(lambda p: True)
-    out["recall_directed"] = len(got & want) / len(want) if want else 0.0
-    out["renamed"] = scores(lambda p: short(p[0]) != short(p[1]))
-    out["correct"] = sorted(f"{a} -> {b}" for a, b in got & want)
-    out["missed"] = sorted(" <-> ".join(sorted(r)) if isinstance(r, frozenset) else " -> ".join(r)
-                           for r in relations if not recovered(r))
-    out["wrong"] = sorted(f"{a} -> {b}" for a, b in got - want)
-    return out
+    status = lambda p: ("found" if p in got else "missed") if p in want else "wrong"
+    return {
+        "precision": len(got_renamed & want) / len(got_renamed) if got_renamed else 0.0,
+        "recall": sum(map(recovered, relations)) / len(relations) if relations else 0.0,
+        "found": len(got_renamed), "planted": len(relations),
+        "recall_directed": len(got & want) / len(want) if want else 0.0,
+        "same_name": {"found": len(got & set(same)), "possible": len(same)},
+        "correct": sorted(f"{a} -> {b}" for a, b in got_renamed & want),
+        "missed": sorted(" <-> ".join(sorted(r)) if isinstance(r, frozenset) else " -> ".join(r)
+                         for r in relations if not recovered(r)),
+        "wrong": sorted(f"{a} -> {b}" for a, b in got_renamed - want),
+        "pairs": [row(p, status(p)) for p in sorted(want | got_renamed)],
+    }
 
 
 def language_accuracy(pretrain_dir: str, data_dir: str, truth: list[dict[str, str]],
-                      max_images: int | None = None) -> dict[str, Any]:
+                      max_images: int | None = None,
+                      state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pixel accuracy of the nearest-T prediction (the language head against the T it was trained
     with, the cosine upsampled to the image as in zero-shot) on every dataset's validation split.
     Classes sharing a name count as one (their T is one prompt); 'unrelated' keeps the pixels of
@@ -83,7 +93,9 @@ def language_accuracy(pretrain_dir: str, data_dir: str, truth: list[dict[str, st
     text_NxC = jnp.asarray(text_KxC[[label_space.names.index(n) for n in names]])
     model = encoder_from_config(config["model"], jax.local_devices()[0].platform,
                                 heads=("language",), num_classes=None)
-    variables = checkpointing.encoder_variables(checkpointing.restore_state(pretrain_dir)[1])
+    if state is None:  # the raw state of the workdir's latest checkpoint
+        state = checkpointing.restore_state(pretrain_dir)[1]
+    variables = checkpointing.encoder_variables(state)
 
     @jax.jit
     def predict(image_HxWx3):
@@ -133,15 +145,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(os.path.join(pre_dir, "relations.json")) as f:
         found = json.load(f)
     truth = synthetic.load_relations(info.relations_path)
-    scores = score_relations(found, truth, label_space)
+    state = checkpointing.restore_state(pre_dir)[1]
+    scores = score_relations(found, truth, label_space, np.asarray(state["sim"]))
     with open(os.path.join(workdir, "relations_eval.json"), "w") as f:
         json.dump(scores, f, indent=1)
-    logging.info("relations (Eq. 6): precision %.2f, recall %.2f (%d pairs found, %d relations "
-                 "planted); between differently named classes: precision %.2f, recall %.2f; "
-                 "details in relations_eval.json", scores["precision"], scores["recall"],
-                 scores["found"], scores["planted"], scores["renamed"]["precision"],
-                 scores["renamed"]["recall"])
-    accuracy = language_accuracy(pre_dir, data_dir, truth)
+    logging.info("relations (Eq. 6) between differently named classes: precision %.2f, recall "
+                 "%.2f (%d pairs found, %d relations planted); same-name pairs (one T per name, "
+                 "not counted): %d of %d; the pairs with their S in relations_eval.json",
+                 scores["precision"], scores["recall"], scores["found"], scores["planted"],
+                 scores["same_name"]["found"], scores["same_name"]["possible"])
+    accuracy = language_accuracy(pre_dir, data_dir, truth, state=state)
     logging.info("nearest-T pixel accuracy on the validation splits: %.3f (classes without a "
                  "renamed relation: %.3f; chance: 1 in %d names)", accuracy["pixel_accuracy"],
                  accuracy["pixel_accuracy_unrelated"], len(set(label_space.names)))
@@ -167,11 +180,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 miou += f", held-out {d} {summary['eval'][f'{d}/language']['mIoU']:.1f}"
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    logging.info("demo done: loss %.3f -> %.3f, pixel accuracy %.3f%s, relations P %.2f R %.2f; "
-                 "outputs in %s. For PyTorch: "
-                 "python -m ms3_jax.export --workdir %s --out backbone.pth", summary["loss_first"],
-                 summary["loss_last"], accuracy["pixel_accuracy"], miou, scores["precision"],
-                 scores["recall"], workdir, pre_dir)
+    logging.info("demo done: loss %.3f -> %.3f, nearest-T pixel accuracy %.3f (classes without a "
+                 "renamed relation %.3f)%s, relations between differently named classes P %.2f "
+                 "R %.2f; outputs in %s. For PyTorch: python -m ms3_jax.export --workdir %s "
+                 "--out backbone.pth", summary["loss_first"], summary["loss_last"],
+                 accuracy["pixel_accuracy"], accuracy["pixel_accuracy_unrelated"], miou,
+                 scores["precision"], scores["recall"], workdir, pre_dir)
     if config.get("check_accuracy", True):
         check_better_than_chance(accuracy["pixel_accuracy"], len(set(label_space.names)), workdir)
     return summary

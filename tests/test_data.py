@@ -118,9 +118,16 @@ def test_synthetic_deterministic(tmp_path):
     assert os.path.getmtime(files[0]) == mtime
     # Other arguments on built data: refused, nothing deleted (a tiny config pointed at the demo's
     # data used to delete it and rebuild it at its own sizes).
-    with pytest.raises(ValueError, match=r"holds synthetic data built with .*'num_train': 3.*asks "
-                                          r"for .*'num_train': 5"):
+    with pytest.raises(ValueError, match=r"holds synthetic data 2\.0\.0 built with .*'num_train': "
+                                          r"3.*asks for data 2\.0\.0 with .*'num_train': 5"):
         synthetic.prepare_synthetic(tmp_path / 'a', num_train=5, num_val=2, image_size=32, seed=1)
+    with pytest.raises(ValueError, match=r"'lookalike': 0\.6.*asks for .*'lookalike': 0\.0"):
+        synthetic.prepare_synthetic(tmp_path / 'a', lookalike=0.0, seed=1, **kw)
+    info = json.loads((tmp_path / 'a' / synthetic.INFO_FILE).read_text())
+    info = {k: v for k, v in info.items() if k not in ('version', 'lookalike')}  # a data 1.x build
+    (tmp_path / 'a' / synthetic.INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"holds synthetic data 1\.x built with"):
+        synthetic.prepare_synthetic(tmp_path / 'a', seed=1, **kw)
     assert all(open(f, 'rb').read() == open(f.replace(a.data_dir, b.data_dir), 'rb').read()
                for f in files)
 
@@ -170,34 +177,77 @@ def test_synthetic_fine_grained_classes_are_rare_and_synth_d_is_held_out():
     assert synthetic.HELD_OUT_DATASET not in synthetic.PRETRAIN_DATASETS
 
 
-def test_synthetic_relations_are_visible(synth):
-    """Colour/texture stats of related classes are nearest among the target dataset's classes."""
-    ls = LabelSpace.from_datasets(synthetic.SYNTHETIC_DATASETS)
-    acc = {n: [] for n in ls.display_names}
-    for d, name in enumerate(synthetic.SYNTHETIC_DATASETS):
-        src = tfds.data_source(name, split='train', data_dir=synth.data_dir)
-        for i in range(len(src)):
-            r = src[i]
-            img = r['image'].astype(np.float32) / 255
-            lab = r['label'][..., 0]
-            gx = np.abs(np.diff(img, axis=1, append=img[:, -1:])).mean(-1, keepdims=True)
-            gy = np.abs(np.diff(img, axis=0, append=img[-1:])).mean(-1, keepdims=True)
-            px = np.concatenate([img, gx, gy], -1)
-            for c in np.unique(lab):
-                if c != IGNORE_INDEX:
-                    acc[f'{name}/{ls.class_names[d][c]}'].append(px[lab == c])
-    feats = {}
-    for k, v in acc.items():
-        v = np.concatenate(v)
-        feats[k] = np.concatenate([v.mean(0), v[:, :3].std(0)])
-    rel = synthetic.load_relations(synth.relations_path)
-    related = {(r['from'], r['to']) for r in rel}
-    for r in rel:
-        a, b = r['from'], r['to']
-        target = [c for c in ls.display_names if c.split('/')[0] == b.split('/')[0]]
-        d_rel = np.linalg.norm(feats[a] - feats[b])
-        d_other = min(np.linalg.norm(feats[a] - feats[c]) for c in target if (a, c) not in related)
-        assert d_rel < d_other, (a, b, d_rel, d_other)
+def _draw(spec, knobs, n=60, size=32, seed=3):
+    return [synthetic.generate_example(spec, np.random.default_rng([seed, i]), size, knobs)
+            for i in range(n)]
+
+
+def test_synthetic_synonyms_are_one_family_never_the_same_texture():
+    """Data 2.0: a concept is drawn per dataset (its own colour offset and scale, plus the
+    dataset's look), so synonyms differ; with similarity 1 and no domain gap they coincide."""
+    sim = lambda v: synthetic._style('synth_a', v, 0.5, 0.0)
+    other = lambda v: synthetic._style('synth_b', v, 0.5, 0.0)
+    for variant in ('stairs', 'mountain', 'boat', 'path_dirt'):
+        (shift_a, scale_a), (shift_b, scale_b) = sim(variant), other(variant)
+        assert np.abs(shift_a - shift_b).max() > 0.01 or abs(scale_a - scale_b) > 0.05, variant
+        same = [synthetic._style(d, variant, 1.0, 0.0) for d in ('synth_a', 'synth_b')]
+        np.testing.assert_array_equal(same[0][0], same[1][0])
+        assert same[0][1] == same[1][1] == 1.0
+    # The dataset's look: the same draws through synth_a's and synth_b's look differ in colour
+    # at domain_gap 1 and not at 0 (same classes, concepts and regions: compare sky pixels).
+    one = dict(synonym_similarity=1.0, cooccurrence=0.0, lookalike=0.0)
+    means = {}
+    for gap in (0.0, 1.0):
+        knobs = synthetic.Difficulty(domain_gap=gap, **one)
+        for name in ('synth_a', 'synth_b'):
+            spec = synthetic.SPEC_BY_NAME[name]
+            sky = spec.class_names.index('sky')
+            px = np.concatenate([im[lab == sky] for im, lab in _draw(spec, knobs)])
+            means[gap, name] = px.mean(0)
+    assert np.abs(means[1.0, 'synth_a'] - means[1.0, 'synth_b']).max() > 10  # of 255
+    assert np.abs(means[0.0, 'synth_a'] - means[0.0, 'synth_b']).max() < 4
+
+
+def test_synthetic_lookalikes_move_towards_their_unrelated_twin():
+    for variant, twin in synthetic.LOOKALIKES.items():
+        shift, _ = synthetic._style('synth_c', variant, 1.0, 0.6)
+        own, target = synthetic._mean_color(variant), synthetic._mean_color(twin)
+        np.testing.assert_allclose(own + shift, own + 0.6 * (target - own), atol=1e-6)
+        assert np.linalg.norm(own + shift - target) < 0.5 * np.linalg.norm(own - target)
+    names = {(r['from'], r['to']) for r in synthetic.ground_truth_relations()}
+    assert ('synth_c/sand', 'synth_a/path') not in names  # look-alikes are not relations
+
+
+def test_synthetic_scenes_make_classes_co_occur():
+    """Boats sit inside water: most pixels around a boat are water (labelled lake, or painted and
+    ignored), and the sky is the top region; with cooccurrence 0 neither holds."""
+    spec = synthetic.SPEC_BY_NAME['synth_c']
+    boat, lake, sky = (spec.class_names.index(c) for c in ('boat', 'lake', 'sky'))
+
+    def around_boats(knobs):
+        near, total, sky_top = 0, 0, []
+        for im, lab in _draw(spec, knobs, n=80, size=48):
+            ring = synthetic._boundary_mask((lab == boat).astype(np.uint8), width=2) & (lab != boat)
+            water = (lab == lake) | ((lab == 255) & (im[..., 2] > im[..., 0]))  # blue, ignored
+            near, total = near + (ring & water).sum(), total + ring.sum()
+            if (lab == sky).any():
+                sky_top.append(np.nonzero(lab == sky)[0].mean() < lab.shape[0] / 2)
+        return near / max(total, 1), np.mean(sky_top)
+    water_scene, sky_scene = around_boats(synthetic.Difficulty(cooccurrence=1.0))
+    water_iid, sky_iid = around_boats(synthetic.Difficulty(cooccurrence=0.0))
+    assert water_scene > 0.6 and water_iid < 0.4, (water_scene, water_iid)
+    assert sky_scene > 0.85 > sky_iid, (sky_scene, sky_iid)
+
+
+def test_synthetic_held_out_has_a_concept_of_its_own():
+    pretrain = {v for d in synthetic.PRETRAIN_DATASETS for _, vs in synthetic.SPEC_BY_NAME[d].classes
+                for v in vs}
+    new = [c for c, vs in synthetic.SPEC_BY_NAME['synth_d'].classes if not set(vs) & pretrain]
+    assert new == ['sidewalk']
+    rel = synthetic.ground_truth_relations()
+    assert not [r for r in rel if 'synth_d/sidewalk' in (r['from'], r['to'])]
+    with pytest.raises(ValueError, match=r"unknown fields \['gap'\]"):
+        synthetic.prepare_synthetic('/nonexistent', gap=1.0)
 
 
 # --- training pipeline ----------------------------------------------------------------------------
@@ -208,7 +258,7 @@ def test_pipeline_batch_format(synth):
     assert p.batch_size == 6 and ls.num_classes == 20
     np.testing.assert_allclose(p.weights, [1 / 3] * 3)
     it = p.make_iterator()
-    seen = set()
+    seen, unlabeled = set(), 0
     for batch in _take(it, 3):
         spec = p.element_spec()
         assert set(batch) == set(spec)
@@ -218,9 +268,10 @@ def test_pipeline_batch_format(synth):
         assert set(np.unique(lab)) <= set(range(ls.num_classes)) | {UNION_IGNORE}
         for y, d in zip(lab, did):
             v = y[y != UNION_IGNORE]
-            assert v.size and v.min() >= ls.offsets[d] and v.max() < ls.offsets[d + 1]
+            unlabeled += v.size == 0  # data 2.0: a crop may hold only painted, unannotated stuff
+            assert v.size == 0 or (v.min() >= ls.offsets[d] and v.max() < ls.offsets[d + 1])
         seen |= set(did.tolist())
-    assert seen == {0, 1, 2}
+    assert seen == {0, 1, 2} and unlabeled <= 2
 
 
 def test_pipeline_weights_and_batch_split(synth):

@@ -13,16 +13,30 @@ flags.FLAGS.mark_as_parsed()
 pytestmark = pytest.mark.slow  # the whole demo: the full tier (.ci/run)
 
 
-def test_demo_quick_runs_every_stage(tmp_path):
+def _figures(summary: dict) -> dict:
+    """The demo's numbers, without the paths that name its workdir."""
+    return {k: v for k, v in summary.items() if k != "backbone"}
+
+
+def test_demo_quick_runs_every_stage_and_repeats_its_figures(tmp_path):
     summary = demo.run(demo_config.get_config("quick"), str(tmp_path))
+    # Deterministic on one machine: a second run in a new workdir gives the same figures.
+    again = demo.run(demo_config.get_config("quick"), str(tmp_path / "again"))
+    assert _figures(again) == _figures(summary)
     ls = LabelSpace.from_datasets(["synth_a", "synth_b", "synth_c"])
     t = text_embeddings.load_text_embeddings(str(tmp_path / "text_adapt" / "text_embeddings.npz"), ls)
     assert t.shape == (ls.num_classes, 32)
     assert (tmp_path / "text_adapt" / "similarity_report.json").exists()
     assert (tmp_path / "pretrain" / "relations.txt").read_text().startswith("multi-label mapping")
     scores = json.loads((tmp_path / "relations_eval.json").read_text())
+    assert scores == summary["relations"]
     assert 0.0 <= scores["precision"] <= 1.0 and 0.0 <= scores["recall"] <= 1.0
     assert scores["planted"] > 0 and scores["found"] == len(scores["correct"]) + len(scores["wrong"])
+    # The headline counts differently named pairs only; same-name pairs are a sanity count.
+    assert all(a.split("/")[1] != b.split("/")[1] for a, b in
+               (p.split(" -> ") for p in scores["correct"] + scores["wrong"]))
+    assert scores["same_name"]["possible"] > 0
+    assert all({"S", "S_self", "status", "kind"} <= set(row) for row in scores["pairs"])
     from safetensors.numpy import load_file
     backbone = load_file(summary["backbone"])
     assert "layer4.0.conv2.weight" in backbone and all(np.isfinite(v).all() for v in backbone.values())
@@ -55,21 +69,32 @@ def test_score_relations_synonyms_either_way_subsets_one_way():
     found = [{"from": "a/path", "to": "b/dirt track"},  # the wrong direction of a subset
              {"from": "a/stairway", "to": "b/stairs"},  # one direction of a synonym
              {"from": "a/sky", "to": "b/sky"}, {"from": "b/sky", "to": "a/sky"}]
-    s = demo.score_relations(found, truth, ls)
-    assert s["precision"] == 3 / 4 and s["recall"] == 2 / 3 and s["planted"] == 3
-    assert s["recall_directed"] == 3 / 5
-    assert s["renamed"] == {"precision": 1 / 2, "recall": 1 / 2, "found": 2, "planted": 2}
+    sim = np.arange(36.0).reshape(6, 6) / 100  # S over ls.display_names
+    s = demo.score_relations(found, truth, ls, sim)
+    # Headline: differently named pairs only; the two same-name pairs are a sanity count.
+    assert (s["precision"], s["recall"], s["found"], s["planted"]) == (1 / 2, 1 / 2, 2, 2)
+    assert s["same_name"] == {"found": 2, "possible": 2}
+    assert s["recall_directed"] == 1 / 3  # of the 3 renamed directed pairs
     assert s["wrong"] == ["a/path -> b/dirt track"] and s["missed"] == ["b/dirt track -> a/path"]
+    assert s["correct"] == ["a/stairway -> b/stairs"]
+    rows = {(r["from"], r["to"]): r for r in s["pairs"]}
+    assert set(rows) == {("a/stairway", "b/stairs"), ("b/stairs", "a/stairway"),
+                         ("b/dirt track", "a/path"), ("a/path", "b/dirt track")}
+    assert rows[("a/path", "b/dirt track")] == {"from": "a/path", "to": "b/dirt track", "kind": "none",
+                                                "status": "wrong", "S": 0.1, "S_self": 0.07}
+    assert rows[("b/stairs", "a/stairway")]["status"] == "missed"  # the other direction was found
+    assert rows[("b/dirt track", "a/path")]["kind"] == "subset"
 
 
 def test_small_benchmark_learns_and_recovers_relations(tmp_path_factory):
     """The demo's pretraining at a third of its budget (500 steps, Eq. 6 mask from step 300) on
-    the demo's data, with one random unit T per distinct name (no stage 1): the language head
-    learns and the paper's rule recovers the planted relations. Measured 2026-12-04 on data
-    1.2.0 with the heads after the ASPP (the default): accuracy 0.91 on the classes without a
-    renamed relation, precision 0.80, recall 1.00 (with the heads on the decoder: 0.92, 0.64,
-    1.00); the floors leave room for float reassociation, not for a broken method (the 300-step
-    demo that collapsed scored 0.23 / 0.19 / 0.75)."""
+    the demo's data 2.0, with one random unit T per distinct name (no stage 1): the language
+    head learns and the paper's rule finds the planted relations between differently named
+    classes, among many wrong pairs. Measured 2026-12-06 (data 2.0, heads after the ASPP):
+    accuracy 0.64 on the classes without a renamed relation (chance 1 in 16), recall 1.00,
+    precision 0.17 (35 pairs; on data 1.2.0: 0.91, 1.00, 0.80). The floors guard against a
+    broken method (the 300-step demo that collapsed on data 1.x scored 0.23 / 0.75), not for
+    a good one: precision has none, it is the finding (docs/choices.md, "Demo on data 2.0")."""
     from ms3_jax import pretrain
     from ms3_jax.data import synthetic
     from ms3_jax.testing import synthetic_data
@@ -93,5 +118,5 @@ def test_small_benchmark_learns_and_recovers_relations(tmp_path_factory):
     acc = demo.language_accuracy(workdir, data.data_dir, truth)
     scores = demo.score_relations(json.loads((root / "pretrain" / "relations.json").read_text()),
                                   truth, ls)
-    assert acc["pixel_accuracy_unrelated"] >= 0.8, acc
-    assert scores["precision"] >= 0.6 and scores["recall"] >= 0.8, scores
+    assert acc["pixel_accuracy_unrelated"] >= 0.5, acc
+    assert scores["recall"] >= 0.8 and scores["same_name"]["found"] >= 8, scores

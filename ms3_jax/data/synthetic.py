@@ -1,8 +1,9 @@
-"""Built-in synthetic multi-dataset: tiny segmentation datasets with planted class relations.
+"""Built-in synthetic multi-dataset: tiny segmentation datasets with the paper's difficulties.
 
 It exercises the whole MS3 path (paper Sec. 3.1: the union label space of several datasets;
 Sec. 3.3 / Tab. 8: cross-dataset relations that Eq. 6 should discover) on a laptop, with nothing
-downloaded. Not from the paper; every choice here is ours:
+downloaded, and it is built so that the method can fail on it. Not from the paper; every choice
+here is ours (docs/choices.md, "Synthetic data"):
 
 - Visual concepts are procedural textures (sky gradient, grass noise, wavy water, stair bands,
   brick walls, ...). A class is a set of concept *variants*: classes of different datasets
@@ -12,24 +13,21 @@ downloaded. Not from the paper; every choice here is ours:
   calm variant of 'synth_a/water'). The relations file is derived from these sets, so it is the
   ground truth by construction: synonyms in both directions, subsets from subset to superset
   (Eq. 6 / Tab. 8 are unidirectional). Three datasets are for pretraining (`PRETRAIN_DATASETS`);
-  synth_d, with its own names for shared concepts (vegetation, terrain, sidewalk, river), is held
-  out for transfer, in Mapillary's role (paper Tab. 3).
-- Fine-grained subset classes (dirt track, lake) are rare (`RARE_WEIGHT` of the others' region
-  frequency), as fine-grained labels are in real data. Eq. 6 maps y to y' when y's pixels lie
-  nearer T_y' than T_y; pixels that look the same get an embedding between the names they carry,
-  nearer the more frequent one, so a subset is found exactly when its parent's label dominates
-  the shared look. With equal class frequencies (1.1.0) 'dirt track' was the more frequent name
-  of its look ('path' shows it in half of its regions only) and neither subset was found
-  (docs/choices.md, "Demo budget and data").
-- The datasets share one look (colour, sensor noise, texture scale; `SyntheticSpec` can vary
-  them) and differ in their classes, and synth_b marks region boundaries as ignore (255) like
-  VOC. With a colour cast and noise level per dataset (until 2026-12-04) the network told the
-  datasets apart and so separated synonyms by their domain, never by their names (Eq. 1 pushes
-  stairs from stairway when it can): relation recall 0.55 instead of 0.75 on the demo
-  (docs/choices.md, "Demo budget and data").
-- Images are warped Voronoi partitions (blobby regions) with one class per cell. Sizes vary
-  in aspect ratio around `image_size`. Generation is deterministic for a seed: every image is
-  drawn from `np.random.default_rng([seed, dataset, split, index])`.
+  synth_d is held out for transfer, in Mapillary's role (paper Tab. 3), with its own names for
+  shared concepts (vegetation, terrain, river) and a concept of its own (sidewalk: paving).
+- The difficulties (`Difficulty`, data 2.0): a look per dataset (colour cast, sensor noise, blur,
+  texture scale); every concept drawn per dataset with its own colour offset and feature scale,
+  so synonyms are one texture family, never the identical texture; scenes that make classes
+  co-occur (boats inside water, sand beside water, roads beside buildings, the sky on top), with
+  concepts a dataset has no class for painted and labelled ignore; unrelated look-alikes (sand
+  near path, calm water near sky, road near mountain, grass near tree).
+- Fine-grained subset classes (dirt track, lake) are rare (`RARE_WEIGHT` of the others'
+  frequency), as fine-grained labels are in real data; synth_b marks region boundaries as
+  ignore (255) like VOC.
+- Images are warped Voronoi partitions (blobby regions). Sizes vary in aspect ratio around
+  `image_size`. Generation is deterministic for a seed: every image is drawn from
+  `np.random.default_rng([seed, dataset, split, index])`. Data 1.x (one look, identical synonym
+  textures, independent regions) is built by the code of commit 91a0f6d.
 
 Records have the same format as the real builders (`builders.py`): tfds features
 {'image': jpeg, 'label': png uint8 [H, W, 1] dataset-local ids with 255 = ignore, 'file_name'},
@@ -41,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import io
 import json
 import os
@@ -48,13 +47,14 @@ from collections.abc import Callable, Sequence
 
 from etils import epath
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from ms3_jax.data import classes
 
 IGNORE_INDEX = classes.IGNORE_INDEX
+DATA_VERSION = '2.0.0'  # 1.x: built by the code of commit 91a0f6d (git checkout it)
 RELATIONS_FILE = 'synthetic_relations.json'
 INFO_FILE = 'synthetic_info.json'
 _JPEG_QUALITY = 95
@@ -166,11 +166,74 @@ def _sand(rng, h, w, s):
     return _rgb((0.86, 0.76, 0.52)) + n[..., None]
 
 
+def _paving(rng, h, w, s):
+    """Square slabs with dark joints and a per-slab tone (data 2.0: synth_d's sidewalk)."""
+    slab, joint = 9 * s, max(1.0, 1.2 * s)
+    yy = np.arange(h, dtype=np.float32)[:, None] + rng.uniform(0, slab)
+    xx = np.arange(w, dtype=np.float32)[None, :] + rng.uniform(0, slab)
+    iy, ix = np.floor(yy / slab).astype(int), np.floor(xx / slab).astype(int)
+    tone = rng.uniform(-0.06, 0.06, (iy.max() + 1, ix.max() + 1)).astype(np.float32)[iy, ix]
+    is_joint = ((yy % slab) < joint) | ((xx % slab) < joint)
+    grey = np.where(is_joint, 0.30, 0.62 + tone).astype(np.float32)[..., None]
+    return grey * _rgb((1.0, 0.98, 0.95)) + 0.02 * _noise(rng, h, w, 2 * s)[..., None]
+
+
 TEXTURES: dict[str, Callable[..., np.ndarray]] = {
     'sky': _sky, 'grass': _grass, 'water_waves': _water_waves, 'water_calm': _water_calm,
     'stairs': _stairs, 'mountain': _mountain, 'boat': _boat, 'path_plain': _path_plain,
     'path_dirt': _path_dirt, 'building': _building, 'tree': _tree, 'road': _road, 'sand': _sand,
+    'paving': _paving,
 }
+
+
+def family(variant: str) -> str:
+    """The concept a texture variant draws: 'water_calm' -> 'water', 'path_dirt' -> 'path'."""
+    return variant.split('_')[0]
+
+
+@functools.cache
+def _mean_color(variant: str) -> np.ndarray:
+    """Mean RGB of a texture (one 64 x 64 draw at scale 1), the anchor of look-alike shifts."""
+    return TEXTURES[variant](np.random.default_rng(0), 64, 64, 1.0).reshape(-1, 3).mean(0)
+
+
+# --- the paper's difficulties (data 2.0) ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """The knobs of the paper's difficulties (`synthetic.*` in the configs; docs/choices.md).
+
+    domain_gap: strength of each dataset's own look (`SyntheticSpec.color_gain`, `noise_std`,
+      `blur`; 0 = one look for all, 1 = the specs' values, larger = stronger).
+    synonym_similarity: 1 = a concept is drawn with the same parameters in every dataset; below
+      1 each (dataset, concept) gets its own colour offset and feature scale (std
+      `STYLE_COLOR_STD` / `STYLE_SCALE_STD` x (1 - similarity)): synonyms are the same family,
+      never the same texture.
+    cooccurrence: probability that an image is a scene (`SCENES`: boats on water, sand beside
+      water, roads and buildings, ...) rather than independent regions; in a scene the sky is on
+      top and concepts a dataset has no class for are painted and labelled ignore.
+    lookalike: how far each texture in `LOOKALIKES` moves its mean colour towards its unrelated
+      look-alike's (0 = its own, 1 = the same mean colour).
+    """
+    domain_gap: float = 1.0
+    synonym_similarity: float = 0.5
+    cooccurrence: float = 0.8
+    lookalike: float = 0.6
+
+
+STYLE_COLOR_STD, STYLE_SCALE_STD = 0.12, 0.5
+# Unrelated concepts that look alike (paper Tab. 8's mistakes: 'tree' / 'vegetable', 'grass' /
+# 'gravel'): texture -> the texture whose mean colour it is drawn towards.
+LOOKALIKES = {'sand': 'path_plain', 'water_calm': 'sky', 'road': 'mountain', 'grass': 'tree'}
+# Scenes: the concept families that appear together; 'boat' is an object placed inside water.
+SCENES: dict[str, tuple[str, ...]] = {
+    'coast': ('sky', 'water', 'sand', 'boat'),
+    'highland': ('sky', 'mountain', 'grass', 'tree'),
+    'town': ('sky', 'building', 'road', 'paving', 'stairs', 'path'),
+    'park': ('grass', 'tree', 'path', 'water', 'stairs'),
+}
+OBJECTS = {'boat': 'water'}  # object family -> the family it sits in
+_UNANNOTATED_WEIGHT = 0.25  # relative frequency of a scene concept the dataset has no class for
 
 
 # --- the datasets ---------------------------------------------------------------------------------
@@ -181,9 +244,10 @@ class SyntheticSpec:
     name: str
     classes: tuple[tuple[str, tuple[str, ...]], ...]
     class_weights: tuple[float, ...]  # relative frequency of each class among an image's regions
-    color_gain: tuple[float, float, float]
-    noise_std: float          # sensor noise, in [0, 1] units
-    texture_scale: float      # multiplies every texture's feature size
+    color_gain: tuple[float, float, float]  # colour cast (at Difficulty.domain_gap 1)
+    noise_std: float          # sensor noise, in [0, 1] units (at domain_gap 1)
+    blur: float               # Gaussian blur radius in pixels at image_size 128 (at domain_gap 1)
+    texture_scale: float      # multiplies every texture's feature size (at domain_gap 1)
     ignore_boundaries: bool   # mark region boundaries 255 (VOC-style)
 
     @property
@@ -201,19 +265,23 @@ def _spec(name: str, concepts: dict[str, tuple[str, ...]], rare: tuple[str, ...]
 
 
 RARE_WEIGHT = 0.25
-_LOOK = dict(color_gain=(1.0, 1.0, 1.0), noise_std=0.01, texture_scale=1.0)
 SPECS: tuple[SyntheticSpec, ...] = (
-    _spec('synth_a',  # ADE20K-like
+    _spec('synth_a',  # ADE20K-like: warm, clean
           {'stairway': ('stairs',), 'path': ('path_plain', 'path_dirt'),
-           'water': ('water_waves', 'water_calm')}, **_LOOK, ignore_boundaries=False),
-    _spec('synth_b',  # VOC-like: ignore boundaries
+           'water': ('water_waves', 'water_calm')},
+          color_gain=(1.08, 1.0, 0.90), noise_std=0.01, blur=0.0, texture_scale=1.0,
+          ignore_boundaries=False),
+    _spec('synth_b',  # VOC-like: cool, noisy, finer textures, ignore boundaries
           {'hill': ('mountain',), 'ship': ('boat',), 'dirt track': ('path_dirt',)},
-          rare=('dirt track',), **_LOOK, ignore_boundaries=True),
-    _spec('synth_c',  # COCO-Stuff-like
-          {'lake': ('water_calm',)}, rare=('lake',), **_LOOK, ignore_boundaries=False),
+          rare=('dirt track',), color_gain=(0.92, 0.98, 1.10), noise_std=0.035, blur=0.0,
+          texture_scale=0.85, ignore_boundaries=True),
+    _spec('synth_c',  # COCO-Stuff-like: green cast, soft, coarser textures
+          {'lake': ('water_calm',)}, rare=('lake',), color_gain=(1.0, 1.06, 0.94),
+          noise_std=0.015, blur=0.9, texture_scale=1.15, ignore_boundaries=False),
     _spec('synth_d',  # Mapillary-like: held out of pretraining, for transfer (Tab. 3)
-          {'vegetation': ('tree',), 'terrain': ('grass',), 'sidewalk': ('path_plain',),
-           'river': ('water_waves',)}, **_LOOK, ignore_boundaries=False),
+          {'vegetation': ('tree',), 'terrain': ('grass',), 'sidewalk': ('paving',),
+           'river': ('water_waves',)}, color_gain=(1.05, 0.95, 1.05), noise_std=0.02, blur=0.5,
+          texture_scale=1.0, ignore_boundaries=False),
 )
 SPEC_BY_NAME: dict[str, SyntheticSpec] = {s.name: s for s in SPECS}
 SYNTHETIC_DATASETS: tuple[str, ...] = tuple(s.name for s in SPECS)
@@ -226,6 +294,7 @@ def ground_truth_relations() -> list[dict[str, str]]:
 
     'synonym': same variant set (listed in both directions). 'subset': the 'from' class shows a
     strict subset of the 'to' class's variants (only that direction, as in Eq. 6 / Tab. 8).
+    Look-alikes and scene neighbours are not relations.
     """
     out = []
     for a in SPECS:
@@ -267,33 +336,97 @@ def _boundary_mask(label: np.ndarray, width: int = 1) -> np.ndarray:
     return b
 
 
-def generate_example(spec: SyntheticSpec, rng: np.random.Generator,
-                     image_size: int) -> tuple[np.ndarray, np.ndarray]:
+@functools.cache
+def _style(dataset: str, variant: str, similarity: float,
+           lookalike: float) -> tuple[np.ndarray, float]:
+    """(RGB offset, feature-scale factor) of `variant` as `dataset` draws it: a fixed draw per
+    (dataset, variant) times (1 - similarity), plus the look-alike shift."""
+    r = np.random.default_rng([SYNTHETIC_DATASETS.index(dataset), list(TEXTURES).index(variant)])
+    shift = r.normal(0.0, STYLE_COLOR_STD, 3) * (1.0 - similarity)
+    scale = float(np.exp(r.normal(0.0, STYLE_SCALE_STD) * (1.0 - similarity)))
+    if variant in LOOKALIKES:
+        shift = shift + lookalike * (_mean_color(LOOKALIKES[variant]) - _mean_color(variant))
+    return shift.astype(np.float32), scale
+
+
+def _scene_regions(spec: SyntheticSpec, rng: np.random.Generator, cells: np.ndarray,
+                   difficulty: Difficulty) -> list[tuple[np.ndarray, int, str]]:
+    """(mask, label, variant) per region of one image: a scene (with probability
+    `cooccurrence`) or independent classes per cell; label IGNORE_INDEX = painted, not annotated."""
+    n_cells = int(cells.max()) + 1
+    weights = np.asarray(spec.class_weights, np.float64)
+    class_of = {family(v): i for i, (_, vs) in enumerate(spec.classes) for v in vs}
+
+    def pick(fam_or_class):
+        if isinstance(fam_or_class, (int, np.integer)):
+            variants, label = spec.classes[fam_or_class][1], int(fam_or_class)
+        elif fam_or_class in class_of:
+            variants, label = spec.classes[class_of[fam_or_class]][1], class_of[fam_or_class]
+        else:
+            variants = tuple(v for v in TEXTURES if family(v) == fam_or_class)
+            label = IGNORE_INDEX
+        return label, variants[int(rng.integers(len(variants)))]
+
+    scenes = [fams for fams in SCENES.values() if sum(f in class_of for f in fams) >= 2]
+    if not scenes or rng.uniform() >= difficulty.cooccurrence:
+        cls_of_cell = rng.choice(len(spec.classes), n_cells, p=weights / weights.sum())
+        if len(np.unique(cls_of_cell)) < 2:  # at least two classes per image
+            cls_of_cell[0] = (cls_of_cell[0] + 1 + rng.integers(0, len(spec.classes) - 1)) % len(
+                spec.classes)
+        return [(cells == c, *pick(int(cls_of_cell[c]))) for c in range(n_cells)]
+    scene = scenes[int(rng.integers(len(scenes)))]
+    stuff = [f for f in scene if f not in OBJECTS]
+    rows = [np.nonzero(cells == c)[0] for c in range(n_cells)]  # a warped cell may be empty
+    top = int(np.argmin([r.mean() if r.size else np.inf for r in rows]))
+    fam_of_cell: dict[int, str] = {}
+    if 'sky' in stuff and rng.uniform() < 0.75:  # the sky on top, nowhere else
+        fam_of_cell[top] = 'sky'
+        stuff = [f for f in stuff if f != 'sky']
+    p = np.array([weights[class_of[f]] if f in class_of else _UNANNOTATED_WEIGHT for f in stuff])
+    for c in range(n_cells):
+        fam_of_cell.setdefault(c, stuff[rng.choice(len(stuff), p=p / p.sum())])
+    regions = [(cells == c, *pick(fam_of_cell[c])) for c in range(n_cells)]
+    for obj, host in OBJECTS.items():  # boats on water
+        hosts = [c for c, f in fam_of_cell.items() if f == host]
+        if obj not in scene or not hosts or rng.uniform() >= 0.8:
+            continue
+        h, w = cells.shape
+        for _ in range(int(rng.integers(1, 4))):
+            ys, xs = np.nonzero(cells == hosts[int(rng.integers(len(hosts)))])
+            i = int(rng.integers(len(ys)))
+            ry, rx = rng.uniform(0.08, 0.16) * h, rng.uniform(0.12, 0.25) * w
+            ellipse = (((np.arange(h)[:, None] - ys[i]) / ry) ** 2
+                       + ((np.arange(w)[None, :] - xs[i]) / rx) ** 2) <= 1.0
+            regions.append((ellipse & np.isin(cells, hosts), *pick(obj)))
+    return regions
+
+
+def generate_example(spec: SyntheticSpec, rng: np.random.Generator, image_size: int,
+                     difficulty: Difficulty = Difficulty()) -> tuple[np.ndarray, np.ndarray]:
     """One (image uint8 [H, W, 3], label uint8 [H, W]) pair of dataset `spec`."""
     h = image_size
     w = int(round(image_size * rng.choice([0.75, 1.0, 1.25, 1.5])))
     cells = _region_map(rng, h, w)
-    n_cells = int(cells.max()) + 1
-    n_cls = len(spec.classes)
-    p = np.asarray(spec.class_weights) / np.sum(spec.class_weights)
-    cls_of_cell = rng.choice(n_cls, n_cells, p=p)
-    if len(np.unique(cls_of_cell)) < 2:  # at least two classes per image
-        cls_of_cell[0] = (cls_of_cell[0] + 1 + rng.integers(0, n_cls - 1)) % n_cls
+    gap = difficulty.domain_gap
+    scale = (1.0 + gap * (spec.texture_scale - 1.0)) * image_size / 128
     image = np.zeros((h, w, 3), np.float32)
-    label = np.zeros((h, w), np.uint8)
-    scale = spec.texture_scale * image_size / 128
-    for c in range(n_cells):
-        mask = cells == c
+    label = np.full((h, w), IGNORE_INDEX, np.uint8)
+    for mask, cls, variant in _scene_regions(spec, rng, cells, difficulty):
         if not mask.any():
             continue
-        cls = int(cls_of_cell[c])
-        variants = spec.classes[cls][1]
-        variant = variants[int(rng.integers(len(variants)))]
-        tex = TEXTURES[variant](rng, h, w, scale)
-        image[mask] = tex[mask]
+        shift, factor = _style(spec.name, variant, difficulty.synonym_similarity,
+                               difficulty.lookalike)
+        image[mask] = (TEXTURES[variant](rng, h, w, scale * factor) + shift)[mask]
         label[mask] = cls
-    image = image * np.asarray(spec.color_gain, np.float32) * rng.uniform(0.92, 1.08)
-    image = image + spec.noise_std * rng.standard_normal(image.shape, dtype=np.float32)
+    gain = 1.0 + gap * (np.asarray(spec.color_gain, np.float32) - 1.0)
+    image = np.clip(image * gain * rng.uniform(0.92, 1.08), 0.0, 1.0)
+    radius = gap * spec.blur * image_size / 128
+    if radius > 0:
+        blurred = Image.fromarray(np.round(image * 255).astype(np.uint8)).filter(
+            ImageFilter.GaussianBlur(radius))
+        image = np.asarray(blurred, np.float32) / 255
+    noise_std = max(0.01 + gap * (spec.noise_std - 0.01), 0.0)
+    image = image + noise_std * rng.standard_normal(image.shape, dtype=np.float32)
     image = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
     if spec.ignore_boundaries:
         label[_boundary_mask(label)] = IGNORE_INDEX
@@ -314,10 +447,13 @@ _SPLITS = ('train', 'validation')
 class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """tfds builder for one synthetic dataset (subclasses set SPEC_NAME)."""
 
-    VERSION = tfds.core.Version('1.2.0')
+    VERSION = tfds.core.Version(DATA_VERSION)
     RELEASE_NOTES = {'1.0.0': 'Initial release.',
                      '1.1.0': 'One look for all datasets (no per-dataset colour cast / noise).',
-                     '1.2.0': 'Fine-grained subset classes are rare; held-out synth_d.'}
+                     '1.2.0': 'Fine-grained subset classes are rare; held-out synth_d.',
+                     '2.0.0': 'The paper\'s difficulties (`Difficulty`): a look per dataset, '
+                              'synonyms drawn per dataset, scenes, look-alikes, a new concept '
+                              'in synth_d.'}
     SPEC_NAME = ''
 
     # tfds derives `code_path` via importlib.resources, which fails for editable installs without
@@ -328,10 +464,11 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         return epath.Path(__file__)
 
     def __init__(self, *, num_train: int = 300, num_val: int = 50, image_size: int = 128,
-                 seed: int = 0, **kwargs):
+                 seed: int = 0, difficulty: Difficulty = Difficulty(), **kwargs):
         self._num = {'train': int(num_train), 'validation': int(num_val)}
         self._image_size = int(image_size)
         self._seed = int(seed)
+        self._difficulty = difficulty
         kwargs.setdefault('file_format', 'array_record')
         super().__init__(**kwargs)
 
@@ -360,7 +497,7 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         d = SYNTHETIC_DATASETS.index(spec.name)
         for i in range(self._num[split]):
             rng = np.random.default_rng([self._seed, d, _SPLITS.index(split), i])
-            image, label = generate_example(spec, rng, self._image_size)
+            image, label = generate_example(spec, rng, self._image_size, self._difficulty)
             name = f'{spec.name}_{split}_{i:05d}.jpg'
             yield name, {'image': _encode(image, 'JPEG'), 'label': _encode(label, 'PNG'),
                          'file_name': name}
@@ -396,17 +533,24 @@ class SyntheticInfo:
     num_val: int
     image_size: int
     seed: int
+    difficulty: Difficulty
 
 
 def prepare_synthetic(data_dir: str | os.PathLike, num_train: int = 300, num_val: int = 50,
-                      image_size: int = 128, seed: int = 0) -> SyntheticInfo:
+                      image_size: int = 128, seed: int = 0, **difficulty: float) -> SyntheticInfo:
     """Builds synth_a/b/c/d as array_record under `data_dir` plus the relations JSON; idempotent.
 
-    Re-running with the same arguments does nothing; a new data version is built next to the old
-    one (tfds: a folder per version); other arguments than the build in `data_dir` had are
-    refused (ValueError naming both): built data is never deleted.
+    `difficulty`: fields of `Difficulty` (the paper's difficulties; unset ones at their defaults).
+    Re-running with the same arguments does nothing; other arguments or another data version
+    than the build in `data_dir` had are refused (ValueError naming both): built data is never
+    deleted.
     """
     data_dir = os.fspath(data_dir)
+    unknown = sorted(set(difficulty) - {f.name for f in dataclasses.fields(Difficulty)})
+    if unknown:
+        raise ValueError(f'synthetic: unknown fields {unknown}; valid: num_train, num_val, '
+                         f'image_size, seed, {", ".join(f.name for f in dataclasses.fields(Difficulty))}')
+    knobs = Difficulty(**{k: float(v) for k, v in difficulty.items()})
     os.makedirs(data_dir, exist_ok=True)
     params = dict(num_train=int(num_train), num_val=int(num_val), image_size=int(image_size),
                   seed=int(seed))
@@ -415,15 +559,17 @@ def prepare_synthetic(data_dir: str | os.PathLike, num_train: int = 300, num_val
     with open(os.path.join(data_dir, '.build.lock'), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            _prepare_locked(data_dir, params)
+            _prepare_locked(data_dir, params, knobs)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return SyntheticInfo(data_dir=data_dir, dataset_names=PRETRAIN_DATASETS,
                          held_out=HELD_OUT_DATASET,
-                         relations_path=os.path.join(data_dir, RELATIONS_FILE), **params)
+                         relations_path=os.path.join(data_dir, RELATIONS_FILE), **params,
+                         difficulty=knobs)
 
 
-def _prepare_locked(data_dir: str, params: dict[str, int]) -> None:
+def _prepare_locked(data_dir: str, params: dict[str, int], knobs: Difficulty) -> None:
+    params = dict(params, version=DATA_VERSION, **dataclasses.asdict(knobs))
     info_path = os.path.join(data_dir, INFO_FILE)
     relations_path = os.path.join(data_dir, RELATIONS_FILE)
     old = None
@@ -432,8 +578,9 @@ def _prepare_locked(data_dir: str, params: dict[str, int]) -> None:
             old = json.load(f)
     if old is not None and old != params:  # never delete data someone built
         raise ValueError(
-            f'{data_dir} holds synthetic data built with {old}; this config asks for {params}. '
-            'Point data.data_dir at another directory (or delete that one yourself).')
+            f'{data_dir} holds synthetic data {old.get("version", "1.x")} built with {old}; this '
+            f'config asks for data {DATA_VERSION} with {params}. Point data.data_dir at another '
+            'directory (or delete that one yourself).')
     built = all(
         os.path.exists(os.path.join(data_dir, n, str(_SyntheticBuilder.VERSION), 'dataset_info.json'))
         for n in SYNTHETIC_DATASETS)
@@ -441,7 +588,9 @@ def _prepare_locked(data_dir: str, params: dict[str, int]) -> None:
         # A missing or older version is built next to what is there (tfds: one folder per version).
         with _quiet_tfds():
             for n in SYNTHETIC_DATASETS:
-                BUILDERS[n](data_dir=data_dir, **params).download_and_prepare()
+                BUILDERS[n](data_dir=data_dir, difficulty=knobs, **{
+                    k: params[k] for k in ('num_train', 'num_val', 'image_size', 'seed')}
+                ).download_and_prepare()
         with open(relations_path, 'w') as f:
             json.dump(ground_truth_relations(), f, indent=1)
         with open(info_path, 'w') as f:  # written last: marks a complete build

@@ -6,10 +6,13 @@ CLIP weights. ``save_tiny_clip(directory)`` writes what a hub snapshot of a CLIP
 ``clip_text.load_clip_text(directory)`` reads it through the same code path as real CLIP.
 
 Its weights are random: its embeddings carry no language knowledge, only the token identities,
-except for a planted prior: the token embedding of each word in ``RELATED_WORDS`` is drawn at
-cosine ``related_cos`` to its partner's, standing in for what real CLIP knows (paper Tab. 1:
-template similarities of related names are high), so that 'boat' starts near 'ship'. A marker
-file (``TINY_RANDOM_CLIP``) says so, and ``is_tiny_random_clip`` lets callers warn.
+except for a planted prior, ``WORD_PRIOR``: word associations of English, written without
+looking at the synthetic data's relations, each word's token embedding drawn at a cosine to an
+anchor word's. It stands in for what real CLIP knows (paper Tab. 1) and is not the answer key:
+some planted relations have a strong prior (ship / boat), some a weak one (track / path,
+vegetation / tree), and some unrelated words a strong one (sidewalk / road, terrain /
+mountain, dirt / sand). A marker file (``TINY_RANDOM_CLIP``) says so, and
+``is_tiny_random_clip`` lets callers warn.
 
 Tokenizer: a CLIP-style BPE (``</w>`` word ends, SOS/EOS as the two largest ids like CLIP's) with
 every single character of ``CHARS`` (so any lowercase name tokenizes, one token per character at
@@ -36,12 +39,14 @@ DEFAULT_WORDS = (
     "track", "building", "water", "lake", "ship", "boat", "tree", "road", "sand", "vegetation",
     "terrain", "sidewalk", "river",
 )
-# word -> partner whose token embedding it is drawn near (synonyms and parents of the synthetic
-# data's renamed classes, ms3_jax.data.synthetic).
-RELATED_WORDS = {"stairway": "stairs", "hill": "mountain", "boat": "ship", "lake": "water",
-                 "dirt": "path", "track": "path", "vegetation": "tree", "terrain": "grass", "sidewalk": "path",
-                 "river": "water"}
-RELATED_COS = 0.9
+# word -> {anchor: cosine of its token embedding to the anchor's}. Anchors are never redrawn.
+# English associations, from strong to weak, independent of ms3_jax.data.synthetic's relations.
+WORD_PRIOR: dict[str, dict[str, float]] = {
+    "boat": {"ship": 0.9}, "stairway": {"stairs": 0.85}, "river": {"water": 0.75},
+    "sidewalk": {"road": 0.75}, "terrain": {"mountain": 0.7, "grass": 0.2}, "dirt": {"sand": 0.6},
+    "hill": {"mountain": 0.55}, "lake": {"water": 0.45}, "building": {"stairs": 0.4},
+    "vegetation": {"tree": 0.35}, "track": {"path": 0.25},
+}
 DEFAULT_WIDTH = 32
 DEFAULT_PROJ_DIM = 32  # = configs/pretrain.py:tiny model.emb_dim, so stage 1 feeds stage 2
 DEFAULT_NUM_CTX = 13  # the paper's M (clip_text.DEFAULT_NUM_CTX)
@@ -143,8 +148,8 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
                    full: bool = False, seed: int = 0, max_len: int | None = None,
                    width: int = DEFAULT_WIDTH, proj_dim: int = DEFAULT_PROJ_DIM,
                    legacy_eos: bool = False, sharpen: bool = True,
-                   num_ctx: int = DEFAULT_NUM_CTX, related: Mapping[str, str] | None = None,
-                   related_cos: float = RELATED_COS,
+                   num_ctx: int = DEFAULT_NUM_CTX,
+                   prior: Mapping[str, Mapping[str, float]] | None = None,
                    vision_overrides: Mapping[str, Any] | None = None) -> Path:
     """Save a random ``CLIPTextModelWithProjection`` (a full ``CLIPModel`` if ``full``) + tokenizer.
 
@@ -153,9 +158,9 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
     ``[SOS] + num_ctx + name + "." + [EOS]`` over ``words``, and at least 32; a given ``max_len``
     too small for those prompts is an error. ``sharpen`` draws larger weights than CLIP's init
     (embeddings N(0, 0.5), matrices N(0, 0.2)), so attention and the embedded token identities
-    matter instead of being washed out. ``related`` (default ``RELATED_WORDS``; ``{}`` for none):
-    word -> partner, the word's token embedding redrawn at cosine ``related_cos`` to the
-    partner's (pairs with a word outside the vocabulary are skipped). ``vision_overrides``
+    matter instead of being washed out. ``prior`` (default ``WORD_PRIOR``; ``{}`` for none):
+    word -> {anchor: cosine}, the word's token embedding redrawn at about those cosines to the
+    anchors' (words outside the vocabulary are skipped). ``vision_overrides``
     (``full`` only): ``CLIPVisionConfig`` fields replacing the tiny vision tower's (width 16,
     1 layer, 2 heads, MLP 32, 32 px images in 16 px patches), e.g. a patch-32 layout. Writes a
     ``TINY_RANDOM_CLIP`` marker next to the files.
@@ -189,13 +194,13 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
         model = transformers.CLIPTextModelWithProjection(config)
     if sharpen:
         _sharpen(model, seed)
-    _plant_related(model, vocab_and_merges(words)[0],
-                   RELATED_WORDS if related is None else related, related_cos)
+    _plant_prior(model, vocab_and_merges(words)[0], WORD_PRIOR if prior is None else prior)
     model.save_pretrained(directory, safe_serialization=True)
     (directory / MARKER_FILE).write_text(
         "A tiny CLIP with RANDOM weights written by ms3_jax.testing.tiny_clip.save_tiny_clip:\n"
         "a stand-in for tests and demos, not pretrained CLIP. Its embeddings carry no language "
-        "knowledge beyond a planted prior: the words of RELATED_WORDS start near their partners.\n")
+        "knowledge beyond a planted prior of word associations (WORD_PRIOR), which is not the\n"
+        "synthetic data's answer key.\n")
     return directory
 
 
@@ -213,18 +218,29 @@ def is_tiny_random_clip(directory: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(directory), MARKER_FILE))
 
 
-def _plant_related(model, vocab: Mapping[str, int], related: Mapping[str, str],
-                   cos: float) -> None:
-    """Token embedding of each word := cos * partner's + sqrt(1 - cos^2) * its own random one
-    (both drawn i.i.d., so the norm is kept in expectation and the cosine is about ``cos``)."""
+def _plant_prior(model, vocab: Mapping[str, int], prior: Mapping[str, Mapping[str, float]]) -> None:
+    """Token embedding of each word := |e_w| (sum_a cos_a u_a + sqrt(1 - sum_a cos_a^2) u_w), with
+    u_a the anchors' unit vectors and u_w the unit part of e_w orthogonal to them: the cosine to
+    a lone anchor is cos_a exactly (to several, up to the anchors' own small cosines). Anchors
+    must not be redrawn themselves."""
     import torch  # optional dependency (the `torch` extra)
 
+    redrawn = set(prior) & {a for anchors in prior.values() for a in anchors}
+    if redrawn:
+        raise ValueError(f"prior: {sorted(redrawn)} are both redrawn and anchors")
     table = model.text_model.embeddings.token_embedding.weight
     with torch.no_grad():
-        for word, partner in related.items():
-            w, p = vocab.get(word + "</w>"), vocab.get(partner + "</w>")
-            if w is not None and p is not None:
-                table[w] = cos * table[p] + (1.0 - cos ** 2) ** 0.5 * table[w]
+        for word, anchors in prior.items():
+            w = vocab.get(word + "</w>")
+            rows = [(vocab.get(a + "</w>"), c) for a, c in anchors.items()]
+            if w is None or any(a is None for a, _ in rows):
+                continue
+            units = torch.stack([table[a] / table[a].norm() for a, _ in rows])
+            q, _ = torch.linalg.qr(units.T)  # orthonormal basis of the anchors' span
+            rest = table[w] - q @ (q.T @ table[w])
+            own = max(1.0 - sum(c * c for _, c in rows), 0.0) ** 0.5
+            mixed = sum(c * u for (_, c), u in zip(rows, units)) + own * rest / rest.norm()
+            table[w] = table[w].norm() * mixed / mixed.norm()
 
 
 def _sharpen(model, seed: int) -> None:
