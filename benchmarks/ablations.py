@@ -41,7 +41,7 @@ accuracy (nearest-T pixel accuracy on the classes without a renamed relation,
 differently named classes (`ms3_jax.demo.score_relations`) for rows with M_C. Each finished
 (row, seed) is a line of W/ablations.jsonl, so an interrupted run resumes where it stopped; the
 tables go to stdout, W/ablations.md and W/ablations.json (`--check FILE` checks that the
-figures FILE quotes from them are the run's).
+rows FILE quotes from them, between QUOTE_BEGIN / QUOTE_END, are the run's).
 """
 from __future__ import annotations
 
@@ -207,12 +207,23 @@ def report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+QUOTE_BEGIN, QUOTE_END = "<!-- ablations: quoted from the run -->", "<!-- /ablations -->"
+
+
 def check_quotes(path: str, table: str) -> list[str]:
-    """Lines of the run's tables that `path` should quote but does not (its ablation table must
-    hold every line of `table` verbatim)."""
+    """What `path` quotes wrongly: between its QUOTE_BEGIN / QUOTE_END markers, every table row
+    whose first cell names a row or an ordering of the run must be the run's line verbatim, and
+    at least one must be there. Returns the problems (empty: the quotes are the run's)."""
     with open(path) as f:
         text = f.read()
-    return [line for line in table.splitlines() if line.startswith("| ") and line not in text]
+    if QUOTE_BEGIN not in text or QUOTE_END not in text:
+        return [f"no {QUOTE_BEGIN} ... {QUOTE_END} section"]
+    quoted = text.split(QUOTE_BEGIN, 1)[1].split(QUOTE_END, 1)[0].splitlines()
+    first = lambda line: line.split("|")[1].strip()
+    run = {first(line): line for line in table.splitlines() if line.startswith("| ")}
+    rows = [line for line in quoted if line.startswith("| ") and first(line) in run]
+    bad = [f"quoted: {line}\n   run: {run[first(line)]}" for line in rows if line != run[first(line)]]
+    return bad or ([] if rows else ["quotes no row of the run"])
 
 
 def main() -> None:
@@ -223,7 +234,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps per run (a smoke test)")
     parser.add_argument("--report", action="store_true", help="only print the tables")
     parser.add_argument("--check", metavar="FILE", action="append", default=[],
-                        help="exit 1 unless FILE quotes every line of the tables (repeatable)")
+                        help="exit 1 unless the rows FILE quotes (between its QUOTE_BEGIN / "
+                             "QUOTE_END markers) are the run's (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     rows = [r for r in args.rows.split(",") if r]
@@ -262,7 +274,7 @@ def main() -> None:
     if args.check:
         bad = {path: check_quotes(path, table) for path in args.check}
         for path, lines in bad.items():
-            print(f"{path}: {'quotes the run' if not lines else f'{len(lines)} lines differ:'}")
+            print(f"{path}: {'quotes the run' if not lines else f'{len(lines)} problems:'}")
             print("\n".join(lines))
         sys.exit(1 if any(bad.values()) else 0)
     with open(os.path.join(root, "ablations.md"), "w") as f:
