@@ -231,6 +231,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/ms3_ablations")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {list(ROWS)}")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seed_from", type=int, default=0,
+                        help="run seeds seed_from..seeds-1 only (to split a table over processes; "
+                             "concatenate their ablations.jsonl for --report)")
     parser.add_argument("--quick", action="store_true", help="a few steps per run (a smoke test)")
     parser.add_argument("--report", action="store_true", help="only print the tables")
     parser.add_argument("--check", metavar="FILE", action="append", default=[],
@@ -259,7 +262,7 @@ def main() -> None:
             stage1.data.data_dir = data_dir
             stage1.text.tiny_clip_dir = os.path.join(root, "tiny_clip")
             text_adapt.train_and_evaluate(stage1, os.path.dirname(text))
-        todo = [(r, s) for s in range(args.seeds) for r in rows
+        todo = [(r, s) for s in range(args.seed_from, args.seeds) for r in rows
                 if not any(d["row"] == r and d["seed"] == s for d in done)]
         t0 = time.time()
         for i, (row, seed) in enumerate(todo):
