@@ -239,6 +239,17 @@ def test_synthetic_scenes_make_classes_co_occur():
     assert sky_scene > 0.85 > sky_iid, (sky_scene, sky_iid)
 
 
+def test_synthetic_small_images_with_empty_cells_generate():
+    """Tiny images warp some Voronoi cells empty; scenes must not pick one as the sky's top cell
+    or as a boat's water."""
+    knobs = synthetic.Difficulty(cooccurrence=1.0)
+    cases = [(spec, i) for spec in synthetic.SPECS for i in range(100)]
+    cases.append((synthetic.SPEC_BY_NAME['synth_a'], 503))  # an empty water cell (crashed)
+    for spec, i in cases:
+        image, label = synthetic.generate_example(spec, np.random.default_rng([5, i]), 8, knobs)
+        assert image.shape[:2] == label.shape and image.shape[0] == 8
+
+
 def test_synthetic_held_out_has_a_concept_of_its_own():
     pretrain = {v for d in synthetic.PRETRAIN_DATASETS for _, vs in synthetic.SPEC_BY_NAME[d].classes
                 for v in vs}

@@ -387,7 +387,7 @@ def _scene_regions(spec: SyntheticSpec, rng: np.random.Generator, cells: np.ndar
         fam_of_cell.setdefault(c, stuff[rng.choice(len(stuff), p=p / p.sum())])
     regions = [(cells == c, *pick(fam_of_cell[c])) for c in range(n_cells)]
     for obj, host in OBJECTS.items():  # boats on water
-        hosts = [c for c, f in fam_of_cell.items() if f == host]
+        hosts = [c for c, f in fam_of_cell.items() if f == host and rows[c].size]
         if obj not in scene or not hosts or rng.uniform() >= 0.8:
             continue
         h, w = cells.shape
