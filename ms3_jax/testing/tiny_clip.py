@@ -6,8 +6,8 @@ CLIP weights. ``save_tiny_clip(directory)`` writes what a hub snapshot of a CLIP
 ``clip_text.load_clip_text(directory)`` reads it through the same code path as real CLIP.
 
 Its weights are random: its embeddings carry no language knowledge, only the token identities,
-except for a planted prior, ``WORD_PRIOR``: word associations of English, written without
-looking at the synthetic data's relations, each word's token embedding drawn at a cosine to an
+except for a planted prior, ``WORD_PRIOR``: English word associations set by hand (not derived
+from the synthetic data's relations file), each word's token embedding drawn at a cosine to an
 anchor word's. It stands in for what real CLIP knows (paper Tab. 1) and is not the answer key:
 some planted relations have a strong prior (ship / boat), some a weak one (track / path,
 vegetation / tree), and some unrelated words a strong one (sidewalk / road, terrain /
@@ -40,7 +40,8 @@ DEFAULT_WORDS = (
     "terrain", "sidewalk", "river",
 )
 # word -> {anchor: cosine of its token embedding to the anchor's}. Anchors are never redrawn.
-# English associations, from strong to weak, independent of ms3_jax.data.synthetic's relations.
+# English associations set by hand, strong to weak; deliberately not ms3_jax.data.synthetic's
+# relations (some planted ones weak, some unrelated words strong).
 WORD_PRIOR: dict[str, dict[str, float]] = {
     "boat": {"ship": 0.9}, "stairway": {"stairs": 0.85}, "river": {"water": 0.75},
     "sidewalk": {"road": 0.75}, "terrain": {"mountain": 0.7, "grass": 0.2}, "dirt": {"sand": 0.6},
