@@ -8,7 +8,7 @@ r"""MS3 pretraining (stage 2), paper section 4.1.
 Defaults are the paper's where it states them: DeepLab-v3+ / ResNet-50, two 3-layer 512-d
 projection heads after the ASPP, VOC-aug + ADE20K + COCO-Stuff-164k (|Y| = 21 + 150 + 171 =
 342), 224 crops, batch 128, SGD (momentum 0.9, weight decay 4e-5), lr 0.8 per 128 images with
-cosine decay to 0, 100 epochs, tau 0.07, alpha 1. Not in the paper (documented in docs/choices.md): output
+cosine decay to 0, 100 epochs, tau 0.07, alpha 1. Not in the paper (docs/choices.md): output
 stride 8 (the paper is silent; MMSegmentation's DeepLab-v3+ default, and a 28x28 map at 224 px
 gives Eq. 1-9 more pixels per class than 16's 14x14; `model.output_stride=16` is cheaper), EMA
 momentum 0.999 (MoCo), bank slots K = 256 and P = 32 pixels per class per step, lr warm-up, S
