@@ -10,8 +10,9 @@ the visual side, so before the bank fills no pixel is labelled.
 Shared names: "the same category" is decided per class NAME (`name_id_K`, from
 `labels.distinct_names`). A name shared by several datasets (VOC's and ADE20K's 'person') is one
 prompt, so its T rows are equal and the language argmax cannot tell the copies apart (it returns
-the first), while V has one row per dataset-class. The two argmaxes agree when their classes have the same name, and the pixel is
-labelled with the VISUAL argmax's class: the copy whose visual prototype is nearest.
+the first), while V has one row per dataset-class. The two argmaxes agree when their classes
+have the same name, and the pixel is labelled with the VISUAL argmax's class: the copy whose
+visual prototype is nearest.
 
 Choices not in the paper (config `pseudo.*`, docs/choices.md):
 - Confidence: the softmax probability of the chosen NAME at the pairing-loss temperature tau,
