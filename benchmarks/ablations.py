@@ -37,8 +37,8 @@ so each ordering of the paper is judged by its paired differences over the seeds
 t-interval; 'holds' when the interval is above 0, 'reversed' when below, else 'not resolved').
 T comes from one stage-1 run (configs/demo.py's), shared by every row and seed. Language
 accuracy (nearest-T pixel accuracy on the classes without a renamed relation,
-`ms3_jax.demo.language_accuracy`) for rows with L; relations precision / recall between
-differently named classes (`ms3_jax.demo.score_relations`) for rows with M_C. Each finished
+`ms3_jax.demo.job.language_accuracy`) for rows with L; relations precision / recall between
+differently named classes (`ms3_jax.demo.job.score_relations`) for rows with M_C. Each finished
 (row, seed) is a line of W/ablations.jsonl, so an interrupted run resumes where it stopped; the
 tables go to stdout, W/ablations.md and W/ablations.json (`--check FILE` checks that the
 rows FILE quotes from them, between QUOTE_BEGIN / QUOTE_END, are the run's).
@@ -62,9 +62,10 @@ sys.path.insert(0, REPO)
 
 from configs import demo as demo_config  # noqa: E402
 from configs.finetune import common as finetune_common  # noqa: E402
-from ms3_jax import demo, finetune, pretrain, text_adapt  # noqa: E402
 from ms3_jax.data import synthetic  # noqa: E402
 from ms3_jax.data.label_space import LabelSpace  # noqa: E402
+from ms3_jax.demo import job as demo
+from ms3_jax.stages import finetune, pretrain, text_adapt
 
 ROWS: dict[str, dict[str, Any]] = {
     "ce_single": {"loss.kind": "ce_single_head"},

@@ -113,10 +113,12 @@ def lower_stage1(cfg, devices, batch: int, size: int, patch: int, num_classes: i
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from ms3_jax import labels, nonfinite, sharding, text_adapt
     from ms3_jax.data.label_space import LabelSpace
+    from ms3_jax.demo import tiny_clip
+    from ms3_jax.engine import nonfinite, sharding
+    from ms3_jax.method import labels
     from ms3_jax.models import clip_text, clip_vision
-    from ms3_jax.testing import tiny_clip
+    from ms3_jax.stages import text_adapt
     if cfg.text.tiny_clip_dir:
         text_cfg = clip_text.CLIPTextConfig(vocab_size=300, width=32, num_layers=2, num_heads=4,
                                             max_len=STAGE1_PROMPT_LEN, proj_dim=32, mlp_dim=128)
@@ -170,9 +172,10 @@ def lower_step(cfg, devices, batch: int, size: int, num_classes: int | None = No
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from ms3_jax import nonfinite, optim, pretrain, sharding
     from ms3_jax.data.label_space import LabelSpace
-    from ms3_jax.train_state import init_train_state
+    from ms3_jax.engine import nonfinite, optim, sharding
+    from ms3_jax.method.train_state import init_train_state
+    from ms3_jax.stages import pretrain
     k = num_classes or LabelSpace.from_datasets(list(cfg.data.datasets)).num_classes
     c = cfg.model.emb_dim
     cfg.batch_size = batch * len(devices)

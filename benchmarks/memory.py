@@ -45,8 +45,8 @@ def main() -> None:
     import numpy as np
 
     from configs.pretrain import get_config
-    from ms3_jax import pretrain
     from ms3_jax.data.label_space import LabelSpace
+    from ms3_jax.stages import pretrain
 
     cfg = get_config()
     cfg.batch_size = args.batch

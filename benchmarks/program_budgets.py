@@ -30,7 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from ms3_jax import losses, memory_bank as mb, sharding  # noqa: E402
+from ms3_jax.engine import sharding
+from ms3_jax.method import losses, memory_bank as mb
 from ms3_jax.models.cpu_kernels import conv_matmul, depthwise_conv3x3  # noqa: E402
 
 GATHERS = re.compile(r"all-gather|all-to-all|collective-permute")

@@ -45,7 +45,7 @@ def make_inputs(k: int, batch: int, hw: int, dim: int, slots: int, seed: int = 0
     import jax.numpy as jnp
     import numpy as np
 
-    from ms3_jax import memory_bank, relations
+    from ms3_jax.method import memory_bank, relations
 
     rng = np.random.default_rng(seed)
     ds = dataset_of_class(k)
@@ -83,7 +83,7 @@ def make_part(config: Any):
     import jax
     import jax.numpy as jnp
 
-    from ms3_jax import losses, memory_bank, relations
+    from ms3_jax.method import losses, memory_bank, relations
 
     lc, per_class, m = config.loss, config.bank.per_class, config.relations.momentum
     product = jnp.dtype(config.model.dtype)  # as pretrain.make_train_step
@@ -145,7 +145,7 @@ def main() -> None:
                                    f" --xla_force_host_platform_device_count={args.devices}")
     if REPO not in sys.path:  # after PYTHONPATH, so a checkout there can be compared
         sys.path.append(REPO)
-    from ms3_jax import host_memory
+    from ms3_jax.engine import host_memory
 
     host_malloc = host_memory.configure_from_env()  # MS3_HOST_MALLOC, as `ms3_jax.main` does
     import jax
@@ -153,7 +153,7 @@ def main() -> None:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from configs.pretrain import get_config
-    from ms3_jax import sharding
+    from ms3_jax.engine import sharding
 
     cfg = get_config()
     hw, dim, slots = args.size // 4, cfg.model.emb_dim, cfg.bank.slots

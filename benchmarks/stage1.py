@@ -34,11 +34,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ms3_jax import text_adapt  # noqa: E402
-from ms3_jax.labels import distinct_names  # noqa: E402
 from ms3_jax.data.label_space import LabelSpace  # noqa: E402
+from ms3_jax.method.labels import distinct_names  # noqa: E402
 from ms3_jax.models import clip_text, clip_vision  # noqa: E402
 from ms3_jax.models.deeplab import encoder_from_config  # noqa: E402
+from ms3_jax.stages import text_adapt
 
 _spec = importlib.util.spec_from_file_location("ms3_bench_accel", os.path.join(REPO, "benchmarks", "accelerators.py"))
 accelerators = importlib.util.module_from_spec(_spec)

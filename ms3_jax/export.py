@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ms3_jax import checkpointing, exit_codes
+from ms3_jax.engine import checkpointing, exit_codes
 from ms3_jax.models.deeplab import ASPP_DILATIONS, MS3Encoder, untrained_subtrees
 from ms3_jax.models.resnet import OUTPUT_STRIDE_SETTINGS, STAGE_SIZES, ResNet
 

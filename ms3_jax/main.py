@@ -36,8 +36,9 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ms3_jax import (config_paths, demo, exit_codes, finetune, host_memory, loop, pretrain,
-                     sharding, text_adapt, workdir_lock)
+from ms3_jax.demo import job as demo
+from ms3_jax.engine import config_paths, exit_codes, host_memory, loop, sharding, workdir_lock
+from ms3_jax.stages import finetune, pretrain, text_adapt
 
 # Raised for what the user can fix (config values, paths, data); anything else is exit code 1.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,

@@ -19,11 +19,13 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from ms3_jax import checkpointing, evaluate, finetune
 from ms3_jax.data.eval_data import resize_short_side
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.engine import checkpointing
+from ms3_jax.evaluation import evaluate
+from ms3_jax.evaluation.visualize import write_outputs
 from ms3_jax.models.deeplab import resize_bilinear
-from ms3_jax.visualize import write_outputs
+from ms3_jax.stages import finetune
 from ms3_jax.zero_shot import read_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

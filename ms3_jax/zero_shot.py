@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
-from ms3_jax import checkpointing, config_paths, pretrain, text_adapt
 from ms3_jax.data import sources
+from ms3_jax.engine import checkpointing, config_paths
+from ms3_jax.evaluation.visualize import check_image, write_outputs
 from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
-from ms3_jax.visualize import check_image, write_outputs
+from ms3_jax.stages import pretrain, text_adapt
 
 DEFAULT_SHORT_SIDE = 448
 TEXT_MODEL_META = os.path.join("text_model", "text_model.json")  # text_adapt.save_adapted_text

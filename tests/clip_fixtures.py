@@ -1,4 +1,4 @@
-"""Tiny random CLIP checkpoints for tests: a thin wrapper over ``ms3_jax.testing.tiny_clip``.
+"""Tiny random CLIP checkpoints for tests: a thin wrapper over ``ms3_jax.demo.tiny_clip``.
 
 ``save_tiny_clip(dir, full=...)`` writes a width-32, 2-layer model with a 16-d projection and a
 BPE vocabulary covering ``TINY_WORDS`` (max_len 24). Import as ``from tests.clip_fixtures import ...``.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import transformers
 
-from ms3_jax.testing import tiny_clip
+from ms3_jax.demo import tiny_clip
 
 TINY_WORDS = (
     "a", "photo", "of", "cat", "dog", "horse", "cow", "person", "sky", "car", "traffic", "light",

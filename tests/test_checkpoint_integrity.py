@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from ms3_jax import checkpointing, loop
+from ms3_jax.engine import checkpointing, loop
 from tests.test_reliability import ToyIterator, ToyTrainer, restore_toy, toy_config, toy_run
 
 
@@ -304,7 +304,7 @@ def test_save_into_an_unwritable_directory_fails_fast(base, how):
 
 def test_unwritable_directory_is_reported_when_the_manager_opens(base, how):
     """The startup check (`training.checkpoint_manager` -> `checkpointing.checkpoint_manager`)."""
-    from ms3_jax import training
+    from ms3_jax.engine import training
     from tests.conftest import tiny_pretrain_config
     config = tiny_pretrain_config()
     workdir = base / "wd"

@@ -15,8 +15,8 @@ import transformers
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch_file
 
+from ms3_jax.demo import tiny_clip
 from ms3_jax.models import clip_vision as cv
-from ms3_jax.testing import tiny_clip
 from tests.clip_fixtures import TINY_PROJ_DIM, TINY_WORDS
 
 TOL = 1e-5

@@ -12,9 +12,9 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from ms3_jax import evaluate
 from ms3_jax.data import augment, eval_data, pipeline, synthetic
 from ms3_jax.data.label_space import IGNORE_INDEX, UNION_IGNORE, LabelSpace
+from ms3_jax.evaluation import evaluate
 from ms3_jax.testing import synthetic_data
 
 SMALL = dict(crop_size=32, base_size=32)

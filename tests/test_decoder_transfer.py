@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ms3_jax import losses
+from ms3_jax.method import losses
 from ms3_jax.models.deeplab import DECODER_MODULES, MS3Encoder, l2_normalize, untrained_subtrees
 
 TINY = dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=8)

@@ -6,8 +6,9 @@ import pytest
 from absl import flags
 
 from configs import demo as demo_config
-from ms3_jax import demo, text_embeddings
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.demo import job as demo
+from ms3_jax.method import text_embeddings
 
 flags.FLAGS.mark_as_parsed()
 pytestmark = pytest.mark.slow  # the whole demo: the full tier (.ci/run)
@@ -95,8 +96,8 @@ def test_small_benchmark_learns_and_recovers_relations(tmp_path_factory):
     precision 0.17 (35 pairs; on data 1.2.0: 0.91, 1.00, 0.80). The floors guard against a
     broken method (the 300-step demo that collapsed on data 1.x scored 0.23 / 0.75), not for
     a good one: precision has none, it is the finding (docs/choices.md, "Demo on data 2.0")."""
-    from ms3_jax import pretrain
     from ms3_jax.data import synthetic
+    from ms3_jax.stages import pretrain
     from ms3_jax.testing import synthetic_data
     root = tmp_path_factory.mktemp("benchmark")
     data = synthetic_data.build(root, num_train=200, num_val=20, image_size=96)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ms3_jax import evaluate
+from ms3_jax.evaluation import evaluate
 from ms3_jax.models.deeplab import MS3Encoder, resize_bilinear
 
 K = 5

@@ -6,7 +6,8 @@ import pytest
 import orbax.checkpoint as ocp
 import torch
 
-from ms3_jax import checkpointing, export
+from ms3_jax import export
+from ms3_jax.engine import checkpointing
 from ms3_jax.models.deeplab import encoder_from_config
 from tests.torch_reference import TorchResNet
 
@@ -106,7 +107,7 @@ def test_segmentor_of_an_aspp_pretraining_is_refused(workdir, tmp_path, capsys):
     nothing is written; --what backbone still works, and fine-tuning workdirs export their whole
     segmentor whatever `model.heads_at` says."""
     import shutil
-    from ms3_jax import exit_codes
+    from ms3_jax.engine import exit_codes
     wd = str(tmp_path / "aspp")
     shutil.copytree(workdir[0], wd)
     pretrain_cfg = {"mode": "pretrain", "loss": {"kind": "ms3"}, "model": {**MODEL_CFG, "heads_at": "aspp"}}

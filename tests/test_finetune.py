@@ -12,8 +12,9 @@ import torch
 from absl import flags
 
 from configs.finetune import voc as voc_config
-from ms3_jax import checkpointing, finetune
+from ms3_jax.engine import checkpointing
 from ms3_jax.models.deeplab import encoder_from_config
+from ms3_jax.stages import finetune
 from tests.conftest import tiny_finetune_config
 from tests.torch_reference import TorchResNet, randomize_
 
@@ -255,6 +256,6 @@ def test_predict_cli_segments_a_folder_like_the_model(data_dir, tmp_path, capsys
     with pytest.raises(ValueError, match="not a fine-tuned segmentor"):
         checkpointing.write_config(str(tmp_path / "pre"), {"mode": "pretrain"})
         predict.Segmentor(str(tmp_path / "pre"))
-    from ms3_jax import zero_shot  # zero-shot on it says what it needs instead
+    from ms3_jax import zero_shot
     with pytest.raises(ValueError, match=r"fine-tuning workdir.*ms3_jax\.predict"):
         zero_shot.resolve_workdirs(wd)

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # JAX's CPU dispatch mode.
 PROBE = r"""
 import ctypes, ctypes.util, resource
-from ms3_jax import host_memory
+from ms3_jax.engine import host_memory
 print(host_memory.configure_from_env())
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

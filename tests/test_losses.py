@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ms3_jax import chunking, labels as labels_lib, losses
+from ms3_jax.method import chunking, labels as labels_lib, losses
 
 K, C = 10, 8
 SHAPE = (2, 5, 7)  # N = 70 pixels

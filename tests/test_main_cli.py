@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from ms3_jax import exit_codes, main as main_module
+from ms3_jax import main as main_module
+from ms3_jax.engine import exit_codes
 from tests.test_reliability import ROOT, subprocess_env
 
 
@@ -156,7 +157,7 @@ def test_slurm_script_runs_one_process_per_node_on_all_its_devices(tmp_path):
 def test_second_run_on_a_workdir_stops_naming_the_first(tmp_path):
     """The lock of a live run refuses a second one (pid and host named); a dead run's lock file
     is taken over (the kernel released its lock)."""
-    from ms3_jax import workdir_lock
+    from ms3_jax.engine import workdir_lock
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from ms3_jax import workdir_lock\n"
         f"with workdir_lock.hold({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)")],

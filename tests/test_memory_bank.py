@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ms3_jax import memory_bank as mb
+from ms3_jax.method import memory_bank as mb
 
 _enqueue = jax.jit(mb.enqueue, static_argnames=("per_class", "ignore_label"))
 _visual = jax.jit(mb.visual_embeddings)

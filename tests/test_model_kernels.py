@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ms3_jax import sharding
+from ms3_jax.engine import sharding
 from ms3_jax.models import cpu_kernels
 from ms3_jax.models.cpu_kernels import CpuConv, conv_matmul, depthwise_conv3x3
 from ms3_jax.models.deeplab import MS3Encoder, conv_for, encoder_from_config, resize_bilinear

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ms3_jax import labels, pretrain, relations
+from ms3_jax.method import labels, relations
+from ms3_jax.stages import pretrain
 from tests.test_pretrain import label_space, random_batch, random_text, tiny_config
 
 MOMENTUM = 0.5  # far from 1, so the momentum and the online encoders differ after one step

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from ms3_jax import sharding
+from ms3_jax.engine import sharding
 from tests.conftest import tiny_pretrain_config
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the full tier (.ci/run), not `-m "not slow"`
@@ -92,7 +92,7 @@ def worker(args: dict) -> None:
         return
     from absl import flags
     flags.FLAGS.mark_as_parsed()
-    from ms3_jax import pretrain
+    from ms3_jax.stages import pretrain
     history = pretrain.train_and_evaluate(make_config(args["data_dir"], args["text"]), args["workdir"],
                                           stop_at=args.get("stop_at"))
     with open(args["out"] + f".{args['process_id']}", "w") as f:
@@ -122,8 +122,9 @@ def run_two_processes(args: dict, timeout: float = 300) -> list[dict]:
 def one_device_run(config, steps):
     """The same global batches (1-process pipeline) on ONE device: losses and the final state."""
     import jax
-    from ms3_jax import pretrain, training
     from ms3_jax.data.label_space import LabelSpace
+    from ms3_jax.engine import training
+    from ms3_jax.stages import pretrain
     ls = LabelSpace.from_datasets(list(config.data.datasets))
     iterator = training.union_pipeline(config, ls).make_iterator()
     trainer = pretrain.Trainer(config, ls, pretrain.resolve_text_embeddings(config, ls), NUM_STEPS,
@@ -168,7 +169,9 @@ def test_two_processes_train_like_one_and_resume_across_layouts(tmp_path):
     state at the checkpoint); the 2-process checkpoint resumes on both layouts to the same end."""
     import flax
     import jax
-    from ms3_jax import checkpointing, pretrain, text_embeddings
+    from ms3_jax.engine import checkpointing
+    from ms3_jax.method import text_embeddings
+    from ms3_jax.stages import pretrain
     from ms3_jax.testing import synthetic_data
     from tests.test_pretrain import label_space, random_text
     data_dir, text_path = synthetic_data.build(tmp_path).data_dir, str(tmp_path / "T.npz")

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from absl import flags
 
-from ms3_jax import labels, optim, pretrain, text_embeddings
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.engine import optim
+from ms3_jax.method import labels, text_embeddings
+from ms3_jax.stages import pretrain
 from ms3_jax.testing import synthetic_data
 from tests.conftest import tiny_pretrain_config
 
@@ -221,7 +223,7 @@ def loop_config(synthetic_dir, tmp_path):
 @pytest.mark.slow
 def test_resume_continues_exactly(synthetic_dir, tmp_path, caplog):
     """N steps, stop, resume, continue to 2N == an uninterrupted 2N run (losses and params)."""
-    from ms3_jax import checkpointing
+    from ms3_jax.engine import checkpointing
     config = loop_config(synthetic_dir, tmp_path)
     full = pretrain.train_and_evaluate(config, str(tmp_path / "full"))
     first = pretrain.train_and_evaluate(config, str(tmp_path / "split"), stop_at=3)
@@ -275,8 +277,8 @@ def test_init_from_torchvision_file_sets_online_and_momentum_backbones(tmp_path)
 def test_evaluation_during_pretraining_matches_a_numpy_reference(synthetic_dir):
     """Per dataset, nearest-T among its own classes, cosines upsampled to the image (bilinear,
     align_corners=False), against the same pipeline in float64 NumPy, for the first 2 images."""
-    from ms3_jax import pretrain_eval
     from ms3_jax.data import eval_data
+    from ms3_jax.evaluation import pretrain_eval
     from ms3_jax.models.deeplab import _interp_matrix
     config = tiny_config()
     model = pretrain.build_model(config, label_space().num_classes, "cpu")
@@ -312,9 +314,9 @@ def test_evaluation_during_pretraining_matches_a_numpy_reference(synthetic_dir):
 def test_held_out_datasets_are_embedded_by_stage_1s_text_model(tmp_path):
     """eval.held_out: T of a dataset outside pretraining, by its own class names through the
     stage-1 text model next to text.embeddings (context included); misuse is named."""
-    from ms3_jax import text_adapt
+    from ms3_jax.demo import tiny_clip
     from ms3_jax.models import clip_text
-    from ms3_jax.testing import tiny_clip
+    from ms3_jax.stages import text_adapt
     held = LabelSpace.from_datasets(["synth_d"])
     clip_dir = tiny_clip.save_tiny_clip(tmp_path / "clip", tiny_clip.DEFAULT_WORDS)
     module, params, tokenizer = clip_text.load_clip_text(str(clip_dir))

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ms3_jax import relations as rel
+from ms3_jax.method import relations as rel
 
 _seg = jax.jit(rel.segment_similarity, static_argnames=("num_classes", "chunk", "ignore_label"))
 _update = jax.jit(rel.update_similarity)

@@ -27,7 +27,7 @@ import pytest
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, exit_codes, loop, nonfinite
+from ms3_jax.engine import checkpointing, exit_codes, loop, nonfinite
 from ms3_jax.testing import synthetic_data
 from tests.conftest import tiny_pretrain_config
 
@@ -270,7 +270,7 @@ def test_real_step_with_nonfinite_update_is_skipped_whole():
     optimizer state bit for bit and moves the step counter. (The pretraining step runs in 'skip'
     mode in the soak test below.)"""
     from configs.finetune import voc
-    from ms3_jax import finetune
+    from ms3_jax.stages import finetune
     config = voc.get_config("tiny")
     config.nonfinite, config.optim.lr = "skip", float("inf")
     trainer = finetune.Trainer(config, 7, devices=jax.devices()[:1])
@@ -296,8 +296,8 @@ def synthetic_dir(tmp_path_factory):
 @pytest.fixture
 def no_long_work(monkeypatch):
     """Building a trainer (model, compile) or preparing data counts as long work: fail if reached."""
-    from ms3_jax import finetune, pretrain, text_adapt
     from ms3_jax.data import synthetic
+    from ms3_jax.stages import finetune, pretrain, text_adapt
 
     def reached(*args, **kwargs):
         raise AssertionError("long work started before the bad input was reported")
@@ -316,8 +316,8 @@ def pretrain_config(data_dir, text_path="never_read_text_embeddings.npz", **over
 
 
 def save_text(path, datasets):
-    from ms3_jax import text_embeddings
     from ms3_jax.data.label_space import LabelSpace
+    from ms3_jax.method import text_embeddings
     ls = LabelSpace.from_datasets(datasets)
     t = np.random.default_rng(0).standard_normal((ls.num_classes, 32))
     text_embeddings.save_text_embeddings(str(path), ls, (t / np.linalg.norm(t, axis=1, keepdims=True)
@@ -337,7 +337,7 @@ def test_inconsistent_config_fails_first(tmp_path, no_long_work, overrides, matc
     """Config errors come before everything else (the data_dir does not even exist)."""
     config = pretrain_config(str(tmp_path / "no_data"), **overrides)
     with pytest.raises(ValueError, match=match):
-        from ms3_jax import pretrain
+        from ms3_jax.stages import pretrain
         pretrain.train_and_evaluate(config, str(tmp_path / "wd"))
 
 
@@ -357,7 +357,7 @@ def test_inconsistent_config_fails_first_in_stage1_and_finetuning(tmp_path, no_l
 
 
 def test_missing_dataset_directory_is_named(tmp_path, no_long_work):
-    from ms3_jax import pretrain
+    from ms3_jax.stages import pretrain
     config = pretrain_config(str(tmp_path / "data"))
     with pytest.raises(FileNotFoundError, match=r"dataset 'synth_a' \(tfds 'synth_a', split 'train'\) "
                                                 r"is not prepared: .*data/synth_a does not exist"):
@@ -366,7 +366,7 @@ def test_missing_dataset_directory_is_named(tmp_path, no_long_work):
 
 def test_missing_split_is_named(tmp_path, synthetic_dir, no_long_work):
     from configs.finetune import voc
-    from ms3_jax import finetune
+    from ms3_jax.stages import finetune
     config = voc.get_config("tiny")
     config.data.data_dir, config.data.synthetic = synthetic_dir, None
     config.eval.split = "valdation"
@@ -387,7 +387,7 @@ def test_empty_or_duplicate_class_names(classes, match):
 
 
 def test_text_embeddings_of_other_datasets(tmp_path, synthetic_dir, no_long_work):
-    from ms3_jax import pretrain
+    from ms3_jax.stages import pretrain
     text = save_text(tmp_path / "T.npz", ["synth_a", "synth_b"])
     config = pretrain_config(synthetic_dir, text)
     with pytest.raises(ValueError, match=r"T.npz do not match the configured datasets.*missing "
@@ -401,8 +401,8 @@ def test_text_embeddings_of_other_datasets(tmp_path, synthetic_dir, no_long_work
     ("directory", r"CLIP checkpoint directory not found: .*nowhere"),
 ])
 def test_clip_without_weights_or_tokenizer(tmp_path, synthetic_dir, no_long_work, missing, match):
-    from ms3_jax import pretrain
-    from ms3_jax.testing import tiny_clip
+    from ms3_jax.demo import tiny_clip
+    from ms3_jax.stages import pretrain
     clip = tmp_path / "clip"
     clip.mkdir()
     tiny_clip.text_config().save_pretrained(clip)
@@ -546,7 +546,7 @@ def worker(args: dict) -> None:
             print("saved", step, flush=True)
     elif args["mode"] == "two_processes":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        from ms3_jax import sharding
+        from ms3_jax.engine import sharding
         sharding.initialize_distributed(args["coordinator"], 2, args["process_id"])
         pid = args["process_id"]
         config = toy_config(log_every=2, checkpoint_every=100)
@@ -722,7 +722,7 @@ def test_resume_refuses_a_config_that_computes_something_else(tmp_path):
     """A changed tau / lr / model on a workdir with checkpoints used to resume silently and
     overwrite config.json: now the changes are listed unless `resume_overrides` names them; free
     fields (logging, cadence) pass; the earlier config.json is kept."""
-    from ms3_jax import training
+    from ms3_jax.engine import training
     wd = str(tmp_path)
     config = tiny_pretrain_config()
     mngr = training.checkpoint_manager(config, wd)

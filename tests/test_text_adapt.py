@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import transformers
 
-from ms3_jax import labels, losses, text_adapt, text_embeddings
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.demo import tiny_clip
+from ms3_jax.method import labels, losses, text_embeddings
 from ms3_jax.models import clip_text, clip_vision
-from ms3_jax.testing import synthetic_data, tiny_clip
+from ms3_jax.stages import text_adapt
+from ms3_jax.testing import synthetic_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

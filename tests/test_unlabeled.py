@@ -11,11 +11,12 @@ from absl import flags
 from PIL import Image
 
 from configs import pretrain as pretrain_config
-from ms3_jax import pretrain, pseudo_labels, text_embeddings
-from ms3_jax import labels as label_rules
-from ms3_jax.labels import distinct_names
 from ms3_jax.data import augment, pipeline, sources
 from ms3_jax.data.label_space import UNION_IGNORE, UNLABELED_PIXEL, LabelSpace
+from ms3_jax.method import labels as label_rules
+from ms3_jax.method import pseudo_labels, text_embeddings
+from ms3_jax.method.labels import distinct_names
+from ms3_jax.stages import pretrain
 from ms3_jax.testing import synthetic_data
 from tests.conftest import with_overrides
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ms3_jax import demo, visualize, zero_shot
+from ms3_jax import zero_shot
+from ms3_jax.demo import job as demo
+from ms3_jax.evaluation import visualize
 
 flags.FLAGS.mark_as_parsed()
 

@@ -1,5 +1,5 @@
 """Evaluation data: whole validation images of one dataset, one per element, in the union label
-space (inference over them, whole or MMSeg slide windows: `ms3_jax.evaluate`)."""
+space (inference over them, whole or MMSeg slide windows: `ms3_jax.evaluation.evaluate`)."""
 
 from __future__ import annotations
 

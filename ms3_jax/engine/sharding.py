@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ms3_jax import exit_codes
+from ms3_jax.engine import exit_codes
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "MS3_COORDINATOR", "MS3_NUM_PROCESSES", "MS3_PROCESS_ID"
 # Seconds the processes of a job wait for each other at start-up (`rendezvous`); also

@@ -198,7 +198,7 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
     _plant_prior(model, vocab_and_merges(words)[0], WORD_PRIOR if prior is None else prior)
     model.save_pretrained(directory, safe_serialization=True)
     (directory / MARKER_FILE).write_text(
-        "A tiny CLIP with RANDOM weights written by ms3_jax.testing.tiny_clip.save_tiny_clip:\n"
+        "A tiny CLIP with RANDOM weights written by ms3_jax.demo.tiny_clip.save_tiny_clip:\n"
         "a stand-in for tests and demos, not pretrained CLIP. Its embeddings carry no language "
         "knowledge beyond a planted prior of word associations (WORD_PRIOR), which is not the\n"
         "synthetic data's answer key.\n")

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ms3_jax.chunking import pixel_chunk_grid, take_chunk
-from ms3_jax.labels import IGNORE_LABEL, valid_labels
+from ms3_jax.method.chunking import pixel_chunk_grid, take_chunk
+from ms3_jax.method.labels import IGNORE_LABEL, valid_labels
 
 
 def _class_sums(emb_NxC: jax.Array, labels_N: jax.Array, num_classes: int,

@@ -35,9 +35,10 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding
 
-from ms3_jax import checkpointing, evaluate, loop, nonfinite, optim, training
 from ms3_jax.data import augment, eval_data, pipeline
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.engine import checkpointing, loop, nonfinite, optim, training
+from ms3_jax.evaluation import evaluate
 from ms3_jax.models.deeplab import (MS3Encoder, encoder_from_config, resize_bilinear,
                                     untrained_subtrees)
 from ms3_jax.models.resnet import ResNet

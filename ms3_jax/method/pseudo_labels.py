@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from ms3_jax.data.label_space import UNLABELED_PIXEL
-from ms3_jax.chunking import map_pixel_chunks
-from ms3_jax.labels import IGNORE_LABEL, MASKED_LOGIT
+from ms3_jax.method.chunking import map_pixel_chunks
+from ms3_jax.method.labels import IGNORE_LABEL, MASKED_LOGIT
 
 
 def _unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:

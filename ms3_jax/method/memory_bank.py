@@ -12,7 +12,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
-from ms3_jax.labels import IGNORE_LABEL, valid_labels
+from ms3_jax.method.labels import IGNORE_LABEL, valid_labels
 
 
 @struct.dataclass

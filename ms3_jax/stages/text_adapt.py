@@ -37,10 +37,11 @@ import orbax.checkpoint as ocp
 from flax import struct
 from transformers import CLIPTokenizer
 
-from ms3_jax import labels, loop, losses, optim, text_embeddings, training
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.demo import tiny_clip
+from ms3_jax.engine import loop, optim, training
+from ms3_jax.method import labels, losses, text_embeddings
 from ms3_jax.models import clip_text, clip_vision
-from ms3_jax.testing import tiny_clip
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.clip_vision import CLIPVisionTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, l2_normalize

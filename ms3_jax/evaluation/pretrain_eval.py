@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ms3_jax import evaluate, visualize
 from ms3_jax.data import eval_data
 from ms3_jax.data.label_space import LabelSpace
-from ms3_jax.labels import IGNORE_LABEL
+from ms3_jax.evaluation import evaluate, visualize
+from ms3_jax.method.labels import IGNORE_LABEL
 
 
 @functools.lru_cache(maxsize=None)

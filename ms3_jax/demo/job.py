@@ -16,10 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ms3_jax import checkpointing, export, pretrain, text_adapt, text_embeddings, zero_shot
+from ms3_jax import export, zero_shot
 from ms3_jax.data import eval_data, synthetic
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.engine import checkpointing
+from ms3_jax.method import text_embeddings
 from ms3_jax.models.deeplab import encoder_from_config
+from ms3_jax.stages import pretrain, text_adapt
 
 
 class NoBetterThanChance(RuntimeError):

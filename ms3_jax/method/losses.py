@@ -4,7 +4,7 @@
 :func:`pairing_loss_fast` / :func:`pairing_loss_and_prediction` give the same numbers through a
 custom VJP that differentiates I only (the training step's path). Nothing here stops gradients:
 targets (T in stage 2, V) are wrapped in ``jax.lax.stop_gradient`` by the caller. Labels follow
-:mod:`ms3_jax.labels`. Shape suffixes: N pixels (n: of one chunk), K classes, C embedding dim.
+:mod:`ms3_jax.method.labels`. Shape suffixes: N pixels (n: of one chunk), K classes, C embedding dim.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ms3_jax.chunking import map_pixel_chunks
-from ms3_jax.labels import IGNORE_LABEL, MASKED_LOGIT, valid_labels
+from ms3_jax.method.chunking import map_pixel_chunks
+from ms3_jax.method.labels import IGNORE_LABEL, MASKED_LOGIT, valid_labels
 
 TAU = 0.07
 DEFAULT_CHUNK = 16384  # pixels per chunk: 16384 x 342 classes x 4 B = 22 MB of logits.

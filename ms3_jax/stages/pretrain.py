@@ -21,12 +21,14 @@ import numpy as np
 import optax
 from flax import struct
 
-from ms3_jax import (labels, loop, losses, memory_bank, optim, pretrain_eval, pseudo_labels,
-                     relations, text_adapt, text_embeddings, training)
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.engine import loop, optim, training
+from ms3_jax.evaluation import pretrain_eval
+from ms3_jax.method import labels, losses, memory_bank, pseudo_labels, relations, text_embeddings
+from ms3_jax.method.train_state import TrainState, ema_update, init_train_state
 from ms3_jax.models import clip_text
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config
-from ms3_jax.train_state import TrainState, ema_update, init_train_state
+from ms3_jax.stages import text_adapt
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]

@@ -2,7 +2,7 @@
 
 The jitted step stays pure; this module only feeds it batches and, every `log_every` steps (and
 before every checkpoint), fetches the queued metrics in one transfer: progress line with ETA,
-TensorBoard scalars, and the non-finite check (`ms3_jax.nonfinite`) -- before anything
+TensorBoard scalars, and the non-finite check (`ms3_jax.engine.nonfinite`) -- before anything
 non-finite is saved.
 
 Preemption: while `run` runs, SIGTERM and SIGINT (Ctrl-C) only set a flag (a second SIGINT
@@ -35,8 +35,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
-from ms3_jax import checkpointing, nonfinite
 from ms3_jax.data import pipeline as data_pipeline
+from ms3_jax.engine import checkpointing, nonfinite
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

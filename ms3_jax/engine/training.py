@@ -20,9 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ms3_jax import checkpointing, export, loop, nonfinite, sharding
+from ms3_jax import export
 from ms3_jax.data import augment, pipeline, synthetic
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.engine import checkpointing, loop, nonfinite, sharding
 
 Metrics = dict[str, jax.Array]
 OUTPUT_STRIDES = (8, 16, 32)

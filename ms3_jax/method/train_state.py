@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from ms3_jax.memory_bank import MemoryBank, init_bank
+from ms3_jax.method.memory_bank import MemoryBank, init_bank
 
 
 @struct.dataclass

@@ -1,0 +1,1 @@
+"""Evaluation and pictures: mIoU (whole / slide), the heads during pretraining, colour overlays."""
