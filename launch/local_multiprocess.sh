@@ -4,7 +4,7 @@
 #   launch/local_multiprocess.sh [K=2] [D=4] -- --config=configs/pretrain.py:tiny --workdir=/tmp/ms3_mh
 #
 # Each process gets MS3_COORDINATOR / MS3_NUM_PROCESSES / MS3_PROCESS_ID (read by
-# ms3_jax.engine.sharding.initialize_distributed in ms3_jax.main); CPU collectives use gloo. Logs of
+# ms3_jax.engine.processes.initialize_distributed in ms3_jax.main); CPU collectives use gloo. Logs of
 # process i go to $LOG_DIR/process_i.log (default: /tmp/ms3_local_multiprocess). Exit code: 0 when
 # every process succeeded, 75 (preempted: relaunch to resume) when the others did too or were
 # preempted, else the first other failure's code (2 usage error, 1 error). config.batch_size must divide over K*D devices. Collectives wait up to 600 s

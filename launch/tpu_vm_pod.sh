@@ -5,7 +5,7 @@
 #   DATA_DIR=gs://BUCKET/tfds launch/tpu_vm_pod.sh [--config.batch_size=256 ...]
 #
 # One process per TPU VM worker; JAX's cluster detection reads the pod from the TPU metadata, so
-# no MS3_* variables are needed (ms3_jax.engine.sharding.initialize_distributed). The workers first meet
+# no MS3_* variables are needed (ms3_jax.engine.processes.initialize_distributed). The workers first meet
 # at worker 0 on the coordinator's port + 1 (8483; JAX_COORDINATOR_PORT moves both): a missing or
 # dead worker ends the others with exit 1, naming it.
 # WORKDIR and DATA_DIR must be visible to every worker (a GCS bucket). Skip creation with CREATE=0.

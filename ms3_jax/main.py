@@ -13,7 +13,7 @@ data iterator), relaunch the same command to resume exactly; SIGTERM outside the
 (start-up, compiling, evaluation, final outputs) also exits 75, saving nothing new; 2 a usage error
 (bad config value, missing file or data, a workdir another run holds (`workdir_lock`): one line on
 stderr, the traceback with `--verbose`); 1 any other error (non-finite loss, a bug, a process of
-the job missing or dead (`sharding.rendezvous`, `sharding.watch_peers`), ...), with its traceback
+the job missing or dead (`processes.rendezvous`, `processes.watch_peers`), ...), with its traceback
 or a named one-line error. A process that stops makes the others stop too: at once when it died,
 with its code (75 for a preemption, else 1) when it exited and they do not follow within
 `MS3_PEER_EXIT_GRACE` s (default 60).
@@ -37,7 +37,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ms3_jax.demo import job as demo
-from ms3_jax.engine import config_paths, exit_codes, host_memory, loop, sharding, workdir_lock
+from ms3_jax.engine import config_paths, exit_codes, host_memory, loop, processes, workdir_lock
 from ms3_jax.stages import finetune, pretrain, text_adapt
 
 # Raised for what the user can fix (config values, paths, data); anything else is exit code 1.
@@ -76,8 +76,8 @@ def main(argv: list[str]) -> None:
     del argv
     host_malloc = host_memory.configure_from_env()  # before JAX creates its CPU client
     try:  # multi-process (MS3_* env, SLURM, TPU pod): before any JAX use
-        sharding.initialize_distributed()
-    except sharding.PeerError as e:  # a process missing at start-up: named, exit code 1
+        processes.initialize_distributed()
+    except processes.PeerError as e:  # a process missing at start-up: named, exit code 1
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     config = _CONFIG.value
@@ -131,9 +131,9 @@ def _dispatch(config: Any, workdir: str) -> None:
 if __name__ == "__main__":
     try:
         app.run(main, argv=resolve_config_argv(sys.argv))
-    except SystemExit as e:  # the code the other processes of the job are told (`sharding`)
-        sharding.exiting_with(e.code)
+    except SystemExit as e:  # the code the other processes of the job are told (`processes`)
+        processes.exiting_with(e.code)
         raise
     except BaseException:
-        sharding.exiting_with(exit_codes.ERROR)
+        processes.exiting_with(exit_codes.ERROR)
         raise

@@ -29,14 +29,14 @@ from PIL import Image, ImageOps
 
 from ms3_jax.data import sources
 from ms3_jax.engine import checkpointing, config_paths
+from ms3_jax.method import adapted_text, text_embeddings
 from ms3_jax.evaluation.visualize import check_image, write_outputs
 from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
-from ms3_jax.stages import pretrain, text_adapt
 
 DEFAULT_SHORT_SIDE = 448
-TEXT_MODEL_META = os.path.join("text_model", "text_model.json")  # text_adapt.save_adapted_text
+TEXT_MODEL_META = os.path.join(adapted_text.TEXT_MODEL_DIR, adapted_text.TEXT_MODEL_META)
 STAGE1_HINT = ("make one with stage 1: python -m ms3_jax.main --config=configs/text_adapt.py "
                "--workdir=T (the same datasets and model as pretraining), then pass "
                "text_workdir=T (CLI: --text_workdir T)")
@@ -116,7 +116,7 @@ def resolve_workdirs(workdir: str | os.PathLike,
         embeddings = (config.get("text") or {}).get("embeddings") or ""
         if config.get("mode") == "text_adapt":
             default_text, why = image_dir, "looked in this stage-1 workdir"
-        elif embeddings and embeddings != pretrain.TEMPLATE:
+        elif embeddings and embeddings != text_embeddings.TEMPLATE:
             if not os.path.isabs(embeddings) and not os.path.exists(embeddings):
                 embeddings = os.path.join(image_dir, embeddings)
             default_text = os.path.dirname(os.path.abspath(embeddings))
@@ -177,10 +177,10 @@ class ZeroShotSegmenter:
         stage1 = config.get("mode") == "text_adapt"
         if stage1 and ema:
             raise ValueError(f"{image_dir} is a stage-1 workdir: it has no momentum encoder")
-        text_module, text_params, tokenizer, ctx = text_adapt.load_adapted_text(text_dir)
+        text_module, text_params, tokenizer, ctx = adapted_text.load_adapted_text(text_dir)
         _, state = checkpointing.restore_state(image_dir, step)
         device = jax.local_devices()[0]
-        clip_encoder = text_adapt.load_image_encoder(image_dir) if stage1 else None
+        clip_encoder = adapted_text.load_image_encoder(image_dir) if stage1 else None
         if clip_encoder is not None:  # stage 1 with CLIP's vision tower: its dense embeddings
             variables = jax.device_put({"params": state["params"]["image"]}, device)
             return cls(clip_encoder, variables, text_module, text_params, tokenizer, ctx,

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from ms3_jax.engine import sharding
+from ms3_jax.engine import processes, sharding
 from tests.conftest import tiny_pretrain_config
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the full tier (.ci/run), not `-m "not slow"`
@@ -70,10 +70,10 @@ def worker(args: dict) -> None:
     jax.config.update("jax_enable_x64", True)
     n = args.get("num_processes", 2)
     if args["coordinator"]:
-        sharding.initialize_distributed(args["coordinator"], n, args["process_id"],
+        processes.initialize_distributed(args["coordinator"], n, args["process_id"],
                                         heartbeat_timeout_seconds=args["heartbeat"])
     else:  # from the environment: MS3_* or a (simulated) SLURM step
-        sharding.initialize_distributed(heartbeat_timeout_seconds=args["heartbeat"])
+        processes.initialize_distributed(heartbeat_timeout_seconds=args["heartbeat"])
     assert jax.process_count() == n and jax.device_count() == 4 * n and jax.local_device_count() == 4
     assert jax.process_index() == args["process_id"]
     from jax._src import xla_bridge  # the GPUs this process drives (JAX's flag; 'all' by default)
@@ -233,7 +233,7 @@ def wait_until_initialised(proc: subprocess.Popen) -> str:
 @pytest.mark.parametrize("killed, launch", [(1, "explicit"), (0, "explicit"), (0, "slurm")])
 def test_dead_peer_fails_the_other_process_fast(killed, launch):
     """kill -9 of either process: the other ends with exit code 1 within seconds, naming it
-    (`sharding.watch_peers`; the heartbeat is set to 60 s, so XLA's abort is not what ends it).
+    (`processes.watch_peers`; the heartbeat is set to 60 s, so XLA's abort is not what ends it).
     Also in a SLURM step found by JAX's cluster detection (launch 'slurm', no MS3_*)."""
     if launch == "explicit":
         args, envs = {"coordinator": f"127.0.0.1:{free_port()}"}, [None, None]
@@ -386,10 +386,10 @@ def test_single_process_does_not_initialize(monkeypatch):
               "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(sharding, "_auto_detectable", lambda: False)
-    assert sharding.initialize_distributed() is False
-    assert sharding.initialize_distributed("127.0.0.1:1", 1, 0) is False
+    assert processes.initialize_distributed() is False
+    assert processes.initialize_distributed("127.0.0.1:1", 1, 0) is False
     with pytest.raises(ValueError, match="needs all of"):
-        sharding.initialize_distributed("127.0.0.1:1")
+        processes.initialize_distributed("127.0.0.1:1")
     mesh = sharding.data_mesh()
     assert mesh.axis_names == ("data",) and mesh.devices.size == 8
 
@@ -401,9 +401,9 @@ def test_an_incomplete_cluster_environment_is_named(monkeypatch):
               "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID", "JAX_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "2")
-    with pytest.raises(sharding.PeerError, match=r"SLURM_NTASKS='2'.*gave coordinator None, None "
+    with pytest.raises(processes.PeerError, match=r"SLURM_NTASKS='2'.*gave coordinator None, None "
                        r"processes, process id None.*MS3_COORDINATOR"):
-        sharding.initialize_distributed()
+        processes.initialize_distributed()
 
 
 @pytest.mark.parametrize("present, launch", [(0, "explicit"), (1, "explicit"), (0, "slurm")])
@@ -433,8 +433,8 @@ if __name__ == "__main__":
     try:  # as ms3_jax.main does: the exit code goes into the goodbye to the other processes
         worker(json.loads(sys.argv[1]))
     except SystemExit as e:
-        sharding.exiting_with(e.code)
+        processes.exiting_with(e.code)
         raise
     except BaseException:
-        sharding.exiting_with(1)
+        processes.exiting_with(1)
         raise

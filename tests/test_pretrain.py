@@ -160,7 +160,7 @@ def test_pretraining_without_text_embeddings_points_to_stage_1(tmp_path):
     with pytest.raises(ValueError, match=r"text.embeddings is unset.*configs/text_adapt.py.*"
                                          r"text.embeddings=template"):
         pretrain.check_text_source(config)
-    config.text.embeddings = pretrain.TEMPLATE
+    config.text.embeddings = text_embeddings.TEMPLATE
     with pytest.raises(ValueError, match="text.embeddings='template' needs text.clip"):
         pretrain.check_text_source(config)
     config.loss.kind = "ce_single_head"  # no T needed
@@ -316,12 +316,12 @@ def test_held_out_datasets_are_embedded_by_stage_1s_text_model(tmp_path):
     stage-1 text model next to text.embeddings (context included); misuse is named."""
     from ms3_jax.demo import tiny_clip
     from ms3_jax.models import clip_text
-    from ms3_jax.stages import text_adapt
+    from ms3_jax.method import adapted_text
     held = LabelSpace.from_datasets(["synth_d"])
     clip_dir = tiny_clip.save_tiny_clip(tmp_path / "clip", tiny_clip.DEFAULT_WORDS)
     module, params, tokenizer = clip_text.load_clip_text(str(clip_dir))
     ctx = 0.1 * jax.random.normal(jax.random.key(0), (13, module.config.width))
-    text_adapt.save_adapted_text(str(tmp_path / "w1" / text_adapt.TEXT_MODEL_DIR), module, params,
+    adapted_text.save_adapted_text(str(tmp_path / "w1" / adapted_text.TEXT_MODEL_DIR), module, params,
                                  tokenizer, ctx, str(clip_dir))
     config = tiny_config()
     config.update_from_flattened_dict({"eval_every": 5, "eval.held_out": ("synth_d",),

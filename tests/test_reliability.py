@@ -402,13 +402,14 @@ def test_text_embeddings_of_other_datasets(tmp_path, synthetic_dir, no_long_work
 ])
 def test_clip_without_weights_or_tokenizer(tmp_path, synthetic_dir, no_long_work, missing, match):
     from ms3_jax.demo import tiny_clip
+    from ms3_jax.method import text_embeddings
     from ms3_jax.stages import pretrain
     clip = tmp_path / "clip"
     clip.mkdir()
     tiny_clip.text_config().save_pretrained(clip)
     if missing != "tokenizer":
         tiny_clip.write_tokenizer(clip)
-    config = pretrain_config(synthetic_dir, text_path=pretrain.TEMPLATE)
+    config = pretrain_config(synthetic_dir, text_path=text_embeddings.TEMPLATE)
     config.text.clip = str(clip) if missing != "directory" else str(tmp_path / "nowhere")
     with pytest.raises((FileNotFoundError, OSError), match=match):
         pretrain.train_and_evaluate(config, str(tmp_path / "wd"))
@@ -546,8 +547,8 @@ def worker(args: dict) -> None:
             print("saved", step, flush=True)
     elif args["mode"] == "two_processes":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        from ms3_jax.engine import sharding
-        sharding.initialize_distributed(args["coordinator"], 2, args["process_id"])
+        from ms3_jax.engine import processes
+        processes.initialize_distributed(args["coordinator"], 2, args["process_id"])
         pid = args["process_id"]
         config = toy_config(log_every=2, checkpoint_every=100)
         on_step = (lambda n: os.kill(os.getpid(), signal.SIGTERM) if n == 3 else None) if pid == 1 else None

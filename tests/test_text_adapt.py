@@ -19,7 +19,7 @@ import transformers
 
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.demo import tiny_clip
-from ms3_jax.method import labels, losses, text_embeddings
+from ms3_jax.method import adapted_text, labels, losses, text_embeddings
 from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.stages import text_adapt
 from ms3_jax.testing import synthetic_data
@@ -113,14 +113,14 @@ def test_npz_schema_and_reembedding(run, tiny_config):
     sky = [i for i, n in enumerate(ls.names) if n == "sky"]
     assert len(sky) == 3 and np.all(emb[sky] == emb[sky[0]])
 
-    module, params, tokenizer, ctx = text_adapt.load_adapted_text(workdir)
+    module, params, tokenizer, ctx = adapted_text.load_adapted_text(workdir)
     assert ctx.shape == (tiny_config.text.num_ctx, 32)
     again = clip_text.encode_classes(module, params, tokenizer, list(ls.names[:7]), ctx=ctx)
     np.testing.assert_allclose(again, emb[:7], atol=1e-5)
     # Names outside the union embed too (zero-shot), as unit vectors.
     other = clip_text.encode_classes(module, params, tokenizer, ["cat", "zebra crossing"], ctx=ctx)
     np.testing.assert_allclose(np.linalg.norm(other, axis=1), 1.0, rtol=1e-5)
-    with open(os.path.join(workdir, text_adapt.TEXT_MODEL_DIR, text_adapt.TEXT_MODEL_META)) as f:
+    with open(os.path.join(workdir, adapted_text.TEXT_MODEL_DIR, adapted_text.TEXT_MODEL_META)) as f:
         meta = json.load(f)
     assert meta["clip"] == tiny_config.text.tiny_clip_dir and meta["num_ctx"] == 13
     assert tiny_clip.is_tiny_random_clip(meta["clip"])

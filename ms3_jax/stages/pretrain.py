@@ -24,16 +24,14 @@ from flax import struct
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.engine import loop, optim, training
 from ms3_jax.evaluation import pretrain_eval
-from ms3_jax.method import labels, losses, memory_bank, pseudo_labels, relations, text_embeddings
+from ms3_jax.method import adapted_text, labels, losses, memory_bank, pseudo_labels, relations, text_embeddings
 from ms3_jax.method.train_state import TrainState, ema_update, init_train_state
 from ms3_jax.models import clip_text
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config
-from ms3_jax.stages import text_adapt
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 LOSS_KINDS = ("ms3", "ce_single_head", "ce_multi_head")
-TEMPLATE = "template"  # text.embeddings: CLIP with the hand template (Tab. 4 ablation)
 RESULTS_FILE = "results.json"  # the evaluations during pretraining (pretrain_eval.py)
 
 
@@ -78,9 +76,9 @@ def check_text_source(config: ml_collections.ConfigDict) -> None:
             "embeddings (Sec. 3.2). Run stage 1 first (python -m ms3_jax.main "
             "--config=configs/text_adapt.py --workdir=W1) and set "
             "--config.text.embeddings=W1/text_embeddings.npz, or set "
-            f"--config.text.embeddings={TEMPLATE} for CLIP's hand template (Tab. 4's original-CLIP rows)")
-    if config.loss.kind == "ms3" and config.text.embeddings == TEMPLATE and not config.text.clip:
-        raise ValueError(f"text.embeddings={TEMPLATE!r} needs text.clip (a CLIP checkpoint)")
+            f"--config.text.embeddings={text_embeddings.TEMPLATE} for CLIP's hand template (Tab. 4's original-CLIP rows)")
+    if config.loss.kind == "ms3" and config.text.embeddings == text_embeddings.TEMPLATE and not config.text.clip:
+        raise ValueError(f"text.embeddings={text_embeddings.TEMPLATE!r} needs text.clip (a CLIP checkpoint)")
 
 
 def uses_unlabeled(config: ml_collections.ConfigDict) -> bool:
@@ -309,10 +307,10 @@ def resolve_text_embeddings(config: ml_collections.ConfigDict, label_space: Labe
     if config.loss.kind != "ms3":
         return None
     source = config.text.embeddings
-    if source != TEMPLATE:
+    if source != text_embeddings.TEMPLATE:
         return text_embeddings.load_text_embeddings(source, label_space)
     logging.info("T from %s with the hand template %r (text.embeddings=%r)", config.text.clip,
-                 config.text.template, TEMPLATE)
+                 config.text.template, text_embeddings.TEMPLATE)
     return text_embeddings.template_text_embeddings(config.text.clip, label_space, config.text.template)
 
 
@@ -331,12 +329,12 @@ def held_out_text_embeddings(config: ml_collections.ConfigDict) -> dict[str, np.
         raise ValueError("eval.held_out segments by nearest T: it needs loss.kind='ms3' with "
                          "loss.use_language")
     spaces = {d: LabelSpace.from_datasets([d]) for d in held_out}  # unknown names fail here
-    if config.text.embeddings == TEMPLATE:
+    if config.text.embeddings == text_embeddings.TEMPLATE:
         return {d: text_embeddings.template_text_embeddings(config.text.clip, ls, config.text.template)
                 for d, ls in spaces.items()}
     text_dir = os.path.dirname(os.path.abspath(config.text.embeddings))
     try:
-        module, params, tokenizer, ctx = text_adapt.load_adapted_text(text_dir)
+        module, params, tokenizer, ctx = adapted_text.load_adapted_text(text_dir)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"eval.held_out={held_out} embeds their class names with stage 1's "
                                 f"text model next to text.embeddings: {e}") from e

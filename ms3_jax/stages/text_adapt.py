@@ -15,7 +15,7 @@ Outputs in the workdir W:
 
     W/text_embeddings.npz            T [|Y|, C], source 'adapted': stage 2's `text.embeddings`
     W/text_model/params/             orbax: {'ctx': [M, width], 'text': text tower params}
-    W/text_model/text_model.json     CLIP source, num_ctx, tower config (`load_adapted_text`)
+    W/text_model/text_model.json     CLIP source, num_ctx, tower config (`adapted_text.load_adapted_text`)
     W/text_model/tokenizer/          the CLIP tokenizer files (the workdir is self-contained)
     W/similarity_report.json         Tab. 1: cosine of class pairs + mean, template vs adapted
     W/checkpoints/<step>/            orbax: train state + data iterator (auto-resume)
@@ -33,21 +33,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import struct
-from transformers import CLIPTokenizer
 
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.demo import tiny_clip
 from ms3_jax.engine import loop, optim, training
-from ms3_jax.method import labels, losses, text_embeddings
+from ms3_jax.method import adapted_text, labels, losses, text_embeddings
 from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.clip_vision import CLIPVisionTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, l2_normalize
 
-TEXT_MODEL_DIR = "text_model"
-TEXT_MODEL_META = "text_model.json"
 REPORT_FILE = "similarity_report.json"
 OPTIMIZERS = ("sgd", "adamw")
 ENCODERS = ("clip", "deeplab")
@@ -402,61 +398,10 @@ def load_clip(clip: str, dtype: Any = jnp.float32) -> tuple[CLIPTextTower, Any, 
     return loaded
 
 
-def save_adapted_text(directory: str, module: CLIPTextTower, params: Any, tokenizer: Any,
-                      ctx_MxD: Any, clip: str, **extra: Any) -> None:
-    """``directory/params`` (orbax: ctx + tower params), tokenizer files and a json (Sec. 3.2 output)."""
-
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(directory, "params"), {"ctx": ctx_MxD, "text": params}, force=True)
-    ckptr.wait_until_finished()
-    if jax.process_index() == 0:
-        tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
-        meta = {"clip": clip, "num_ctx": int(np.shape(ctx_MxD)[0]),
-                "tower": dataclasses.asdict(module.config), **extra}
-        with open(os.path.join(directory, TEXT_MODEL_META), "w") as f:
-            json.dump(meta, f, indent=1)
 
 
-def load_adapted_text(workdir: str, dtype: Any = jnp.float32
-                      ) -> tuple[CLIPTextTower, Any, Any, jax.Array]:
-    """``(module, params, tokenizer, ctx)`` of a stage-1 workdir; re-embed any class names with
-    ``clip_text.encode_classes(module, params, tokenizer, names, ctx=ctx)``."""
-
-    directory = os.path.join(os.path.abspath(workdir), TEXT_MODEL_DIR)
-    meta_path = os.path.join(directory, TEXT_MODEL_META)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"no adapted text model in {workdir}: {meta_path} is missing "
-                                "(run stage 1, configs/text_adapt.py, into this workdir)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    config = clip_text.CLIPTextConfig(**meta["tower"])
-    module = CLIPTextTower(config, dtype=dtype)
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_params = jax.eval_shape(
-        lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    abstract = {"ctx": jax.ShapeDtypeStruct((meta["num_ctx"], config.width), jnp.float32),
-                "text": abstract_params}
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), abstract)
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"),
-                                              local_files_only=True)
-    return module, restored["text"], tokenizer, restored["ctx"]
 
 
-def load_image_encoder(workdir: str) -> clip_vision.PixelEncoder | None:
-    """The stage-1 image encoder of a workdir trained with ``encoder='clip'`` (its params are the
-    checkpoints' ``params['image']``), from ``text_model.json``; None for ``encoder='deeplab'``."""
-    path = os.path.join(os.path.abspath(workdir), TEXT_MODEL_DIR, TEXT_MODEL_META)
-    with open(path) as f:
-        vision = json.load(f).get("vision")
-    if vision is None:
-        return None
-    mean, std, dtype = tuple(vision.pop("mean")), tuple(vision.pop("std")), vision.pop("dtype")
-    tower = CLIPVisionTower(clip_vision.CLIPVisionConfig(**vision), dtype=jnp.dtype(dtype))
-    return clip_vision.PixelEncoder(tower, mean, std)
 
 
 def similarity_report(names: Sequence[str], embeddings: Mapping[str, np.ndarray],
@@ -523,14 +468,11 @@ def _write_outputs(workdir: str, trainer: Trainer, state: TextAdaptState, clip: 
     text_params = jax.device_get(trainer.text_params(state))
     adapted_UxC = np.asarray(clip_text.encode_classes(module, text_params, tokenizer, trainer.names,
                                                       ctx=ctx_MxD))
-    image = {}
-    if trainer.image_tower is not None:  # what zero-shot needs to rebuild the encoder (load_image_encoder)
-        enc = trainer.image_tower.encoder
-        image = {"vision": {**dataclasses.asdict(enc.tower.config), "mean": list(enc.mean),
-                            "std": list(enc.std), "dtype": jnp.dtype(enc.tower.dtype).name}}
-    save_adapted_text(os.path.join(workdir, TEXT_MODEL_DIR), module, text_params, tokenizer,
-                      ctx_MxD, clip, ctx_init=config.text.ctx_init,
-                      train_text_tower=trainer.train_text_tower, encoder=config.encoder, **image)
+    adapted_text.save_adapted_text(
+        os.path.join(workdir, adapted_text.TEXT_MODEL_DIR), module, text_params, tokenizer, ctx_MxD,
+        clip, trainer.image_tower.encoder if trainer.image_tower else None,
+        ctx_init=config.text.ctx_init, train_text_tower=trainer.train_text_tower,
+        encoder=config.encoder)
     if jax.process_index() != 0:
         return {}
     text_embeddings.save_text_embeddings(os.path.join(workdir, text_embeddings.FILE_NAME), ls,
