@@ -116,6 +116,8 @@ def main(argv: list[str]) -> None:
 
 
 def _dispatch(config: Any, workdir: str) -> None:
+    if config.mode != "demo":
+        demo.prepare_builtin(config)  # the tiny configs' synthetic data and tiny CLIP
     if config.mode == "pretrain":
         pretrain.train_and_evaluate(config, workdir)
     elif config.mode == "text_adapt":

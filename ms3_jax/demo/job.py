@@ -18,6 +18,7 @@ import numpy as np
 
 from ms3_jax import export, zero_shot
 from ms3_jax.data import eval_data, synthetic
+from ms3_jax.demo import tiny_clip
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.engine import checkpointing
 from ms3_jax.method import text_embeddings
@@ -123,6 +124,15 @@ def language_accuracy(pretrain_dir: str, data_dir: str, truth: list[dict[str, st
                           zip(label_space.display_names, hits) if p}}
 
 
+def prepare_builtin(config: ml_collections.ConfigDict) -> None:
+    """What a stage's config asks to be built before it runs (the tiny configs): the synthetic
+    datasets (`data.synthetic`) and stage 1's tiny random CLIP (`text.tiny_clip_dir`)."""
+    if config.data.get("synthetic"):
+        synthetic.prepare_synthetic(config.data.data_dir, **config.data.synthetic)
+    if config.get("text") and config.text.get("tiny_clip_dir"):
+        tiny_clip.write_for_config(config)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data_dir = os.path.join(workdir, "data")
     logging.info("[demo 1/5] synthetic datasets -> %s", data_dir)
@@ -132,6 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     stage1.data.data_dir = data_dir
     if stage1.text.tiny_clip_dir:
         stage1.text.tiny_clip_dir = os.path.join(workdir, "tiny_clip")
+        tiny_clip.write_for_config(stage1)
     text_dir = os.path.join(workdir, "text_adapt")
     logging.info("[demo 2/5] stage 1: adapting the language embeddings -> %s", text_dir)
     text_adapt.train_and_evaluate(stage1, text_dir)

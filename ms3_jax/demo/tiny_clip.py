@@ -12,7 +12,7 @@ anchor word's. It stands in for what real CLIP knows (paper Tab. 1) and is not t
 some planted relations have a strong prior (ship / boat), some a weak one (track / path,
 vegetation / tree), and some unrelated words a strong one (sidewalk / road, terrain /
 mountain, dirt / sand). A marker file (``TINY_RANDOM_CLIP``) says so, and
-``is_tiny_random_clip`` lets callers warn.
+``clip_text.is_random_standin`` lets callers warn.
 
 Tokenizer: a CLIP-style BPE (``</w>`` word ends, SOS/EOS as the two largest ids like CLIP's) with
 every single character of ``CHARS`` (so any lowercase name tokenizes, one token per character at
@@ -21,14 +21,19 @@ worst) plus left-to-right merges that make each given word one token.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+import ml_collections
 import transformers  # a lazy module: the CLIP classes load on first use
 
-MARKER_FILE = "TINY_RANDOM_CLIP"
+from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.models.clip_text import RANDOM_STANDIN_MARKER as MARKER_FILE
+
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'-/&()"
 SOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Words that get a merged token by default: the hand template, Tab. 1's pairs, the synthetic
@@ -214,9 +219,32 @@ def tiny_vision(image_size: int, patch_size: int = 8) -> dict[str, Any]:
             "num_attention_heads": 4, "image_size": image_size, "patch_size": patch_size}
 
 
-def is_tiny_random_clip(directory: str | os.PathLike) -> bool:
-    """True if ``directory`` was written by ``save_tiny_clip`` (it holds the marker file)."""
-    return os.path.isfile(os.path.join(os.fspath(directory), MARKER_FILE))
+def write_for_config(config: ml_collections.ConfigDict) -> None:
+    """Stage 1's ``text.tiny_clip_dir`` (the tiny configs, the demo): written when it holds no
+    config.json (by process 0, the others wait), with the words of the union classes and the
+    Tab. 1 pairs; a text-only one (written before stage 1 used CLIP's image tower) is refused
+    for ``encoder='clip'``."""
+    tc, tiny_dir = config.text, config.text.tiny_clip_dir
+    config_path = os.path.join(tiny_dir, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            if config.encoder == "clip" and "vision_config" not in json.load(f):
+                raise ValueError(f"text.tiny_clip_dir={tiny_dir} holds a text-only CLIP (written "
+                                 "before stage 1 used CLIP's image tower); encoder='clip' needs "
+                                 "both towers: remove the directory to have it rewritten")
+        return
+    if jax.process_index() == 0:
+        logging.warning("text.tiny_clip_dir: writing a tiny CLIP with RANDOM weights to %s -- a "
+                        "stand-in for demos/tests, NOT pretrained CLIP; its embeddings carry no "
+                        "language knowledge", tiny_dir)
+        names = LabelSpace.from_datasets(list(config.data.datasets)).names
+        words = DEFAULT_WORDS + tuple(names) + tuple(w for pair in tc.report_pairs for w in pair)
+        save_tiny_clip(tiny_dir, words, proj_dim=config.model.emb_dim, num_ctx=tc.num_ctx,
+                       seed=config.seed, full=True,
+                       vision_overrides=tiny_vision(config.data.crop_size))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("tiny_clip_written")
 
 
 def _plant_prior(model, vocab: Mapping[str, int], prior: Mapping[str, Mapping[str, float]]) -> None:

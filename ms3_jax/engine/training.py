@@ -2,9 +2,9 @@
 
 `Trainer` owns the mesh over the devices, the shardings (state replicated, batch split over the
 mesh axis 'data'), the jitted step (the non-finite guard around the stage's pure step, the state
-donated) and the assembly of global batches from each process's share. `fit` runs a stage in its
-workdir: config.json, checkpoints of state + data iterator, resume from the latest, the loop
-(`loop.run`), TensorBoard. A stage supplies only its state, its step and its evaluation.
+donated) and the assembly of global batches from each process's share. `run` runs a `Stage` in
+its workdir: config.json, checkpoints of state + data iterator, resume from the latest, the loop
+(`loop.run`), TensorBoard. A stage supplies only its state, its step, its evaluation and outputs.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import ml_collections
@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ms3_jax import export
-from ms3_jax.data import augment, pipeline, synthetic
+from ms3_jax.data import augment, pipeline
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.engine import checkpointing, loop, nonfinite, sharding
 
@@ -41,18 +41,43 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     nonfinite.max_skipped(config, 1)  # validates nonfinite_max_skipped
 
 
+class Stage(Protocol):
+    """What `run` drives. The three stages implement it on `Trainer`: `Stage.from_config(config)`
+    checks the config (once per run, before any long work) and builds the stage's data, model and
+    jitted step."""
+
+    config: ml_collections.ConfigDict
+    num_steps: int
+    pipeline: pipeline.TrainPipeline
+
+    def init_state(self, rng: jax.Array, resuming: bool = False) -> Any:
+        """The initial state, replicated (`resuming`: only its shapes matter, a checkpoint follows)."""
+
+    def step(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, Metrics]:
+        """One jitted training step on a global batch (`Trainer.step`)."""
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's share of a batch -> global arrays (`Trainer.global_batch`)."""
+
+    def evaluate(self, step: int, state: Any, workdir: str, writer: Any | None) -> None:
+        """After every step: the stage's evaluation when one is due."""
+
+    def finish(self, state: Any, history: list[dict[str, float]], end: int, workdir: str,
+               writer: Any | None) -> Any:
+        """The stage's outputs once the loop ends at `end` (any when `end < num_steps`)."""
+
+
 class Trainer:
     """Mesh, shardings and the jitted step of one stage.
 
     A stage subclasses it: `__init__` calls `super().__init__(config, devices, batch_keys)`,
     builds its model for `self.platform` and its pure `step(state, batch[, consts])`, and hands
-    the step to `compile_step`.
+    the step to `compile_step`; it adds the rest of `Stage`.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, devices: Sequence[Any] | None,
                  batch_keys: Sequence[str]):
         devices = list(devices) if devices is not None else jax.devices()
-        check_config(config, len(devices))
         self.config = config
         self.platform = sharding.platform_of(devices)  # of the compile target, not the host
         self.mesh = sharding.data_mesh(devices)
@@ -87,13 +112,6 @@ class Trainer:
         loaded = jax.device_put(export.load_backbone_file(path, model), self.replicated)
         logging.info("backbone initialised from %s", path)
         return loaded
-
-
-def prepare_synthetic_data(config: ml_collections.ConfigDict) -> None:
-    """Builds the built-in synthetic datasets first when the config asks for them
-    (`data.synthetic`: the tiny configs)."""
-    if config.data.get("synthetic"):
-        synthetic.prepare_synthetic(config.data.data_dir, **config.data.synthetic)
 
 
 def union_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace) -> pipeline.TrainPipeline:
@@ -170,16 +188,24 @@ def checkpoint_manager(config: ml_collections.ConfigDict, workdir: str) -> ocp.C
     return mngr
 
 
-def fit(trainer: Trainer, state: Any, iterator: Any, mngr: ocp.CheckpointManager,
-        config: ml_collections.ConfigDict, workdir: str, *, num_steps: int, writer: Any | None,
-        stop_at: int | None = None,
-        after_step: Callable[[int, Any], None] | None = None) -> tuple[Any, list[dict[str, float]], int]:
-    """Resumes `state` and `iterator` from the latest checkpoint in `mngr`, trains up to
-    `num_steps` (or `stop_at`, as a preemption would) and returns `(state, history, end)`: the
-    metrics of every step run here and the last step. `writer`: `loop.summary_writer(workdir)`."""
-    state, start = loop.restore_latest(mngr, state, iterator, workdir)
-    end = num_steps if stop_at is None else min(num_steps, stop_at)
-    history: list[dict[str, float]] = []
-    state = loop.run(trainer, state, iterator, config, start=start, end=end, num_steps=num_steps,
-                     mngr=mngr, writer=writer, history=history, after_step=after_step)
-    return state, history, end
+def run(stage: Stage, workdir: str, stop_at: int | None = None) -> Any:
+    """`stage` in `workdir`: config.json (`checkpoint_manager`), resume from the latest checkpoint
+    (state + data iterator), the loop (`loop.run`, `stage.evaluate` after every step), TensorBoard,
+    then `stage.finish`, whose result is returned. `stop_at` ends the run after that step (with a
+    checkpoint), as a preemption would."""
+    config, num_steps = stage.config, stage.num_steps
+    mngr = checkpoint_manager(config, workdir)
+    iterator = stage.pipeline.make_iterator()
+    state = stage.init_state(jax.random.PRNGKey(config.seed), resuming=bool(mngr.latest_step()))
+    writer = loop.summary_writer(workdir, config)
+    try:
+        state, start = loop.restore_latest(mngr, state, iterator, workdir)
+        end = num_steps if stop_at is None else min(num_steps, stop_at)
+        history: list[dict[str, float]] = []
+        state = loop.run(stage, state, iterator, config, start=start, end=end, num_steps=num_steps,
+                         mngr=mngr, writer=writer, history=history,
+                         after_step=lambda step, state: stage.evaluate(step, state, workdir, writer))
+        return stage.finish(state, history, end, workdir, writer)
+    finally:
+        if writer is not None:
+            writer.close()

@@ -46,9 +46,15 @@ _IGNORED_KEY_PREFIXES = ("vision_model.", "visual_projection.", "logit_scale")
 _IGNORED_KEYS = ("text_model.embeddings.position_ids",)  # a non-persistent buffer in old checkpoints
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
 _TOKENIZER_JSON = "tokenizer.json"
+RANDOM_STANDIN_MARKER = "TINY_RANDOM_CLIP"  # in a directory written by demo.tiny_clip
 
 
 # --- Config -----------------------------------------------------------------------------------
+
+def is_random_standin(directory: str | os.PathLike) -> bool:
+    """True for a tiny *random* CLIP written as a stand-in (`demo.tiny_clip`: the marker file)."""
+    return os.path.isfile(os.path.join(os.fspath(directory), RANDOM_STANDIN_MARKER))
+
 
 def check_block_shape(config: Any) -> None:
     """The transformer-block fields a text or vision config shares (`ResidualBlock`): heads
@@ -422,11 +428,13 @@ def encode_classes(module: CLIPTextTower, params: Params, tokenizer: Any, class_
 
 # --- Loading Hugging Face checkpoints ---------------------------------------------------------
 
-def _linear(prefix: str) -> dict[str, tuple[str, bool]]:
+def linear_keys(prefix: str) -> dict[str, tuple[str, bool]]:
+    """HF keys of a Linear's kernel (transposed) and bias, for `hf_param_map`-style maps."""
     return {"kernel": (f"{prefix}.weight", True), "bias": (f"{prefix}.bias", False)}
 
 
-def _layer_norm(prefix: str) -> dict[str, tuple[str, bool]]:
+def layer_norm_keys(prefix: str) -> dict[str, tuple[str, bool]]:
+    """HF keys of a LayerNorm's scale and bias."""
     return {"scale": (f"{prefix}.weight", False), "bias": (f"{prefix}.bias", False)}
 
 
@@ -438,23 +446,24 @@ def hf_param_map(config: CLIPTextConfig) -> dict[str, Any]:
     tree: dict[str, Any] = {
         "token_embedding": {"embedding": ("text_model.embeddings.token_embedding.weight", False)},
         "position_embedding": ("text_model.embeddings.position_embedding.weight", False),
-        "final_layer_norm": _layer_norm("text_model.final_layer_norm"),
+        "final_layer_norm": layer_norm_keys("text_model.final_layer_norm"),
         "text_projection": {"kernel": ("text_projection.weight", True)},
     }
     for i in range(config.num_layers):
         hf = f"text_model.encoder.layers.{i}"
         tree[f"layers_{i}"] = {
-            "layer_norm1": _layer_norm(f"{hf}.layer_norm1"),
+            "layer_norm1": layer_norm_keys(f"{hf}.layer_norm1"),
             "self_attn": {
-                p: _linear(f"{hf}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+                p: linear_keys(f"{hf}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")
             },
-            "layer_norm2": _layer_norm(f"{hf}.layer_norm2"),
-            "mlp": {"fc1": _linear(f"{hf}.mlp.fc1"), "fc2": _linear(f"{hf}.mlp.fc2")},
+            "layer_norm2": layer_norm_keys(f"{hf}.layer_norm2"),
+            "mlp": {"fc1": linear_keys(f"{hf}.mlp.fc1"), "fc2": linear_keys(f"{hf}.mlp.fc2")},
         }
     return tree
 
 
-def _is_leaf(x: Any) -> bool:
+def is_key_leaf(x: Any) -> bool:
+    """A leaf of a param map: `(hf key, transpose)`."""
     return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
 
 
@@ -466,7 +475,7 @@ def params_from_hf_state(state: Mapping[str, Any], config: CLIPTextConfig, *,
     mis-shaped key is reported, all of them in one ValueError.
     """
     mapping = hf_param_map(config)
-    expected = {leaf[0] for leaf in jax.tree_util.tree_leaves(mapping, is_leaf=_is_leaf)}
+    expected = {leaf[0] for leaf in jax.tree_util.tree_leaves(mapping, is_leaf=is_key_leaf)}
     missing = sorted(expected - set(state))
     unexpected = sorted(k for k in state if k not in expected and _wanted(k))
     reference = jax.eval_shape(
@@ -484,7 +493,7 @@ def params_from_hf_state(state: Mapping[str, Any], config: CLIPTextConfig, *,
             bad_shapes.append(f"{key}: {tuple(value.shape)} != expected {tuple(ref.shape)}")
         return value
 
-    params = jax.tree_util.tree_map(convert, mapping, reference, is_leaf=_is_leaf)
+    params = jax.tree_util.tree_map(convert, mapping, reference, is_leaf=is_key_leaf)
     problems = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", bad_shapes))
     if parts := [f"{title} ({len(keys)}): {keys}" for title, keys in problems if keys]:
         raise ValueError(f"CLIP text weights in {source} do not match the config: " + "; ".join(parts))
@@ -551,7 +560,8 @@ def _load_tokenizer(ckpt_dir: str) -> Any:
     return CLIPTokenizer.from_pretrained(ckpt_dir, local_files_only=True)
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
+    """Whether a CLIP name is a local path rather than a hub id."""
     return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.path.exists(name)
 
 
@@ -562,7 +572,7 @@ _HUB_FILES = [
 ]
 
 
-def _resolve_hub(repo_id: str, cache_dir: str | None) -> str:
+def resolve_hub(repo_id: str, cache_dir: str | None) -> str:
     """Local snapshot of a hub repo (HF_HUB_OFFLINE / the local cache are honoured)."""
     try:
         path = snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache_dir)
@@ -591,10 +601,10 @@ def load_clip_text(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *,
     name = os.fspath(name_or_path)
     if os.path.isdir(name):
         ckpt_dir = name
-    elif _looks_like_path(name):
+    elif looks_like_path(name):
         raise FileNotFoundError(f"CLIP checkpoint directory not found: {name}")
     else:
-        ckpt_dir = _resolve_hub(name, cache_dir)
+        ckpt_dir = resolve_hub(name, cache_dir)
     config_path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in CLIP checkpoint directory {ckpt_dir}")

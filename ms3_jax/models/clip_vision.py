@@ -250,19 +250,19 @@ def hf_param_map(config: CLIPVisionConfig) -> dict[str, Any]:
         "patch_embedding": {"kernel": (f"{emb}.patch_embedding.weight", True)},
         "class_embedding": (f"{emb}.class_embedding", False),
         "position_embedding": (f"{emb}.position_embedding.weight", False),
-        "pre_layrnorm": ct._layer_norm("vision_model.pre_layrnorm"),
-        "post_layernorm": ct._layer_norm("vision_model.post_layernorm"),
+        "pre_layrnorm": ct.layer_norm_keys("vision_model.pre_layrnorm"),
+        "post_layernorm": ct.layer_norm_keys("vision_model.post_layernorm"),
         "visual_projection": {"kernel": ("visual_projection.weight", True)},
     }
     for i in range(config.num_layers):
         hf = f"vision_model.encoder.layers.{i}"
         tree[f"layers_{i}"] = {
-            "layer_norm1": ct._layer_norm(f"{hf}.layer_norm1"),
+            "layer_norm1": ct.layer_norm_keys(f"{hf}.layer_norm1"),
             "self_attn": {
-                p: ct._linear(f"{hf}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+                p: ct.linear_keys(f"{hf}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")
             },
-            "layer_norm2": ct._layer_norm(f"{hf}.layer_norm2"),
-            "mlp": {"fc1": ct._linear(f"{hf}.mlp.fc1"), "fc2": ct._linear(f"{hf}.mlp.fc2")},
+            "layer_norm2": ct.layer_norm_keys(f"{hf}.layer_norm2"),
+            "mlp": {"fc1": ct.linear_keys(f"{hf}.mlp.fc1"), "fc2": ct.linear_keys(f"{hf}.mlp.fc2")},
         }
     return tree
 
@@ -280,7 +280,7 @@ def params_from_hf_state(state: Mapping[str, Any], config: CLIPVisionConfig, *,
     unexpected or mis-shaped key is reported, all of them in one ValueError.
     """
     mapping = hf_param_map(config)
-    expected = {leaf[0] for leaf in jax.tree_util.tree_leaves(mapping, is_leaf=ct._is_leaf)}
+    expected = {leaf[0] for leaf in jax.tree_util.tree_leaves(mapping, is_leaf=ct.is_key_leaf)}
     missing = sorted(expected - set(state))
     unexpected = sorted(k for k in state if k not in expected and _is_vision_key(k))
     pixels = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
@@ -297,7 +297,7 @@ def params_from_hf_state(state: Mapping[str, Any], config: CLIPVisionConfig, *,
             bad_shapes.append(f"{key}: {tuple(value.shape)} != expected {tuple(ref.shape)}")
         return value
 
-    params = jax.tree_util.tree_map(convert, mapping, reference, is_leaf=ct._is_leaf)
+    params = jax.tree_util.tree_map(convert, mapping, reference, is_leaf=ct.is_key_leaf)
     problems = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", bad_shapes))
     if parts := [f"{title} ({len(keys)}): {keys}" for title, keys in problems if keys]:
         raise ValueError(f"CLIP vision weights in {source} do not match the config: " + "; ".join(parts))
@@ -313,9 +313,9 @@ def checkpoint_dir(name_or_path: str | os.PathLike, cache_dir: str | None = None
     name = os.fspath(name_or_path)
     if os.path.isdir(name):
         return name
-    if ct._looks_like_path(name):
+    if ct.looks_like_path(name):
         raise FileNotFoundError(f"CLIP checkpoint directory not found: {name}")
-    return ct._resolve_hub(name, cache_dir)
+    return ct.resolve_hub(name, cache_dir)
 
 
 def load_clip_vision(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *,

@@ -18,7 +18,6 @@ the validation split (`evaluate.py`) every `eval_every` steps and at the end -> 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ from jax.sharding import NamedSharding
 
 from ms3_jax.data import augment, eval_data, pipeline
 from ms3_jax.data.label_space import LabelSpace
-from ms3_jax.engine import checkpointing, loop, nonfinite, optim, training
+from ms3_jax.engine import checkpointing, loop, optim, training
 from ms3_jax.evaluation import evaluate
 from ms3_jax.models.deeplab import (MS3Encoder, encoder_from_config, resize_bilinear,
                                     untrained_subtrees)
@@ -174,56 +173,99 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
 class Trainer(training.Trainer):
     """Fine-tuning on the training base: the segmentor, its optimizer and step."""
 
-    def __init__(self, config: ml_collections.ConfigDict, num_classes: int, devices: list | None = None):
-        devices = list(devices) if devices is not None else jax.devices()
-        check_config(config, len(devices))
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int, devices: list | None = None,
+                 pipeline: Any = None, eval_dataset: Any = None):
         super().__init__(config, devices, ("image", "label"))
-        self.num_classes = num_classes
+        self.num_classes, self.pipeline, self.eval_dataset = num_classes, pipeline, eval_dataset
+        self.label_space: LabelSpace | None = None
+        self.history: list[dict[str, Any]] = []  # evaluations of this run
+        self.metrics: dict[str, Any] | None = None  # the last one
         self.model = build_model(config, num_classes, self.platform)
         self.num_steps = int(config.num_steps)
         self.schedule = optim.poly_schedule(config.optim, self.num_steps)
         self.tx = make_optimizer(config, self.schedule)
         self.compile_step(make_train_step(config, self.model, self.tx, self.schedule))
-        self._init = _init_fn(self.model, self.replicated, self.platform)
+        # `model.init` runs once: on CPU without backend optimisation (LLVM spends most of its
+        # compile time on the per-parameter random-number kernels); shapes do not depend on the
+        # image size.
+        options = {"xla_backend_optimization_level": 0} if self.platform == "cpu" else None
+        self._init = jax.jit(lambda rng: self.model.init(rng, jnp.zeros((1, 64, 64, 3), jnp.uint8)),
+                             out_shardings=self.replicated, compiler_options=options)
         self._opt_init = jax.jit(self.tx.init, out_shardings=self.replicated)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, devices: list | None = None) -> "Trainer":
+        """Checks `config` (before any long work), then builds the data streams and the step."""
+        devices = list(devices) if devices is not None else jax.devices()
+        check_config(config, len(devices))
+        label_space = LabelSpace.from_datasets([config.data.dataset])
+        pipe = make_pipeline(config, label_space)
+        trainer = cls(config, label_space.num_classes, devices, pipe,
+                      make_eval_dataset(config, label_space))
+        trainer.label_space = label_space
+        return trainer
 
     def init_variables(self, rng: jax.Array) -> dict[str, Any]:
         """Random `{'params', 'batch_stats'}`, replicated."""
         return self._init(rng)
+
+    def init_state(self, rng: jax.Array, resuming: bool = False) -> FinetuneState:
+        """Random variables with `config.init`'s pretrained parts over them (a cheap random
+        state when `resuming`: a checkpoint follows)."""
+        init_rng, state_rng = jax.random.split(rng)
+        variables = (self.init_variables(init_rng) if resuming
+                     else initial_variables(self.config, self, init_rng))
+        return self.create_state(variables, state_rng)
+
+    def evaluate(self, step: int, state: FinetuneState, workdir: str, writer: Any | None) -> None:
+        """mIoU on the validation split every `eval_every` steps and at the last."""
+        every = self.config.eval_every
+        if (every and step % every == 0) or step == self.num_steps:
+            self.metrics = self._evaluate_now(step, state, workdir, writer)
+
+    def _evaluate_now(self, step: int, state: FinetuneState, workdir: str,
+                      writer: Any | None) -> dict[str, Any]:
+        config, names = self.config, self.label_space.class_names[0]
+        t0 = time.perf_counter()
+        m = run_evaluation(config, self, state, self.eval_dataset)
+        self.history.append({"step": step, **{k: _json_float(m[k]) for k in ("mIoU", "aAcc", "mAcc")}})
+        if jax.process_index() == 0:
+            logging.info("eval at step %d on %s/%s (%d images, %.0f s): mIoU %.2f, aAcc %.2f, "
+                         "mAcc %.2f; per class in TensorBoard (eval_IoU/) and, at the end, %s",
+                         step, config.data.dataset, config.eval.split, m["num_images"],
+                         time.perf_counter() - t0, m["mIoU"], m["aAcc"], m["mAcc"],
+                         os.path.join(workdir, RESULTS_FILE))
+            for k in ("mIoU", "aAcc", "mAcc"):
+                writer.add_scalar(f"eval/{k}", m[k], step)
+            for name, iou in zip(names, m["IoU"]):
+                if not np.isnan(iou):
+                    writer.add_scalar(loop.tag("eval_IoU", name), iou, step)
+            writer.add_text("eval_table", "    " + evaluate.format_table(m, names).replace(
+                "\n", "\n    "), step)
+            writer.flush()
+        return m
+
+    def finish(self, state: FinetuneState, history: list[dict[str, float]], end: int,
+               workdir: str, writer: Any | None) -> dict[str, Any] | None:
+        """The final results (also in `W/results.json`), or None when the run ended early."""
+        if end < self.num_steps:
+            return None
+        if self.metrics is None:  # resumed a finished run: evaluate its final weights
+            self.metrics = self._evaluate_now(self.num_steps, state, workdir, writer)
+        config, m = self.config, self.metrics
+        results = results_dict(config, self.label_space, self.num_steps, m, self.history)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+                json.dump(results, f, indent=1)
+            logging.info("%s: mIoU %.2f (aAcc %.2f, mAcc %.2f) -> %s", config.data.dataset,
+                         m["mIoU"], m["aAcc"], m["mAcc"], os.path.join(workdir, RESULTS_FILE))
+        return results
 
     def create_state(self, variables: Mapping[str, Any], rng: jax.Array) -> FinetuneState:
         params, batch_stats = variables["params"], variables.get("batch_stats", {})
         return FinetuneState(step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
                              params=params, batch_stats=batch_stats, opt_state=self._opt_init(params),
                              rng=jax.device_put(rng, self.replicated))
-
-
-@functools.lru_cache(maxsize=None)
-def _init_fn(model: MS3Encoder, replicated: NamedSharding, platform: str) -> Callable[[jax.Array], Any]:
-    """Jitted `model.init` with replicated outputs, one per model. It runs once, so it is built
-    without backend optimisation on CPU: LLVM spends most of its compile time on the
-    per-parameter random-number kernels. Parameter shapes do not depend on the image size."""
-    options = {"xla_backend_optimization_level": 0} if platform == "cpu" else None
-    return jax.jit(lambda rng: model.init(rng, jnp.zeros((1, 64, 64, 3), jnp.uint8)),
-                   out_shardings=replicated, compiler_options=options)
-
-
-_TRAINERS: dict[tuple, Trainer] = {}
-
-
-def get_trainer(config: ml_collections.ConfigDict, num_classes: int,
-                devices: list | None = None) -> Trainer:
-    """A `Trainer`, shared between runs whose step depends on the same settings (sweeps over
-    initialisations in one process, tests), so its jitted functions compile once."""
-    devices = list(devices) if devices is not None else jax.devices()
-    check_config(config, len(devices))
-    parts = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
-             for k in ("model", "optim", "loss", "frozen_backbone", "num_steps", "batch_size")}
-    parts["nonfinite"] = nonfinite.mode_of(config)
-    key = (json.dumps(parts, sort_keys=True, default=str), num_classes, tuple(d.id for d in devices))
-    if key not in _TRAINERS:
-        _TRAINERS[key] = Trainer(config, num_classes, devices)
-    return _TRAINERS[key]
 
 
 # --- initialisation (Tab. 2 rows) ------------------------------------------------------------------
@@ -355,66 +397,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Fine-tune into `workdir` (resuming from its latest checkpoint) and evaluate; returns the
     final results (also in `W/results.json`), or None when `stop_at` ends the run early (with a
     checkpoint, as a preemption would)."""
-    is_main = jax.process_index() == 0
-    check_config(config, jax.device_count())  # bad settings fail here, before any long work
-    dataset = config.data.dataset
-    label_space = LabelSpace.from_datasets([dataset])
-    training.prepare_synthetic_data(config)
-    pipe = make_pipeline(config, label_space)
-    eval_ds = make_eval_dataset(config, label_space)
-    trainer = get_trainer(config, label_space.num_classes)
-    num_steps = trainer.num_steps
-    mngr = training.checkpoint_manager(config, workdir)
-    iterator = pipe.make_iterator()
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    if mngr.latest_step():  # resume: a cheap fresh state gives the shapes and shardings
-        variables = trainer.init_variables(init_rng)
-    else:
-        variables = initial_variables(config, trainer, init_rng)
-    state = trainer.create_state(variables, state_rng)
-    writer = loop.summary_writer(workdir, config)
-    history: list[dict[str, Any]] = []
-    metrics: dict[str, Any] | None = None
-
-    def run_eval(step: int, state: Any) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        m = run_evaluation(config, trainer, state, eval_ds)
-        history.append({"step": step, **{k: _json_float(m[k]) for k in ("mIoU", "aAcc", "mAcc")}})
-        if is_main:
-            logging.info("eval at step %d on %s/%s (%d images, %.0f s): mIoU %.2f, aAcc %.2f, "
-                         "mAcc %.2f; per class in TensorBoard (eval_IoU/) and, at the end, %s",
-                         step, dataset, config.eval.split, m["num_images"],
-                         time.perf_counter() - t0, m["mIoU"], m["aAcc"], m["mAcc"],
-                         os.path.join(workdir, RESULTS_FILE))
-            for k in ("mIoU", "aAcc", "mAcc"):
-                writer.add_scalar(f"eval/{k}", m[k], step)
-            for name, iou in zip(label_space.class_names[0], m["IoU"]):
-                if not np.isnan(iou):
-                    writer.add_scalar(loop.tag("eval_IoU", name), iou, step)
-            writer.add_text("eval_table", "    " + evaluate.format_table(
-                m, label_space.class_names[0]).replace("\n", "\n    "), step)
-            writer.flush()
-        return m
-
-    def after_step(step: int, state: Any) -> None:
-        nonlocal metrics
-        if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
-            metrics = run_eval(step, state)
-
-    state, _, end = training.fit(trainer, state, iterator, mngr, config, workdir,
-                                 num_steps=num_steps, writer=writer, stop_at=stop_at,
-                                 after_step=after_step)
-    if end < num_steps:
-        if writer is not None:
-            writer.close()
-        return None
-    if metrics is None:  # resumed a finished run: evaluate its final weights
-        metrics = run_eval(num_steps, state)
-    results = results_dict(config, label_space, num_steps, metrics, history)
-    if is_main:
-        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-            json.dump(results, f, indent=1)
-        writer.close()
-        logging.info("%s: mIoU %.2f (aAcc %.2f, mAcc %.2f) -> %s", dataset, metrics["mIoU"],
-                     metrics["aAcc"], metrics["mAcc"], os.path.join(workdir, RESULTS_FILE))
-    return results
+    return training.run(Trainer.from_config(config), workdir, stop_at)

@@ -9,6 +9,7 @@ switches of Tab. 4 / 6 pick which terms exist -- chosen once, outside the step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,18 +42,19 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     training.check_config(config, num_devices, num_processes)
     if config.loss.kind not in LOSS_KINDS:
         raise ValueError(f"loss.kind must be one of {LOSS_KINDS}, got {config.loss.kind!r}")
-    if config.loss.kind == "ms3" and not (config.loss.use_language or config.loss.use_visual):
-        raise ValueError("loss.kind='ms3' needs loss.use_language or loss.use_visual")
+    if config.loss.kind == "ms3" and not enabled_terms(config):
+        raise ValueError("loss.kind='ms3' needs " + " or ".join(f"loss.{t.switch}" for t in LOSS_TERMS))
     if config.bank.per_class > config.bank.slots:
         raise ValueError(f"bank.per_class (P={config.bank.per_class}) must be <= bank.slots "
                          f"(K={config.bank.slots}): one step would overwrite its own entries")
-    if config.relations.pixel_head not in ("visual", "language"):
-        raise ValueError(f"relations.pixel_head must be 'visual' or 'language', got "
-                         f"{config.relations.pixel_head!r}")
-    head, other = config.relations.pixel_head, {"visual": "language", "language": "visual"}
-    if config.loss.kind == "ms3" and config.loss.multilabel and not config.loss[f"use_{head}"]:
-        raise ValueError(f"relations.pixel_head={head!r} needs loss.use_{head} (that head is "
-                         f"untrained otherwise); set relations.pixel_head={other[head]!r}")
+    heads = {t.head: t for t in LOSS_TERMS}
+    head = config.relations.pixel_head
+    if head not in heads:
+        raise ValueError(f"relations.pixel_head must be one of {tuple(heads)}, got {head!r}")
+    if config.loss.kind == "ms3" and config.loss.multilabel and heads[head] not in enabled_terms(config):
+        others = [t.head for t in enabled_terms(config)]
+        raise ValueError(f"relations.pixel_head={head!r} needs loss.{heads[head].switch} (that head "
+                         f"is untrained otherwise); set relations.pixel_head={others[0]!r}")
     if uses_unlabeled(config):
         lc = config.loss
         if not (lc.kind == "ms3" and lc.use_language and lc.use_visual):
@@ -115,10 +117,49 @@ def positives(state: TrainState, consts: Mapping[str, jax.Array], warmup: int,
     return mask & (state.step >= warmup)
 
 
+@dataclasses.dataclass(frozen=True)
+class LossTerm:
+    """A pairing term of Eq. 7-9: the pixel embeddings of encoder head `head` against the class
+    embeddings `target(state, consts) -> (E [|Y|, C], valid [|Y|] or None)` (stop-gradient);
+    on with `config.loss[switch]`, weighted by `config.loss[weight]` (None: 1). `loss(emb, E,
+    valid, y, positives, tau, chunk, product_dtype) -> (value, nearest-class prediction or None)`."""
+
+    name: str
+    head: str
+    switch: str
+    weight: str | None
+    target: Callable[[TrainState, Mapping[str, jax.Array]], tuple[jax.Array, jax.Array | None]]
+    loss: Callable[..., tuple[jax.Array, jax.Array | None]]
+
+
+def _language_loss(emb, text, valid, y, pos, tau, chunk, product_dtype):
+    return losses.pairing_loss_and_prediction(emb, text, y, pos, valid, tau, chunk=chunk,
+                                              product_dtype=product_dtype)
+
+
+def _visual_loss(emb, visual, valid, y, pos, tau, chunk, product_dtype):
+    return losses.pairing_loss_fast(emb, visual, y, pos, valid, tau, chunk=chunk,
+                                    product_dtype=product_dtype), None
+
+
+# L~ = L~_l + alpha L~_v (Eq. 7-9): a new term of this kind is one entry plus its config fields.
+LOSS_TERMS = (
+    LossTerm("language", "language", "use_language", None,
+             lambda state, consts: (consts["text"], None), _language_loss),
+    LossTerm("visual", "visual", "use_visual", "alpha",
+             lambda state, consts: (state.visual_emb, state.visual_valid), _visual_loss),
+)
+
+
+def enabled_terms(config: ml_collections.ConfigDict) -> tuple[LossTerm, ...]:
+    """The `LOSS_TERMS` switched on (none for the CE baselines)."""
+    return tuple(t for t in LOSS_TERMS if config.loss.kind == "ms3" and config.loss[t.switch])
+
+
 def make_loss_terms(config: ml_collections.ConfigDict) -> Callable[..., tuple[dict, jax.Array | None]]:
     """`terms(out, y, batch, state, consts) -> (loss terms, prediction)` of `loss.kind` and the
-    Tab. 4 / 6 switches, chosen here once: L~_l + alpha L~_v (Eq. 7-9; Eq. 1-3 without the
-    multi-label mask) or a CE baseline. T and V are targets (stop_gradient)."""
+    Tab. 4 / 6 switches, chosen here once: the enabled `LOSS_TERMS` (Eq. 7-9; Eq. 1-3 without
+    the multi-label mask) or a CE baseline."""
     lc = config.loss
     product_dtype = jnp.dtype(config.model.dtype)  # [pixels x |Y| x C] operands; float32 sums
     warmup, top_k = config.relations.warmup_steps, config.relations.get("top_k", 0)
@@ -129,18 +170,17 @@ def make_loss_terms(config: ml_collections.ConfigDict) -> Callable[..., tuple[di
         return lambda out, y, batch, state, consts: (
             {"loss_ce": losses.ce_multi_head_loss(out["logits"], y, batch["dataset_id"],
                                                   consts["dataset_of_class"])}, None)
+    terms_on = enabled_terms(config)
 
     def ms3_terms(out, y, batch, state, consts):
         pos = positives(state, consts, warmup, top_k) if lc.multilabel else None
         terms, pred = {}, None
-        if lc.use_language:
-            terms["loss_language"], pred = losses.pairing_loss_and_prediction(
-                out["language"], jax.lax.stop_gradient(consts["text"]), y, pos, None, lc.tau,
-                chunk=lc.chunk, product_dtype=product_dtype)
-        if lc.use_visual:
-            terms["loss_visual"] = lc.alpha * losses.pairing_loss_fast(
-                out["visual"], jax.lax.stop_gradient(state.visual_emb), y, pos, state.visual_valid,
-                lc.tau, chunk=lc.chunk, product_dtype=product_dtype)
+        for term in terms_on:
+            target, valid = term.target(state, consts)
+            value, prediction = term.loss(out[term.head], jax.lax.stop_gradient(target), valid, y,
+                                          pos, lc.tau, lc.chunk, product_dtype)
+            terms[f"loss_{term.name}"] = value if term.weight is None else lc[term.weight] * value
+            pred = prediction if prediction is not None else pred
         return terms, pred
 
     return ms3_terms
@@ -189,7 +229,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
     """
     lc = config.loss
     ms3 = lc.kind == "ms3"
-    use_lang, use_vis = ms3 and lc.use_language, ms3 and lc.use_visual
+    use_vis = ms3 and lc.use_visual
     ema_model = model.clone(heads=("visual",)) if use_vis else None
     loss_terms = make_loss_terms(config)
     # App. D: pixels of unlabeled images (label -2) get multimodal pseudo-labels; they enter the
@@ -238,12 +278,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
                 new, keys, fwd.labels_fit if enter_bank else fwd.labels, emb, fwd.labels, consts,
                 rng_bank, config)
             metrics.update(memory_metrics)
-        if use_lang:
+        if fwd.prediction is not None:  # the language term's nearest-T class (Eq. 1)
             metrics["acc_language"] = losses.prediction_accuracy(fwd.prediction, fwd.labels,
                                                                  consts["text"].shape[0])
-        elif ms3 and not use_vis:
-            metrics["acc_language"] = losses.pixel_accuracy(fwd.out["language"], consts["text"],
-                                                            fwd.labels)
         return new, metrics
 
     return train_step
@@ -253,11 +290,10 @@ class Trainer(training.Trainer):
     """The pretraining stage on the training base: its model, optimizer, constants and step."""
 
     def __init__(self, config: ml_collections.ConfigDict, label_space: LabelSpace,
-                 text_KxC: np.ndarray | None, num_steps: int, devices: list | None = None):
-        devices = list(devices) if devices is not None else jax.devices()
-        check_config(config, len(devices))
+                 text_KxC: np.ndarray | None, num_steps: int, devices: list | None = None,
+                 pipeline: Any = None, held_out: Mapping[str, np.ndarray] | None = None):
         super().__init__(config, devices, ("image", "label", "dataset_id"))
-        self.label_space = label_space
+        self.label_space, self.pipeline, self.held_out = label_space, pipeline, dict(held_out or {})
         k = label_space.num_classes
         if text_KxC is None:  # CE baselines do not use T; a placeholder keeps one step signature
             text_KxC = np.zeros((k, config.model.emb_dim), np.float32)
@@ -274,8 +310,26 @@ class Trainer(training.Trainer):
              "dataset_of_class": jnp.asarray(label_space.dataset_of_class),
              "name_id": jnp.asarray(labels.distinct_names(label_space.names)[1])})
 
-    def init_state(self, rng: jax.Array, image_size: int) -> TrainState:
-        """The state, created directly with its (replicated) sharding.
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, devices: list | None = None) -> "Trainer":
+        """Checks `config` (before any long work), then builds the data stream, T and the step."""
+        devices = list(devices) if devices is not None else jax.devices()
+        check_config(config, len(devices))
+        check_text_source(config)
+        label_space = LabelSpace.from_datasets(list(config.data.datasets))
+        pipe = training.union_pipeline(config, label_space)
+        if pipe.unlabeled_source is not None:
+            logging.info("unlabeled images (App. D): %d from %r, ratio %.3g of each batch",
+                         len(pipe.unlabeled_source), pipe.unlabeled, pipe.unlabeled_ratio)
+        num_steps = training.num_train_steps(config, pipe.dataset_sizes)
+        trainer = cls(config, label_space, resolve_text_embeddings(config, label_space), num_steps,
+                      devices, pipe)
+        trainer.held_out = held_out_text_embeddings(config)
+        return trainer
+
+    def init_state(self, rng: jax.Array, resuming: bool = False) -> TrainState:
+        """The state, created directly with its (replicated) sharding; the backbone from
+        `model.init_from` unless `resuming`.
 
         `model.dtype='float64'` (numerical tests, under `jax.enable_x64`) makes every floating
         leaf float64, so runs on different device layouts can be compared without float32
@@ -285,7 +339,7 @@ class Trainer(training.Trainer):
 
         def init(rng):
             init_rng, state_rng = jax.random.split(rng)
-            images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+            images = jnp.zeros((1, cfg.data.crop_size, cfg.data.crop_size, 3), jnp.uint8)
             variables = self.model.init(init_rng, images)
             if float64:
                 variables = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), variables)
@@ -298,7 +352,28 @@ class Trainer(training.Trainer):
                     state)
             return state
 
-        return jax.jit(init, out_shardings=self.replicated)(rng)
+        state = jax.jit(init, out_shardings=self.replicated)(rng)
+        if cfg.model.get("init_from") and not resuming:
+            state = init_backbone_from(state, cfg.model.init_from, self)
+        return state
+
+    def evaluate(self, step: int, state: TrainState, workdir: str, writer: Any | None) -> None:
+        every = self.config.get("eval_every", 0)
+        if every and (step % every == 0 or step == self.num_steps):
+            run_evaluation(self.config, self, state, step, workdir, writer, self.held_out)
+
+    def finish(self, state: TrainState, history: list[dict[str, float]], end: int, workdir: str,
+               writer: Any | None) -> list[dict[str, float]]:
+        """The Tab. 8-style relations report of a finished MS3 run; returns the logged metrics."""
+        if jax.process_index() == 0 and self.config.loss.kind == "ms3" and end == self.num_steps:
+            report = write_relations_report(workdir, state, self.label_space,
+                                            self.consts["other_dataset"],
+                                            self.config.relations.get("top_k", 0))
+            logging.info("%s (Eq. 6); the table (paper Tab. 8 form) is in %s",
+                         report.splitlines()[0], os.path.join(workdir, "relations.txt"))
+            if writer is not None:
+                writer.add_text("relations", "    " + report.replace("\n", "\n    "), end)
+        return history
 
 
 def resolve_text_embeddings(config: ml_collections.ConfigDict, label_space: LabelSpace) -> np.ndarray | None:
@@ -361,46 +436,9 @@ def write_relations_report(workdir: str, state: TrainState, label_space: LabelSp
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_at: int | None = None) -> list[dict[str, float]]:
-    """Pretrain into `workdir`, resuming from its latest checkpoint; returns the logged metrics.
-
-    `stop_at` ends this run after that step (with a checkpoint), as a preemption would.
-    """
-    check_config(config, jax.device_count())  # bad settings fail here, before any long work
-    check_text_source(config)
-    label_space = LabelSpace.from_datasets(list(config.data.datasets))
-    training.prepare_synthetic_data(config)
-    pipe = training.union_pipeline(config, label_space)
-    if pipe.unlabeled_source is not None:
-        logging.info("unlabeled images (App. D): %d from %r, ratio %.3g of each batch",
-                     len(pipe.unlabeled_source), pipe.unlabeled, pipe.unlabeled_ratio)
-    num_steps = training.num_train_steps(config, pipe.dataset_sizes)
-    trainer = Trainer(config, label_space, resolve_text_embeddings(config, label_space), num_steps)
-    held_out = held_out_text_embeddings(config)
-    mngr = training.checkpoint_manager(config, workdir)
-    iterator = pipe.make_iterator()
-    state = trainer.init_state(jax.random.PRNGKey(config.seed), config.data.crop_size)
-    if config.model.get("init_from"):
-        state = init_backbone_from(state, config.model.init_from, trainer)
-    writer = loop.summary_writer(workdir, config)
-
-    def after_step(step: int, state: TrainState) -> None:
-        every = config.get("eval_every", 0)
-        if every and (step % every == 0 or step == num_steps):
-            run_evaluation(config, trainer, state, step, workdir, writer, held_out)
-
-    state, history, end = training.fit(trainer, state, iterator, mngr, config, workdir,
-                                       num_steps=num_steps, writer=writer, stop_at=stop_at,
-                                       after_step=after_step)
-    if jax.process_index() == 0 and config.loss.kind == "ms3" and end == num_steps:
-        report = write_relations_report(workdir, state, label_space, trainer.consts["other_dataset"],
-                                        config.relations.get("top_k", 0))
-        logging.info("%s (Eq. 6); the table (paper Tab. 8 form) is in %s", report.splitlines()[0],
-                     os.path.join(workdir, "relations.txt"))
-        if writer is not None:
-            writer.add_text("relations", "    " + report.replace("\n", "\n    "), end)
-    if writer is not None:
-        writer.close()
-    return history
+    """Pretrain into `workdir`, resuming from its latest checkpoint; returns the logged metrics
+    (`training.run`: `stop_at` ends the run after that step, as a preemption would)."""
+    return training.run(Trainer.from_config(config), workdir, stop_at)
 
 
 def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: TrainState,

@@ -36,8 +36,7 @@ import optax
 from flax import struct
 
 from ms3_jax.data.label_space import LabelSpace
-from ms3_jax.demo import tiny_clip
-from ms3_jax.engine import loop, optim, training
+from ms3_jax.engine import optim, training
 from ms3_jax.method import adapted_text, labels, losses, text_embeddings
 from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.models.clip_text import CLIPTextTower
@@ -280,12 +279,12 @@ class Trainer(training.Trainer):
 
     def __init__(self, config: ml_collections.ConfigDict, label_space: LabelSpace,
                  text_module: CLIPTextTower, text_params: Any, tokenizer: Any, num_steps: int,
-                 devices: list | None = None, image_tower: ImageTower | None = None):
-        devices = list(devices) if devices is not None else jax.devices()
-        check_config(config, len(devices))
+                 devices: list | None = None, image_tower: ImageTower | None = None,
+                 pipeline: Any = None, clip: str = ""):
         super().__init__(config, devices, ("image", "label"))
-        self.label_space = label_space
+        self.label_space, self.pipeline, self.clip = label_space, pipeline, clip
         self.text_module, self.tokenizer = text_module, tokenizer
+        self.initial_text_params, self.initial_ctx = text_params, None
         self.train_text_tower = bool(config.text.train_text_tower)
         self.names, self.gather = labels.distinct_names(label_space.names)
         layout = clip_text.build_prompt_layout(tokenizer, self.names, config.text.num_ctx,
@@ -313,14 +312,46 @@ class Trainer(training.Trainer):
                                           text_lr_schedule(config, config.text.lr, num_steps),
                                           self.train_text_tower), consts)
 
-    def init_state(self, rng: jax.Array, image_size: int, ctx_MxD: jax.Array,
-                   text_params: Any) -> TextAdaptState:
-        """The state, created directly with its (replicated) sharding."""
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, devices: list | None = None) -> "Trainer":
+        """Checks `config` (before any long work), then loads CLIP and builds the data stream and
+        the step."""
+        devices = list(devices) if devices is not None else jax.devices()
+        check_config(config, len(devices))
+        label_space = LabelSpace.from_datasets(list(config.data.datasets))
+        clip = resolve_clip(config)
+        text_module, text_params, tokenizer = load_clip(clip, jnp.dtype(config.text.dtype))
+        check_emb_dim(config, text_module, clip)
+        image_tower = load_image_tower(config, clip) if config.encoder == "clip" else None
+        pipe = training.union_pipeline(config, label_space)
+        num_steps = training.num_train_steps(config, pipe.dataset_sizes)
+        trainer = cls(config, label_space, text_module, text_params, tokenizer, num_steps, devices,
+                      image_tower, pipe, clip)
+        encoder = ("CLIP's vision tower (labels at its %dx%d patch grid)"
+                   % ((config.data.crop_size // image_tower.module.config.patch_size,) * 2)
+                   if image_tower else "the DeepLab encoder's language head")
+        logging.info("stage 1: adapting %d context vectors of %s with %s on %s (|Y| = %d, %d "
+                     "distinct names), text tower %s, context frozen for the first %d of %d steps",
+                     config.text.num_ctx, clip, encoder, list(config.data.datasets),
+                     label_space.num_classes, len(trainer.names),
+                     "trained" if trainer.train_text_tower else "frozen",
+                     round(frozen_fraction(config) * num_steps), num_steps)
+        return trainer
+
+    def init_state(self, rng: jax.Array, resuming: bool = False) -> TextAdaptState:
+        """The state, created directly with its (replicated) sharding: the context from
+        ``text.ctx_init`` (or random), the image encoder from CLIP, fresh, or ``model.init_from``
+        (unless ``resuming``)."""
+        config = self.config
+        self.initial_ctx = clip_text.init_context(jax.random.fold_in(rng, 1), self.initial_text_params,
+                                                  self.tokenizer, config.text.num_ctx,
+                                                  config.text.ctx_init or None)
 
         def init(rng, ctx_MxD, text_params, image_variables):
             init_rng, state_rng = jax.random.split(rng)
             if image_variables is None:  # DeepLab: a fresh encoder
-                images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+                size = config.data.crop_size
+                images = jnp.zeros((1, size, size, 3), jnp.uint8)
                 image_variables = self.model.init(init_rng, images)
             params = {"image": image_variables["params"], "ctx": ctx_MxD}
             if self.train_text_tower:
@@ -329,13 +360,31 @@ class Trainer(training.Trainer):
                                   batch_stats=image_variables.get("batch_stats", {}),
                                   opt_state=self.tx.init(params), rng=state_rng)
 
-        text_params = text_params if self.train_text_tower else None
+        text_params = self.initial_text_params if self.train_text_tower else None
         image_variables = None if self.image_tower is None else self.image_tower.variables
         # Runs once: on CPU, skip LLVM optimisation (compiling the many random initialisers
         # otherwise takes longer than running them).
         options = {"xla_backend_optimization_level": 0} if self.platform == "cpu" else None
-        return jax.jit(init, out_shardings=self.replicated, compiler_options=options)(
-            rng, ctx_MxD, text_params, image_variables)
+        state = jax.jit(init, out_shardings=self.replicated, compiler_options=options)(
+            rng, self.initial_ctx, text_params, image_variables)
+        if config.model.get("init_from") and not resuming:
+            state = _init_backbone_from(state, config.model.init_from, self)
+        return state
+
+    def evaluate(self, step: int, state: TextAdaptState, workdir: str, writer: Any | None) -> None:
+        """Stage 1 evaluates at its end only (`finish`: Tab. 1)."""
+
+    def finish(self, state: TextAdaptState, history: list[dict[str, float]], end: int,
+               workdir: str, writer: Any | None) -> list[dict[str, float]]:
+        """At the last step: text_embeddings.npz, text_model/ and the Tab. 1 report (module
+        docstring); returns the logged metrics."""
+        if end == self.num_steps:
+            report = _write_outputs(workdir, self, state, self.clip, self.initial_text_params,
+                                    self.initial_ctx)
+            if writer is not None and report:
+                table = format_similarity_table(report)
+                writer.add_text("tab1_similarity", "    " + table.replace("\n", "\n    "), end)
+        return history
 
     def text_params(self, state: TextAdaptState) -> Any:
         return state.params["text"] if self.train_text_tower else self.consts["text"]
@@ -346,36 +395,13 @@ class Trainer(training.Trainer):
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_clip(config: ml_collections.ConfigDict, label_space: LabelSpace) -> str:
-    """The CLIP checkpoint to adapt: ``text.tiny_clip_dir`` if set (written first, as a tiny
-    *random* stand-in, when it holds no config.json), else ``text.clip`` (hub id or directory)."""
+def resolve_clip(config: ml_collections.ConfigDict) -> str:
+    """The CLIP checkpoint to adapt: ``text.tiny_clip_dir`` if set (a tiny *random* stand-in that
+    ``python -m ms3_jax.main`` writes first, `demo.tiny_clip.write_for_config`), else ``text.clip``
+    (hub id or directory)."""
     tc = config.text
-    tiny_dir = tc.get("tiny_clip_dir")
-    if tiny_dir:
-        config_path = os.path.join(tiny_dir, "config.json")
-        if os.path.isfile(config_path) and config.encoder == "clip":
-            with open(config_path) as f:
-                has_vision = "vision_config" in json.load(f)
-            if not has_vision:
-                raise ValueError(f"text.tiny_clip_dir={tiny_dir} holds a text-only CLIP (written "
-                                 "before stage 1 used CLIP's image tower); encoder='clip' needs "
-                                 "both towers: remove the directory to have it rewritten")
-        if not os.path.isfile(config_path):
-            if jax.process_index() == 0:
-                logging.warning(
-                    "text.tiny_clip_dir: writing a tiny CLIP with RANDOM weights to %s -- a stand-in "
-                    "for demos/tests, NOT pretrained CLIP; its embeddings carry no language knowledge",
-                    tiny_dir)
-                words = (tiny_clip.DEFAULT_WORDS + tuple(label_space.names)
-                         + tuple(w for pair in tc.report_pairs for w in pair))
-                tiny_clip.save_tiny_clip(tiny_dir, words, proj_dim=config.model.emb_dim,
-                                         num_ctx=tc.num_ctx, seed=config.seed, full=True,
-                                         vision_overrides=tiny_clip.tiny_vision(
-                                             config.data.crop_size))
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-                multihost_utils.sync_global_devices("tiny_clip_written")
-        return os.path.abspath(tiny_dir)
+    if tc.get("tiny_clip_dir"):
+        return os.path.abspath(tc.tiny_clip_dir)
     if not tc.clip:
         raise ValueError("stage 1 needs a CLIP checkpoint: set text.clip (a hub id such as "
                          "'openai/clip-vit-base-patch32' or a local directory) or text.tiny_clip_dir")
@@ -392,7 +418,7 @@ def load_clip(clip: str, dtype: Any = jnp.float32) -> tuple[CLIPTextTower, Any, 
         except Exception:  # an exception type with another signature: keep it as it is
             raise e from None
         raise wrapped from e
-    if os.path.isdir(clip) and tiny_clip.is_tiny_random_clip(clip):
+    if os.path.isdir(clip) and clip_text.is_random_standin(clip):
         logging.warning("CLIP %s is a tiny RANDOM stand-in (no pretrained weights): the adapted "
                         "embeddings demonstrate the code path, not language knowledge", clip)
     return loaded
@@ -496,47 +522,6 @@ def _write_outputs(workdir: str, trainer: Trainer, state: TextAdaptState, clip: 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_at: int | None = None) -> list[dict[str, float]]:
-    """Stage 1 into ``workdir``, resuming from its latest checkpoint; returns the logged metrics.
-
-    At the last step writes text_embeddings.npz, text_model/ and similarity_report.json (module
-    docstring). ``stop_at`` ends this run after that step (with a checkpoint), as a preemption would.
-    """
-    check_config(config, jax.device_count())
-    label_space = LabelSpace.from_datasets(list(config.data.datasets))
-    clip = resolve_clip(config, label_space)
-    text_module, text_params, tokenizer = load_clip(clip, jnp.dtype(config.text.dtype))
-    check_emb_dim(config, text_module, clip)
-    image_tower = load_image_tower(config, clip) if config.encoder == "clip" else None
-    training.prepare_synthetic_data(config)
-    pipe = training.union_pipeline(config, label_space)
-    num_steps = training.num_train_steps(config, pipe.dataset_sizes)
-    trainer = Trainer(config, label_space, text_module, text_params, tokenizer, num_steps,
-                      image_tower=image_tower)
-    encoder = ("CLIP's vision tower (labels at its %dx%d patch grid)"
-               % ((config.data.crop_size // image_tower.module.config.patch_size,) * 2)
-               if image_tower else "the DeepLab encoder's language head")
-    logging.info("stage 1: adapting %d context vectors of %s with %s on %s (|Y| = %d, %d distinct "
-                 "names), text tower %s, context frozen for the first %d of %d steps",
-                 config.text.num_ctx, clip, encoder, list(config.data.datasets),
-                 label_space.num_classes, len(trainer.names),
-                 "trained" if trainer.train_text_tower else "frozen",
-                 round(frozen_fraction(config) * num_steps), num_steps)
-    mngr = training.checkpoint_manager(config, workdir)
-    iterator = pipe.make_iterator()
-    rng = jax.random.PRNGKey(config.seed)
-    ctx_MxD = clip_text.init_context(jax.random.fold_in(rng, 1), text_params, tokenizer,
-                                     config.text.num_ctx, config.text.ctx_init or None)
-    state = trainer.init_state(rng, config.data.crop_size, ctx_MxD, text_params)
-    if config.model.get("init_from"):
-        state = _init_backbone_from(state, config.model.init_from, trainer)
-    writer = loop.summary_writer(workdir, config)
-    state, history, end = training.fit(trainer, state, iterator, mngr, config, workdir,
-                                       num_steps=num_steps, writer=writer, stop_at=stop_at)
-    if end == num_steps:
-        report = _write_outputs(workdir, trainer, state, clip, text_params, ctx_MxD)
-        if writer is not None and report:
-            table = format_similarity_table(report)
-            writer.add_text("tab1_similarity", "    " + table.replace("\n", "\n    "), end)
-    if writer is not None:
-        writer.close()
-    return history
+    """Stage 1 into ``workdir``, resuming from its latest checkpoint; returns the logged metrics
+    (`training.run`: ``stop_at`` ends the run after that step, as a preemption would)."""
+    return training.run(Trainer.from_config(config), workdir, stop_at)
