@@ -57,7 +57,7 @@ def main() -> None:
     k, c = ls.num_classes, cfg.model.emb_dim
     text = np.zeros((k, c), np.float32) if args.kind == "ms3" else None
     trainer = pretrain.Trainer(cfg, ls, text, num_steps=10_000, devices=jax.devices()[:args.devices])
-    state = jax.eval_shape(lambda rng: trainer.init_state(rng, args.size), jax.random.PRNGKey(0))
+    state = jax.eval_shape(lambda rng: trainer.init_state(rng), jax.random.PRNGKey(0))
     s, b = args.size, args.batch
     batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), np.uint8),
              "label": jax.ShapeDtypeStruct((b, s, s), np.int32),

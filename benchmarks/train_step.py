@@ -161,7 +161,7 @@ class JaxWorker:
         self.trainer = pretrain.Trainer(cfg, ls, text if kind == "ms3" else None, num_steps=10_000,
                                         devices=jax.devices()[:1])
         self.batch = self.trainer.global_batch(synthetic_batch(batch, size, list(ls.offsets)))
-        self.state = self.trainer.init_state(jax.random.PRNGKey(0), size)
+        self.state = self.trainer.init_state(jax.random.PRNGKey(0))
         params = self.state.params
         self.num_params = int(sum(x.size for k, sub in params.items() if not k.startswith("proj_")
                                   for x in jax.tree_util.tree_leaves(sub)))

@@ -83,7 +83,7 @@ def test_init_what_transfers_the_backbone_or_the_segmentor(data_dir, ms3_workdir
     for what, head_loaded in (("backbone", False), ("segmentor", True)):
         config = tiny_config(data_dir, **{"init.kind": "ms3", "init.path": pretrained_wd,
                                           "init.what": what})
-        trainer = finetune.get_trainer(config, 7)
+        trainer = finetune.Trainer(config, 7)
         variables = finetune.initial_variables(config, trainer, jax.random.key(0))
         for c in ("params", "batch_stats"):
             assert_trees_equal(variables[c]["backbone"], pretrained[c]["backbone"])
@@ -115,7 +115,7 @@ def test_init_segmentor_from_aspp_pretraining_leaves_the_decoder_fresh(data_dir,
     for wd, decoder_pretrained in ((aspp_copy(pretrained_wd, tmp_path / "aspp"), False),
                                    (pretrained_wd, True)):
         config = tiny_config(data_dir, **{"init.kind": "ms3", "init.path": wd, "init.what": "segmentor"})
-        trainer = finetune.get_trainer(config, 7)
+        trainer = finetune.Trainer(config, 7)
         fresh = jax.tree_util.tree_map(np.asarray, trainer.init_variables(jax.random.key(0)))
         caplog.clear()
         with caplog.at_level("INFO"):

@@ -417,3 +417,9 @@ def test_fast_path_differentiates_pixel_embeddings_only():
     np.testing.assert_array_equal(g_cls, 0.0)
     g_plain = jax.grad(losses.pairing_loss)(emb, cls, labels, chunk=16)
     np.testing.assert_allclose(g_fast, g_plain, rtol=1e-5, atol=1e-5 * np.abs(g_plain).max())
+
+
+def test_default_chunk_is_the_configs():
+    """One pixel-chunk default: the losses' and the pretraining config's."""
+    from configs import pretrain as pretrain_config
+    assert losses.DEFAULT_CHUNK == pretrain_config.get_config().loss.chunk

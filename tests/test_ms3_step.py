@@ -34,7 +34,7 @@ def test_step_ema_bank_from_the_momentum_encoder_and_v_lagging():
     trainer = pretrain.Trainer(config, ls, random_text(config.model.emb_dim), num_steps=10)
     rng = np.random.default_rng(3)
     batches = [random_batch(rng), random_batch(rng)]
-    state = trainer.init_state(jax.random.PRNGKey(0), 32)
+    state = trainer.init_state(jax.random.PRNGKey(0))
     s0 = jax.device_get(state)
     state, m1 = trainer.step(state, trainer.global_batch(batches[0]))
     s1 = jax.device_get(state)

@@ -129,7 +129,7 @@ def one_device_run(config, steps):
     iterator = training.union_pipeline(config, ls).make_iterator()
     trainer = pretrain.Trainer(config, ls, pretrain.resolve_text_embeddings(config, ls), NUM_STEPS,
                                devices=jax.devices()[:1])
-    state = trainer.init_state(jax.random.PRNGKey(config.seed), config.data.crop_size)
+    state = trainer.init_state(jax.random.PRNGKey(config.seed))
     history = []
     for step in range(1, steps + 1):
         state, m = trainer.step(state, trainer.global_batch(next(iterator)))

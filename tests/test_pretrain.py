@@ -55,7 +55,7 @@ def random_batch(rng, batch=8, size=32):
 
 def run_steps(config, devices, batches, text):
     trainer = pretrain.Trainer(config, label_space(), text, num_steps=10, devices=devices)
-    state = trainer.init_state(jax.random.PRNGKey(0), 32)  # float64 leaves with model.dtype float64
+    state = trainer.init_state(jax.random.PRNGKey(0))  # float64 leaves with model.dtype float64
     metrics = []
     for b in batches:
         state, m = trainer.step(state, trainer.global_batch(b))
@@ -266,7 +266,7 @@ def test_init_from_torchvision_file_sets_online_and_momentum_backbones(tmp_path)
     path = str(tmp_path / "resnet.pth")
     torch.save(ref.state_dict(), path)
     trainer = pretrain.Trainer(config, label_space(), random_text(config.model.emb_dim), num_steps=4)
-    state = pretrain.init_backbone_from(trainer.init_state(jax.random.PRNGKey(0), 32), path, trainer)
+    state = pretrain.init_backbone_from(trainer.init_state(jax.random.PRNGKey(0)), path, trainer)
     want = np.transpose(ref.layer3[0].conv2.weight.detach().numpy(), (2, 3, 1, 0))
     for tree in (state.params, state.ema_params):
         np.testing.assert_array_equal(tree["backbone"]["layer3_0"]["conv2"]["kernel"], want)

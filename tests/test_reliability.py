@@ -297,14 +297,13 @@ def synthetic_dir(tmp_path_factory):
 def no_long_work(monkeypatch):
     """Building a trainer (model, compile) or preparing data counts as long work: fail if reached."""
     from ms3_jax.data import synthetic
-    from ms3_jax.stages import finetune, pretrain, text_adapt
+    from ms3_jax.engine import training
 
     def reached(*args, **kwargs):
         raise AssertionError("long work started before the bad input was reported")
 
-    for module, name in ((pretrain, "Trainer"), (text_adapt, "Trainer"), (finetune, "get_trainer"),
-                         (synthetic, "prepare_synthetic")):
-        monkeypatch.setattr(module, name, reached)
+    for owner, name in ((training.Trainer, "__init__"), (synthetic, "prepare_synthetic")):
+        monkeypatch.setattr(owner, name, reached)
 
 
 def pretrain_config(data_dir, text_path="never_read_text_embeddings.npz", **overrides):
@@ -353,7 +352,7 @@ def test_inconsistent_config_fails_first_in_stage1_and_finetuning(tmp_path, no_l
     config.batch_size = 12
     config.data.data_dir = str(tmp_path / "no_data")
     with pytest.raises(ValueError, match="batch_size 12 does not divide over 8 devices"):
-        importlib.import_module(f"ms3_jax.{job}").train_and_evaluate(config, str(tmp_path / "wd"))
+        importlib.import_module(f"ms3_jax.stages.{job}").train_and_evaluate(config, str(tmp_path / "wd"))
 
 
 def test_missing_dataset_directory_is_named(tmp_path, no_long_work):

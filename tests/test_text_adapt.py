@@ -249,9 +249,7 @@ def test_clip_encoder_starts_from_clip_and_trains_it_with_eq1(two_tower_clip):
     tower = text_adapt.load_image_tower(c, two_tower_clip)
     trainer = text_adapt.Trainer(c, ls, text_module, text_params, tokenizer, num_steps=10,
                                  image_tower=tower)
-    ctx = clip_text.init_context(jax.random.key(1), text_params, tokenizer, c.text.num_ctx,
-                                 c.text.ctx_init)
-    state = trainer.init_state(jax.random.key(0), 32, ctx, text_params)
+    state = trainer.init_state(jax.random.key(0))
     assert state.batch_stats == {}
     jax.tree_util.tree_map(np.testing.assert_array_equal, state.params["image"],
                            tower.variables["params"])

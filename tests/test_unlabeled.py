@@ -361,7 +361,7 @@ def test_pseudo_labels_enter_the_losses_and_the_bank_only_with_the_switch():
                                      np.zeros((k, 32), np.float32), num_steps=4)
                 for eb in (False, True)}
     model, replicated = trainers[False].model, trainers[False].replicated
-    state0 = trainers[False].init_state(jax.random.PRNGKey(0), 32)
+    state0 = trainers[False].init_state(jax.random.PRNGKey(0))
     # The step's own forward pass (train-mode BN, no dropout in the MS3 encoder).
     apply = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
     out, _ = apply({"params": state0.params, "batch_stats": state0.batch_stats}, batch["image"])

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from ms3_jax.data import classes
-from ms3_jax.method.labels import IGNORE_LABEL as UNION_IGNORE  # -1 (int32 labels; every id >= 0 a class)
 
+UNION_IGNORE = -1  # the union ignore id (int32 labels; every id >= 0 a class)
 IGNORE_INDEX = classes.IGNORE_INDEX  # dataset-local ignore id (255, uint8 label PNGs)
 UNLABELED_PIXEL = -2  # a pixel of an unlabeled image (App. D): pseudo-labelled in the step
 

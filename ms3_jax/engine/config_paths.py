@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (editable installs)
-PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # wheels
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # ms3_jax/
+REPO = os.path.dirname(PACKAGE)  # the checkout (editable installs)
+PACKAGE_CONFIGS = os.path.join(PACKAGE, "configs")  # wheels
 
 
 def find_config(path: str) -> str | None:

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_LABEL = -1  # the union ignore id (data.label_space.UNION_IGNORE)
+from ms3_jax.data.label_space import UNION_IGNORE
+
+IGNORE_LABEL = UNION_IGNORE  # -1, the union ignore id
 MASKED_LOGIT = -1e30  # a class masked out of a softmax: finite "-inf" keeps gradients NaN-free
 
 

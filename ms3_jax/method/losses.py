@@ -18,7 +18,7 @@ from ms3_jax.method.chunking import map_pixel_chunks
 from ms3_jax.method.labels import IGNORE_LABEL, MASKED_LOGIT, valid_labels
 
 TAU = 0.07
-DEFAULT_CHUNK = 16384  # pixels per chunk: 16384 x 342 classes x 4 B = 22 MB of logits.
+DEFAULT_CHUNK = 8192  # pixels per chunk, = configs/pretrain.py loss.chunk (x 342 classes x 4 B = 11 MB)
 
 
 def first_argmax(x_nxk: jax.Array) -> jax.Array:
