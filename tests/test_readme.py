@@ -1,12 +1,13 @@
-"""README.md's commands, run as written with tiny settings: stage 1, pretraining, export, fine-tuning
-(three initialisations), predict and zero-shot, chained through their workdirs.
+"""The commands of README.md and docs/usage.md, run as written with tiny settings: stage 1,
+pretraining, export, fine-tuning (three initialisations), predict and zero-shot, chained through
+their workdirs.
 
-Each command is taken from the README's bash blocks and changed only where this machine needs it:
-`:tiny` configs (synthetic data, tiny model, a tiny random CLIP), fewer steps, placeholders (W1,
-DATA, photo.jpg, resnet50.pth, ...) made real. Commands that need what a test cannot have
-(official dataset archives, a TPU pod, SLURM) are listed in NOT_RUN with the test that covers
-them; the two quick-start commands are what `.ci/run` runs. A README command that is in neither
-list fails the test, so a new command cannot go untested.
+Each command is taken from the bash blocks of README.md and docs/usage.md and changed only where
+this machine needs it: `:tiny` configs (synthetic data, tiny model, a tiny random CLIP), fewer
+steps, placeholders (W1, DATA, photo.jpg, resnet50.pth, ...) made real. Commands that need what
+a test cannot have (official dataset archives, a TPU pod, SLURM) are listed in NOT_RUN with the
+test that covers them; the two quick-start commands are what `.ci/run` runs. A command there
+that is in neither list fails the test, so a new command cannot go untested.
 """
 import os
 import re
@@ -36,14 +37,20 @@ NOT_RUN = {
 FAST = ["--config.num_steps=4", "--config.checkpoint_every=4", "--config.log_every=2"]
 
 
+# The README keeps the main commands; docs/usage.md the longer how-tos (both are tested).
+DOCS = ("README.md", "docs/usage.md")
+
+
 def readme_commands() -> list[str]:
-    text = open(os.path.join(ROOT, "README.md")).read()
+    """The commands of the bash blocks of DOCS, in order, each once."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("  #")[0].strip()
-            if line and not line.startswith("#"):
-                out.append(" ".join(line.split()))
+    for doc in DOCS:
+        text = open(os.path.join(ROOT, doc)).read()
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("  #")[0].strip()
+                if line and not line.startswith("#") and " ".join(line.split()) not in out:
+                    out.append(" ".join(line.split()))
     return out
 
 

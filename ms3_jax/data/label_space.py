@@ -1,6 +1,6 @@
-"""The union label space Y = Y_1 ∪ ... ∪ Y_N of the pretraining datasets (paper Sec. 3.1).
+"""The union label space Y = Y_1 ∪ Y_2 ∪ ... of the pretraining datasets (paper Sec. 3.1).
 
-The paper unifies N segmentation datasets "into a large dataset D with a combined label space";
+The paper unifies its segmentation datasets "into a large dataset D with a combined label space";
 like the paper we do NOT merge classes that share a name across datasets (ADE20K 'person' and
 COCO-Stuff 'person' stay two union classes): the label spaces are concatenated in the order the
 datasets are given, so union id = offset[dataset] + local id. Relations between classes of
@@ -35,9 +35,9 @@ class LabelSpace:
     class names) or `LabelSpace.from_datasets(['voc', 'ade20k'])` for the built-in class lists.
 
     Attributes:
-      dataset_names: the N dataset names, in union order.
+      dataset_names: the dataset names, in union order.
       class_names: per dataset, its local class names.
-      offsets: int array [N + 1]; dataset d owns union ids offsets[d]:offsets[d+1].
+      offsets: int array [num_datasets + 1]; dataset d owns union ids offsets[d]:offsets[d+1].
       names: the |Y| union class names (plain, e.g. 'stairway'; these go to the text encoder).
       display_names: the |Y| names qualified by dataset, e.g. 'ade20k/stairway'.
       dataset_of_class: int32 array [|Y|], the dataset index of each union class.

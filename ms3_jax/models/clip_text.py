@@ -135,12 +135,12 @@ _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
-def eos_positions(ids_NxL: Array, eos_token_id: int) -> Array:
+def eos_positions(ids_UxL: Array, eos_token_id: int) -> Array:
     """Pooling position per sequence, by transformers' rule (see ``CLIPTextConfig``)."""
-    ids_NxL = jnp.asarray(ids_NxL, jnp.int32)
+    ids_UxL = jnp.asarray(ids_UxL, jnp.int32)
     if eos_token_id == 2:  # legacy configs: EOS is the largest id
-        return jnp.argmax(ids_NxL, axis=-1)
-    return jnp.argmax(ids_NxL == eos_token_id, axis=-1)
+        return jnp.argmax(ids_UxL, axis=-1)
+    return jnp.argmax(ids_UxL == eos_token_id, axis=-1)
 
 
 class SelfAttention(nn.Module):
@@ -152,41 +152,41 @@ class SelfAttention(nn.Module):
     causal: bool = True
 
     @nn.compact
-    def __call__(self, x_NxLxD: Array) -> Array:
-        n, length, _ = x_NxLxD.shape
+    def __call__(self, x_BxLxD: Array) -> Array:
+        n, length, _ = x_BxLxD.shape
         head_dim = self.width // self.num_heads
         dense = functools.partial(nn.Dense, self.width, dtype=self.dtype, param_dtype=jnp.float32)
         split = lambda t: t.reshape(n, length, self.num_heads, head_dim)  # noqa: E731
-        q_NxLxHxK, k_NxLxHxK, v_NxLxHxK = (split(dense(name=f"{p}_proj")(x_NxLxD)) for p in "qkv")
-        logits_NxHxLxL = jnp.einsum(
-            "nqhk,nshk->nhqs", q_NxLxHxK, k_NxLxHxK, preferred_element_type=jnp.float32
+        q_BxLxAxE, k_BxLxAxE, v_BxLxAxE = (split(dense(name=f"{p}_proj")(x_BxLxD)) for p in "qkv")
+        logits_BxAxLxL = jnp.einsum(
+            "nqhk,nshk->nhqs", q_BxLxAxE, k_BxLxAxE, preferred_element_type=jnp.float32
         ) * (head_dim**-0.5)
         if self.causal:
             causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
-            logits_NxHxLxL = jnp.where(causal_LxL, logits_NxHxLxL, jnp.finfo(jnp.float32).min)
-        weights_NxHxLxL = jax.nn.softmax(logits_NxHxLxL, axis=-1).astype(self.dtype)
+            logits_BxAxLxL = jnp.where(causal_LxL, logits_BxAxLxL, jnp.finfo(jnp.float32).min)
+        weights_BxAxLxL = jax.nn.softmax(logits_BxAxLxL, axis=-1).astype(self.dtype)
         # Heads stay a leading dim and the output projection contracts (head, channel) at once:
         # no transpose feeds a GEMM (XLA's Triton GEMM cannot tile one when compiling for a GPU
         # ahead of time: "Couldn't find output tile sizes", jaxlib 0.10.2).
-        out_NxHxLxK = jnp.einsum("nhqs,nshk->nhqk", weights_NxHxLxL, v_NxLxHxK)
-        return HeadsDense(self.width, self.dtype, name="out_proj")(out_NxHxLxK)
+        out_BxAxLxE = jnp.einsum("nhqs,nshk->nhqk", weights_BxAxLxL, v_BxLxAxE)
+        return HeadsDense(self.width, self.dtype, name="out_proj")(out_BxAxLxE)
 
 
 class HeadsDense(nn.Module):
-    """``nn.Dense(width)`` over the flattened (head, channel) dims of ``[N, H, L, K]``: the same
-    params (``kernel`` [H*K, width], ``bias``) and numbers, computed without a transpose."""
+    """``nn.Dense(width)`` over the flattened (head, channel) dims of ``[B, A, L, E]``: the same
+    params (``kernel`` [A*E, width], ``bias``) and numbers, computed without a transpose."""
     width: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_NxHxLxK: Array) -> Array:
-        _, heads, _, head_dim = x_NxHxLxK.shape
+    def __call__(self, x_BxAxLxE: Array) -> Array:
+        _, heads, _, head_dim = x_BxAxLxE.shape
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (heads * head_dim, self.width),
                             jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.width,), jnp.float32)
-        kernel_HxKxD = kernel.astype(self.dtype).reshape(heads, head_dim, self.width)
-        y_NxLxD = jnp.einsum("nhqk,hkd->nqd", x_NxHxLxK.astype(self.dtype), kernel_HxKxD)
-        return y_NxLxD + bias.astype(self.dtype)
+        kernel_AxExD = kernel.astype(self.dtype).reshape(heads, head_dim, self.width)
+        y_BxLxD = jnp.einsum("nhqk,hkd->nqd", x_BxAxLxE.astype(self.dtype), kernel_AxExD)
+        return y_BxLxD + bias.astype(self.dtype)
 
 
 class MLP(nn.Module):
@@ -197,10 +197,10 @@ class MLP(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_NxLxD: Array) -> Array:
-        h_NxLxF = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32, name="fc1")(x_NxLxD)
-        h_NxLxF = _ACTIVATIONS[self.hidden_act](h_NxLxF)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name="fc2")(h_NxLxF)
+    def __call__(self, x_BxLxD: Array) -> Array:
+        h_BxLxF = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32, name="fc1")(x_BxLxD)
+        h_BxLxF = _ACTIVATIONS[self.hidden_act](h_BxLxF)
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name="fc2")(h_BxLxF)
 
 
 class ResidualBlock(nn.Module):
@@ -211,22 +211,22 @@ class ResidualBlock(nn.Module):
     causal: bool = True
 
     @nn.compact
-    def __call__(self, x_NxLxD: Array) -> Array:
+    def __call__(self, x_BxLxD: Array) -> Array:
         c = self.config
         ln = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype,
                                param_dtype=jnp.float32)
-        h_NxLxD = ln(name="layer_norm1")(x_NxLxD)
+        h_BxLxD = ln(name="layer_norm1")(x_BxLxD)
         attention = SelfAttention(c.width, c.num_heads, self.dtype, self.causal, name="self_attn")
-        x_NxLxD = x_NxLxD + attention(h_NxLxD)
-        h_NxLxD = ln(name="layer_norm2")(x_NxLxD)
-        return x_NxLxD + MLP(c.width, c.mlp_dim, c.hidden_act, self.dtype, name="mlp")(h_NxLxD)
+        x_BxLxD = x_BxLxD + attention(h_BxLxD)
+        h_BxLxD = ln(name="layer_norm2")(x_BxLxD)
+        return x_BxLxD + MLP(c.width, c.mlp_dim, c.hidden_act, self.dtype, name="mlp")(h_BxLxD)
 
 
 class CLIPTextTower(nn.Module):
     """CLIP text encoder + projection (paper Sec. 3.2, Fig. 2: the text encoder that yields ``T``).
 
     Entry points ``__call__`` (token ids), ``encode_embeddings`` (token embeddings) and
-    ``encode_prompts`` (a ``PromptLayout`` + context) return float32 ``[N, proj_dim]``, not normalised.
+    ``encode_prompts`` (a ``PromptLayout`` + context) return float32 ``[U, proj_dim]``, not normalised.
     """
     config: CLIPTextConfig
     dtype: Any = jnp.float32  # compute dtype; params stay float32
@@ -243,30 +243,30 @@ class CLIPTextTower(nn.Module):
         self.final_layer_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, **dtypes)
         self.text_projection = nn.Dense(c.proj_dim, use_bias=False, **dtypes)
 
-    def __call__(self, ids_NxL: Array) -> Array:
+    def __call__(self, ids_UxL: Array) -> Array:
         """Text embeddings from token ids, pooled at EOS as transformers does."""
-        eos_index_N = eos_positions(ids_NxL, self.config.eos_token_id)
-        return self.encode_embeddings(self.embed_tokens(ids_NxL), eos_index_N)
+        eos_index_U = eos_positions(ids_UxL, self.config.eos_token_id)
+        return self.encode_embeddings(self.embed_tokens(ids_UxL), eos_index_U)
 
-    def embed_tokens(self, ids_NxL: Array) -> Array:
+    def embed_tokens(self, ids_UxL: Array) -> Array:
         """Token embeddings (no positions): the input that context vectors are spliced into."""
-        return self.token_embedding(jnp.asarray(ids_NxL, jnp.int32))
+        return self.token_embedding(jnp.asarray(ids_UxL, jnp.int32))
 
-    def encode_embeddings(self, x_NxLxD: Array, eos_index_N: Array) -> Array:
-        """Positional embeddings, causal blocks, final LayerNorm, pool at ``eos_index_N``, project."""
-        n, length, _ = x_NxLxD.shape
+    def encode_embeddings(self, x_UxLxD: Array, eos_index_U: Array) -> Array:
+        """Positional embeddings, causal blocks, final LayerNorm, pool at ``eos_index_U``, project."""
+        n, length, _ = x_UxLxD.shape
         if length > self.config.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len {self.config.max_len}")
-        h_NxLxD = x_NxLxD.astype(self.dtype) + self.position_embedding[:length].astype(self.dtype)
+        h_UxLxD = x_UxLxD.astype(self.dtype) + self.position_embedding[:length].astype(self.dtype)
         for block in self.layers:
-            h_NxLxD = block(h_NxLxD)
+            h_UxLxD = block(h_UxLxD)
         # LayerNorm is per position, so pooling before it equals transformers' LN-then-pool.
-        pooled_NxD = self.final_layer_norm(h_NxLxD[jnp.arange(n), jnp.asarray(eos_index_N, jnp.int32)])
-        return self.text_projection(pooled_NxD).astype(jnp.float32)
+        pooled_UxD = self.final_layer_norm(h_UxLxD[jnp.arange(n), jnp.asarray(eos_index_U, jnp.int32)])
+        return self.text_projection(pooled_UxD).astype(jnp.float32)
 
-    def encode_prompts(self, ids_NxL: Array, eos_index_N: Array, ctx_MxD: Array) -> Array:
-        """Learned-context prompts (Fig. 2): embed ``ids_NxL``, replace slots 1..M by ``ctx_MxD``."""
-        return self.encode_embeddings(splice_context(self.embed_tokens(ids_NxL), ctx_MxD), eos_index_N)
+    def encode_prompts(self, ids_UxL: Array, eos_index_U: Array, ctx_MxD: Array) -> Array:
+        """Learned-context prompts (Fig. 2): embed ``ids_UxL``, replace slots 1..M by ``ctx_MxD``."""
+        return self.encode_embeddings(splice_context(self.embed_tokens(ids_UxL), ctx_MxD), eos_index_U)
 
 
 # --- Prompt learner (CoOp, class token at the end) --------------------------------------------
@@ -277,6 +277,7 @@ class PromptLayout:
 
     ``ids_NxL[:, 1:1+num_ctx]`` are placeholder slots (they hold the SOS id, which never collides
     with EOS pooling) that ``splice_context`` overwrites; ``eos_index_N`` is the EOS position.
+    (U prompts; the field names keep N until ``stages/text_adapt.py``, which reads them, is renamed.)
     """
     ids_NxL: np.ndarray
     eos_index_N: np.ndarray
@@ -319,11 +320,11 @@ def _layout(rows: list[list[int]], names: tuple[str, ...], num_ctx: int, pad_id:
             pad_to_max_len: bool) -> PromptLayout:
     """Pads the token rows into a ``PromptLayout``; each row pools at its last token (EOS)."""
     length = max_len if pad_to_max_len else max(len(r) for r in rows)
-    ids_NxL = np.full((len(rows), length), pad_id, dtype=np.int32)
+    ids_UxL = np.full((len(rows), length), pad_id, dtype=np.int32)
     for i, row in enumerate(rows):
-        ids_NxL[i, : len(row)] = row
-    eos_index_N = np.array([len(r) - 1 for r in rows], dtype=np.int32)
-    return PromptLayout(ids_NxL=ids_NxL, eos_index_N=eos_index_N, num_ctx=num_ctx, class_names=names)
+        ids_UxL[i, : len(row)] = row
+    eos_index_U = np.array([len(r) - 1 for r in rows], dtype=np.int32)
+    return PromptLayout(ids_NxL=ids_UxL, eos_index_N=eos_index_U, num_ctx=num_ctx, class_names=names)
 
 
 def _too_long(name: str, n_tokens: int, max_len: int, what: str) -> ValueError:
@@ -371,11 +372,11 @@ def build_template_layout(tokenizer: Any, class_names: Sequence[str], template: 
     return _layout(rows, names, 0, pad, max_len, pad_to_max_len)
 
 
-def splice_context(x_NxLxD: Array, ctx_MxD: Array) -> Array:
+def splice_context(x_UxLxD: Array, ctx_MxD: Array) -> Array:
     """Replace positions 1..M of the token embeddings by the shared context vectors ``[W]_1..[W]_M``."""
-    n, _, d = x_NxLxD.shape
-    ctx_NxMxD = jnp.broadcast_to(ctx_MxD.astype(x_NxLxD.dtype)[None], (n, ctx_MxD.shape[0], d))
-    return jnp.concatenate([x_NxLxD[:, :1], ctx_NxMxD, x_NxLxD[:, 1 + ctx_MxD.shape[0]:]], axis=1)
+    n, _, d = x_UxLxD.shape
+    ctx_UxMxD = jnp.broadcast_to(ctx_MxD.astype(x_UxLxD.dtype)[None], (n, ctx_MxD.shape[0], d))
+    return jnp.concatenate([x_UxLxD[:, :1], ctx_UxMxD, x_UxLxD[:, 1 + ctx_MxD.shape[0]:]], axis=1)
 
 
 def init_context(rng: Array, params: Params, tokenizer: Any, num_ctx: int = DEFAULT_NUM_CTX,
@@ -400,9 +401,9 @@ def init_context(rng: Array, params: Params, tokenizer: Any, num_ctx: int = DEFA
 
 # --- Encoding class names ---------------------------------------------------------------------
 
-def _l2_normalize(x_NxP: Array) -> Array:
-    x_NxP = x_NxP.astype(jnp.float32)
-    return x_NxP / jnp.maximum(jnp.linalg.norm(x_NxP, axis=-1, keepdims=True), 1e-12)
+def _l2_normalize(x_UxC: Array) -> Array:
+    x_UxC = x_UxC.astype(jnp.float32)
+    return x_UxC / jnp.maximum(jnp.linalg.norm(x_UxC, axis=-1, keepdims=True), 1e-12)
 
 
 def encode_classes(module: CLIPTextTower, params: Params, tokenizer: Any, class_names: Sequence[str],
@@ -422,8 +423,8 @@ def encode_classes(module: CLIPTextTower, params: Params, tokenizer: Any, class_
             raise ValueError(f"ctx must be [M, {width}], got {ctx_MxD.shape}")
         layout = build_prompt_layout(tokenizer, class_names, ctx_MxD.shape[0], max_len)
     fn = jax.jit(functools.partial(module.apply, method=CLIPTextTower.encode_prompts))
-    ids_NxL, eos_index_N = jnp.asarray(layout.ids_NxL), jnp.asarray(layout.eos_index_N)
-    return _l2_normalize(fn({"params": params}, ids_NxL, eos_index_N, ctx_MxD))
+    ids_UxL, eos_index_U = jnp.asarray(layout.ids_NxL), jnp.asarray(layout.eos_index_N)
+    return _l2_normalize(fn({"params": params}, ids_UxL, eos_index_U, ctx_MxD))
 
 
 # --- Loading Hugging Face checkpoints ---------------------------------------------------------

@@ -139,25 +139,25 @@ def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix_OxI
 
 
-def interpolate_position_embedding(table_PxD: Array, grid_h: int, grid_w: int) -> Array:
+def interpolate_position_embedding(table_LxD: Array, grid_h: int, grid_w: int) -> Array:
     """Position table ``[1 + g*g, D]`` (class position first) resized to a ``grid_h x grid_w`` grid.
 
     The class position is kept; the patch part is resized as transformers'
     ``interpolate_pos_encoding`` does (torch bicubic, ``align_corners=False``, no antialiasing).
     Returns ``[1 + grid_h*grid_w, D]``; the table itself at the native grid.
     """
-    num_patches, dim = table_PxD.shape[0] - 1, table_PxD.shape[1]
+    num_patches, dim = table_LxD.shape[0] - 1, table_LxD.shape[1]
     grid = int(round(num_patches ** 0.5))
     if grid * grid != num_patches:
         raise ValueError(f"position table has {num_patches} patch positions, not a square grid")
     if (grid_h, grid_w) == (grid, grid):
-        return table_PxD
-    rows_HxG = jnp.asarray(_bicubic_matrix(grid, grid_h), table_PxD.dtype)
-    cols_WxG = jnp.asarray(_bicubic_matrix(grid, grid_w), table_PxD.dtype)
-    patch_GxGxD = table_PxD[1:].reshape(grid, grid, dim)
+        return table_LxD
+    rows_HxG = jnp.asarray(_bicubic_matrix(grid, grid_h), table_LxD.dtype)
+    cols_WxG = jnp.asarray(_bicubic_matrix(grid, grid_w), table_LxD.dtype)
+    patch_GxGxD = table_LxD[1:].reshape(grid, grid, dim)
     patch_HxWxD = jnp.einsum("hy,wx,yxd->hwd", rows_HxG, cols_WxG, patch_GxGxD,
                              precision=jax.lax.Precision.HIGHEST)
-    return jnp.concatenate([table_PxD[:1], patch_HxWxD.reshape(grid_h * grid_w, dim)], axis=0)
+    return jnp.concatenate([table_LxD[:1], patch_HxWxD.reshape(grid_h * grid_w, dim)], axis=0)
 
 
 # --- Model ------------------------------------------------------------------------------------
@@ -201,17 +201,17 @@ class CLIPVisionTower(nn.Module):
         patches_BxGhxGwxD = self.patch_embedding(jnp.asarray(pixels_BxHxWxC, self.dtype))
         patches_BxGxD = patches_BxGhxGwxD.reshape(b, grid_h * grid_w, c.width)  # row-major, as torch
         cls_Bx1xD = jnp.broadcast_to(self.class_embedding.astype(self.dtype), (b, 1, c.width))
-        pos_NxD = interpolate_position_embedding(self.position_embedding, grid_h, grid_w)
-        h_BxNxD = jnp.concatenate([cls_Bx1xD, patches_BxGxD], axis=1) + pos_NxD.astype(self.dtype)
-        h_BxNxD = self.pre_layrnorm(h_BxNxD)
+        pos_LxD = interpolate_position_embedding(self.position_embedding, grid_h, grid_w)
+        h_BxLxD = jnp.concatenate([cls_Bx1xD, patches_BxGxD], axis=1) + pos_LxD.astype(self.dtype)
+        h_BxLxD = self.pre_layrnorm(h_BxLxD)
         for layer in self.layers:
-            h_BxNxD = layer(h_BxNxD)
+            h_BxLxD = layer(h_BxLxD)
         # post_layernorm is per token: on every token it equals transformers' LN of the class token,
         # and it is DenseCLIP's treatment of the patch tokens.
-        emb_BxNxP = self.visual_projection(self.post_layernorm(h_BxNxD)).astype(jnp.float32)
+        emb_BxLxC = self.visual_projection(self.post_layernorm(h_BxLxD)).astype(jnp.float32)
         return {
-            "image_embeds": emb_BxNxP[:, 0],
-            "dense": emb_BxNxP[:, 1:].reshape(b, grid_h, grid_w, c.proj_dim),
+            "image_embeds": emb_BxLxC[:, 0],
+            "dense": emb_BxLxC[:, 1:].reshape(b, grid_h, grid_w, c.proj_dim),
         }
 
 
@@ -219,7 +219,7 @@ class CLIPVisionTower(nn.Module):
 class PixelEncoder:
     """The tower as a pixel encoder with ``MS3Encoder``'s interface (stage 1's image encoder,
     zero-shot from a stage-1 workdir): uint8 RGB [B, H, W, 3] in (normalised with ``mean`` /
-    ``std`` as ``CLIPProcessor`` does), ``{"language": unit dense embeddings [B, H/p, W/p, D]}``
+    ``std`` as ``CLIPProcessor`` does), ``{"language": unit dense embeddings [B, H/p, W/p, C]}``
     out; ``output_stride`` is the patch size. ``variables = {"params": tower params}``."""
     tower: CLIPVisionTower
     mean: tuple[float, ...] = CLIP_PIXEL_MEAN
@@ -233,8 +233,8 @@ class PixelEncoder:
               ) -> dict[str, Array]:
         del train  # no dropout, no batch statistics
         pixels = normalize_pixels(images_BxHxWx3, self.mean, self.std, self.tower.dtype)
-        dense_BxhxwxD = self.tower.apply({"params": variables["params"]}, pixels)["dense"]
-        return {"language": l2_normalize(dense_BxhxwxD)}
+        dense_BxhxwxC = self.tower.apply({"params": variables["params"]}, pixels)["dense"]
+        return {"language": l2_normalize(dense_BxhxwxC)}
 
 
 # --- Loading Hugging Face checkpoints ---------------------------------------------------------
