@@ -65,11 +65,11 @@ def test_token_id_parity_with_transformers(full, clip_text_dir, clip_full_dir):
     directory = clip_full_dir if full else clip_text_dir
     module, params, tokenizer = ct.load_clip_text(directory)
     hf = load_hf_text_model(directory, full=full)
-    ids_NxL = tokenizer(["a photo of a cat.", "dog", "a traffic light", "sky"], padding=True,
+    ids_UxL = tokenizer(["a photo of a cat.", "dog", "a traffic light", "sky"], padding=True,
                         return_tensors="np")["input_ids"]
-    ours_NxP = module.apply({"params": params}, ids_NxL)
+    ours_NxP = module.apply({"params": params}, ids_UxL)
     with torch.no_grad():
-        ids_t = torch.from_numpy(ids_NxL.astype(np.int64))
+        ids_t = torch.from_numpy(ids_UxL.astype(np.int64))
         if full:
             ref_NxP = hf.get_text_features(input_ids=ids_t).pooler_output.numpy()
         else:
@@ -92,7 +92,7 @@ def test_encode_classes_template_matches_transformers(loaded, hf_text):
 def _hf_prompt_embeddings(hf, layout, ctx_MxD):
     """transformers run by hand on our input embeddings: its tables, our context, a causal mask."""
     tm = hf.text_model
-    ids_t = torch.from_numpy(layout.ids_NxL.astype(np.int64))
+    ids_t = torch.from_numpy(layout.ids_UxL.astype(np.int64))
     n, length = ids_t.shape
     m = layout.num_ctx
     with torch.no_grad():
@@ -102,7 +102,7 @@ def _hf_prompt_embeddings(hf, layout, ctx_MxD):
         mask = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)
         h = tm.encoder(inputs_embeds=x, attention_mask=mask[None, None].expand(n, 1, length, length))
         h = tm.final_layer_norm(h.last_hidden_state)
-        pooled = h[torch.arange(n), torch.from_numpy(layout.eos_index_N.astype(np.int64))]
+        pooled = h[torch.arange(n), torch.from_numpy(layout.eos_index_U.astype(np.int64))]
         return hf.text_projection(pooled).numpy()
 
 
@@ -112,7 +112,7 @@ def test_learned_context_matches_transformers_by_hand(loaded, hf_text):
     ctx_MxD = ct.init_context(jax.random.key(0), params, tokenizer, num_ctx, init_phrase=None)
     ctx_MxD = 0.5 * ctx_MxD / ct._CTX_INIT_STD  # make the context matter at this tiny scale
     layout = ct.build_prompt_layout(tokenizer, CLASSES, num_ctx, module.config.max_len)
-    ours_NxP = module.apply({"params": params}, layout.ids_NxL, layout.eos_index_N, ctx_MxD,
+    ours_NxP = module.apply({"params": params}, layout.ids_UxL, layout.eos_index_U, ctx_MxD,
                             method=ct.CLIPTextTower.encode_prompts)
     ref_NxP = _hf_prompt_embeddings(hf_text, layout, ctx_MxD)
     assert _rel_err(ours_NxP, ref_NxP) < 1e-5
@@ -184,12 +184,12 @@ def test_prompt_layout(loaded):
     sos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     layout = ct.build_prompt_layout(tokenizer, ["cat", "traffic light"], 13, TINY_MAX_LEN)
     cat = tokenizer("cat.", add_special_tokens=False)["input_ids"]
-    assert layout.ids_NxL.dtype == np.int32 and layout.ids_NxL.shape == (2, 1 + 13 + 3 + 1)
-    assert list(layout.ids_NxL[0, :1 + 13 + len(cat) + 1]) == [sos] + [sos] * 13 + cat + [eos]
-    assert list(layout.eos_index_N) == [1 + 13 + 2, 1 + 13 + 3]  # "cat" "." | "traffic" "light" "."
-    assert (layout.ids_NxL[0, layout.eos_index_N[0] + 1:] == tokenizer.pad_token_id).all()
+    assert layout.ids_UxL.dtype == np.int32 and layout.ids_UxL.shape == (2, 1 + 13 + 3 + 1)
+    assert list(layout.ids_UxL[0, :1 + 13 + len(cat) + 1]) == [sos] + [sos] * 13 + cat + [eos]
+    assert list(layout.eos_index_U) == [1 + 13 + 2, 1 + 13 + 3]  # "cat" "." | "traffic" "light" "."
+    assert (layout.ids_UxL[0, layout.eos_index_U[0] + 1:] == tokenizer.pad_token_id).all()
     padded = ct.build_prompt_layout(tokenizer, ["cat"], 13, TINY_MAX_LEN, pad_to_max_len=True)
-    assert padded.ids_NxL.shape == (1, TINY_MAX_LEN)
+    assert padded.ids_UxL.shape == (1, TINY_MAX_LEN)
 
 
 def test_splice_and_init_context(loaded):
@@ -217,7 +217,7 @@ def test_context_gets_gradients(loaded):
     ctx_MxD = ct.init_context(jax.random.key(0), params, tokenizer, 3, None)
 
     def loss(c):
-        t_NxP = module.apply({"params": params}, layout.ids_NxL, layout.eos_index_N, c,
+        t_NxP = module.apply({"params": params}, layout.ids_UxL, layout.eos_index_U, c,
                              method=ct.CLIPTextTower.encode_prompts)
         return jnp.sum(t_NxP[:, 0])
 

@@ -327,7 +327,7 @@ def save_text(path, datasets):
 @pytest.mark.parametrize("overrides,match", [
     ({"batch_size": 12}, "batch_size 12 does not divide over 8 devices"),
     ({"model.output_stride": 4}, "model.output_stride must be 8, 16 or 32, got 4"),
-    ({"bank.per_class": 128}, r"bank.per_class \(P=128\) must be <= bank.slots \(K=64\)"),
+    ({"bank.per_class": 128}, r"bank.per_class \(P=128\) must be <= bank.slots \(S=64\)"),
     ({"nonfinite": "ignore"}, r"nonfinite must be one of \('stop', 'skip'\), got 'ignore'"),
     ({"data.datasets": ("synth_a", "synth_x")},
      r"Unknown dataset name\(s\) \['synth_x'\]; valid names: \[.*'synth_a'"),

@@ -275,12 +275,11 @@ class CLIPTextTower(nn.Module):
 class PromptLayout:
     """Token ids of the prompts of a class list and where each one pools.
 
-    ``ids_NxL[:, 1:1+num_ctx]`` are placeholder slots (they hold the SOS id, which never collides
-    with EOS pooling) that ``splice_context`` overwrites; ``eos_index_N`` is the EOS position.
-    (U prompts; the field names keep N until ``stages/text_adapt.py``, which reads them, is renamed.)
+    ``ids_UxL[:, 1:1+num_ctx]`` are placeholder slots (they hold the SOS id, which never collides
+    with EOS pooling) that ``splice_context`` overwrites; ``eos_index_U`` is the EOS position.
     """
-    ids_NxL: np.ndarray
-    eos_index_N: np.ndarray
+    ids_UxL: np.ndarray
+    eos_index_U: np.ndarray
     num_ctx: int
     class_names: tuple[str, ...]
 
@@ -324,7 +323,7 @@ def _layout(rows: list[list[int]], names: tuple[str, ...], num_ctx: int, pad_id:
     for i, row in enumerate(rows):
         ids_UxL[i, : len(row)] = row
     eos_index_U = np.array([len(r) - 1 for r in rows], dtype=np.int32)
-    return PromptLayout(ids_NxL=ids_UxL, eos_index_N=eos_index_U, num_ctx=num_ctx, class_names=names)
+    return PromptLayout(ids_UxL=ids_UxL, eos_index_U=eos_index_U, num_ctx=num_ctx, class_names=names)
 
 
 def _too_long(name: str, n_tokens: int, max_len: int, what: str) -> ValueError:
@@ -423,7 +422,7 @@ def encode_classes(module: CLIPTextTower, params: Params, tokenizer: Any, class_
             raise ValueError(f"ctx must be [M, {width}], got {ctx_MxD.shape}")
         layout = build_prompt_layout(tokenizer, class_names, ctx_MxD.shape[0], max_len)
     fn = jax.jit(functools.partial(module.apply, method=CLIPTextTower.encode_prompts))
-    ids_UxL, eos_index_U = jnp.asarray(layout.ids_NxL), jnp.asarray(layout.eos_index_N)
+    ids_UxL, eos_index_U = jnp.asarray(layout.ids_UxL), jnp.asarray(layout.eos_index_U)
     return _l2_normalize(fn({"params": params}, ids_UxL, eos_index_U, ctx_MxD))
 
 

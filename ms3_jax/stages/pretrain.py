@@ -46,7 +46,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
         raise ValueError("loss.kind='ms3' needs " + " or ".join(f"loss.{t.switch}" for t in LOSS_TERMS))
     if config.bank.per_class > config.bank.slots:
         raise ValueError(f"bank.per_class (P={config.bank.per_class}) must be <= bank.slots "
-                         f"(K={config.bank.slots}): one step would overwrite its own entries")
+                         f"(S={config.bank.slots}): one step would overwrite its own entries")
     heads = {t.head: t for t in LOSS_TERMS}
     head = config.relations.pixel_head
     if head not in heads:

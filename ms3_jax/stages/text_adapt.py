@@ -74,12 +74,12 @@ class TextAdaptState:
 # ----------------------------------------------------------------------------------------------
 
 
-def mean_pairwise_cosine(emb_NxC: Any) -> Any:
+def mean_pairwise_cosine(emb_UxC: Any) -> Any:
     """Mean cosine over all pairs of distinct rows (Tab. 1 'mean'); rows are unit vectors."""
-    xp = jnp if isinstance(emb_NxC, jax.Array) else np
-    n = emb_NxC.shape[0]
-    sim_NxN = emb_NxC @ emb_NxC.T
-    return (xp.sum(sim_NxN) - xp.trace(sim_NxN)) / max(n * (n - 1), 1)
+    xp = jnp if isinstance(emb_UxC, jax.Array) else np
+    n = emb_UxC.shape[0]
+    sim_UxU = emb_UxC @ emb_UxC.T
+    return (xp.sum(sim_UxU) - xp.trace(sim_UxU)) / max(n * (n - 1), 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ class Trainer(training.Trainer):
         self.names, self.gather = labels.distinct_names(label_space.names)
         layout = clip_text.build_prompt_layout(tokenizer, self.names, config.text.num_ctx,
                                                text_module.config.max_len)
-        consts = {"ids": jnp.asarray(layout.ids_NxL), "eos": jnp.asarray(layout.eos_index_N),
+        consts = {"ids": jnp.asarray(layout.ids_UxL), "eos": jnp.asarray(layout.eos_index_U),
                   "gather": jnp.asarray(self.gather)}
         if not self.train_text_tower:
             consts["text"] = text_params
