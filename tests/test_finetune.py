@@ -25,7 +25,15 @@ MODEL_CFG = {"width": 0.125, "stage_sizes": [1, 1, 1, 1], "emb_dim": 8}
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("synthetic"))
+    """The synthetic data the tiny fine-tuning config asks for (built by `demo.prepare_builtin`,
+    as `python -m ms3_jax.main` does before a stage runs)."""
+    from configs.finetune import voc
+    from ms3_jax.demo import job
+    path = str(tmp_path_factory.mktemp("synthetic"))
+    config = voc.get_config("tiny")
+    config.data.data_dir = path
+    job.prepare_builtin(config)
+    return path
 
 
 tiny_config = tiny_finetune_config

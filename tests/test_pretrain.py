@@ -144,7 +144,7 @@ def test_ablation_switches_select_the_loss_terms(overrides, expected_terms):
     ({"loss.kind": "focal"}, "loss.kind"),
     ({"model.output_stride": 4}, "output_stride"),
     ({"batch_size": 12}, "divide over 8 devices"),
-    ({"bank.per_class": 128}, r"bank.per_class \(P=128\) must be <= bank.slots \(K=64\)"),
+    ({"bank.per_class": 128}, r"bank.per_class \(P=128\) must be <= bank.slots \(S=64\)"),
     ({"loss.use_language": False}, "pixel_head='language' needs loss.use_language"),
     ({"loss.use_visual": False, "relations.pixel_head": "visual"},
      "pixel_head='visual' needs loss.use_visual"),

@@ -18,7 +18,7 @@ import pytest
 import transformers
 
 from ms3_jax.data.label_space import LabelSpace
-from ms3_jax.demo import tiny_clip
+from ms3_jax.demo import job as demo, tiny_clip
 from ms3_jax.method import adapted_text, labels, losses, text_embeddings
 from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.stages import text_adapt
@@ -46,6 +46,7 @@ def tiny_config(data_dir, tmp_path_factory):
     c.data.data_dir = data_dir
     c.data.synthetic = dict(num_train=24, num_val=4, image_size=64)  # as built: a no-op
     c.text.tiny_clip_dir = str(tmp_path_factory.mktemp("clip") / "tiny_clip")
+    demo.prepare_builtin(c)  # writes the tiny CLIP, as `python -m ms3_jax.main` does
     return c
 
 
@@ -302,7 +303,7 @@ def test_clip_encoder_errors_name_the_field(two_tower_clip, tiny_config, tmp_pat
     # The same as a tiny stand-in directory (written before stage 1 used the vision tower).
     c.text.clip, c.text.tiny_clip_dir = "", str(text_only)
     with pytest.raises(ValueError, match=r"tiny_clip_dir=.*text_only holds a text-only CLIP.*remove"):
-        text_adapt.train_and_evaluate(c, str(tmp_path / "w"))
+        demo.prepare_builtin(c)  # what `python -m ms3_jax.main` runs before the stage
 
 
 @pytest.mark.slow
