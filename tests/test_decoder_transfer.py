@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from ms3_jax.method import losses
-from ms3_jax.models.deeplab import DECODER_MODULES, MS3Encoder, l2_normalize, untrained_subtrees
+from ms3_jax.models.deeplab import DECODER_MODULES, encoder_from_config, l2_normalize, untrained_subtrees
 
-TINY = dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=8)
+TINY = dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=8, kernels="xla")
 
 
 def _random_variables(model, images, seed=0):
@@ -26,7 +26,7 @@ def _random_variables(model, images, seed=0):
 def _grad_norms(heads_at):
     """Per-module L1 norms of the gradient (backbone; each module of decode_head) of the MS3
     pairing losses (Eq. 1 + 2: language vs T, visual vs V; train mode, as in pretraining)."""
-    model = MS3Encoder(heads_at=heads_at, **TINY)
+    model = encoder_from_config(dict(TINY, heads_at=heads_at), "cpu")
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     images = jax.random.randint(k[0], (2, 32, 32, 3), 0, 256).astype(jnp.uint8)
     variables = _random_variables(model, images)

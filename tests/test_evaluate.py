@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ms3_jax.evaluation import evaluate
-from ms3_jax.models.deeplab import MS3Encoder, resize_bilinear
+from ms3_jax.models.deeplab import encoder_from_config, resize_bilinear
 
 K = 5
 
@@ -110,7 +110,8 @@ def random_variables(model, shape):
 def tiny_outputs():
     """One compile for all tiny-model inference checks: an image and its mirror image, whole,
     slide with crop == image, flip TTA, and the raw logits."""
-    model = MS3Encoder(width=0.125, stage_sizes=(1, 1, 1, 1), heads=(), num_classes=K)
+    model = encoder_from_config(dict(width=0.125, stage_sizes=(1, 1, 1, 1), kernels="xla"), "cpu",
+                                heads=(), num_classes=K)
     variables = random_variables(model, (1, 32, 32, 3))
     image = np.random.default_rng(0).integers(0, 256, (1, 32, 48, 3), dtype=np.uint8)
     both = np.concatenate([image, image[:, :, ::-1]])

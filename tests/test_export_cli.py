@@ -8,6 +8,7 @@ import torch
 
 from ms3_jax import export
 from ms3_jax.engine import checkpointing
+from ms3_jax.models import torch_format
 from ms3_jax.models.deeplab import encoder_from_config
 from tests.torch_reference import TorchResNet
 
@@ -88,7 +89,8 @@ def test_torchvision_file_initialises_the_encoder_backbone(workdir, tmp_path):
     path = str(tmp_path / "imagenet.pth")
     torch.save(ref.state_dict(), path)
     from ms3_jax.models.resnet import ResNet
-    got = export.load_backbone_state_dict(export.read_state_dict(path), ResNet(width=0.125, stage_sizes=(1, 1, 1, 1)))
+    got = torch_format.load_backbone_state_dict(torch_format.read_state_dict(path),
+                                                ResNet(width=0.125, stage_sizes=(1, 1, 1, 1)))
     np.testing.assert_array_equal(got["batch_stats"]["layer2_0"]["downsample_1"]["var"],
                                   ref.layer2[0].downsample[1].running_var.numpy())
 

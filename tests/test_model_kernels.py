@@ -12,11 +12,17 @@ import torch
 from ms3_jax.engine import sharding
 from ms3_jax.models import cpu_kernels
 from ms3_jax.models.cpu_kernels import CpuConv, conv_matmul, depthwise_conv3x3
-from ms3_jax.models.deeplab import MS3Encoder, conv_for, encoder_from_config, resize_bilinear
+from ms3_jax.models.deeplab import conv_for, encoder_from_config, resize_bilinear
 from ms3_jax.models.resnet import Conv
 
 KAIMING = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-TINY = dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=16, num_classes=5)
+TINY = dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=16)
+
+
+def _tiny(conv=Conv, dtype=jnp.float32):
+    """The tiny encoder (5 classes) with `conv` and compute `dtype`, as a config selects them."""
+    cfg = dict(TINY, kernels="xla" if conv is Conv else "cpu", dtype=jnp.dtype(dtype).name)
+    return encoder_from_config(cfg, "cpu", num_classes=5)
 
 
 def _lax_conv(x, k, s, d, groups=1):
@@ -34,7 +40,6 @@ def test_auto_resolves_from_the_compile_target_platform_not_the_host():
     with pytest.raises(ValueError, match=r"model.kernels must be one of .*got 'gemm'"):
         conv_for("gemm", "cpu")
     cfg = dict(TINY, kernels="auto")
-    cfg.pop("num_classes")
     assert encoder_from_config(cfg, "gpu").conv is Conv
     assert encoder_from_config(cfg, sharding.platform_of(jax.devices())).conv is CpuConv
 
@@ -52,7 +57,7 @@ def test_platform_of_reads_the_devices_and_refuses_a_mix():
 # ---------------------------------------------------------- both kernel sets, whole encoder
 def _encoder_outputs_and_grads(conv, dtype, variables, images, train=True):
     """Outputs and the gradient of a fixed random linear function of the three outputs."""
-    model = MS3Encoder(dtype=dtype, conv=conv, **TINY)
+    model = _tiny(conv, dtype)
     keys = ("language", "visual", "logits")
 
     def loss(params):
@@ -70,13 +75,13 @@ def _encoder_outputs_and_grads(conv, dtype, variables, images, train=True):
 @pytest.fixture(scope="module")
 def tiny_encoder_inputs():
     images = jax.random.randint(jax.random.PRNGKey(0), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
-    variables = MS3Encoder(**TINY).init(jax.random.PRNGKey(1), images)
+    variables = _tiny().init(jax.random.PRNGKey(1), images)
     return images, variables
 
 
 def test_both_kernel_sets_build_the_same_params(tiny_encoder_inputs):
     images, variables = tiny_encoder_inputs
-    cpu = MS3Encoder(conv=CpuConv, **TINY).init(jax.random.PRNGKey(1), images)
+    cpu = _tiny(CpuConv).init(jax.random.PRNGKey(1), images)
     assert jax.tree_util.tree_structure(cpu) == jax.tree_util.tree_structure(variables)
     for a, b in zip(jax.tree_util.tree_leaves(cpu), jax.tree_util.tree_leaves(variables)):
         np.testing.assert_array_equal(a, b)

@@ -1,15 +1,17 @@
 """Image encoder: ResNet parity with a PyTorch reference, DeepLab-v3+ head, MS3Encoder outputs."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from ms3_jax import export
-from ms3_jax.models.deeplab import MS3Encoder, resize_bilinear
+from ms3_jax.models import torch_format
+from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
 from ms3_jax.models.cpu_kernels import CpuConv
+from ms3_jax.stages.finetune import _eval_mode_backbone
 from ms3_jax.models.resnet import OUTPUT_STRIDE_SETTINGS, Conv, ResNet
 from tests.torch_reference import TorchResNet, randomize_
 
@@ -17,8 +19,8 @@ torch.set_num_threads(2)
 
 
 @functools.lru_cache(maxsize=None)
-def _apply_fn(model):
-    return jax.jit(functools.partial(model.apply, train=False))
+def _features_fn(model):
+    return jax.jit(functools.partial(model.apply, train=False, method="features"))
 
 
 @pytest.mark.slow
@@ -28,9 +30,9 @@ def _apply_fn(model):
 def test_resnet50_matches_torch_reference(variant, output_stride, conv):
     strides, dilations = OUTPUT_STRIDE_SETTINGS[output_stride]
     ref = randomize_(TorchResNet(variant=variant, strides=strides, dilations=dilations), seed=1)
-    variables = export.load_backbone_state_dict(ref.state_dict(), ResNet(variant=variant))
+    variables = torch_format.load_backbone_state_dict(ref.state_dict(), ResNet(variant=variant))
     model = ResNet(variant=variant, output_stride=output_stride, conv=conv)
-    apply = _apply_fn(model)
+    apply = _features_fn(model)
     rng = np.random.default_rng(0)
     for size in (64, 65):
         x = rng.standard_normal((1, size, size, 3)).astype(np.float32)
@@ -43,6 +45,9 @@ def test_resnet50_matches_torch_reference(variant, output_stride, conv):
             err = np.max(np.abs(np.asarray(got[k]) - want[k])) / np.max(np.abs(want[k]))
             assert err < 1e-5, (k, size, err)
         assert got["layer4"].shape[1] == -(-size // output_stride)
+        low, deep = jax.jit(functools.partial(model.apply, train=False))(variables, x)  # `Backbone`
+        np.testing.assert_array_equal(low, got["layer1"])
+        np.testing.assert_array_equal(deep, got["layer4"])
 
 
 @pytest.mark.parametrize("variant", ["v1", "v1c"])
@@ -52,8 +57,8 @@ def test_backbone_round_trip_is_bit_exact_and_strict_loads(variant):
     # Non-trivial batch statistics so that every leaf is checked.
     variables = jax.tree_util.tree_map(
         lambda x: x + jax.random.normal(jax.random.PRNGKey(4), x.shape), variables)
-    sd = export.backbone_state_dict(variables)
-    back = export.load_backbone_state_dict(sd, model)
+    sd = torch_format.backbone_state_dict(variables, model)
+    back = torch_format.load_backbone_state_dict(sd, model)
     flat_a = jax.tree_util.tree_leaves_with_path(variables)
     flat_b = dict(jax.tree_util.tree_leaves_with_path(back))
     assert len(flat_a) == len(flat_b)
@@ -74,8 +79,8 @@ def test_load_backbone_state_dict_lists_every_bad_key():
     del sd["layer2.0.conv1.weight"], sd["bn1.bias"]
     sd["layer9.0.conv1.weight"] = np.zeros((1,))
     sd["layer1.0.conv2.weight"] = np.zeros((3, 3, 3, 3), np.float32)
-    with pytest.raises(export.StateDictError) as e:
-        export.load_backbone_state_dict(sd, ResNet(width=0.125))
+    with pytest.raises(torch_format.StateDictError) as e:
+        torch_format.load_backbone_state_dict(sd, ResNet(width=0.125))
     msg = str(e.value)
     for key in ("layer2.0.conv1.weight", "bn1.bias", "layer9.0.conv1.weight", "layer1.0.conv2.weight"):
         assert key in msg
@@ -91,12 +96,16 @@ def test_resize_bilinear_matches_torch():
                                    want.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
 
 
-TINY = dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=16)
+TINY = dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=16, kernels="xla")
+
+
+def _tiny(num_classes=None, **cfg):
+    return encoder_from_config(dict(TINY, **cfg), "cpu", num_classes=num_classes)
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])
 def test_ms3_encoder_shapes_and_unit_norm(output_stride):
-    model = MS3Encoder(output_stride=output_stride, num_classes=5, **TINY)
+    model = _tiny(5, output_stride=output_stride)
     images = jax.random.randint(jax.random.PRNGKey(0), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
     variables = model.init(jax.random.PRNGKey(1), images)
     out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
@@ -114,7 +123,7 @@ def test_projection_heads_after_the_aspp_or_the_decoder():
     """`heads_at='aspp'` (paper 4.1: "after the ASPP layer"): embeddings at the output stride,
     from the same parameters; the decoder map and the logits are unchanged."""
     images = jax.random.randint(jax.random.PRNGKey(0), (1, 64, 64, 3), 0, 256).astype(jnp.uint8)
-    at_decoder = MS3Encoder(output_stride=8, num_classes=5, **TINY)
+    at_decoder = _tiny(5, output_stride=8)
     variables = at_decoder.init(jax.random.PRNGKey(1), images)
     a = at_decoder.apply(variables, images)
     b = at_decoder.clone(heads_at="aspp").apply(variables, images)  # same parameter tree
@@ -127,7 +136,7 @@ def test_projection_heads_after_the_aspp_or_the_decoder():
 
 
 def test_ms3_encoder_bfloat16_compute_keeps_float32_params():
-    model = MS3Encoder(dtype=jnp.bfloat16, **TINY)
+    model = _tiny(dtype="bfloat16")
     images = jnp.zeros((1, 32, 32, 3), jnp.uint8)
     variables = model.init(jax.random.PRNGKey(0), images)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
@@ -139,9 +148,9 @@ def test_ms3_encoder_bfloat16_compute_keeps_float32_params():
 
 
 def test_segmentor_state_dict_uses_mmseg_names_and_round_trips():
-    model = MS3Encoder(num_classes=7, **TINY)
+    model = _tiny(7)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-    sd = export.segmentor_state_dict(variables)
+    sd = torch_format.segmentor_state_dict(variables, model)
     c = 64  # decoder channels at width 1/8
     expected_shapes = {
         "backbone.conv1.weight": (8, 3, 7, 7),
@@ -159,7 +168,50 @@ def test_segmentor_state_dict_uses_mmseg_names_and_round_trips():
     for k, shape in expected_shapes.items():
         assert sd[k].shape == shape, k
     assert not any(k.startswith("proj_") or ".proj_" in k for k in sd)
-    back = export.load_segmentor_state_dict(sd, model)
+    back = torch_format.load_segmentor_state_dict(sd, model)
     np.testing.assert_array_equal(back["params"]["decode_head"]["bottleneck"]["conv"]["kernel"],
                                   variables["params"]["decode_head"]["bottleneck"]["conv"]["kernel"])
     np.testing.assert_array_equal(back["params"]["conv_seg"]["bias"], variables["params"]["conv_seg"]["bias"])
+
+
+class ToyBackbone(nn.Module):
+    """A `deeplab.Backbone` that is no ResNet (and has no PyTorch format): two strided convs + BN."""
+
+    output_stride: int = 16
+
+    @nn.compact
+    def __call__(self, x, train):
+        low = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(
+            nn.Conv(8, (3, 3), strides=4, name="low")(x)))
+        return low, nn.Conv(16, (3, 3), strides=self.output_stride // 4, name="deep")(low)
+
+
+def test_any_backbone_module_plugs_into_the_encoder():
+    """The encoder asks its backbone for `(low, deep)` and `output_stride` only: a toy backbone gives
+    the expected shapes (decoder at the low map's stride 4, ASPP at its output stride), its
+    variables sit under `backbone`, and the frozen fine-tuning hook freezes it as it does a ResNet."""
+    model = MS3Encoder(ToyBackbone(), head_channels=12, c1_channels=4, emb_dim=8, num_classes=3)
+    images = jax.random.randint(jax.random.PRNGKey(0), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
+    variables = model.init(jax.random.PRNGKey(1), images)
+    assert set(variables["params"]["backbone"]) == {"low", "deep", "bn"}
+    out = model.apply(variables, images)
+    assert out["decoder"].shape == (2, 16, 16, 12) and out["logits"].shape == (2, 16, 16, 3)
+    assert out["language"].shape == out["visual"].shape == (2, 16, 16, 8)
+    assert model.clone(heads_at="aspp").apply(variables, images)["language"].shape == (2, 4, 4, 8)
+    with nn.intercept_methods(_eval_mode_backbone):
+        _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": jax.random.PRNGKey(2)})
+    np.testing.assert_array_equal(updates["batch_stats"]["backbone"]["bn"]["mean"],
+                                  variables["batch_stats"]["backbone"]["bn"]["mean"])
+
+
+def test_export_refuses_a_backbone_without_a_torch_format():
+    model = MS3Encoder(ToyBackbone(), head_channels=12, c1_channels=4, emb_dim=8)
+    variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
+    refused = r"backbone ToyBackbone has no PyTorch format \(torch_format=None, known: \['resnet'\]\)"
+    with pytest.raises(ValueError, match=refused):
+        torch_format.backbone_state_dict(variables, model.backbone)
+    with pytest.raises(ValueError, match=refused):
+        torch_format.segmentor_state_dict(variables, model)
+    with pytest.raises(ValueError, match=refused):
+        torch_format.load_backbone_state_dict({}, model.backbone)

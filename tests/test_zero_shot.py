@@ -106,7 +106,7 @@ def test_label_map_matches_float64_reference(demo_dir, images):
 
         emb = seg.pixel_embeddings(image).astype(np.float64)
         hh, ww = seg.preprocess(image).shape[:2]
-        stride = 4 if seg.model.heads_at == "decoder" else seg.model.output_stride
+        stride = 4 if seg.model.heads_at == "decoder" else seg.model.backbone.output_stride
         assert emb.shape[:2] == (hh // stride, ww // stride) and hh % 8 == 0 and ww % 8 == 0
         emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
         text = t_KxC.astype(np.float64)

@@ -8,7 +8,7 @@ with the visual embeddings V (Eq. 2/8). Submodule names mirror MMSegmentation's
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -166,6 +166,17 @@ class ProjectionHead(nn.Module):
         return l2_normalize(x)
 
 
+class Backbone(Protocol):
+    """What `MS3Encoder` asks of its backbone, a flax module (:class:`ResNet`; another architecture
+    is a new module and entries in `BACKBONES`, `torch_format.BACKBONES`). `__call__(x, train)`:
+    normalised RGB [B, H, W, 3] -> `(low, deep)`, the maps the v3+ decoder fuses (stride 4) and the
+    ASPP reads (stride `output_stride`); optional `torch_format`: its PyTorch naming (else none)."""
+
+    output_stride: int
+
+    def __call__(self, x_BxHxWx3: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]: ...
+
+
 class MS3Encoder(nn.Module):
     """Backbone + DeepLab-v3+ head + the language / visual projection heads (paper Fig. 1).
 
@@ -174,15 +185,12 @@ class MS3Encoder(nn.Module):
     `decoder` [B, H/4, W/4, channels], and `logits` [B, H/4, W/4, num_classes] when `num_classes`
     is set (CE baselines and fine-tuning). `heads_at`: the projection heads read the decoder map
     ('decoder', h = H/4) or the ASPP output ('aspp', h = H/output_stride; the paper's "after the
-    ASPP layer", Sec. 4.1); docs/choices.md says which is the default and why. `width` scales every channel count (tiny test models); `dtype` is the compute
-    dtype (params stay float32); `conv` the convolution module (:func:`conv_for`).
+    ASPP layer", Sec. 4.1); docs/choices.md says which is the default and why. `backbone`: a
+    :class:`Backbone` (variables under `backbone`); `dtype` is the head's compute dtype (params
+    stay float32); `conv` its convolution module (:func:`conv_for`).
     """
 
-    depth: int = 50
-    variant: str = "v1"
-    output_stride: int = 8
-    width: float = 1.0
-    stage_sizes: Sequence[int] | None = None
+    backbone: Backbone
     head_channels: int = 512
     c1_channels: int = 48
     emb_dim: int = 512
@@ -195,23 +203,18 @@ class MS3Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, images_BxHxWx3: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-        std = jnp.asarray(IMAGENET_STD, jnp.float32)
-        x = (images_BxHxWx3.astype(jnp.float32) - mean) / std
-        feats = ResNet(depth=self.depth, variant=self.variant, output_stride=self.output_stride,
-                       width=self.width, stage_sizes=self.stage_sizes, dtype=self.dtype,
-                       conv=self.conv, name="backbone")(x, train)
-        head_ch = max(1, round(self.head_channels * self.width))
-        c1_ch = max(1, round(self.c1_channels * self.width))
+        f32 = jnp.float32
+        x = (images_BxHxWx3.astype(f32) - jnp.asarray(IMAGENET_MEAN, f32)) / jnp.asarray(IMAGENET_STD, f32)
+        low, deep = self.backbone(x, train)
         if self.heads_at not in HEADS_AT:
             raise ValueError(f"model.heads_at must be one of {HEADS_AT}, got {self.heads_at!r}")
-        aspp, dec = DeepLabV3PlusHead(head_ch, c1_ch, ASPP_DILATIONS[self.output_stride],
-                                      self.dtype, self.conv, name="decode_head")(
-                                          feats["layer1"], feats["layer4"], train)
+        aspp, dec = DeepLabV3PlusHead(self.head_channels, self.c1_channels,
+                                      ASPP_DILATIONS[self.backbone.output_stride], self.dtype,
+                                      self.conv, name="decode_head")(low, deep, train)
         out = {"decoder": dec}
         head_in = dec if self.heads_at == "decoder" else aspp
         for head in self.heads:
-            out[head] = ProjectionHead(head_ch, self.emb_dim, self.dtype, self.conv,
+            out[head] = ProjectionHead(self.head_channels, self.emb_dim, self.dtype, self.conv,
                                        name=f"proj_{head}")(head_in, train)
         if self.num_classes is not None:
             y = nn.Dropout(self.dropout_rate, deterministic=not train)(dec)
@@ -221,8 +224,7 @@ class MS3Encoder(nn.Module):
         return out
 
 
-MODEL_FIELDS = ("depth", "variant", "output_stride", "width", "stage_sizes", "head_channels",
-                "c1_channels", "emb_dim", "heads_at")
+MODEL_FIELDS = ("head_channels", "c1_channels", "emb_dim", "heads_at")
 HEADS_AT = ("decoder", "aspp")
 KERNELS = ("auto", "xla", "cpu")
 
@@ -252,22 +254,26 @@ def conv_for(kernels: str, platform: str) -> ModuleDef:
     plug-in exactly when the devices are CPUs."""
     if kernels not in KERNELS:
         raise ValueError(f"model.kernels must be one of {KERNELS}, got {kernels!r}")
-    if kernels == "auto":
-        kernels = "cpu" if platform == "cpu" else "xla"
-    return CpuConv if kernels == "cpu" else Conv
+    return CpuConv if kernels == "cpu" or (kernels == "auto" and platform == "cpu") else Conv
+
+
+# Backbone modules, built with `dtype`, `conv` and these `model` fields (one: none chooses yet).
+BACKBONES = {"resnet": (ResNet, ("depth", "variant", "output_stride", "width", "stage_sizes"))}
 
 
 def encoder_from_config(model_cfg: Any, platform: str, **overrides: Any) -> MS3Encoder:
     """Build the encoder from a config's `model` fields (`dtype`: 'float32' or 'bfloat16';
-    `kernels`: see :func:`conv_for`) for devices of `platform`."""
+    `kernels`: see :func:`conv_for`; `width` scales every channel count, backbone and head) for
+    devices of `platform`."""
     get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
     kwargs = {k: get(k) for k in MODEL_FIELDS if get(k) is not None}
-    if kwargs.get("stage_sizes") is not None:
-        kwargs["stage_sizes"] = tuple(kwargs["stage_sizes"])
+    for k in ("head_channels", "c1_channels"):
+        kwargs[k] = max(1, round(kwargs.get(k, getattr(MS3Encoder, k)) * (get("width") or 1.0)))
     dtype = get("dtype", "float32")
     if dtype not in ("float32", "bfloat16", "float64"):  # float64: numerical tests under x64
         raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    kwargs["dtype"] = jnp.dtype(dtype)
-    kwargs["conv"] = conv_for(get("kernels", "auto"), platform)
-    kwargs.update(overrides)
-    return MS3Encoder(**kwargs)
+    kwargs["dtype"], kwargs["conv"] = jnp.dtype(dtype), conv_for(get("kernels", "auto"), platform)
+    module, fields = BACKBONES["resnet"]
+    backbone = module(**{k: tuple(v) if isinstance(v, list) else v for k in fields
+                         if (v := get(k)) is not None}, dtype=kwargs["dtype"], conv=kwargs["conv"])
+    return MS3Encoder(backbone, **{**kwargs, **overrides})

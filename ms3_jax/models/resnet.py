@@ -6,12 +6,12 @@ from per-stage strides and dilations exactly as MMSeg's DeepLab configs set them
 `contract_dilation` (the first block of a dilated stage uses half the dilation).
 
 Submodule names mirror the PyTorch names (`layer3_5/conv2` <-> `layer3.5.conv2`) so that
-`ms3_jax.export` maps weights by rule, not by table.
+`ms3_jax.models.torch_format` maps weights by rule, not by table.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -114,12 +114,15 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with a dict of features: `stem` (stride 2), `layer1` (4) ... `layer4` (OS).
+    """ResNet backbone (`deeplab.Backbone`): `__call__` gives `(layer1, layer4)` (strides 4 and
+    OS), `features` the dict `stem` (stride 2), `layer1` (4) ... `layer4` (OS).
 
     Input: a normalised float image [B, H, W, 3] (ImageNet mean/std, RGB), as torchvision and
     MMSegmentation feed their backbones. `conv`: the convolution module (:class:`Conv`, or the
     CPU plug-in `cpu_kernels.CpuConv`: same params, same numbers).
     """
+
+    torch_format: ClassVar[str] = "resnet"  # torchvision / MMSeg names (`torch_format.BACKBONES`)
 
     depth: int = 50
     variant: str = "v1"
@@ -142,8 +145,12 @@ class ResNet(nn.Module):
         strides, dilations = OUTPUT_STRIDE_SETTINGS[self.output_stride]
         return sizes, strides, dilations
 
+    def __call__(self, x_BxHxWx3: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        feats = self.features(x_BxHxWx3, train)
+        return feats["layer1"], feats["layer4"]
+
     @nn.compact
-    def __call__(self, x_BxHxWx3: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def features(self, x_BxHxWx3: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         sizes, strides, dilations = self._settings()
         conv = functools.partial(self.conv, dtype=self.dtype)
         norm = functools.partial(batch_norm, train, dtype=self.dtype)

@@ -40,7 +40,6 @@ from ms3_jax.engine import checkpointing, loop, optim, training
 from ms3_jax.evaluation import evaluate
 from ms3_jax.models.deeplab import (MS3Encoder, encoder_from_config, resize_bilinear,
                                     untrained_subtrees)
-from ms3_jax.models.resnet import ResNet
 
 INIT_KINDS = ("ms3", "torchvision", "scratch")
 INIT_WHAT = {"backbone": ("backbone",), "segmentor": ("backbone", "decode_head")}
@@ -97,9 +96,9 @@ def make_optimizer(config: ml_collections.ConfigDict,
 
 
 def _eval_mode_backbone(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-    """`nn.intercept_methods` hook: the ResNet runs with `train=False` (BN on running statistics,
-    nothing written) and its features carry no gradient (nothing to backpropagate into)."""
-    if isinstance(context.module, ResNet) and context.method_name == "__call__":
+    """`nn.intercept_methods` hook: the encoder's backbone (any architecture) runs with `train=False`
+    (BN on running statistics, nothing written) and its features carry no gradient."""
+    if context.module.path == ("backbone",) and context.method_name == "__call__":
         kwargs = {k: v for k, v in kwargs.items() if k != "train"}
         return jax.lax.stop_gradient(next_fun(*args[:1], train=False, **kwargs))
     return next_fun(*args, **kwargs)

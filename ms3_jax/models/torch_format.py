@@ -1,0 +1,186 @@
+"""PyTorch `state_dict`s (and files) <-> Flax variables of the image encoder. A backbone names
+its format by `torch_format` (a key of `BACKBONES`; none: refused): 'resnet' is torchvision's
+(`layer3.5.conv2.weight`, v1c `stem.0/1/3/4/6/7.*`; MMSeg's `ResNet` / `ResNetV1c` load it); the
+segmentor has MMSeg's `EncoderDecoder` names (`backbone.*`, `decode_head.*`). Keys follow from the
+Flax module names by rule (`layer1_0` <-> `layer1.0`), shapes from the model (`jax.eval_shape`).
+"""
+from __future__ import annotations
+
+import functools
+import operator
+import os
+import re
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+# Keys that torchvision / MMSeg files carry and we deliberately do not map.
+_IGNORED = re.compile(r"(^|\.)num_batches_tracked$|^fc\.(weight|bias)$")
+
+
+class StateDictError(ValueError):
+    """A state_dict does not fit the model: lists every missing / unexpected / mis-shaped key."""
+
+
+_HWIO_TO_OIHW, _OIHW_TO_HWIO = (3, 2, 0, 1), (2, 3, 1, 0)  # conv kernels: Flax vs torch layout
+
+
+class _Entry(NamedTuple):
+    path: tuple[str, ...]  # (collection, *path inside it)
+    torch_shape: tuple[int, ...]
+    conv: bool  # a 4-D conv kernel, transposed between the two layouts
+
+
+_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
+         ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+
+
+def _module_to_torch(name: str) -> str:
+    """`layer1_0` -> `layer1.0`, `downsample_1` -> `downsample.1`, `conv1` -> `conv1`."""
+    return re.sub(r"_(\d+)$", r".\1", name)
+
+
+Naming = Callable[[str], str]  # Flax module name -> torch module name
+BACKBONES: dict[str, Naming] = {"resnet": _module_to_torch}  # by a backbone's `torch_format`
+
+
+def backbone_naming(backbone: nn.Module) -> Naming:
+    """The torch naming of `backbone`'s variables, from its `torch_format`; a clear error if none."""
+    fmt = getattr(backbone, "torch_format", None)
+    if fmt not in BACKBONES:
+        raise ValueError(f"backbone {type(backbone).__name__} has no PyTorch format (torch_format="
+                         f"{fmt!r}, known: {sorted(BACKBONES)}): no state_dict to export or load")
+    return BACKBONES[fmt]
+
+
+Subtrees = Mapping[str, tuple[tuple[str, ...], Naming]]  # torch prefix -> (Flax path, naming)
+
+
+def _entries(variables: Mapping[str, Any], subtrees: Subtrees) -> dict[str, _Entry]:
+    """torch key -> entry, for the Flax subtrees mapped to torch prefixes (`{'backbone.': (('backbone',), naming)}`)."""
+    table: dict[str, _Entry] = {}
+    for torch_prefix, (flax_path, naming) in subtrees.items():
+        for collection in ("params", "batch_stats"):
+            sub = variables.get(collection, {})
+            for p in flax_path:
+                sub = sub.get(p, {}) if isinstance(sub, Mapping) else {}
+            for path, leaf in traverse_util.flatten_dict(sub).items():
+                parts = [naming(m) for m in path[:-1]] + [_LEAF[(collection, path[-1])]]
+                shape, conv = tuple(leaf.shape), len(leaf.shape) == 4
+                torch_shape = tuple(shape[i] for i in _HWIO_TO_OIHW) if conv else shape
+                table[torch_prefix + ".".join(parts)] = _Entry((collection, *flax_path, *path), torch_shape, conv)
+    return table
+
+
+def _export(variables: Mapping[str, Any], subtrees: Subtrees) -> dict[str, np.ndarray]:
+    out = {}
+    for k, e in _entries(variables, subtrees).items():
+        x = np.asarray(functools.reduce(operator.getitem, e.path, variables), np.float32)
+        out[k] = np.ascontiguousarray(np.transpose(x, _HWIO_TO_OIHW) if e.conv else x)
+    return out
+
+
+def _import(state_dict: Mapping[str, Any], template: Mapping[str, Any], subtrees: Subtrees,
+            what: str) -> dict[str, Any]:
+    table = _entries(template, subtrees)
+    arrays = {k: _to_numpy(v) for k, v in state_dict.items() if not _IGNORED.search(k)}
+    missing = sorted(set(table) - set(arrays))
+    unexpected = sorted(set(arrays) - set(table))
+    misshaped = sorted(f"{k}: file {tuple(arrays[k].shape)} vs model {table[k].torch_shape}"
+                       for k in set(table) & set(arrays) if tuple(arrays[k].shape) != table[k].torch_shape)
+    problems = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+    if lines := [f"  {len(keys)} {title}: " + ", ".join(keys) for title, keys in problems if keys]:
+        raise StateDictError("\n".join([f"state_dict does not fit the {what}:", *lines]))
+    return traverse_util.unflatten_dict({e.path: jnp.asarray(
+        np.transpose(x, _OIHW_TO_HWIO) if e.conv else x)
+        for k, e in table.items() for x in [arrays[k].astype(np.float32)]})
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().float().numpy() if hasattr(x, "detach") else np.asarray(x)  # torch.Tensor
+
+
+def _template(model: nn.Module) -> Any:
+    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, False), jnp.zeros((1, 32, 32, 3)))
+
+
+def backbone_state_dict(variables: Mapping[str, Any], backbone: nn.Module) -> dict[str, np.ndarray]:
+    """Backbone weights in `backbone`'s PyTorch naming, from its variables or an encoder's (for
+    ResNet the naming of v1 vs v1c follows from the model's own modules: `conv1` vs `stem.*`)."""
+    subtree = ("backbone",) if "backbone" in variables.get("params", {}) else ()
+    return _export(variables, {"": (subtree, backbone_naming(backbone))})
+
+
+def load_backbone_state_dict(state_dict: Mapping[str, Any], backbone: nn.Module) -> dict[str, Any]:
+    """Inverse of `backbone_state_dict`: PyTorch weights (e.g. torchvision / MMSeg ResNet) -> Flax
+    variables of `backbone`. `fc.*` and `num_batches_tracked` are ignored; every other mismatch is
+    listed in one error."""
+    naming = {"": ((), backbone_naming(backbone))}
+    return _import(_strip_prefix(state_dict, "backbone."), _template(backbone), naming,
+                   f"{type(backbone).__name__} backbone")
+
+
+def load_backbone_file(path: str, encoder: nn.Module) -> dict[str, Any]:
+    """Backbone variables for `encoder` (an `MS3Encoder`) from a PyTorch file (.pth/.safetensors)."""
+    return load_backbone_state_dict(read_state_dict(path), encoder.backbone)
+
+
+def _segmentor_subtrees(variables: Mapping[str, Any], backbone: nn.Module) -> Subtrees:
+    sub = {"backbone.": (("backbone",), backbone_naming(backbone)),
+           "decode_head.": (("decode_head",), _module_to_torch)}
+    if "conv_seg" in variables.get("params", {}):
+        sub["decode_head.conv_seg."] = (("conv_seg",), _module_to_torch)
+    return sub
+
+
+def segmentor_state_dict(variables: Mapping[str, Any], model: nn.Module) -> dict[str, np.ndarray]:
+    """`MS3Encoder` variables in MMSeg `EncoderDecoder` names (`backbone.*`, `decode_head.*`).
+    The MS3 projection heads are not part of an MMSeg segmentor and are not exported."""
+    return _export(variables, _segmentor_subtrees(variables, model.backbone))
+
+
+def load_segmentor_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """MMSeg segmentor weights -> `MS3Encoder` variables (backbone, decode head, `conv_seg`).
+    Returns only the mapped collections; projection heads (not in MMSeg files) are left out."""
+    template = _template(model)
+    return _import(state_dict, template, _segmentor_subtrees(template, model.backbone),
+                   f"MS3Encoder segmentor ({type(model.backbone).__name__} backbone)")
+
+
+def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    keys = [k for k in state_dict if not _IGNORED.search(k)]
+    if keys and all(k.startswith(prefix) for k in keys):
+        return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return dict(state_dict)
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Read a `.pth` / `.pt` (torch; unwraps MMSeg's `{'state_dict': ...}`) or `.safetensors` file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no state_dict file at {path}")
+    if path.endswith(".safetensors"):
+        return dict(load_file(path))
+    try:
+        import torch  # optional dependency (the `torch` extra): only for .pth files
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"reading {path} needs PyTorch (pip install 'ms3_jax[torch]'), "
+                          "or convert it to .safetensors") from e
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    return {k: _to_numpy(v) for k, v in obj.items()}
+
+
+def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+    """Write `.safetensors` (no torch needed) or a torch `.pth`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".safetensors"):
+        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
+        return
+    import torch  # optional dependency (the `torch` extra): only for .pth files
+    torch.save({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state_dict.items()}, path)
