@@ -16,7 +16,6 @@ from ms3_jax.engine import checkpointing, exit_codes
 from ms3_jax.models.deeplab import ASPP_DILATIONS, encoder_from_config, untrained_subtrees
 from ms3_jax.models.resnet import OUTPUT_STRIDE_SETTINGS, STAGE_SIZES
 from ms3_jax.models.torch_format import backbone_state_dict, segmentor_state_dict, write_state_dict
-from ms3_jax.models.torch_format import load_backbone_file  # noqa: F401  engine.training's, until it imports torch_format
 
 
 def mmseg_config_snippet(checkpoint: str, model_cfg: Mapping[str, Any], what: str = "backbone",

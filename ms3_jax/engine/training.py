@@ -20,10 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ms3_jax import export
 from ms3_jax.data import augment, pipeline
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.engine import checkpointing, loop, nonfinite, sharding
+from ms3_jax.models import torch_format
 
 Metrics = dict[str, jax.Array]
 OUTPUT_STRIDES = (8, 16, 32)
@@ -109,7 +109,7 @@ class Trainer:
     def backbone_from_file(self, path: str, model: Any) -> dict[str, Any]:
         """`{'params', 'batch_stats'}` of `model`'s backbone from a torchvision / MMSeg ResNet
         file (`model.init_from`, `init.path`), replicated."""
-        loaded = jax.device_put(export.load_backbone_file(path, model), self.replicated)
+        loaded = jax.device_put(torch_format.load_backbone_file(path, model), self.replicated)
         logging.info("backbone initialised from %s", path)
         return loaded
 
