@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ms3_jax.data import builders, classes, prepare, sources
+from ms3_jax.data import builders, classes, prepare, registry, sources, synthetic
 from ms3_jax.data.builders import DatasetError
 
 H, W = 16, 20  # every fixture image is 20 wide, 16 high
@@ -101,7 +101,7 @@ def make_mapillary(root, labels="v1.2/labels"):
 
 
 def test_class_lists():
-    assert {k: len(v) for k, v in classes.CLASSES.items()} == {
+    assert {k: len(d.classes) for k, d in registry.DATASETS.items() if not d.synthetic} == {
         "voc": 21, "ade20k": 150, "coco_stuff": 171, "cityscapes": 19, "mapillary": 66}
     assert classes.VOC_CLASSES[0] == "background" and classes.VOC_CLASSES[15] == "person"
     assert classes.ADE20K_CLASSES[:3] == ("wall", "building", "sky")
@@ -110,8 +110,8 @@ def test_class_lists():
     assert classes.COCO_STUFF_CLASSES[-1] == "wood"
     assert classes.CITYSCAPES_CLASSES[0] == "road" and classes.CITYSCAPES_CLASSES[-1] == "bicycle"
     assert classes.MAPILLARY_CLASSES[13] == "Road" and classes.MAPILLARY_CLASSES[65] == "Unlabeled"
-    for names in classes.CLASSES.values():
-        assert len(set(names)) == len(names)
+    for d in registry.DATASETS.values():
+        assert len(set(d.classes)) == len(d.classes)
 
 
 def test_id_maps():
@@ -336,8 +336,41 @@ def test_rgb_label_rejected(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(DatasetError, match="valid names: .*ade20k.*cityscapes"):
-        builders.builder_class("kitti")
+    with pytest.raises(DatasetError, match="'kitti'; valid names: .*ade20k.*cityscapes.*synth_a"):
+        registry.get("kitti")
+    with pytest.raises(DatasetError, match="'synth_a'; valid names: .*ade20k") as e:
+        registry.get("synth_a", real_only=True)
+    assert "synth_b" not in str(e.value)
+
+
+def test_registry_is_consistent():
+    """Every entry has classes and a builder; real ones a prepare choice and a fine-tuning config
+    (configs/finetune/<name>.py) with the entry's defaults, synthetic ones their spec."""
+    import importlib
+    import pickle
+    help_ = prepare._parser().format_help()
+    assert set(registry.DATASETS) == {"voc", "ade20k", "coco_stuff", "cityscapes", "mapillary",
+                                      *synthetic.SYNTHETIC_DATASETS}
+    for name, d in registry.DATASETS.items():
+        assert d.name == name and d.classes and all(isinstance(c, str) for c in d.classes)
+        assert issubclass(d.builder, tfds.core.GeneratorBasedBuilder)
+        for alias in (name, d.builder.name, *d.aliases):
+            assert registry.get(alias) is d
+        if d.synthetic:
+            assert d.classes == synthetic.SPEC_BY_NAME[name].class_names and d.finetune is None
+            assert d.builder is synthetic.BUILDERS[name] and d.builder.name == name
+            assert pickle.loads(pickle.dumps(d.builder)) is d.builder  # grain's workers
+            continue
+        assert registry.get(name, real_only=True) is d and name in help_
+        assert d.builder.name.startswith("ms3_") and d.builder.OFFICIAL_SIZES
+        config = importlib.import_module(f"configs.finetune.{name}").get_config()
+        assert config.data.dataset == name
+        f = d.finetune
+        assert (config.data.crop_size, config.batch_size, config.num_steps,
+                config.data.augment.base_size, config.eval.short_side,
+                config.eval.num_devices) == (f["crop_size"], f["batch_size"], f["num_steps"],
+                                             f["base_size"], f["base_size"],
+                                             f.get("eval_devices", 1))
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -1,4 +1,6 @@
-r"""Fine-tune on COCO-Stuff-164k: 171 classes, 80k iterations, 512 x 512 crops, batch 16.
+r"""Fine-tune on COCO-Stuff-164k.
+
+Crop size, batch, steps and base size: the dataset's entry in ms3_jax/data/registry.py.
 
   python -m ms3_jax.main --config=configs/finetune/coco_stuff.py:ms3 --config.init.path=PRETRAIN_W --workdir=W
 
@@ -14,5 +16,4 @@ except ImportError:  # given by path from outside the repository root
 
 
 def get_config(arg: str | None = None):
-    return common.get_config("coco_stuff", arg, crop_size=512, batch_size=16, num_steps=80_000,
-                             base_size=512)
+    return common.for_dataset("coco_stuff", arg)

@@ -1,7 +1,9 @@
 r"""Shared fine-tuning config (paper 4.1-4.2, Tab. 2 / Tab. 3): DeepLab-v3+ / ResNet-50 as MMSeg.
 
 The per-dataset files (`voc.py`, `ade20k.py`, `coco_stuff.py`, `cityscapes.py`, `mapillary.py`)
-call `get_config(dataset, arg)`. Config strings (the part after `:`), comma-separated:
+call `for_dataset(dataset, arg)`: `get_config` with the dataset's fine-tuning defaults (crop size,
+batch, steps, base size) from its entry in ms3_jax/data/registry.py. Config strings (the part
+after `:`), comma-separated:
 
   ms3 | torchvision | scratch   initialisation (Tab. 2 rows); the path goes in --config.init.path
   frozen                        frozen-backbone fine-tuning (Tab. 3)
@@ -22,11 +24,22 @@ with the short side resized to base_size (MMSeg `Resize(scale=(2048, base), keep
 """
 import ml_collections
 
+from ms3_jax.data import registry
+
 INIT_ARGS = ("ms3", "torchvision", "scratch")
 
 
+def for_dataset(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
+    """The config of a registered dataset with its fine-tuning defaults (`registry.DATASETS`)."""
+    defaults = registry.get(dataset).finetune
+    if defaults is None:
+        raise ValueError(f"dataset {dataset!r} has no fine-tuning defaults; datasets with some: "
+                         f"{', '.join(n for n, d in registry.DATASETS.items() if d.finetune)}")
+    return get_config(dataset, arg, **defaults)
+
+
 def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num_steps: int,
-               base_size: int) -> ml_collections.ConfigDict:
+               base_size: int, eval_devices: int = 1) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "finetune"
     c.seed = 0
@@ -69,7 +82,7 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
         crop=ml_collections.config_dict.placeholder(tuple),
         stride=ml_collections.config_dict.placeholder(tuple),
         flip=False, max_images=0,  # 0: the whole split
-        num_devices=1))  # local devices per process; > 1 pays off only for repeated image shapes
+        num_devices=eval_devices))  # per process (0: all local); > 1 pays off for repeated shapes
 
     c.optim = ml_collections.ConfigDict(dict(
         lr=0.01, min_lr=1e-4, power=0.9, momentum=0.9, weight_decay=5e-4,

@@ -1,5 +1,6 @@
-r"""Fine-tune on Mapillary Vistas v1.2 (unseen in pretraining): 65 classes, 40k iterations,
-768 x 768 crops, batch 8 (MMSeg 4 x 2), short side rescaled around 1024 and evaluated at 1024.
+r"""Fine-tune on Mapillary Vistas v1.2 (unseen in pretraining).
+
+Crop size, batch, steps and base size: the dataset's entry in ms3_jax/data/registry.py.
 
   python -m ms3_jax.main --config=configs/finetune/mapillary.py:ms3 --config.init.path=PRETRAIN_W --workdir=W
 
@@ -15,5 +16,4 @@ except ImportError:  # given by path from outside the repository root
 
 
 def get_config(arg: str | None = None):
-    return common.get_config("mapillary", arg, crop_size=768, batch_size=8, num_steps=40_000,
-                             base_size=1024)
+    return common.for_dataset("mapillary", arg)

@@ -1,4 +1,6 @@
-r"""Fine-tune on PASCAL VOC 2012 (+SBD aug): 21 classes, 40k iterations, 513 x 513 crops, batch 16.
+r"""Fine-tune on PASCAL VOC 2012 (+SBD aug).
+
+Crop size, batch, steps and base size: the dataset's entry in ms3_jax/data/registry.py.
 
   python -m ms3_jax.main --config=configs/finetune/voc.py:ms3 --config.init.path=PRETRAIN_W --workdir=W
 
@@ -14,4 +16,4 @@ except ImportError:  # given by path from outside the repository root
 
 
 def get_config(arg: str | None = None):
-    return common.get_config("voc", arg, crop_size=513, batch_size=16, num_steps=40_000, base_size=512)
+    return common.for_dataset("voc", arg)

@@ -6,7 +6,7 @@ One record format for all of them (and for `synthetic.py`)::
      "label":     tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
      "file_name": tfds.features.Text()}
 
-`label` holds DATASET-LOCAL train ids `0..n-1` (`n = len(classes.CLASSES[key])`) and 255 =
+`label` holds DATASET-LOCAL train ids `0..n-1` (`n = len(registry.get(name).classes)`) and 255 =
 ignore; the raw -> train-id mapping is done here, at build time. Splits are `train` and
 `validation`. Files are array_record, so no TensorFlow is needed to write or to read:
 
@@ -18,9 +18,9 @@ ignore; the raw -> train-id mapping is done here, at build time. Splits are `tra
 records are stored in tfds's hash-of-key order, not in file order.) A data_dir can be read
 without importing this module (tfds falls back to the `dataset_info.json` on disk).
 
-Dataset keys ("voc", ...; those of `classes.CLASSES`) are not tfds names: tfds ships builders
-called `voc` and `cityscapes`, so ours are prefixed (`TFDS_NAMES[key]`, e.g. "ms3_voc_aug").
-`sources.open_sources(keys, split, data_dir)` opens prepared splits by key. Each builder's
+Dataset names ("voc", ...; those of `registry.DATASETS`) are not tfds names: tfds ships builders
+called `voc` and `cityscapes`, so ours are prefixed (`builder.name`, e.g. "ms3_voc_aug").
+`sources.open_sources(names, split, data_dir)` opens prepared splits by name. Each builder's
 docstring gives its id mapping, `MANUAL_DOWNLOAD_INSTRUCTIONS` its layout below `manual_dir`
 and `OFFICIAL_SIZES` its split sizes.
 
@@ -241,7 +241,6 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: dataset-local train ids, 255 = ignore."}
-    KEY: str = ""                      # key into classes.CLASSES
     LUT: np.ndarray                    # raw id -> train id (uint8[256])
     VALID_RAW: np.ndarray              # bool[256]: raw ids that may occur in a label file
     OFFICIAL_SIZES: dict[str, int] = {}
@@ -263,19 +262,17 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
+        from ms3_jax.data import registry  # (it imports this module)
+        entry = registry.get(self.name)
         return tfds.core.DatasetInfo(
             builder=self,
-            description=(f"{self.KEY}: images with dataset-local train ids "
-                         f"0..{len(self.class_names) - 1}, 255 = ignore (ms3_jax)."),
+            description=(f"{entry.name}: images with dataset-local train ids "
+                         f"0..{len(entry.classes) - 1}, 255 = ignore (ms3_jax)."),
             features=features(), supervised_keys=("image", "label"),
             homepage=self.HOMEPAGE, citation=self.CITATION,
             metadata=tfds.core.MetadataDict(
-                dataset=self.KEY, classes=list(self.class_names), ignore_index=IGNORE_INDEX),
+                dataset=entry.name, classes=list(entry.classes), ignore_index=IGNORE_INDEX),
         )
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return classes.CLASSES[self.KEY]
 
     # -- locating the data --------------------------------------------------------------------
 
@@ -341,7 +338,6 @@ class Ms3VocAug(_SegmentationBuilder):
     """PASCAL VOC 2012 with SBD-augmented labels (MMSeg's `voc_aug` layout), 21 classes, ids kept."""
 
     name = "ms3_voc_aug"
-    KEY = "voc"
     LUT = classes.VOC_LUT
     VALID_RAW = _valid([*range(21), 255])
     OFFICIAL_SIZES = {"train": 10582, "validation": 1449}
@@ -384,7 +380,6 @@ class Ms3Ade20k(_SegmentationBuilder):
     """ADE20K SceneParsing (ADEChallengeData2016), 150 classes, reduce-zero-label: 0 -> 255, k -> k-1."""
 
     name = "ms3_ade20k"
-    KEY = "ade20k"
     LUT = classes.ADE20K_LUT
     VALID_RAW = _valid(range(151))
     OFFICIAL_SIZES = {"train": 20210, "validation": 2000}
@@ -413,7 +408,6 @@ class Ms3CocoStuff164k(_SegmentationBuilder):
     the 11 unused ids -> 255); MMSeg's `*_labelTrainIds.png` are ignored."""
 
     name = "ms3_coco_stuff164k"
-    KEY = "coco_stuff"
     LUT = classes.COCO_STUFF_LUT
     VALID_RAW = _valid([*range(182), 255])
     OFFICIAL_SIZES = {"train": 118287, "validation": 5000}
@@ -441,7 +435,6 @@ class Ms3Cityscapes(_SegmentationBuilder):
     """Cityscapes gtFine: labelId -> 19 trainIds, others 255 (`classes.CITYSCAPES_LUT`)."""
 
     name = "ms3_cityscapes"
-    KEY = "cityscapes"
     LUT = classes.CITYSCAPES_LUT
     VALID_RAW = _valid([*range(34), 255])
     OFFICIAL_SIZES = {"train": 2975, "validation": 500}
@@ -471,7 +464,6 @@ class Ms3Mapillary(_SegmentationBuilder):
     categories); config `v1.2_unlabeled_ignored` maps it to 255 instead."""
 
     name = "ms3_mapillary"
-    KEY = "mapillary"
     VALID_RAW = _valid(range(66))
     OFFICIAL_SIZES = {"train": 18000, "validation": 2000}
     ARCHIVES = ("mapillary-vistas-dataset_public_v1.2.zip",)
@@ -505,27 +497,6 @@ class Ms3Mapillary(_SegmentationBuilder):
                                       (zip_, f"{sub}/v1.2/labels"), (zip_, f"{sub}/labels")],
                          f"Mapillary v1.2 {split} labels")
         return _pair_folders(img, ".jpg", lab, ".png")
-
-
-BUILDERS: dict[str, type[_SegmentationBuilder]] = {
-    "voc": Ms3VocAug,
-    "ade20k": Ms3Ade20k,
-    "coco_stuff": Ms3CocoStuff164k,
-    "cityscapes": Ms3Cityscapes,
-    "mapillary": Ms3Mapillary,
-}
-# The names of the brief / MMSeg's dataset folders are accepted as aliases.
-ALIASES = {"voc_aug": "voc", "coco_stuff164k": "coco_stuff"}
-TFDS_NAMES: dict[str, str] = {key: cls.name for key, cls in BUILDERS.items()}
-
-
-def builder_class(dataset: str) -> type[_SegmentationBuilder]:
-    """Builder class for a dataset key ('voc', 'ade20k', ...), an alias or a tfds name."""
-    key = ALIASES.get(dataset, dataset)
-    if cls := BUILDERS.get(key) or {c.name: c for c in BUILDERS.values()}.get(dataset):
-        return cls
-    valid = sorted([*BUILDERS, *ALIASES, *TFDS_NAMES.values()])
-    raise DatasetError(f"unknown dataset {dataset!r}; valid names: {', '.join(valid)}")
 
 
 def from_tfds_example(example: dict[str, Any], dataset: str) -> dict[str, Any]:
@@ -564,8 +535,9 @@ def from_tfds_example(example: dict[str, Any], dataset: str) -> dict[str, Any]:
 def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike, *,
             skip_corrupt: bool = False, progress: bool = False, **builder_kwargs
             ) -> _SegmentationBuilder:
-    """Build one dataset into `data_dir` (array_record); returns the builder (see `.skipped`)."""
-    cls = builder_class(dataset)
+    """Build a dataset (`registry.get`) into `data_dir` (array_record); returns the builder."""
+    from ms3_jax.data import registry  # (it imports this module)
+    cls = registry.get(dataset, real_only=True).builder
     manual = epath.Path(manual_dir)
     if not manual.is_dir():
         raise DatasetError(f"manual_dir {manual} does not exist; expected:\n"

@@ -1,6 +1,6 @@
 """Class names of the five datasets (paper App. A) and the raw-id -> train-id maps.
 
-Also the class names of the three synthetic demo datasets (`synthetic.py`).
+`registry.DATASETS` pairs each list with its dataset (the synthetic ones: `synthetic.SPECS`).
 
 Names and order follow MMSegmentation"s dataset classes (``PascalVOCDataset``,
 ``ADE20KDataset``, ``COCOStuffDataset``, ``CityscapesDataset``,
@@ -12,7 +12,7 @@ the same class indices. Two deliberate differences in wording:
     is, including the capitals; they are the ``readable`` fields of the
   Vistas v1.2 ``config.json``.
 
-Train ids are dataset-local: ``0..len(CLASSES[name]) - 1``, ``IGNORE_INDEX`` (255)
+Train ids are dataset-local: ``0..len(classes) - 1``, ``IGNORE_INDEX`` (255)
 means "no label". The raw -> train maps are 256-entry uint8 lookup tables
 (``lut[raw_label_png]`` gives train ids); raw values not listed map to 255.
 """
@@ -109,22 +109,6 @@ MAPILLARY_CLASSES: tuple[str, ...] = (
     "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow",
     "Car Mount", "Ego Vehicle", "Unlabeled")
 
-CLASSES: dict[str, tuple[str, ...]] = {
-    "voc": VOC_CLASSES,
-    "ade20k": ADE20K_CLASSES,
-    "coco_stuff": COCO_STUFF_CLASSES,
-    "cityscapes": CITYSCAPES_CLASSES,
-    "mapillary": MAPILLARY_CLASSES,
-}
-
-# The built-in synthetic demo datasets (`synthetic.py`; which concept each class shows is there).
-SYNTHETIC_CLASSES: dict[str, tuple[str, ...]] = {
-    "synth_a": ("sky", "grass", "stairway", "mountain", "path", "building", "water"),
-    "synth_b": ("sky", "stairs", "hill", "ship", "dirt track", "tree", "road"),
-    "synth_c": ("sky", "boat", "mountain", "sand", "lake", "tree"),
-    "synth_d": ("sky", "road", "building", "vegetation", "terrain", "sidewalk", "river"),
-}
-
 # COCO-Stuff-164k stuffthingmaps hold (COCO category id - 1) in 0..181, 255 =
 # unlabeled. These 11 thing ids have no COCO category (ids 12, 26, 29, 30, 45,
 # 66, 68, 69, 71, 83, 91 in 1-based COCO numbering); the remaining 171 keep
@@ -159,10 +143,3 @@ CITYSCAPES_LUT = _lut(CITYSCAPES_ID_TO_TRAIN_ID)
 ADE20K_LUT = _lut({k: k - 1 for k in range(1, 151)})
 VOC_LUT = _lut({k: k for k in range(21)})
 MAPILLARY_LUT = _lut({k: k for k in range(66)})
-
-assert len(VOC_CLASSES) == 21
-assert len(ADE20K_CLASSES) == 150
-assert len(COCO_STUFF_CLASSES) == 171
-assert len(CITYSCAPES_CLASSES) == 19
-assert len(MAPILLARY_CLASSES) == 66
-assert len(COCO_STUFF_ID_TO_TRAIN_ID) == 171

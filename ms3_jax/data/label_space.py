@@ -94,14 +94,15 @@ class LabelSpace:
 
     @classmethod
     def from_datasets(cls, dataset_names: Sequence[str]) -> LabelSpace:
-        """Union of the built-in class lists (`classes.CLASSES`, `classes.SYNTHETIC_CLASSES`)."""
+        """Union of the registered datasets' class lists (`registry.DATASETS`)."""
+        from ms3_jax.data import registry  # (tfds, for the builders: only when needed)
         if isinstance(dataset_names, str):
             dataset_names = [dataset_names]
-        known = {**classes.CLASSES, **classes.SYNTHETIC_CLASSES}
+        known = registry.DATASETS
         unknown = [n for n in dataset_names if n not in known]
         if unknown:
             raise ValueError(f'Unknown dataset name(s) {unknown}; valid names: {sorted(known)}.')
-        return cls([(n, known[n]) for n in dataset_names])
+        return cls([(n, known[n].classes) for n in dataset_names])
 
     # --- lookups ---------------------------------------------------------------------------------
 

@@ -2,10 +2,10 @@
 
     python -m ms3_jax.data.prepare --dataset ade20k --manual_dir ~/raw/ade --data_dir ~/tfds
 
-`--dataset` is a key of `classes.CLASSES` (voc, ade20k, coco_stuff, cityscapes, mapillary), an
-alias (voc_aug, coco_stuff164k) or the tfds name (ms3_ade20k, ...). The expected layout of
-`--manual_dir` is in `ms3_jax/data/builders.py`. Prints a progress bar per split and a summary
-(examples per split against the official count, skipped corrupt files).
+`--dataset` is a non-synthetic name of `registry.DATASETS` (voc, ade20k, coco_stuff, cityscapes,
+mapillary), an alias (voc_aug, coco_stuff164k) or the tfds name (ms3_ade20k, ...). The expected
+layout of `--manual_dir` is in `ms3_jax/data/builders.py`. Prints a progress bar per split and a
+summary (examples per split against the official count, skipped corrupt files).
 """
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
-from ms3_jax.data import builders
+from ms3_jax.data import builders, registry
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ms3_jax.data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="voc | ade20k | coco_stuff | cityscapes | "
-                   "mapillary (or voc_aug, coco_stuff164k, ms3_* tfds names)")
+    real = [d for d in registry.DATASETS.values() if not d.synthetic]
+    p.add_argument("--dataset", required=True, help=" | ".join(d.name for d in real) + " (or "
+                   + ", ".join(a for d in real for a in d.aliases) + ", ms3_* tfds names)")
     p.add_argument("--manual_dir", required=True, help="folder with the official archives or "
                    "their extracted folders")
     p.add_argument("--data_dir", required=True, help="tfds data_dir to write to")
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> builders._SegmentationBuilder:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        cls = builders.builder_class(args.dataset)
+        cls = registry.get(args.dataset, real_only=True).builder
     except builders.DatasetError as e:
         parser.error(str(e))
     kwargs = {}

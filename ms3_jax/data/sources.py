@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from ms3_jax.data import builders, synthetic
+from ms3_jax.data import registry
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
@@ -53,13 +53,14 @@ def record_file_name(record: Any) -> str:
 def open_sources(dataset_names: Sequence[str], split: str, data_dir: str | None) -> list[Any]:
     """`tfds.data_source` per dataset (random access to array_record; no TensorFlow).
 
-    Names are dataset keys ('voc', 'ade20k', ... resolved to our builders' tfds names) or the
-    synthetic datasets. A dataset that is not prepared fails here, naming the directory.
+    Names are those of `registry.get` ('voc', 'synth_a', ...; resolved to their tfds names). A
+    dataset that is not prepared fails here, naming the directory.
     """
     sources = []
     for name in dataset_names:
-        tfds_name = name if name in synthetic.SYNTHETIC_DATASETS else builders.builder_class(name).name
-        hint = ("prepare_synthetic(data_dir)" if name in synthetic.SYNTHETIC_DATASETS else
+        entry = registry.get(name)
+        tfds_name = entry.builder.name
+        hint = ("prepare_synthetic(data_dir)" if entry.synthetic else
                 f"python -m ms3_jax.data.prepare --dataset {name} --manual_dir DIR --data_dir "
                 f"{data_dir or '~/tensorflow_datasets'}")
         where = f"dataset {name!r} (tfds {tfds_name!r}, split {split!r})"
@@ -122,11 +123,7 @@ def open_unlabeled_source(source: str, split: str, data_dir: str | None) -> Any:
     """The images of `source` without their labels (App. D): one of our dataset names (read with
     `open_sources`, label dropped), else an image folder (`ImageFolderSource`), else any prepared
     tfds dataset with an 'image' feature in `data_dir`."""
-    try:
-        known = source in synthetic.SYNTHETIC_DATASETS or bool(builders.builder_class(source))
-    except builders.DatasetError:
-        known = False
-    if known:
+    if source in registry.NAMES:
         return open_sources([source], split, data_dir)[0]
     if os.path.isdir(os.path.expanduser(source)):
         return ImageFolderSource(source)

@@ -51,7 +51,7 @@ from PIL import Image, ImageFilter
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
 
-from ms3_jax.data import classes
+from ms3_jax.data import builders, classes
 
 IGNORE_INDEX = classes.IGNORE_INDEX
 DATA_VERSION = '2.0.0'  # 1.x: built by the code of commit 91a0f6d (git checkout it)
@@ -255,11 +255,10 @@ class SyntheticSpec:
         return tuple(c for c, _ in self.classes)
 
 
-def _spec(name: str, concepts: dict[str, tuple[str, ...]], rare: tuple[str, ...] = (),
-          **look) -> SyntheticSpec:
-    """`classes.SYNTHETIC_CLASSES[name]`, each showing `concepts[class]` or its namesake concept;
-    the `rare` classes are drawn RARE_WEIGHT times as often as the others."""
-    names = classes.SYNTHETIC_CLASSES[name]
+def _spec(name: str, names: tuple[str, ...], concepts: dict[str, tuple[str, ...]],
+          rare: tuple[str, ...] = (), **look) -> SyntheticSpec:
+    """Classes `names`, each showing `concepts[class]` or its namesake concept; the `rare`
+    classes are drawn RARE_WEIGHT times as often as the others."""
     return SyntheticSpec(name, tuple((c, concepts.get(c, (c,))) for c in names),
                          tuple(RARE_WEIGHT if c in rare else 1.0 for c in names), **look)
 
@@ -267,18 +266,22 @@ def _spec(name: str, concepts: dict[str, tuple[str, ...]], rare: tuple[str, ...]
 RARE_WEIGHT = 0.25
 SPECS: tuple[SyntheticSpec, ...] = (
     _spec('synth_a',  # ADE20K-like: warm, clean
+          ('sky', 'grass', 'stairway', 'mountain', 'path', 'building', 'water'),
           {'stairway': ('stairs',), 'path': ('path_plain', 'path_dirt'),
            'water': ('water_waves', 'water_calm')},
           color_gain=(1.08, 1.0, 0.90), noise_std=0.01, blur=0.0, texture_scale=1.0,
           ignore_boundaries=False),
     _spec('synth_b',  # VOC-like: cool, noisy, finer textures, ignore boundaries
+          ('sky', 'stairs', 'hill', 'ship', 'dirt track', 'tree', 'road'),
           {'hill': ('mountain',), 'ship': ('boat',), 'dirt track': ('path_dirt',)},
           rare=('dirt track',), color_gain=(0.92, 0.98, 1.10), noise_std=0.035, blur=0.0,
           texture_scale=0.85, ignore_boundaries=True),
     _spec('synth_c',  # COCO-Stuff-like: green cast, soft, coarser textures
+          ('sky', 'boat', 'mountain', 'sand', 'lake', 'tree'),
           {'lake': ('water_calm',)}, rare=('lake',), color_gain=(1.0, 1.06, 0.94),
           noise_std=0.015, blur=0.9, texture_scale=1.15, ignore_boundaries=False),
     _spec('synth_d',  # Mapillary-like: held out of pretraining, for transfer (Tab. 3)
+          ('sky', 'road', 'building', 'vegetation', 'terrain', 'sidewalk', 'river'),
           {'vegetation': ('tree',), 'terrain': ('grass',), 'sidewalk': ('paving',),
            'river': ('water_waves',)}, color_gain=(1.05, 0.95, 1.05), noise_std=0.02, blur=0.5,
           texture_scale=1.0, ignore_boundaries=False),
@@ -445,7 +448,7 @@ _SPLITS = ('train', 'validation')
 
 
 class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """tfds builder for one synthetic dataset (subclasses set SPEC_NAME)."""
+    """tfds builder for one synthetic dataset (`BUILDERS`: one subclass per spec, same name)."""
 
     VERSION = tfds.core.Version(DATA_VERSION)
     RELEASE_NOTES = {'1.0.0': 'Initial release.',
@@ -454,7 +457,6 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                      '2.0.0': 'The paper\'s difficulties (`Difficulty`): a look per dataset, '
                               'synonyms drawn per dataset, scenes, look-alikes, a new concept '
                               'in synth_d.'}
-    SPEC_NAME = ''
 
     # tfds derives `code_path` via importlib.resources, which fails for editable installs without
     # the `importlib_resources` backport; this module's own file is the right answer anyway.
@@ -473,17 +475,12 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        spec = SPEC_BY_NAME[self.SPEC_NAME]
+        spec = SPEC_BY_NAME[self.name]
         return tfds.core.DatasetInfo(
             builder=self,
             description=(f'MS3 synthetic segmentation dataset {spec.name} '
                          f'(classes: {", ".join(spec.class_names)}).'),
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-                'label': tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
-                                             encoding_format='png'),
-                'file_name': tfds.features.Text(),
-            }),
+            features=builders.features(),
             supervised_keys=None,
             metadata=tfds.core.MetadataDict(class_names=list(spec.class_names)),
         )
@@ -493,7 +490,7 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         return {split: self._generate_examples(split) for split in _SPLITS}
 
     def _generate_examples(self, split):
-        spec = SPEC_BY_NAME[self.SPEC_NAME]
+        spec = SPEC_BY_NAME[self.name]
         d = SYNTHETIC_DATASETS.index(spec.name)
         for i in range(self._num[split]):
             rng = np.random.default_rng([self._seed, d, _SPLITS.index(split), i])
@@ -503,24 +500,13 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                          'file_name': name}
 
 
-class SynthA(_SyntheticBuilder):
-    SPEC_NAME = 'synth_a'
-
-
-class SynthB(_SyntheticBuilder):
-    SPEC_NAME = 'synth_b'
-
-
-class SynthC(_SyntheticBuilder):
-    SPEC_NAME = 'synth_c'
-
-
-class SynthD(_SyntheticBuilder):
-    SPEC_NAME = 'synth_d'
-
-
+# One tfds builder per spec (SynthA: 'synth_a'), also a module attribute so that pickling (grain's
+# worker processes) finds it by reference.
 BUILDERS: dict[str, type[_SyntheticBuilder]] = {
-    'synth_a': SynthA, 'synth_b': SynthB, 'synth_c': SynthC, 'synth_d': SynthD}
+    s.name: type(s.name.title().replace('_', ''), (_SyntheticBuilder,),
+         {'name': s.name, '__module__': __name__})
+    for s in SPECS}
+globals().update({b.__name__: b for b in BUILDERS.values()})
 
 
 @dataclasses.dataclass(frozen=True)
