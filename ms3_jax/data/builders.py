@@ -236,7 +236,7 @@ def _extract(archive: epath.Path, dest: epath.Path) -> epath.Path:
 
 # --- Builders --------------------------------------------------------------------------------
 
-class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared logic; subclasses set the class attributes and implement `_list_split`."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -334,7 +334,7 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         self.info.metadata["skipped_files"] = {k: v[:1000] for k, v in self.skipped.items()}
 
 
-class Ms3VocAug(_SegmentationBuilder):
+class Ms3VocAug(SegmentationBuilder):
     """PASCAL VOC 2012 with SBD-augmented labels (MMSeg's `voc_aug` layout), 21 classes, ids kept."""
 
     name = "ms3_voc_aug"
@@ -376,7 +376,7 @@ class Ms3VocAug(_SegmentationBuilder):
         return pairs
 
 
-class Ms3Ade20k(_SegmentationBuilder):
+class Ms3Ade20k(SegmentationBuilder):
     """ADE20K SceneParsing (ADEChallengeData2016), 150 classes, reduce-zero-label: 0 -> 255, k -> k-1."""
 
     name = "ms3_ade20k"
@@ -403,7 +403,7 @@ class Ms3Ade20k(_SegmentationBuilder):
         return _pair_folders(img, ".jpg", lab, ".png")
 
 
-class Ms3CocoStuff164k(_SegmentationBuilder):
+class Ms3CocoStuff164k(SegmentationBuilder):
     """COCO-Stuff-164k, 171 classes: the raw stuffthingmaps' 182 ids -> 171 (`classes.COCO_STUFF_LUT`,
     the 11 unused ids -> 255); MMSeg's `*_labelTrainIds.png` are ignored."""
 
@@ -431,7 +431,7 @@ class Ms3CocoStuff164k(_SegmentationBuilder):
         return _pair_folders(img, ".jpg", lab, ".png", label_exclude="_labelTrainIds")
 
 
-class Ms3Cityscapes(_SegmentationBuilder):
+class Ms3Cityscapes(SegmentationBuilder):
     """Cityscapes gtFine: labelId -> 19 trainIds, others 255 (`classes.CITYSCAPES_LUT`)."""
 
     name = "ms3_cityscapes"
@@ -458,7 +458,7 @@ class Ms3Cityscapes(_SegmentationBuilder):
         return _pair_folders(img, "_leftImg8bit.png", lab, "_gtFine_labelIds.png", recursive=True)
 
 
-class Ms3Mapillary(_SegmentationBuilder):
+class Ms3Mapillary(SegmentationBuilder):
     """Mapillary Vistas v1.2, 66 classes, ids kept. 65 'Unlabeled' stays a class, as in MMSeg
     (`MapillaryDataset_v1` lists it, its configs use `num_classes=66`) and the paper (66
     categories); config `v1.2_unlabeled_ignored` maps it to 255 instead."""
@@ -534,7 +534,7 @@ def from_tfds_example(example: dict[str, Any], dataset: str) -> dict[str, Any]:
 
 def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike, *,
             skip_corrupt: bool = False, progress: bool = False, **builder_kwargs
-            ) -> _SegmentationBuilder:
+            ) -> SegmentationBuilder:
     """Build a dataset (`registry.get`) into `data_dir` (array_record); returns the builder."""
     from ms3_jax.data import registry  # (it imports this module)
     cls = registry.get(dataset, real_only=True).builder

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def summary(builder: builders._SegmentationBuilder) -> str:
+def summary(builder: builders.SegmentationBuilder) -> str:
     lines = [f"{builder.name} -> {builder.data_dir}"]
     for split, n in builders.split_sizes(builder).items():
         official = builder.OFFICIAL_SIZES.get(split)
@@ -55,7 +55,7 @@ def summary(builder: builders._SegmentationBuilder) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> builders._SegmentationBuilder:
+def main(argv: Sequence[str] | None = None) -> builders.SegmentationBuilder:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
