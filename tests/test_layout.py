@@ -99,3 +99,12 @@ def test_the_rule_catches_a_forbidden_edge():
     assert f"{node.module}.{node.names[0].name}" in MODULES
     assert group("ms3_jax.stages.pretrain") == "stages" and group("ms3_jax.export") == "tools"
     assert "stages" not in ALLOWED["engine"] and "testing" not in ALLOWED["tools"]
+
+
+def test_design_doc_lists_every_module():
+    """docs/design.md's layout names every module of the package (folder and file)."""
+    layout = (PACKAGE.parent / "docs" / "design.md").read_text().split("## Layout", 1)[1]
+    missing = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+               if p.name != "__init__.py" and not (
+                   p.name in layout and (p.parent == PACKAGE or f"{p.parent.name}/" in layout))]
+    assert not missing, f"modules missing from docs/design.md's layout: {missing}"
