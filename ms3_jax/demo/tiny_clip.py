@@ -1,22 +1,9 @@
 """A tiny *random* CLIP text model in Hugging Face format: a stand-in where real CLIP cannot be had.
 
-The demo and the tests run stage 1 (paper Sec. 3.2, Fig. 2) on machines that cannot download
-CLIP weights. ``save_tiny_clip(directory)`` writes what a hub snapshot of a CLIP checkpoint holds
-(config.json, model.safetensors, vocab.json, merges.txt) for a width-32, 2-layer text tower, so
-``clip_text.load_clip_text(directory)`` reads it through the same code path as real CLIP.
-
-Its weights are random: its embeddings carry no language knowledge, only the token identities,
-except for a planted prior, ``WORD_PRIOR``: English word associations set by hand (not derived
-from the synthetic data's relations file), each word's token embedding drawn at a cosine to an
-anchor word's. It stands in for what real CLIP knows (paper Tab. 1) and is not the answer key:
-some planted relations have a strong prior (ship / boat), some a weak one (track / path,
-vegetation / tree), and some unrelated words a strong one (sidewalk / road, terrain /
-mountain, dirt / sand). A marker file (``TINY_RANDOM_CLIP``) says so, and
-``clip_text.is_random_standin`` lets callers warn.
-
-Tokenizer: a CLIP-style BPE (``</w>`` word ends, SOS/EOS as the two largest ids like CLIP's) with
-every single character of ``CHARS`` (so any lowercase name tokenizes, one token per character at
-worst) plus left-to-right merges that make each given word one token.
+``save_tiny_clip(directory)`` writes a hub-snapshot-like checkpoint (width 32, 2 layers) that
+``clip_text.load_clip_text`` reads like real CLIP, for stage 1 (Sec. 3.2, Fig. 2) in the demo and
+tests. Random weights plus a planted ``WORD_PRIOR``; marked by ``TINY_RANDOM_CLIP``. Details:
+docs/design.md, "The tiny random CLIP"; the prior: docs/choices.md, "Synthetic demo data 2.0".
 """
 from __future__ import annotations
 

@@ -1,15 +1,9 @@
 """Workdir layout and orbax checkpoints shared by pretraining, stage 1, fine-tuning and export.
 
-    W/config.json        the job's ml_collections config (model fields build the encoder)
-    W/checkpoints/<step> orbax: item `state` (the TrainState pytree) and item `data` (grain iterator),
-                         and MANIFEST (size + crc32 of every file of the step, see `write_manifest`)
-    W/checkpoints/unusable/<step>  steps a resume found corrupt and set aside (`set_aside`)
-
-Integrity: process 0 writes the manifest once orbax has finished a step (in orbax's finalize
-thread, after the rename); every restore (`restore_first_usable`: `loop.restore_latest`,
-`restore_state`) checks the newest step against it and falls back to the newest older step that
-verifies and restores. Steps without a manifest (written before manifests) restore unverified.
-Every save first checks that the checkpoint directory is writable (`check_writable`).
+Layout (W/config.json, W/checkpoints/<step> with items `state` and `data` and a MANIFEST,
+W/checkpoints/unusable/<step>): docs/design.md, "Workdir and checkpoint layout". Integrity:
+docs/choices.md, "Verified checkpoints, with fallback", "Unwritable checkpoint directory: a
+real write first".
 """
 from __future__ import annotations
 

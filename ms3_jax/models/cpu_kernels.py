@@ -1,21 +1,12 @@
 """The convolution computed with kernels tuned for XLA's CPU backend: `CpuConv`, a plug-in for
 `resnet.Conv` (same params, same numbers; `model.kernels='cpu'`, or 'auto' on CPU devices).
 
-XLA's CPU backend runs its native convolutions well below its GEMMs; the forms here turn them
-into GEMMs and elementwise loops (measurements: benchmarks/RESULTS.md "CPU kernels"):
-- 1x1 convolutions (stride s: every s-th pixel) as one matrix product, and above all their weight
-  gradients (a convolution with an HxW window over transposed activations on XLA:CPU);
-- dense k x k convolutions with >= TAP_PRODUCTS_MIN_CHANNELS inputs as k*k accumulated tap
-  products with a written-out gradient (:func:`conv_as_tap_products`);
-- channels constant over the map (the ASPP image pool) as per-image products
-  (:func:`uniform_input_conv`) instead of sliding over broadcast channels;
-- depthwise 3x3 as a sum of 9 shifted, scaled inputs (:func:`depthwise_conv3x3`).
-Every product takes low-precision operands with float32 accumulation in the forward and both
-backward products (:func:`conv_matmul`), and the backward products get physically transposed
-operands behind optimisation barriers: on XLA:CPU only a row-major bfloat16 x bfloat16 -> float32
-product runs on the native bfloat16 GEMM. None of this may reach a GPU / TPU program: there the
-barriers and tap products multiply the bytes moved (benchmarks/RESULTS.md "Accelerators").
-Float32 / float64 inputs take the same path at their own precision (float64 stays float64).
+Forms: 1x1 as GEMMs, dense k x k as tap products (:func:`conv_as_tap_products`), the ASPP image
+pool as per-image products (:func:`uniform_input_conv`), depthwise 3x3 as 9 shifted taps
+(:func:`depthwise_conv3x3`), low-precision operands with float32 accumulation
+(:func:`conv_matmul`). Never for GPU / TPU programs. docs/choices.md, "Kernels: one switch,
+decided from the compile target", "The CPU plug-in: GEMMs in bfloat16", "Tap-product gradients
+written out"; measurements: benchmarks/RESULTS.md, "CPU kernels".
 """
 from __future__ import annotations
 
