@@ -1,8 +1,7 @@
 """`configs/demo.py`: stage 1, MS3 pretraining, relation recovery and export on synthetic data.
 
-Nothing here is demo-only logic: each step calls the library entry point a user would call on
-real data; the demo only wires their workdirs together and scores the relations report against
-the synthetic data's planted relations (precision / recall of Eq. 6's mapping, paper Tab. 8).
+Each step calls the library entry point a user would call on real data; the demo wires their
+workdirs together and scores Eq. 6's relations against the planted ones (Tab. 8).
 """
 from __future__ import annotations
 

@@ -263,14 +263,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """Call `jax.distributed.initialize` when this is one of several processes; True if it did.
 
     Explicit when the three values are given (arguments, else env `MS3_COORDINATOR`,
-    `MS3_NUM_PROCESSES`, `MS3_PROCESS_ID`): one process per host, driving all its devices (even
-    inside a SLURM step, whose detection would give each process one GPU). Else from JAX's cluster
-    detection (`detected_cluster`) when this is a multi-task SLURM step or a Cloud TPU VM. A single
-    process does nothing. Idempotent. Either way the processes first meet (`rendezvous`;
-    `MS3_PEER_TIMEOUT` s, default 300): a missing one is a `PeerError` naming it; then they stay
-    connected (`watch_peers`): one that dies ends the others with exit code 1, naming it.
-    Must run before anything touches the JAX backend. `kwargs` go to `jax.distributed.initialize`
-    (e.g. `heartbeat_timeout_seconds`).
+    `MS3_NUM_PROCESSES`, `MS3_PROCESS_ID`), else JAX's cluster detection (`detected_cluster`:
+    multi-task SLURM step or Cloud TPU VM); a single process does nothing. Idempotent. Then
+    `rendezvous` (`MS3_PEER_TIMEOUT`) and `watch_peers`. Must run before anything touches the JAX
+    backend. `kwargs` go to `jax.distributed.initialize`. docs/usage.md, "Multi-host: TPU pods,
+    GPU clusters".
     """
     if jax.distributed.is_initialized():
         return True

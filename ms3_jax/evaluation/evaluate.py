@@ -277,12 +277,10 @@ def accumulate_confusion(model: nn.Module | ApplyFn, variables: Any,
     `dataset` yields this process's images, one at a time: {'image': uint8 [H, W, 3],
     'label': int [h, w]} (e.g. `eval_data.make_eval_dataset(..., shard_index=jax.process_index(),
     shard_count=jax.process_count())`). Every process must call this (it gathers at the end).
-    `model` is an `MS3Encoder` with `num_classes` set, or an `ApplyFn`. Counts stay on the
-    device(s); there is one host transfer at the end.
-
-    `devices`: local devices to deal images to round-robin (default: the first local device).
-    Every (image shape, device) pair compiles once, so more devices pay off when shapes repeat
-    (Cityscapes, fixed-size evaluation), not with many distinct shapes (ADE20K whole images)."""
+    `model` is an `MS3Encoder` with `num_classes` set, or an `ApplyFn`. `devices`: local devices
+    to deal images to round-robin (default: the first local device); each (image shape, device)
+    pair compiles once (docs/choices.md, "Inference: MMSeg's EncoderDecoder").
+    """
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if mode == "slide" and (crop is None or stride is None):

@@ -137,15 +137,10 @@ def visual_embeddings(
 ) -> tuple[jax.Array, jax.Array]:
     """Visual class embeddings from the bank, Eq. 4.
 
-    For a class j with ``n_j = count[j] > 0`` filled slots M_i:
-      ``V_j = Σ_i w_ij M_i / n_j`` with ``w_ij = cos(M_i, V_j_old)``, then re-normalised to unit
-      norm (the pairing loss compares unit vectors; the ``1/n_j`` cancels but is kept for Eq. 4).
-    Choices (the paper is silent):
-      * a class seen for the first time (``v_valid[j]`` False) has no ``V_old``: plain mean (w = 1);
-      * cosine weights are used as they are, so they may be negative (no clipping);
-      * a class with an empty bank (``count == 0``) is returned invalid and keeps ``V_old``.
-    The sums run over all slots: unfilled ones hold zeros (the bank's invariant). Computed in
-    float32 (float64 for a float64 bank). Returns ``(V [K, C], valid [K] bool = count > 0)``.
+    ``V_j = Σ_i w_ij M_i / n_j`` with ``w_ij = cos(M_i, V_j_old)``, re-normalised to unit norm;
+    first-seen classes take the plain mean, empty-bank classes keep ``V_old`` and are invalid
+    (docs/choices.md, "Eq. 4 weights"). Unfilled slots hold zeros (the bank's invariant). Computed
+    in float32 (float64 for a float64 bank). Returns ``(V [K, C], valid [K] bool = count > 0)``.
     """
     acc = jnp.promote_types(bank.feats.dtype, jnp.float32)  # float64 banks: numerical tests
     v_old_KxC = v_old_KxC.astype(acc)

@@ -65,13 +65,10 @@ def label_unlabeled_pixels(labels_BxHxW: jax.Array, lang_BxHxWxC: jax.Array,
                            chunk: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Replaces the `UNLABELED_PIXEL` (-2) entries of `labels_BxHxW` by their App. D pseudo-label.
 
-    Pixels of unlabeled images carry -2 (inside the image) or -1 (crop padding, never labelled);
-    labelled pixels pass through unchanged. `name_id_K`: class -> name id, see
-    `agreement_labels`. Called inside the jitted step on the online model's
-    outputs of the same forward pass, under `stop_gradient`: no extra forward (the momentum
-    encoder has no language head, so it could not apply the rule without a second encoder), and
-    the labels follow the current T/V pairing the losses train. Chunked over pixels like the loss
-    (at most [chunk, |Y|] logits live).
+    -1 (crop padding) is never labelled; labelled pixels pass through. `name_id_K`: see
+    `agreement_labels`. Runs inside the jitted step on this forward pass's outputs under
+    `stop_gradient`, chunked over pixels (docs/choices.md, "Pseudo-labels from the online model's
+    forward pass").
 
     Returns (labels int32 [B, H, W] with -1 = ignore, metrics):
       pseudo_fraction: pseudo-labelled / unlabeled pixels (0 without unlabeled pixels);

@@ -31,10 +31,9 @@ def segment_similarity(
 ) -> tuple[jax.Array, jax.Array]:
     """Batch estimate of Eq. 5: ``S[y, y'] = mean_{k: y_k = y} F_k · T_{y'}``.
 
-    Uses ``Σ_k 1[y_k=y] F_k·T_{y'} = (Σ_k 1[y_k=y] F_k)·T_{y'}``: pixel embeddings are first summed
-    per class (``segment_sum``, O(N·C)) and only the ``[K, C]`` sums meet ``T``, so no
-    ``[N, K]`` similarity map is ever built. ``chunk`` (pixels) additionally bounds the float32
-    copy of ``emb`` when it is bfloat16. Embeddings are assumed L2-normalised (dot = cosine).
+    Pixel embeddings are summed per class first (``segment_sum``), so no ``[N, K]`` map is built;
+    ``chunk`` (pixels) bounds the float32 copy of a bfloat16 ``emb``. Embeddings are assumed
+    L2-normalised (dot = cosine).
 
     Args:
       emb_NxC: pixel embeddings ``[N, C]`` (or ``[..., C]``), e.g. the visual-head output ``I_v``.

@@ -197,15 +197,9 @@ def depthwise_conv3x3(x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, dilation:
     """Depthwise 3x3 conv, stride 1, padding = dilation (torch `Conv2d(C, C, 3, padding=d,
     dilation=d, groups=C)`), as a sum of the 9 shifted, per-channel-scaled inputs.
 
-    Same result as `lax.conv_general_dilated(..., feature_group_count=C)`, but XLA fuses it into
-    elementwise loops, where the CPU backend runs grouped convolutions far slower
-    (benchmarks/RESULTS.md "CPU kernels"). Taps that read only padding (dilation >= the map size: the rate-24/36
-    ASPP branches on 28x28 maps) are skipped: they add exact zeros. Accumulates in float32
-    (float64 for float64 inputs); returns the input dtype.
-
-    Two forms of the same sum (:func:`_depthwise`): without autodiff (the momentum encoder,
-    evaluation) the input is first copied into a zero-padded buffer; under autodiff (the custom
-    JVP below, which JAX transposes for the gradient) each tap pads its in-bounds part instead.
+    Same result as `lax.conv_general_dilated(..., feature_group_count=C)`; taps that read only
+    padding are skipped. Accumulates in float32 (float64 for float64 inputs); returns the input
+    dtype. docs/choices.md, "Depthwise 3x3 on CPU: two forms of the same 9-tap sum".
     """
     return _depthwise(x_BxHxWxC, kernel_3x3x1xC, dilation, padded_copy=True)
 
