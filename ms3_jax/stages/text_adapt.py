@@ -55,9 +55,7 @@ class TextAdaptState:
     rng: jax.Array
 
 
-# ----------------------------------------------------------------------------------------------
-# Loss and class prompts
-# ----------------------------------------------------------------------------------------------
+# --- Loss and class prompts -----------------------------------------------------------------------
 
 
 def mean_pairwise_cosine(emb_UxC: Any) -> Any:
@@ -68,9 +66,7 @@ def mean_pairwise_cosine(emb_UxC: Any) -> Any:
     return (xp.sum(sim_UxU) - xp.trace(sim_UxU)) / max(n * (n - 1), 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Optimiser and step
-# ----------------------------------------------------------------------------------------------
+# --- Optimiser and step ---------------------------------------------------------------------------
 
 
 def frozen_fraction(config: ml_collections.ConfigDict) -> float:
@@ -376,9 +372,7 @@ class Trainer(training.Trainer):
         return state.params["text"] if self.train_text_tower else self.consts["text"]
 
 
-# ----------------------------------------------------------------------------------------------
-# CLIP source, adapted text model I/O, Tab. 1 report
-# ----------------------------------------------------------------------------------------------
+# --- CLIP source, adapted text model I/O, Tab. 1 report -------------------------------------------
 
 
 def resolve_clip(config: ml_collections.ConfigDict) -> str:
@@ -501,9 +495,7 @@ def _write_outputs(workdir: str, trainer: Trainer, state: TextAdaptState, clip: 
     return report
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
+# --- The loop -------------------------------------------------------------------------------------
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
