@@ -79,10 +79,8 @@ def _apply_merges(symbols: list[str], ranks: Mapping[tuple[str, str], int]) -> l
 def vocab_and_merges(words: Iterable[str] = DEFAULT_WORDS) -> tuple[dict[str, int], list[str]]:
     """The BPE vocabulary (token -> id) and merge list for ``words``: each word one token.
 
-    Each word is encoded with the merges so far (as the tokenizer will, lowest rank first); while
-    it is more than one symbol, the merge of its first two symbols is appended. An appended merge
-    ranks last, so it never changes the encoding of an earlier word. Characters alone are always
-    in the vocabulary (with and without the ``</w>`` word end).
+    Single characters are always in the vocabulary (with and without ``</w>``); the merge rule:
+    docs/design.md, "The tiny random CLIP".
     """
     vocab: dict[str, int] = {}
     for token in list(CHARS) + [c + "</w>" for c in CHARS]:
@@ -146,17 +144,12 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
                    vision_overrides: Mapping[str, Any] | None = None) -> Path:
     """Save a random ``CLIPTextModelWithProjection`` (a full ``CLIPModel`` if ``full``) + tokenizer.
 
-    ``words``: names / phrases whose words get a single token each (others still tokenize, per
-    character). ``max_len`` (position embeddings) defaults to the longest learned-context prompt
-    ``[SOS] + num_ctx + name + "." + [EOS]`` over ``words``, and at least 32; a given ``max_len``
-    too small for those prompts is an error. ``sharpen`` draws larger weights than CLIP's init
-    (embeddings N(0, 0.5), matrices N(0, 0.2)), so attention and the embedded token identities
-    matter instead of being washed out. ``prior`` (default ``WORD_PRIOR``; ``{}`` for none):
-    word -> {anchor: cosine}, the word's token embedding redrawn at about those cosines to the
-    anchors' (words outside the vocabulary are skipped). ``vision_overrides``
-    (``full`` only): ``CLIPVisionConfig`` fields replacing the tiny vision tower's (width 16,
-    1 layer, 2 heads, MLP 32, 32 px images in 16 px patches), e.g. a patch-32 layout. Writes a
-    ``TINY_RANDOM_CLIP`` marker next to the files.
+    ``words``: names / phrases whose words get a single token each (others tokenize per
+    character). ``max_len`` defaults to the longest learned-context prompt over ``words`` (at least
+    32); a given one too small for them is an error. ``sharpen``: larger weights than CLIP's init.
+    ``prior`` (default ``WORD_PRIOR``; ``{}`` for none): word -> {anchor: cosine}.
+    ``vision_overrides`` (``full`` only): ``CLIPVisionConfig`` fields for the tiny vision tower.
+    Writes a ``TINY_RANDOM_CLIP`` marker. docs/design.md, "The tiny random CLIP".
     """
     import torch  # optional dependency (the `torch` extra)
 

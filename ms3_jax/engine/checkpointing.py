@@ -57,12 +57,8 @@ _ARRAY_HANDLER_SET = False
 
 
 def _configure_array_handler() -> None:
-    """On the CPU backend, save replicated arrays from replica 0 whole.
-
-    orbax's replica-parallel save splits every replicated array across its replicas, compiling a
-    slice per array shape: minutes for the first save of a small model on 8 simulated CPU devices
-    instead of a fraction of a second. On GPU / TPU (real replicas, real bandwidth) orbax's
-    default stays.
+    """On the CPU backend, save replicated arrays from replica 0 whole (docs/choices.md,
+    "Checkpoint atomicity: orbax's").
     """
     global _ARRAY_HANDLER_SET
     if sharding.platform_of(jax.devices()) == "cpu" and not _ARRAY_HANDLER_SET:
@@ -164,12 +160,8 @@ def purge_deleted(directory: str) -> None:
 
 
 def remove_half_written(directory: str) -> list[str]:
-    """Delete `<step>.orbax-checkpoint-tmp*` leftovers of saves killed before orbax's final rename.
-
-    They are never listed as checkpoints; this removes them now, synchronously. (orbax's own
-    `cleanup_tmp_directories` runs in a background thread, and two managers opened on one workdir
-    in a row -- or a resumed run saving the very step that was interrupted -- race on the same
-    `rmtree`.) Returns the removed paths.
+    """Delete `<step>.orbax-checkpoint-tmp*` leftovers of saves killed before orbax's final rename,
+    synchronously (docs/choices.md, "Checkpoint atomicity: orbax's"). Returns the removed paths.
     """
     leftovers = sorted(glob.glob(os.path.join(directory, "*" + ocp.utils.TMP_DIR_SUFFIX + "*")))
     for path in leftovers:

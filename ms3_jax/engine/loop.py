@@ -69,13 +69,10 @@ def progress_line(step: int, num_steps: int, metrics: Mapping[str, float], rate:
 def restore_latest(mngr: ocp.CheckpointManager, state: Any, iterator: Any,
                    workdir: str) -> tuple[Any, int]:
     """(state, step) of the latest usable checkpoint, restored into `state`'s shapes and
-    shardings and into `iterator`; `(state, 0)` unchanged when there is none.
-
-    Usable: its files match its manifest (steps saved before manifests restore unverified) and
-    orbax reads it. An unusable newer step is logged (step, file, reason), the next older one is
-    tried (`checkpointing.restore_first_usable`), and the unusable ones are then set aside in
-    W/checkpoints/unusable so the run can save those steps again. None usable: raises
-    `checkpointing.NoUsableCheckpoint` naming every step tried and why."""
+    shardings and into `iterator`; `(state, 0)` unchanged when there is none. Unusable newer steps
+    are logged and set aside (`checkpointing.restore_first_usable`; docs/choices.md, "Verified
+    checkpoints, with fallback"). None usable: raises `checkpointing.NoUsableCheckpoint`.
+    """
     steps = mngr.all_steps()
     if not steps:
         return state, 0

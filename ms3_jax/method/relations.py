@@ -72,10 +72,9 @@ def update_similarity(
     """Running estimate of Eq. 5 over training: ``S_y ← m·S_y + (1−m)·batch_mean_y`` for classes
     present in the batch (``count > 0``); rows of absent classes are unchanged.
 
-    First sighting: when ``seen_K`` (bool ``[K]``, class had a batch before) is given, a present
-    but unseen row takes the batch mean directly instead of averaging with the (meaningless)
-    initial value. The caller keeps ``seen_K ← seen_K | (count_K > 0)`` (see :func:`update_seen`).
-    Without ``seen_K`` every row is treated as seen (plain EMA from the initial ``S``).
+    With ``seen_K`` (bool ``[K]``), a present but unseen row takes the batch mean directly; the
+    caller keeps ``seen_K ← seen_K | (count_K > 0)`` (:func:`update_seen`). Without it every row
+    is treated as seen.
     """
     present_K = count_K > 0
     batch_mean_KxK = batch_mean_KxK.astype(S_KxK.dtype)

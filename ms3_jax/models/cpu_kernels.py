@@ -89,12 +89,9 @@ def conv_as_tap_products(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, stride
                          dilation: int, offset_BxHoxWoxF: jax.Array | None = None) -> jax.Array:
     """A dense k x k convolution with PyTorch padding as the sum over its k*k taps of (shifted,
     strided input) @ (tap weights), accumulated in float32 (float64 for float64 inputs), plus
-    `offset` (in the accumulator's dtype) before the one rounding to the input dtype.
-
-    The gradient is written out (:func:`_tap_products_bwd`) rather than left to autodiff, whose
-    transpose of the k*k tap slices sums the input gradient in the input dtype (bfloat16 roundings
-    after every tap) and assembles the kernel gradient from k*k padded, transposed pieces inside
-    its consumer, the optimizer update (slow on XLA:CPU: benchmarks/RESULTS.md "CPU kernels")."""
+    `offset` (in the accumulator's dtype) before the one rounding to the input dtype. Gradient
+    written out: docs/choices.md, "Tap-product gradients written out".
+    """
     if x_BxHxWxC.dtype != kernel_KxKxCxF.dtype:
         raise TypeError(f"conv_as_tap_products operands differ in dtype: {x_BxHxWxC.dtype} vs "
                         f"{kernel_KxKxCxF.dtype}")
@@ -215,13 +212,10 @@ def _depthwise_jvp(dilation, primals, tangents):
 
 def _depthwise(x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, d: int,
                padded_copy: bool) -> jax.Array:
-    """The 9-tap sum. `padded_copy` (and a dilation of at most half the map): ``x`` is first
-    written into a zero-padded buffer by a `dynamic_update_slice`, which XLA does not fuse into
-    its consumers. Without it, in a forward pass without autodiff, XLA fuses the producer (the
-    previous BN + ReLU) into the 9-tap loop and recomputes it per tap (several times slower). Under autodiff that input is a residual, materialised anyway, and the copy only adds
-    memory: each tap then scales the in-bounds part of ``x`` and pads the product back. ``x`` is
-    cast to the accumulator dtype once, before the taps, so that the transpose sums the 9 taps'
-    input gradients in float32 and rounds once (cast per tap, it summed them in bfloat16)."""
+    """The 9-tap sum; `padded_copy`: ``x`` first written into a zero-padded buffer (only for a
+    dilation of at most half the map). ``x`` is cast to the accumulator dtype once, before the taps.
+    docs/choices.md, "Depthwise 3x3 on CPU: two forms of the same 9-tap sum".
+    """
     b, h, w, c = x_BxHxWxC.shape
     acc = jnp.promote_types(x_BxHxWxC.dtype, jnp.float32)
     k = kernel_3x3x1xC.astype(acc)
