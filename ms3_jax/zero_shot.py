@@ -1,17 +1,12 @@
 """Zero-shot segmentation with arbitrary class names (paper Fig. 3).
 
 The language head's pixel embeddings I (unit norm, [H/4, W/4, C]) are compared with the text
-embeddings T of any class names, encoded by the stage-1 adapted CLIP text tower with its learned
-context ([W]_1 .. [W]_M [CLS].); the cosine logits I T^T are upsampled bilinearly to the image
-size and the argmax is the label (Eq. 1's pairing, read out without a trained classifier).
+embeddings T of any class names (stage-1 adapted text tower and context); the cosine logits
+I T^T are upsampled to the image and the argmax is the label (Eq. 1's pairing, no classifier).
 
-    python -m ms3_jax.zero_shot --workdir W --image a.jpg b.png --classes "sky,grass,stairs" --out DIR
+  python -m ms3_jax.zero_shot --workdir W --image a.jpg b.png --classes "sky,grass" --out DIR
 
-W is a pretraining workdir (config.json + checkpoints; its stage-1 text model is found from
-`text.embeddings`), a demo workdir (W/pretrain + W/text_adapt), or a stage-1 workdir itself.
-Per image: `<stem>_labels.png` (palette PNG, value = index into the class list, named in
-`<stem>_labels.json`) and `<stem>_overlay.png` (colours blended on the image, legend on the
-right).
+Workdirs and outputs: docs/usage.md, "Zero-shot segmentation".
 """
 from __future__ import annotations
 
