@@ -1,22 +1,17 @@
 r"""Entry point: `python -m ms3_jax.main --config=configs/<job>.py[:arg] --workdir=W`.
 
 Dispatches on `config.mode`: 'pretrain' (stage 2), 'text_adapt' (stage 1), 'finetune' (Tab. 2/3),
-'demo' (everything on the built-in synthetic data). Any field can be overridden: `--config.batch_size=256`.
-Multi-host: one process per host, see `launch/` (env MS3_COORDINATOR / MS3_NUM_PROCESSES / MS3_PROCESS_ID).
+'demo' (everything on the built-in synthetic data). Any field can be overridden:
+`--config.batch_size=256`. Multi-host: one process per host, see `launch/` (env MS3_COORDINATOR /
+MS3_NUM_PROCESSES / MS3_PROCESS_ID).
 
 `--config` paths are taken relative to the working directory, else to the checkout this package
-runs from (so `--config=configs/demo.py` works from anywhere in a clone); `--print_config` prints
-the resolved config and exits.
+runs from; `--print_config` prints the resolved config and exits.
 
-Exit codes (`exit_codes`): 0 done; 75 preempted -- SIGTERM / SIGINT saved a checkpoint (state +
-data iterator), relaunch the same command to resume exactly; SIGTERM outside the training loop
-(start-up, compiling, evaluation, final outputs) also exits 75, saving nothing new; 2 a usage error
-(bad config value, missing file or data, a workdir another run holds (`workdir_lock`): one line on
-stderr, the traceback with `--verbose`); 1 any other error (non-finite loss, a bug, a process of
-the job missing or dead (`processes.rendezvous`, `processes.watch_peers`), ...), with its traceback
-or a named one-line error. A process that stops makes the others stop too: at once when it died,
-with its code (75 for a preemption, else 1) when it exited and they do not follow within
-`MS3_PEER_EXIT_GRACE` s (default 60).
+Exit codes (`exit_codes`): 0 done; 75 preempted (relaunch the same command to resume); 2 a usage
+error (one line on stderr, the traceback with `--verbose`); 1 any other error. A process that
+stops makes the others stop too. Details: docs/usage.md, "Exit codes and config files",
+"Preemption and failures", "Multi-host: TPU pods, GPU clusters".
 
 Long CPU runs: MS3_HOST_MALLOC=reuse makes glibc keep freed pages for reuse (20-25 % faster
 steps; `host_memory`).

@@ -1,13 +1,11 @@
 r"""Predict with a fine-tuned segmentor (Tab. 2 / 3 workdirs): images or folders in, label maps out.
 
   python -m ms3_jax.predict --workdir W3 --image photo.jpg more/ --out out/
-  python -m ms3_jax.predict --workdir W3 --image street.png --mode slide --crop 512 --stride 341 --flip
+  python -m ms3_jax.predict --workdir W3 --image s.png --mode slide --crop 512 --stride 341 --flip
 
-Inference as the workdir's evaluation does it (`config.eval`: short side, whole / slide, flip),
-each option overridable; the scores are resized back to the image before the argmax. Per image:
-`<stem>_labels.png` (palette PNG, value = class index), `<stem>_labels.json` (index -> name) and
-`<stem>_overlay.png`, as `ms3_jax.zero_shot` writes them (`visualize.write_outputs`). Zero-shot
-with arbitrary class names is `ms3_jax.zero_shot` on a pretraining workdir.
+Inference as the workdir's evaluation does it (`config.eval`, each option overridable); writes
+the files `ms3_jax.zero_shot` writes (`visualize.write_outputs`). docs/usage.md, "Fine-tuning
+and prediction".
 """
 from __future__ import annotations
 

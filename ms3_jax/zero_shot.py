@@ -1,17 +1,12 @@
 """Zero-shot segmentation with arbitrary class names (paper Fig. 3).
 
 The language head's pixel embeddings I (unit norm, [H/4, W/4, C]) are compared with the text
-embeddings T of any class names, encoded by the stage-1 adapted CLIP text tower with its learned
-context ([W]_1 .. [W]_M [CLS].); the cosine logits I T^T are upsampled bilinearly to the image
-size and the argmax is the label (Eq. 1's pairing, read out without a trained classifier).
+embeddings T of any class names (stage-1 adapted text tower and context); the cosine logits
+I T^T are upsampled to the image and the argmax is the label (Eq. 1's pairing, no classifier).
 
-    python -m ms3_jax.zero_shot --workdir W --image a.jpg b.png --classes "sky,grass,stairs" --out DIR
+  python -m ms3_jax.zero_shot --workdir W --image a.jpg b.png --classes "sky,grass" --out DIR
 
-W is a pretraining workdir (config.json + checkpoints; its stage-1 text model is found from
-`text.embeddings`), a demo workdir (W/pretrain + W/text_adapt), or a stage-1 workdir itself.
-Per image: `<stem>_labels.png` (palette PNG, value = index into the class list, named in
-`<stem>_labels.json`) and `<stem>_overlay.png` (colours blended on the image, legend on the
-right).
+Workdirs and outputs: docs/usage.md, "Zero-shot segmentation".
 """
 from __future__ import annotations
 
@@ -41,9 +36,7 @@ STAGE1_HINT = ("make one with stage 1: python -m ms3_jax.main --config=configs/t
                "--workdir=T (the same datasets and model as pretraining), then pass "
                "text_workdir=T (CLI: --text_workdir T)")
 
-# ----------------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------------
+# --- Inputs ---------------------------------------------------------------------------------------
 
 
 def check_classes(class_names: Sequence[str] | str) -> tuple[str, ...]:
@@ -80,9 +73,7 @@ def input_size(height: int, width: int, short_side: int | None, multiple: int) -
             max(multiple, int(round(width * scale / multiple)) * multiple))
 
 
-# ----------------------------------------------------------------------------------------------
-# Workdirs
-# ----------------------------------------------------------------------------------------------
+# --- Workdirs -------------------------------------------------------------------------------------
 
 
 def _has_text_model(directory: str | None) -> bool:
@@ -143,9 +134,7 @@ def resolve_workdirs(workdir: str | os.PathLike,
     return image_dir, default_text, config
 
 
-# ----------------------------------------------------------------------------------------------
-# The segmenter
-# ----------------------------------------------------------------------------------------------
+# --- The segmenter --------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -254,14 +243,10 @@ def upsampled_cosine(emb_hxwxC: jax.Array, text_KxC: jax.Array, size: tuple[int,
     return resize_bilinear(logits_hxwxK[None], size)[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Drawing
-# ----------------------------------------------------------------------------------------------
+# --- Drawing --------------------------------------------------------------------------------------
 
 
-# ----------------------------------------------------------------------------------------------
-# Demo helpers (notebook)
-# ----------------------------------------------------------------------------------------------
+# --- Demo helpers (notebook) ----------------------------------------------------------------------
 
 
 def demo_config(arg: str | None = "quick"):
@@ -287,9 +272,7 @@ def synthetic_sample(workdir: str, dataset: str = "synth_a", index: int = 0,
     return np.asarray(source[index]["image"], np.uint8)
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
+# --- CLI ------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str]]:

@@ -1,12 +1,7 @@
-"""Training augmentation in PIL / numpy (paper 4.1: "random crop, color distortion, and Gaussian blur").
+"""Training augmentation, PIL / numpy (4.1: "random crop, color distortion, and Gaussian blur").
 
-Choices not in the paper (`AugmentConfig` fields): the short side is resized to `s * base_size`,
-s ~ U[0.5, 2.0], base_size = crop_size / 0.875 = 256 (MMSegmentation's `ratio_range=(0.5, 2.0)`
-around a base scale: datasets of different resolutions land at the same scale), then a random
-crop; smaller images are padded bottom/right with the mean pixel and label 255 (images bilinear,
-labels nearest). Colour distortion and blur follow MoCo v2 / SimCLR: with p = 0.8 brightness,
-contrast, saturation 0.4 and hue 0.1 jitter in random order; grayscale p = 0.2; Gaussian blur
-p = 0.5, sigma ~ U[0.1, 2.0]; horizontal flip p = 0.5.
+`AugmentConfig` fields: docs/choices.md, "Random scale before the crop", "Colour distortion
+and blur: MoCo v2 settings".
 """
 
 from __future__ import annotations

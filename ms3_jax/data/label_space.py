@@ -1,15 +1,9 @@
 """The union label space Y = Y_1 ∪ Y_2 ∪ ... of the pretraining datasets (paper Sec. 3.1).
 
-The paper unifies its segmentation datasets "into a large dataset D with a combined label space";
-like the paper we do NOT merge classes that share a name across datasets (ADE20K 'person' and
-COCO-Stuff 'person' stay two union classes): the label spaces are concatenated in the order the
-datasets are given, so union id = offset[dataset] + local id. Relations between classes of
-different datasets are left to the multi-label extension (Eq. 6), which only looks at classes of
-*other* datasets -- `LabelSpace.other_dataset_mask()` is that constraint.
-
-Ids: dataset-local labels are 0..n_d-1 with 255 = ignore (`IGNORE_INDEX`, the uint8 PNG
-convention of the builders); union ids are 0..|Y|-1 with -1 = ignore (`UNION_IGNORE`), int32:
-|Y| exceeds 255 (21 + 150 + 171 = 342), so 255 is a real union class (COCO-Stuff's 85th).
+Label spaces are concatenated, not merged: union id = offset[dataset] + local id; Eq. 6 only
+relates classes of *other* datasets (`LabelSpace.other_dataset_mask()`). Ids: dataset-local
+0..n_d-1 with 255 = ignore (`IGNORE_INDEX`); union 0..|Y|-1 with -1 = ignore (`UNION_IGNORE`),
+int32 since |Y| > 255. docs/choices.md, "Union label space: concatenation, no merging".
 """
 
 from __future__ import annotations

@@ -1,33 +1,17 @@
 """The mixed multi-dataset training stream (grain) and its checkpointable iterator.
 
 Training (paper Sec. 3.1, 4.1): the datasets' records (`sources.py`) are mixed into one stream,
-augmented (`augment.py`) and their dataset-local labels mapped to the union label space
-(`LabelSpace.to_union`; -1 = ignore, since |Y| > 255). One process yields its share of the
-global batch, ready for `jax.make_array_from_process_local_data(sharding, batch[k])`:
+augmented (`augment.py`) and their labels mapped to the union label space
+(`LabelSpace.to_union`; -1 = ignore). One process yields its share of the global batch, ready
+for `jax.make_array_from_process_local_data(sharding, batch[k])`:
 
   {'image': uint8 [b, H, W, 3], 'label': int32 [b, H, W], 'dataset_id': int32 [b]}
 
-with b = global_batch_size // jax.process_count(). Choices not in the paper:
-- Unlabeled images (App. D, `Unlabeled`): one more stream; label `UNLABELED_PIXEL` (-2) inside
-  the image, -1 in the crop padding, dataset_id -1; the train step pseudo-labels the -2 pixels.
-- Multi-host: one global stream of global batches, the same whatever the number of processes;
-  process p loads (and augments) only its slice [p * b, (p + 1) * b) of each global batch. So a
-  run may resume on another process count and still see the same global batches.
-- Bad records: a record that cannot be read or decoded raises `UnreadableRecordError` naming
-  the dataset, the record index and its file; label ids outside the dataset's classes (other
-  than 255) or a label map of another shape raise `BadLabelError` (a ValueError) naming the
-  same. With `skip_unreadable=True` such a record (unreadable or badly labelled) is replaced by
-  the next good one of its dataset (r + 1, r + 2, ...: deterministic, so
-  batches keep their size and a resume stays exact), a warning names it, and batches carry
-  'unreadable' int32 [b] (records replaced per example; `loop.run` logs the running count).
-  Worker processes ignore SIGINT / SIGTERM: the training process handles them (`loop.run`).
-- Determinism: record order comes from seeded grain shuffles; the augmentation of the element
-  at global stream position i draws from `np.random.default_rng([seed, i])`. Batching
-  happens before the multiprocess prefetch, so batches do not depend on `worker_count`.
-- Checkpointing: `TrainIterator`'s state is the next global batch index (plus the seed, global
-  batch and mixture it belongs to), so a run can resume with another `worker_count` or process
-  count. orbax saves it as one JSON file written by process 0 (`IteratorHandler`; grain's
-  per-process files would tie the checkpoint to the process count), next to the train state:
+with b = global_batch_size // jax.process_count() (plus 'unreadable' int32 [b] with
+`skip_unreadable`). Choices (docs/choices.md): "Multi-host: one global stream, sliced per
+process", "Augmentation randomness from the stream position", "Unlabeled data source and
+mixing", "Unreadable records: replaced by the next readable one". The iterator is saved next
+to the train state:
 
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=checkpoint_save_args(it)))

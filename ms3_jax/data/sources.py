@@ -1,10 +1,7 @@
 """Random-access record sources (`tfds.data_source`, image folders) and their mixture.
 
-Mixture: weights are proportional to dataset size by default (= sampling the concatenated union
-uniformly); any weights can be given. grain's `MapDataset.mix` interleaves the per-dataset
-streams deterministically in those proportions (stratified, not i.i.d. draws); each dataset is
-shuffled per epoch (seeded) and repeated forever. Unlabeled images (paper App. D) are one more
-stream with weight `ratio` (the labeled weights are scaled by 1 - ratio).
+Mixture weights: docs/choices.md, "Mixture weights proportional to dataset size"; unlabeled
+images (App. D): "Unlabeled data source and mixing".
 """
 
 from __future__ import annotations

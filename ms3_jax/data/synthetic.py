@@ -1,33 +1,9 @@
 """Built-in synthetic multi-dataset: tiny segmentation datasets with the paper's difficulties.
 
-It exercises the whole MS3 path (paper Sec. 3.1: the union label space of several datasets;
-Sec. 3.3 / Tab. 8: cross-dataset relations that Eq. 6 should discover) on a laptop, with nothing
-downloaded, and it is built so that the method can fail on it. Not from the paper; every choice
-here is ours (docs/choices.md, "Synthetic data"):
-
-- Visual concepts are procedural textures (sky gradient, grass noise, wavy water, stair bands,
-  brick walls, ...). A class is a set of concept *variants*: classes of different datasets
-  with the same variant set are synonyms (stairs/stairway, hill/mountain, ship/boat, and
-  same-name classes like sky/sky); a class whose variant set is a strict subset of another's is
-  a subset ('synth_b/dirt track' = the streaked variant of 'synth_a/path', 'synth_c/lake' = the
-  calm variant of 'synth_a/water'). The relations file is derived from these sets, so it is the
-  ground truth by construction: synonyms in both directions, subsets from subset to superset
-  (Eq. 6 / Tab. 8 are unidirectional). Three datasets are for pretraining (`PRETRAIN_DATASETS`);
-  synth_d is held out for transfer, in Mapillary's role (paper Tab. 3), with its own names for
-  shared concepts (vegetation, terrain, river) and a concept of its own (sidewalk: paving).
-- The difficulties (`Difficulty`, data 2.0): a look per dataset (colour cast, sensor noise, blur,
-  texture scale); every concept drawn per dataset with its own colour offset and feature scale,
-  so synonyms are one texture family, never the identical texture; scenes that make classes
-  co-occur (boats inside water, sand beside water, roads beside buildings, the sky on top), with
-  concepts a dataset has no class for painted and labelled ignore; unrelated look-alikes (sand
-  near path, calm water near sky, road near mountain, grass near tree).
-- Fine-grained subset classes (dirt track, lake) are rare (`RARE_WEIGHT` of the others'
-  frequency), as fine-grained labels are in real data; synth_b marks region boundaries as
-  ignore (255) like VOC.
-- Images are warped Voronoi partitions (blobby regions). Sizes vary in aspect ratio around
-  `image_size`. Generation is deterministic for a seed: every image is drawn from
-  `np.random.default_rng([seed, dataset, split, index])`. Data 1.x (one look, identical synonym
-  textures, independent regions) is built by the code of commit 91a0f6d.
+Exercises the MS3 path (Sec. 3.1 union label space; Sec. 3.3 / Tab. 8 relations that Eq. 6
+should discover) with nothing downloaded. Not from the paper: concepts, planted synonyms and
+subsets, `Difficulty` and `RARE_WEIGHT` are described in docs/choices.md, "Synthetic demo data
+2.0". `PRETRAIN_DATASETS` are for pretraining; synth_d is held out for transfer (Tab. 3).
 
 Records have the same format as the real builders (`builders.py`): tfds features
 {'image': jpeg, 'label': png uint8 [H, W, 1] dataset-local ids with 255 = ignore, 'file_name'},

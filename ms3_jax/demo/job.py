@@ -1,8 +1,7 @@
 """`configs/demo.py`: stage 1, MS3 pretraining, relation recovery and export on synthetic data.
 
-Nothing here is demo-only logic: each step calls the library entry point a user would call on
-real data; the demo only wires their workdirs together and scores the relations report against
-the synthetic data's planted relations (precision / recall of Eq. 6's mapping, paper Tab. 8).
+Each step calls the library entry point a user would call on real data; the demo wires their
+workdirs together and scores Eq. 6's relations against the planted ones (Tab. 8).
 """
 from __future__ import annotations
 
@@ -35,14 +34,9 @@ def score_relations(found: list[dict[str, Any]], truth: list[dict[str, str]],
     """Precision / recall of Eq. 6's directed pairs (paper Tab. 8) between differently named
     classes, against the planted relations; same-name pairs apart, as a sanity count.
 
-    Same-name classes share one T, so Eq. 6 pairs them by construction: they are never counted
-    in the headline. A found pair is correct when it is planted: a subset from subset to
-    superset, a synonym in either direction. Recall counts relations: a synonym is recovered
-    when either direction is found (pixels of two synonyms get one embedding, nearer one of the
-    two T, so Eq. 6 passes for one of them; Tab. 8 lists 'stairs' vs 'stairway' one way too), a
-    subset when its direction is; `recall_directed` counts each direction apart. `pairs`: one row
-    per planted or found directed pair (status found / missed / wrong, with S[from, to] and
-    S[from, from] when `sim_KxK`, Eq. 5's S, is given).
+    `recall_directed` counts each direction apart; `pairs`: one row per planted or found directed
+    pair (status found / missed / wrong, with S[from, to] and S[from, from] when `sim_KxK`, Eq. 5's
+    S, is given). Rules: docs/choices.md, "Scoring relations".
     """
     names = list(label_space.display_names)
     dataset = {n: n.split("/")[0] for n in names}

@@ -1,22 +1,9 @@
 """A tiny *random* CLIP text model in Hugging Face format: a stand-in where real CLIP cannot be had.
 
-The demo and the tests run stage 1 (paper Sec. 3.2, Fig. 2) on machines that cannot download
-CLIP weights. ``save_tiny_clip(directory)`` writes what a hub snapshot of a CLIP checkpoint holds
-(config.json, model.safetensors, vocab.json, merges.txt) for a width-32, 2-layer text tower, so
-``clip_text.load_clip_text(directory)`` reads it through the same code path as real CLIP.
-
-Its weights are random: its embeddings carry no language knowledge, only the token identities,
-except for a planted prior, ``WORD_PRIOR``: English word associations set by hand (not derived
-from the synthetic data's relations file), each word's token embedding drawn at a cosine to an
-anchor word's. It stands in for what real CLIP knows (paper Tab. 1) and is not the answer key:
-some planted relations have a strong prior (ship / boat), some a weak one (track / path,
-vegetation / tree), and some unrelated words a strong one (sidewalk / road, terrain /
-mountain, dirt / sand). A marker file (``TINY_RANDOM_CLIP``) says so, and
-``clip_text.is_random_standin`` lets callers warn.
-
-Tokenizer: a CLIP-style BPE (``</w>`` word ends, SOS/EOS as the two largest ids like CLIP's) with
-every single character of ``CHARS`` (so any lowercase name tokenizes, one token per character at
-worst) plus left-to-right merges that make each given word one token.
+``save_tiny_clip(directory)`` writes a hub-snapshot-like checkpoint (width 32, 2 layers) that
+``clip_text.load_clip_text`` reads like real CLIP, for stage 1 (Sec. 3.2, Fig. 2) in the demo and
+tests. Random weights plus a planted ``WORD_PRIOR``; marked by ``TINY_RANDOM_CLIP``. Details:
+docs/design.md, "The tiny random CLIP"; the prior: docs/choices.md, "Synthetic demo data 2.0".
 """
 from __future__ import annotations
 
@@ -92,10 +79,8 @@ def _apply_merges(symbols: list[str], ranks: Mapping[tuple[str, str], int]) -> l
 def vocab_and_merges(words: Iterable[str] = DEFAULT_WORDS) -> tuple[dict[str, int], list[str]]:
     """The BPE vocabulary (token -> id) and merge list for ``words``: each word one token.
 
-    Each word is encoded with the merges so far (as the tokenizer will, lowest rank first); while
-    it is more than one symbol, the merge of its first two symbols is appended. An appended merge
-    ranks last, so it never changes the encoding of an earlier word. Characters alone are always
-    in the vocabulary (with and without the ``</w>`` word end).
+    Single characters are always in the vocabulary (with and without ``</w>``); the merge rule:
+    docs/design.md, "The tiny random CLIP".
     """
     vocab: dict[str, int] = {}
     for token in list(CHARS) + [c + "</w>" for c in CHARS]:
@@ -159,17 +144,12 @@ def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_
                    vision_overrides: Mapping[str, Any] | None = None) -> Path:
     """Save a random ``CLIPTextModelWithProjection`` (a full ``CLIPModel`` if ``full``) + tokenizer.
 
-    ``words``: names / phrases whose words get a single token each (others still tokenize, per
-    character). ``max_len`` (position embeddings) defaults to the longest learned-context prompt
-    ``[SOS] + num_ctx + name + "." + [EOS]`` over ``words``, and at least 32; a given ``max_len``
-    too small for those prompts is an error. ``sharpen`` draws larger weights than CLIP's init
-    (embeddings N(0, 0.5), matrices N(0, 0.2)), so attention and the embedded token identities
-    matter instead of being washed out. ``prior`` (default ``WORD_PRIOR``; ``{}`` for none):
-    word -> {anchor: cosine}, the word's token embedding redrawn at about those cosines to the
-    anchors' (words outside the vocabulary are skipped). ``vision_overrides``
-    (``full`` only): ``CLIPVisionConfig`` fields replacing the tiny vision tower's (width 16,
-    1 layer, 2 heads, MLP 32, 32 px images in 16 px patches), e.g. a patch-32 layout. Writes a
-    ``TINY_RANDOM_CLIP`` marker next to the files.
+    ``words``: names / phrases whose words get a single token each (others tokenize per
+    character). ``max_len`` defaults to the longest learned-context prompt over ``words`` (at least
+    32); a given one too small for them is an error. ``sharpen``: larger weights than CLIP's init.
+    ``prior`` (default ``WORD_PRIOR``; ``{}`` for none): word -> {anchor: cosine}.
+    ``vision_overrides`` (``full`` only): ``CLIPVisionConfig`` fields for the tiny vision tower.
+    Writes a ``TINY_RANDOM_CLIP`` marker. docs/design.md, "The tiny random CLIP".
     """
     import torch  # optional dependency (the `torch` extra)
 

@@ -1,15 +1,9 @@
 """Workdir layout and orbax checkpoints shared by pretraining, stage 1, fine-tuning and export.
 
-    W/config.json        the job's ml_collections config (model fields build the encoder)
-    W/checkpoints/<step> orbax: item `state` (the TrainState pytree) and item `data` (grain iterator),
-                         and MANIFEST (size + crc32 of every file of the step, see `write_manifest`)
-    W/checkpoints/unusable/<step>  steps a resume found corrupt and set aside (`set_aside`)
-
-Integrity: process 0 writes the manifest once orbax has finished a step (in orbax's finalize
-thread, after the rename); every restore (`restore_first_usable`: `loop.restore_latest`,
-`restore_state`) checks the newest step against it and falls back to the newest older step that
-verifies and restores. Steps without a manifest (written before manifests) restore unverified.
-Every save first checks that the checkpoint directory is writable (`check_writable`).
+Layout (W/config.json, W/checkpoints/<step> with items `state` and `data` and a MANIFEST,
+W/checkpoints/unusable/<step>): docs/design.md, "Workdir and checkpoint layout". Integrity:
+docs/choices.md, "Verified checkpoints, with fallback", "Unwritable checkpoint directory: a
+real write first".
 """
 from __future__ import annotations
 
@@ -63,12 +57,8 @@ _ARRAY_HANDLER_SET = False
 
 
 def _configure_array_handler() -> None:
-    """On the CPU backend, save replicated arrays from replica 0 whole.
-
-    orbax's replica-parallel save splits every replicated array across its replicas, compiling a
-    slice per array shape: minutes for the first save of a small model on 8 simulated CPU devices
-    instead of a fraction of a second. On GPU / TPU (real replicas, real bandwidth) orbax's
-    default stays.
+    """On the CPU backend, save replicated arrays from replica 0 whole (docs/choices.md,
+    "Checkpoint atomicity: orbax's").
     """
     global _ARRAY_HANDLER_SET
     if sharding.platform_of(jax.devices()) == "cpu" and not _ARRAY_HANDLER_SET:
@@ -170,12 +160,8 @@ def purge_deleted(directory: str) -> None:
 
 
 def remove_half_written(directory: str) -> list[str]:
-    """Delete `<step>.orbax-checkpoint-tmp*` leftovers of saves killed before orbax's final rename.
-
-    They are never listed as checkpoints; this removes them now, synchronously. (orbax's own
-    `cleanup_tmp_directories` runs in a background thread, and two managers opened on one workdir
-    in a row -- or a resumed run saving the very step that was interrupted -- race on the same
-    `rmtree`.) Returns the removed paths.
+    """Delete `<step>.orbax-checkpoint-tmp*` leftovers of saves killed before orbax's final rename,
+    synchronously (docs/choices.md, "Checkpoint atomicity: orbax's"). Returns the removed paths.
     """
     leftovers = sorted(glob.glob(os.path.join(directory, "*" + ocp.utils.TMP_DIR_SUFFIX + "*")))
     for path in leftovers:

@@ -1,14 +1,8 @@
 """Host (CPU) memory allocator settings for long jobs that reuse the same large buffers each step.
 
-With glibc's defaults, blocks above the mmap threshold (at most 32 MiB) get fresh `mmap` pages
-that are unmapped on `free`. An XLA CPU step allocates its multi-GB scratch every call, so the
-kernel faults in and zeroes every page again on every step: measured 1.3-1.5 M page faults and 3-5
-s of system time per DeepLab-v3+ step at batch 8 (benchmarks/RESULTS.md). `keep_freed_pages`
-makes glibc serve large blocks from its main heap and keep freed memory there (`mallopt`), and
-makes JAX's CPU client execute synchronously, so that the step's buffers are allocated on the
-calling thread, i.e. from that main heap: a worker thread's arena would still `mmap` them. CPU
-steps get 20-25 % faster. The process's resident memory then stays at its peak, which a training
-job reaches every step anyway. Opt-in (MS3_HOST_MALLOC=reuse); accelerators gain nothing from it.
+`keep_freed_pages` (opt-in, MS3_HOST_MALLOC=reuse) makes glibc keep freed pages for reuse and
+JAX's CPU client execute synchronously; CPU steps get 20-25 % faster. docs/choices.md, "Host
+allocator: opt-in page reuse".
 """
 from __future__ import annotations
 

@@ -1,23 +1,10 @@
 """The outer loop shared by stage 1, pretraining and fine-tuning: resume, log, checkpoint, stop.
 
-The jitted step stays pure; this module only feeds it batches and, every `log_every` steps (and
-before every checkpoint), fetches the queued metrics in one transfer: progress line with ETA,
-TensorBoard scalars, and the non-finite check (`ms3_jax.engine.nonfinite`) -- before anything
-non-finite is saved.
-
-Preemption: while `run` runs, SIGTERM and SIGINT (Ctrl-C) only set a flag (a second SIGINT
-interrupts at once). The step in flight finishes, the state and the data iterator are saved,
-the save is waited for, and `Preempted` is raised ("preempted at step N, checkpoint saved"; a
-signal during the last step just lets the run end); `main.py` turns it into exit code 75
-(`exit_codes.PREEMPTED`, EX_TEMPFAIL: relaunch the same command to resume). With several processes the signal may reach them at different steps, so
-they agree at every log / checkpoint boundary (an all-gather of the flags, only when
-`jax.process_count() > 1`) and all stop at the first boundary after any of them was signalled.
-A kill -9 cannot be caught: orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp` and
-renames it when complete, and only complete checkpoints are listed, so a resume takes the last
-complete one -- the last one that also matches its manifest (`restore_latest`). A save into an
-unwritable W/checkpoints raises an OSError naming it before orbax starts
-(`checkpointing.check_writable`). A signal arriving while the loop waits for a pending save is
-kept in the flag and honoured right after the wait.
+The jitted step stays pure; every `log_every` steps (and before every checkpoint) this module
+fetches the queued metrics in one transfer: progress line with ETA, TensorBoard scalars, and
+the non-finite check (`ms3_jax.engine.nonfinite`). SIGTERM / SIGINT save state + data iterator
+and raise `Preempted` (exit 75). docs/choices.md, "Preemption: exit 75", "Multi-host agreement
+on the stop step", "Checkpoint atomicity: orbax's", "Verified checkpoints, with fallback".
 """
 from __future__ import annotations
 
@@ -82,13 +69,10 @@ def progress_line(step: int, num_steps: int, metrics: Mapping[str, float], rate:
 def restore_latest(mngr: ocp.CheckpointManager, state: Any, iterator: Any,
                    workdir: str) -> tuple[Any, int]:
     """(state, step) of the latest usable checkpoint, restored into `state`'s shapes and
-    shardings and into `iterator`; `(state, 0)` unchanged when there is none.
-
-    Usable: its files match its manifest (steps saved before manifests restore unverified) and
-    orbax reads it. An unusable newer step is logged (step, file, reason), the next older one is
-    tried (`checkpointing.restore_first_usable`), and the unusable ones are then set aside in
-    W/checkpoints/unusable so the run can save those steps again. None usable: raises
-    `checkpointing.NoUsableCheckpoint` naming every step tried and why."""
+    shardings and into `iterator`; `(state, 0)` unchanged when there is none. Unusable newer steps
+    are logged and set aside (`checkpointing.restore_first_usable`; docs/choices.md, "Verified
+    checkpoints, with fallback"). None usable: raises `checkpointing.NoUsableCheckpoint`.
+    """
     steps = mngr.all_steps()
     if not steps:
         return state, 0

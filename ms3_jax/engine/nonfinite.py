@@ -3,21 +3,10 @@
 `guard(step, mode)` wraps a pure `step(state, *args) -> (state, metrics)` before it is jitted and
 adds, inside the step (no host round-trip):
 
-  finite   1.0 when the loss and every floating leaf of the new state are finite (parameters,
-           optimizer moments, BN statistics, the momentum encoder, bank, V, S), else 0.0. A
-           non-finite gradient always reaches the parameters or the momentum buffers (even at
-           lr = 0: 0 * inf = NaN), so this covers the gradients too.
-  skipped  ('skip' only) 1.0 when the step was dropped.
+  finite   1.0 when the loss and every floating leaf of the new state are finite, else 0.0.
+  skipped  ('skip' only) 1.0 when the step was dropped (the old state kept, step counter moved).
 
-'stop' (default): the loop (`loop.run`) raises `FloatingPointError` naming the first bad step at
-its next metrics fetch -- every `log_every` steps and before every checkpoint -- so a non-finite
-state is never saved. 'skip': a bad step changes nothing but the step counter (its batch is
-dropped; params, optimizer, BN statistics, EMA, bank, V and S keep their values; the data
-iterator moves on), so the run continues and resumes exactly; the loop logs each skipped step and
-the running count, and stops with the 'stop' error once more than `config.nonfinite_max_skipped`
-steps were skipped in this run (a count >= 1, or a fraction < 1 of the run's steps; default 0.1):
-a run that skips most of its steps is broken, not unlucky. Costs one reduction over the state per step ('skip': also a conditional
-that picks the old or the new state).
+The loop (`loop.run`) acts on them: docs/choices.md, "Non-finite guard: check the new state".
 """
 from __future__ import annotations
 

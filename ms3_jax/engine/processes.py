@@ -51,12 +51,10 @@ def rendezvous(coordinator_address: str, num_processes: int, process_id: int,
                timeout: float) -> dict[int, socket.socket]:
     """All processes meet at the coordinator's port + 1 before `jax.distributed` starts.
 
-    Process 0 listens and waits up to `timeout` s for every other process id; then it tells them
-    to go on, or to stop, and raises `PeerError` naming the ids that never came. The others
-    connect (retrying) and wait for that answer up to `timeout` s, else raise `PeerError`. Without
-    it a missing process makes jax.distributed abort the others (SIGABRT, exit 134) after its
-    initialization_timeout, naming none. Returns the open connections ({peer id: socket}: all
-    others on process 0, process 0 elsewhere) for `watch_peers`.
+    Process 0 waits up to `timeout` s for every other process id, then tells them to go on or to
+    stop, and raises `PeerError` naming the ids that never came; the others connect (retrying) and
+    wait up to `timeout` s for that answer, else raise `PeerError`. Returns the open connections
+    ({peer id: socket}: all others on process 0, process 0 elsewhere) for `watch_peers`.
     """
     host, port = coordinator_address.rsplit(":", 1)
     address = (host, int(port) + 1)
@@ -145,16 +143,12 @@ def _own_exit_code() -> int:
 
 def watch_peers(connections: dict[int, socket.socket], process_id: int) -> None:
     """Keep the rendezvous connections open for the life of the process, so that no process
-    outlives the job (XLA would abort it, 134, after its heartbeat timeout, naming nobody; or it
-    would wait in a collective). Process 0 watches every other process and relays what it sees;
-    the others watch process 0. At exit `atexit` says goodbye with the exit code
-    (`exiting_with`). What the others do:
-    - code 0 (done): nothing.
-    - a connection closed without a goodbye (killed, crashed): stop at once, exit code 1.
-    - another code (an error; 75, preempted): wait up to `MS3_PEER_EXIT_GRACE` s (default 60)
-      for this process to end by itself (a preemption stops all at one step), then stop with
-      75 for a preemption, else 1.
-    Stopping names the process it started from and tells the others, which stop at once."""
+    outlives the job. Process 0 watches the others and relays; the others watch process 0. At exit
+    `atexit` says goodbye with the exit code (`exiting_with`): 0 nothing; a closed connection
+    without goodbye: stop at once with 1; another code: stop after `MS3_PEER_EXIT_GRACE` s with
+    75 for a preemption, else 1, naming the process. docs/choices.md, "Reliability: what an
+    adversarial user tried".
+    """
     grace = _positive_seconds(ENV_PEER_EXIT_GRACE, DEFAULT_PEER_EXIT_GRACE)
     exiting = threading.Event()
     stop_lock = threading.Lock()
@@ -263,14 +257,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """Call `jax.distributed.initialize` when this is one of several processes; True if it did.
 
     Explicit when the three values are given (arguments, else env `MS3_COORDINATOR`,
-    `MS3_NUM_PROCESSES`, `MS3_PROCESS_ID`): one process per host, driving all its devices (even
-    inside a SLURM step, whose detection would give each process one GPU). Else from JAX's cluster
-    detection (`detected_cluster`) when this is a multi-task SLURM step or a Cloud TPU VM. A single
-    process does nothing. Idempotent. Either way the processes first meet (`rendezvous`;
-    `MS3_PEER_TIMEOUT` s, default 300): a missing one is a `PeerError` naming it; then they stay
-    connected (`watch_peers`): one that dies ends the others with exit code 1, naming it.
-    Must run before anything touches the JAX backend. `kwargs` go to `jax.distributed.initialize`
-    (e.g. `heartbeat_timeout_seconds`).
+    `MS3_NUM_PROCESSES`, `MS3_PROCESS_ID`), else JAX's cluster detection (`detected_cluster`:
+    multi-task SLURM step or Cloud TPU VM); a single process does nothing. Idempotent. Then
+    `rendezvous` (`MS3_PEER_TIMEOUT`) and `watch_peers`. Must run before anything touches the JAX
+    backend. `kwargs` go to `jax.distributed.initialize`. docs/usage.md, "Multi-host: TPU pods,
+    GPU clusters".
     """
     if jax.distributed.is_initialized():
         return True

@@ -1,10 +1,8 @@
 """The training base of the three stages (stage 1, pretraining, fine-tuning).
 
-`Trainer` owns the mesh over the devices, the shardings (state replicated, batch split over the
-mesh axis 'data'), the jitted step (the non-finite guard around the stage's pure step, the state
-donated) and the assembly of global batches from each process's share. `run` runs a `Stage` in
-its workdir: config.json, checkpoints of state + data iterator, resume from the latest, the loop
-(`loop.run`), TensorBoard. A stage supplies only its state, its step, its evaluation and outputs.
+`Trainer`: mesh, shardings (state replicated, batch split over the mesh axis 'data'), the
+jitted step (non-finite guard, state donated) and global batches from each process's share.
+`run` runs a `Stage` in its workdir (config.json, checkpoints, resume, `loop.run`, TensorBoard).
 """
 from __future__ import annotations
 

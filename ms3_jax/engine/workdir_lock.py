@@ -1,11 +1,7 @@
 """One writer per workdir: an advisory lock that `ms3_jax.main` holds for the whole run.
 
-Two runs on one workdir would interleave their checkpoints (one deleting the other's in-flight
-save as half-written). The lock is `fcntl.flock` on `W/.lock`, which names its holder (pid, host,
-start time): the second run stops at once with that name. The kernel drops the lock when its
-process dies, however it dies, so a stale `.lock` file of a dead run is simply taken over. Only
-process 0 of a multi-process job locks (they share the workdir); a workdir on an object store
-(`gs://...`) cannot be locked and is not.
+`fcntl.flock` on `W/.lock`, which names its holder; process 0 only; `gs://` workdirs are not
+locked. docs/choices.md, "One run per workdir: flock".
 """
 from __future__ import annotations
 

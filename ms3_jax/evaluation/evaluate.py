@@ -1,20 +1,9 @@
-"""Semantic-segmentation evaluation: confusion matrix, mIoU / aAcc / mAcc, whole and slide inference.
+"""Segmentation evaluation: confusion matrix, mIoU / aAcc / mAcc, whole and slide inference.
 
-Paper 4.1 "Evaluation": mIoU, computed as MMSegmentation does (`IoUMetric`): one confusion matrix
-over the whole validation set, IoU_c = TP / (TP + FP + FN), mIoU = NaN-mean over the classes whose
-union is not empty (present in the ground truth or predicted), aAcc = all correct / all labelled
-pixels, Acc_c = TP / GT_c and mAcc = NaN-mean over the classes present in the ground truth.
-Metrics are reported in percent, like MMSeg and the paper's tables.
-
-Inference follows MMSeg's `EncoderDecoder`: 'whole' runs the image at once and resizes the logits
-to the image (bilinear, align_corners=False); 'slide' runs crops on MMSeg's grid, resizes each
-crop's logits to the crop, sums them into the image and divides by the per-pixel count. With
-`flip`, softmax probabilities of the image and of its mirror image are averaged (MMSeg's TTA).
-When a label map is larger or smaller than its image (evaluating at the original label
-resolution), the scores are resized to the label, as MMSeg's `postprocess_result`.
-
-Labels: any label outside [0, num_classes) or equal to `ignore_index` is ignored, so the
-dataset-local convention (255) and the union-space convention (-1) both work.
+Paper 4.1 "Evaluation": mIoU as MMSegmentation computes it (in percent); inference as MMSeg's
+`EncoderDecoder` ('whole' / 'slide', optional flip). Labels outside [0, num_classes) or equal
+to `ignore_index` are ignored (255 and -1 both work). docs/choices.md, "Metrics: MMSeg's
+IoUMetric", "Inference: MMSeg's EncoderDecoder".
 """
 from __future__ import annotations
 
@@ -288,12 +277,10 @@ def accumulate_confusion(model: nn.Module | ApplyFn, variables: Any,
     `dataset` yields this process's images, one at a time: {'image': uint8 [H, W, 3],
     'label': int [h, w]} (e.g. `eval_data.make_eval_dataset(..., shard_index=jax.process_index(),
     shard_count=jax.process_count())`). Every process must call this (it gathers at the end).
-    `model` is an `MS3Encoder` with `num_classes` set, or an `ApplyFn`. Counts stay on the
-    device(s); there is one host transfer at the end.
-
-    `devices`: local devices to deal images to round-robin (default: the first local device).
-    Every (image shape, device) pair compiles once, so more devices pay off when shapes repeat
-    (Cityscapes, fixed-size evaluation), not with many distinct shapes (ADE20K whole images)."""
+    `model` is an `MS3Encoder` with `num_classes` set, or an `ApplyFn`. `devices`: local devices
+    to deal images to round-robin (default: the first local device); each (image shape, device)
+    pair compiles once (docs/choices.md, "Inference: MMSeg's EncoderDecoder").
+    """
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if mode == "slide" and (crop is None or stride is None):

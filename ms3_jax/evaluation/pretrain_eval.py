@@ -1,11 +1,8 @@
 """Evaluation during pretraining: each dataset's validation split segmented by the embeddings.
 
-Per dataset d and head: a pixel's prediction is the nearest class embedding among d's own
-classes (its rows of T for the language head, of V for the visual head, Eq. 1 / 2 at test time),
-the cosine map upsampled to the image as in zero-shot (`evaluate.predict_whole`); CE baselines
-(Tab. 4) use their logits restricted to d's classes. mIoU / aAcc / mAcc per dataset and head, as
-fine-tuning reports them (`evaluate.segmentation_metrics`). Not in the paper, which evaluates
-only after fine-tuning; it shows whether pretraining learns while it runs.
+Per dataset and head: nearest class embedding among the dataset's own classes (T rows for the
+language head, V rows for the visual head: Eq. 1 / 2 at test time); CE baselines (Tab. 4) use
+their logits restricted to those classes. docs/choices.md, "Evaluation during pretraining".
 """
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """Stage 1's product, read by stage 2 and zero-shot: the adapted text model (paper Sec. 3.2).
 
-    W/text_model/params/             orbax: {'ctx': [M, width], 'text': text tower params}
-    W/text_model/text_model.json     CLIP source, num_ctx, tower config (and the vision tower's)
-    W/text_model/tokenizer/          the CLIP tokenizer files (the workdir is self-contained)
+Layout of `W/text_model/`: docs/choices.md, "Stage 1 length and outputs".
 """
 from __future__ import annotations
 

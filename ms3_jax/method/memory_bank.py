@@ -1,9 +1,6 @@
 """Per-class ring-buffer memory bank of momentum-encoder pixel embeddings and the visual class
-embeddings computed from it (Sect. 3.2, Eq. 4).
-
-Shapes are fixed: the bank holds ``slots`` embeddings per class; each step enqueues at most
-``per_class`` uniformly sampled pixels of every class present in the batch (oldest overwritten).
-Memory: ``num_classes * slots * dim * itemsize`` (342 x 256 x 512 x 2 B ≈ 90 MB in bfloat16).
+embeddings computed from it (Sect. 3.2, Eq. 4). Sizes: docs/choices.md, "Memory bank: slots,
+picks and the write".
 Shape suffixes: N pixels, K classes, C embedding dim, P picks per class, S slots.
 """
 from __future__ import annotations
@@ -110,16 +107,13 @@ def enqueue(
     slot_KxP = (bank.ptr[:, None] + jnp.arange(per_class, dtype=jnp.int32)[None, :]) % slots
     slot_KxP = jnp.where(valid_KxP, slot_KxP, slots)  # out of range -> dropped by the scatter
     class_KxP = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32)[:, None], slot_KxP.shape)
-    # Which pick (row of vals, -1: none) each slot receives, scattered as int32 indices; the bank
-    # itself is then rewritten by one elementwise select, in place. A scatter of bfloat16 rows
-    # into the bank made XLA's CPU backend convert the whole bank to float32 and back: twice the
-    # bank's size in temporaries (benchmarks/RESULTS.md "MS3 part vs |Y|").
+    # Which pick (row of vals, -1: none) each slot receives, then one select over the bank, in
+    # place (docs/choices.md, "Memory bank: slots, picks and the write").
     pick_KxP = jnp.arange(num_classes * per_class, dtype=jnp.int32).reshape(num_classes, per_class)
     pick_KxS = jnp.full((num_classes, slots), -1, jnp.int32).at[class_KxP, slot_KxP].set(
         pick_KxP, mode="drop")
     vals_RxC = vals_KxPxC.reshape(num_classes * per_class, dim)
-    # The select runs on the raw bits (exact): as a float select, XLA's CPU backend merged it
-    # with Eq. 4's read of the new bank into one float32 copy of the whole bank.
+    # The select runs on the raw bits (exact; same section).
     bits = jnp.dtype(f"uint{8 * bank.feats.dtype.itemsize}")
     feats_bits = jnp.where((pick_KxS >= 0)[..., None],
                            jax.lax.bitcast_convert_type(vals_RxC, bits)[jnp.maximum(pick_KxS, 0)],
@@ -137,25 +131,17 @@ def visual_embeddings(
 ) -> tuple[jax.Array, jax.Array]:
     """Visual class embeddings from the bank, Eq. 4.
 
-    For a class j with ``n_j = count[j] > 0`` filled slots M_i:
-      ``V_j = Σ_i w_ij M_i / n_j`` with ``w_ij = cos(M_i, V_j_old)``, then re-normalised to unit
-      norm (the pairing loss compares unit vectors; the ``1/n_j`` cancels but is kept for Eq. 4).
-    Choices (the paper is silent):
-      * a class seen for the first time (``v_valid[j]`` False) has no ``V_old``: plain mean (w = 1);
-      * cosine weights are used as they are, so they may be negative (no clipping);
-      * a class with an empty bank (``count == 0``) is returned invalid and keeps ``V_old``.
-    The sums run over all slots: unfilled ones hold zeros (the bank's invariant). Computed in
-    float32 (float64 for a float64 bank). Returns ``(V [K, C], valid [K] bool = count > 0)``.
+    ``V_j = Σ_i w_ij M_i / n_j`` with ``w_ij = cos(M_i, V_j_old)``, re-normalised to unit norm;
+    first-seen classes take the plain mean, empty-bank classes keep ``V_old`` and are invalid
+    (docs/choices.md, "Eq. 4 weights"). Unfilled slots hold zeros (the bank's invariant). Computed
+    in float32 (float64 for a float64 bank). Returns ``(V [K, C], valid [K] bool = count > 0)``.
     """
     acc = jnp.promote_types(bank.feats.dtype, jnp.float32)  # float64 banks: numerical tests
     v_old_KxC = v_old_KxC.astype(acc)
     v_valid_K = jnp.asarray(v_valid_K, bool)
     v_old_unit_KxC = v_old_KxC / jnp.maximum(jnp.linalg.norm(v_old_KxC, axis=-1, keepdims=True), eps)
-    # w = cos(M_i, u_j) + first_j with u_j = 0 for a first sighting: w = 1 there, cos otherwise.
-    # Unfilled slots hold zeros (the bank's invariant), so they add nothing to the sum and need
-    # no mask. With no select between the two sums, XLA's CPU backend fuses the whole pass and
-    # reads the bfloat16 bank directly; a select on the weights made it write a float32 copy of
-    # the bank first (benchmarks/RESULTS.md "MS3 part vs |Y|").
+    # w = cos(M_i, u_j) + first_j with u_j = 0 for a first sighting: w = 1 there, cos otherwise;
+    # no slot mask, no select (docs/choices.md, "Memory bank: slots, picks and the write").
     u_KxC = jnp.where(v_valid_K[:, None], v_old_unit_KxC, 0.0)
     first_K = jnp.where(v_valid_K, 0.0, 1.0).astype(acc)
     m_KxSxC = bank.feats.astype(acc)

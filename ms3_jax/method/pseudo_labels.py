@@ -1,29 +1,10 @@
 """Multimodal pseudo-labels for unlabeled images (paper App. D, Tab. 10).
 
-App. D: a pixel i of an unlabeled image is compared (cosine) with all language embeddings T and
-all visual embeddings V; "if the most similar language embedding and visual embedding meet the
-same category", pixel i gets that category, otherwise it is ignored. We compare the language-head
-embedding I_l^i with T and the visual-head embedding I_v^i with V -- the pairs each head is
-trained on (Eq. 1 / Eq. 2) -- and only classes with a valid V row (non-empty bank) take part on
-the visual side, so before the bank fills no pixel is labelled.
-
-Shared names: "the same category" is decided per class NAME (`name_id_K`, from
-`labels.distinct_names`). A name shared by several datasets (VOC's and ADE20K's 'person') is one
-prompt, so its T rows are equal and the language argmax cannot tell the copies apart (it returns
-the first), while V has one row per dataset-class. The two argmaxes agree when their classes
-have the same name, and the pixel is labelled with the VISUAL argmax's class: the copy whose
-visual prototype is nearest.
-
-Choices not in the paper (config `pseudo.*`, docs/choices.md):
-- Confidence: the softmax probability of the chosen NAME at the pairing-loss temperature tau,
-  `p_l = sum_{k: name(k) = name(c)} softmax_k(cos(I_l, T_k) / tau)` over all classes and `p_v`
-  likewise over the valid V rows. Summed over the copies: an exact tie of T rows would otherwise
-  halve p_l of a shared name and make a threshold stricter for it than for a name of one dataset.
-  A pixel is kept only when both `p_l >= threshold` and `p_v >= threshold`; threshold 0 is the
-  paper's rule. A probability (unlike a raw cosine) lies in [0, 1] for any |Y| and is what the
-  pairing loss itself predicts.
-- Source: the online model's own outputs of the training forward pass (stop-gradient), see
-  `label_unlabeled_pixels`.
+A pixel is labelled when argmax cos(I_l, T) (language head) and argmax cos(I_v, V) (visual
+head, valid V rows only) name the same class NAME (`name_id_K`); it takes the visual argmax's
+class. Choices (docs/choices.md): "Pseudo-label rule", "The same category = the same name",
+"Pseudo-label confidence" (`pseudo.threshold`), "Pseudo-labels from the online model's
+forward pass".
 Shape suffixes: N pixels, K classes, C embedding dim.
 """
 from __future__ import annotations
@@ -84,13 +65,10 @@ def label_unlabeled_pixels(labels_BxHxW: jax.Array, lang_BxHxWxC: jax.Array,
                            chunk: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Replaces the `UNLABELED_PIXEL` (-2) entries of `labels_BxHxW` by their App. D pseudo-label.
 
-    Pixels of unlabeled images carry -2 (inside the image) or -1 (crop padding, never labelled);
-    labelled pixels pass through unchanged. `name_id_K`: class -> name id, see
-    `agreement_labels`. Called inside the jitted step on the online model's
-    outputs of the same forward pass, under `stop_gradient`: no extra forward (the momentum
-    encoder has no language head, so it could not apply the rule without a second encoder), and
-    the labels follow the current T/V pairing the losses train. Chunked over pixels like the loss
-    (at most [chunk, |Y|] logits live).
+    -1 (crop padding) is never labelled; labelled pixels pass through. `name_id_K`: see
+    `agreement_labels`. Runs inside the jitted step on this forward pass's outputs under
+    `stop_gradient`, chunked over pixels (docs/choices.md, "Pseudo-labels from the online model's
+    forward pass").
 
     Returns (labels int32 [B, H, W] with -1 = ignore, metrics):
       pseudo_fraction: pseudo-labelled / unlabeled pixels (0 without unlabeled pixels);

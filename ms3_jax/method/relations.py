@@ -31,10 +31,9 @@ def segment_similarity(
 ) -> tuple[jax.Array, jax.Array]:
     """Batch estimate of Eq. 5: ``S[y, y'] = mean_{k: y_k = y} F_k · T_{y'}``.
 
-    Uses ``Σ_k 1[y_k=y] F_k·T_{y'} = (Σ_k 1[y_k=y] F_k)·T_{y'}``: pixel embeddings are first summed
-    per class (``segment_sum``, O(N·C)) and only the ``[K, C]`` sums meet ``T``, so no
-    ``[N, K]`` similarity map is ever built. ``chunk`` (pixels) additionally bounds the float32
-    copy of ``emb`` when it is bfloat16. Embeddings are assumed L2-normalised (dot = cosine).
+    Pixel embeddings are summed per class first (``segment_sum``), so no ``[N, K]`` map is built;
+    ``chunk`` (pixels) bounds the float32 copy of a bfloat16 ``emb``. Embeddings are assumed
+    L2-normalised (dot = cosine).
 
     Args:
       emb_NxC: pixel embeddings ``[N, C]`` (or ``[..., C]``), e.g. the visual-head output ``I_v``.
@@ -73,10 +72,9 @@ def update_similarity(
     """Running estimate of Eq. 5 over training: ``S_y ← m·S_y + (1−m)·batch_mean_y`` for classes
     present in the batch (``count > 0``); rows of absent classes are unchanged.
 
-    First sighting: when ``seen_K`` (bool ``[K]``, class had a batch before) is given, a present
-    but unseen row takes the batch mean directly instead of averaging with the (meaningless)
-    initial value. The caller keeps ``seen_K ← seen_K | (count_K > 0)`` (see :func:`update_seen`).
-    Without ``seen_K`` every row is treated as seen (plain EMA from the initial ``S``).
+    With ``seen_K`` (bool ``[K]``), a present but unseen row takes the batch mean directly; the
+    caller keeps ``seen_K ← seen_K | (count_K > 0)`` (:func:`update_seen`). Without it every row
+    is treated as seen.
     """
     present_K = count_K > 0
     batch_mean_KxK = batch_mean_KxK.astype(S_KxK.dtype)
@@ -120,9 +118,7 @@ def multilabel_mask(S_KxK: jax.Array, other_dataset_KxK: jax.Array,
     return mask
 
 
-# ---------------------------------------------------------------------------------------------
-# Report (host side, NumPy), paper Tab. 8.
-# ---------------------------------------------------------------------------------------------
+# --- Report (host side, NumPy), paper Tab. 8. -----------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Relation:
     """Class ``name`` (of ``dataset``, self-similarity ``self_sim = S[y, y]``) maps to ``targets``:

@@ -1,18 +1,9 @@
-"""CLIP text tower in Flax, real-weight loading, and class-embedding encoding (paper Sec. 3.2, Fig. 2).
+"""CLIP text tower in Flax, real-weight loading, and class-embedding encoding (Sec. 3.2, Fig. 2).
 
-MS3 takes its language embeddings ``T`` (|Y| x 512, L2-normalised) from the CLIP text encoder.
-Stage 1 (Fig. 2) replaces the hand template "a photo of a [CLS]." with M learnable context tokens
-``[W]_1 .. [W]_M [CLS]`` (CoOp, class token at the end) and adapts them with the pixel-embedding
-pairing loss (Eq. 1). This module holds the pieces:
-
-- ``CLIPTextConfig`` / ``CLIPTextTower``: ``transformers.CLIPTextModelWithProjection`` in Flax,
-  numerically equal to it in float32.
-- the prompt learner: ``build_prompt_layout``, ``init_context`` and ``splice_context``.
-- ``load_clip_text``: a Hugging Face checkpoint (local dir or hub id) -> (module, params, tokenizer).
-- ``encode_classes``: L2-normalised class embeddings from the hand template or the learned context.
-
-Params are a plain dict used as ``module.apply({"params": params}, ...)``; they are always float32,
-``dtype`` only sets the compute dtype.
+Language embeddings T (|Y| x 512, L2-normalised) from the hand template or M learnable context
+tokens ``[W]_1 .. [W]_M [CLS]`` (CoOp) adapted with Eq. 1. Contents: ``CLIPTextConfig`` /
+``CLIPTextTower``, the prompt learner (``build_prompt_layout``, ``init_context``,
+``splice_context``), ``load_clip_text``, ``encode_classes``. docs/design.md, "CLIP towers".
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
-"""CLIP vision tower in Flax (``transformers.CLIPVisionModelWithProjection``) and real-weight loading.
+"""CLIP vision tower in Flax (``transformers.CLIPVisionModelWithProjection``), real-weight loading.
 
-MS3 compares pixel embeddings with CLIP's embedding space (paper Sec. 3.2). The vision tower gives
-two views of an image: the global ``image_embeds`` (post_layernorm(class token) @ visual_projection,
-exactly ``CLIPModel.get_image_features``) and ``dense`` per-patch embeddings, the DenseCLIP way:
-the final layer's patch tokens passed through the same post_layernorm and visual_projection,
-laid out on the patch grid.
-
-- ``CLIPVisionConfig`` / ``CLIPVisionTower``: the tower, numerically equal to transformers in
-  float32 at the native image size; other sizes (multiples of the patch size, H != W allowed) use
-  position embeddings resized bicubically as transformers' ``interpolate_pos_encoding`` does.
-- ``interpolate_position_embedding``: that resize (torch ``bicubic``, ``align_corners=False``).
-- ``load_clip_vision``: a Hugging Face ``CLIPModel`` (local dir or hub id) -> (module, variables).
-- ``pixel_statistics`` / ``normalize_pixels``: what ``CLIPProcessor`` does to uint8 pixels
-  (rescale to [0, 1], subtract the mean, divide by the std), without its resize and crop.
-
-Params are float32 (``variables = {"params": ...}``); ``dtype`` only sets the compute dtype.
-Layers, checkpoint resolution and the name-mapping helpers are shared with ``clip_text``.
+Two views of an image (Sec. 3.2): the global ``image_embeds`` (``CLIPModel.get_image_features``)
+and ``dense`` per-patch embeddings (DenseCLIP). Contents: ``CLIPVisionConfig`` /
+``CLIPVisionTower``, ``interpolate_position_embedding``, ``load_clip_vision``,
+``pixel_statistics`` / ``normalize_pixels``. docs/design.md, "CLIP towers"; docs/choices.md,
+"Pixel embeddings from CLIP's ViT".
 """
 
 from __future__ import annotations

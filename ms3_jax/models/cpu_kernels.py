@@ -1,21 +1,12 @@
 """The convolution computed with kernels tuned for XLA's CPU backend: `CpuConv`, a plug-in for
 `resnet.Conv` (same params, same numbers; `model.kernels='cpu'`, or 'auto' on CPU devices).
 
-XLA's CPU backend runs its native convolutions well below its GEMMs; the forms here turn them
-into GEMMs and elementwise loops (measurements: benchmarks/RESULTS.md "CPU kernels"):
-- 1x1 convolutions (stride s: every s-th pixel) as one matrix product, and above all their weight
-  gradients (a convolution with an HxW window over transposed activations on XLA:CPU);
-- dense k x k convolutions with >= TAP_PRODUCTS_MIN_CHANNELS inputs as k*k accumulated tap
-  products with a written-out gradient (:func:`conv_as_tap_products`);
-- channels constant over the map (the ASPP image pool) as per-image products
-  (:func:`uniform_input_conv`) instead of sliding over broadcast channels;
-- depthwise 3x3 as a sum of 9 shifted, scaled inputs (:func:`depthwise_conv3x3`).
-Every product takes low-precision operands with float32 accumulation in the forward and both
-backward products (:func:`conv_matmul`), and the backward products get physically transposed
-operands behind optimisation barriers: on XLA:CPU only a row-major bfloat16 x bfloat16 -> float32
-product runs on the native bfloat16 GEMM. None of this may reach a GPU / TPU program: there the
-barriers and tap products multiply the bytes moved (benchmarks/RESULTS.md "Accelerators").
-Float32 / float64 inputs take the same path at their own precision (float64 stays float64).
+Forms: 1x1 as GEMMs, dense k x k as tap products (:func:`conv_as_tap_products`), the ASPP image
+pool as per-image products (:func:`uniform_input_conv`), depthwise 3x3 as 9 shifted taps
+(:func:`depthwise_conv3x3`), low-precision operands with float32 accumulation
+(:func:`conv_matmul`). Never for GPU / TPU programs. docs/choices.md, "Kernels: one switch,
+decided from the compile target", "The CPU plug-in: GEMMs in bfloat16", "Tap-product gradients
+written out"; measurements: benchmarks/RESULTS.md, "CPU kernels".
 """
 from __future__ import annotations
 
@@ -98,12 +89,9 @@ def conv_as_tap_products(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, stride
                          dilation: int, offset_BxHoxWoxF: jax.Array | None = None) -> jax.Array:
     """A dense k x k convolution with PyTorch padding as the sum over its k*k taps of (shifted,
     strided input) @ (tap weights), accumulated in float32 (float64 for float64 inputs), plus
-    `offset` (in the accumulator's dtype) before the one rounding to the input dtype.
-
-    The gradient is written out (:func:`_tap_products_bwd`) rather than left to autodiff, whose
-    transpose of the k*k tap slices sums the input gradient in the input dtype (bfloat16 roundings
-    after every tap) and assembles the kernel gradient from k*k padded, transposed pieces inside
-    its consumer, the optimizer update (slow on XLA:CPU: benchmarks/RESULTS.md "CPU kernels")."""
+    `offset` (in the accumulator's dtype) before the one rounding to the input dtype. Gradient
+    written out: docs/choices.md, "Tap-product gradients written out".
+    """
     if x_BxHxWxC.dtype != kernel_KxKxCxF.dtype:
         raise TypeError(f"conv_as_tap_products operands differ in dtype: {x_BxHxWxC.dtype} vs "
                         f"{kernel_KxKxCxF.dtype}")
@@ -206,15 +194,9 @@ def depthwise_conv3x3(x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, dilation:
     """Depthwise 3x3 conv, stride 1, padding = dilation (torch `Conv2d(C, C, 3, padding=d,
     dilation=d, groups=C)`), as a sum of the 9 shifted, per-channel-scaled inputs.
 
-    Same result as `lax.conv_general_dilated(..., feature_group_count=C)`, but XLA fuses it into
-    elementwise loops, where the CPU backend runs grouped convolutions far slower
-    (benchmarks/RESULTS.md "CPU kernels"). Taps that read only padding (dilation >= the map size: the rate-24/36
-    ASPP branches on 28x28 maps) are skipped: they add exact zeros. Accumulates in float32
-    (float64 for float64 inputs); returns the input dtype.
-
-    Two forms of the same sum (:func:`_depthwise`): without autodiff (the momentum encoder,
-    evaluation) the input is first copied into a zero-padded buffer; under autodiff (the custom
-    JVP below, which JAX transposes for the gradient) each tap pads its in-bounds part instead.
+    Same result as `lax.conv_general_dilated(..., feature_group_count=C)`; taps that read only
+    padding are skipped. Accumulates in float32 (float64 for float64 inputs); returns the input
+    dtype. docs/choices.md, "Depthwise 3x3 on CPU: two forms of the same 9-tap sum".
     """
     return _depthwise(x_BxHxWxC, kernel_3x3x1xC, dilation, padded_copy=True)
 
@@ -230,13 +212,10 @@ def _depthwise_jvp(dilation, primals, tangents):
 
 def _depthwise(x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, d: int,
                padded_copy: bool) -> jax.Array:
-    """The 9-tap sum. `padded_copy` (and a dilation of at most half the map): ``x`` is first
-    written into a zero-padded buffer by a `dynamic_update_slice`, which XLA does not fuse into
-    its consumers. Without it, in a forward pass without autodiff, XLA fuses the producer (the
-    previous BN + ReLU) into the 9-tap loop and recomputes it per tap (several times slower). Under autodiff that input is a residual, materialised anyway, and the copy only adds
-    memory: each tap then scales the in-bounds part of ``x`` and pads the product back. ``x`` is
-    cast to the accumulator dtype once, before the taps, so that the transpose sums the 9 taps'
-    input gradients in float32 and rounds once (cast per tap, it summed them in bfloat16)."""
+    """The 9-tap sum; `padded_copy`: ``x`` first written into a zero-padded buffer (only for a
+    dilation of at most half the map). ``x`` is cast to the accumulator dtype once, before the taps.
+    docs/choices.md, "Depthwise 3x3 on CPU: two forms of the same 9-tap sum".
+    """
     b, h, w, c = x_BxHxWxC.shape
     acc = jnp.promote_types(x_BxHxWxC.dtype, jnp.float32)
     k = kernel_3x3x1xC.astype(acc)

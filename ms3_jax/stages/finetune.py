@@ -1,19 +1,10 @@
-"""Fine-tuning for semantic segmentation (paper 4.1-4.2): standard (Tab. 2) and frozen-backbone (Tab. 3).
+"""Fine-tuning for segmentation (paper 4.1-4.2): standard (Tab. 2) and frozen-backbone (Tab. 3).
 
-DeepLab-v3+ / ResNet-50 with a fresh classifier (`MS3Encoder(heads=(), num_classes=n)`), trained
-as MMSegmentation does (paper 4.1: "we follow the basic configuration of MMSegmentation"):
-cross-entropy on the logits bilinearly upsampled to the label crop, SGD (momentum 0.9, weight
-decay 5e-4), lr 0.01 with poly decay (power 0.9) to 1e-4, global-batch BN (SyncBN). The
-initialisation (`config.init.kind`) gives the rows of Tab. 2: 'ms3' (an MS3 pretraining workdir),
-'torchvision' (an ImageNet ResNet `.pth`) or 'scratch'; `init.what` says what is transferred:
-'backbone' (the default: the paper compares backbones, and an ImageNet ResNet has nothing else)
-or 'segmentor' (backbone + decode head, 'ms3' only; from a pretraining with
-`model.heads_at='aspp'`, which trains no decoder, the backbone + ASPP, the decoder left fresh).
-With `frozen_backbone` (Tab. 3) the backbone gets zero updates and its BN runs in eval mode
-(running statistics, not updated): its variables stay bit-identical; decode head and classifier
-train. The loop is the training base's (`training.py`): sharded jitted step with donation, orbax
-checkpoints of state + grain iterator with auto-resume, progress lines, TensorBoard; and mIoU on
-the validation split (`evaluate.py`) every `eval_every` steps and at the end -> `W/results.json`.
+DeepLab-v3+ / ResNet-50 with a fresh classifier, trained as MMSegmentation does; init
+(`config.init.kind` / `init.what`) gives the rows of Tab. 2; `frozen_backbone` is Tab. 3. mIoU
+on the validation split every `eval_every` steps and at the end -> `W/results.json`.
+docs/choices.md, "Fine-tuning recipe: MMSegmentation's DeepLab-v3+ defaults", "Initialisation
+(Tab. 2 rows): backbone only by default", "Frozen backbone (Tab. 3)".
 """
 from __future__ import annotations
 

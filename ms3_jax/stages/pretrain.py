@@ -1,11 +1,8 @@
 """MS3 pretraining (stage 2): the sharded train step and the loop around it.
 
-One step (docs/design.md "Data flow"): the online encoder F gives I_l, I_v; the losses are
-L~ = L~_l + alpha L~_v (Eq. 7-9; Eq. 1-3 without multi-label); the momentum encoder F-hat
-(updated first, as MoCo) embeds the batch into the memory bank; V follows from the bank (Eq. 4);
-the cross-modal similarity S is an EMA of its batch estimate (Eq. 5); the multi-label mask of the
-next step comes from S (Eq. 6). `loss.kind` also selects the CE baselines of Tab. 4, and the
-switches of Tab. 4 / 6 pick which terms exist -- chosen once, outside the step.
+One step (Eq. 4-9; Eq. 1-3 without multi-label): docs/design.md, "Data flow of one pretraining
+step". `loss.kind` also selects the CE baselines of Tab. 4; the switches of Tab. 4 / 6 pick which
+terms exist, once, outside the step.
 """
 from __future__ import annotations
 

@@ -1,24 +1,10 @@
-"""Stage 1: adapt CLIP's language embeddings to the union segmentation dataset (paper Sec. 3.2, Fig. 2).
+"""Stage 1: adapt CLIP's language embeddings to the union segmentation dataset (Sec. 3.2, Fig. 2).
 
-M learnable context vectors replace the hand template ("a photo of a [CLS]." becomes
-``[W]_1 .. [W]_M [CLS].``, CoOp with the class token at the end) and are trained jointly with an
-image encoder by the pixel-embedding pairing loss (Eq. 1). The image encoder (``encoder``) is
-CLIP's own vision tower by default ('clip': the checkpoint's ViT, its dense patch embeddings
-paired with T at the patch grid, DenseCLIP-style; paper Fig. 2, Tab. 5) or the MS3 DeepLab
-encoder with the language head ('deeplab', fresh or ``model.init_from``). Every step
-encodes the prompts of all union classes with the current context -- each distinct name once,
-gathered to the |Y| classes (the same name in two datasets is the same prompt) -- so Eq. 1's
-gradient reaches the context through the CLIP text tower (frozen by default, trainable with
-``text.train_text_tower``). The adapted embeddings are less alike than the template's (Tab. 1).
-
-Outputs in the workdir W:
-
-    W/text_embeddings.npz            T [|Y|, C], source 'adapted': stage 2's `text.embeddings`
-    W/text_model/params/             orbax: {'ctx': [M, width], 'text': text tower params}
-    W/text_model/text_model.json     CLIP source, num_ctx, tower config (`adapted_text.load_adapted_text`)
-    W/text_model/tokenizer/          the CLIP tokenizer files (the workdir is self-contained)
-    W/similarity_report.json         Tab. 1: cosine of class pairs + mean, template vs adapted
-    W/checkpoints/<step>/            orbax: train state + data iterator (auto-resume)
+M learnable context vectors replace the hand template (``[W]_1 .. [W]_M [CLS].``, CoOp) and are
+trained jointly with an image encoder (``encoder``: 'clip' vision tower by default, or
+'deeplab') by the pixel-embedding pairing loss (Eq. 1); Tab. 1 / Tab. 5. What is trained,
+how T is computed and the outputs in the workdir: docs/choices.md, "Stage 1: what is trained",
+"How T is computed each step", "Stage 1 length and outputs".
 """
 from __future__ import annotations
 
@@ -69,9 +55,7 @@ class TextAdaptState:
     rng: jax.Array
 
 
-# ----------------------------------------------------------------------------------------------
-# Loss and class prompts
-# ----------------------------------------------------------------------------------------------
+# --- Loss and class prompts -----------------------------------------------------------------------
 
 
 def mean_pairwise_cosine(emb_UxC: Any) -> Any:
@@ -82,9 +66,7 @@ def mean_pairwise_cosine(emb_UxC: Any) -> Any:
     return (xp.sum(sim_UxU) - xp.trace(sim_UxU)) / max(n * (n - 1), 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Optimiser and step
-# ----------------------------------------------------------------------------------------------
+# --- Optimiser and step ---------------------------------------------------------------------------
 
 
 def frozen_fraction(config: ml_collections.ConfigDict) -> float:
@@ -390,9 +372,7 @@ class Trainer(training.Trainer):
         return state.params["text"] if self.train_text_tower else self.consts["text"]
 
 
-# ----------------------------------------------------------------------------------------------
-# CLIP source, adapted text model I/O, Tab. 1 report
-# ----------------------------------------------------------------------------------------------
+# --- CLIP source, adapted text model I/O, Tab. 1 report -------------------------------------------
 
 
 def resolve_clip(config: ml_collections.ConfigDict) -> str:
@@ -515,9 +495,7 @@ def _write_outputs(workdir: str, trainer: Trainer, state: TextAdaptState, clip: 
     return report
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
+# --- The loop -------------------------------------------------------------------------------------
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
