@@ -7,7 +7,6 @@ compilation.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -23,16 +22,9 @@ from ms3_jax.method import labels, losses, text_embeddings
 from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.stages import text_adapt
 from ms3_jax.testing import synthetic_data
+from ms3_jax.testing.configs import text_adapt_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(arg: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(
-        "_text_adapt_config", os.path.join(ROOT, "configs", "text_adapt.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+_config = text_adapt_config
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from PIL import Image
 from ms3_jax import zero_shot
 from ms3_jax.demo import job as demo
 from ms3_jax.evaluation import visualize
+from ms3_jax.testing.paths import ROOT
 
 flags.FLAGS.mark_as_parsed()
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("sky", "grass", "stairway")  # union classes of stage 1 (rows 0-2 of its npz)
 SHORT_SIDE = 64
 
@@ -198,7 +198,7 @@ def test_notebook_runs_headless(demo_dir, tmp_path):
     import nbclient
     import nbformat
 
-    nb = nbformat.read(os.path.join(REPO, "notebooks", "zero_shot.ipynb"), as_version=4)
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "zero_shot.ipynb"), as_version=4)
     for cell in nb.cells:
         assert not cell.get("outputs"), "commit the notebook with outputs cleared"
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
