@@ -32,6 +32,28 @@ def synthetic_dir(tmp_path_factory):
     return synthetic_data.build(tmp_path_factory.getbasetemp()).data_dir
 
 
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """configs/demo.py:quick, run once per session and shared by the xdist workers (file lock):
+    (workdir, the summary read back from its demo_summary.json). Read-only."""
+    import fcntl
+    import json
+    import shutil
+
+    from configs import demo as demo_config
+    from ms3_jax.demo import job as demo
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above the workers' own
+    workdir = root / "quick_demo"
+    with open(root / "quick_demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (workdir / "demo_summary.json").exists():  # first, or after a failed run
+            shutil.rmtree(workdir, ignore_errors=True)
+            demo.run(demo_config.get_config("quick"), str(workdir))
+    return str(workdir), json.loads((workdir / "demo_summary.json").read_text())
+
+
 @pytest.fixture(autouse=True)
 def _fast_tests_start_no_process(request, monkeypatch):
     """The fast tier (`-m "not slow"`) starts no subprocess: outside `slow` tests, creating a

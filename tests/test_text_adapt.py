@@ -45,13 +45,15 @@ def tiny_config(data_dir, tmp_path_factory):
 def run(tiny_config, tmp_path_factory):
     """Stage 1 preempted at step 50 (checkpoint), then resumed to the end (100 steps)."""
     workdir = str(tmp_path_factory.mktemp("stage1"))
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     try:  # the resumed run lowers the same programs: compile them once
         first = text_adapt.train_and_evaluate(tiny_config, workdir, stop_at=50)
         second = text_adapt.train_and_evaluate(tiny_config, workdir)
-    finally:
-        jax.config.update("jax_compilation_cache_dir", None)
+    finally:  # the session's cache again (None disabled it for the rest of this worker's tests)
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
     return workdir, first, second
 
 

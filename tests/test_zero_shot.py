@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from ms3_jax import zero_shot
-from ms3_jax.demo import job as demo
 from ms3_jax.evaluation import visualize
 from ms3_jax.testing.paths import ROOT
 
@@ -20,10 +19,9 @@ SHORT_SIDE = 64
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("zero_shot_demo"))
-    demo.run(zero_shot.demo_config("quick"), workdir)
-    return workdir
+def demo_dir(quick_demo):
+    """configs/demo.py:quick's workdir (conftest: one run per session, shared with test_demo)."""
+    return quick_demo[0]
 
 
 @pytest.fixture(scope="module")
