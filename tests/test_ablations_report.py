@@ -5,9 +5,10 @@ import os
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ms3_jax.testing.paths import ROOT
+
 _spec = importlib.util.spec_from_file_location(
-    "ms3_benchmarks_ablations", os.path.join(REPO, "benchmarks", "ablations.py"))
+    "ms3_benchmarks_ablations", os.path.join(ROOT, "benchmarks", "ablations.py"))
 ablations = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ablations)
 

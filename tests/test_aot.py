@@ -21,14 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from ms3_jax.testing.paths import ROOT
+
 pytestmark = pytest.mark.slow  # two accelerator compiles: the full tier (.ci/run)
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no CUDA driver: compile only
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes may hold libtpu
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(
-    "ms3_benchmarks_accelerators", os.path.join(REPO, "benchmarks", "accelerators.py"))
+    "ms3_benchmarks_accelerators", os.path.join(ROOT, "benchmarks", "accelerators.py"))
 accelerators = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(accelerators)
 

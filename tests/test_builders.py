@@ -389,7 +389,19 @@ def test_prepare_cli(tmp_path, capsys, monkeypatch):
                   "--data_dir", str(tmp_path / "d")])
     out = capsys.readouterr().out
     assert "train: 2" in out and "skipped: 0" in out
-    # a fresh process reads the files without this package and without TensorFlow
+    with pytest.raises(SystemExit):
+        prepare.main(["--dataset", "kitti", "--manual_dir", str(tmp_path / "m"),
+                      "--data_dir", str(tmp_path / "d")])
+    assert "valid names" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_prepared_files_read_without_this_package(tmp_path, capsys):
+    """A fresh process reads the prepared files without this package and without TensorFlow."""
+    make_cityscapes(tmp_path / "m")
+    prepare.main(["--dataset", "cityscapes", "--manual_dir", str(tmp_path / "m"),
+                  "--data_dir", str(tmp_path / "d")])
+    assert "train: 2" in capsys.readouterr().out
     code = ("import sys, tensorflow_datasets as tfds\n"
             "src = tfds.data_source('ms3_cityscapes', split='train', data_dir=sys.argv[1])\n"
             "ex = src[0]\n"
@@ -399,10 +411,6 @@ def test_prepare_cli(tmp_path, capsys, monkeypatch):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], capture_output=True,
                          text=True, cwd=tmp_path)
     assert res.stdout.split("\n")[-2] == "2 (16, 20, 3) uint8 bytes False False", res.stderr
-    with pytest.raises(SystemExit):
-        prepare.main(["--dataset", "kitti", "--manual_dir", str(tmp_path / "m"),
-                      "--data_dir", str(tmp_path / "d")])
-    assert "valid names" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------ tfds's own builders

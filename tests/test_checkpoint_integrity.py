@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from ms3_jax.engine import checkpointing, loop
-from tests.test_reliability import ToyIterator, ToyTrainer, restore_toy, toy_config, toy_run
+from ms3_jax.testing.toy import ToyIterator, ToyTrainer, restore_toy, toy_config, toy_run
 
 
 def step_dir(workdir, step):
@@ -305,7 +305,7 @@ def test_save_into_an_unwritable_directory_fails_fast(base, how):
 def test_unwritable_directory_is_reported_when_the_manager_opens(base, how):
     """The startup check (`training.checkpoint_manager` -> `checkpointing.checkpoint_manager`)."""
     from ms3_jax.engine import training
-    from tests.conftest import tiny_pretrain_config
+    from ms3_jax.testing.configs import tiny_pretrain_config
     config = tiny_pretrain_config()
     workdir = base / "wd"
     ckpt = workdir / checkpointing.CHECKPOINT_DIR

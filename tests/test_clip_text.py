@@ -14,7 +14,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch_file
 
-from tests.clip_fixtures import TINY_MAX_LEN, TINY_PROJ_DIM, TINY_WIDTH, load_hf_text_model, save_tiny_clip
+from ms3_jax.testing.clip_fixtures import TINY_MAX_LEN, TINY_PROJ_DIM, TINY_WIDTH, load_hf_text_model, save_tiny_clip
 from ms3_jax.models import clip_text as ct
 
 CLASSES = ["cat", "dog", "traffic light", "potted plant", "person"]

@@ -17,7 +17,7 @@ from safetensors.torch import save_file as save_torch_file
 
 from ms3_jax.demo import tiny_clip
 from ms3_jax.models import clip_vision as cv
-from tests.clip_fixtures import TINY_PROJ_DIM, TINY_WORDS
+from ms3_jax.testing.clip_fixtures import TINY_PROJ_DIM, TINY_WORDS
 
 TOL = 1e-5
 # ViT-B/32 layout at a tiny width: 32 px patches on a 128 px image (a 4 x 4 grid), 2 layers.

@@ -383,6 +383,7 @@ def test_pipeline_deterministic(synth):
     assert not np.array_equal(a[0]['image'], c[0]['image'])
 
 
+@pytest.mark.slow  # grain worker processes
 def test_pipeline_same_batches_with_workers(synth):
     """worker_count changes neither the batches nor the checkpoint state (resume 2 -> 0 workers)."""
     flags.FLAGS.mark_as_parsed()

@@ -5,22 +5,13 @@ ASPP, paper 4.1) the MS3 loss never reaches the DeepLab-v3+ decoder, so fine-tun
 tests/test_export_cli.py)."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from ms3_jax.method import losses
 from ms3_jax.models.deeplab import DECODER_MODULES, encoder_from_config, l2_normalize, untrained_subtrees
+from ms3_jax.testing.variables import random_variables
 
 TINY = dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=8, kernels="xla")
-
-
-def _random_variables(model, images, seed=0):
-    """Random variables without compiling `init` (most of the time on CPU); BN variances > 0."""
-    rng = np.random.default_rng(seed)
-    fill = lambda path, x: (rng.uniform(0.5, 1.5, x.shape) if path[-1].key == "var"
-                            else 0.2 * rng.normal(size=x.shape)).astype(np.float32)
-    return jax.tree_util.tree_map_with_path(
-        fill, jax.eval_shape(model.init, jax.random.PRNGKey(0), images))
 
 
 def _grad_norms(heads_at):
@@ -29,7 +20,7 @@ def _grad_norms(heads_at):
     model = encoder_from_config(dict(TINY, heads_at=heads_at), "cpu")
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     images = jax.random.randint(k[0], (2, 32, 32, 3), 0, 256).astype(jnp.uint8)
-    variables = _random_variables(model, images)
+    variables = random_variables(model, images.shape, seed=0, scale=0.2)
     num_classes = 5
     text = l2_normalize(jax.random.normal(k[1], (num_classes, 8)))
     visual = l2_normalize(jax.random.normal(k[2], (num_classes, 8)))

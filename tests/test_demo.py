@@ -1,5 +1,6 @@
 """configs/demo.py end to end (its 'quick' variant): every stage runs and leaves its outputs."""
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -19,11 +20,15 @@ def _figures(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k != "backbone"}
 
 
-def test_demo_quick_runs_every_stage_and_repeats_its_figures(tmp_path):
-    summary = demo.run(demo_config.get_config("quick"), str(tmp_path))
-    # Deterministic on one machine: a second run in a new workdir gives the same figures.
+def test_demo_quick_runs_every_stage_and_repeats_its_figures(quick_demo, tmp_path):
+    """`quick_demo` (conftest: the session's run, shared with tests/test_zero_shot.py) and a
+    second run here."""
+    workdir, summary = quick_demo
+    # Deterministic on one machine: a second run in a new workdir gives the same figures
+    # (`summary` was read back from the run's demo_summary.json: compare as JSON).
     again = demo.run(demo_config.get_config("quick"), str(tmp_path / "again"))
-    assert _figures(again) == _figures(summary)
+    assert _figures(json.loads(json.dumps(again))) == _figures(summary)
+    tmp_path = pathlib.Path(workdir)
     ls = LabelSpace.from_datasets(["synth_a", "synth_b", "synth_c"])
     t = text_embeddings.load_text_embeddings(str(tmp_path / "text_adapt" / "text_embeddings.npz"), ls)
     assert t.shape == (ls.num_classes, 32)

@@ -8,6 +8,7 @@ import pytest
 
 from ms3_jax.evaluation import evaluate
 from ms3_jax.models.deeplab import encoder_from_config, resize_bilinear
+from ms3_jax.testing.variables import random_variables
 
 K = 5
 
@@ -93,18 +94,6 @@ def test_counts_accumulate_across_batches_and_past_int32():
 
 
 # --- inference -------------------------------------------------------------------------------------
-
-def random_variables(model, shape):
-    """Random variables without compiling `init` (faster on a busy CPU); BN variances positive."""
-    rng = np.random.default_rng(0)
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape))
-
-    def fill(path, x):
-        if path[-1].key == "var":
-            return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
-        return (0.3 * rng.normal(size=x.shape)).astype(np.float32)
-    return jax.tree_util.tree_map_with_path(fill, abstract)
-
 
 @pytest.fixture(scope="module")
 def tiny_outputs():

@@ -10,7 +10,7 @@ from ms3_jax import export
 from ms3_jax.engine import checkpointing
 from ms3_jax.models import torch_format
 from ms3_jax.models.deeplab import encoder_from_config
-from tests.torch_reference import TorchResNet
+from ms3_jax.testing.torch_reference import TorchResNet
 
 MODEL_CFG = {"variant": "v1c", "width": 0.125, "stage_sizes": [1, 1, 1, 1], "emb_dim": 8}
 

@@ -15,8 +15,9 @@ from configs.finetune import voc as voc_config
 from ms3_jax.engine import checkpointing
 from ms3_jax.models.deeplab import encoder_from_config
 from ms3_jax.stages import finetune
-from tests.conftest import tiny_finetune_config
-from tests.torch_reference import TorchResNet, randomize_
+from ms3_jax.testing.configs import tiny_finetune_config
+from ms3_jax.testing.torch_reference import TorchResNet, randomize_
+from ms3_jax.testing.variables import random_variables
 
 flags.FLAGS.mark_as_parsed()
 
@@ -56,24 +57,12 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
-def random_variables(model, seed=7):
-    """Random variables without compiling `init` (slow on CPU); BN variances positive."""
-    rng = np.random.default_rng(seed)
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-
-    def fill(path, x):
-        if path[-1].key == "var":
-            return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
-        return (0.2 * rng.normal(size=x.shape)).astype(np.float32)
-    return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 @pytest.fixture(scope="module")
 def ms3_workdir(tmp_path_factory):
     """A tiny MS3 pretraining workdir: config + a TrainState-like checkpoint."""
     wd = str(tmp_path_factory.mktemp("pretrain"))
     model = encoder_from_config(MODEL_CFG, "cpu")
-    variables = random_variables(model)
+    variables = random_variables(model, seed=7, scale=0.2)
     ema = jax.tree_util.tree_map(lambda x: x + 1.0, variables)
     state = {"step": jnp.int32(3), "params": variables["params"], "batch_stats": variables["batch_stats"],
              "ema_params": ema["params"], "ema_batch_stats": ema["batch_stats"]}

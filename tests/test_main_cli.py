@@ -8,7 +8,7 @@ import pytest
 
 from ms3_jax import main as main_module
 from ms3_jax.engine import exit_codes
-from tests.test_reliability import ROOT, subprocess_env
+from ms3_jax.testing.paths import ROOT, subprocess_env
 
 
 def _main(args, cwd):
@@ -65,6 +65,7 @@ def test_configs_resolve_from_a_wheel_install(tmp_path):
         assert done.returncode == 0 and expect in done.stdout, done.stderr[-2000:]
 
 
+@pytest.mark.slow  # subprocesses
 def test_print_config_from_another_directory_and_usage_error_exit_code(tmp_path):
     done = _main(["--config=configs/pretrain.py:tiny", "--config.loss.tau=0.5", "--print_config"],
                  cwd=tmp_path)
@@ -94,6 +95,7 @@ def _fake(path, body):
     return str(path)
 
 
+@pytest.mark.slow  # subprocesses
 @pytest.mark.parametrize("codes, expected", [((0, 0), 0), ((75, 75), 75), ((75, 0), 75),
                                              ((75, 1), 1), ((2, 75), 2), ((1, 2), 1)])
 def test_local_launcher_passes_the_exit_code_contract(tmp_path, codes, expected):
@@ -124,6 +126,7 @@ def _slurm_job(tmp_path, srun_body: str, job_id: int = 123):
              "SLURM_SUBMIT_DIR": ROOT}, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # subprocesses
 @pytest.mark.parametrize("rc", [0, 75, 1])
 def test_slurm_script_requeues_on_75(tmp_path, rc):
     done = _slurm_job(tmp_path, f"exit {rc}\n")
@@ -134,6 +137,7 @@ def test_slurm_script_requeues_on_75(tmp_path, rc):
         assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "123"]
 
 
+@pytest.mark.slow  # subprocesses
 def test_slurm_script_runs_one_process_per_node_on_all_its_devices(tmp_path):
     """The script's own variables (MS3_COORDINATOR on the first node, MS3_PROCESS_ID per task)
     start a 2-process job whose processes each drive all their local devices; srun's tasks are
@@ -154,12 +158,13 @@ def test_slurm_script_runs_one_process_per_node_on_all_its_devices(tmp_path):
                 "4 local devices") in log, log[-2000:]
 
 
+@pytest.mark.slow  # subprocesses
 def test_second_run_on_a_workdir_stops_naming_the_first(tmp_path):
     """The lock of a live run refuses a second one (pid and host named); a dead run's lock file
     is taken over (the kernel released its lock)."""
     from ms3_jax.engine import workdir_lock
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from ms3_jax import workdir_lock\n"
+        "import sys, time; from ms3_jax.engine import workdir_lock\n"
         f"with workdir_lock.hold({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)")],
         cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:
@@ -183,6 +188,7 @@ def _catches_sigterm(pid: int) -> bool:
     return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
+@pytest.mark.slow  # subprocesses
 @pytest.mark.parametrize("when", ["imports", "before the loop"])
 def test_sigterm_outside_the_loop_exits_75(tmp_path, when):
     """The exit-code contract from process start: SIGTERM while the modules import, or while

@@ -13,7 +13,7 @@ from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilin
 from ms3_jax.models.cpu_kernels import CpuConv
 from ms3_jax.stages.finetune import _eval_mode_backbone
 from ms3_jax.models.resnet import OUTPUT_STRIDE_SETTINGS, Conv, ResNet
-from tests.torch_reference import TorchResNet, randomize_
+from ms3_jax.testing.torch_reference import TorchResNet, randomize_
 
 torch.set_num_threads(2)
 

@@ -8,7 +8,8 @@ import numpy as np
 
 from ms3_jax.method import labels, relations
 from ms3_jax.stages import pretrain
-from tests.test_pretrain import label_space, random_batch, random_text, tiny_config
+from ms3_jax.testing.configs import tiny_pretrain_config as tiny_config
+from ms3_jax.testing.pretrain_inputs import label_space, random_batch, random_text
 
 MOMENTUM = 0.5  # far from 1, so the momentum and the online encoders differ after one step
 

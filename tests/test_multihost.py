@@ -1,7 +1,7 @@
 """Multi-host: 2 processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives) train
 like 1 process x 8 devices on the same global batches, checkpoint, and fail fast when a peer dies.
 
-The workers are this module run as a script: `python -m tests.test_multihost '<json args>'`.
+The workers: `python -m ms3_jax.testing.multihost_worker '<json args>'`.
 """
 import json
 import os
@@ -10,39 +10,24 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 import pytest
 
 from ms3_jax.engine import processes, sharding
-from tests.conftest import tiny_pretrain_config
+from ms3_jax.testing.multihost_worker import NUM_STEPS, make_config
+from ms3_jax.testing.paths import ROOT, compilation_cache_dir
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the full tier (.ci/run), not `-m "not slow"`
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS, STOP_AT = 6, 4
+STOP_AT = 4
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def make_config(data_dir: str, text_path: str):
-    """The tiny pretraining in float64 (bank, V, S, multi-label mask and both losses active from
-    step 3), so that layouts are compared without float32 reassociation noise: in float32 the
-    Eq. 6 mask (a `>=` between similarities) flips on 1e-7 differences and the tiny BN net
-    amplifies 1e-7 to 1e-3 within two steps."""
-    config = tiny_pretrain_config(**{"num_steps": NUM_STEPS, "checkpoint_every": 2, "log_every": 2,
-                            "data.data_dir": data_dir, "relations.warmup_steps": 2,
-                            "optim.warmup_steps": 1, "model.dtype": "float64",
-                            "bank.dtype": "float64"})
-    config.data.synthetic = None
-    config.text.embeddings = text_path
-    return config
 
 
 def slurm_step_env(process_id: int, coordinator_port: int) -> dict:
@@ -57,46 +42,11 @@ def spawn(args: dict, process_id: int, extra_env: dict | None = None) -> subproc
     env = {**os.environ, **(extra_env or {}), "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
                                         "--xla_cpu_collective_timeout_seconds=600",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,  # conftest's compilation cache
-           "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "ms3_jax_test_xla_cache"),
+           "JAX_COMPILATION_CACHE_DIR": compilation_cache_dir(),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-    return subprocess.Popen([sys.executable, "-m", "tests.test_multihost",
+    return subprocess.Popen([sys.executable, "-m", "ms3_jax.testing.multihost_worker",
                              json.dumps({**args, "process_id": process_id})],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def worker(args: dict) -> None:
-    import jax
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.config.update("jax_enable_x64", True)
-    n = args.get("num_processes", 2)
-    if args["coordinator"]:
-        processes.initialize_distributed(args["coordinator"], n, args["process_id"],
-                                        heartbeat_timeout_seconds=args["heartbeat"])
-    else:  # from the environment: MS3_* or a (simulated) SLURM step
-        processes.initialize_distributed(heartbeat_timeout_seconds=args["heartbeat"])
-    assert jax.process_count() == n and jax.device_count() == 4 * n and jax.local_device_count() == 4
-    assert jax.process_index() == args["process_id"]
-    from jax._src import xla_bridge  # the GPUs this process drives (JAX's flag; 'all' by default)
-    print("initialised; visible GPUs:", xla_bridge.CUDA_VISIBLE_DEVICES.value, flush=True)
-    if args["mode"] == "exit":
-        return
-    if args["mode"] == "raise":  # an error in this process alone
-        raise RuntimeError(f"an error in process {args['process_id']} alone")
-    if args["mode"] == "preempt":  # SIGTERM before the loop: exit 75 (ms3_jax.main)
-        sys.exit(75)
-    if args["mode"] == "wait":  # keep talking to the peer until it disappears
-        from jax.experimental import multihost_utils
-        for i in range(600):
-            multihost_utils.sync_global_devices(f"tick{i}")
-            time.sleep(0.5)
-        return
-    from absl import flags
-    flags.FLAGS.mark_as_parsed()
-    from ms3_jax.stages import pretrain
-    history = pretrain.train_and_evaluate(make_config(args["data_dir"], args["text"]), args["workdir"],
-                                          stop_at=args.get("stop_at"))
-    with open(args["out"] + f".{args['process_id']}", "w") as f:
-        json.dump(history, f)
 
 
 def run_two_processes(args: dict, timeout: float = 300) -> list[dict]:
@@ -173,7 +123,7 @@ def test_two_processes_train_like_one_and_resume_across_layouts(tmp_path):
     from ms3_jax.method import text_embeddings
     from ms3_jax.stages import pretrain
     from ms3_jax.testing import synthetic_data
-    from tests.test_pretrain import label_space, random_text
+    from ms3_jax.testing.pretrain_inputs import label_space, random_text
     data_dir, text_path = synthetic_data.build(tmp_path).data_dir, str(tmp_path / "T.npz")
     config = make_config(data_dir, text_path)
     text_embeddings.save_text_embeddings(text_path, label_space(), random_text(config.model.emb_dim),
@@ -428,13 +378,3 @@ def test_a_missing_process_is_named_and_the_job_exits_1(present, launch):
     assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert elapsed < 60, elapsed  # start-up (imports) + the 3 s timeout
 
-
-if __name__ == "__main__":
-    try:  # as ms3_jax.main does: the exit code goes into the goodbye to the other processes
-        worker(json.loads(sys.argv[1]))
-    except SystemExit as e:
-        processes.exiting_with(e.code)
-        raise
-    except BaseException:
-        processes.exiting_with(1)
-        raise

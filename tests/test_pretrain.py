@@ -1,5 +1,4 @@
 """MS3 pretraining: the sharded step (8 devices == 1 device), ablation switches, resume, config errors."""
-import functools
 import json
 import logging
 
@@ -13,44 +12,12 @@ from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.engine import optim
 from ms3_jax.method import labels, text_embeddings
 from ms3_jax.stages import pretrain
-from ms3_jax.testing import synthetic_data
-from tests.conftest import tiny_pretrain_config
+from ms3_jax.testing.configs import tiny_pretrain_config
+from ms3_jax.testing.pretrain_inputs import DATASETS, label_space, random_batch, random_text
 
 flags.FLAGS.mark_as_parsed()
 
-DATASETS = ("synth_a", "synth_b", "synth_c")
-
-
 tiny_config = tiny_pretrain_config
-
-
-@functools.lru_cache(maxsize=None)
-def label_space():
-    return LabelSpace.from_datasets(DATASETS)
-
-
-def random_text(dim, seed=0):
-    t = np.random.default_rng(seed).standard_normal((label_space().num_classes, dim))
-    return (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32)
-
-
-def random_batch(rng, batch=8, size=32):
-    ls = label_space()
-    dataset_id = rng.integers(0, ls.num_datasets, batch)
-    labels = np.empty((batch, size, size), np.int32)
-    for b, d in enumerate(dataset_id):
-        lo, hi = ls.offsets[d], ls.offsets[d + 1]
-        # Blocky labels so every 4x4 cell of the stride-4 map has one class.
-        labels[b] = np.kron(rng.integers(lo, hi, (size // 8, size // 8)), np.ones((8, 8), np.int32))
-    # Images that look like their labels (a colour per class, a brightness per image, noise):
-    # i.i.d. noise images give the image-pooling BN a near-zero batch variance, which makes
-    # any float reassociation explode and says nothing about sharding.
-    palette = rng.integers(0, 256, (ls.num_classes, 3))
-    gain = rng.uniform(0.5, 1.0, (batch, 1, 1, 1))
-    images = palette[labels] * gain + rng.normal(0, 8, (batch, size, size, 3))
-    images = np.clip(images, 0, 255).astype(np.uint8)
-    labels[:, :2] = -1  # some ignored pixels
-    return {"image": images, "label": labels, "dataset_id": dataset_id.astype(np.int32)}
 
 
 def run_steps(config, devices, batches, text):
@@ -204,11 +171,6 @@ def test_missing_dataset_is_named_before_training(tmp_path):
         pretrain.train_and_evaluate(config, str(tmp_path / "wd"))
 
 
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    return synthetic_data.build(tmp_path_factory.getbasetemp()).data_dir
-
-
 def loop_config(synthetic_dir, tmp_path):
     config = tiny_config(**{"num_steps": 6, "checkpoint_every": 3, "log_every": 2,
                             "data.data_dir": synthetic_dir, "relations.warmup_steps": 2,
@@ -260,7 +222,7 @@ def test_resume_continues_exactly(synthetic_dir, tmp_path, caplog):
 
 def test_init_from_torchvision_file_sets_online_and_momentum_backbones(tmp_path):
     import torch
-    from tests.torch_reference import TorchResNet, randomize_
+    from ms3_jax.testing.torch_reference import TorchResNet, randomize_
     config = tiny_config()
     ref = randomize_(TorchResNet(base=8, stage_sizes=(1, 1, 1, 1)), seed=3)
     path = str(tmp_path / "resnet.pth")

@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_reliability import ROOT, subprocess_env
-from tests.torch_reference import TorchResNet
+from ms3_jax.testing.paths import ROOT, subprocess_env
+from ms3_jax.testing.torch_reference import TorchResNet
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ non-finite losses and gradients, a clear early error for every bad input, and a 
 
 Most tests drive `loop.run` in-process with a toy trainer (compiles in a fraction of a second);
 only a real kill -9, a signal to main.py, and two processes run as subprocesses:
-`python -m tests.test_reliability '<json args>'` (see `worker`).
+`python -m ms3_jax.testing.reliability_worker '<json args>'`.
 """
 import json
 import logging
@@ -13,153 +13,19 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
-from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ms3_jax.engine import checkpointing, exit_codes, loop, nonfinite
+from ms3_jax.engine import checkpointing, exit_codes, loop
 from ms3_jax.testing import synthetic_data
-from tests.conftest import tiny_pretrain_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRUE_W = np.asarray([1.0, -2.0, 3.0, 0.5], np.float32)
-
-
-# --- a toy trainer with the interface loop.run expects --------------------------------------------
-
-@struct.dataclass
-class ToyState:
-    step: jax.Array
-    params: jax.Array
-    opt_state: Any
-
-
-class ToyIterator:
-    """Batches that are a pure function of their index, like `TrainIterator` (the state is the
-    next index). `bad[step]` plants a NaN loss ('loss') or a NaN gradient with a finite loss
-    ('grad') in the batch of that step; `unreadable[step]` reports replaced records."""
-
-    def __init__(self, bad=None, unreadable=None, batch=8, shard=(0, 1)):
-        self.next_batch, self.bad, self.unreadable = 0, bad or {}, unreadable
-        self.batch, self.shard = batch, shard
-
-    def __next__(self):
-        i = self.next_batch
-        self.next_batch += 1
-        rng = np.random.default_rng(i)
-        x = rng.normal(size=(self.batch, 4)).astype(np.float32)
-        y = (x @ TRUE_W + rng.normal(0, 0.1, self.batch)).astype(np.float32)
-        c = np.ones((self.batch,), np.float32)
-        kind = self.bad.get(i + 1)
-        if kind == "loss":
-            x[0, 0] = np.nan
-        elif kind == "grad":
-            c[:] = 0.0  # sqrt(|w0| * 0): value 0, gradient inf * 0 = NaN
-        p, n = self.shard
-        b = self.batch // n
-        out = {"x": x[p * b:(p + 1) * b], "y": y[p * b:(p + 1) * b], "c": c[p * b:(p + 1) * b]}
-        if self.unreadable is not None:  # records replaced, per example
-            out["unreadable"] = np.zeros((b,), np.int32)
-            out["unreadable"][0] = self.unreadable.get(i + 1, 0)
-        return out
-
-    def get_state(self):
-        return {"next_batch": self.next_batch}
-
-    def set_state(self, state):
-        self.next_batch = state["next_batch"]
-
-
-class ToyTrainer:
-    """Linear regression + sqrt(|w0| c), SGD with momentum, jitted over a 'data' mesh with the
-    non-finite guard, like the real trainers. `on_step(n)` runs after the n-th step call."""
-
-    def __init__(self, config, devices=None, on_step=None):
-        mesh = Mesh(np.asarray(devices or jax.devices()), ("data",))
-        self.replicated, self.data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        self.tx = optax.sgd(0.05, momentum=0.9)
-        self.calls, self.on_step = 0, on_step
-
-        def train_step(state, batch):
-            def loss_fn(w):
-                fit = jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
-                return fit + jnp.mean(jnp.sqrt(jnp.abs(w[0]) * batch["c"]))
-
-            loss, grads = jax.value_and_grad(loss_fn)(state.params)
-            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-            return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                 opt_state=opt_state), {"loss": loss}
-
-        self._step = jax.jit(nonfinite.guard(train_step, nonfinite.mode_of(config)),
-                             in_shardings=(self.replicated, self.data),
-                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-
-    def init_state(self):
-        params = jnp.ones((4,), jnp.float32)
-        return jax.device_put(ToyState(step=jnp.zeros((), jnp.int32), params=params,
-                                       opt_state=self.tx.init(params)), self.replicated)
-
-    def global_batch(self, local):
-        return {k: jax.make_array_from_process_local_data(self.data, local[k]) for k in ("x", "y", "c")}
-
-    def step(self, state, batch):
-        out = self._step(state, batch)
-        self.calls += 1
-        if self.on_step is not None:
-            self.on_step(self.calls)
-        return out
-
-
-def toy_config(**overrides):
-    c = ml_collections.ConfigDict(dict(log_every=2, checkpoint_every=3, batch_size=8,
-                                       nonfinite="stop"))
-    c.update(overrides)
-    return c
-
-
-def toy_run(workdir, end, *, bad=None, unreadable=None, on_step=None, params_log=None, **overrides):
-    """loop.run of the toy from the latest checkpoint in `workdir` to `end`: (history, state)."""
-    config = toy_config(**overrides)
-    trainer = ToyTrainer(config, on_step=on_step)
-    mngr = checkpointing.checkpoint_manager(str(workdir))
-    iterator = ToyIterator(bad, unreadable)
-    state, start = loop.restore_latest(mngr, trainer.init_state(), iterator, str(workdir))
-    after = None
-    if params_log is not None:
-        after = lambda step, s: params_log.append((step, np.array(jax.device_get(s.params), copy=True)))
-    history = []
-    try:
-        state = loop.run(trainer, state, iterator, config, start=start, end=end, num_steps=end,
-                         mngr=mngr, writer=None, history=history, after_step=after)
-    finally:
-        mngr.close()
-    return history, state
-
-
-def restore_toy(workdir, step=None):
-    """(step, params, iterator state) of the latest (or given) complete checkpoint."""
-    mngr = checkpointing.checkpoint_manager(str(workdir))
-    try:
-        step = step or mngr.latest_step()
-        it = ToyIterator()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                          ToyTrainer(toy_config()).init_state())
-        from ms3_jax.data import pipeline
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=pipeline.checkpoint_restore_args(it)))
-        return step, np.asarray(restored.state.params), it.get_state()
-    finally:
-        mngr.close()
+from ms3_jax.testing.configs import tiny_pretrain_config
+from ms3_jax.testing.paths import ROOT, subprocess_env
+from ms3_jax.testing.toy import ToyIterator, restore_toy, toy_run
 
 
 # --- 1. preemption -------------------------------------------------------------------------------
@@ -287,11 +153,6 @@ def test_real_step_with_nonfinite_update_is_skipped_whole():
 
 
 # --- 3. bad input: one clear error, before any long work ------------------------------------------
-
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    return synthetic_data.build(tmp_path_factory.getbasetemp()).data_dir
-
 
 @pytest.fixture
 def no_long_work(monkeypatch):
@@ -496,13 +357,6 @@ def test_loop_logs_the_running_count_of_replaced_records(tmp_path, caplog):
 
 # --- subprocesses: kill -9 during a save, two processes, the soak test -----------------------------
 
-def subprocess_env(devices=1):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
-            "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "ms3_jax_test_xla_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-
-
 def launch(cmd, log_path, devices=1):
     """A subprocess with its output in `log_path`, in its own session (signals reach only it)."""
     log = open(log_path, "w")
@@ -524,42 +378,6 @@ def wait_for(proc, log_path, pattern, timeout=180):
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"no {pattern!r} within {timeout} s:\n" + open(log_path).read()[-3000:])
-
-
-def worker(args: dict) -> None:
-    """Subprocess modes. 'save_forever': save checkpoints of a 32 MB state as fast as possible
-    (to be killed). 'two_processes': the toy loop as one of two processes; process 1 signals
-    itself during step 3."""
-    if args["mode"] == "save_forever":
-        from ms3_jax.data import pipeline
-        mngr = checkpointing.checkpoint_manager(args["workdir"], max_to_keep=2)
-        it = ToyIterator()
-        template = {"w": jnp.zeros((8 << 20,), jnp.float32)}
-        _, start = loop.restore_latest(mngr, template, it, args["workdir"])
-        print("resumed from", start, flush=True)
-        for step in range(start + 1, 1 << 30):
-            it.next_batch = step
-            mngr.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"w": jnp.full((8 << 20,), step, jnp.float32)}),
-                data=pipeline.checkpoint_save_args(it)))
-            mngr.wait_until_finished()
-            print("saved", step, flush=True)
-    elif args["mode"] == "two_processes":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        from ms3_jax.engine import processes
-        processes.initialize_distributed(args["coordinator"], 2, args["process_id"])
-        pid = args["process_id"]
-        config = toy_config(log_every=2, checkpoint_every=100)
-        on_step = (lambda n: os.kill(os.getpid(), signal.SIGTERM) if n == 3 else None) if pid == 1 else None
-        trainer = ToyTrainer(config, on_step=on_step)
-        mngr = checkpointing.checkpoint_manager(args["workdir"])
-        iterator = ToyIterator(shard=(pid, 2))
-        try:
-            loop.run(trainer, trainer.init_state(), iterator, config, start=0, end=10, num_steps=10,
-                     mngr=mngr, writer=None, history=[])
-        except loop.Preempted as e:
-            print(json.dumps({"preempted": e.step, "latest": mngr.latest_step()}), flush=True)
-            sys.exit(exit_codes.PREEMPTED)
 
 
 def test_old_steps_are_retired_by_rename_then_purged(tmp_path):
@@ -594,7 +412,7 @@ def test_kill_9_during_save_leaves_only_complete_checkpoints(tmp_path):
     mid_save, resumed = 0, []
     for cycle in range(3):
         log = tmp_path / f"log{cycle}.txt"
-        proc = launch([sys.executable, "-m", "tests.test_reliability",
+        proc = launch([sys.executable, "-m", "ms3_jax.testing.reliability_worker",
                        json.dumps({"mode": "save_forever", "workdir": str(tmp_path)})], log)
         resumed.append(int(wait_for(proc, log, r"resumed from (\d+)").group(1)))
         wait_for(proc, log, r"saved \d+")
@@ -624,6 +442,7 @@ def test_kill_9_during_save_leaves_only_complete_checkpoints(tmp_path):
     assert mid_save >= 1 and resumed[1] > 0
 
 
+@pytest.mark.slow  # two processes
 def test_two_processes_agree_on_the_preemption_step(tmp_path):
     """Only process 1 is signalled (during step 3); both stop at the next log boundary (step 4),
     both exit 75, and the checkpoint of step 4 is complete."""
@@ -631,7 +450,7 @@ def test_two_processes_agree_on_the_preemption_step(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [launch([sys.executable, "-m", "tests.test_reliability", json.dumps(
+    procs = [launch([sys.executable, "-m", "ms3_jax.testing.reliability_worker", json.dumps(
         {"mode": "two_processes", "coordinator": f"127.0.0.1:{port}", "process_id": i,
          "workdir": str(tmp_path / "wd")})], tmp_path / f"p{i}.txt", devices=4) for i in range(2)]
     outs = []
@@ -712,10 +531,6 @@ def test_soak_sigterm_and_three_kill_9_resume_to_the_uninterrupted_params(tmp_pa
                for x, y in zip(la, lb))
     print(f"soak: max |difference| over all state leaves {diff:.3g}")
     assert diff == 0.0
-
-
-if __name__ == "__main__":
-    worker(json.loads(sys.argv[1]))
 
 
 def test_resume_refuses_a_config_that_computes_something_else(tmp_path):

@@ -7,7 +7,6 @@ compilation.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -23,16 +22,9 @@ from ms3_jax.method import adapted_text, labels, losses, text_embeddings
 from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.stages import text_adapt
 from ms3_jax.testing import synthetic_data
+from ms3_jax.testing.configs import text_adapt_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(arg: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(
-        "_text_adapt_config", os.path.join(ROOT, "configs", "text_adapt.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+_config = text_adapt_config
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +46,15 @@ def tiny_config(data_dir, tmp_path_factory):
 def run(tiny_config, tmp_path_factory):
     """Stage 1 preempted at step 50 (checkpoint), then resumed to the end (100 steps)."""
     workdir = str(tmp_path_factory.mktemp("stage1"))
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     try:  # the resumed run lowers the same programs: compile them once
         first = text_adapt.train_and_evaluate(tiny_config, workdir, stop_at=50)
         second = text_adapt.train_and_evaluate(tiny_config, workdir)
-    finally:
-        jax.config.update("jax_compilation_cache_dir", None)
+    finally:  # the session's cache again (None disabled it for the rest of this worker's tests)
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
     return workdir, first, second
 
 

@@ -18,7 +18,8 @@ from ms3_jax.method import pseudo_labels, text_embeddings
 from ms3_jax.method.labels import distinct_names
 from ms3_jax.stages import pretrain
 from ms3_jax.testing import synthetic_data
-from tests.conftest import with_overrides
+from ms3_jax.testing import pretrain_inputs
+from ms3_jax.testing.configs import with_overrides
 
 flags.FLAGS.mark_as_parsed()
 
@@ -308,9 +309,8 @@ def tiny_config(**overrides):
         "data.unlabeled.ratio": 0.5, "relations.warmup_steps": 2, **overrides})
 
 
-@functools.lru_cache(maxsize=None)
 def label_space():
-    return LabelSpace.from_datasets(LABELED)
+    return pretrain_inputs.label_space(LABELED)
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -9,21 +9,19 @@ import pytest
 from PIL import Image
 
 from ms3_jax import zero_shot
-from ms3_jax.demo import job as demo
 from ms3_jax.evaluation import visualize
+from ms3_jax.testing.paths import ROOT
 
 flags.FLAGS.mark_as_parsed()
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("sky", "grass", "stairway")  # union classes of stage 1 (rows 0-2 of its npz)
 SHORT_SIDE = 64
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("zero_shot_demo"))
-    demo.run(zero_shot.demo_config("quick"), workdir)
-    return workdir
+def demo_dir(quick_demo):
+    """configs/demo.py:quick's workdir (conftest: one run per session, shared with test_demo)."""
+    return quick_demo[0]
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +196,7 @@ def test_notebook_runs_headless(demo_dir, tmp_path):
     import nbclient
     import nbformat
 
-    nb = nbformat.read(os.path.join(REPO, "notebooks", "zero_shot.ipynb"), as_version=4)
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "zero_shot.ipynb"), as_version=4)
     for cell in nb.cells:
         assert not cell.get("outputs"), "commit the notebook with outputs cleared"
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]

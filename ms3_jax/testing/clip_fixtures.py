@@ -1,7 +1,7 @@
 """Tiny random CLIP checkpoints for tests: a thin wrapper over ``ms3_jax.demo.tiny_clip``.
 
 ``save_tiny_clip(dir, full=...)`` writes a width-32, 2-layer model with a 16-d projection and a
-BPE vocabulary covering ``TINY_WORDS`` (max_len 24). Import as ``from tests.clip_fixtures import ...``.
+BPE vocabulary covering ``TINY_WORDS`` (max_len 24). Import as ``from ms3_jax.testing.clip_fixtures import ...``.
 """
 
 from __future__ import annotations

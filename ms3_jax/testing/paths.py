@@ -1,0 +1,24 @@
+"""Where the checkout is, and the environment of the subprocesses tests launch."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+# The checkout (this file is ms3_jax/testing/paths.py): configs/, launch/, README.md.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def compilation_cache_dir() -> str:
+    """The persistent JAX compilation cache the test session and its subprocesses share
+    (`$MS3_TEST_XLA_CACHE`, else `<tmp>/ms3_jax_test_xla_cache`)."""
+    return os.environ.get("MS3_TEST_XLA_CACHE") or os.path.join(tempfile.gettempdir(),
+                                                                "ms3_jax_test_xla_cache")
+
+
+def subprocess_env(devices: int = 1, **extra: str) -> dict:
+    """`os.environ` for a child Python on `devices` simulated CPU devices, importing this
+    checkout, offline, sharing the tests' compilation cache; `extra` added last."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
+            "JAX_COMPILATION_CACHE_DIR": compilation_cache_dir(),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", **extra}
