@@ -133,8 +133,7 @@ def _lut(mapping: dict[int, int]) -> np.ndarray:
 COCO_STUFF_ID_TO_TRAIN_ID: dict[int, int] = {
     raw: i for i, raw in enumerate(
         r for r in range(182) if r not in COCO_STUFF_UNUSED_IDS)}
-CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {
-    raw: i for i, raw in enumerate(CITYSCAPES_LABEL_IDS)}
+CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {raw: i for i, raw in enumerate(CITYSCAPES_LABEL_IDS)}
 
 # uint8 lookup tables: train_ids = LUT[raw_ids].
 COCO_STUFF_LUT = _lut(COCO_STUFF_ID_TO_TRAIN_ID)
