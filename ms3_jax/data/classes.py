@@ -2,10 +2,9 @@
 
 `registry.DATASETS` pairs each list with its dataset (the synthetic ones: `synthetic.SPECS`).
 
-Names and order follow MMSegmentation"s dataset classes (``PascalVOCDataset``,
-``ADE20KDataset``, ``COCOStuffDataset``, ``CityscapesDataset``,
-``MapillaryDataset_v1``), so a model fine-tuned here and exported to MMSeg has
-the same class indices. Two deliberate differences in wording:
+Names and order follow MMSegmentation"s dataset classes (``PascalVOCDataset``, ``ADE20KDataset``,
+``COCOStuffDataset``, ``CityscapesDataset``, ``MapillaryDataset_v1``), so a model fine-tuned here
+and exported to MMSeg has the same class indices. Two deliberate differences in wording:
 
 - ADE20K: MMSeg writes ``"bed "`` (trailing space); we write ``"bed"``.
 - Mapillary: MMSeg"s readable names (``"Crosswalk - Plain"``, ...) are kept as

@@ -171,10 +171,9 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
 
     `iterator` is the grain iterator checkpointed with the state; `config` gives `log_every`,
     `checkpoint_every` and `batch_size`. A NaN / inf loss (or state, with the `finite` metric of
-    `nonfinite.guard`) raises `FloatingPointError` naming the step, before the next save; steps
-    the guard skipped are logged and counted, and so are records replaced by the data pipeline
-    (batches with an 'unreadable' count). SIGTERM / SIGINT raise `Preempted` after saving
-    (module docstring).
+    `nonfinite.guard`) raises `FloatingPointError` naming the step, before the next save; steps the
+    guard skipped are logged and counted, and so are records replaced by the data pipeline (batches
+    with an 'unreadable' count). SIGTERM / SIGINT raise `Preempted` after saving (module docstring).
     """
     log_every, checkpoint_every = config.log_every, config.checkpoint_every
     workdir = os.path.dirname(os.fspath(mngr.directory))

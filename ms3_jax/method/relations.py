@@ -39,8 +39,7 @@ def segment_similarity(
       emb_NxC: pixel embeddings ``[N, C]`` (or ``[..., C]``), e.g. the visual-head output ``I_v``.
       labels_N: ``[N]`` (or ``[...]``) union ids; ``ignore_label`` / out-of-range are skipped.
       text_KxC: language embeddings ``T``, ``[K, C]`` with ``K == num_classes``.
-    Returns:
-      ``(mean_KxK float32, count_K int32)``; rows of classes absent from the batch are 0.
+    Returns: ``(mean_KxK float32, count_K int32)``; rows of classes absent from the batch are 0.
     """
     dim = text_KxC.shape[-1]
     if text_KxC.shape[0] != num_classes:
