@@ -176,8 +176,8 @@ def watch_peers(connections: dict[int, socket.socket], process_id: int) -> None:
             print(message, file=sys.stderr, flush=True)
             say_goodbye(code, origin, skip=sender)
             if code != _GONE:
-                # The process that exited waits in jax.distributed's shutdown barrier, and aborts
-                # (134) if this process leaves without joining it.
+                # join the exited one's shutdown barrier: docs/choices.md, "Reliability: what an
+                # adversarial user tried"
                 shutdown = threading.Thread(target=jax.distributed.shutdown, daemon=True)
                 shutdown.start()
                 shutdown.join(grace)
@@ -295,9 +295,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                                local_device_ids=local_device_ids,
                                cluster_detection_method="deactivate", **kwargs)
     if sigterm is not None and threading.current_thread() is threading.main_thread():
-        # JAX's preemption service has replaced it with a C++ handler that swallows SIGTERM (for
-        # `multihost_utils.reached_preemption_sync_point`, unused: `loop` agrees on the stop
-        # step itself), so SIGTERM before `loop` takes the signal would not give exit code 75.
+        # undo JAX's preemption handler: docs/choices.md, "Reliability: what an adversarial user
+        # tried"
         signal.signal(signal.SIGTERM, sigterm)
     watch_peers(connections, process_id)
     logging.info("jax.distributed: process %d of %d, coordinator %s (%s), %d local devices",
