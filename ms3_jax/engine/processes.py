@@ -308,12 +308,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def _build_cpu_communicator() -> None:
-    """One all-reduce over every device, now, while the processes are in step.
-
-    gloo (the CPU collectives) builds its communicator at the first collective over a device set
-    and fails if the processes reach it more than 30 s apart (e.g. different compile times);
-    later collectives wait `--xla_cpu_collective_timeout_seconds` (set by the launchers).
-    """
+    """One all-reduce over every device, now, while the processes are in step (docs/choices.md,
+    "Multi-process CPU runs: one all-reduce at start-up")."""
     mesh = data_mesh()
     ones = jax.make_array_from_process_local_data(
         NamedSharding(mesh, P("data")), np.ones((jax.local_device_count(),), np.int32))

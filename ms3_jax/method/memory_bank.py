@@ -107,13 +107,11 @@ def enqueue(
     slot_KxP = (bank.ptr[:, None] + jnp.arange(per_class, dtype=jnp.int32)[None, :]) % slots
     slot_KxP = jnp.where(valid_KxP, slot_KxP, slots)  # out of range -> dropped by the scatter
     class_KxP = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32)[:, None], slot_KxP.shape)
-    # Which pick (row of vals, -1: none) each slot receives, then one select over the bank, in
-    # place (docs/choices.md, "Memory bank: slots, picks and the write").
+    # slot -> pick (-1: none); one select: docs/choices.md, "Memory bank: slots, picks and the write"
     pick_KxP = jnp.arange(num_classes * per_class, dtype=jnp.int32).reshape(num_classes, per_class)
     pick_KxS = jnp.full((num_classes, slots), -1, jnp.int32).at[class_KxP, slot_KxP].set(
         pick_KxP, mode="drop")
     vals_RxC = vals_KxPxC.reshape(num_classes * per_class, dim)
-    # The select runs on the raw bits (exact; same section).
     bits = jnp.dtype(f"uint{8 * bank.feats.dtype.itemsize}")
     feats_bits = jnp.where((pick_KxS >= 0)[..., None],
                            jax.lax.bitcast_convert_type(vals_RxC, bits)[jnp.maximum(pick_KxS, 0)],
@@ -140,8 +138,7 @@ def visual_embeddings(
     v_old_KxC = v_old_KxC.astype(acc)
     v_valid_K = jnp.asarray(v_valid_K, bool)
     v_old_unit_KxC = v_old_KxC / jnp.maximum(jnp.linalg.norm(v_old_KxC, axis=-1, keepdims=True), eps)
-    # w = cos(M_i, u_j) + first_j with u_j = 0 for a first sighting: w = 1 there, cos otherwise;
-    # no slot mask, no select (docs/choices.md, "Memory bank: slots, picks and the write").
+    # w = cos(M_i, u_j) + first_j: docs/choices.md, "Memory bank: slots, picks and the write"
     u_KxC = jnp.where(v_valid_K[:, None], v_old_unit_KxC, 0.0)
     first_K = jnp.where(v_valid_K, 0.0, 1.0).astype(acc)
     m_KxSxC = bank.feats.astype(acc)

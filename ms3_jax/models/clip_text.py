@@ -156,9 +156,7 @@ class SelfAttention(nn.Module):
             causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
             logits_BxAxLxL = jnp.where(causal_LxL, logits_BxAxLxL, jnp.finfo(jnp.float32).min)
         weights_BxAxLxL = jax.nn.softmax(logits_BxAxLxL, axis=-1).astype(self.dtype)
-        # Heads stay a leading dim and the output projection contracts (head, channel) at once:
-        # no transpose feeds a GEMM (XLA's Triton GEMM cannot tile one when compiling for a GPU
-        # ahead of time: "Couldn't find output tile sizes", jaxlib 0.10.2).
+        # docs/choices.md, "Attention written for GPUs"
         out_BxAxLxE = jnp.einsum("nhqs,nshk->nhqk", weights_BxAxLxL, v_BxLxAxE)
         return HeadsDense(self.width, self.dtype, name="out_proj")(out_BxAxLxE)
 

@@ -139,8 +139,7 @@ class DeepLabV3PlusHead(nn.Module):
                 outs.append(conv_module(ch, name=f"aspp_modules_{i}")(layer4, train))
             else:
                 outs.append(separable(ch, dilation=rate, name=f"aspp_modules_{i}")(layer4, train))
-        # MMSeg concatenates [image pool broadcast, branches]: the conv takes the pooled
-        # channels apart, so that a conv plug-in may use that they are constant over the map.
+        # [image pool, branches]: docs/choices.md, "The ASPP image-pool channels are passed apart"
         aspp = conv_module(ch, kernel=3, name="bottleneck")(jnp.concatenate(outs, -1), train,
                                                             uniform_Bx1x1xU=pooled)
         c1 = conv_module(self.c1_channels, name="c1_bottleneck")(layer1, train)
