@@ -107,7 +107,7 @@ def enqueue(
     slot_KxP = (bank.ptr[:, None] + jnp.arange(per_class, dtype=jnp.int32)[None, :]) % slots
     slot_KxP = jnp.where(valid_KxP, slot_KxP, slots)  # out of range -> dropped by the scatter
     class_KxP = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32)[:, None], slot_KxP.shape)
-    # slot -> pick (-1: none), one select: docs/choices.md, "Memory bank: slots, picks and the write"
+    # slot -> pick (-1: none), a select: docs/choices.md, "Memory bank: slots, picks and the write"
     pick_KxP = jnp.arange(num_classes * per_class, dtype=jnp.int32).reshape(num_classes, per_class)
     pick_KxS = jnp.full((num_classes, slots), -1, jnp.int32).at[class_KxP, slot_KxP].set(
         pick_KxP, mode="drop")
