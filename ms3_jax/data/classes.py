@@ -108,11 +108,10 @@ MAPILLARY_CLASSES: tuple[str, ...] = (
     "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow",
     "Car Mount", "Ego Vehicle", "Unlabeled")
 
-# COCO-Stuff-164k stuffthingmaps hold (COCO category id - 1) in 0..181, 255 =
-# unlabeled. These 11 thing ids have no COCO category (ids 12, 26, 29, 30, 45,
-# 66, 68, 69, 71, 83, 91 in 1-based COCO numbering); the remaining 171 keep
-# their order. MMSeg"s converter leaves such pixels unchanged (they never
-# occur in the released maps); we map them to 255.
+# COCO-Stuff-164k stuffthingmaps hold (COCO category id - 1) in 0..181, 255 = unlabeled. These 11
+# thing ids have no COCO category (ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91 in 1-based COCO
+# numbering); the remaining 171 keep their order. MMSeg"s converter leaves such pixels unchanged
+# (they never occur in the released maps); we map them to 255.
 COCO_STUFF_UNUSED_IDS: tuple[int, ...] = (
     11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 
