@@ -494,13 +494,10 @@ class Ms3Mapillary(SegmentationBuilder):
 
 
 def from_tfds_example(example: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """A decoded example of tfds's own builder -> our record (numpy image, mapped label).
-
-    Only tfds's `cityscapes` (config `semantic_segmentation`: `image_left`, raw labelIds in
-    `segmentation_label`) can be converted. `scene_parse150` holds Places-2017 instance
-    annotations, not the 150-class maps, so it raises. The result is decoded, like a record
-    read back with `tfds.data_source`: {"image": uint8 [H, W, 3], "label": uint8 [H, W, 1],
-    "file_name": str}.
+    """A decoded example of tfds's `cityscapes` (config `semantic_segmentation`: `image_left`, raw
+    labelIds in `segmentation_label`) -> our record, decoded as `tfds.data_source` reads one:
+    {"image": uint8 [H, W, 3], "label": uint8 [H, W, 1], "file_name": str}. Other builders
+    (`scene_parse150`: instance maps; docs/choices.md, "Our own tfds builders") raise.
     """
     if dataset == "cityscapes":
         raw = np.asarray(example["segmentation_label"])

@@ -257,11 +257,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """Call `jax.distributed.initialize` when this is one of several processes; True if it did.
 
     Explicit when the three values are given (arguments, else env `MS3_COORDINATOR`,
-    `MS3_NUM_PROCESSES`, `MS3_PROCESS_ID`), else JAX's cluster detection (`detected_cluster`:
-    multi-task SLURM step or Cloud TPU VM); a single process does nothing. Idempotent. Then
-    `rendezvous` (`MS3_PEER_TIMEOUT`) and `watch_peers`. Must run before anything touches the JAX
-    backend. `kwargs` go to `jax.distributed.initialize`. docs/usage.md, "Multi-host: TPU pods,
-    GPU clusters".
+    `MS3_NUM_PROCESSES`, `MS3_PROCESS_ID`), else `detected_cluster` (SLURM / Cloud TPU VM); a
+    single process does nothing. Idempotent. Then `rendezvous` (`MS3_PEER_TIMEOUT`) and
+    `watch_peers`. Call before anything touches the JAX backend; `kwargs` go to
+    `jax.distributed.initialize`. docs/usage.md, "Multi-host: TPU pods, GPU clusters".
     """
     if jax.distributed.is_initialized():
         return True

@@ -59,10 +59,8 @@ def sample_per_class(
     labels_N: jax.Array, rng: jax.Array, num_classes: int, per_class: int, *,
     ignore_label: int = IGNORE_LABEL,
 ) -> tuple[jax.Array, jax.Array]:
-    """Uniform sample without replacement of at most ``per_class`` (P) pixels of each class.
-
-    Every usable pixel gets a uniform random key; pixels are sorted by (label, key) and the first
-    P of each label's run (located with ``searchsorted``) are taken. O(N log N), fixed shapes.
+    """Uniform sample without replacement of at most ``per_class`` (P) pixels of each class, by
+    sorting random keys per label (O(N log N), fixed shapes).
 
     Returns ``(idx_KxP, valid_KxP)``: pixel indices into ``labels_N`` and a mask that is False
     where class k has fewer than P pixels (those indices are arbitrary).

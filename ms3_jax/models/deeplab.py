@@ -182,11 +182,10 @@ class MS3Encoder(nn.Module):
     Input: RGB images [B, H, W, 3] on the 0..255 scale (uint8 or float); normalised here.
     Returns a dict: `language` and `visual` [B, h, w, emb_dim] (unit norm per pixel, float32),
     `decoder` [B, H/4, W/4, channels], and `logits` [B, H/4, W/4, num_classes] when `num_classes`
-    is set (CE baselines and fine-tuning). `heads_at`: the projection heads read the decoder map
-    ('decoder', h = H/4) or the ASPP output ('aspp', h = H/output_stride; the paper's "after the
-    ASPP layer", Sec. 4.1); docs/choices.md says which is the default and why. `backbone`: a
-    :class:`Backbone` (variables under `backbone`); `dtype` is the head's compute dtype (params
-    stay float32); `conv` its convolution module (:func:`conv_for`).
+    is set (CE baselines and fine-tuning). `heads_at`: the heads read the decoder map ('decoder',
+    h = H/4) or the ASPP output ('aspp', h = H/output_stride, Sec. 4.1; docs/choices.md,
+    "Projection heads after the ASPP"). `backbone`: a :class:`Backbone` (variables under
+    `backbone`); `dtype`: the head's compute dtype (params float32); `conv`: :func:`conv_for`.
     """
 
     backbone: Backbone

@@ -328,9 +328,8 @@ class Trainer(training.Trainer):
         """The state, created directly with its (replicated) sharding; the backbone from
         `model.init_from` unless `resuming`.
 
-        `model.dtype='float64'` (numerical tests, under `jax.enable_x64`) makes every floating
-        leaf float64, so runs on different device layouts can be compared without float32
-        reassociation noise."""
+        `model.dtype='float64'` (under `jax.enable_x64`) makes every floating leaf float64
+        (docs/choices.md, "8 devices == 1 device, tested in float64")."""
         cfg = self.config
         float64 = cfg.model.dtype == "float64"
 
