@@ -78,9 +78,8 @@ def _any_process(flag: bool) -> np.ndarray:
 
 def check_writable(directory: str, create: bool = False) -> None:
     """Raise an OSError naming `directory` unless a file can be created and removed in it (`create`:
-    make the directory first). A real write, not `os.access` (read-only mounts, ACLs, a regular
-    file in the way). orbax, given an unwritable directory, blocked the main thread ~300 s in a
-    barrier (deaf to SIGTERM) and then raised a TimeoutError. All processes call it together."""
+    make the directory first). All processes call it together. Why a real write: docs/choices.md,
+    "Unwritable checkpoint directory: a real write first" (orbax blocked ~300 s, then timed out)."""
     error: OSError | None = None
     try:
         if create:

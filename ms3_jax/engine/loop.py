@@ -39,9 +39,8 @@ class Preempted(Exception):
 
 class StoppedOutsideLoop(BaseException):
     """SIGTERM outside the training loop (start-up, compiling, evaluation, final outputs): nothing
-    new is saved; the workdir's checkpoints are as the last save left them. A BaseException, like
-    KeyboardInterrupt, so that no `except Exception` on the way (data builders, loaders) can
-    swallow it."""
+    new is saved. A BaseException (like KeyboardInterrupt): no `except Exception` on the way (data
+    builders, loaders) can swallow it."""
 
     def __init__(self, signal_name: str, workdir: str):
         super().__init__(f"{signal_name} outside the training loop: nothing new saved, the "

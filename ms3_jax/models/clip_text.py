@@ -397,10 +397,8 @@ def _l2_normalize(x_UxC: Array) -> Array:
 def encode_classes(module: CLIPTextTower, params: Params, tokenizer: Any, class_names: Sequence[str],
                    ctx: Array | None = None, template: str = DEFAULT_TEMPLATE) -> Array:
     """L2-normalised class embeddings ``T`` ``[n, proj_dim]`` float32 (Sec. 3.2, Tab. 1).
-
     ``ctx=None``: the hand template (original CLIP embeddings). Otherwise ``ctx [M, width]``
-    learned contexts: prompts ``[SOS] ctx name . [EOS]`` (``template`` is then unused).
-    """
+    learned contexts: prompts ``[SOS] ctx name . [EOS]`` (``template`` is then unused)."""
     max_len, width = module.config.max_len, module.config.width
     if ctx is None:
         layout = build_template_layout(tokenizer, class_names, template, max_len)
@@ -428,10 +426,8 @@ def layer_norm_keys(prefix: str) -> dict[str, tuple[str, bool]]:
 
 
 def hf_param_map(config: CLIPTextConfig) -> dict[str, Any]:
-    """Flax param tree whose leaves are ``(hf_key, transpose)``: the explicit name mapping.
-
-    Torch Linear weights are ``[out, in]``; Flax Dense kernels are ``[in, out]`` (transposed).
-    """
+    """Flax param tree whose leaves are ``(hf_key, transpose)``: the explicit name mapping
+    (torch Linear weights ``[out, in]`` -> Flax Dense kernels ``[in, out]``, transposed)."""
     tree: dict[str, Any] = {
         "token_embedding": {"embedding": ("text_model.embeddings.token_embedding.weight", False)},
         "position_embedding": ("text_model.embeddings.position_embedding.weight", False),

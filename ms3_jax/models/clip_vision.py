@@ -43,10 +43,7 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
     """Shape of the CLIP vision tower (defaults: OpenAI ViT-B/32; ViT-B/16 is ``patch_size=16``).
-
-    ``mlp_dim`` is ``intermediate_size``; the patch grid at the native ``image_size`` is
-    ``grid_size`` x ``grid_size``.
-    """
+    ``mlp_dim`` is ``intermediate_size``; the native ``image_size`` gives a ``grid_size``² grid."""
     width: int = 768
     num_layers: int = 12
     num_heads: int = 12

@@ -246,10 +246,9 @@ def untrained_subtrees(workdir_config: Mapping[str, Any]) -> tuple[tuple[str, ..
 
 
 def conv_for(kernels: str, platform: str) -> ModuleDef:
-    """The convolution module for `model.kernels` on `platform`, the platform of the devices the
-    step is compiled for (`sharding.platform_of(mesh.devices)`, never the host's backend):
-    'xla' XLA's native convolutions, 'cpu' the CPU plug-in (`cpu_kernels.CpuConv`), 'auto' the
-    plug-in exactly when the devices are CPUs."""
+    """The convolution module for `model.kernels` on `platform` (`sharding.platform_of` of the mesh,
+    never the host's): 'xla' native, 'cpu' `cpu_kernels.CpuConv`, 'auto' the latter exactly on
+    CPUs. docs/choices.md, "Kernels: one switch, decided from the compile target"."""
     if kernels not in KERNELS:
         raise ValueError(f"model.kernels must be one of {KERNELS}, got {kernels!r}")
     return CpuConv if kernels == "cpu" or (kernels == "auto" and platform == "cpu") else Conv
