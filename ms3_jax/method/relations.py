@@ -31,9 +31,8 @@ def segment_similarity(
 ) -> tuple[jax.Array, jax.Array]:
     """Batch estimate of Eq. 5: ``S[y, y'] = mean_{k: y_k = y} F_k · T_{y'}``.
 
-    Pixel embeddings are summed per class first (``segment_sum``), so no ``[N, K]`` map is built;
-    ``chunk`` (pixels) bounds the float32 copy of a bfloat16 ``emb``. Embeddings are assumed
-    L2-normalised (dot = cosine).
+    Summed per class first (``segment_sum``: no ``[N, K]`` map); ``chunk`` (pixels) bounds the
+    float32 copy of a bfloat16 ``emb``. Embeddings are assumed L2-normalised (dot = cosine).
 
     Args:
       emb_NxC: pixel embeddings ``[N, C]`` (or ``[..., C]``), e.g. the visual-head output ``I_v``.

@@ -220,9 +220,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
     `name_id` [|Y|] int32 (class -> id of its name; App. D agreement is per name).
     Order (MoCo): loss and gradients of the online encoder F; parameter and EMA updates; the
     updated momentum encoder F-hat embeds the batch for the bank; `update_memory` (Eq. 4-6).
-    With `data.unlabeled` (App. D) the -2 pixels of unlabeled images get pseudo-labels from this
-    forward pass (`pseudo_labels.label_unlabeled_pixels`); metrics then add `pseudo_fraction`
-    and `pseudo_agreement`.
+    With `data.unlabeled` (App. D) -2 pixels get pseudo-labels from this forward pass
+    (`pseudo_labels.label_unlabeled_pixels`; metrics `pseudo_fraction`, `pseudo_agreement`).
     """
     lc = config.loss
     ms3 = lc.kind == "ms3"
