@@ -18,11 +18,9 @@ class MemoryBank:
 
     feats: ``[K, slots, C]`` stored embeddings (bf16 by default).
     ptr: ``[K]`` int32, next slot to write for each class.
-    count: ``[K]`` int32, number of filled slots (``min(total enqueued, slots)``). Because writing
-      starts at slot 0, the filled slots of class c are ``0 .. count[c] - 1``.
-
-    Invariant (kept by :func:`init_bank` and :func:`enqueue`, relied on by
-    :func:`visual_embeddings`): the unfilled slots ``count[c] ..`` hold zeros.
+    count: ``[K]`` int32, number of filled slots (``min(total enqueued, slots)``): slots
+      ``0 .. count[c] - 1`` of class c, the rest hold zeros (invariant kept by :func:`init_bank`
+      and :func:`enqueue`, relied on by :func:`visual_embeddings`).
     """
 
     feats: jax.Array

@@ -83,10 +83,8 @@ class CLIPTextConfig:
     def from_hf(cls, hf_config: Any) -> "CLIPTextConfig":
         """From a transformers ``CLIPConfig`` / ``CLIPTextConfig``, a config dict or a config.json path.
 
-        For a full ``CLIPModel`` config the text part is ``text_config`` and ``projection_dim`` is
-        the top-level value. Dicts are parsed by transformers' own config classes so that missing
-        keys get exactly the defaults ``from_pretrained`` would use.
-        """
+        A full ``CLIPModel`` config: ``text_config`` and the top-level ``projection_dim``. Dicts are
+        parsed by transformers' config classes (missing keys: ``from_pretrained``'s defaults)."""
         if isinstance(hf_config, (str, os.PathLike)):
             with open(hf_config) as f:
                 hf_config = json.load(f)
