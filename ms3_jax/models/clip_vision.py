@@ -69,7 +69,7 @@ class CLIPVisionConfig:
         """From a transformers ``CLIPConfig`` / ``CLIPVisionConfig``, a config dict or a config.json path.
 
         A full ``CLIPModel`` config: ``vision_config`` and the top-level ``projection_dim``. Dicts
-        are parsed by transformers' config classes (missing keys: ``from_pretrained``'s defaults)."""
+        are parsed by transformers' config classes (missing keys: ``from_pretrained``' defaults)."""
         if isinstance(hf_config, (str, os.PathLike)):
             with open(hf_config) as f:
                 hf_config = json.load(f)
