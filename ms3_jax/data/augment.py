@@ -82,8 +82,7 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
 
     Args:
       image: uint8 [H, W, 3]. label: uint8 [H, W] (local ids, 255 = ignore).
-    Returns:
-      image uint8 [ch, cw, 3], label uint8 [ch, cw] with (ch, cw) = cfg.crop_hw.
+    Returns: image uint8 [ch, cw, 3], label uint8 [ch, cw] with (ch, cw) = cfg.crop_hw.
     """
     h, w = label.shape
     if image.shape[:2] != (h, w):

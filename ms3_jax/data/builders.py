@@ -39,14 +39,8 @@ without labels (or the reverse) are found while listing, before any file is deco
 files stop the build unless `skip_corrupt=True`; skipped files are counted in
 `builder.skipped` and in the dataset's `metadata.json`.
 
-Why not tfds's own builders: `scene_parse150` stores the Places-2017 *instance* annotations
-(`annotations_instance.tar`: 3 channels, R = one of 100 object categories), not the 150-class
-SceneParsing maps, and downloads rather than reads `manual_dir`; `voc` is detection only
-(boxes, no segmentation masks, no SBD); `cityscapes` reads the zips with `tf.io.gfile` (needs
-TensorFlow to prepare) and keeps raw labelIds. All would need a second pass for our id mapping.
-`from_tfds_example` converts an example of tfds's `cityscapes` (config `semantic_segmentation`,
-which runs without TF under `tfds.testing.mock_data`) into our record; `scene_parse150`
-examples cannot be converted (no 150-class map) and raise `DatasetError`.
+Why not tfds's own builders: docs/choices.md, "Our own tfds builders". `from_tfds_example`
+converts an example of tfds's `cityscapes` into our record.
 """
 
 from __future__ import annotations
@@ -500,13 +494,10 @@ class Ms3Mapillary(SegmentationBuilder):
 
 
 def from_tfds_example(example: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """A decoded example of tfds's own builder -> our record (numpy image, mapped label).
-
-    Only tfds's `cityscapes` (config `semantic_segmentation`: `image_left`, raw labelIds in
-    `segmentation_label`) can be converted. `scene_parse150` holds Places-2017 instance
-    annotations, not the 150-class maps, so it raises. The result is decoded, like a record
-    read back with `tfds.data_source`: {"image": uint8 [H, W, 3], "label": uint8 [H, W, 1],
-    "file_name": str}.
+    """A decoded example of tfds's `cityscapes` (config `semantic_segmentation`: `image_left`, raw
+    labelIds in `segmentation_label`) -> our record, decoded as `tfds.data_source` reads one:
+    {"image": uint8 [H, W, 3], "label": uint8 [H, W, 1], "file_name": str}. Other builders
+    (`scene_parse150`: instance maps; docs/choices.md, "Our own tfds builders") raise.
     """
     if dataset == "cityscapes":
         raw = np.asarray(example["segmentation_label"])

@@ -2,10 +2,9 @@
 
 `registry.DATASETS` pairs each list with its dataset (the synthetic ones: `synthetic.SPECS`).
 
-Names and order follow MMSegmentation"s dataset classes (``PascalVOCDataset``,
-``ADE20KDataset``, ``COCOStuffDataset``, ``CityscapesDataset``,
-``MapillaryDataset_v1``), so a model fine-tuned here and exported to MMSeg has
-the same class indices. Two deliberate differences in wording:
+Names and order follow MMSegmentation"s dataset classes (``PascalVOCDataset``, ``ADE20KDataset``,
+``COCOStuffDataset``, ``CityscapesDataset``, ``MapillaryDataset_v1``), so a model fine-tuned here
+and exported to MMSeg has the same class indices. Two deliberate differences in wording:
 
 - ADE20K: MMSeg writes ``"bed "`` (trailing space); we write ``"bed"``.
 - Mapillary: MMSeg"s readable names (``"Crosswalk - Plain"``, ...) are kept as
@@ -109,11 +108,10 @@ MAPILLARY_CLASSES: tuple[str, ...] = (
     "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow",
     "Car Mount", "Ego Vehicle", "Unlabeled")
 
-# COCO-Stuff-164k stuffthingmaps hold (COCO category id - 1) in 0..181, 255 =
-# unlabeled. These 11 thing ids have no COCO category (ids 12, 26, 29, 30, 45,
-# 66, 68, 69, 71, 83, 91 in 1-based COCO numbering); the remaining 171 keep
-# their order. MMSeg"s converter leaves such pixels unchanged (they never
-# occur in the released maps); we map them to 255.
+# COCO-Stuff-164k stuffthingmaps hold (COCO category id - 1) in 0..181, 255 = unlabeled. These 11
+# thing ids have no COCO category (ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91 in 1-based COCO
+# numbering); the remaining 171 keep their order. MMSeg"s converter leaves such pixels unchanged
+# (they never occur in the released maps); we map them to 255.
 COCO_STUFF_UNUSED_IDS: tuple[int, ...] = (
     11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 
@@ -133,8 +131,7 @@ def _lut(mapping: dict[int, int]) -> np.ndarray:
 COCO_STUFF_ID_TO_TRAIN_ID: dict[int, int] = {
     raw: i for i, raw in enumerate(
         r for r in range(182) if r not in COCO_STUFF_UNUSED_IDS)}
-CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {
-    raw: i for i, raw in enumerate(CITYSCAPES_LABEL_IDS)}
+CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {raw: i for i, raw in enumerate(CITYSCAPES_LABEL_IDS)}
 
 # uint8 lookup tables: train_ids = LUT[raw_ids].
 COCO_STUFF_LUT = _lut(COCO_STUFF_ID_TO_TRAIN_ID)

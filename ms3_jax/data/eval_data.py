@@ -48,9 +48,8 @@ def make_eval_dataset(dataset: str, *, label_space: LabelSpace, data_dir: str | 
     """Whole validation images of one dataset, one per element (sizes differ):
 
     {'image': uint8 [H, W, 3], 'label': int32 [H, W] union ids / -1, 'dataset_id': int32,
-     'file_name': str}; records `shard_index::shard_count` for multi-process evaluation.
-    Index it, or iterate with small buffers (full-resolution images are large), e.g.
-    `ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))`.
+     'file_name': str}; records `shard_index::shard_count`. Index it, or iterate with small
+    buffers, e.g. `ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))`.
     """
     d = label_space.dataset_index(dataset)
     src = source if source is not None else open_sources([dataset], split, data_dir)[0]

@@ -185,10 +185,8 @@ class LabelSpace:
         return self.dataset_of_class[:, None] != self.dataset_of_class[None, :]
 
     def relation_matrix(self, relations: Sequence[Mapping[str, str]]) -> np.ndarray:
-        """bool [|Y|, |Y|] from [{'from': 'ds/a', 'to': 'ds/b', ...}]; pairs outside the space skipped.
-
-        Useful to score a learned Eq. 6 mapping against the synthetic data's planted relations.
-        """
+        """bool [|Y|, |Y|] from [{'from': 'ds/a', 'to': 'ds/b', ...}] (e.g. to score Eq. 6 against
+        the synthetic data's planted relations); pairs outside the space are skipped."""
         index = {n: i for i, n in enumerate(self.display_names)}
         out = np.zeros((self.num_classes, self.num_classes), bool)
         for r in relations:

@@ -159,9 +159,8 @@ def _ignore_stop_signals(*_: Any) -> None:
 class _LocalSlice(grain.transforms.MapWithIndex):
     """Global batch i of (dataset, record) pairs -> this process's `batch_size` examples of it.
 
-    Process p loads positions [p * b, (p + 1) * b) of every global batch, each augmented with the
-    randomness of its global stream position, so the global batches (and thus training) do not
-    depend on the number of processes.
+    Process p loads positions [p * b, (p + 1) * b) of every global batch, augmented by global
+    stream position (docs/choices.md, "Multi-host: one global stream, sliced per process").
     """
 
     def __init__(self, load: _LoadAndAugment, global_batch_size: int, batch_size: int,
@@ -185,8 +184,7 @@ class TrainPipeline:
       data_dir: tfds data dir holding the array_record builds.
       label_space: defaults to `LabelSpace.from_datasets(datasets)`; must list `datasets` in order.
       split, augment: the tfds split to read; the `AugmentConfig`.
-      weights: mixture weights (sequence aligned with `datasets` or {name: weight});
-        None = proportional to dataset sizes.
+      weights: mixture weights (aligned with `datasets`, or {name: weight}); None: by size.
       seed: controls record order and augmentation.
       loader: `LoaderOptions` (worker processes, buffers, threads).
       shard_index, shard_count: default jax.process_index() / jax.process_count().

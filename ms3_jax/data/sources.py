@@ -48,10 +48,8 @@ def record_file_name(record: Any) -> str:
 
 
 def open_sources(dataset_names: Sequence[str], split: str, data_dir: str | None) -> list[Any]:
-    """`tfds.data_source` per dataset (random access to array_record; no TensorFlow).
-
-    Names are those of `registry.get` ('voc', 'synth_a', ...; resolved to their tfds names). A
-    dataset that is not prepared fails here, naming the directory.
+    """`tfds.data_source` per dataset (random access to array_record; no TensorFlow); names of
+    `registry.get` ('voc', 'synth_a', ...). A dataset not prepared fails here, naming the directory.
     """
     sources = []
     for name in dataset_names:
@@ -168,10 +166,8 @@ def _sub_seed(seed: int, *keys: int) -> int:
 def mixed_records(sizes: Sequence[int], weights: Sequence[float], seed: int,
                   unlabeled: tuple[int, float] | None = None) -> grain.MapDataset:
     """Endless (dataset index, record index) stream mixing datasets of `sizes` by `weights`.
-
-    `unlabeled` = (size, ratio): one more stream, index len(sizes), with weight `ratio`; the
-    labeled weights are scaled by 1 - ratio.
-    """
+    `unlabeled` = (size, ratio): one more stream, index len(sizes), weight `ratio` (the labeled
+    weights scaled by 1 - ratio)."""
     streams = [grain.MapDataset.range(size).shuffle(seed=_sub_seed(seed, 0, d)).repeat()
                .map(functools.partial(_tag, d)) for d, size in enumerate(sizes)]
     weights = list(weights)

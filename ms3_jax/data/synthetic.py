@@ -181,10 +181,9 @@ class Difficulty:
 
     domain_gap: strength of each dataset's own look (`SyntheticSpec.color_gain`, `noise_std`,
       `blur`; 0 = one look for all, 1 = the specs' values, larger = stronger).
-    synonym_similarity: 1 = a concept is drawn with the same parameters in every dataset; below
-      1 each (dataset, concept) gets its own colour offset and feature scale (std
-      `STYLE_COLOR_STD` / `STYLE_SCALE_STD` x (1 - similarity)): synonyms are the same family,
-      never the same texture.
+    synonym_similarity: 1 = a concept is drawn with the same parameters in every dataset; below 1
+      each (dataset, concept) gets its own colour offset and feature scale (std `STYLE_COLOR_STD` /
+      `STYLE_SCALE_STD` x (1 - similarity)): synonyms are the same family, never the same texture.
     cooccurrence: probability that an image is a scene (`SCENES`: boats on water, sand beside
       water, roads and buildings, ...) rather than independent regions; in a scene the sky is on
       top and concepts a dataset has no class for are painted and labelled ignore.
@@ -503,9 +502,8 @@ def prepare_synthetic(data_dir: str | os.PathLike, num_train: int = 300, num_val
     """Builds synth_a/b/c/d as array_record under `data_dir` plus the relations JSON; idempotent.
 
     `difficulty`: fields of `Difficulty` (the paper's difficulties; unset ones at their defaults).
-    Re-running with the same arguments does nothing; other arguments or another data version
-    than the build in `data_dir` had are refused (ValueError naming both): built data is never
-    deleted.
+    Re-running with the same arguments does nothing; other arguments or another data version than
+    the build in `data_dir` had are refused (ValueError naming both): built data is never deleted.
     """
     data_dir = os.fspath(data_dir)
     unknown = sorted(set(difficulty) - {f.name for f in dataclasses.fields(Difficulty)})

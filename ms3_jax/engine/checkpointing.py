@@ -78,9 +78,8 @@ def _any_process(flag: bool) -> np.ndarray:
 
 def check_writable(directory: str, create: bool = False) -> None:
     """Raise an OSError naming `directory` unless a file can be created and removed in it (`create`:
-    make the directory first). A real write, not `os.access` (read-only mounts, ACLs, a regular
-    file in the way). orbax, given an unwritable directory, blocked the main thread ~300 s in a
-    barrier (deaf to SIGTERM) and then raised a TimeoutError. All processes call it together."""
+    make the directory first). All processes call it together. Why a real write: docs/choices.md,
+    "Unwritable checkpoint directory: a real write first" (orbax blocked ~300 s, then timed out)."""
     error: OSError | None = None
     try:
         if create:
@@ -140,10 +139,8 @@ def checkpoint_manager(workdir: str, max_to_keep: int = 3,
     check_writable(directory, create=True)
     if jax.process_index() == 0:
         remove_half_written(directory)
-    # The other processes wait for process 0 at the root-directory barrier orbax runs when
-    # `create=True`, so no save starts before the leftovers are gone.
-    # Old steps are renamed into DELETED_DIR (atomic) instead of orbax's rmtree in place, which a
-    # kill -9 can interrupt, leaving a listed step without some of its items.
+    # create=True: the others wait at orbax's barrier; todelete: docs/choices.md, "Checkpoint
+    # atomicity: orbax's"
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            todelete_subdir=DELETED_DIR)
     return _Manager(directory, item_names=item_names, options=options)
@@ -385,8 +382,6 @@ def restore_state(workdir: str, step: int | None = None) -> tuple[int, Mapping[s
     def restore(s: int) -> Mapping[str, Any]:
         # Onto this process's first device, whatever device layout wrote the checkpoint (orbax
         # refuses a target-less restore onto another topology).
-        # The `state` item alone: the manager would also look at the `data` (iterator) item and
-        # warn that it has no handler for it.
         path = epath.Path(root) / str(s) / "state"  # an etils Path, as the handler wants
         handler = ocp.StandardCheckpointHandler()
         meta = handler.metadata(path)

@@ -39,9 +39,8 @@ class Preempted(Exception):
 
 class StoppedOutsideLoop(BaseException):
     """SIGTERM outside the training loop (start-up, compiling, evaluation, final outputs): nothing
-    new is saved; the workdir's checkpoints are as the last save left them. A BaseException, like
-    KeyboardInterrupt, so that no `except Exception` on the way (data builders, loaders) can
-    swallow it."""
+    new is saved. A BaseException (like KeyboardInterrupt): no `except Exception` on the way (data
+    builders, loaders) can swallow it."""
 
     def __init__(self, signal_name: str, workdir: str):
         super().__init__(f"{signal_name} outside the training loop: nothing new saved, the "
@@ -171,10 +170,9 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
 
     `iterator` is the grain iterator checkpointed with the state; `config` gives `log_every`,
     `checkpoint_every` and `batch_size`. A NaN / inf loss (or state, with the `finite` metric of
-    `nonfinite.guard`) raises `FloatingPointError` naming the step, before the next save; steps
-    the guard skipped are logged and counted, and so are records replaced by the data pipeline
-    (batches with an 'unreadable' count). SIGTERM / SIGINT raise `Preempted` after saving
-    (module docstring).
+    `nonfinite.guard`) raises `FloatingPointError` naming the step, before the next save; steps the
+    guard skipped are logged and counted, and so are records replaced by the data pipeline (batches
+    with an 'unreadable' count). SIGTERM / SIGINT raise `Preempted` after saving (module docstring).
     """
     log_every, checkpoint_every = config.log_every, config.checkpoint_every
     workdir = os.path.dirname(os.fspath(mngr.directory))

@@ -58,8 +58,6 @@ def guard(step_fn: Callable[..., tuple[Any, dict[str, jax.Array]]],
         metrics = {**metrics, "finite": ok.astype(jnp.float32)}
         if mode == "skip":
             kept = state.replace(step=new.step)
-            # One conditional, not a select per leaf: the per-leaf selects made the tiny
-            # pretraining step's CPU compile several times slower.
             new = jax.lax.cond(ok, lambda n, k: n, lambda n, k: k, new, kept)
             metrics["skipped"] = 1.0 - metrics["finite"]
         return new, metrics

@@ -176,8 +176,8 @@ def watch_peers(connections: dict[int, socket.socket], process_id: int) -> None:
             print(message, file=sys.stderr, flush=True)
             say_goodbye(code, origin, skip=sender)
             if code != _GONE:
-                # The process that exited waits in jax.distributed's shutdown barrier, and aborts
-                # (134) if this process leaves without joining it.
+                # join the exited one's shutdown barrier: docs/choices.md, "Reliability: what an
+                # adversarial user tried"
                 shutdown = threading.Thread(target=jax.distributed.shutdown, daemon=True)
                 shutdown.start()
                 shutdown.join(grace)
@@ -257,11 +257,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """Call `jax.distributed.initialize` when this is one of several processes; True if it did.
 
     Explicit when the three values are given (arguments, else env `MS3_COORDINATOR`,
-    `MS3_NUM_PROCESSES`, `MS3_PROCESS_ID`), else JAX's cluster detection (`detected_cluster`:
-    multi-task SLURM step or Cloud TPU VM); a single process does nothing. Idempotent. Then
-    `rendezvous` (`MS3_PEER_TIMEOUT`) and `watch_peers`. Must run before anything touches the JAX
-    backend. `kwargs` go to `jax.distributed.initialize`. docs/usage.md, "Multi-host: TPU pods,
-    GPU clusters".
+    `MS3_NUM_PROCESSES`, `MS3_PROCESS_ID`), else `detected_cluster` (SLURM / Cloud TPU VM); a
+    single process does nothing. Idempotent. Then `rendezvous` (`MS3_PEER_TIMEOUT`) and
+    `watch_peers`. Call before anything touches the JAX backend; `kwargs` go to
+    `jax.distributed.initialize`. docs/usage.md, "Multi-host: TPU pods, GPU clusters".
     """
     if jax.distributed.is_initialized():
         return True
@@ -295,9 +294,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                                local_device_ids=local_device_ids,
                                cluster_detection_method="deactivate", **kwargs)
     if sigterm is not None and threading.current_thread() is threading.main_thread():
-        # JAX's preemption service has replaced it with a C++ handler that swallows SIGTERM (for
-        # `multihost_utils.reached_preemption_sync_point`, unused: `loop` agrees on the stop
-        # step itself), so SIGTERM before `loop` takes the signal would not give exit code 75.
+        # undo JAX's preemption handler: docs/choices.md, "Reliability: what an adversarial user
+        # tried"
         signal.signal(signal.SIGTERM, sigterm)
     watch_peers(connections, process_id)
     logging.info("jax.distributed: process %d of %d, coordinator %s (%s), %d local devices",
@@ -309,12 +307,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def _build_cpu_communicator() -> None:
-    """One all-reduce over every device, now, while the processes are in step.
-
-    gloo (the CPU collectives) builds its communicator at the first collective over a device set
-    and fails if the processes reach it more than 30 s apart (e.g. different compile times);
-    later collectives wait `--xla_cpu_collective_timeout_seconds` (set by the launchers).
-    """
+    """One all-reduce over every device, now, while the processes are in step (docs/choices.md,
+    "Multi-process CPU runs: one all-reduce at start-up")."""
     mesh = data_mesh()
     ones = jax.make_array_from_process_local_data(
         NamedSharding(mesh, P("data")), np.ones((jax.local_device_count(),), np.int32))

@@ -274,12 +274,11 @@ def accumulate_confusion(model: nn.Module | ApplyFn, variables: Any,
                          max_images: int | None = None, log_every: int = 0) -> tuple[np.ndarray, int]:
     """The int64 confusion matrix [K, K] of a dataset and the number of images, over all processes.
 
-    `dataset` yields this process's images, one at a time: {'image': uint8 [H, W, 3],
-    'label': int [h, w]} (e.g. `eval_data.make_eval_dataset(..., shard_index=jax.process_index(),
-    shard_count=jax.process_count())`). Every process must call this (it gathers at the end).
-    `model` is an `MS3Encoder` with `num_classes` set, or an `ApplyFn`. `devices`: local devices
-    to deal images to round-robin (default: the first local device); each (image shape, device)
-    pair compiles once (docs/choices.md, "Inference: MMSeg's EncoderDecoder").
+    `dataset` yields this process's images one at a time, {'image': uint8 [H, W, 3], 'label': int
+    [h, w]} (e.g. `eval_data.make_eval_dataset` sharded by process). Every process must call this
+    (it gathers at the end). `model` is an `MS3Encoder` with `num_classes` set, or an `ApplyFn`.
+    `devices`: local devices to deal images to round-robin (default: the first local device); each
+    (image shape, device) pair compiles once (docs/choices.md, "Inference: MMSeg's EncoderDecoder").
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")

@@ -60,5 +60,4 @@ def map_pixel_chunks(body: Callable[..., tuple[jax.Array, ...]], arrays: Sequenc
     if remat:
         one = jax.checkpoint(one, prevent_cse=False)
     outs = jax.lax.map(one, jnp.arange(n_chunks))  # each [n_chunks, chunk, ...]
-    return tuple(jnp.swapaxes(y, 0, 1).reshape((n_chunks * chunk,) + y.shape[2:])[:n]
-                 for y in outs)
+    return tuple(jnp.swapaxes(y, 0, 1).reshape((n_chunks * chunk,) + y.shape[2:])[:n] for y in outs)

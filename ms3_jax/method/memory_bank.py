@@ -18,11 +18,9 @@ class MemoryBank:
 
     feats: ``[K, slots, C]`` stored embeddings (bf16 by default).
     ptr: ``[K]`` int32, next slot to write for each class.
-    count: ``[K]`` int32, number of filled slots (``min(total enqueued, slots)``). Because writing
-      starts at slot 0, the filled slots of class c are ``0 .. count[c] - 1``.
-
-    Invariant (kept by :func:`init_bank` and :func:`enqueue`, relied on by
-    :func:`visual_embeddings`): the unfilled slots ``count[c] ..`` hold zeros.
+    count: ``[K]`` int32, number of filled slots (``min(total enqueued, slots)``): slots
+      ``0 .. count[c] - 1`` of class c, the rest hold zeros (invariant kept by :func:`init_bank`
+      and :func:`enqueue`, relied on by :func:`visual_embeddings`).
     """
 
     feats: jax.Array
@@ -59,10 +57,8 @@ def sample_per_class(
     labels_N: jax.Array, rng: jax.Array, num_classes: int, per_class: int, *,
     ignore_label: int = IGNORE_LABEL,
 ) -> tuple[jax.Array, jax.Array]:
-    """Uniform sample without replacement of at most ``per_class`` (P) pixels of each class.
-
-    Every usable pixel gets a uniform random key; pixels are sorted by (label, key) and the first
-    P of each label's run (located with ``searchsorted``) are taken. O(N log N), fixed shapes.
+    """Uniform sample without replacement of at most ``per_class`` (P) pixels of each class, by
+    sorting random keys per label (O(N log N), fixed shapes).
 
     Returns ``(idx_KxP, valid_KxP)``: pixel indices into ``labels_N`` and a mask that is False
     where class k has fewer than P pixels (those indices are arbitrary).
@@ -107,13 +103,11 @@ def enqueue(
     slot_KxP = (bank.ptr[:, None] + jnp.arange(per_class, dtype=jnp.int32)[None, :]) % slots
     slot_KxP = jnp.where(valid_KxP, slot_KxP, slots)  # out of range -> dropped by the scatter
     class_KxP = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32)[:, None], slot_KxP.shape)
-    # Which pick (row of vals, -1: none) each slot receives, then one select over the bank, in
-    # place (docs/choices.md, "Memory bank: slots, picks and the write").
+    # slot -> pick (-1: none), a select: docs/choices.md, "Memory bank: slots, picks and the write"
     pick_KxP = jnp.arange(num_classes * per_class, dtype=jnp.int32).reshape(num_classes, per_class)
     pick_KxS = jnp.full((num_classes, slots), -1, jnp.int32).at[class_KxP, slot_KxP].set(
         pick_KxP, mode="drop")
     vals_RxC = vals_KxPxC.reshape(num_classes * per_class, dim)
-    # The select runs on the raw bits (exact; same section).
     bits = jnp.dtype(f"uint{8 * bank.feats.dtype.itemsize}")
     feats_bits = jnp.where((pick_KxS >= 0)[..., None],
                            jax.lax.bitcast_convert_type(vals_RxC, bits)[jnp.maximum(pick_KxS, 0)],
@@ -140,8 +134,7 @@ def visual_embeddings(
     v_old_KxC = v_old_KxC.astype(acc)
     v_valid_K = jnp.asarray(v_valid_K, bool)
     v_old_unit_KxC = v_old_KxC / jnp.maximum(jnp.linalg.norm(v_old_KxC, axis=-1, keepdims=True), eps)
-    # w = cos(M_i, u_j) + first_j with u_j = 0 for a first sighting: w = 1 there, cos otherwise;
-    # no slot mask, no select (docs/choices.md, "Memory bank: slots, picks and the write").
+    # w = cos(M_i, u_j) + first_j: docs/choices.md, "Memory bank: slots, picks and the write"
     u_KxC = jnp.where(v_valid_K[:, None], v_old_unit_KxC, 0.0)
     first_K = jnp.where(v_valid_K, 0.0, 1.0).astype(acc)
     m_KxSxC = bank.feats.astype(acc)

@@ -66,9 +66,8 @@ def label_unlabeled_pixels(labels_BxHxW: jax.Array, lang_BxHxWxC: jax.Array,
     """Replaces the `UNLABELED_PIXEL` (-2) entries of `labels_BxHxW` by their App. D pseudo-label.
 
     -1 (crop padding) is never labelled; labelled pixels pass through. `name_id_K`: see
-    `agreement_labels`. Runs inside the jitted step on this forward pass's outputs under
-    `stop_gradient`, chunked over pixels (docs/choices.md, "Pseudo-labels from the online model's
-    forward pass").
+    `agreement_labels`. Jittable, chunked over pixels, under `stop_gradient` (docs/choices.md,
+    "Pseudo-labels from the online model's forward pass").
 
     Returns (labels int32 [B, H, W] with -1 = ignore, metrics):
       pseudo_fraction: pseudo-labelled / unlabeled pixels (0 without unlabeled pixels);

@@ -31,16 +31,14 @@ def segment_similarity(
 ) -> tuple[jax.Array, jax.Array]:
     """Batch estimate of Eq. 5: ``S[y, y'] = mean_{k: y_k = y} F_k · T_{y'}``.
 
-    Pixel embeddings are summed per class first (``segment_sum``), so no ``[N, K]`` map is built;
-    ``chunk`` (pixels) bounds the float32 copy of a bfloat16 ``emb``. Embeddings are assumed
-    L2-normalised (dot = cosine).
+    Summed per class first (``segment_sum``: no ``[N, K]`` map); ``chunk`` (pixels) bounds the
+    float32 copy of a bfloat16 ``emb``. Embeddings are assumed L2-normalised (dot = cosine).
 
     Args:
       emb_NxC: pixel embeddings ``[N, C]`` (or ``[..., C]``), e.g. the visual-head output ``I_v``.
       labels_N: ``[N]`` (or ``[...]``) union ids; ``ignore_label`` / out-of-range are skipped.
       text_KxC: language embeddings ``T``, ``[K, C]`` with ``K == num_classes``.
-    Returns:
-      ``(mean_KxK float32, count_K int32)``; rows of classes absent from the batch are 0.
+    Returns: ``(mean_KxK float32, count_K int32)``; rows of classes absent from the batch are 0.
     """
     dim = text_KxC.shape[-1]
     if text_KxC.shape[0] != num_classes:

@@ -83,10 +83,8 @@ class CLIPTextConfig:
     def from_hf(cls, hf_config: Any) -> "CLIPTextConfig":
         """From a transformers ``CLIPConfig`` / ``CLIPTextConfig``, a config dict or a config.json path.
 
-        For a full ``CLIPModel`` config the text part is ``text_config`` and ``projection_dim`` is
-        the top-level value. Dicts are parsed by transformers' own config classes so that missing
-        keys get exactly the defaults ``from_pretrained`` would use.
-        """
+        A full ``CLIPModel`` config: ``text_config`` and the top-level ``projection_dim``. Dicts are
+        parsed by transformers' config classes (missing keys: ``from_pretrained``'s defaults)."""
         if isinstance(hf_config, (str, os.PathLike)):
             with open(hf_config) as f:
                 hf_config = json.load(f)
@@ -156,9 +154,7 @@ class SelfAttention(nn.Module):
             causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
             logits_BxAxLxL = jnp.where(causal_LxL, logits_BxAxLxL, jnp.finfo(jnp.float32).min)
         weights_BxAxLxL = jax.nn.softmax(logits_BxAxLxL, axis=-1).astype(self.dtype)
-        # Heads stay a leading dim and the output projection contracts (head, channel) at once:
-        # no transpose feeds a GEMM (XLA's Triton GEMM cannot tile one when compiling for a GPU
-        # ahead of time: "Couldn't find output tile sizes", jaxlib 0.10.2).
+        # docs/choices.md, "Attention written for GPUs"
         out_BxAxLxE = jnp.einsum("nhqs,nshk->nhqk", weights_BxAxLxL, v_BxLxAxE)
         return HeadsDense(self.width, self.dtype, name="out_proj")(out_BxAxLxE)
 
@@ -399,10 +395,8 @@ def _l2_normalize(x_UxC: Array) -> Array:
 def encode_classes(module: CLIPTextTower, params: Params, tokenizer: Any, class_names: Sequence[str],
                    ctx: Array | None = None, template: str = DEFAULT_TEMPLATE) -> Array:
     """L2-normalised class embeddings ``T`` ``[n, proj_dim]`` float32 (Sec. 3.2, Tab. 1).
-
     ``ctx=None``: the hand template (original CLIP embeddings). Otherwise ``ctx [M, width]``
-    learned contexts: prompts ``[SOS] ctx name . [EOS]`` (``template`` is then unused).
-    """
+    learned contexts: prompts ``[SOS] ctx name . [EOS]`` (``template`` is then unused)."""
     max_len, width = module.config.max_len, module.config.width
     if ctx is None:
         layout = build_template_layout(tokenizer, class_names, template, max_len)
@@ -430,10 +424,8 @@ def layer_norm_keys(prefix: str) -> dict[str, tuple[str, bool]]:
 
 
 def hf_param_map(config: CLIPTextConfig) -> dict[str, Any]:
-    """Flax param tree whose leaves are ``(hf_key, transpose)``: the explicit name mapping.
-
-    Torch Linear weights are ``[out, in]``; Flax Dense kernels are ``[in, out]`` (transposed).
-    """
+    """Flax param tree whose leaves are ``(hf_key, transpose)``: the explicit name mapping
+    (torch Linear weights ``[out, in]`` -> Flax Dense kernels ``[in, out]``, transposed)."""
     tree: dict[str, Any] = {
         "token_embedding": {"embedding": ("text_model.embeddings.token_embedding.weight", False)},
         "position_embedding": ("text_model.embeddings.position_embedding.weight", False),

@@ -43,10 +43,7 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
     """Shape of the CLIP vision tower (defaults: OpenAI ViT-B/32; ViT-B/16 is ``patch_size=16``).
-
-    ``mlp_dim`` is ``intermediate_size``; the patch grid at the native ``image_size`` is
-    ``grid_size`` x ``grid_size``.
-    """
+    ``mlp_dim`` is ``intermediate_size``; the native ``image_size`` gives a ``grid_size``² grid."""
     width: int = 768
     num_layers: int = 12
     num_heads: int = 12
@@ -71,10 +68,8 @@ class CLIPVisionConfig:
     def from_hf(cls, hf_config: Any) -> "CLIPVisionConfig":
         """From a transformers ``CLIPConfig`` / ``CLIPVisionConfig``, a config dict or a config.json path.
 
-        For a full ``CLIPModel`` config the vision part is ``vision_config`` and ``projection_dim``
-        is the top-level value. Dicts are parsed by transformers' own config classes so that
-        missing keys get exactly the defaults ``from_pretrained`` would use.
-        """
+        A full ``CLIPModel`` config: ``vision_config`` and the top-level ``projection_dim``. Dicts
+        are parsed by transformers' config classes (missing keys: ``from_pretrained``' defaults)."""
         if isinstance(hf_config, (str, os.PathLike)):
             with open(hf_config) as f:
                 hf_config = json.load(f)

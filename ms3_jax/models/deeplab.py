@@ -139,8 +139,7 @@ class DeepLabV3PlusHead(nn.Module):
                 outs.append(conv_module(ch, name=f"aspp_modules_{i}")(layer4, train))
             else:
                 outs.append(separable(ch, dilation=rate, name=f"aspp_modules_{i}")(layer4, train))
-        # MMSeg concatenates [image pool broadcast, branches]: the conv takes the pooled
-        # channels apart, so that a conv plug-in may use that they are constant over the map.
+        # [image pool, branches]: docs/choices.md, "The ASPP image-pool channels are passed apart"
         aspp = conv_module(ch, kernel=3, name="bottleneck")(jnp.concatenate(outs, -1), train,
                                                             uniform_Bx1x1xU=pooled)
         c1 = conv_module(self.c1_channels, name="c1_bottleneck")(layer1, train)
@@ -183,11 +182,10 @@ class MS3Encoder(nn.Module):
     Input: RGB images [B, H, W, 3] on the 0..255 scale (uint8 or float); normalised here.
     Returns a dict: `language` and `visual` [B, h, w, emb_dim] (unit norm per pixel, float32),
     `decoder` [B, H/4, W/4, channels], and `logits` [B, H/4, W/4, num_classes] when `num_classes`
-    is set (CE baselines and fine-tuning). `heads_at`: the projection heads read the decoder map
-    ('decoder', h = H/4) or the ASPP output ('aspp', h = H/output_stride; the paper's "after the
-    ASPP layer", Sec. 4.1); docs/choices.md says which is the default and why. `backbone`: a
-    :class:`Backbone` (variables under `backbone`); `dtype` is the head's compute dtype (params
-    stay float32); `conv` its convolution module (:func:`conv_for`).
+    is set (CE baselines and fine-tuning). `heads_at`: the heads read the decoder map ('decoder',
+    h = H/4) or the ASPP output ('aspp', h = H/output_stride, Sec. 4.1; docs/choices.md,
+    "Projection heads after the ASPP"). `backbone`: a :class:`Backbone` (variables under
+    `backbone`); `dtype`: the head's compute dtype (params float32); `conv`: :func:`conv_for`.
     """
 
     backbone: Backbone
@@ -248,10 +246,9 @@ def untrained_subtrees(workdir_config: Mapping[str, Any]) -> tuple[tuple[str, ..
 
 
 def conv_for(kernels: str, platform: str) -> ModuleDef:
-    """The convolution module for `model.kernels` on `platform`, the platform of the devices the
-    step is compiled for (`sharding.platform_of(mesh.devices)`, never the host's backend):
-    'xla' XLA's native convolutions, 'cpu' the CPU plug-in (`cpu_kernels.CpuConv`), 'auto' the
-    plug-in exactly when the devices are CPUs."""
+    """The convolution module for `model.kernels` on `platform` (`sharding.platform_of` of the mesh,
+    never the host's): 'xla' native, 'cpu' `cpu_kernels.CpuConv`, 'auto' the latter exactly on
+    CPUs. docs/choices.md, "Kernels: one switch, decided from the compile target"."""
     if kernels not in KERNELS:
         raise ValueError(f"model.kernels must be one of {KERNELS}, got {kernels!r}")
     return CpuConv if kernels == "cpu" or (kernels == "auto" and platform == "cpu") else Conv

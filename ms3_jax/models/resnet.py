@@ -41,11 +41,7 @@ class Conv(nn.Module):
     """A convolution with PyTorch's conventions, run as XLA's native convolution: symmetric
     padding ``dilation * (kernel - 1) / 2``, kaiming-normal (fan_out) init, params `kernel`
     [k, k, in / groups, out] and optional `bias` (those of `nn.Conv`). `groups == in` is a
-    depthwise convolution.
-
-    The model takes its convolution as a field (`conv: ModuleDef = Conv`, as flax's ResNet
-    example); `ms3_jax.models.cpu_kernels.CpuConv` is the same module computed with kernels tuned
-    for XLA's CPU backend (docs/choices.md "Kernels").
+    depthwise convolution. `cpu_kernels.CpuConv` is a plug-in for it (docs/choices.md "Kernels").
     """
 
     features: int

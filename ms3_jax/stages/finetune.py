@@ -175,9 +175,7 @@ class Trainer(training.Trainer):
         self.schedule = optim.poly_schedule(config.optim, self.num_steps)
         self.tx = make_optimizer(config, self.schedule)
         self.compile_step(make_train_step(config, self.model, self.tx, self.schedule))
-        # `model.init` runs once: on CPU without backend optimisation (LLVM spends most of its
-        # compile time on the per-parameter random-number kernels); shapes do not depend on the
-        # image size.
+        # docs/choices.md, "Init compile at optimisation level 0"; shapes are image-size free
         options = {"xla_backend_optimization_level": 0} if self.platform == "cpu" else None
         self._init = jax.jit(lambda rng: self.model.init(rng, jnp.zeros((1, 64, 64, 3), jnp.uint8)),
                              out_shardings=self.replicated, compiler_options=options)

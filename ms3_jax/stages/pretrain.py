@@ -220,9 +220,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
     `name_id` [|Y|] int32 (class -> id of its name; App. D agreement is per name).
     Order (MoCo): loss and gradients of the online encoder F; parameter and EMA updates; the
     updated momentum encoder F-hat embeds the batch for the bank; `update_memory` (Eq. 4-6).
-    With `data.unlabeled` (App. D) the -2 pixels of unlabeled images get pseudo-labels from this
-    forward pass (`pseudo_labels.label_unlabeled_pixels`); metrics then add `pseudo_fraction`
-    and `pseudo_agreement`.
+    With `data.unlabeled` (App. D) -2 pixels get pseudo-labels from this forward pass
+    (`pseudo_labels.label_unlabeled_pixels`; metrics `pseudo_fraction`, `pseudo_agreement`).
     """
     lc = config.loss
     ms3 = lc.kind == "ms3"
@@ -328,9 +327,8 @@ class Trainer(training.Trainer):
         """The state, created directly with its (replicated) sharding; the backbone from
         `model.init_from` unless `resuming`.
 
-        `model.dtype='float64'` (numerical tests, under `jax.enable_x64`) makes every floating
-        leaf float64, so runs on different device layouts can be compared without float32
-        reassociation noise."""
+        `model.dtype='float64'` (under `jax.enable_x64`) makes every floating leaf float64
+        (docs/choices.md, "8 devices == 1 device, tested in float64")."""
         cfg = self.config
         float64 = cfg.model.dtype == "float64"
 

@@ -344,8 +344,7 @@ class Trainer(training.Trainer):
 
         text_params = self.initial_text_params if self.train_text_tower else None
         image_variables = None if self.image_tower is None else self.image_tower.variables
-        # Runs once: on CPU, skip LLVM optimisation (compiling the many random initialisers
-        # otherwise takes longer than running them).
+        # docs/choices.md, "Init compile at optimisation level 0"
         options = {"xla_backend_optimization_level": 0} if self.platform == "cpu" else None
         state = jax.jit(init, out_shardings=self.replicated, compiler_options=options)(
             rng, self.initial_ctx, text_params, image_variables)
