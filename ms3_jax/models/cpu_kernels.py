@@ -24,18 +24,18 @@ def _accumulator(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def row_major_transpose(x_AxB: jax.Array) -> jax.Array:
+def row_major_transpose(matrix: jax.Array) -> jax.Array:
     """``x.T`` [B, A], materialised row-major (a 1-D reshape admits only one layout, and the
     barrier keeps XLA from folding the copy back into the product)."""
-    return jax.lax.optimization_barrier(x_AxB.T.reshape(-1)).reshape(x_AxB.shape[::-1])
+    return jax.lax.optimization_barrier(matrix.T.reshape(-1)).reshape(matrix.shape[::-1])
 
 
-def row_major_batched(x_BxPxK: jax.Array) -> jax.Array:
+def row_major_batched(x_BxQxC: jax.Array) -> jax.Array:
     """``x`` as [B, K, P], row-major. The batch stays the major axis, so a batch-sharded ``x``
     stays sharded (transposing [B*P, K] whole puts the batch minor: GSPMD gathers it)."""
-    x_BxKxP = jnp.swapaxes(x_BxPxK, 1, 2)
-    b, k, p = x_BxKxP.shape
-    return jax.lax.optimization_barrier(x_BxKxP.reshape(b, k * p)).reshape(b, k, p)
+    x_BxCxQ = jnp.swapaxes(x_BxQxC, 1, 2)
+    b, k, p = x_BxCxQ.shape
+    return jax.lax.optimization_barrier(x_BxCxQ.reshape(b, k * p)).reshape(b, k, p)
 
 
 def product(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
@@ -45,36 +45,36 @@ def product(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_matmul(x_BxPxK: jax.Array, w_KxN: jax.Array, out_dtype: Any) -> jax.Array:
+def conv_matmul(x_BxQxC: jax.Array, w_CxF: jax.Array, out_dtype: Any) -> jax.Array:
     """``y[b, p] = x[b, p] @ w`` -> ``[B, P, N]`` in ``out_dtype``, accumulated in float32 (or
     float64). ``x`` and ``w`` share one dtype. Gradients: ``dx = g w^T``, ``dw = sum_b x_b^T g_b``,
     both with operands in that dtype and float32 accumulation."""
-    if x_BxPxK.dtype != w_KxN.dtype:
-        raise TypeError(f"conv_matmul operands differ in dtype: {x_BxPxK.dtype} vs {w_KxN.dtype}")
-    return product("bpk,kn->bpn", x_BxPxK, w_KxN, out_dtype)
+    if x_BxQxC.dtype != w_CxF.dtype:
+        raise TypeError(f"conv_matmul operands differ in dtype: {x_BxQxC.dtype} vs {w_CxF.dtype}")
+    return product("bpk,kn->bpn", x_BxQxC, w_CxF, out_dtype)
 
 
-def _conv_matmul_fwd(x_BxPxK, w_KxN, out_dtype):
-    return conv_matmul(x_BxPxK, w_KxN, out_dtype), (x_BxPxK, w_KxN)
+def _conv_matmul_fwd(x_BxQxC, w_CxF, out_dtype):
+    return conv_matmul(x_BxQxC, w_CxF, out_dtype), (x_BxQxC, w_CxF)
 
 
-def _conv_matmul_bwd(out_dtype, residuals, g_BxPxN):
-    x_BxPxK, w_KxN = residuals
-    g_BxPxN = g_BxPxN.astype(x_BxPxK.dtype)
-    dx_BxPxK = product("bpn,nk->bpk", g_BxPxN, row_major_transpose(w_KxN), x_BxPxK.dtype)
-    return dx_BxPxK, _weight_gradient(x_BxPxK, g_BxPxN, w_KxN.dtype)
+def _conv_matmul_bwd(out_dtype, residuals, g_BxQxF):
+    x_BxQxC, w_CxF = residuals
+    g_BxQxF = g_BxQxF.astype(x_BxQxC.dtype)
+    dx_BxQxC = product("bpn,nk->bpk", g_BxQxF, row_major_transpose(w_CxF), x_BxQxC.dtype)
+    return dx_BxQxC, _weight_gradient(x_BxQxC, g_BxQxF, w_CxF.dtype)
 
 
-def _weight_gradient(x_BxPxK: jax.Array, g_BxPxN: jax.Array, dtype: Any) -> jax.Array:
+def _weight_gradient(x_BxQxC: jax.Array, g_BxQxF: jax.Array, dtype: Any) -> jax.Array:
     """``dw = sum_b x_b^T g_b`` [K, N]. The operand with fewer channels is the one copied
     row-major transposed: ``x^T g`` when K <= N, else ``(g^T x)^T`` (its [N, K] result is
     transposed after a barrier -- left to XLA, the product would be laid out column-major, which
     the CPU's bfloat16 GEMM does not take)."""
-    k, n = x_BxPxK.shape[-1], g_BxPxN.shape[-1]
+    k, n = x_BxQxC.shape[-1], g_BxQxF.shape[-1]
     if k <= n:
-        return product("bkp,bpn->kn", row_major_batched(x_BxPxK), g_BxPxN, dtype)
-    dw_NxK = product("bnp,bpk->nk", row_major_batched(g_BxPxN), x_BxPxK, dtype)
-    return row_major_transpose(jax.lax.optimization_barrier(dw_NxK))
+        return product("bkp,bpn->kn", row_major_batched(x_BxQxC), g_BxQxF, dtype)
+    dw_FxC = product("bnp,bpk->nk", row_major_batched(g_BxQxF), x_BxQxC, dtype)
+    return row_major_transpose(jax.lax.optimization_barrier(dw_FxC))
 
 
 conv_matmul.defvjp(_conv_matmul_fwd, _conv_matmul_bwd)
@@ -85,33 +85,33 @@ conv_matmul.defvjp(_conv_matmul_fwd, _conv_matmul_bwd)
 TAP_PRODUCTS_MIN_CHANNELS = 256
 
 
-def conv_as_tap_products(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, stride: int,
+def conv_as_tap_products(x_BxHxWxC: jax.Array, kernel_JxJxCxF: jax.Array, stride: int,
                          dilation: int, offset_BxHoxWoxF: jax.Array | None = None) -> jax.Array:
     """A dense k x k convolution with PyTorch padding as the sum over its k*k taps of (shifted,
     strided input) @ (tap weights), accumulated in float32 (float64 for float64 inputs), plus
     `offset` (in the accumulator's dtype) before the one rounding to the input dtype. Gradient
     written out: docs/choices.md, "Tap-product gradients written out".
     """
-    if x_BxHxWxC.dtype != kernel_KxKxCxF.dtype:
+    if x_BxHxWxC.dtype != kernel_JxJxCxF.dtype:
         raise TypeError(f"conv_as_tap_products operands differ in dtype: {x_BxHxWxC.dtype} vs "
-                        f"{kernel_KxKxCxF.dtype}")
-    return _tap_products(x_BxHxWxC, kernel_KxKxCxF, offset_BxHoxWoxF, stride, dilation)
+                        f"{kernel_JxJxCxF.dtype}")
+    return _tap_products(x_BxHxWxC, kernel_JxJxCxF, offset_BxHoxWoxF, stride, dilation)
 
 
-def uniform_input_conv(u_Bx1x1xU: jax.Array, kernel_KxKxUxF: jax.Array, hw: tuple[int, int],
+def uniform_input_conv(u_Bx1x1xX: jax.Array, kernel_JxJxXxF: jax.Array, hw: tuple[int, int],
                        stride: int, dilation: int) -> jax.Array:
     """The k x k conv (PyTorch zero padding) of an [H, W] map whose U channels are constant per
     image, ``[B, Ho, Wo, F]`` in the accumulator dtype: output pixel (r, c) sums the products
     ``u @ kernel[i, j]`` of the taps (i, j) that read inside the map (all but the border)."""
-    k, _, n_u, _ = kernel_KxKxUxF.shape
-    acc = jnp.promote_types(u_Bx1x1xU.dtype, jnp.float32)
+    k, _, n_u, _ = kernel_JxJxXxF.shape
+    acc = jnp.promote_types(u_Bx1x1xX.dtype, jnp.float32)
     pad, ho, wo, _ = _tap_geometry(hw, k, stride, dilation)
-    per_tap_BxKxKxF = product("bu,ijuf->bijf", u_Bx1x1xU.reshape(-1, n_u), kernel_KxKxUxF, acc)
+    per_tap_BxJxJxF = product("bu,ijuf->bijf", u_Bx1x1xX.reshape(-1, n_u), kernel_JxJxXxF, acc)
     def inside(n_in: int, n_out: int) -> np.ndarray:  # [k, n_out]: tap i reads inside the map
         pos = np.arange(n_out)[None, :] * stride + np.arange(k)[:, None] * dilation - pad
         return ((pos >= 0) & (pos < n_in)).astype(np.float64)
-    rows_KxHo, cols_KxWo = (jnp.asarray(inside(n, m), acc) for n, m in zip(hw, (ho, wo)))
-    return jnp.einsum("ir,jc,bijf->brcf", rows_KxHo, cols_KxWo, per_tap_BxKxKxF,
+    rows_JxHo, cols_JxWo = (jnp.asarray(inside(n, m), acc) for n, m in zip(hw, (ho, wo)))
+    return jnp.einsum("ir,jc,bijf->brcf", rows_JxHo, cols_JxWo, per_tap_BxJxJxF,
                       precision=jax.lax.Precision.HIGHEST)
 
 
@@ -132,16 +132,16 @@ def _taps_of(xp: jax.Array, taps, s: int) -> list[jax.Array]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _tap_products(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array,
+def _tap_products(x_BxHxWxC: jax.Array, kernel_JxJxCxF: jax.Array,
                   offset_BxHoxWoxF: jax.Array | None, stride: int, dilation: int) -> jax.Array:
-    k, _, _, features = kernel_KxKxCxF.shape
+    k, _, _, features = kernel_JxJxCxF.shape
     b = x_BxHxWxC.shape[0]
     pad, ho, wo, taps = _tap_geometry(x_BxHxWxC.shape[1:3], k, stride, dilation)
     xp = jnp.pad(x_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     acc = jnp.promote_types(x_BxHxWxC.dtype, jnp.float32)
     y = jnp.zeros((b, ho * wo, features), acc)
     for ((i, j), _, _), tap in zip(taps, _taps_of(xp, taps, stride)):
-        y = y + conv_matmul(tap, kernel_KxKxCxF[i, j], acc)
+        y = y + conv_matmul(tap, kernel_JxJxCxF[i, j], acc)
     if offset_BxHoxWoxF is not None:
         y = y + offset_BxHoxWoxF.astype(acc).reshape(y.shape)
     return y.astype(x_BxHxWxC.dtype).reshape(b, ho, wo, features)
@@ -165,22 +165,22 @@ def _tap_products_bwd(stride, dilation, residuals, g_BxHoxWoxF):
     pad, ho, wo, taps = _tap_geometry(x.shape[1:3], k, s, dilation)
     hp, wp = h + 2 * pad, w + 2 * pad
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    g_BxPxF = g_BxHoxWoxF.astype(x.dtype).reshape(b, ho * wo, features)
+    g_BxQxF = g_BxHoxWoxF.astype(x.dtype).reshape(b, ho * wo, features)
     tap_list = _taps_of(jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))), taps, s)
     zero = jnp.zeros((), acc)
     dxp = None
     for (i, j), (r0, r1), (c0, c1) in taps:
-        dtap = product("bpn,nk->bpk", g_BxPxF, row_major_transpose(kernel[i, j]), x.dtype)
+        dtap = product("bpn,nk->bpk", g_BxQxF, row_major_transpose(kernel[i, j]), x.dtype)
         placed = jax.lax.pad(dtap.reshape(b, ho, wo, cin).astype(acc), zero,
                              ((0, 0, 0), (r0, hp - r1, s - 1), (c0, wp - c1, s - 1), (0, 0, 0)))
         dxp = placed if dxp is None else dxp + placed
     dx = dxp[:, pad:pad + h, pad:pad + w].astype(x.dtype)
     if cin > features:
-        g_BxFxP = row_major_batched(g_BxPxF)  # once for all taps
-        dw_TxFxC = jnp.stack([product("bnp,bpk->nk", g_BxFxP, tap, acc) for tap in tap_list])
+        g_BxFxQ = row_major_batched(g_BxQxF)  # once for all taps
+        dw_TxFxC = jnp.stack([product("bnp,bpk->nk", g_BxFxQ, tap, acc) for tap in tap_list])
         dw = jnp.swapaxes(dw_TxFxC, 1, 2)
     else:
-        dw = jnp.stack([product("bkp,bpn->kn", row_major_batched(tap), g_BxPxF, acc)
+        dw = jnp.stack([product("bkp,bpn->kn", row_major_batched(tap), g_BxQxF, acc)
                         for tap in tap_list])
     d_offset = None if offset_dtype is None else g_BxHoxWoxF.astype(offset_dtype.dtype)
     return dx, dw.reshape(kernel.shape).astype(kernel.dtype), d_offset
@@ -244,19 +244,19 @@ class CpuConv(Conv):
     image-pool channels as per-image products), anything else as XLA's convolution."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, uniform_Bx1x1xU: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, uniform_Bx1x1xX: jax.Array | None = None) -> jax.Array:
         k, s, d = self.kernel_size, self.stride, self.dilation
-        n_uniform = 0 if uniform_Bx1x1xU is None else uniform_Bx1x1xU.shape[-1]
+        n_uniform = 0 if uniform_Bx1x1xX is None else uniform_Bx1x1xX.shape[-1]
         cin = x.shape[-1] + n_uniform
         kernel = self.kernel_param(cin).astype(self.dtype)
         x = x.astype(self.dtype)
         taps = k > 1 and self.groups == 1 and cin >= TAP_PRODUCTS_MIN_CHANNELS
         if n_uniform and taps:
-            offset = uniform_input_conv(uniform_Bx1x1xU.astype(self.dtype), kernel[:, :, :n_uniform],
+            offset = uniform_input_conv(uniform_Bx1x1xX.astype(self.dtype), kernel[:, :, :n_uniform],
                                         x.shape[1:3], s, d)
             return self.add_bias(conv_as_tap_products(x, kernel[:, :, n_uniform:], s, d, offset))
         if n_uniform:
-            u = jnp.broadcast_to(uniform_Bx1x1xU.astype(self.dtype), x.shape[:3] + (n_uniform,))
+            u = jnp.broadcast_to(uniform_Bx1x1xX.astype(self.dtype), x.shape[:3] + (n_uniform,))
             x = jnp.concatenate([u, x], axis=-1)
         if k == 1 and self.groups == 1:
             x = x[:, ::s, ::s] if s > 1 else x

@@ -86,11 +86,11 @@ class ConvModule(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool,
-                 uniform_Bx1x1xU: jax.Array | None = None) -> jax.Array:
-        """`uniform_Bx1x1xU`: channels constant over the map, before x's (see `resnet.Conv`)."""
+                 uniform_Bx1x1xX: jax.Array | None = None) -> jax.Array:
+        """`uniform_Bx1x1xX`: channels constant over the map, before x's (see `resnet.Conv`)."""
         groups = x.shape[-1] if self.groups == -1 else self.groups
         x = self.conv(self.features, self.kernel, 1, self.dilation, groups, dtype=self.dtype,
-                      name="conv")(x, uniform_Bx1x1xU)
+                      name="conv")(x, uniform_Bx1x1xX)
         return nn.relu(batch_norm(train, "bn", self.dtype)(x))
 
 
@@ -141,7 +141,7 @@ class DeepLabV3PlusHead(nn.Module):
                 outs.append(separable(ch, dilation=rate, name=f"aspp_modules_{i}")(layer4, train))
         # [image pool, branches]: docs/choices.md, "The ASPP image-pool channels are passed apart"
         aspp = conv_module(ch, kernel=3, name="bottleneck")(jnp.concatenate(outs, -1), train,
-                                                            uniform_Bx1x1xU=pooled)
+                                                            uniform_Bx1x1xX=pooled)
         c1 = conv_module(self.c1_channels, name="c1_bottleneck")(layer1, train)
         x = jnp.concatenate([resize_bilinear(aspp, c1.shape[1:3]), c1], axis=-1)
         x = separable(ch, name="sep_bottleneck_0")(x, train)

@@ -65,11 +65,11 @@ class Conv(nn.Module):
                               jnp.float32).astype(self.dtype)
 
     @nn.compact
-    def __call__(self, x: jax.Array, uniform_Bx1x1xU: jax.Array | None = None) -> jax.Array:
-        """`uniform_Bx1x1xU`: input channels with one value per image (the ASPP image-pool
+    def __call__(self, x: jax.Array, uniform_Bx1x1xX: jax.Array | None = None) -> jax.Array:
+        """`uniform_Bx1x1xX`: input channels with one value per image (the ASPP image-pool
         branch), placed before x's and broadcast over the map."""
-        if uniform_Bx1x1xU is not None:
-            u = jnp.broadcast_to(uniform_Bx1x1xU, x.shape[:3] + uniform_Bx1x1xU.shape[-1:])
+        if uniform_Bx1x1xX is not None:
+            u = jnp.broadcast_to(uniform_Bx1x1xX, x.shape[:3] + uniform_Bx1x1xX.shape[-1:])
             x = jnp.concatenate([u.astype(x.dtype), x], axis=-1)
         kernel = self.kernel_param(x.shape[-1])
         pad = self.dilation * (self.kernel_size - 1) // 2
