@@ -36,8 +36,6 @@ STAGE1_HINT = ("make one with stage 1: python -m ms3_jax.main --config=configs/t
                "--workdir=T (the same datasets and model as pretraining), then pass "
                "text_workdir=T (CLI: --text_workdir T)")
 
-# --- Inputs ---------------------------------------------------------------------------------------
-
 
 def check_classes(class_names: Sequence[str] | str) -> tuple[str, ...]:
     """Stripped class names; ValueError on an empty list, empty names or duplicates (CLIP
@@ -71,9 +69,6 @@ def input_size(height: int, width: int, short_side: int | None, multiple: int) -
     scale = 1.0 if short_side is None else short_side / min(height, width)
     return (max(multiple, int(round(height * scale / multiple)) * multiple),
             max(multiple, int(round(width * scale / multiple)) * multiple))
-
-
-# --- Workdirs -------------------------------------------------------------------------------------
 
 
 def _has_text_model(directory: str | None) -> bool:
@@ -132,9 +127,6 @@ def resolve_workdirs(workdir: str | os.PathLike,
             why += f": {os.path.join(default_text, TEXT_MODEL_META)} is missing"
         raise FileNotFoundError(f"workdir {image_dir} has no stage-1 text model ({why}); {STAGE1_HINT}")
     return image_dir, default_text, config
-
-
-# --- The segmenter --------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -243,12 +235,6 @@ def upsampled_cosine(emb_hxwxC: jax.Array, text_KxC: jax.Array, size: tuple[int,
     return resize_bilinear(logits_hxwxK[None], size)[0]
 
 
-# --- Drawing --------------------------------------------------------------------------------------
-
-
-# --- Demo helpers (notebook) ----------------------------------------------------------------------
-
-
 def demo_config(arg: str | None = "quick"):
     """`configs/demo.py:<arg>` of the checkout or the installed package (loaded by path, as the
     configs load each other)."""
@@ -270,9 +256,6 @@ def synthetic_sample(workdir: str, dataset: str = "synth_a", index: int = 0,
         data_dir = checkpointing.read_config(workdir)["data"]["data_dir"]
     source = sources.open_sources([dataset], split, data_dir)[0]
     return np.asarray(source[index]["image"], np.uint8)
-
-
-# --- CLI ------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str]]:

@@ -1,46 +1,7 @@
 """tfds builders for the five segmentation datasets (paper App. A), read from `manual_dir`.
 
-One record format for all of them (and for `synthetic.py`)::
-
-    {"image":     tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-     "label":     tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
-     "file_name": tfds.features.Text()}
-
-`label` holds DATASET-LOCAL train ids `0..n-1` (`n = len(registry.get(name).classes)`) and 255 =
-ignore; the raw -> train-id mapping is done here, at build time. Splits are `train` and
-`validation`. Files are array_record, so no TensorFlow is needed to write or to read:
-
-    src = tfds.data_source("ms3_ade20k", split="train", data_dir=DATA_DIR)
-    ex = src[i]   # {"image": uint8 [H, W, 3], "label": uint8 [H, W, 1], "file_name": bytes}
-
-(verified without TF: an `ArrayRecordDataSource` with `len()`, `__getitem__(int)` and
-`__getitems__(list)`; images are decoded with PIL (OpenCV if installed) into numpy uint8,
-records are stored in tfds's hash-of-key order, not in file order.) A data_dir can be read
-without importing this module (tfds falls back to the `dataset_info.json` on disk).
-
-Dataset names ("voc", ...; those of `registry.DATASETS`) are not tfds names: tfds ships builders
-called `voc` and `cityscapes`, so ours are prefixed (`builder.name`, e.g. "ms3_voc_aug").
-`sources.open_sources(names, split, data_dir)` opens prepared splits by name. Each builder's
-docstring gives its id mapping, `MANUAL_DOWNLOAD_INSTRUCTIONS` its layout below `manual_dir`
-and `OFFICIAL_SIZES` its split sizes.
-
-Instead of the extracted folders, `manual_dir` may hold the official archives (each builder's
-`ARCHIVES`): they are extracted once with Python's zipfile/tarfile into
-`<data_dir>/downloads/extracted/` (tfds's extractor needs TF); one extra top-level folder
-inside an archive is tolerated. VOC needs MMSeg's converted layout: MMSeg's `voc_aug.py`
-turns SBD's `.mat` files into `SegmentationClassAug` and writes `train_aug.txt`.
-
-Images are stored as the original JPEG bytes when the file is an RGB JPEG; anything else
-(Cityscapes' PNGs, grayscale or CMYK JPEGs) is re-encoded (`encode_image`). EXIF orientation
-is not applied (labels match the stored pixels).
-
-Bad input raises `DatasetError` naming the path; missing folders, split lists and images
-without labels (or the reverse) are found while listing, before any file is decoded. Corrupt
-files stop the build unless `skip_corrupt=True`; skipped files are counted in
-`builder.skipped` and in the dataset's `metadata.json`.
-
-Why not tfds's own builders: docs/choices.md, "Our own tfds builders". `from_tfds_example`
-converts an example of tfds's `cityscapes` into our record.
+Record format (`features()`), layouts, archives and error handling: docs/usage.md,
+"Datasets". Why not tfds's own builders: docs/choices.md, "Our own tfds builders".
 """
 
 from __future__ import annotations
@@ -74,15 +35,13 @@ class DatasetError(ValueError):
 
 
 def features() -> tfds.features.FeaturesDict:
-    """The shared record format (see the module docstring)."""
+    """The shared record format (docs/usage.md, "Record format")."""
     return tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
         "label": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
         "file_name": tfds.features.Text(),
     })
 
-
-# --- Per-file encoding (pure functions, used by every builder) -------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
@@ -164,7 +123,7 @@ def _valid(ids) -> np.ndarray:
     return np.isin(np.arange(256), list(ids))
 
 
-# --- Listing files (cheap; every pairing error is found here, before decoding anything) ------
+# Listing files (cheap; every pairing error is found here, before decoding anything).
 
 def _require_dir(path: epath.Path, what: str, hint: str = "") -> epath.Path:
     if not path.is_dir():
@@ -228,8 +187,6 @@ def _extract(archive: epath.Path, dest: epath.Path) -> epath.Path:
     return dest
 
 
-# --- Builders --------------------------------------------------------------------------------
-
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared logic; subclasses set the class attributes and implement `_list_split`."""
 
@@ -268,8 +225,6 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
                 dataset=entry.name, classes=list(entry.classes), ignore_index=IGNORE_INDEX),
         )
 
-    # -- locating the data --------------------------------------------------------------------
-
     def _manual_root(self, dl_manager) -> epath.Path:
         try:
             return epath.Path(dl_manager.manual_dir)
@@ -300,8 +255,6 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     def _list_split(self, dl_manager, split: str) -> list[Pair]:
         """Abstract hook: each dataset builder lists its (image, label) pairs of `split`."""
         raise NotImplementedError(f"{type(self).__name__} must override _list_split")
-
-    # -- generation ---------------------------------------------------------------------------
 
     def _split_generators(self, dl_manager):
         self._manual_root(dl_manager)

@@ -98,8 +98,6 @@ class LabelSpace:
             raise ValueError(f'Unknown dataset name(s) {unknown}; valid names: {sorted(known)}.')
         return cls([(n, known[n].classes) for n in dataset_names])
 
-    # --- lookups ---------------------------------------------------------------------------------
-
     @property
     def num_datasets(self) -> int:
         return len(self.dataset_names)
@@ -132,8 +130,6 @@ class LabelSpace:
         except ValueError:
             raise KeyError(f'{qualified_name!r} is not a class of this label space '
                            "(expected 'dataset/class').") from None
-
-    # --- label conversion ------------------------------------------------------------------------
 
     def to_union(self, local_labels: Any, dataset_index: int | str | np.ndarray) -> np.ndarray:
         """Maps dataset-local labels to union ids (int32); local 255 -> `UNION_IGNORE` (-1).
@@ -178,8 +174,6 @@ class LabelSpace:
         lut[:n] = np.arange(n) + self.offsets[d]
         return lut
 
-    # --- masks for Eq. 6 -------------------------------------------------------------------------
-
     def other_dataset_mask(self) -> np.ndarray:
         """bool [|Y|, |Y|]: True where classes y, y' come from different datasets (Eq. 6)."""
         return self.dataset_of_class[:, None] != self.dataset_of_class[None, :]
@@ -193,8 +187,6 @@ class LabelSpace:
             if r['from'] in index and r['to'] in index:
                 out[index[r['from']], index[r['to']]] = True
         return out
-
-    # --- dunder ----------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return self.num_classes

@@ -135,8 +135,6 @@ def open_unlabeled_source(source: str, split: str, data_dir: str | None) -> Any:
     return src
 
 
-# --- mixture --------------------------------------------------------------------------------------
-
 def mixture_weights(datasets: Sequence[str], sizes: Sequence[int],
                     weights: Sequence[float] | Mapping[str, float] | None) -> tuple[float, ...]:
     """Normalised mixture weights: `weights` (aligned with `datasets`, or {name: weight}) or, if

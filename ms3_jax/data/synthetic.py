@@ -36,7 +36,6 @@ INFO_FILE = 'synthetic_info.json'
 _JPEG_QUALITY = 95
 
 
-# --- textures -------------------------------------------------------------------------------------
 # Every texture maps (rng, h, w, scale) -> float32 [h, w, 3] roughly in [0, 1].
 
 def _noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
@@ -173,8 +172,6 @@ def _mean_color(variant: str) -> np.ndarray:
     return TEXTURES[variant](np.random.default_rng(0), 64, 64, 1.0).reshape(-1, 3).mean(0)
 
 
-# --- the paper's difficulties (data 2.0) ----------------------------------------------------------
-
 @dataclasses.dataclass(frozen=True)
 class Difficulty:
     """The knobs of the paper's difficulties (`synthetic.*` in the configs; docs/choices.md).
@@ -210,8 +207,6 @@ SCENES: dict[str, tuple[str, ...]] = {
 OBJECTS = {'boat': 'water'}  # object family -> the family it sits in
 _UNANNOTATED_WEIGHT = 0.25  # relative frequency of a scene concept the dataset has no class for
 
-
-# --- the datasets ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSpec:
@@ -416,8 +411,6 @@ def _encode(array: np.ndarray, fmt: str) -> bytes:
     Image.fromarray(array).save(buf, format=fmt, **({'quality': _JPEG_QUALITY} if fmt == 'JPEG' else {}))
     return buf.getvalue()
 
-
-# --- tfds builders --------------------------------------------------------------------------------
 
 _SPLITS = ('train', 'validation')
 

@@ -67,8 +67,7 @@ def _configure_array_handler() -> None:
             jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
-# --- the checkpoint directory must be writable: checked up front, not after orbax's barrier -------
-
+# The checkpoint directory must be writable: checked up front, not after orbax's barrier.
 def _any_process(flag: bool) -> np.ndarray:
     """The flag of every process (a collective with several processes)."""
     if jax.process_count() == 1:
@@ -186,7 +185,7 @@ def read_config(workdir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-# --- manifests: size + crc32 of every file of a step, checked before a restore -------------------
+# Manifests: size + crc32 of every file of a step, checked before a restore.
 
 def _crc32(path: str) -> tuple[int, int]:
     """(size, crc32) of a file, read in chunks."""

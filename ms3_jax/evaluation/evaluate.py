@@ -29,8 +29,6 @@ _LOW_MASK = (1 << _LOW_BITS) - 1
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, images [B,H,W,3]) -> logits [B,h,w,K]
 
 
-# --- confusion matrix and metrics -------------------------------------------------------------
-
 def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> jax.Array:
     """int32 [K, K] pixel counts, rows = ground truth, columns = prediction (jit-friendly).
@@ -100,8 +98,6 @@ def format_table(metrics: Mapping[str, Any], class_names: Sequence[str] | None =
     return "\n".join(lines)
 
 
-# --- inference ----------------------------------------------------------------------------------
-
 @functools.lru_cache(maxsize=None)
 def logits_fn(model: nn.Module) -> ApplyFn:
     """`apply_fn` of an `MS3Encoder` with a classifier: eval-mode logits [B, H/4, W/4, K].
@@ -133,8 +129,6 @@ def predict_whole(apply_fn: ApplyFn, variables: Any, image: jax.Array, num_class
         return resize_bilinear(_check_logits(apply_fn(variables, x), num_classes), x.shape[1:3])
     return _flip_average(predict, image) if flip else predict(image)
 
-
-# --- MMSeg slide-inference windows ---------------------------------------------------------------
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return (int(x), int(x)) if np.isscalar(x) else (int(x[0]), int(x[1]))
@@ -223,8 +217,6 @@ def predict_slide(apply_fn: ApplyFn, variables: Any, image: jax.Array, crop: int
 
     return _flip_average(predict, image) if flip else predict(image)
 
-
-# --- evaluation over a dataset ---------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def _image_step(apply_fn: ApplyFn, num_classes: int, mode: str, crop: tuple[int, int] | None,

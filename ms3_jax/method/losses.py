@@ -36,7 +36,7 @@ def _valid(valid_classes: jax.Array | None, num_classes: int) -> jax.Array:
             else jnp.asarray(valid_classes, bool))
 
 
-# --- Pairing loss, Eq. 1/2 and the multi-label extension Eq. 7/8. ---------------------------------
+# Pairing loss, Eq. 1/2 and the multi-label extension Eq. 7/8.
 def _pairing_chunk(e_nxc, y_n, class_emb_CxK, valid_K, pos_KxK, tau, ignore_label):
     """Eq. 7/8 for n pixels as it reads, with logits l = I·Eᵀ/τ (accumulated in float32):
     loss_i = logsumexp_{k valid} l_ik − logsumexp_{k ∈ {y_i} ∪ Ỹ[y_i], k valid} l_ik.
@@ -242,7 +242,7 @@ def pixel_accuracy(emb: jax.Array, class_emb: jax.Array, labels: jax.Array,
                                ignore_label)
 
 
-# --- Cross-entropy baselines (Tab. 4). ------------------------------------------------------------
+# Cross-entropy baselines (Tab. 4).
 def _masked_ce(logits: jax.Array, labels: jax.Array, class_mask: jax.Array | None,
                ignore_label: int) -> jax.Array:
     num_classes = logits.shape[-1]

@@ -116,7 +116,7 @@ def multilabel_mask(S_KxK: jax.Array, other_dataset_KxK: jax.Array,
     return mask
 
 
-# --- Report (host side, NumPy), paper Tab. 8. -----------------------------------------------------
+# Report (host side, NumPy), paper Tab. 8.
 @dataclasses.dataclass(frozen=True)
 class Relation:
     """Class ``name`` (of ``dataset``, self-similarity ``self_sim = S[y, y]``) maps to ``targets``:

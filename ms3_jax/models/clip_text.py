@@ -40,8 +40,6 @@ _TOKENIZER_JSON = "tokenizer.json"
 RANDOM_STANDIN_MARKER = "TINY_RANDOM_CLIP"  # in a directory written by demo.tiny_clip
 
 
-# --- Config -----------------------------------------------------------------------------------
-
 def is_random_standin(directory: str | os.PathLike) -> bool:
     """True for a tiny *random* CLIP written as a stand-in (`demo.tiny_clip`: the marker file)."""
     return os.path.isfile(os.path.join(os.fspath(directory), RANDOM_STANDIN_MARKER))
@@ -108,8 +106,6 @@ class CLIPTextConfig:
             mlp_dim=int(text.intermediate_size),
         )
 
-
-# --- Model ------------------------------------------------------------------------------------
 
 def _quick_gelu(x: Array) -> Array:
     return x * jax.nn.sigmoid(1.702 * x)
@@ -256,8 +252,6 @@ class CLIPTextTower(nn.Module):
         return self.encode_embeddings(splice_context(self.embed_tokens(ids_UxL), ctx_MxD), eos_index_U)
 
 
-# --- Prompt learner (CoOp, class token at the end) --------------------------------------------
-
 @dataclasses.dataclass(frozen=True)
 class PromptLayout:
     """Token ids of the prompts of a class list and where each one pools.
@@ -385,8 +379,6 @@ def init_context(rng: Array, params: Params, tokenizer: Any, num_ctx: int = DEFA
     return ctx_MxD
 
 
-# --- Encoding class names ---------------------------------------------------------------------
-
 def _l2_normalize(x_UxC: Array) -> Array:
     x_UxC = x_UxC.astype(jnp.float32)
     return x_UxC / jnp.maximum(jnp.linalg.norm(x_UxC, axis=-1, keepdims=True), 1e-12)
@@ -410,8 +402,6 @@ def encode_classes(module: CLIPTextTower, params: Params, tokenizer: Any, class_
     ids_UxL, eos_index_U = jnp.asarray(layout.ids_UxL), jnp.asarray(layout.eos_index_U)
     return _l2_normalize(fn({"params": params}, ids_UxL, eos_index_U, ctx_MxD))
 
-
-# --- Loading Hugging Face checkpoints ---------------------------------------------------------
 
 def linear_keys(prefix: str) -> dict[str, tuple[str, bool]]:
     """HF keys of a Linear's kernel (transposed) and bias, for `hf_param_map`-style maps."""

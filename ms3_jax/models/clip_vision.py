@@ -38,8 +38,6 @@ CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
-# --- Config -----------------------------------------------------------------------------------
-
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
     """Shape of the CLIP vision tower (defaults: OpenAI ViT-B/32; ViT-B/16 is ``patch_size=16``).
@@ -98,8 +96,6 @@ class CLIPVisionConfig:
         )
 
 
-# --- Position-embedding interpolation ---------------------------------------------------------
-
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
     """Weights ``[..., 4]`` of the taps at offsets -1, 0, 1, 2 for fractional positions ``t``."""
     a = _BICUBIC_A
@@ -143,8 +139,6 @@ def interpolate_position_embedding(table_LxD: Array, grid_h: int, grid_w: int) -
                              precision=jax.lax.Precision.HIGHEST)
     return jnp.concatenate([table_LxD[:1], patch_HxWxD.reshape(grid_h * grid_w, dim)], axis=0)
 
-
-# --- Model ------------------------------------------------------------------------------------
 
 class CLIPVisionTower(nn.Module):
     """CLIP ViT image encoder + projection (``CLIPVisionModelWithProjection``) with dense outputs.
@@ -220,8 +214,6 @@ class PixelEncoder:
         dense_BxhxwxC = self.tower.apply({"params": variables["params"]}, pixels)["dense"]
         return {"language": l2_normalize(dense_BxhxwxC)}
 
-
-# --- Loading Hugging Face checkpoints ---------------------------------------------------------
 
 def hf_param_map(config: CLIPVisionConfig) -> dict[str, Any]:
     """Flax param tree whose leaves are ``(hf_key, transpose)``: the explicit name mapping.

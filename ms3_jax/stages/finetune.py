@@ -50,8 +50,6 @@ class FinetuneState:
     rng: jax.Array
 
 
-# --- loss, optimiser, frozen backbone ---------------------------------------------------------------
-
 def segmentation_loss(logits_BxhxwxK: jax.Array, labels_BxHxW: jax.Array,
                       ignore_index: int = evaluate.IGNORE_INDEX,
                       avg_non_ignore: bool = False) -> jax.Array:
@@ -129,8 +127,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
 
     return train_step
 
-
-# --- the trainer ---------------------------------------------------------------------------------
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Fail before any long work on settings that cannot run."""
@@ -256,7 +252,7 @@ class Trainer(training.Trainer):
                              rng=jax.device_put(rng, self.replicated))
 
 
-# --- initialisation (Tab. 2 rows) ------------------------------------------------------------------
+# Initialisation (Tab. 2 rows).
 
 def _shapes(tree: Any) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_leaves_with_path(tree)
@@ -325,8 +321,6 @@ def _graft(tree: Mapping[str, Any], source: Mapping[str, Any], path: tuple[str, 
     return {**tree, path[0]: _graft(tree[path[0]], source[path[0]], path[1:])}
 
 
-# --- data and evaluation ---------------------------------------------------------------------------
-
 def make_pipeline(config: ml_collections.ConfigDict, label_space: LabelSpace):
     """The augmented training stream of the one dataset (labels = its local ids)."""
     dc = config.data
@@ -377,8 +371,6 @@ def results_dict(config: ml_collections.ConfigDict, label_space: LabelSpace, ste
         "evaluations": history,
     }
 
-
-# --- the loop ----------------------------------------------------------------------------------------
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_at: int | None = None) -> dict[str, Any] | None:

@@ -55,18 +55,12 @@ class TextAdaptState:
     rng: jax.Array
 
 
-# --- Loss and class prompts -----------------------------------------------------------------------
-
-
 def mean_pairwise_cosine(emb_UxC: Any) -> Any:
     """Mean cosine over all pairs of distinct rows (Tab. 1 'mean'); rows are unit vectors."""
     xp = jnp if isinstance(emb_UxC, jax.Array) else np
     n = emb_UxC.shape[0]
     sim_UxU = emb_UxC @ emb_UxC.T
     return (xp.sum(sim_UxU) - xp.trace(sim_UxU)) / max(n * (n - 1), 1)
-
-
-# --- Optimiser and step ---------------------------------------------------------------------------
 
 
 def frozen_fraction(config: ml_collections.ConfigDict) -> float:
@@ -371,9 +365,6 @@ class Trainer(training.Trainer):
         return state.params["text"] if self.train_text_tower else self.consts["text"]
 
 
-# --- CLIP source, adapted text model I/O, Tab. 1 report -------------------------------------------
-
-
 def resolve_clip(config: ml_collections.ConfigDict) -> str:
     """The CLIP checkpoint to adapt: ``text.tiny_clip_dir`` if set (a tiny *random* stand-in that
     ``python -m ms3_jax.main`` writes first, `demo.tiny_clip.write_for_config`), else ``text.clip``
@@ -401,12 +392,6 @@ def load_clip(clip: str, dtype: Any = jnp.float32) -> tuple[CLIPTextTower, Any, 
         logging.warning("CLIP %s is a tiny RANDOM stand-in (no pretrained weights): the adapted "
                         "embeddings demonstrate the code path, not language knowledge", clip)
     return loaded
-
-
-
-
-
-
 
 
 def similarity_report(names: Sequence[str], embeddings: Mapping[str, np.ndarray],
@@ -492,9 +477,6 @@ def _write_outputs(workdir: str, trainer: Trainer, state: TextAdaptState, clip: 
         json.dump(report, f, indent=1)
     print(format_similarity_table(report), flush=True)
     return report
-
-
-# --- The loop -------------------------------------------------------------------------------------
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
