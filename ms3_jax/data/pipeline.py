@@ -8,13 +8,11 @@ for `jax.make_array_from_process_local_data(sharding, batch[k])`:
   {'image': uint8 [b, H, W, 3], 'label': int32 [b, H, W], 'dataset_id': int32 [b]}
 
 with b = global_batch_size // jax.process_count() (plus 'unreadable' int32 [b] with
-`skip_unreadable`). Choices (docs/choices.md): "Multi-host: one global stream, sliced per
-process", "Augmentation randomness from the stream position", "Unlabeled data source and
-mixing", "Unreadable records: replaced by the next readable one". The iterator is saved next
-to the train state:
-
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=checkpoint_save_args(it)))
+`skip_unreadable`). The iterator is saved next to the train state, as the item
+`data=checkpoint_save_args(it)` of the step's `ocp.args.Composite`. Choices (docs/choices.md):
+"Multi-host: one global stream, sliced per process", "Augmentation randomness from the stream
+position", "Unlabeled data source and mixing", "Unreadable records: replaced by the next
+readable one".
 """
 
 from __future__ import annotations

@@ -5,9 +5,7 @@ should discover) with nothing downloaded. Not from the paper: concepts, planted 
 subsets, `Difficulty` and `RARE_WEIGHT` are described in docs/choices.md, "Synthetic demo data
 2.0". `PRETRAIN_DATASETS` are for pretraining; synth_d is held out for transfer (Tab. 3).
 
-Records have the same format as the real builders (`builders.py`): tfds features
-{'image': jpeg, 'label': png uint8 [H, W, 1] dataset-local ids with 255 = ignore, 'file_name'},
-written as array_record and read with `tfds.data_source(name, split, data_dir)`.
+Records have the real builders' format: docs/usage.md, "Record format".
 """
 
 from __future__ import annotations
@@ -174,18 +172,12 @@ def _mean_color(variant: str) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Difficulty:
-    """The knobs of the paper's difficulties (`synthetic.*` in the configs; docs/choices.md).
-
-    domain_gap: strength of each dataset's own look (`SyntheticSpec.color_gain`, `noise_std`,
-      `blur`; 0 = one look for all, 1 = the specs' values, larger = stronger).
-    synonym_similarity: 1 = a concept is drawn with the same parameters in every dataset; below 1
-      each (dataset, concept) gets its own colour offset and feature scale (std `STYLE_COLOR_STD` /
-      `STYLE_SCALE_STD` x (1 - similarity)): synonyms are the same family, never the same texture.
-    cooccurrence: probability that an image is a scene (`SCENES`: boats on water, sand beside
-      water, roads and buildings, ...) rather than independent regions; in a scene the sky is on
-      top and concepts a dataset has no class for are painted and labelled ignore.
-    lookalike: how far each texture in `LOOKALIKES` moves its mean colour towards its unrelated
-      look-alike's (0 = its own, 1 = the same mean colour).
+    """The knobs of the paper's difficulties (`synthetic.*` in the configs); what each one draws:
+    docs/choices.md, "Synthetic demo data 2.0". domain_gap scales each dataset's own look (0 = one
+    look for all, 1 = the specs' values); synonym_similarity 1 = a concept is drawn alike in every
+    dataset, below 1 it gets a per-dataset offset of std `STYLE_COLOR_STD` / `STYLE_SCALE_STD` x
+    (1 - similarity); cooccurrence is the probability that an image is a scene (`SCENES`);
+    lookalike moves a `LOOKALIKES` texture's mean colour towards its look-alike's (1 = the same).
     """
     domain_gap: float = 1.0
     synonym_similarity: float = 0.5
