@@ -7,9 +7,8 @@ Names and order follow MMSegmentation"s dataset classes (``PascalVOCDataset``, `
 and exported to MMSeg has the same class indices. Two deliberate differences in wording:
 
 - ADE20K: MMSeg writes ``"bed "`` (trailing space); we write ``"bed"``.
-- Mapillary: MMSeg"s readable names (``"Crosswalk - Plain"``, ...) are kept as
-    is, including the capitals; they are the ``readable`` fields of the
-  Vistas v1.2 ``config.json``.
+- Mapillary: MMSeg"s readable names (``"Crosswalk - Plain"``, ...) are kept as is, including
+  the capitals; they are the ``readable`` fields of the Vistas v1.2 ``config.json``.
 
 Train ids are dataset-local: ``0..len(classes) - 1``, ``IGNORE_INDEX`` (255)
 means "no label". The raw -> train maps are 256-entry uint8 lookup tables

@@ -1,9 +1,7 @@
 """CLIP text tower in Flax, real-weight loading, and class-embedding encoding (Sec. 3.2, Fig. 2).
 
 Language embeddings T (|Y| x 512, L2-normalised) from the hand template or M learnable context
-tokens ``[W]_1 .. [W]_M [CLS]`` (CoOp) adapted with Eq. 1. Contents: ``CLIPTextConfig`` /
-``CLIPTextTower``, the prompt learner (``build_prompt_layout``, ``init_context``,
-``splice_context``), ``load_clip_text``, ``encode_classes``. docs/design.md, "CLIP towers".
+tokens ``[W]_1 .. [W]_M [CLS]`` (CoOp) adapted with Eq. 1. docs/design.md, "CLIP towers".
 """
 
 from __future__ import annotations

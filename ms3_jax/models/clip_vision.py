@@ -1,9 +1,7 @@
 """CLIP vision tower in Flax (``transformers.CLIPVisionModelWithProjection``), real-weight loading.
 
 Two views of an image (Sec. 3.2): the global ``image_embeds`` (``CLIPModel.get_image_features``)
-and ``dense`` per-patch embeddings (DenseCLIP). Contents: ``CLIPVisionConfig`` /
-``CLIPVisionTower``, ``interpolate_position_embedding``, ``load_clip_vision``,
-``pixel_statistics`` / ``normalize_pixels``. docs/design.md, "CLIP towers"; docs/choices.md,
+and ``dense`` per-patch embeddings (DenseCLIP). docs/design.md, "CLIP towers"; docs/choices.md,
 "Pixel embeddings from CLIP's ViT".
 """
 
