@@ -26,7 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def scalars(workdir: str) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} of the `train/` scalars in `workdir`'s event files."""
     out: dict[str, dict[int, float]] = {}
-    for path in sorted(glob.glob(os.path.join(workdir, "**", "events.out.tfevents*"), recursive=True)):
+    pattern = os.path.join(workdir, "**", "events.out.tfevents*")
+    for path in sorted(glob.glob(pattern, recursive=True)):
         data, i = open(path, "rb").read(), 0
         while i < len(data):  # TFRecord: length, crc, payload, crc
             (n,) = struct.unpack("<Q", data[i:i + 8])
@@ -45,7 +46,8 @@ def run(out_path: str) -> None:
     jobs = [
         ("t1_clip", ["configs/text_adapt.py:tiny", "num_steps=12"]),
         ("t1_deeplab", ["configs/text_adapt.py:tiny", "encoder=deeplab", "num_steps=8"]),
-        ("pre_ms3", ["configs/pretrain.py:tiny", f"text.embeddings={w('t1_clip')}/text_embeddings.npz"]),
+        ("pre_ms3", ["configs/pretrain.py:tiny",
+                     f"text.embeddings={w('t1_clip')}/text_embeddings.npz"]),
         ("pre_ce", ["configs/pretrain.py:tiny", "num_steps=8", "loss.kind=ce_multi_head"]),
         ("ft_ms3", ["configs/finetune/voc.py:ms3,tiny", f"init.path={w('pre_ms3')}"]),
         ("ft_frozen", ["configs/finetune/ade20k.py:torchvision,frozen,tiny",
@@ -77,7 +79,8 @@ def compare(before_path: str, after_path: str) -> int:
         a, b = before.get(job, {}), after.get(job, {})
         values = [(t, s, v, b.get(t, {}).get(s)) for t in a if t != "train/images_per_s"
                   for s, v in a[t].items()]
-        differ = [x for x in values if x[2] != x[3]] + [(t, "-", None, None) for t in set(b) - set(a)]
+        differ = [x for x in values if x[2] != x[3]]
+        differ += [(t, "-", None, None) for t in set(b) - set(a)]
         bad += len(differ)
         print(f"{job}: {len(values)} values, {len(differ)} differ {differ[:3] if differ else ''}")
     return 1 if bad else 0

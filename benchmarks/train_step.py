@@ -52,7 +52,7 @@ FLAG_SETS = {
     "fastmath": "--xla_cpu_enable_fast_math=true",
 }
 # Process environments tried. Every worker (torch too) applies MS3_HOST_MALLOC as
-# `python -m ms3_jax.main` does (`ms3_jax.engine.host_memory.configure_from_env`): "reuse" makes glibc
+# `python -m ms3_jax.main` does (`engine.host_memory.configure_from_env`): "reuse" makes glibc
 # keep freed pages instead of faulting in and zeroing fresh ones every step.
 ENV_SETS = {
     "reuse": {"MS3_HOST_MALLOC": "reuse"},

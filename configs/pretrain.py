@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every = 2000
     c.keep_checkpoints = 3
     # Every eval_every steps and at the end (0: never): each dataset's validation split segmented
-    # by nearest T / V (ms3_jax/pretrain_eval.py) -> console, TensorBoard, W/results.json.
+    # by nearest T / V (evaluation/pretrain_eval.py) -> console, TensorBoard, W/results.json.
     c.eval_every = 10000
     # held_out: datasets outside data.datasets also evaluated (language head, by their own class
     # names embedded with stage 1's text model), e.g. ("cityscapes",).

@@ -1,1 +1,1 @@
-"""The training base the stages share: mesh and jitted step, loop, checkpoints, processes, failure handling."""
+"""The training base the stages share: mesh, jitted step, loop, checkpoints, processes."""

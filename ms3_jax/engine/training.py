@@ -49,7 +49,7 @@ class Stage(Protocol):
     pipeline: pipeline.TrainPipeline
 
     def init_state(self, rng: jax.Array, resuming: bool = False) -> Any:
-        """The initial state, replicated (`resuming`: only its shapes matter, a checkpoint follows)."""
+        """The initial state, replicated (`resuming`: only its shapes matter)."""
 
     def step(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, Metrics]:
         """One jitted training step on a global batch (`Trainer.step`)."""
@@ -202,7 +202,7 @@ def run(stage: Stage, workdir: str, stop_at: int | None = None) -> Any:
         history: list[dict[str, float]] = []
         state = loop.run(stage, state, iterator, config, start=start, end=end, num_steps=num_steps,
                          mngr=mngr, writer=writer, history=history,
-                         after_step=lambda step, state: stage.evaluate(step, state, workdir, writer))
+                         after_step=lambda step, s: stage.evaluate(step, s, workdir, writer))
         return stage.finish(state, history, end, workdir, writer)
     finally:
         if writer is not None:
