@@ -24,7 +24,8 @@ TEXT_MODEL_META = "text_model.json"
 
 
 def save_adapted_text(directory: str, module: CLIPTextTower, params: Any, tokenizer: Any,
-                      ctx_MxD: Any, clip: str, image_encoder: clip_vision.PixelEncoder | None = None,
+                      ctx_MxD: Any, clip: str,
+                      image_encoder: clip_vision.PixelEncoder | None = None,
                       **extra: Any) -> None:
     """``directory/params`` (orbax: ctx + tower params), tokenizer files and a json (Sec. 3.2
     output); with stage 1's CLIP ``image_encoder``, what `load_image_encoder` rebuilds it from."""

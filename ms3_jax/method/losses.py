@@ -4,7 +4,8 @@
 :func:`pairing_loss_fast` / :func:`pairing_loss_and_prediction` give the same numbers through a
 custom VJP that differentiates I only (the training step's path). Nothing here stops gradients:
 targets (T in stage 2, V) are wrapped in ``jax.lax.stop_gradient`` by the caller. Labels follow
-:mod:`ms3_jax.method.labels`. Shape suffixes: N pixels (n: of one chunk), K classes, C embedding dim.
+:mod:`ms3_jax.method.labels`. Shape suffixes: N pixels (n: of one chunk), K classes,
+C embedding dim.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ms3_jax.method.chunking import map_pixel_chunks
 from ms3_jax.method.labels import IGNORE_LABEL, MASKED_LOGIT, valid_labels
 
 TAU = 0.07
-DEFAULT_CHUNK = 8192  # pixels per chunk, = configs/pretrain.py loss.chunk (x 342 classes x 4 B = 11 MB)
+DEFAULT_CHUNK = 8192  # pixels per chunk, = configs/pretrain.py loss.chunk (11 MB at 342 classes)
 
 
 def first_argmax(x_nxk: jax.Array) -> jax.Array:
