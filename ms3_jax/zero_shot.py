@@ -190,7 +190,7 @@ class ZeroShotSegmenter:
 
     @property
     def multiple(self) -> int:
-        return int(self.model.backbone.output_stride)
+        return int(self.model.output_stride)
 
     def embed_classes(self, class_names: Sequence[str] | str) -> np.ndarray:
         """T [K, C] float32, unit rows: the names in the learned-context prompt (Sec. 3.2)."""

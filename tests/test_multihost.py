@@ -335,7 +335,7 @@ def test_single_process_does_not_initialize(monkeypatch):
     for k in ("MS3_COORDINATOR", "MS3_NUM_PROCESSES", "MS3_PROCESS_ID", "SLURM_NTASKS",
               "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(sharding, "_auto_detectable", lambda: False)
+    monkeypatch.setattr(processes, "_auto_detectable", lambda: False)
     assert processes.initialize_distributed() is False
     assert processes.initialize_distributed("127.0.0.1:1", 1, 0) is False
     with pytest.raises(ValueError, match="needs all of"):

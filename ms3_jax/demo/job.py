@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -34,7 +35,8 @@ def score_relations(found: list[dict[str, Any]], truth: list[dict[str, str]],
     """Precision / recall of Eq. 6's directed pairs (paper Tab. 8) between differently named
     classes, against the planted relations; same-name pairs apart, as a sanity count.
 
-    `recall_directed` counts each direction apart; `pairs`: one row per planted or found directed
+    `recall_directed` counts each direction apart; `chance_p`: :func:`chance_p` of the directed
+    pairs found right among the differently named cross-dataset pairs; `pairs`: one row per planted or found directed
     pair (status found / missed / wrong, with S[from, to] and S[from, from] when `sim_KxK`, Eq. 5's
     S, is given). Rules: docs/choices.md, "Scoring relations".
     """
@@ -61,8 +63,12 @@ def score_relations(found: list[dict[str, Any]], truth: list[dict[str, str]],
         return out
 
     status = lambda p: ("found" if p in got else "missed") if p in want else "wrong"
+    candidates = {(a, b) for a in names for b in names
+                  if dataset[a] != dataset[b] and short(a) != short(b)}
     return {
         "precision": len(got_renamed & want) / len(got_renamed) if got_renamed else 0.0,
+        "chance_p": chance_p(len(candidates), len(want), len(got_renamed & candidates),
+                             len(got_renamed & want)),
         "recall": sum(map(recovered, relations)) / len(relations) if relations else 0.0,
         "found": len(got_renamed), "planted": len(relations),
         "recall_directed": len(got & want) / len(want) if want else 0.0,
@@ -73,6 +79,16 @@ def score_relations(found: list[dict[str, Any]], truth: list[dict[str, str]],
         "wrong": sorted(f"{a} -> {b}" for a, b in got_renamed - want),
         "pairs": [row(p, status(p)) for p in sorted(want | got_renamed)],
     }
+
+
+def chance_p(candidates: int, planted: int, found: int, right: int) -> float:
+    """P(at least `right` planted pairs among `found` pairs drawn at random, without replacement,
+    from `candidates` directed pairs of which `planted` are planted): the hypergeometric tail.
+    Small: Eq. 6 found more than picking pairs blindly would; docs/choices.md, "Scoring
+    relations"."""
+    total = math.comb(candidates, found)
+    return sum(math.comb(planted, k) * math.comb(candidates - planted, found - k)
+               for k in range(right, min(planted, found) + 1)) / total
 
 
 def language_accuracy(pretrain_dir: str, data_dir: str, truth: list[dict[str, str]],
@@ -158,10 +174,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "relations_eval.json"), "w") as f:
         json.dump(scores, f, indent=1)
     logging.info("relations (Eq. 6) between differently named classes: precision %.2f, recall "
-                 "%.2f (%d pairs found, %d relations planted); same-name pairs (one T per name, "
-                 "not counted): %d of %d; the pairs with their S in relations_eval.json",
+                 "%.2f (%d pairs found, %d relations planted; as many pairs picked blindly do "
+                 "as well with p = %.3g); same-name pairs (one T per name, not counted): %d of "
+                 "%d; the pairs with their S in relations_eval.json",
                  scores["precision"], scores["recall"], scores["found"], scores["planted"],
-                 scores["same_name"]["found"], scores["same_name"]["possible"])
+                 scores["chance_p"], scores["same_name"]["found"], scores["same_name"]["possible"])
     accuracy = language_accuracy(pre_dir, data_dir, truth, state=state)
     logging.info("nearest-T pixel accuracy on the validation splits: %.3f (classes without a "
                  "renamed relation: %.3f; chance: 1 in %d names)", accuracy["pixel_accuracy"],
@@ -190,10 +207,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         json.dump(summary, f, indent=1)
     logging.info("demo done: loss %.3f -> %.3f, nearest-T pixel accuracy %.3f (classes without a "
                  "renamed relation %.3f)%s, relations between differently named classes P %.2f "
-                 "R %.2f; outputs in %s. For PyTorch: python -m ms3_jax.export --workdir %s "
-                 "--out backbone.pth", summary["loss_first"], summary["loss_last"],
+                 "R %.2f (chance p %.3g); outputs in %s. For PyTorch: python -m ms3_jax.export "
+                 "--workdir %s --out backbone.pth", summary["loss_first"], summary["loss_last"],
                  accuracy["pixel_accuracy"], accuracy["pixel_accuracy_unrelated"], miou,
-                 scores["precision"], scores["recall"], workdir, pre_dir)
+                 scores["precision"], scores["recall"], scores["chance_p"], workdir, pre_dir)
     if config.get("check_accuracy", True):
         check_better_than_chance(accuracy["pixel_accuracy"], len(set(label_space.names)), workdir)
     return summary

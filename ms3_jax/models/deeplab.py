@@ -199,6 +199,11 @@ class MS3Encoder(nn.Module):
     dtype: Any = jnp.float32
     conv: ModuleDef = Conv
 
+    @property
+    def output_stride(self) -> int:
+        """Input pixels per feature pixel of the ASPP map (the backbone's output stride)."""
+        return self.backbone.output_stride
+
     @nn.compact
     def __call__(self, images_BxHxWx3: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         f32 = jnp.float32
