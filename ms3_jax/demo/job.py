@@ -36,9 +36,10 @@ def score_relations(found: list[dict[str, Any]], truth: list[dict[str, str]],
     classes, against the planted relations; same-name pairs apart, as a sanity count.
 
     `recall_directed` counts each direction apart; `chance_p`: :func:`chance_p` of the directed
-    pairs found right among the differently named cross-dataset pairs; `pairs`: one row per planted or found directed
-    pair (status found / missed / wrong, with S[from, to] and S[from, from] when `sim_KxK`, Eq. 5's
-    S, is given). Rules: docs/choices.md, "Scoring relations".
+    pairs found right among the differently named cross-dataset pairs; `pairs`: one row per
+    planted or found directed pair (status found / missed / wrong, with S[from, to] and
+    S[from, from] when `sim_KxK`, Eq. 5's S, is given). Rules: docs/choices.md, "Scoring
+    relations".
     """
     names = list(label_space.display_names)
     dataset = {n: n.split("/")[0] for n in names}
