@@ -111,7 +111,7 @@ def test_small_benchmark_learns_relations_are_reported_against_blind_picking(tmp
     name: nearly by construction, a sanity check). Reported, as an xfail naming the figures:
     whether Eq. 6's relations between differently named classes beat as many pairs picked
     blindly (hypergeometric tail p < 0.01). Measured at ac50150 and after (2026-12-06,
-    `pytest tests/test_demo.py -k small_benchmark`): accuracy 0.5+, same-name 10 of 10, 51 pairs
+    `pytest tests/test_demo.py -k small_benchmark`): accuracy 0.703, same-name 10 of 10, 51 pairs
     found with 4 of the 10 planted directed pairs (recall 0.67, precision 0.078), p = 0.115: at
     this budget with random T the paper's rule does not beat blind picking (docs/choices.md,
     "Demo on data 2.0")."""
