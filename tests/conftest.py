@@ -8,7 +8,9 @@ import multiprocessing.util
 import os
 import subprocess
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from ms3_jax.testing import paths  # imports no JAX
+
+os.environ.setdefault("XLA_FLAGS", paths.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -16,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from ms3_jax.testing import paths, synthetic_data  # noqa: E402
+from ms3_jax.testing import synthetic_data  # noqa: E402
 
 
 def pytest_configure(config):

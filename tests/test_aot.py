@@ -34,6 +34,9 @@ accelerators = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(accelerators)
 
 TARGETS = ("h100", "v5e")
+# conftest's XLA_FLAGS lower the backend optimisation level for the tests' CPU programs (paths.
+# CPU_TEST_XLA_FLAGS); the accelerator compiles here restore XLA's default (3).
+DEFAULT_LEVEL = {"xla_backend_optimization_level": 3}
 
 
 def _lower(target: str, kernels: str):
@@ -44,7 +47,7 @@ def _lower(target: str, kernels: str):
 
 def _compile(target: str) -> dict:
     lowered, layers = _lower(target, "auto")
-    compiled = lowered.compile()
+    compiled = lowered.compile(DEFAULT_LEVEL)
     stats = accelerators.hlo_stats(compiled.as_text())
     return {"stats": stats, "memory": compiled.memory_analysis(),
             "problems": accelerators.kernel_problems(lowered.as_text(), layers, stats)}
@@ -102,6 +105,6 @@ def test_stage1_clip_step_compiles(target):
     `clip_text.HeadsDense` contracts the heads without one."""
     accelerators.require_aot_wheels(target)
     lowered, _ = _lower_stage1(target)
-    compiled = lowered.compile()
+    compiled = lowered.compile(DEFAULT_LEVEL)
     assert compiled.memory_analysis().temp_size_in_bytes > 0
     assert lowered.as_text().count("stablehlo.convolution") >= 1  # the patch embedding

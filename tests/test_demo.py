@@ -1,6 +1,8 @@
 """configs/demo.py end to end (its 'quick' variant): every stage runs and leaves its outputs."""
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from configs import demo as demo_config
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.demo import job as demo
 from ms3_jax.method import text_embeddings
+from ms3_jax.testing.paths import ROOT, subprocess_env
 
 flags.FLAGS.mark_as_parsed()
 pytestmark = pytest.mark.slow  # the whole demo: the full tier (.ci/run)
@@ -104,7 +107,8 @@ def test_score_relations_synonyms_either_way_subsets_one_way():
 
 def test_small_benchmark_learns_relations_are_reported_against_blind_picking(tmp_path_factory):
     """The demo's pretraining at a third of its budget (500 steps, Eq. 6 mask from step 300) on
-    the demo's data 2.0, with one random unit T per distinct name (no stage 1).
+    the demo's data 2.0, with one random unit T per distinct name (no stage 1): a child process
+    on 8 devices at XLA's default level (`ms3_jax.testing.small_benchmark`).
 
     Asserted: the language head learns (nearest-T accuracy on the classes without a renamed
     relation far above chance, 1 in 16 names); Eq. 6 pairs the same-name classes (one T per
@@ -115,29 +119,13 @@ def test_small_benchmark_learns_relations_are_reported_against_blind_picking(tmp
     found with 4 of the 10 planted directed pairs (recall 0.67, precision 0.078), p = 0.115: at
     this budget with random T the paper's rule does not beat blind picking (docs/choices.md,
     "Demo on data 2.0")."""
-    from ms3_jax.data import synthetic
-    from ms3_jax.stages import pretrain
-    from ms3_jax.testing import synthetic_data
     root = tmp_path_factory.mktemp("benchmark")
-    data = synthetic_data.build(root, num_train=200, num_val=20, image_size=96)
-    ls = LabelSpace.from_datasets(list(synthetic.PRETRAIN_DATASETS))
-    names = sorted(set(ls.names))
-    t = np.random.default_rng(0).standard_normal((len(names), 32))
-    t /= np.linalg.norm(t, axis=1, keepdims=True)
-    text_path = str(root / "text_embeddings.npz")
-    text_embeddings.save_text_embeddings(
-        text_path, ls, np.stack([t[names.index(n)] for n in ls.names]).astype(np.float32), "template")
-    config = demo_config.get_config().pretrain
-    config.update_from_flattened_dict({"data.data_dir": data.data_dir, "text.embeddings": text_path,
-                                       "num_steps": 500, "relations.warmup_steps": 300,
-                                       "log_every": 100,
-                                       "eval.held_out": ()})  # random T: no text model for synth_d
-    workdir = str(root / "pretrain")
-    pretrain.train_and_evaluate(config, workdir)
-    truth = synthetic.ground_truth_relations()
-    acc = demo.language_accuracy(workdir, data.data_dir, truth)
-    scores = demo.score_relations(json.loads((root / "pretrain" / "relations.json").read_text()),
-                                  truth, ls)
+    done = subprocess.run([sys.executable, "-m", "ms3_jax.testing.small_benchmark", str(root)],
+                          cwd=ROOT, env=subprocess_env(8, fast_compile=False), capture_output=True,
+                          text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((root / "benchmark.json").read_text())
+    acc, scores = result["accuracy"], result["scores"]
     assert acc["pixel_accuracy_unrelated"] >= 0.5, acc
     assert scores["same_name"]["found"] >= 8, scores
     if scores["chance_p"] >= 0.01:

@@ -135,6 +135,7 @@ def test_init_segmentor_from_aspp_pretraining_leaves_the_decoder_fresh(data_dir,
             assert all(m in messages[0] for m in DECODER_MODULES) and "\n" not in messages[0]
 
 
+@pytest.mark.slow
 def test_frozen_backbone_from_ms3_workdir(data_dir, ms3_workdir, tmp_path):
     """Tab. 3: backbone params and BN statistics bit-identical to the MS3 checkpoint after two
     steps; the decode head (also from the checkpoint) and the classifier train."""
@@ -175,6 +176,7 @@ def test_torchvision_pth_initialises_the_backbone(data_dir, tmp_path):
     assert read_results(wd)["init"]["kind"] == "torchvision"
 
 
+@pytest.mark.slow
 def test_scratch_finetune_trains_everything_and_resumes(data_dir, tmp_path):
     """Tab. 2 'Scratch' row, interrupted after step 1 and resumed == uninterrupted."""
     config = tiny_config(data_dir, **{"init.kind": "scratch"})
@@ -219,6 +221,7 @@ def test_non_square_crops_keep_image_and_label_aligned():
     np.testing.assert_array_equal(img[..., 0], lab.astype(np.uint8) * 40)
 
 
+@pytest.mark.slow
 def test_predict_cli_segments_a_folder_like_the_model(data_dir, tmp_path, capsys):
     """`python -m ms3_jax.predict`: a folder in, palette PNG + names + overlay out; the labels are
     the argmax of the model's logits resized to the image (float64 NumPy reference)."""

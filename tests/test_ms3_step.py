@@ -5,6 +5,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ms3_jax.method import labels, relations
 from ms3_jax.stages import pretrain
@@ -29,6 +30,7 @@ def test_warmup_gate_of_the_multilabel_mapping():
                                       np.asarray(want) & on)
 
 
+@pytest.mark.slow
 def test_step_ema_bank_from_the_momentum_encoder_and_v_lagging():
     config = tiny_config(**{"ema_momentum": MOMENTUM, "relations.warmup_steps": 100})
     ls = label_space()

@@ -357,10 +357,10 @@ def test_loop_logs_the_running_count_of_replaced_records(tmp_path, caplog):
 
 # --- subprocesses: kill -9 during a save, two processes, the soak test -----------------------------
 
-def launch(cmd, log_path, devices=1):
+def launch(cmd, log_path, devices=1, fast_compile=True):
     """A subprocess with its output in `log_path`, in its own session (signals reach only it)."""
     log = open(log_path, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(devices), stdout=log,
+    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(devices, fast_compile), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -490,12 +490,13 @@ def test_soak_sigterm_and_three_kill_9_resume_to_the_uninterrupted_params(tmp_pa
     t0 = time.perf_counter()
     progress = r"step (\d+)/12"
     # The uninterrupted run goes alongside, once it has compiled (and filled the compilation cache).
-    reference = launch(soak_command(tmp_path / "ref", data_dir, text), tmp_path / "ref.txt")
+    reference = launch(soak_command(tmp_path / "ref", data_dir, text), tmp_path / "ref.txt",
+                       fast_compile=False)  # many steps: XLA's default level
     wait_for(reference, tmp_path / "ref.txt", progress, timeout=300)
     workdir = tmp_path / "soak"
     rng = np.random.default_rng(0)
     log = tmp_path / "run0.txt"
-    proc = launch(soak_command(workdir, data_dir, text), log)
+    proc = launch(soak_command(workdir, data_dir, text), log, fast_compile=False)
     wait_for(proc, log, progress)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == exit_codes.PREEMPTED, open(log).read()[-3000:]
@@ -505,7 +506,7 @@ def test_soak_sigterm_and_three_kill_9_resume_to_the_uninterrupted_params(tmp_pa
         # A random moment: during a random one of the steps left (each save takes ~1 s).
         target = int(rng.integers(latest[-1] + 1, SOAK_STEPS))
         log = tmp_path / f"run{cycle}.txt"
-        proc = launch(soak_command(workdir, data_dir, text), log)
+        proc = launch(soak_command(workdir, data_dir, text), log, fast_compile=False)
         wait_for(proc, log, rf"step {target}/12")
         time.sleep(rng.uniform(0.0, 0.3))
         proc.kill()
@@ -515,7 +516,7 @@ def test_soak_sigterm_and_three_kill_9_resume_to_the_uninterrupted_params(tmp_pa
         latest.append(mngr.latest_step() or 0)
         mngr.close()
     log = tmp_path / "final.txt"
-    proc = launch(soak_command(workdir, data_dir, text), log)
+    proc = launch(soak_command(workdir, data_dir, text), log, fast_compile=False)
     assert proc.wait(timeout=300) == 0, open(log).read()[-3000:]
     final = open(log).read()
     assert f"resumed from step {latest[-1]}" in final and "skipped_steps 0 |" in final

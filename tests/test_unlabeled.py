@@ -408,6 +408,7 @@ def test_pseudo_labels_enter_the_losses_and_the_bank_only_with_the_switch():
 
 # --- a tiny run ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_pretraining_with_unlabeled_images(tmp_path):
     data_dir = synthetic_data.build(tmp_path, num_train=12, num_val=2).data_dir
     config = tiny_config(**{"num_steps": 4, "log_every": 2, "checkpoint_every": 4,

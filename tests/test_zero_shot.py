@@ -84,6 +84,7 @@ def test_cli_writes_labels_and_overlay(demo_dir, images, tmp_path):
         np.testing.assert_allclose(left, np.round(0.5 * image + 0.5 * colours[labels]), atol=1)
 
 
+@pytest.mark.slow
 def test_label_map_matches_float64_reference(demo_dir, images):
     # A pretraining workdir: the stage-1 text model is found from config.text.embeddings.
     seg = zero_shot.ZeroShotSegmenter.from_workdir(os.path.join(demo_dir, "pretrain"),
@@ -150,6 +151,7 @@ def _copy_config(src: str, dst: str, **text) -> None:
         json.dump(config, f)
 
 
+@pytest.mark.slow
 def test_errors_name_the_problem(demo_dir, images, tmp_path):
     out = str(tmp_path / "out")
     args = ["--workdir", demo_dir, "--out", out, "--short_side", str(SHORT_SIDE)]
