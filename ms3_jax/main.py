@@ -13,8 +13,7 @@ error (one line on stderr, the traceback with `--verbose`); 1 any other error. A
 stops makes the others stop too. Details: docs/usage.md, "Exit codes and config files",
 "Preemption and failures", "Multi-host: TPU pods, GPU clusters".
 
-Long CPU runs: MS3_HOST_MALLOC=reuse makes glibc keep freed pages for reuse (20-25 % faster
-steps; `host_memory`).
+Long CPU runs: MS3_HOST_MALLOC=reuse makes glibc keep freed pages for reuse (`host_memory`).
 """
 import signal
 import sys
@@ -113,16 +112,11 @@ def main(argv: list[str]) -> None:
 def _dispatch(config: Any, workdir: str) -> None:
     if config.mode != "demo":
         demo.prepare_builtin(config)  # the tiny configs' synthetic data and tiny CLIP
-    if config.mode == "pretrain":
-        pretrain.train_and_evaluate(config, workdir)
-    elif config.mode == "text_adapt":
-        text_adapt.train_and_evaluate(config, workdir)
-    elif config.mode == "finetune":
-        finetune.train_and_evaluate(config, workdir)
-    elif config.mode == "demo":
-        demo.run(config, workdir)
-    else:
+    run = {"pretrain": pretrain.train_and_evaluate, "text_adapt": text_adapt.train_and_evaluate,
+           "finetune": finetune.train_and_evaluate, "demo": demo.run}.get(config.mode)
+    if run is None:
         raise app.UsageError(f"unknown config.mode {config.mode!r}")
+    run(config, workdir)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.engine import checkpointing
 from ms3_jax.evaluation import evaluate
 from ms3_jax.evaluation.visualize import write_outputs
-from ms3_jax.models.deeplab import resize_bilinear
 from ms3_jax.stages import finetune
 from ms3_jax.zero_shot import read_image
 
@@ -73,14 +72,8 @@ def _scorer(model: Any, num_classes: int, mode: str, crop: tuple[int, ...] | Non
     apply_fn = evaluate.logits_fn(model)
 
     def run(variables, image_1xHxWx3):
-        if mode == "whole":
-            scores = evaluate.predict_whole(apply_fn, variables, image_1xHxWx3, num_classes, flip)
-        else:
-            scores = evaluate.predict_slide(apply_fn, variables, image_1xHxWx3, crop, stride,
-                                            num_classes, flip)
-        if scores.shape[1:3] != size:
-            scores = resize_bilinear(scores, size)
-        return scores.argmax(-1)
+        return evaluate.predict_labels(apply_fn, variables, image_1xHxWx3, num_classes, size, mode,
+                                       crop, stride, flip)
     return jax.jit(run)
 
 

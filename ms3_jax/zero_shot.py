@@ -182,9 +182,8 @@ class ZeroShotSegmenter:
         model = encoder_from_config(model_cfg, device.platform, heads=("language",),
                                     num_classes=None)
         keep = ("backbone", "decode_head", "proj_language")  # drop the visual head
-        variables = {col: {k: v for k, v in tree.items() if k in keep}
-                     for col, tree in variables.items()}
-        variables = jax.device_put(variables, device)
+        variables = jax.device_put({col: {k: v for k, v in tree.items() if k in keep}
+                                    for col, tree in variables.items()}, device)
         return cls(model, variables, text_module, text_params, tokenizer, ctx,
                    short_side=short_side, workdir=image_dir, text_workdir=text_dir)
 
@@ -221,9 +220,8 @@ class ZeroShotSegmenter:
         t_KxC = self.embed_classes(class_names)
         image = check_image(image)
         emb_hxwxC = self.pixel_embeddings(image)
-        scores_HxWxK = upsampled_cosine(jnp.asarray(emb_hxwxC), jnp.asarray(t_KxC),
-                                         tuple(image.shape[:2]))
-        scores_HxWxK = np.asarray(scores_HxWxK)
+        scores_HxWxK = np.asarray(upsampled_cosine(jnp.asarray(emb_hxwxC), jnp.asarray(t_KxC),
+                                                   tuple(image.shape[:2])))
         return np.argmax(scores_HxWxK, axis=-1).astype(np.int32), scores_HxWxK
 
 

@@ -61,14 +61,11 @@ def _color_jitter(img: Image.Image, rng: np.random.Generator, cfg: AugmentConfig
                rng.uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast),
                rng.uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation),
                rng.uniform(-cfg.hue, cfg.hue)]
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
     for op in rng.permutation(4):
         f = factors[op]
-        if op == 0:
-            img = ImageEnhance.Brightness(img).enhance(f)
-        elif op == 1:
-            img = ImageEnhance.Contrast(img).enhance(f)
-        elif op == 2:
-            img = ImageEnhance.Color(img).enhance(f)
+        if op < 3:
+            img = enhancers[op](img).enhance(f)
         elif abs(f) > 1e-6:
             hsv = np.array(img.convert('HSV'))
             hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(round(f * 255))) % 256
@@ -91,8 +88,7 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
     s = rng.uniform(*cfg.scale_range)
     ratio = s if cfg.base_size == 'original' else s * _base_size(cfg) / min(h, w)
     nh, nw = max(1, int(round(h * ratio))), max(1, int(round(w * ratio)))
-    img = Image.fromarray(image)
-    lab = Image.fromarray(label)
+    img, lab = Image.fromarray(image), Image.fromarray(label)
     if (nh, nw) != (h, w):
         img = img.resize((nw, nh), Image.BILINEAR)
         lab = lab.resize((nw, nh), Image.NEAREST)
@@ -102,16 +98,14 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
     box = (x0, y0, x0 + cw, y0 + ch)
     img, lab = img.crop(box), lab.crop(box)
     if rng.random() < cfg.flip_prob:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        lab = lab.transpose(Image.FLIP_LEFT_RIGHT)
+        img, lab = img.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT)
     if rng.random() < cfg.color_jitter_prob:
         img = _color_jitter(img, rng, cfg)
     if rng.random() < cfg.grayscale_prob:
         img = img.convert('L').convert('RGB')
     if rng.random() < cfg.blur_prob:
         img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*cfg.blur_sigma)))
-    out_img = np.empty((crop_h, crop_w, 3), np.uint8)
-    out_img[...] = np.asarray(cfg.pad_value, np.uint8)
+    out_img = np.full((crop_h, crop_w, 3), np.asarray(cfg.pad_value, np.uint8), np.uint8)
     out_img[:ch, :cw] = np.asarray(img)
     out_lab = np.full((crop_h, crop_w), IGNORE_INDEX, np.uint8)
     out_lab[:ch, :cw] = np.asarray(lab)

@@ -65,13 +65,18 @@ def _open(path: epath.Path, what: str) -> tuple[bytes, Image.Image]:
     return data, img
 
 
+def image_bytes(img: Image.Image, fmt: str) -> bytes:
+    """`img` encoded as "JPEG" (quality `JPEG_QUALITY`) or "PNG"."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
 def encode_image(path: epath.Path) -> tuple[bytes, tuple[int, int]]:
     """JPEG bytes of an RGB image and its (height, width); re-encodes only non-RGB-JPEG files."""
     data, img = _open(path, "image")
     if img.format != "JPEG" or img.mode != "RGB":
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
-        data = buf.getvalue()
+        data = image_bytes(img.convert("RGB"), "JPEG")
     return data, (img.height, img.width)
 
 
@@ -93,9 +98,7 @@ def encode_label(path: epath.Path, lut: np.ndarray, valid: np.ndarray) -> tuple[
         raise DatasetError(f"label {path} has ids {bad.tolist()} outside this dataset's valid "
                            f"ids {_describe(valid)}")
     train_ids = lut[raw]
-    buf = io.BytesIO()
-    Image.fromarray(train_ids).save(buf, format="PNG")
-    return buf.getvalue(), train_ids
+    return image_bytes(Image.fromarray(train_ids), "PNG"), train_ids
 
 
 def encode_pair(pair: Pair, lut: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
@@ -207,8 +210,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         return epath.Path(inspect.getfile(cls))
 
     def __init__(self, *, skip_corrupt: bool = False, progress: bool = False, **kwargs):
-        self.skip_corrupt = skip_corrupt
-        self.progress = progress
+        self.skip_corrupt, self.progress = skip_corrupt, progress
         self.skipped: dict[str, list[str]] = {}
         super().__init__(**kwargs)
 
@@ -222,8 +224,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             features=features(), supervised_keys=("image", "label"),
             homepage=self.HOMEPAGE, citation=self.CITATION,
             metadata=tfds.core.MetadataDict(
-                dataset=entry.name, classes=list(entry.classes), ignore_index=IGNORE_INDEX),
-        )
+                dataset=entry.name, classes=list(entry.classes), ignore_index=IGNORE_INDEX))
 
     def _manual_root(self, dl_manager) -> epath.Path:
         try:
@@ -450,8 +451,7 @@ def from_tfds_example(example: dict[str, Any], dataset: str) -> dict[str, Any]:
     """A decoded example of tfds's `cityscapes` (config `semantic_segmentation`: `image_left`, raw
     labelIds in `segmentation_label`) -> our record, decoded as `tfds.data_source` reads one:
     {"image": uint8 [H, W, 3], "label": uint8 [H, W, 1], "file_name": str}. Other builders
-    (`scene_parse150`: instance maps; docs/choices.md, "Our own tfds builders") raise.
-    """
+    (`scene_parse150`: instance maps; docs/choices.md, "Our own tfds builders") raise."""
     if dataset == "cityscapes":
         raw = np.asarray(example["segmentation_label"])
         if raw.ndim == 3:

@@ -53,8 +53,7 @@ class LabelSpace:
         if not items:
             raise ValueError('LabelSpace needs at least one dataset.')
         ds_names = [str(k) for k, _ in items]
-        dups = sorted({n for n in ds_names if ds_names.count(n) > 1})
-        if dups:
+        if dups := sorted({n for n in ds_names if ds_names.count(n) > 1}):
             raise ValueError(f'Duplicate dataset names in the label space: {dups}.')
         class_names = []
         for name, cls in items:
@@ -63,13 +62,11 @@ class LabelSpace:
             cls = tuple(str(c) for c in cls)
             if not cls:
                 raise ValueError(f'Dataset {name!r} has no classes.')
-            empty = [i for i, c in enumerate(cls) if not c.strip()]
-            if empty:
+            if empty := [i for i, c in enumerate(cls) if not c.strip()]:
                 raise ValueError(f'Dataset {name!r} has empty class names at positions {empty}.')
             if len(cls) > IGNORE_INDEX:
                 raise ValueError(f'Dataset {name!r} has {len(cls)} classes; local ids must stay < 255.')
-            dup_cls = sorted({c for c in cls if cls.count(c) > 1})
-            if dup_cls:
+            if dup_cls := sorted({c for c in cls if cls.count(c) > 1}):
                 raise ValueError(f'Dataset {name!r} repeats class names {dup_cls}.')
             class_names.append(cls)
         sizes = [len(c) for c in class_names]
@@ -93,8 +90,7 @@ class LabelSpace:
         if isinstance(dataset_names, str):
             dataset_names = [dataset_names]
         known = registry.DATASETS
-        unknown = [n for n in dataset_names if n not in known]
-        if unknown:
+        if unknown := [n for n in dataset_names if n not in known]:
             raise ValueError(f'Unknown dataset name(s) {unknown}; valid names: {sorted(known)}.')
         return cls([(n, known[n].classes) for n in dataset_names])
 

@@ -86,9 +86,7 @@ class _LoadAndAugment(grain.transforms.MapWithIndex):
                  names: Sequence[str] = (), skip_unreadable: bool = False):
         self._sources = list(sources)
         self._luts = [np.asarray(l, np.int32) for l in luts]
-        self._cfg = cfg
-        self._seed = int(seed)
-        self._with_ids = with_record_ids
+        self._cfg, self._seed, self._with_ids = cfg, int(seed), with_record_ids
         # Sources from index `num_labeled` on are unlabeled (App. D): their label is not read.
         self._num_labeled = len(self._sources) if num_labeled is None else int(num_labeled)
         self._names = list(names) or [f'#{d}' for d in range(len(self._sources))]
@@ -155,11 +153,8 @@ def _ignore_stop_signals(*_: Any) -> None:
 
 
 class _LocalSlice(grain.transforms.MapWithIndex):
-    """Global batch i of (dataset, record) pairs -> this process's `batch_size` examples of it.
-
-    Process p loads positions [p * b, (p + 1) * b) of every global batch, augmented by global
-    stream position (docs/choices.md, "Multi-host: one global stream, sliced per process").
-    """
+    """Global batch i of (dataset, record) pairs -> this process's `batch_size` examples of it
+    (docs/choices.md, "Multi-host: one global stream, sliced per process")."""
 
     def __init__(self, load: _LoadAndAugment, global_batch_size: int, batch_size: int,
                  shard_index: int):
@@ -217,9 +212,7 @@ class TrainPipeline:
         self.shard_index, self.shard_count = int(shard_index), int(shard_count)
         self.global_batch_size = int(global_batch_size)
         self.batch_size = self.global_batch_size // self.shard_count
-        self.augment = augment
-        self.seed = int(seed)
-        self.loader = loader
+        self.augment, self.seed, self.loader = augment, int(seed), loader
         self.sources = list(sources) if sources is not None else open_sources(
             self.datasets, split, data_dir)
         if len(self.sources) != len(self.datasets):
@@ -287,18 +280,13 @@ class TrainPipeline:
 
 
 class TrainIterator(grain.DatasetIterator):
-    """Batch iterator whose state is the index of the next batch.
-
-    Batches are a pure function of (seed, global batch index, process slice), so the state does
-    not depend on `worker_count` or the process count. The state also records the seed, global
-    batch size and mixture and refuses to restore into a different stream.
-    """
+    """Batch iterator whose state is the index of the next batch, with the seed, global batch
+    size and mixture it belongs to (a state of another stream is refused): docs/choices.md,
+    "Augmentation randomness from the stream position"."""
 
     def __init__(self, pipeline: TrainPipeline, start_batch: int = 0):
         super().__init__()
-        self._pipeline = pipeline
-        self._next_batch = int(start_batch)
-        self._it = None
+        self._pipeline, self._next_batch, self._it = pipeline, int(start_batch), None
 
     def _identity(self) -> dict[str, Any]:
         p = self._pipeline

@@ -142,8 +142,7 @@ def mixture_weights(datasets: Sequence[str], sizes: Sequence[int],
     if weights is None:
         w = np.asarray(sizes, np.float64)
     elif isinstance(weights, Mapping):
-        unknown = set(weights) - set(datasets)
-        if unknown:
+        if unknown := set(weights) - set(datasets):
             raise ValueError(f'Weights for unknown datasets {sorted(unknown)}.')
         w = np.asarray([weights.get(n, 0.0) for n in datasets], np.float64)
     else:

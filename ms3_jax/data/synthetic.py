@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
-import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -31,7 +30,6 @@ IGNORE_INDEX = classes.IGNORE_INDEX
 DATA_VERSION = '2.0.0'  # 1.x: built by the code of commit 91a0f6d (git checkout it)
 RELATIONS_FILE = 'synthetic_relations.json'
 INFO_FILE = 'synthetic_info.json'
-_JPEG_QUALITY = 95
 
 
 # Every texture maps (rng, h, w, scale) -> float32 [h, w, 3] roughly in [0, 1].
@@ -177,8 +175,7 @@ class Difficulty:
     look for all, 1 = the specs' values); synonym_similarity 1 = a concept is drawn alike in every
     dataset, below 1 it gets a per-dataset offset of std `STYLE_COLOR_STD` / `STYLE_SCALE_STD` x
     (1 - similarity); cooccurrence is the probability that an image is a scene (`SCENES`);
-    lookalike moves a `LOOKALIKES` texture's mean colour towards its look-alike's (1 = the same).
-    """
+    lookalike moves a `LOOKALIKES` texture's mean colour towards its look-alike's (1 = the same)."""
     domain_gap: float = 1.0
     synonym_similarity: float = 0.5
     cooccurrence: float = 0.8
@@ -269,8 +266,7 @@ def ground_truth_relations() -> list[dict[str, str]]:
             for ca, va in a.classes:
                 for cb, vb in b.classes:
                     sa, sb = set(va), set(vb)
-                    kind = 'synonym' if sa == sb else 'subset' if sa < sb else None
-                    if kind:
+                    if kind := ('synonym' if sa == sb else 'subset' if sa < sb else None):
                         out.append({'from': f'{a.name}/{ca}', 'to': f'{b.name}/{cb}', 'kind': kind})
     return out
 
@@ -398,12 +394,6 @@ def generate_example(spec: SyntheticSpec, rng: np.random.Generator, image_size: 
     return image, label
 
 
-def _encode(array: np.ndarray, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt, **({'quality': _JPEG_QUALITY} if fmt == 'JPEG' else {}))
-    return buf.getvalue()
-
-
 _SPLITS = ('train', 'validation')
 
 
@@ -428,22 +418,17 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     def __init__(self, *, num_train: int = 300, num_val: int = 50, image_size: int = 128,
                  seed: int = 0, difficulty: Difficulty = Difficulty(), **kwargs):
         self._num = {'train': int(num_train), 'validation': int(num_val)}
-        self._image_size = int(image_size)
-        self._seed = int(seed)
-        self._difficulty = difficulty
+        self._image_size, self._seed, self._difficulty = int(image_size), int(seed), difficulty
         kwargs.setdefault('file_format', 'array_record')
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         spec = SPEC_BY_NAME[self.name]
         return tfds.core.DatasetInfo(
-            builder=self,
+            builder=self, features=builders.features(), supervised_keys=None,
             description=(f'MS3 synthetic segmentation dataset {spec.name} '
                          f'(classes: {", ".join(spec.class_names)}).'),
-            features=builders.features(),
-            supervised_keys=None,
-            metadata=tfds.core.MetadataDict(class_names=list(spec.class_names)),
-        )
+            metadata=tfds.core.MetadataDict(class_names=list(spec.class_names)))
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -456,7 +441,8 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             rng = np.random.default_rng([self._seed, d, _SPLITS.index(split), i])
             image, label = generate_example(spec, rng, self._image_size, self._difficulty)
             name = f'{spec.name}_{split}_{i:05d}.jpg'
-            yield name, {'image': _encode(image, 'JPEG'), 'label': _encode(label, 'PNG'),
+            yield name, {'image': builders.image_bytes(Image.fromarray(image), 'JPEG'),
+                         'label': builders.image_bytes(Image.fromarray(label), 'PNG'),
                          'file_name': name}
 
 
@@ -491,8 +477,7 @@ def prepare_synthetic(data_dir: str | os.PathLike, num_train: int = 300, num_val
     the build in `data_dir` had are refused (ValueError naming both): built data is never deleted.
     """
     data_dir = os.fspath(data_dir)
-    unknown = sorted(set(difficulty) - {f.name for f in dataclasses.fields(Difficulty)})
-    if unknown:
+    if unknown := sorted(set(difficulty) - {f.name for f in dataclasses.fields(Difficulty)}):
         raise ValueError(f'synthetic: unknown fields {unknown}; valid: num_train, num_val, '
                          f'image_size, seed, {", ".join(f.name for f in dataclasses.fields(Difficulty))}')
     knobs = Difficulty(**{k: float(v) for k, v in difficulty.items()})

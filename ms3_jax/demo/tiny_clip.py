@@ -115,24 +115,19 @@ def text_config(words: Iterable[str] = DEFAULT_WORDS, *, max_len: int = _MIN_MAX
     ``legacy_eos`` writes ``eos_token_id=2`` (old CLIP configs: pooling at argmax of the ids).
     """
     vocab, _ = vocab_and_merges(words)
-    kwargs = dict(
-        vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_len,
-        projection_dim=proj_dim, hidden_act="quick_gelu", bos_token_id=vocab[SOS],
-        eos_token_id=2 if legacy_eos else vocab[EOS], pad_token_id=vocab[EOS],
-    )
-    kwargs.update(overrides)
-    return transformers.CLIPTextConfig(**kwargs)
+    kwargs = dict(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_len,
+                  projection_dim=proj_dim, hidden_act="quick_gelu", bos_token_id=vocab[SOS],
+                  eos_token_id=2 if legacy_eos else vocab[EOS], pad_token_id=vocab[EOS])
+    return transformers.CLIPTextConfig(**{**kwargs, **overrides})
 
 
 def _prompt_length(directory: Path, words: Iterable[str], num_ctx: int) -> int:
     """Longest ``[SOS] ctx_1..ctx_M name "." [EOS]`` (and template prompt) over ``words``."""
     tokenizer = transformers.CLIPTokenizer.from_pretrained(directory, local_files_only=True)
-    longest = 1
-    for name in words:
-        longest = max(longest, len(tokenizer(str(name).strip() + ".", add_special_tokens=False)["input_ids"]))
-    template = len(tokenizer("a photo of a", add_special_tokens=False)["input_ids"])
-    return 2 + max(num_ctx, template) + longest
+    length = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    longest = max([1] + [length(str(name).strip() + ".") for name in words])
+    return 2 + max(num_ctx, length("a photo of a")) + longest
 
 
 def save_tiny_clip(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_WORDS, *,
@@ -234,8 +229,7 @@ def _plant_prior(model, vocab: Mapping[str, int], prior: Mapping[str, Mapping[st
     must not be redrawn themselves."""
     import torch  # optional dependency (the `torch` extra)
 
-    redrawn = set(prior) & {a for anchors in prior.values() for a in anchors}
-    if redrawn:
+    if redrawn := set(prior) & {a for anchors in prior.values() for a in anchors}:
         raise ValueError(f"prior: {sorted(redrawn)} are both redrawn and anchors")
     table = model.text_model.embeddings.token_embedding.weight
     with torch.no_grad():

@@ -58,8 +58,7 @@ _ARRAY_HANDLER_SET = False
 
 def _configure_array_handler() -> None:
     """On the CPU backend, save replicated arrays from replica 0 whole (docs/choices.md,
-    "Checkpoint atomicity: orbax's").
-    """
+    "Checkpoint atomicity: orbax's")."""
     global _ARRAY_HANDLER_SET
     if sharding.platform_of(jax.devices()) == "cpu" and not _ARRAY_HANDLER_SET:
         _ARRAY_HANDLER_SET = True
@@ -68,7 +67,7 @@ def _configure_array_handler() -> None:
 
 
 # The checkpoint directory must be writable: checked up front, not after orbax's barrier.
-def _any_process(flag: bool) -> np.ndarray:
+def process_flags(flag: bool) -> np.ndarray:
     """The flag of every process (a collective with several processes)."""
     if jax.process_count() == 1:
         return np.asarray([flag])
@@ -91,7 +90,7 @@ def check_writable(directory: str, create: bool = False) -> None:
             os.remove(probe)
     except OSError as e:
         error = e
-    failed = _any_process(error is not None)
+    failed = process_flags(error is not None)
     if error is None and failed.any():
         raise OSError(f"cannot save checkpoints in {directory}: process(es) "
                       f"{np.flatnonzero(failed).tolist()} cannot write there (see their logs)")
@@ -157,8 +156,7 @@ def purge_deleted(directory: str) -> None:
 
 def remove_half_written(directory: str) -> list[str]:
     """Delete `<step>.orbax-checkpoint-tmp*` leftovers of saves killed before orbax's final rename,
-    synchronously (docs/choices.md, "Checkpoint atomicity: orbax's"). Returns the removed paths.
-    """
+    synchronously (docs/choices.md, "Checkpoint atomicity: orbax's"). Returns the removed paths."""
     leftovers = sorted(glob.glob(os.path.join(directory, "*" + ocp.utils.TMP_DIR_SUFFIX + "*")))
     for path in leftovers:
         logging.warning("removing half-written checkpoint %s (a save was interrupted)", path)
@@ -315,7 +313,7 @@ def restore_first_usable(directory: str, steps: Sequence[int], restore: Callable
                                  "restoring it unverified", step, workdir, MANIFEST)
             except CheckpointError as e:
                 error = e
-        bad = _any_process(error is not None).any()
+        bad = process_flags(error is not None).any()
         if bad and error is None:
             error = CheckpointError(step, step_dir, "failed its manifest check on process 0 (see its log)")
         result = None
@@ -324,7 +322,7 @@ def restore_first_usable(directory: str, steps: Sequence[int], restore: Callable
                 result = restore(step)
             except Exception as e:  # any failure to read the step: try an older one
                 error = _failure_of(step_dir, step, e)
-            if _any_process(error is not None).any() and error is None:
+            if process_flags(error is not None).any() and error is None:
                 error = CheckpointError(step, step_dir, "restoring it failed on another process "
                                                         "(see its log)")
         if error is None:

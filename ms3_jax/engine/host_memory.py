@@ -1,8 +1,7 @@
 """Host (CPU) memory allocator settings for long jobs that reuse the same large buffers each step.
 
 `keep_freed_pages` (opt-in, MS3_HOST_MALLOC=reuse) makes glibc keep freed pages for reuse and
-JAX's CPU client execute synchronously; CPU steps get 20-25 % faster. docs/choices.md, "Host
-allocator: opt-in page reuse".
+JAX's CPU client execute synchronously: docs/choices.md, "Host allocator: opt-in page reuse".
 """
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from ms3_jax.data import pipeline as data_pipeline
@@ -70,8 +69,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any, iterator: Any,
     """(state, step) of the latest usable checkpoint, restored into `state`'s shapes and
     shardings and into `iterator`; `(state, 0)` unchanged when there is none. Unusable newer steps
     are logged and set aside (`checkpointing.restore_first_usable`; docs/choices.md, "Verified
-    checkpoints, with fallback"). None usable: raises `checkpointing.NoUsableCheckpoint`.
-    """
+    checkpoints, with fallback"). None usable: raises `checkpointing.NoUsableCheckpoint`."""
     steps = mngr.all_steps()
     if not steps:
         return state, 0
@@ -141,9 +139,7 @@ class StopRequest:
 def any_process(flag: bool) -> bool:
     """True on every process if `flag` is True on any (a collective: all processes must call it
     at the same point); just `flag` with one process."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+    return bool(checkpointing.process_flags(flag).any())
 
 
 def _nonfinite_error(records: list[dict[str, float]], saved: int) -> FloatingPointError | None:
@@ -226,8 +222,7 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
             for step in range(start + 1, end + 1):
                 local = next(iterator)
                 if "unreadable" in local:  # records replaced under data.skip_unreadable
-                    n = int(np.sum(local["unreadable"]))
-                    if n:
+                    if n := int(np.sum(local["unreadable"])):
                         unreadable += n
                         logging.warning("step %d: %d unreadable record(s) replaced (%d in this run; "
                                         "data.skip_unreadable)", step, n, unreadable)

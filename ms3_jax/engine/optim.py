@@ -9,11 +9,16 @@ import ml_collections
 import optax
 
 
+def warmup_cosine(peak: float, warmup_steps: int, num_steps: int) -> optax.Schedule:
+    """Linear warm-up to `peak` (at most `num_steps` - 1 steps), then cosine decay to 0."""
+    warmup = min(warmup_steps, max(num_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1), 0.0)
+
+
 def lr_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
     """lr = base_lr * batch / lr_batch (linear scaling; 0.8 per 128 images), warm-up, cosine to 0."""
     peak = config.optim.base_lr * config.batch_size / config.optim.lr_batch
-    warmup = min(config.optim.warmup_steps, max(num_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1), 0.0)
+    return warmup_cosine(peak, config.optim.warmup_steps, num_steps)
 
 
 def poly_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:

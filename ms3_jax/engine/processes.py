@@ -7,6 +7,7 @@ under a bare `srun` (JAX's SLURM model); launchers: `launch/`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import logging
 import os
@@ -83,10 +84,8 @@ def rendezvous(coordinator_address: str, num_processes: int, process_id: int,
                 missing = sorted(set(range(1, num_processes)) - set(peers))
                 answer = f"stop: process(es) {missing} missing" if missing else "go"
                 for conn in peers.values():
-                    try:
+                    with contextlib.suppress(OSError):
                         conn.sendall(answer.encode())
-                    except OSError:
-                        pass
             except BaseException:
                 for conn in peers.values():
                     conn.close()
@@ -147,8 +146,7 @@ def watch_peers(connections: dict[int, socket.socket], process_id: int) -> None:
     `atexit` says goodbye with the exit code (`exiting_with`): 0 nothing; a closed connection
     without goodbye: stop at once with 1; another code: stop after `MS3_PEER_EXIT_GRACE` s with
     75 for a preemption, else 1, naming the process. docs/choices.md, "Reliability: what an
-    adversarial user tried".
-    """
+    adversarial user tried"."""
     grace = _positive_seconds(ENV_PEER_EXIT_GRACE, DEFAULT_PEER_EXIT_GRACE)
     exiting = threading.Event()
     stop_lock = threading.Lock()
@@ -156,10 +154,8 @@ def watch_peers(connections: dict[int, socket.socket], process_id: int) -> None:
     def say_goodbye(code: int, origin: int, skip: int | None = None) -> None:
         for peer, conn in connections.items():
             if peer != skip:
-                try:
+                with contextlib.suppress(OSError):
                     conn.sendall(f"bye {code} {origin}\n".encode())  # closes with the process
-                except OSError:
-                    pass
 
     def stop(code: int, origin: int, sender: int) -> None:
         with stop_lock:  # held until os._exit: `goodbye` of the main thread waits behind it
@@ -186,14 +182,12 @@ def watch_peers(connections: dict[int, socket.socket], process_id: int) -> None:
     def watch(peer: int, conn: socket.socket) -> None:
         conn.settimeout(None)
         data = b""
-        try:
+        with contextlib.suppress(OSError):
             while not data.endswith(b"\n"):
                 chunk = conn.recv(64)
                 if not chunk:
                     break
                 data += chunk
-        except OSError:
-            pass
         if exiting.is_set():  # this process is exiting: whatever the peer does is its echo
             return
         try:

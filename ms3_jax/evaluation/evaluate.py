@@ -184,12 +184,9 @@ def merge_sliding_window(crop_outputs: np.ndarray, positions: np.ndarray, height
 def predict_slide(apply_fn: ApplyFn, variables: Any, image: jax.Array, crop: int | Sequence[int],
                   stride: int | Sequence[int], num_classes: int, flip: bool = False,
                   crop_batch: int | None = None) -> jax.Array:
-    """MMSeg slide inference: [B, H, W, 3] -> scores [B, H, W, K]. Windows are MMSeg's grid
-    (`sliding_window_positions`, the grid of `sliding_window_crops`); a window never exceeds the
-    image (an image smaller than the crop is run at its own size, as in MMSeg, rather than padded).
-    Each window's logits are resized to the window, summed into the image and divided by the
-    number of windows covering each pixel. `crop_batch` windows go through the model at a time
-    (default: all of them)."""
+    """MMSeg slide inference on `sliding_window_positions`' windows: [B, H, W, 3] -> scores
+    [B, H, W, K] (docs/choices.md, "Inference: MMSeg's EncoderDecoder"). `crop_batch` windows go
+    through the model at a time (default: all of them)."""
     h, w = image.shape[1:3]
     ch, cw = _pair(crop)
     ch, cw = min(ch, h), min(cw, w)
@@ -218,6 +215,21 @@ def predict_slide(apply_fn: ApplyFn, variables: Any, image: jax.Array, crop: int
     return _flip_average(predict, image) if flip else predict(image)
 
 
+def predict_labels(apply_fn: ApplyFn, variables: Any, image: jax.Array, num_classes: int,
+                   size: Sequence[int], mode: str = "whole", crop: Any = None, stride: Any = None,
+                   flip: bool = False, crop_batch: int | None = None) -> jax.Array:
+    """Class indices [B, *size] of `predict_whole` / `predict_slide` (`mode`), the scores resized
+    (bilinear) to `size` when it differs from the image's."""
+    if mode == "whole":
+        scores = predict_whole(apply_fn, variables, image, num_classes, flip)
+    else:
+        scores = predict_slide(apply_fn, variables, image, crop, stride, num_classes, flip,
+                               crop_batch)
+    if scores.shape[1:3] != tuple(size):
+        scores = resize_bilinear(scores, tuple(size))
+    return jnp.argmax(scores, axis=-1)
+
+
 @functools.lru_cache(maxsize=None)
 def _image_step(apply_fn: ApplyFn, num_classes: int, mode: str, crop: tuple[int, int] | None,
                 stride: tuple[int, int] | None, flip: bool, ignore_index: int,
@@ -225,14 +237,8 @@ def _image_step(apply_fn: ApplyFn, num_classes: int, mode: str, crop: tuple[int,
     """Jitted `(counts, variables, image [H,W,3], label [h,w]) -> counts`; one compile per shape."""
 
     def step(counts, variables, image_HxWx3, label_HxW):
-        image = image_HxWx3[None]
-        if mode == "whole":
-            scores = predict_whole(apply_fn, variables, image, num_classes, flip)
-        else:
-            scores = predict_slide(apply_fn, variables, image, crop, stride, num_classes, flip, crop_batch)
-        if scores.shape[1:3] != label_HxW.shape:
-            scores = resize_bilinear(scores, label_HxW.shape)
-        pred = jnp.argmax(scores, axis=-1)
+        pred = predict_labels(apply_fn, variables, image_HxWx3[None], num_classes, label_HxW.shape,
+                              mode, crop, stride, flip, crop_batch)
         return add_counts(counts, confusion_matrix(pred, label_HxW[None], num_classes, ignore_index))
 
     return jax.jit(step, donate_argnums=0)

@@ -52,8 +52,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
         font = ImageFont.load_default(size=font_size)
     except TypeError:  # Pillow < 10.1: bitmap font only
         font = ImageFont.load_default()
-    pad, box = 6, font_size
-    row = box + 4
+    pad, box, row = 6, font_size, font_size + 4
     measure = ImageDraw.Draw(blended_im)
     text_w = max(int(measure.textlength(n, font=font)) for n in class_names)
     legend_w = pad + box + pad + text_w + pad

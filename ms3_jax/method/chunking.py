@@ -1,6 +1,5 @@
 """Pixel chunking: evaluate ``[N, ...] -> [N, ...]`` maps a chunk of pixels at a time, so only
-``[chunk, K]`` logits are ever live. Shape suffixes: N pixels, K classes, C embedding dim.
-"""
+``[chunk, K]`` logits are ever live. Shape suffixes: N pixels, K classes, C embedding dim."""
 from __future__ import annotations
 
 from typing import Callable, Sequence

@@ -1,8 +1,7 @@
 """Per-class ring-buffer memory bank of momentum-encoder pixel embeddings and the visual class
 embeddings computed from it (Sect. 3.2, Eq. 4). Sizes: docs/choices.md, "Memory bank: slots,
 picks and the write".
-Shape suffixes: N pixels, K classes, C embedding dim, P picks per class, S slots.
-"""
+Shape suffixes: N pixels, K classes, C embedding dim, P picks per class, S slots."""
 from __future__ import annotations
 
 from flax import struct
@@ -46,17 +45,13 @@ class MemoryBank:
 
 def init_bank(num_classes: int, slots: int, dim: int, dtype: jnp.dtype = jnp.bfloat16) -> MemoryBank:
     """An empty bank: zeros, ``ptr = count = 0``."""
-    return MemoryBank(
-        feats=jnp.zeros((num_classes, slots, dim), dtype),
-        ptr=jnp.zeros((num_classes,), jnp.int32),
-        count=jnp.zeros((num_classes,), jnp.int32),
-    )
+    return MemoryBank(feats=jnp.zeros((num_classes, slots, dim), dtype),
+                      ptr=jnp.zeros((num_classes,), jnp.int32),
+                      count=jnp.zeros((num_classes,), jnp.int32))
 
 
-def sample_per_class(
-    labels_N: jax.Array, rng: jax.Array, num_classes: int, per_class: int, *,
-    ignore_label: int = IGNORE_LABEL,
-) -> tuple[jax.Array, jax.Array]:
+def sample_per_class(labels_N: jax.Array, rng: jax.Array, num_classes: int, per_class: int, *,
+                     ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
     """Uniform sample without replacement of at most ``per_class`` (P) pixels of each class, by
     sorting random keys per label (O(N log N), fixed shapes).
 
@@ -78,10 +73,8 @@ def sample_per_class(
     return idx_KxP, valid_KxP
 
 
-def enqueue(
-    bank: MemoryBank, emb_NxC: jax.Array, labels_N: jax.Array, rng: jax.Array, per_class: int,
-    *, ignore_label: int = IGNORE_LABEL,
-) -> MemoryBank:
+def enqueue(bank: MemoryBank, emb_NxC: jax.Array, labels_N: jax.Array, rng: jax.Array,
+            per_class: int, *, ignore_label: int = IGNORE_LABEL) -> MemoryBank:
     """Writes at most ``per_class`` (P) uniformly sampled pixels per class into the rings.
 
     Class c's picks go to slots ``(ptr[c] + arange(n_c)) % slots`` (n_c = min(#pixels of c, P)),
@@ -113,16 +106,12 @@ def enqueue(
                            jax.lax.bitcast_convert_type(vals_RxC, bits)[jnp.maximum(pick_KxS, 0)],
                            jax.lax.bitcast_convert_type(bank.feats, bits))
     feats = jax.lax.bitcast_convert_type(feats_bits, bank.feats.dtype)
-    return bank.replace(
-        feats=feats,
-        ptr=(bank.ptr + n_valid_K) % slots,
-        count=jnp.minimum(bank.count + n_valid_K, slots),
-    )
+    return bank.replace(feats=feats, ptr=(bank.ptr + n_valid_K) % slots,
+                        count=jnp.minimum(bank.count + n_valid_K, slots))
 
 
-def visual_embeddings(
-    bank: MemoryBank, v_old_KxC: jax.Array, v_valid_K: jax.Array, *, eps: float = 1e-6,
-) -> tuple[jax.Array, jax.Array]:
+def visual_embeddings(bank: MemoryBank, v_old_KxC: jax.Array, v_valid_K: jax.Array, *,
+                      eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
     """Visual class embeddings from the bank, Eq. 4.
 
     ``V_j = Σ_i w_ij M_i / n_j`` with ``w_ij = cos(M_i, V_j_old)``, re-normalised to unit norm;

@@ -1,7 +1,6 @@
 """Cross-modal information exchange (Sect. 3.3): segment-mean pixel–text similarity (Eq. 5), its
 running average, and the unidirectional multi-label mapping Ỹ (Eq. 6); plus a host-side report
-like paper Tab. 8. Shape suffixes: N pixels, K classes, C embedding dim.
-"""
+like paper Tab. 8. Shape suffixes: N pixels, K classes, C embedding dim."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,10 +24,9 @@ def _class_sums(emb_NxC: jax.Array, labels_N: jax.Array, num_classes: int,
     return sum_KxC[:num_classes], count_K[:num_classes]
 
 
-def segment_similarity(
-    emb_NxC: jax.Array, labels_N: jax.Array, text_KxC: jax.Array, num_classes: int, *,
-    chunk: int | None = None, ignore_label: int = IGNORE_LABEL,
-) -> tuple[jax.Array, jax.Array]:
+def segment_similarity(emb_NxC: jax.Array, labels_N: jax.Array, text_KxC: jax.Array,
+                       num_classes: int, *, chunk: int | None = None,
+                       ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
     """Batch estimate of Eq. 5: ``S[y, y'] = mean_{k: y_k = y} F_k · T_{y'}``.
 
     Summed per class first (``segment_sum``: no ``[N, K]`` map); ``chunk`` (pixels) bounds the
@@ -63,10 +61,8 @@ def segment_similarity(
     return mean_KxK, count_K
 
 
-def update_similarity(
-    S_KxK: jax.Array, batch_mean_KxK: jax.Array, count_K: jax.Array, momentum: float,
-    seen_K: jax.Array | None = None,
-) -> jax.Array:
+def update_similarity(S_KxK: jax.Array, batch_mean_KxK: jax.Array, count_K: jax.Array,
+                      momentum: float, seen_K: jax.Array | None = None) -> jax.Array:
     """Running estimate of Eq. 5 over training: ``S_y ← m·S_y + (1−m)·batch_mean_y`` for classes
     present in the batch (``count > 0``); rows of absent classes are unchanged.
 

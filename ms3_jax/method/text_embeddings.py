@@ -21,6 +21,7 @@ TEMPLATE = "template"  # text.embeddings: CLIP with the hand template (Tab. 4 ab
 
 def save_text_embeddings(path: str, label_space: LabelSpace, embeddings: np.ndarray,
                          source: str) -> None:
+    """Write T [|Y|, C] of `label_space` to `path` (the schema above)."""
     emb = np.asarray(embeddings, np.float32)
     if emb.shape[0] != label_space.num_classes:
         raise ValueError(f"{emb.shape[0]} embeddings for {label_space.num_classes} classes")
@@ -29,16 +30,13 @@ def save_text_embeddings(path: str, label_space: LabelSpace, embeddings: np.ndar
     np.savez(path, names=np.asarray(label_space.display_names), datasets=np.asarray(datasets),
              embeddings=emb, source=np.asarray(source))
 
-TEMPLATE = "template"  # text.embeddings: CLIP with the hand template (Tab. 4 ablation)
-
 
 def load_text_embeddings(path: str, label_space: LabelSpace) -> np.ndarray:
     """T for `label_space`, checked: the file's classes must be exactly the configured ones."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text embeddings file not found: {path}")
     with np.load(path) as f:
-        missing = [k for k in ("names", "embeddings") if k not in f.files]
-        if missing:
+        if missing := [k for k in ("names", "embeddings") if k not in f.files]:
             raise ValueError(f"{path} lacks {missing}; expected keys names, datasets, embeddings")
         names = [str(n) for n in f["names"]]
         emb = np.asarray(f["embeddings"], np.float32)
@@ -59,8 +57,6 @@ def load_text_embeddings(path: str, label_space: LabelSpace) -> np.ndarray:
         raise ValueError(f"{path}: embeddings must be finite and L2-normalised (norms {norms.min():.3f}"
                          f"..{norms.max():.3f})")
     return emb
-
-TEMPLATE = "template"  # text.embeddings: CLIP with the hand template (Tab. 4 ablation)
 
 
 def template_text_embeddings(clip: str, label_space: LabelSpace,

@@ -42,19 +42,13 @@ def init_train_state(variables: dict[str, Any], tx: optax.GradientTransformation
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        ema_params=copy(params),
-        ema_batch_stats=copy(batch_stats),
-        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+        ema_params=copy(params), ema_batch_stats=copy(batch_stats), opt_state=tx.init(params),
         bank=init_bank(num_classes, bank_slots, emb_dim, bank_dtype),
         visual_emb=jnp.zeros((num_classes, emb_dim), jnp.float32),
         visual_valid=jnp.zeros((num_classes,), bool),
         sim=jnp.zeros((num_classes, num_classes), jnp.float32),
-        sim_seen=jnp.zeros((num_classes,), bool),
-        rng=rng,
-    )
+        sim_seen=jnp.zeros((num_classes,), bool), rng=rng)
 
 
 def ema_update(ema_tree: Any, tree: Any, momentum: float) -> Any:

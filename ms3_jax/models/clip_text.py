@@ -91,26 +91,16 @@ class CLIPTextConfig:
         text = getattr(hf_config, "text_config", hf_config)  # the text part of a CLIPConfig
         eos = text.eos_token_id
         eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        return cls(
-            vocab_size=int(text.vocab_size),
-            width=int(text.hidden_size),
-            num_layers=int(text.num_hidden_layers),
-            num_heads=int(text.num_attention_heads),
-            max_len=int(text.max_position_embeddings),
-            proj_dim=int(hf_config.projection_dim),
-            eos_token_id=int(eos),
-            layer_norm_eps=float(text.layer_norm_eps),
-            hidden_act=str(text.hidden_act),
-            mlp_dim=int(text.intermediate_size),
-        )
-
-
-def _quick_gelu(x: Array) -> Array:
-    return x * jax.nn.sigmoid(1.702 * x)
+        return cls(vocab_size=int(text.vocab_size), width=int(text.hidden_size),
+                   num_layers=int(text.num_hidden_layers), num_heads=int(text.num_attention_heads),
+                   max_len=int(text.max_position_embeddings),
+                   proj_dim=int(hf_config.projection_dim), eos_token_id=int(eos),
+                   layer_norm_eps=float(text.layer_norm_eps), hidden_act=str(text.hidden_act),
+                   mlp_dim=int(text.intermediate_size))
 
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "quick_gelu": _quick_gelu,  # OpenAI CLIP
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # transformers "gelu" is exact (erf)
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -214,12 +204,10 @@ class CLIPTextTower(nn.Module):
 
     def setup(self):
         c, dtypes = self.config, {"dtype": self.dtype, "param_dtype": jnp.float32}
-        self.token_embedding = nn.Embed(
-            c.vocab_size, c.width, embedding_init=nn.initializers.normal(0.02), **dtypes
-        )
-        self.position_embedding = self.param(
-            "position_embedding", nn.initializers.normal(0.01), (c.max_len, c.width), jnp.float32
-        )
+        self.token_embedding = nn.Embed(c.vocab_size, c.width,
+                                        embedding_init=nn.initializers.normal(0.02), **dtypes)
+        self.position_embedding = self.param("position_embedding", nn.initializers.normal(0.01),
+                                             (c.max_len, c.width), jnp.float32)
         self.layers = [ResidualBlock(c, self.dtype) for _ in range(c.num_layers)]
         self.final_layer_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, **dtypes)
         self.text_projection = nn.Dense(c.proj_dim, use_bias=False, **dtypes)
@@ -377,11 +365,6 @@ def init_context(rng: Array, params: Params, tokenizer: Any, num_ctx: int = DEFA
     return ctx_MxD
 
 
-def _l2_normalize(x_UxC: Array) -> Array:
-    x_UxC = x_UxC.astype(jnp.float32)
-    return x_UxC / jnp.maximum(jnp.linalg.norm(x_UxC, axis=-1, keepdims=True), 1e-12)
-
-
 def encode_classes(module: CLIPTextTower, params: Params, tokenizer: Any, class_names: Sequence[str],
                    ctx: Array | None = None, template: str = DEFAULT_TEMPLATE) -> Array:
     """L2-normalised class embeddings ``T`` ``[n, proj_dim]`` float32 (Sec. 3.2, Tab. 1).
@@ -398,7 +381,8 @@ def encode_classes(module: CLIPTextTower, params: Params, tokenizer: Any, class_
         layout = build_prompt_layout(tokenizer, class_names, ctx_MxD.shape[0], max_len)
     fn = jax.jit(functools.partial(module.apply, method=CLIPTextTower.encode_prompts))
     ids_UxL, eos_index_U = jnp.asarray(layout.ids_UxL), jnp.asarray(layout.eos_index_U)
-    return _l2_normalize(fn({"params": params}, ids_UxL, eos_index_U, ctx_MxD))
+    t_UxC = fn({"params": params}, ids_UxL, eos_index_U, ctx_MxD).astype(jnp.float32)
+    return t_UxC / jnp.maximum(jnp.linalg.norm(t_UxC, axis=-1, keepdims=True), 1e-12)
 
 
 def linear_keys(prefix: str) -> dict[str, tuple[str, bool]]:
@@ -411,26 +395,28 @@ def layer_norm_keys(prefix: str) -> dict[str, tuple[str, bool]]:
     return {"scale": (f"{prefix}.weight", False), "bias": (f"{prefix}.bias", False)}
 
 
+def block_keys(encoder: str, num_layers: int) -> dict[str, Any]:
+    """The ``layers_<i>`` entries (`ResidualBlock`s) of a param map, HF keys ``<encoder>.<i>.*``."""
+    return {f"layers_{i}": {
+        "layer_norm1": layer_norm_keys(f"{encoder}.{i}.layer_norm1"),
+        "self_attn": {p: linear_keys(f"{encoder}.{i}.self_attn.{p}")
+                      for p in ("q_proj", "k_proj", "v_proj", "out_proj")},
+        "layer_norm2": layer_norm_keys(f"{encoder}.{i}.layer_norm2"),
+        "mlp": {"fc1": linear_keys(f"{encoder}.{i}.mlp.fc1"),
+                "fc2": linear_keys(f"{encoder}.{i}.mlp.fc2")},
+    } for i in range(num_layers)}
+
+
 def hf_param_map(config: CLIPTextConfig) -> dict[str, Any]:
     """Flax param tree whose leaves are ``(hf_key, transpose)``: the explicit name mapping
     (torch Linear weights ``[out, in]`` -> Flax Dense kernels ``[in, out]``, transposed)."""
-    tree: dict[str, Any] = {
+    return {
         "token_embedding": {"embedding": ("text_model.embeddings.token_embedding.weight", False)},
         "position_embedding": ("text_model.embeddings.position_embedding.weight", False),
         "final_layer_norm": layer_norm_keys("text_model.final_layer_norm"),
         "text_projection": {"kernel": ("text_projection.weight", True)},
+        **block_keys("text_model.encoder.layers", config.num_layers),
     }
-    for i in range(config.num_layers):
-        hf = f"text_model.encoder.layers.{i}"
-        tree[f"layers_{i}"] = {
-            "layer_norm1": layer_norm_keys(f"{hf}.layer_norm1"),
-            "self_attn": {
-                p: linear_keys(f"{hf}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")
-            },
-            "layer_norm2": layer_norm_keys(f"{hf}.layer_norm2"),
-            "mlp": {"fc1": linear_keys(f"{hf}.mlp.fc1"), "fc2": linear_keys(f"{hf}.mlp.fc2")},
-        }
-    return tree
 
 
 def is_key_leaf(x: Any) -> bool:
@@ -438,20 +424,15 @@ def is_key_leaf(x: Any) -> bool:
     return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
 
 
-def params_from_hf_state(state: Mapping[str, Any], config: CLIPTextConfig, *,
-                         source: str = "checkpoint") -> Params:
-    """Flax params (float32 numpy) from a transformers state dict of numpy arrays.
-
-    Keys of the vision tower of a full ``CLIPModel`` are ignored; any other missing, unexpected or
-    mis-shaped key is reported, all of them in one ValueError.
-    """
-    mapping = hf_param_map(config)
+def convert_hf_state(state: Mapping[str, Any], mapping: dict[str, Any], reference: Any,
+                     wanted: Callable[[str], bool], tower: str, source: str) -> Params:
+    """Flax params (float32 numpy) of the param map `mapping` (shapes: `reference`) from a
+    transformers state dict of numpy arrays. Transposed leaves: torch Linear ``[out, in]`` ->
+    ``[in, out]``, Conv2d ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]``. Keys not `wanted` are
+    ignored; any other missing, unexpected or mis-shaped key is reported, all in one ValueError."""
     expected = {leaf[0] for leaf in jax.tree_util.tree_leaves(mapping, is_leaf=is_key_leaf)}
     missing = sorted(expected - set(state))
-    unexpected = sorted(k for k in state if k not in expected and _wanted(k))
-    reference = jax.eval_shape(
-        lambda: CLIPTextTower(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    )
+    unexpected = sorted(k for k in state if k not in expected and wanted(k))
     bad_shapes: list[str] = []
 
     def convert(leaf: tuple[str, bool], ref: jax.ShapeDtypeStruct) -> np.ndarray | None:
@@ -459,16 +440,28 @@ def params_from_hf_state(state: Mapping[str, Any], config: CLIPTextConfig, *,
         if key not in state:
             return None
         value = np.asarray(state[key], dtype=np.float32)
-        value = value.T if transpose else value
+        if transpose:
+            value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
         if value.shape != ref.shape:
             bad_shapes.append(f"{key}: {tuple(value.shape)} != expected {tuple(ref.shape)}")
         return value
 
     params = jax.tree_util.tree_map(convert, mapping, reference, is_leaf=is_key_leaf)
-    problems = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", bad_shapes))
+    problems = (("missing keys", missing), ("unexpected keys", unexpected),
+                ("wrong shapes", bad_shapes))
     if parts := [f"{title} ({len(keys)}): {keys}" for title, keys in problems if keys]:
-        raise ValueError(f"CLIP text weights in {source} do not match the config: " + "; ".join(parts))
+        raise ValueError(f"CLIP {tower} weights in {source} do not match the config: "
+                         + "; ".join(parts))
     return params
+
+
+def params_from_hf_state(state: Mapping[str, Any], config: CLIPTextConfig, *,
+                         source: str = "checkpoint") -> Params:
+    """Flax params (float32 numpy) from a transformers state dict of numpy arrays
+    (`convert_hf_state`); keys of the vision tower of a full ``CLIPModel`` are ignored."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    reference = jax.eval_shape(lambda: CLIPTextTower(config).init(jax.random.key(0), ids)["params"])
+    return convert_hf_state(state, hf_param_map(config), reference, _wanted, "text", source)
 
 
 def _wanted(key: str) -> bool:
@@ -549,9 +542,8 @@ def resolve_hub(repo_id: str, cache_dir: str | None) -> str:
         path = snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache_dir)
         safetensors_files = ("model.safetensors", "model.safetensors.index.json")
         if not any(os.path.isfile(os.path.join(path, f)) for f in safetensors_files):
-            path = snapshot_download(
-                repo_id, allow_patterns=_HUB_FILES + ["pytorch_model.bin*"], cache_dir=cache_dir
-            )
+            path = snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["pytorch_model.bin*"],
+                                     cache_dir=cache_dir)
     except Exception as e:  # network, offline without cache, unknown repo: say which and what to do
         raise OSError(
             f"could not get CLIP checkpoint {repo_id!r} from the Hugging Face hub or its local cache "
@@ -559,6 +551,16 @@ def resolve_hub(repo_id: str, cache_dir: str | None) -> str:
             "Pass a local directory with config.json, model.safetensors, vocab.json and merges.txt instead."
         ) from e
     return path
+
+
+def checkpoint_dir(name_or_path: str | os.PathLike, cache_dir: str | None = None) -> str:
+    """Local directory of a CLIP checkpoint: ``name_or_path`` itself, or a hub snapshot."""
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        return name
+    if looks_like_path(name):
+        raise FileNotFoundError(f"CLIP checkpoint directory not found: {name}")
+    return resolve_hub(name, cache_dir)
 
 
 def load_clip_text(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *,
@@ -569,13 +571,7 @@ def load_clip_text(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *,
     (config.json, model.safetensors or pytorch_model.bin, vocab.json + merges.txt), or a hub id
     such as "openai/clip-vit-base-patch32". Params are float32; ``dtype`` is the compute dtype.
     """
-    name = os.fspath(name_or_path)
-    if os.path.isdir(name):
-        ckpt_dir = name
-    elif looks_like_path(name):
-        raise FileNotFoundError(f"CLIP checkpoint directory not found: {name}")
-    else:
-        ckpt_dir = resolve_hub(name, cache_dir)
+    ckpt_dir = checkpoint_dir(name_or_path, cache_dir)
     config_path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in CLIP checkpoint directory {ckpt_dir}")

@@ -80,18 +80,12 @@ class CLIPVisionConfig:
         vision = getattr(hf_config, "vision_config", hf_config)  # the vision part of a CLIPConfig
         if not hasattr(vision, "patch_size"):
             raise ValueError(f"not a CLIP vision config: {type(vision).__name__} has no patch_size")
-        return cls(
-            width=int(vision.hidden_size),
-            num_layers=int(vision.num_hidden_layers),
-            num_heads=int(vision.num_attention_heads),
-            mlp_dim=int(vision.intermediate_size),
-            patch_size=int(vision.patch_size),
-            image_size=int(vision.image_size),
-            proj_dim=int(hf_config.projection_dim),
-            layer_norm_eps=float(vision.layer_norm_eps),
-            hidden_act=str(vision.hidden_act),
-            num_channels=int(vision.num_channels),
-        )
+        return cls(width=int(vision.hidden_size), num_layers=int(vision.num_hidden_layers),
+                   num_heads=int(vision.num_attention_heads), mlp_dim=int(vision.intermediate_size),
+                   patch_size=int(vision.patch_size), image_size=int(vision.image_size),
+                   proj_dim=int(hf_config.projection_dim),
+                   layer_norm_eps=float(vision.layer_norm_eps), hidden_act=str(vision.hidden_act),
+                   num_channels=int(vision.num_channels))
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
@@ -153,12 +147,10 @@ class CLIPVisionTower(nn.Module):
         self.patch_embedding = nn.Conv(c.width, (c.patch_size, c.patch_size),
                                        strides=(c.patch_size, c.patch_size), padding="VALID",
                                        use_bias=False, **dtypes)
-        self.class_embedding = self.param(
-            "class_embedding", nn.initializers.normal(c.width**-0.5), (c.width,), jnp.float32
-        )
-        self.position_embedding = self.param(
-            "position_embedding", nn.initializers.normal(0.02), (c.grid_size**2 + 1, c.width), jnp.float32
-        )
+        self.class_embedding = self.param("class_embedding", nn.initializers.normal(c.width**-0.5),
+                                          (c.width,), jnp.float32)
+        self.position_embedding = self.param("position_embedding", nn.initializers.normal(0.02),
+                                             (c.grid_size**2 + 1, c.width), jnp.float32)
         self.pre_layrnorm = nn.LayerNorm(epsilon=c.layer_norm_eps, **dtypes)  # transformers' spelling
         self.layers = [ct.ResidualBlock(c, self.dtype, causal=False) for _ in range(c.num_layers)]
         self.post_layernorm = nn.LayerNorm(epsilon=c.layer_norm_eps, **dtypes)
@@ -185,10 +177,8 @@ class CLIPVisionTower(nn.Module):
         # post_layernorm is per token: on every token it equals transformers' LN of the class token,
         # and it is DenseCLIP's treatment of the patch tokens.
         emb_BxLxC = self.visual_projection(self.post_layernorm(h_BxLxD)).astype(jnp.float32)
-        return {
-            "image_embeds": emb_BxLxC[:, 0],
-            "dense": emb_BxLxC[:, 1:].reshape(b, grid_h, grid_w, c.proj_dim),
-        }
+        return {"image_embeds": emb_BxLxC[:, 0],
+                "dense": emb_BxLxC[:, 1:].reshape(b, grid_h, grid_w, c.proj_dim)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,76 +210,33 @@ def hf_param_map(config: CLIPVisionConfig) -> dict[str, Any]:
     weight ``[out, in, kh, kw]`` becomes the Flax Conv kernel ``[kh, kw, in, out]``.
     """
     emb = "vision_model.embeddings"
-    tree: dict[str, Any] = {
+    return {
         "patch_embedding": {"kernel": (f"{emb}.patch_embedding.weight", True)},
         "class_embedding": (f"{emb}.class_embedding", False),
         "position_embedding": (f"{emb}.position_embedding.weight", False),
         "pre_layrnorm": ct.layer_norm_keys("vision_model.pre_layrnorm"),
         "post_layernorm": ct.layer_norm_keys("vision_model.post_layernorm"),
         "visual_projection": {"kernel": ("visual_projection.weight", True)},
+        **ct.block_keys("vision_model.encoder.layers", config.num_layers),
     }
-    for i in range(config.num_layers):
-        hf = f"vision_model.encoder.layers.{i}"
-        tree[f"layers_{i}"] = {
-            "layer_norm1": ct.layer_norm_keys(f"{hf}.layer_norm1"),
-            "self_attn": {
-                p: ct.linear_keys(f"{hf}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")
-            },
-            "layer_norm2": ct.layer_norm_keys(f"{hf}.layer_norm2"),
-            "mlp": {"fc1": ct.linear_keys(f"{hf}.mlp.fc1"), "fc2": ct.linear_keys(f"{hf}.mlp.fc2")},
-        }
-    return tree
-
-
-def _to_flax_layout(value: np.ndarray) -> np.ndarray:
-    """Torch Linear ``[out, in]`` -> ``[in, out]``; Conv2d ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]``."""
-    return value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
 
 
 def params_from_hf_state(state: Mapping[str, Any], config: CLIPVisionConfig, *,
                          source: str = "checkpoint") -> Params:
-    """Flax params (float32 numpy) from a transformers state dict of numpy arrays.
-
-    Keys outside the vision tower (text tower, ``logit_scale``) are ignored; any other missing,
-    unexpected or mis-shaped key is reported, all of them in one ValueError.
-    """
-    mapping = hf_param_map(config)
-    expected = {leaf[0] for leaf in jax.tree_util.tree_leaves(mapping, is_leaf=ct.is_key_leaf)}
-    missing = sorted(expected - set(state))
-    unexpected = sorted(k for k in state if k not in expected and _is_vision_key(k))
+    """Flax params (float32 numpy) from a transformers state dict of numpy arrays
+    (`clip_text.convert_hf_state`); keys outside the vision tower (text tower, ``logit_scale``)
+    are ignored."""
     pixels = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
     reference = jax.eval_shape(lambda: CLIPVisionTower(config).init(jax.random.key(0), pixels)["params"])
-    bad_shapes: list[str] = []
-
-    def convert(leaf: tuple[str, bool], ref: jax.ShapeDtypeStruct) -> np.ndarray | None:
-        key, transpose = leaf
-        if key not in state:
-            return None
-        value = np.asarray(state[key], dtype=np.float32)
-        value = _to_flax_layout(value) if transpose else value
-        if value.shape != ref.shape:
-            bad_shapes.append(f"{key}: {tuple(value.shape)} != expected {tuple(ref.shape)}")
-        return value
-
-    params = jax.tree_util.tree_map(convert, mapping, reference, is_leaf=ct.is_key_leaf)
-    problems = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", bad_shapes))
-    if parts := [f"{title} ({len(keys)}): {keys}" for title, keys in problems if keys]:
-        raise ValueError(f"CLIP vision weights in {source} do not match the config: " + "; ".join(parts))
-    return params
+    return ct.convert_hf_state(state, hf_param_map(config), reference, _is_vision_key, "vision",
+                               source)
 
 
 def _is_vision_key(key: str) -> bool:
     return key.startswith(_VISION_KEY_PREFIXES) and key not in _IGNORED_KEYS
 
 
-def checkpoint_dir(name_or_path: str | os.PathLike, cache_dir: str | None = None) -> str:
-    """Local directory of a CLIP checkpoint: ``name_or_path`` itself, or a hub snapshot."""
-    name = os.fspath(name_or_path)
-    if os.path.isdir(name):
-        return name
-    if ct.looks_like_path(name):
-        raise FileNotFoundError(f"CLIP checkpoint directory not found: {name}")
-    return ct.resolve_hub(name, cache_dir)
+checkpoint_dir = ct.checkpoint_dir
 
 
 def load_clip_vision(name_or_path: str | os.PathLike, dtype: Any = jnp.float32, *,

@@ -20,9 +20,6 @@ import numpy as np
 
 from ms3_jax.models.resnet import Conv
 
-def _accumulator(dtype: Any) -> Any:
-    return jnp.promote_types(dtype, jnp.float32)
-
 
 def row_major_transpose(matrix: jax.Array) -> jax.Array:
     """``x.T`` [B, A], materialised row-major (a 1-D reshape admits only one layout, and the
@@ -41,7 +38,8 @@ def row_major_batched(x_BxQxC: jax.Array) -> jax.Array:
 def product(spec: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
     """``einsum(spec, a, b)`` accumulated in float32 (float64 for float64 operands), cast to
     ``out_dtype``."""
-    return jnp.einsum(spec, a, b, preferred_element_type=_accumulator(a.dtype)).astype(out_dtype)
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=acc).astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -90,8 +88,7 @@ def conv_as_tap_products(x_BxHxWxC: jax.Array, kernel_JxJxCxF: jax.Array, stride
     """A dense k x k convolution with PyTorch padding as the sum over its k*k taps of (shifted,
     strided input) @ (tap weights), accumulated in float32 (float64 for float64 inputs), plus
     `offset` (in the accumulator's dtype) before the one rounding to the input dtype. Gradient
-    written out: docs/choices.md, "Tap-product gradients written out".
-    """
+    written out: docs/choices.md, "Tap-product gradients written out"."""
     if x_BxHxWxC.dtype != kernel_JxJxCxF.dtype:
         raise TypeError(f"conv_as_tap_products operands differ in dtype: {x_BxHxWxC.dtype} vs "
                         f"{kernel_JxJxCxF.dtype}")
@@ -214,8 +211,7 @@ def _depthwise(x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, d: int,
                padded_copy: bool) -> jax.Array:
     """The 9-tap sum; `padded_copy`: ``x`` first written into a zero-padded buffer (only for a
     dilation of at most half the map). ``x`` is cast to the accumulator dtype once, before the taps.
-    docs/choices.md, "Depthwise 3x3 on CPU: two forms of the same 9-tap sum".
-    """
+    docs/choices.md, "Depthwise 3x3 on CPU: two forms of the same 9-tap sum"."""
     b, h, w, c = x_BxHxWxC.shape
     acc = jnp.promote_types(x_BxHxWxC.dtype, jnp.float32)
     k = kernel_3x3x1xC.astype(acc)

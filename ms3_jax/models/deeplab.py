@@ -133,12 +133,9 @@ class DeepLabV3PlusHead(nn.Module):
         separable = functools.partial(SeparableConvModule, conv=self.conv, dtype=self.dtype)
         pooled = jnp.mean(layer4.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
         pooled = conv_module(ch, name="image_pool_1")(pooled, train)
-        outs = []
-        for i, rate in enumerate(self.dilations):
-            if rate == 1:
-                outs.append(conv_module(ch, name=f"aspp_modules_{i}")(layer4, train))
-            else:
-                outs.append(separable(ch, dilation=rate, name=f"aspp_modules_{i}")(layer4, train))
+        outs = [conv_module(ch, name=f"aspp_modules_{i}")(layer4, train) if rate == 1
+                else separable(ch, dilation=rate, name=f"aspp_modules_{i}")(layer4, train)
+                for i, rate in enumerate(self.dilations)]
         # [image pool, branches]: docs/choices.md, "The ASPP image-pool channels are passed apart"
         aspp = conv_module(ch, kernel=3, name="bottleneck")(jnp.concatenate(outs, -1), train,
                                                             uniform_Bx1x1xX=pooled)

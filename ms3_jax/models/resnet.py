@@ -32,17 +32,16 @@ ModuleDef = Callable[..., nn.Module]
 
 def batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
     """BatchNorm with PyTorch's defaults (torch momentum 0.1 == flax momentum 0.9, eps 1e-5)."""
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
-    )
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                        name=name)
 
 
 class Conv(nn.Module):
     """A convolution with PyTorch's conventions, run as XLA's native convolution: symmetric
     padding ``dilation * (kernel - 1) / 2``, kaiming-normal (fan_out) init, params `kernel`
     [k, k, in / groups, out] and optional `bias` (those of `nn.Conv`). `groups == in` is a
-    depthwise convolution. `cpu_kernels.CpuConv` is a plug-in for it (docs/choices.md "Kernels").
-    """
+    depthwise convolution. `cpu_kernels.CpuConv` is a plug-in for it (docs/choices.md, "Kernels:
+    one switch, decided from the compile target")."""
 
     features: int
     kernel_size: int
@@ -100,12 +99,10 @@ class Bottleneck(nn.Module):
         conv = functools.partial(self.conv, dtype=self.dtype)
         norm = functools.partial(batch_norm, train, dtype=self.dtype)
         y = nn.relu(norm("bn1")(conv(self.planes, 1, name="conv1")(x)))
-        y = conv(self.planes, 3, self.stride, self.dilation, name="conv2")(y)
-        y = nn.relu(norm("bn2")(y))
+        y = nn.relu(norm("bn2")(conv(self.planes, 3, self.stride, self.dilation, name="conv2")(y)))
         y = norm("bn3")(conv(self.planes * 4, 1, name="conv3")(y))
         if self.project:
-            x = conv(self.planes * 4, 1, self.stride, name="downsample_0")(x)
-            x = norm("downsample_1")(x)
+            x = norm("downsample_1")(conv(self.planes * 4, 1, self.stride, name="downsample_0")(x))
         return nn.relu(x + y)
 
 
@@ -133,8 +130,8 @@ class ResNet(nn.Module):
         if self.variant not in VARIANTS:
             raise ValueError(f"ResNet variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.output_stride not in OUTPUT_STRIDE_SETTINGS:
-            raise ValueError(
-                f"output_stride must be one of {sorted(OUTPUT_STRIDE_SETTINGS)}, got {self.output_stride}")
+            raise ValueError(f"output_stride must be one of {sorted(OUTPUT_STRIDE_SETTINGS)}, "
+                             f"got {self.output_stride}")
         if self.stage_sizes is None and self.depth not in STAGE_SIZES:
             raise ValueError(f"ResNet depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
         sizes = tuple(self.stage_sizes) if self.stage_sizes is not None else STAGE_SIZES[self.depth]
@@ -164,12 +161,10 @@ class ResNet(nn.Module):
             planes = base * 2 ** stage
             first_dilation = dilation // 2 if (self.contract_dilation and dilation > 1) else dilation
             for b in range(n_blocks):
-                x = Bottleneck(
-                    planes, self.conv, stride=stride if b == 0 else 1,
-                    dilation=first_dilation if b == 0 else dilation,
-                    project=b == 0 and (stride != 1 or in_ch != planes * 4),
-                    dtype=self.dtype, name=f"layer{stage + 1}_{b}",
-                )(x, train)
+                x = Bottleneck(planes, self.conv, stride=stride if b == 0 else 1,
+                               dilation=first_dilation if b == 0 else dilation,
+                               project=b == 0 and (stride != 1 or in_ch != planes * 4),
+                               dtype=self.dtype, name=f"layer{stage + 1}_{b}")(x, train)
                 in_ch = planes * 4
             feats[f"layer{stage + 1}"] = x
         return feats

@@ -2,8 +2,7 @@
 its format by `torch_format` (a key of `BACKBONES`; none: refused): 'resnet' is torchvision's
 (`layer3.5.conv2.weight`, v1c `stem.0/1/3/4/6/7.*`; MMSeg's `ResNet` / `ResNetV1c` load it); the
 segmentor has MMSeg's `EncoderDecoder` names (`backbone.*`, `decode_head.*`). Keys follow from the
-Flax module names by rule (`layer1_0` <-> `layer1.0`), shapes from the model (`jax.eval_shape`).
-"""
+Flax module names by rule (`layer1_0` <-> `layer1.0`), shapes from the model (`jax.eval_shape`)."""
 from __future__ import annotations
 
 import functools

@@ -180,8 +180,7 @@ class Trainer(training.Trainer):
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, devices: list | None = None) -> "Trainer":
         """Checks `config` (before any long work), then builds the data streams and the step."""
-        devices = list(devices) if devices is not None else jax.devices()
-        check_config(config, len(devices))
+        check_config(config, len(jax.devices() if devices is None else devices))
         label_space = LabelSpace.from_datasets([config.data.dataset])
         pipe = make_pipeline(config, label_space)
         trainer = cls(config, label_space.num_classes, devices, pipe,

@@ -88,10 +88,9 @@ def uses_unlabeled(config: ml_collections.ConfigDict) -> bool:
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, platform: str) -> MS3Encoder:
     """The encoder of `loss.kind` for devices of `platform` (`model.kernels`)."""
-    if config.loss.kind == "ms3":
-        return encoder_from_config(config.model, platform, heads=("language", "visual"),
-                                   num_classes=None)
-    return encoder_from_config(config.model, platform, heads=(), num_classes=num_classes)
+    ms3 = config.loss.kind == "ms3"
+    return encoder_from_config(config.model, platform, heads=("language", "visual") if ms3 else (),
+                               num_classes=None if ms3 else num_classes)
 
 
 @struct.dataclass
@@ -203,11 +202,9 @@ def update_memory(state: TrainState, keys_visual: jax.Array | None, bank_labels:
                                       state.sim_seen)
     seen = relations.update_seen(state.sim_seen, count)
     state = state.replace(sim=sim, sim_seen=seen)
-    mask = relations.multilabel_mask(sim, consts["other_dataset"], seen,
-                                     config.relations.get("top_k", 0))
-    if config.loss.multilabel:
-        mask = mask & (state.step >= config.relations.warmup_steps)
-    metrics["relations"] = jnp.sum(mask)
+    warmup = config.relations.warmup_steps if config.loss.multilabel else 0
+    metrics["relations"] = jnp.sum(positives(state, consts, warmup,
+                                             config.relations.get("top_k", 0)))
     return state, metrics
 
 
@@ -309,8 +306,7 @@ class Trainer(training.Trainer):
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, devices: list | None = None) -> "Trainer":
         """Checks `config` (before any long work), then builds the data stream, T and the step."""
-        devices = list(devices) if devices is not None else jax.devices()
-        check_config(config, len(devices))
+        check_config(config, len(jax.devices() if devices is None else devices))
         check_text_source(config)
         label_space = LabelSpace.from_datasets(list(config.data.datasets))
         pipe = training.union_pipeline(config, label_space)
@@ -336,8 +332,6 @@ class Trainer(training.Trainer):
             init_rng, state_rng = jax.random.split(rng)
             images = jnp.zeros((1, cfg.data.crop_size, cfg.data.crop_size, 3), jnp.uint8)
             variables = self.model.init(init_rng, images)
-            if float64:
-                variables = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), variables)
             state = init_train_state(variables, self.tx, self.label_space.num_classes,
                                      cfg.model.emb_dim, cfg.bank.slots, jnp.dtype(cfg.bank.dtype),
                                      state_rng)
@@ -469,13 +463,11 @@ def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: T
                 for cls, iou in zip(m["class_names"], m["IoU"]):
                     if not np.isnan(iou):
                         writer.add_scalar(loop.tag("eval_IoU", key, cls), iou, step)
-            panels = {}
             for space, group_heads in groups:
-                panels.update(pretrain_eval.example_panels(
-                    trainer.model, variables, group_heads, space, config.data.data_dir or None,
-                    short_side=ec.get("short_side")))
-            for key, panel in panels.items():
-                writer.add_image(f"examples/{key}", panel, step, dataformats="HWC")
+                for key, panel in pretrain_eval.example_panels(
+                        trainer.model, variables, group_heads, space, config.data.data_dir or None,
+                        short_side=ec.get("short_side")).items():
+                    writer.add_image(f"examples/{key}", panel, step, dataformats="HWC")
             writer.flush()
         path = os.path.join(workdir, RESULTS_FILE)
         history = []

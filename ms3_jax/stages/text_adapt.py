@@ -32,8 +32,8 @@ from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, l2_normalize
 REPORT_FILE = "similarity_report.json"
 OPTIMIZERS = ("sgd", "adamw")
 ENCODERS = ("clip", "deeplab")
-# text.frozen_steps when unset: no frozen phase with CLIP's pretrained image tower; 20% with the
-# fresh DeepLab encoder (docs/choices.md, "Stage 1").
+# text.frozen_steps when unset: docs/choices.md, "No frozen-context phase with CLIP's encoder;
+# 20% with DeepLab's".
 DEFAULT_FROZEN_STEPS = {"clip": 0.0, "deeplab": 0.2}
 
 Batch = Mapping[str, jax.Array]
@@ -73,9 +73,7 @@ def text_lr_schedule(config: ml_collections.ConfigDict, peak: float, num_steps: 
     """0 for the first ``frozen_fraction`` of training (the context waits for the image encoder
     to tell classes apart), then linear warm-up and cosine decay to 0."""
     start = int(round(frozen_fraction(config) * num_steps))
-    rest = max(num_steps - start, 1)
-    warmup = min(config.optim.warmup_steps, rest - 1)
-    cosine = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(rest, warmup + 1), 0.0)
+    cosine = optim.warmup_cosine(peak, config.optim.warmup_steps, max(num_steps - start, 1))
     if not start:
         return cosine
     return optax.join_schedules([optax.constant_schedule(0.0), cosine], [start])
@@ -93,9 +91,7 @@ def image_lr_schedule(config: ml_collections.ConfigDict, num_steps: int) -> opta
     tower; both with warm-up and cosine decay to 0."""
     if config.encoder == "deeplab":
         return optim.lr_schedule(config, num_steps)
-    warmup = min(config.optim.warmup_steps, max(num_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, config.image_tower.lr, warmup,
-                                              max(num_steps, warmup + 1), 0.0)
+    return optim.warmup_cosine(config.image_tower.lr, config.optim.warmup_steps, num_steps)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int,
@@ -292,8 +288,7 @@ class Trainer(training.Trainer):
     def from_config(cls, config: ml_collections.ConfigDict, devices: list | None = None) -> "Trainer":
         """Checks `config` (before any long work), then loads CLIP and builds the data stream and
         the step."""
-        devices = list(devices) if devices is not None else jax.devices()
-        check_config(config, len(devices))
+        check_config(config, len(jax.devices() if devices is None else devices))
         label_space = LabelSpace.from_datasets(list(config.data.datasets))
         clip = resolve_clip(config)
         text_module, text_params, tokenizer = load_clip(clip, jnp.dtype(config.text.dtype))
@@ -406,8 +401,7 @@ def similarity_report(names: Sequence[str], embeddings: Mapping[str, np.ndarray]
     index = {key(n): i for i, n in enumerate(names)}
     rows = []
     for a, b in pairs:
-        missing = [n for n in (a, b) if key(n) not in index]
-        if missing:
+        if missing := [n for n in (a, b) if key(n) not in index]:
             rows.append({"pair": [a, b], "skipped": f"{', '.join(map(repr, missing))} not in the "
                                                     "union label space"})
             continue
