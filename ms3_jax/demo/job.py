@@ -225,4 +225,4 @@ def check_better_than_chance(pixel_accuracy: float, num_names: int, workdir: str
             f"the pretrained model is no better than chance: nearest-T pixel accuracy "
             f"{pixel_accuracy:.3f} < 2 x chance (1 in {num_names} names = {chance:.3f}), whatever "
             f"the loss did. Outputs are in {workdir} (demo_summary.json); see docs/choices.md, "
-            "\"Demo budget and data\"")
+            "\"Demo budget\"")
