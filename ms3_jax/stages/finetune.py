@@ -135,7 +135,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if kind not in INIT_KINDS:
         raise ValueError(f"init.kind must be one of {INIT_KINDS}, got {kind!r}")
     if kind != "scratch" and not config.init.path:
-        what = "an MS3 pretraining workdir" if kind == "ms3" else "a torchvision ResNet .pth"
+        what = "an MS3 pretraining workdir" if kind == "ms3" else "a PyTorch ResNet checkpoint"
         raise ValueError(f"init.kind={kind!r} needs init.path ({what})")
     what = config.init.get("what", "backbone")
     if what not in INIT_WHAT:
