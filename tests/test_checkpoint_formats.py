@@ -64,7 +64,8 @@ def moco(sd):
                "module.encoder_q.fc.0.bias": torch.zeros(4),
                "module.encoder_q.fc.2.weight": torch.zeros(2, 4),
                "module.encoder_q.fc.2.bias": torch.zeros(2),
-               "module.queue": torch.randn(2, 16), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
+               "module.queue": torch.randn(2, 16),
+               "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
     return {"epoch": 200, "arch": "resnet50", "state_dict": weights,
             "optimizer": {"state": {}, "param_groups": [{"lr": 0.03, "params": [0, 1]}]}}
 
@@ -76,7 +77,8 @@ def densecl_training(sd):
     weights = {**prefixed("encoder_q.0.", body), **prefixed("encoder_k.0.", body),
                **prefixed("backbone.", body), "encoder_q.1.mlp.0.weight": torch.zeros(4, 4),
                "encoder_k.1.mlp.0.weight": torch.zeros(4, 4), "queue": torch.zeros(2, 8),
-               "queue_ptr": torch.zeros(1), "queue2": torch.zeros(2, 8), "queue2_ptr": torch.zeros(1)}
+               "queue_ptr": torch.zeros(1), "queue2": torch.zeros(2, 8),
+               "queue2_ptr": torch.zeros(1)}
     return {"meta": {"epoch": 200, "iter": 5, "mmcv_version": "0.4.3"}, "state_dict": weights}
 
 
