@@ -69,8 +69,8 @@ FORMATS: tuple[Format, ...] = (
            ("state_dict",), "module.", r"^module\.(conv1|stem)\.", r"^module\.fc\."),
     Format("backbone-only state_dict", "open-mmlab model zoo (resnet50_v1c), MMSelfSup / "
            "OpenSelfSup extracts, timm train.py", ("state_dict",), "", r"^(conv1|stem)\."),
-    Format("torchvision / timm", "pytorch/vision, huggingface/pytorch-image-models", (None,), "",
-           r"^(conv1|stem)\."),
+    Format("torchvision / timm", "pytorch/vision, huggingface/pytorch-image-models, "
+           "ms3_jax.export", (None,), "", r"^(conv1|stem)\."),
 )
 
 # Deep stems of other libraries -> MMSeg's `stem.N` (0/3/6 convs, 1/4/7 BNs; 2/5/8 are ReLUs).
