@@ -210,3 +210,7 @@ def test_resnet_d_and_a_variant_mismatch_are_refused_with_the_fix(tmp_path):
     path = save(reference("v1c"), tmp_path / "v1c.pth")
     with pytest.raises(torch_format.StateDictError, match="model.variant='v1c'"):
         torch_format.load_backbone_file(path, encoder("v1"))
+    r101 = TorchResNet(base=8, stage_sizes=(3, 4, 23, 3)).state_dict()
+    path = save(dict(r101), tmp_path / "resnet101-63fe2227.pth")
+    with pytest.raises(torch_format.StateDictError, match=r"\(3, 4, 23, 3\).*model.depth=101"):
+        torch_format.load_backbone_file(path, encoder("v1"))

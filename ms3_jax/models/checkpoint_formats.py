@@ -193,7 +193,7 @@ def _rename_stem(sd: dict[str, Any]) -> tuple[dict[str, Any], str]:
 def backbone_weights(obj: Mapping[str, Any], where: str = "checkpoint") -> BackboneCheckpoint:
     """The backbone part of a loaded checkpoint, its layout named; unplaced keys refused."""
     fmt, sd = recognise(obj)
-    dropped = [k for k in sd if re.search(fmt.dropped, k)]
+    dropped = {k for k in sd if re.search(fmt.dropped, k)}
     unplaced = [k for k in sd if k not in dropped and not k.startswith(fmt.prefix)]
     if unplaced:
         raise CheckpointFormatError(

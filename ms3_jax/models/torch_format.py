@@ -21,6 +21,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ms3_jax.models import checkpoint_formats
+from ms3_jax.models.resnet import STAGE_SIZES
 
 # Keys that torchvision / MMSeg files carry and we deliberately do not map.
 _IGNORED = re.compile(r"(^|\.)num_batches_tracked$|^fc\.(weight|bias)$")
@@ -133,10 +134,17 @@ def load_backbone_file(path: str, encoder: nn.Module) -> dict[str, Any]:
     .safetensors) of any layout `checkpoint_formats.FORMATS` recognises (named in the log)."""
     ckpt = checkpoint_formats.read_backbone_checkpoint(path)
     logging.info("%s: %s", path, ckpt.describe())
-    variant = getattr(encoder.backbone, "variant", None)
+    backbone = encoder.backbone
+    variant = getattr(backbone, "variant", None)
     if variant is not None and variant != ckpt.variant:
         raise StateDictError(f"{path} holds a {ckpt.variant} ResNet ({ckpt.stem} stem) but "
                              f"model.variant={variant!r}: set model.variant={ckpt.variant!r}")
+    sizes = getattr(backbone, "stage_sizes", None) or STAGE_SIZES.get(getattr(backbone, "depth", 0))
+    if sizes is not None and tuple(sizes) != ckpt.stage_sizes:
+        depth = {v: k for k, v in STAGE_SIZES.items()}.get(ckpt.stage_sizes)
+        fix = f"model.depth={depth}" if depth else f"model.stage_sizes={ckpt.stage_sizes}"
+        raise StateDictError(f"{path} has blocks per stage {ckpt.stage_sizes}, the model "
+                             f"{tuple(sizes)}: set {fix}")
     return load_backbone_state_dict(ckpt.state_dict, encoder.backbone)
 
 
