@@ -194,7 +194,7 @@ def test_files_that_need_unsafe_unpickling_are_refused(tmp_path):
     assert "refused" in str(e.value) and "unsafe unpickling" in str(e.value)
     assert "Unsafe" in str(e.value)
     pkl = tmp_path / "model_final.pkl"  # detectron2's converted weights: numpy in a pickle
-    pkl.write_bytes(pickle.dumps({"model": {"stem.conv1.weight": np.zeros(3)}}))
+    pkl.write_bytes(pickle.dumps({"model": {"stem.conv1.weight": np.zeros(3)}}, protocol=2))
     with pytest.raises(checkpoint_formats.CheckpointFormatError, match="unsafe unpickling"):
         checkpoint_formats.read_backbone_checkpoint(str(pkl))
     with pytest.raises(checkpoint_formats.CheckpointFormatError, match="unsafe unpickling"):
