@@ -130,3 +130,37 @@ def test_segmentor_of_an_aspp_pretraining_is_refused(workdir, tmp_path, capsys):
     export.main(["--workdir", wd, "--out", str(tmp_path / "backbone.safetensors")])
     checkpointing.write_config(wd, {**pretrain_cfg, "mode": "finetune"})
     assert "decode_head.c1_bottleneck.conv.weight" in export.export_workdir(wd, out, "segmentor")
+
+
+@pytest.mark.parametrize("variant", ["v1", "v1c"])
+def test_resnet101_exports_strict_load_into_torchvision_and_mmseg_names(variant, tmp_path):
+    """Depth 101 (Tab. 7) at width 1/8: the backbone file loads into torchvision's resnet101
+    layout (v1; 626 keys as torchvision's, `fc.*` aside) and the segmentor file's `backbone.*`
+    into MMSeg's ResNetV1c names (`stem.0/1/3/4/6/7`), both with no key left over."""
+    from ms3_jax.testing.variables import random_variables
+    cfg = {"depth": 101, "variant": variant, "width": 0.125, "emb_dim": 8}
+    model = encoder_from_config(cfg, "cpu")
+    variables = random_variables(model, seed=5)
+    wd = str(tmp_path / "wd")
+    state = {"step": jnp.int32(1), "params": variables["params"],
+             "batch_stats": variables["batch_stats"]}
+    checkpointing.write_config(wd, {"model": cfg})
+    mngr = checkpointing.checkpoint_manager(wd, item_names=("state",))
+    mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mngr.wait_until_finished()
+    ref = TorchResNet(variant=variant, base=8, stage_sizes=(3, 4, 23, 3))
+    if variant == "v1":
+        assert len(ref.state_dict()) == 626  # torchvision resnet101: 33 blocks, 4 projections
+        export.export_workdir(wd, str(tmp_path / "r101.pth"))
+        sd = torch.load(str(tmp_path / "r101.pth"), weights_only=True)
+    else:
+        seg = export.export_workdir(wd, str(tmp_path / "seg.pth"), "segmentor")
+        assert {"backbone.stem.0.weight", "backbone.stem.7.running_var",
+                "backbone.layer3.22.conv3.weight"} <= set(seg)
+        sd = {k[len("backbone."):]: torch.from_numpy(np.array(v)) for k, v in seg.items()
+              if k.startswith("backbone.")}
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    got = ref.layer3[22].conv2.weight.detach().numpy()
+    np.testing.assert_array_equal(got, np.transpose(
+        variables["params"]["backbone"]["layer3_22"]["conv2"]["kernel"], (3, 2, 0, 1)))

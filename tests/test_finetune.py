@@ -259,3 +259,21 @@ def test_predict_cli_segments_a_folder_like_the_model(data_dir, tmp_path, capsys
     from ms3_jax import zero_shot
     with pytest.raises(ValueError, match=r"fine-tuning workdir.*ms3_jax\.predict"):
         zero_shot.resolve_workdirs(wd)
+
+
+@pytest.mark.slow
+def test_tab7_aux_head_trains_and_stays_out_of_inference_and_export(data_dir, tmp_path):
+    """Tab. 7: the auxiliary head trains (its BN statistics move, its loss is logged apart) and
+    predict / export build the segmentor without it."""
+    from ms3_jax import export, predict
+    config = tiny_config(data_dir, **{"init.kind": "scratch", "aux_head": True,
+                                      "model.variant": "v1c"})
+    wd = str(tmp_path / "aux")
+    results = finetune.train_and_evaluate(config, wd)
+    assert results["mIoU"] is not None
+    _, state = final_state(wd)
+    assert not np.allclose(state["batch_stats"]["auxiliary_head"]["convs_0"]["bn"]["mean"], 0.0)
+    seg = predict.Segmentor(wd)
+    assert not seg.model.aux_head and "auxiliary_head" in seg.variables["params"]
+    sd = export.export_workdir(wd, str(tmp_path / "seg.safetensors"), "segmentor")
+    assert "decode_head.conv_seg.weight" in sd and not [k for k in sd if "aux" in k]

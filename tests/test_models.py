@@ -215,3 +215,17 @@ def test_export_refuses_a_backbone_without_a_torch_format():
         torch_format.segmentor_state_dict(variables, model)
     with pytest.raises(ValueError, match=refused):
         torch_format.load_backbone_state_dict({}, model.backbone)
+
+
+@pytest.mark.slow
+def test_resnet101_v1c_matches_torch_reference():
+    """Depth 101 with the deep stem (Tab. 7's Res101-v1c) at width 1/8, output stride 8."""
+    ref = randomize_(TorchResNet(variant="v1c", base=8, stage_sizes=(3, 4, 23, 3)), seed=2)
+    model = ResNet(depth=101, variant="v1c", width=0.125, conv=Conv)
+    variables = torch_format.load_backbone_state_dict(ref.state_dict(), model)
+    x = np.random.default_rng(1).standard_normal((1, 48, 48, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2))["layer4"].permute(0, 2, 3, 1).numpy()
+    got = np.asarray(_features_fn(model)(variables, x)["layer4"])
+    assert got.shape == want.shape == (1, 6, 6, 256)
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-5

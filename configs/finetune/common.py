@@ -7,16 +7,22 @@ after `:`), comma-separated:
 
   ms3 | torchvision | scratch   initialisation (Tab. 2 rows); the path goes in --config.init.path
   frozen                        frozen-backbone fine-tuning (Tab. 3)
+  tab7                          Tab. 7's rows: ResNet-v1c (deep stem) with the auxiliary head
+  r101                          ResNet-101 (with tab7: Tab. 7's Res101-v1c row)
   tiny                          tiny model on the built-in synthetic data ('synth_a'), for tests
 
   python -m ms3_jax.main --config=configs/finetune/voc.py:ms3 --config.init.path=PRETRAIN_W --workdir=W
   python -m ms3_jax.main --config=configs/finetune/ade20k.py:torchvision,frozen \
       --config.init.path=resnet50-0676ba61.pth --workdir=W
+  python -m ms3_jax.main --config=configs/finetune/voc.py:ms3,tab7,r101 \
+      --config.init.path=PRETRAIN_W_R101_V1C --workdir=W
 
 MMSegmentation defaults (what the paper follows): SGD lr 0.01, momentum 0.9, weight decay 5e-4 on
 every parameter, poly decay (power 0.9) to 1e-4 per iteration, SyncBN (= global-batch BN under
 jit), dropout 0.1 before the classifier, cross-entropy on logits upsampled to the crop, ignore
-255, averaged over all pixels (MMSeg `avg_non_ignore=False`); no auxiliary FCN head (paper 4.1).
+255, averaged over all pixels (MMSeg `avg_non_ignore=False`); no auxiliary FCN head (paper 4.1)
+except in Tab. 7's rows (`tab7`: MMSeg's FCNHead on layer3, 256 channels, dropout 0.1, loss
+weight 0.4, training only).
 Training augmentation = MMSeg's: random rescale of the short side to s * base_size,
 s ~ U[0.5, 2], random crop, flip, photometric distortion (approximated by the pipeline's colour
 jitter: brightness 32/255, contrast and saturation 0.5, hue 18/180); evaluation on whole images
@@ -27,6 +33,7 @@ import ml_collections
 from ms3_jax.data import registry
 
 INIT_ARGS = ("ms3", "torchvision", "scratch")
+MODEL_ARGS = ("frozen", "tab7", "r101", "tiny")
 
 
 def for_dataset(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
@@ -55,6 +62,9 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
     # unless the changed fields (or their prefixes, e.g. "optim") are named here.
     c.resume_overrides = ()
     c.frozen_backbone = False  # Tab. 3: backbone params and BN statistics fixed
+    # Tab. 7: MMSeg's auxiliary FCNHead on layer3 (3x3 conv-BN-ReLU of 256 channels x
+    # model.width, dropout, 1x1 classifier) adds loss.aux_weight x its CE; training only.
+    c.aux_head = False
 
     # kind: 'ms3' (path = an MS3 pretraining workdir: its latest or `step` checkpoint; `ema` takes
     # the momentum encoder), 'torchvision' (path = ImageNet ResNet .pth / .safetensors in
@@ -87,13 +97,14 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
     c.optim = ml_collections.ConfigDict(dict(
         lr=0.01, min_lr=1e-4, power=0.9, momentum=0.9, weight_decay=5e-4,
         decay_all=True))  # MMSeg decays every parameter; False: kernels only (as pretraining)
-    c.loss = ml_collections.ConfigDict(dict(ignore_index=255, avg_non_ignore=False))
+    c.loss = ml_collections.ConfigDict(dict(ignore_index=255, avg_non_ignore=False,
+                                            aux_weight=0.4))  # MMSeg's auxiliary loss weight
 
     args = [a for a in (arg or "").split(",") if a]
-    unknown = [a for a in args if a not in INIT_ARGS + ("frozen", "tiny")]
+    unknown = [a for a in args if a not in INIT_ARGS + MODEL_ARGS]
     if unknown:
-        raise ValueError(f"unknown config string(s) {unknown}; valid: {', '.join(INIT_ARGS)}, "
-                         "frozen, tiny (comma-separated)")
+        raise ValueError(f"unknown config string(s) {unknown}; valid: "
+                         f"{', '.join(INIT_ARGS + MODEL_ARGS)} (comma-separated)")
     if "tiny" in args:
         tiny(c)
     kinds = [a for a in args if a in INIT_ARGS]
@@ -102,6 +113,10 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
     if kinds:
         c.init.kind = kinds[0]
     c.frozen_backbone = "frozen" in args
+    if "tab7" in args:
+        c.model.variant, c.aux_head = "v1c", True
+    if "r101" in args:
+        c.model.depth = 101
     return c
 
 

@@ -105,8 +105,8 @@ class Trainer:
         return self._step(*args)
 
     def backbone_from_file(self, path: str, model: Any) -> dict[str, Any]:
-        """`{'params', 'batch_stats'}` of `model`'s backbone from a torchvision / MMSeg ResNet
-        file (`model.init_from`, `init.path`), replicated."""
+        """`{'params', 'batch_stats'}` of `model`'s backbone from a PyTorch ResNet checkpoint of
+        a layout `checkpoint_formats` recognises (`model.init_from`, `init.path`), replicated."""
         loaded = jax.device_put(torch_format.load_backbone_file(path, model), self.replicated)
         logging.info("backbone initialised from %s", path)
         return loaded

@@ -162,11 +162,33 @@ class ProjectionHead(nn.Module):
         return l2_normalize(x)
 
 
+class FCNHead(nn.Module):
+    """MMSeg `FCNHead` with `num_convs=1, concat_input=False`, the auxiliary head of paper Tab. 7:
+    3x3 ConvModule (`convs_0`), dropout, 1x1 classifier (`conv_seg`); logits in float32."""
+
+    num_classes: int
+    channels: int = 256
+    dropout_rate: float = 0.1
+    dtype: Any = jnp.float32
+    conv: ModuleDef = Conv
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = ConvModule(self.channels, self.conv, kernel=3, dtype=self.dtype,
+                       name="convs_0")(x, train)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return self.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
+                         kernel_init=nn.initializers.lecun_normal(),
+                         name="conv_seg")(x).astype(jnp.float32)
+
+
 class Backbone(Protocol):
     """What `MS3Encoder` asks of its backbone, a flax module (:class:`ResNet`; another architecture
     is a new module and entries in `BACKBONES`, `torch_format.BACKBONES`). `__call__(x, train)`:
     normalised RGB [B, H, W, 3] -> `(low, deep)`, the maps the v3+ decoder fuses (stride 4) and the
-    ASPP reads (stride `output_stride`); optional `torch_format`: its PyTorch naming (else none)."""
+    ASPP reads (stride `output_stride`); optional `torch_format`: its PyTorch naming (else none);
+    optional `aux_feature`: the name of the map an auxiliary head reads (Tab. 7), returned third
+    by `__call__(x, train, with_aux=True)`."""
 
     output_stride: int
 
@@ -179,7 +201,9 @@ class MS3Encoder(nn.Module):
     Input: RGB images [B, H, W, 3] on the 0..255 scale (uint8 or float); normalised here.
     Returns a dict: `language` and `visual` [B, h, w, emb_dim] (unit norm per pixel, float32),
     `decoder` [B, H/4, W/4, channels], and `logits` [B, H/4, W/4, num_classes] when `num_classes`
-    is set (CE baselines and fine-tuning). `heads_at`: the heads read the decoder map ('decoder',
+    is set (CE baselines and fine-tuning); with `aux_head` also `aux_logits` from an
+    :class:`FCNHead` (`auxiliary_head`, `aux_channels`) on the backbone's `aux_feature` map (Tab. 7;
+    fine-tuning builds it for training only). `heads_at`: the heads read the decoder map ('decoder',
     h = H/4) or the ASPP output ('aspp', h = H/output_stride, Sec. 4.1; docs/choices.md,
     "Projection heads after the ASPP"). `backbone`: a :class:`Backbone` (variables under
     `backbone`); `dtype`: the head's compute dtype (params float32); `conv`: :func:`conv_for`.
@@ -193,6 +217,8 @@ class MS3Encoder(nn.Module):
     heads_at: str = "decoder"
     num_classes: int | None = None
     dropout_rate: float = 0.1
+    aux_head: bool = False
+    aux_channels: int = 256
     dtype: Any = jnp.float32
     conv: ModuleDef = Conv
 
@@ -205,7 +231,13 @@ class MS3Encoder(nn.Module):
     def __call__(self, images_BxHxWx3: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         f32 = jnp.float32
         x = (images_BxHxWx3.astype(f32) - jnp.asarray(IMAGENET_MEAN, f32)) / jnp.asarray(IMAGENET_STD, f32)
-        low, deep = self.backbone(x, train)
+        if self.aux_head:
+            if getattr(self.backbone, "aux_feature", None) is None or self.num_classes is None:
+                raise ValueError(f"aux_head needs num_classes and a backbone with an `aux_feature` "
+                                 f"map ({type(self.backbone).__name__} has none or no classes)")
+            low, deep, aux = self.backbone(x, train, with_aux=True)
+        else:
+            low, deep = self.backbone(x, train)
         if self.heads_at not in HEADS_AT:
             raise ValueError(f"model.heads_at must be one of {HEADS_AT}, got {self.heads_at!r}")
         aspp, dec = DeepLabV3PlusHead(self.head_channels, self.c1_channels,
@@ -221,6 +253,9 @@ class MS3Encoder(nn.Module):
             out["logits"] = self.conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
                                       kernel_init=nn.initializers.lecun_normal(),
                                       name="conv_seg")(y).astype(jnp.float32)
+        if self.aux_head:
+            out["aux_logits"] = FCNHead(self.num_classes, self.aux_channels, self.dropout_rate,
+                                        self.dtype, self.conv, name="auxiliary_head")(aux, train)
         return out
 
 
@@ -266,7 +301,7 @@ def encoder_from_config(model_cfg: Any, platform: str, **overrides: Any) -> MS3E
     devices of `platform`."""
     get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
     kwargs = {k: get(k) for k in MODEL_FIELDS if get(k) is not None}
-    for k in ("head_channels", "c1_channels"):
+    for k in ("head_channels", "c1_channels", "aux_channels"):
         kwargs[k] = max(1, round(kwargs.get(k, getattr(MS3Encoder, k)) * (get("width") or 1.0)))
     dtype = get("dtype", "float32")
     if dtype not in ("float32", "bfloat16", "float64"):  # float64: numerical tests under x64

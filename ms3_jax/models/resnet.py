@@ -108,7 +108,8 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """ResNet backbone (`deeplab.Backbone`): `__call__` gives `(layer1, layer4)` (strides 4 and
-    OS), `features` the dict `stem` (stride 2), `layer1` (4) ... `layer4` (OS).
+    OS; with `with_aux` also `layer3`, MMSeg's auxiliary-head input, Tab. 7), `features` the dict
+    `stem` (stride 2), `layer1` (4) ... `layer4` (OS).
 
     Input: a normalised float image [B, H, W, 3] (ImageNet mean/std, RGB), as torchvision and
     MMSegmentation feed their backbones. `conv`: the convolution module (:class:`Conv`, or the
@@ -116,6 +117,7 @@ class ResNet(nn.Module):
     """
 
     torch_format: ClassVar[str] = "resnet"  # torchvision / MMSeg names (`torch_format.BACKBONES`)
+    aux_feature: ClassVar[str] = "layer3"  # MMSeg FCNHead `in_index=2` (stride 16, 8 with OS 8)
 
     depth: int = 50
     variant: str = "v1"
@@ -138,8 +140,11 @@ class ResNet(nn.Module):
         strides, dilations = OUTPUT_STRIDE_SETTINGS[self.output_stride]
         return sizes, strides, dilations
 
-    def __call__(self, x_BxHxWx3: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x_BxHxWx3: jax.Array, train: bool = False,
+                 with_aux: bool = False) -> tuple[jax.Array, ...]:
         feats = self.features(x_BxHxWx3, train)
+        if with_aux:
+            return feats["layer1"], feats["layer4"], feats[self.aux_feature]
         return feats["layer1"], feats["layer4"]
 
     @nn.compact

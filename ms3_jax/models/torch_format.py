@@ -6,6 +6,7 @@ Flax module names by rule (`layer1_0` <-> `layer1.0`), shapes from the model (`j
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 import os
 import re
@@ -16,7 +17,10 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
+
+from ms3_jax.models import checkpoint_formats
+from ms3_jax.models.resnet import STAGE_SIZES
 
 # Keys that torchvision / MMSeg files carry and we deliberately do not map.
 _IGNORED = re.compile(r"(^|\.)num_batches_tracked$|^fc\.(weight|bias)$")
@@ -125,8 +129,22 @@ def load_backbone_state_dict(state_dict: Mapping[str, Any], backbone: nn.Module)
 
 
 def load_backbone_file(path: str, encoder: nn.Module) -> dict[str, Any]:
-    """Backbone variables for `encoder` (an `MS3Encoder`) from a PyTorch file (.pth/.safetensors)."""
-    return load_backbone_state_dict(read_state_dict(path), encoder.backbone)
+    """Backbone variables for `encoder` (an `MS3Encoder`) from a PyTorch checkpoint (.pth / .pt /
+    .safetensors) of any layout `checkpoint_formats.FORMATS` recognises (named in the log)."""
+    ckpt = checkpoint_formats.read_backbone_checkpoint(path)
+    logging.info("%s: %s", path, ckpt.describe())
+    backbone = encoder.backbone
+    variant = getattr(backbone, "variant", None)
+    if variant is not None and variant != ckpt.variant:
+        raise StateDictError(f"{path} holds a {ckpt.variant} ResNet ({ckpt.stem} stem) but "
+                             f"model.variant={variant!r}: set model.variant={ckpt.variant!r}")
+    sizes = getattr(backbone, "stage_sizes", None) or STAGE_SIZES.get(getattr(backbone, "depth", 0))
+    if sizes is not None and tuple(sizes) != ckpt.stage_sizes:
+        depth = {v: k for k, v in STAGE_SIZES.items()}.get(ckpt.stage_sizes)
+        fix = f"model.depth={depth}" if depth else f"model.stage_sizes={ckpt.stage_sizes}"
+        raise StateDictError(f"{path} has blocks per stage {ckpt.stage_sizes}, the model "
+                             f"{tuple(sizes)}: set {fix}")
+    return load_backbone_state_dict(ckpt.state_dict, encoder.backbone)
 
 
 def _segmentor_subtrees(variables: Mapping[str, Any], backbone: nn.Module) -> Subtrees:
@@ -159,18 +177,10 @@ def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Read a `.pth` / `.pt` (torch; unwraps MMSeg's `{'state_dict': ...}`) or `.safetensors` file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no state_dict file at {path}")
-    if path.endswith(".safetensors"):
-        return dict(load_file(path))
-    try:
-        import torch  # optional dependency (the `torch` extra): only for .pth files
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"reading {path} needs PyTorch (pip install 'ms3_jax[torch]'), "
-                          "or convert it to .safetensors") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+    """Read a `.pth` / `.pt` (torch, `weights_only`; unwraps `{'state_dict': ...}`) or
+    `.safetensors` file as it is (`checkpoint_formats.read_backbone_checkpoint` reads layouts)."""
+    obj = checkpoint_formats.load_checkpoint(path)
+    if isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     return {k: _to_numpy(v) for k, v in obj.items()}
 

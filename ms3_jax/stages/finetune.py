@@ -2,7 +2,8 @@
 
 DeepLab-v3+ / ResNet-50 with a fresh classifier, trained as MMSegmentation does; init
 (`config.init.kind` / `init.what`) gives the rows of Tab. 2; `frozen_backbone` is Tab. 3. mIoU
-on the validation split every `eval_every` steps and at the end -> `W/results.json`.
+on the validation split every `eval_every` steps and at the end -> `W/results.json`. `aux_head`
+adds MMSeg's auxiliary FCN head on layer3 to training (Tab. 7), never to inference.
 docs/choices.md, "Fine-tuning recipe: MMSegmentation's DeepLab-v3+ defaults", "Initialisation
 (Tab. 2 rows): backbone only by default", "Frozen backbone (Tab. 3)".
 """
@@ -66,6 +67,19 @@ def segmentation_loss(logits_BxhxwxK: jax.Array, labels_BxHxW: jax.Array,
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1)
 
 
+def segmentor_loss(out: Mapping[str, jax.Array], labels_BxHxW: jax.Array,
+                   ignore_index: int = evaluate.IGNORE_INDEX, avg_non_ignore: bool = False,
+                   aux_weight: float = 0.4) -> tuple[jax.Array, Metrics]:
+    """MMSeg's decode loss on `out['logits']`, plus `aux_weight` times the same loss on
+    `out['aux_logits']` when the encoder has the auxiliary head (Tab. 7: weight 0.4); the terms
+    apart as metrics."""
+    decode = segmentation_loss(out["logits"], labels_BxHxW, ignore_index, avg_non_ignore)
+    if "aux_logits" not in out:
+        return decode, {}
+    aux = segmentation_loss(out["aux_logits"], labels_BxHxW, ignore_index, avg_non_ignore)
+    return decode + aux_weight * aux, {"loss_decode": decode, "loss_aux": aux}
+
+
 def backbone_labels(params: Mapping[str, Any]) -> dict[str, Any]:
     """'frozen' for every leaf under `backbone`, 'train' elsewhere (for `optax.multi_transform`)."""
     return {k: jax.tree_util.tree_map(lambda _, k=k: "frozen" if k == "backbone" else "train", v)
@@ -93,9 +107,14 @@ def _eval_mode_backbone(next_fun: Callable, args: tuple, kwargs: dict, context: 
     return next_fun(*args, **kwargs)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, platform: str) -> MS3Encoder:
+def build_model(config: ml_collections.ConfigDict, num_classes: int, platform: str,
+                training: bool = False) -> MS3Encoder:
+    """The segmentor; for `training` with the auxiliary head when `config.aux_head` (Tab. 7).
+    Inference (evaluation, `predict`, `export`) builds it without: the head's params, if any,
+    sit unused in the variables."""
     return encoder_from_config(config.model, platform, heads=(), num_classes=num_classes,
-                               dropout_rate=config.model.get("dropout_rate", 0.1))
+                               dropout_rate=config.model.get("dropout_rate", 0.1),
+                               aux_head=training and bool(config.get("aux_head", False)))
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
@@ -104,17 +123,18 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
     """`train_step(state, batch) -> (state, metrics)`, pure; frozen or not is decided here, once."""
     frozen = bool(config.frozen_backbone)
     ignore_index, avg_non_ignore = config.loss.ignore_index, config.loss.avg_non_ignore
+    aux_weight = config.loss.get("aux_weight", 0.4)
 
     def loss_fn(params, batch_stats, batch, rng):
         with nn.intercept_methods(_eval_mode_backbone) if frozen else contextlib.nullcontext():
             out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
                                        train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-        loss = segmentation_loss(out["logits"], batch["label"], ignore_index, avg_non_ignore)
-        return loss, mutated["batch_stats"]
+        loss, terms = segmentor_loss(out, batch["label"], ignore_index, avg_non_ignore, aux_weight)
+        return loss, (mutated["batch_stats"], terms)
 
     def train_step(state: FinetuneState, batch: Mapping[str, jax.Array]):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.batch_stats, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -123,7 +143,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
             batch_stats = {**batch_stats, "backbone": state.batch_stats["backbone"]}
         new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
-        return new, {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
+        return new, {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
+                     **terms}
 
     return train_step
 
@@ -135,7 +156,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if kind not in INIT_KINDS:
         raise ValueError(f"init.kind must be one of {INIT_KINDS}, got {kind!r}")
     if kind != "scratch" and not config.init.path:
-        what = "an MS3 pretraining workdir" if kind == "ms3" else "a torchvision ResNet .pth"
+        what = "an MS3 pretraining workdir" if kind == "ms3" else "a PyTorch ResNet checkpoint"
         raise ValueError(f"init.kind={kind!r} needs init.path ({what})")
     what = config.init.get("what", "backbone")
     if what not in INIT_WHAT:
@@ -166,7 +187,8 @@ class Trainer(training.Trainer):
         self.label_space: LabelSpace | None = None
         self.history: list[dict[str, Any]] = []  # evaluations of this run
         self.metrics: dict[str, Any] | None = None  # the last one
-        self.model = build_model(config, num_classes, self.platform)
+        self.model = build_model(config, num_classes, self.platform, training=True)
+        self.eval_model = build_model(config, num_classes, self.platform)  # no auxiliary head
         self.num_steps = int(config.num_steps)
         self.schedule = optim.poly_schedule(config.optim, self.num_steps)
         self.tx = make_optimizer(config, self.schedule)
@@ -345,7 +367,7 @@ def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: F
     ec = config.eval
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return evaluate.evaluate(
-        trainer.model, variables, dataset, trainer.num_classes, mode=ec.mode,
+        trainer.eval_model, variables, dataset, trainer.num_classes, mode=ec.mode,
         crop=ec.crop, stride=ec.stride, flip=ec.flip, ignore_index=config.loss.ignore_index,
         devices=jax.local_devices()[:ec.num_devices or None], max_images=ec.max_images or None,
         log_every=500)
