@@ -212,7 +212,8 @@ class PixelEncoder:
               ) -> dict[str, Array]:
         del train  # no dropout; the ResNet's BatchNorm statistics stay frozen
         pixels = normalize_pixels(images_BxHxWx3, self.mean, self.std, self.tower.dtype)
-        tower_variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+        tower_variables = {k: v for k, v in variables.items()
+                           if k == "params" or (k == "batch_stats" and v)}
         dense_BxhxwxC = self.tower.apply(tower_variables, pixels)["dense"]
         return {"language": l2_normalize(dense_BxhxwxC)}
 

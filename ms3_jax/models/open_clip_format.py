@@ -364,7 +364,7 @@ def model_cfg(vision: CLIPResNetConfig, text: CLIPTextConfig) -> dict[str, Any]:
                            "patch_size": None},
             "text_cfg": {"context_length": text.max_len, "vocab_size": text.vocab_size,
                          "width": text.width, "heads": text.num_heads,
-                         "layers": text.num_layers}}
+                         "layers": text.num_layers, "mlp_ratio": text.mlp_dim / text.width}}
 
 
 def is_random_standin(name: str) -> bool:
