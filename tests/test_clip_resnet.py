@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from ms3_jax.models import clip_resnet, clip_vision, open_clip_format as ocf
+from ms3_jax.demo import tiny_clip
+from ms3_jax.models import clip_resnet, clip_text, clip_vision, open_clip_format as ocf
 from ms3_jax.testing import clip_resnet_reference as ref
 
 TOL = 1e-5
@@ -84,8 +85,7 @@ def test_text_parity_with_the_reference(torch_clip, state):
     ids = rng.integers(1, TINY["vocab_size"] - 1, (3, 9))
     ids[:, -1] = 0
     ids[np.arange(3), [4, 6, 7]] = TINY["vocab_size"] - 1  # EOS, the largest id
-    from ms3_jax.models.clip_text import CLIPTextTower
-    ours = CLIPTextTower(text).apply({"params": text_params}, jnp.asarray(ids))
+    ours = clip_text.CLIPTextTower(text).apply({"params": text_params}, jnp.asarray(ids))
     with torch.no_grad():
         expected = torch_clip.encode_text(torch.from_numpy(ids)).numpy()
     assert ours.shape == (3, 24) and _max_diff(ours, expected) <= TOL
@@ -137,6 +137,30 @@ def test_files_in_and_unsafe_pickles_refused(state, tmp_path):
         pickle.dump({"visual.conv1.weight": Evil()}, f, protocol=2)
     with pytest.raises(ValueError, match=r"refusing to load .*evil\.pt.*weights_only=True"):
         ocf.read_state(str(tmp_path / "evil.pt"))
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "RN50.pt"))
+    with pytest.raises(ValueError, match=r"refusing to load .*RN50\.pt.*TorchScript"):
+        ocf.read_state(str(tmp_path / "RN50.pt"))  # what OpenAI's own RN50.pt is
+
+
+def test_tiny_open_clip_rn_reads_back(tmp_path):
+    """The stand-in writer: open_clip's hub layout, read by `load_open_clip` with the text tower
+    of `save_tiny_clip` (same words and seed) and the random-stand-in marker."""
+    words = ("sky", "sand", "stairs")
+    directory = tiny_clip.save_tiny_open_clip_rn(tmp_path / "rn", words, proj_dim=16,
+                                                 image_size=64)
+    loaded = ocf.load_open_clip(str(directory))
+    text_module, text_params, _ = clip_text.load_clip_text(
+        tiny_clip.save_tiny_clip(tmp_path / "hf", words, proj_dim=16))
+    assert loaded.text_module.config == text_module.config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.text_params, text_params)
+    assert loaded.tower.config == clip_resnet.CLIPResNetConfig(
+        layers=(1, 1, 1, 1), width=8, proj_dim=16, image_size=64)
+    assert ocf.is_random_standin(str(directory))
+    assert ocf.is_random_standin(str(directory / ocf.WEIGHT_FILES[0]))
+    names = ["sky", "sand"]
+    np.testing.assert_allclose(
+        clip_text.encode_classes(loaded.text_module, loaded.text_params, loaded.tokenizer, names),
+        clip_text.encode_classes(text_module, text_params, loaded.tokenizer, names), atol=1e-6)
 
 
 def test_pixel_encoder_output_stride_and_bfloat16(state):

@@ -170,7 +170,8 @@ def state_from_trees(pairs: list[tuple[Any, Any]]) -> dict[str, np.ndarray]:
         arrays = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
             lambda _, v: v, tree, values, is_leaf=_is_src))
         for src, value in zip(srcs, arrays):
-            value = _to_torch(np.asarray(value, np.float32), src)
+            # contiguous: safetensors writes a strided view's buffer as it lies in memory
+            value = np.ascontiguousarray(_to_torch(np.asarray(value, np.float32), src))
             if src.part is None:
                 out[src.key] = value
             else:
