@@ -10,7 +10,9 @@ The image encoder (`encoder`): 'clip' (default), the vision tower of the same CL
 ViT-B/32 at the 224 crops; ViT-B/16 or larger crops give finer grids), fine-tuned with AdamW
 (`image_tower`, DenseCLIP's lr 1e-5 / wd 1e-4); or 'deeplab', the MS3 encoder with the language
 head only, fresh (or `model.init_from`) with stage 2's SGD. Data fields are those of
-configs/pretrain.py; model.emb_dim must equal the CLIP projection dim (512 for ViT-B).
+configs/pretrain.py; model.emb_dim must equal the CLIP projection dim (512 for ViT-B, 1024 for
+RN50). ':rn50' (Tab. 5): CLIP's ResNet-50 from an open_clip checkpoint, its dense map at stride
+32 (7x7 at the 224 crops).
 From the paper: M = 13 context tokens ("following DenseCLIP"; read as 13 learnable, see
 docs/choices.md), pixel-embedding pairing with Eq. 1, tau 0.07. Not in the paper
 (docs/choices.md): the context starts from "a photo of a" (last 4 slots) + N(0, 0.02) (first 9),
@@ -20,9 +22,10 @@ over the union; with encoder='deeplab' only, the context frozen for the first 20
 together).
 
 text.clip is a hub id or a local Hugging Face directory (config.json, model.safetensors,
-vocab.json, merges.txt); offline, pass a directory. text.tiny_clip_dir, when set, replaces
-text.clip: a tiny RANDOM CLIP is written there first if the directory has no config.json (a
-stand-in for demos and tests, no language knowledge).
+vocab.json, merges.txt), or an open_clip checkpoint of a CLIP ResNet (a state-dict file, an
+open_clip directory, 'hf-hub:<repo>'); offline, pass a directory. text.tiny_clip_dir, when set,
+replaces text.clip: a tiny RANDOM CLIP (`text.tiny_clip_arch`) is written there first if the
+directory has no checkpoint (a stand-in for demos and tests, no language knowledge).
 """
 import importlib.util
 import os

@@ -1,8 +1,9 @@
 """Stage 1: adapt CLIP's language embeddings to the union segmentation dataset (Sec. 3.2, Fig. 2).
 
 M learnable context vectors replace the hand template (``[W]_1 .. [W]_M [CLS].``, CoOp) and are
-trained jointly with an image encoder (``encoder``: 'clip' vision tower by default, or
-'deeplab') by the pixel-embedding pairing loss (Eq. 1); Tab. 1 / Tab. 5. What is trained,
+trained jointly with an image encoder (``encoder``: 'clip', CLIP's own image tower -- the ViT
+of a Hugging Face CLIP or the ResNet of an open_clip one, Tab. 5 -- by default, or 'deeplab')
+by the pixel-embedding pairing loss (Eq. 1); Tab. 1 / Tab. 5. What is trained,
 how T is computed and the outputs in the workdir: docs/choices.md, "Stage 1: what is trained",
 "How T is computed each step", "Stage 1 length and outputs".
 """
