@@ -12,7 +12,7 @@ import pytest
 from configs import pretrain as pretrain_config
 from ms3_jax import zero_shot
 from ms3_jax.data.label_space import LabelSpace
-from ms3_jax.demo import job as demo
+from ms3_jax.demo import job as demo, tiny_clip
 from ms3_jax.method import adapted_text, text_embeddings
 from ms3_jax.models import open_clip_format
 from ms3_jax.stages import pretrain, text_adapt
@@ -32,6 +32,25 @@ def test_rn50_configs():
     assert pretrain_config.get_config("tiny").model.emb_dim == 32
     with pytest.raises(ValueError, match="unknown config string 'rn101'"):
         pretrain_config.get_config("rn101")
+
+
+def test_rn50_tower_errors_name_the_field(tmp_path):
+    """Stage 1's checks of CLIP's ResNet: the crop a multiple of its stride 32, its projection
+    = model.emb_dim; an open_clip file is read as such (both towers)."""
+    directory = tiny_clip.save_tiny_open_clip_rn(tmp_path / "rn", ("sky", "sand"),
+                                                 proj_dim=16, image_size=64)
+    weights = str(directory / open_clip_format.WEIGHT_FILES[0])
+    c = text_adapt_config("rn50,tiny")
+    c.update_from_flattened_dict({"text.tiny_clip_dir": "", "text.clip": weights,
+                                  "model.emb_dim": 16, "data.crop_size": 48})
+    with pytest.raises(ValueError, match=r"data.crop_size=48 is not a multiple of the output "
+                                         r"stride 32 of .*open_clip_model.safetensors"):
+        text_adapt.load_image_tower(c, weights)
+    c.data.crop_size, c.model.emb_dim = 64, 1024
+    with pytest.raises(ValueError, match=r"projects to 16, not model.emb_dim=1024"):
+        text_adapt.load_image_tower(c, weights)
+    text_module, _, _ = text_adapt.load_clip(weights)
+    assert text_module.config.proj_dim == 16
 
 
 @pytest.mark.slow
