@@ -53,6 +53,10 @@ def test_configs_from_the_tensors(state):
                                                   num_heads=4, image_size=64)
     assert (text.width, text.num_layers, text.num_heads, text.max_len, text.proj_dim,
             text.mlp_dim, text.hidden_act) == (32, 2, 4, 12, 24, 128, "quick_gelu")
+    # QuickGELU (every published CLIP ResNet's) unless the config turns it off.
+    acts = [ocf.configs_from_state(state, cfg, 49)[1].hidden_act
+            for cfg in (None, {}, {"quick_gelu": True}, {"quick_gelu": False})]
+    assert acts == ["quick_gelu"] * 3 + ["gelu"]
     # RN50's defaults: 32 heads of 64 channels on layer4's 2048, 1024-d output.
     rn50 = clip_resnet.CLIPResNetConfig()
     assert (rn50.embed_dim, rn50.num_heads, rn50.proj_dim, rn50.grid_size) == (2048, 32, 1024, 7)

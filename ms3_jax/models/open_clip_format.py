@@ -35,8 +35,9 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt")
 # CLIP's BPE vocabulary is the same for every OpenAI CLIP (open_clip's SimpleTokenizer too);
 # used when a checkpoint has no tokenizer files beside it.
 DEFAULT_TOKENIZER = "openai/clip-vit-base-patch32"
-# OpenAI's CLIP was trained with QuickGELU; a bare state dict (no config) is taken as theirs.
-DEFAULT_ACT = "quick_gelu"
+# Every published CLIP ResNet (OpenAI's; open_clip's yfcc15m / cc12m) was trained with
+# QuickGELU (open_clip's pretrained table sets quick_gelu=True for them, outside the hub config):
+# the text tower uses it unless open_clip_config.json says "quick_gelu": false.
 _IGNORED = re.compile(r"^(logit_scale|logit_bias|attn_mask|input_resolution|context_length|"
                       r"vocab_size)$|\.num_batches_tracked$")
 
@@ -189,7 +190,7 @@ def configs_from_state(state: Mapping[str, np.ndarray], model_cfg: Mapping[str, 
                        eos_token_id: int, dense: str = "value"
                        ) -> tuple[CLIPResNetConfig, CLIPTextConfig]:
     """Both towers' configs from the tensors' shapes; heads and the activation from open_clip's
-    ``model_cfg`` when given (else head width 64 and QuickGELU, OpenAI's)."""
+    ``model_cfg`` when given (else head width 64; QuickGELU unless it says quick_gelu false)."""
     if "visual.attnpool.c_proj.weight" not in state:
         raise ValueError("not an open_clip CLIP ResNet: no visual.attnpool.c_proj.weight "
                          f"(keys start {sorted(state)[:5]})")
@@ -203,7 +204,7 @@ def configs_from_state(state: Mapping[str, np.ndarray], model_cfg: Mapping[str, 
         num_heads=width * 32 // int(vision_cfg.get("head_width", 64)),
         image_size=grid * 32, dense=dense)
     text_width = int(state["ln_final.weight"].shape[0])
-    act = ("quick_gelu" if cfg.get("quick_gelu") else "gelu") if model_cfg else DEFAULT_ACT
+    act = "quick_gelu" if cfg.get("quick_gelu", True) else "gelu"
     text = CLIPTextConfig(
         vocab_size=int(state["token_embedding.weight"].shape[0]), width=text_width,
         num_layers=_count(state, r"transformer\.resblocks\.(\d+)\."),
