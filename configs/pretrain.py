@@ -4,6 +4,9 @@ r"""MS3 pretraining (stage 2), paper section 4.1.
   python -m ms3_jax.main --config=configs/pretrain.py:tiny --workdir=W \
       --config.text.embeddings=W1/text_embeddings.npz   # tiny model, synthetic data; W1: a stage-1
                                                         # workdir (configs/text_adapt.py:tiny)
+  python -m ms3_jax.main --config=configs/pretrain.py:rn50 --workdir=W \
+      --config.text.embeddings=W1/text_embeddings.npz   # Tab. 5: 1024-d T of CLIP RN50 (W1:
+                                                        # configs/text_adapt.py:rn50); 'rn50,tiny'
 
 Defaults are the paper's where it states them: DeepLab-v3+ / ResNet-50, two 3-layer 512-d
 projection heads after the ASPP, VOC-aug + ADE20K + COCO-Stuff-164k (|Y| = 21 + 150 + 171 =
@@ -90,10 +93,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         base_lr=0.8, lr_batch=128, momentum=0.9, weight_decay=4e-5, warmup_steps=1000))
 
-    if arg == "tiny":
+    parts = set((arg or "").split(",")) - {""}
+    if parts - {"tiny", "rn50"}:
+        raise ValueError(f"unknown config string {arg!r}; valid: 'tiny', 'rn50', 'rn50,tiny'")
+    if "tiny" in parts:
         tiny(c)
-    elif arg:
-        raise ValueError(f"unknown config string {arg!r}; valid: 'tiny'")
+    if "rn50" in parts:
+        rn50(c)
+    return c
+
+
+def rn50(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Tab. 5's best row: T from stage 1 on CLIP's ResNet-50 (configs/text_adapt.py:rn50), so
+    1024-d embeddings (the projection heads' output, the bank, V). T must come from that stage 1
+    (text.embeddings=W1/text_embeddings.npz): the hand-template ablation reads Hugging Face
+    checkpoints only, which have no CLIP ResNet."""
+    c.model.emb_dim = 1024
+    c.text.clip = ""
     return c
 
 

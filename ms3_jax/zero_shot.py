@@ -162,8 +162,9 @@ class ZeroShotSegmenter:
         _, state = checkpointing.restore_state(image_dir, step)
         device = jax.local_devices()[0]
         clip_encoder = adapted_text.load_image_encoder(image_dir) if stage1 else None
-        if clip_encoder is not None:  # stage 1 with CLIP's vision tower: its dense embeddings
-            variables = jax.device_put({"params": state["params"]["image"]}, device)
+        if clip_encoder is not None:  # stage 1 with CLIP's image tower: its dense embeddings
+            variables = jax.device_put({"params": state["params"]["image"],
+                                        "batch_stats": state.get("batch_stats") or {}}, device)
             return cls(clip_encoder, variables, text_module, text_params, tokenizer, ctx,
                        short_side=short_side, workdir=image_dir, text_workdir=text_dir)
         if stage1:  # params {'image': encoder, 'ctx': [M, width]}

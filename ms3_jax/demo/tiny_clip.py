@@ -2,23 +2,29 @@
 
 ``save_tiny_clip(directory)`` writes a hub-snapshot-like checkpoint (width 32, 2 layers) that
 ``clip_text.load_clip_text`` reads like real CLIP, for stage 1 (Sec. 3.2, Fig. 2) in the demo and
-tests. Random weights plus a planted ``WORD_PRIOR``; marked by ``TINY_RANDOM_CLIP``. Details:
-docs/design.md, "The tiny random CLIP"; the prior: docs/choices.md, "Synthetic demo data 2.0".
+tests; ``save_tiny_open_clip_rn`` the same text tower with a tiny CLIP ResNet in open_clip's
+format (Tab. 5's RN50 stand-in). Random weights plus a planted ``WORD_PRIOR``; marked by
+``TINY_RANDOM_CLIP``. Details: docs/design.md, "The tiny random CLIP"; the prior:
+docs/choices.md, "Synthetic demo data 2.0".
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+import safetensors.numpy
 import transformers  # a lazy module: the CLIP classes load on first use
 
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.models import clip_resnet, clip_text, clip_vision, open_clip_format
 from ms3_jax.models.clip_text import RANDOM_STANDIN_MARKER as MARKER_FILE
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'-/&()"
@@ -194,12 +200,52 @@ def tiny_vision(image_size: int, patch_size: int = 8) -> dict[str, Any]:
             "num_attention_heads": 4, "image_size": image_size, "patch_size": patch_size}
 
 
+def save_tiny_open_clip_rn(directory: str | os.PathLike, words: Iterable[str] = DEFAULT_WORDS,
+                           *, seed: int = 0, proj_dim: int = DEFAULT_PROJ_DIM,
+                           num_ctx: int = DEFAULT_NUM_CTX, image_size: int = 64,
+                           vision: Mapping[str, Any] | None = None) -> Path:
+    """A random CLIP ResNet in open_clip's hub layout (``open_clip_config.json``,
+    ``open_clip_model.safetensors``, CLIP tokenizer files, the ``TINY_RANDOM_CLIP`` marker): the
+    stand-in of Tab. 5's RN50 for stage 1 in tests and the demo. The text tower is
+    `save_tiny_clip`'s (same words, seed, prior and sharpening); the image tower a width-8
+    ModifiedResNet with one block per stage (``vision``: `clip_resnet.CLIPResNetConfig` fields),
+    Flax's random init, BatchNorm statistics 0 / 1."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_tiny_clip(tmp, words, seed=seed, proj_dim=proj_dim, num_ctx=num_ctx)
+        text_module, text_params, _ = clip_text.load_clip_text(tmp)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(os.path.join(tmp, name), directory / name)
+    rn_config = clip_resnet.CLIPResNetConfig(**{
+        "layers": (1, 1, 1, 1), "width": 8, "proj_dim": proj_dim, "image_size": image_size,
+        **(vision or {})})
+    pixels = jax.numpy.zeros((1, image_size, image_size, 3), jax.numpy.float32)
+    variables = jax.jit(clip_resnet.CLIPResNetTower(rn_config).init)(
+        jax.random.key(seed), pixels)
+    state = open_clip_format.state_from_variables(text_params, variables, rn_config,
+                                                  text_module.config)
+    safetensors.numpy.save_file(state, str(directory / open_clip_format.WEIGHT_FILES[0]))
+    meta = {"model_cfg": open_clip_format.model_cfg(rn_config, text_module.config),
+            "preprocess_cfg": {"mean": list(clip_vision.CLIP_PIXEL_MEAN),
+                               "std": list(clip_vision.CLIP_PIXEL_STD)}}
+    (directory / open_clip_format.CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+    (directory / MARKER_FILE).write_text(
+        "A tiny CLIP ResNet with RANDOM weights written by ms3_jax.demo.tiny_clip."
+        "save_tiny_open_clip_rn:\na stand-in for tests and demos, not pretrained CLIP (its "
+        "text tower is save_tiny_clip's, with the planted WORD_PRIOR).\n")
+    return directory
+
+
 def write_for_config(config: ml_collections.ConfigDict) -> None:
     """Stage 1's ``text.tiny_clip_dir`` (the tiny configs, the demo): written when it holds no
-    config.json (by process 0, the others wait), with the words of the union classes and the
+    checkpoint (by process 0, the others wait), with the words of the union classes and the
     Tab. 1 pairs; a text-only one (written before stage 1 used CLIP's image tower) is refused
-    for ``encoder='clip'``."""
+    for ``encoder='clip'``. ``text.tiny_clip_arch`` 'rn50': `save_tiny_open_clip_rn` (Tab. 5)."""
     tc, tiny_dir = config.text, config.text.tiny_clip_dir
+    if tc.get("tiny_clip_arch", "vit") == "rn50":
+        _write_rn_for_config(config)
+        return
     config_path = os.path.join(tiny_dir, "config.json")
     if os.path.isfile(config_path):
         with open(config_path) as f:
@@ -212,11 +258,34 @@ def write_for_config(config: ml_collections.ConfigDict) -> None:
         logging.warning("text.tiny_clip_dir: writing a tiny CLIP with RANDOM weights to %s -- a "
                         "stand-in for demos/tests, NOT pretrained CLIP; its embeddings carry no "
                         "language knowledge", tiny_dir)
-        names = LabelSpace.from_datasets(list(config.data.datasets)).names
-        words = DEFAULT_WORDS + tuple(names) + tuple(w for pair in tc.report_pairs for w in pair)
-        save_tiny_clip(tiny_dir, words, proj_dim=config.model.emb_dim, num_ctx=tc.num_ctx,
-                       seed=config.seed, full=True,
+        save_tiny_clip(tiny_dir, _union_words(config), proj_dim=config.model.emb_dim,
+                       num_ctx=tc.num_ctx, seed=config.seed, full=True,
                        vision_overrides=tiny_vision(config.data.crop_size))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("tiny_clip_written")
+
+
+def _union_words(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    names = LabelSpace.from_datasets(list(config.data.datasets)).names
+    pairs = tuple(w for pair in config.text.report_pairs for w in pair)
+    return DEFAULT_WORDS + tuple(names) + pairs
+
+
+def _write_rn_for_config(config: ml_collections.ConfigDict) -> None:
+    tiny_dir = config.text.tiny_clip_dir
+    if os.path.isfile(os.path.join(tiny_dir, open_clip_format.CONFIG_FILE)):
+        return
+    if os.path.isfile(os.path.join(tiny_dir, "config.json")):
+        raise ValueError(f"text.tiny_clip_dir={tiny_dir} holds a Hugging Face CLIP, but "
+                         "text.tiny_clip_arch='rn50' needs an open_clip ResNet: use another "
+                         "directory or remove it to have it rewritten")
+    if jax.process_index() == 0:
+        logging.warning("text.tiny_clip_dir: writing a tiny CLIP ResNet with RANDOM weights to "
+                        "%s -- a stand-in for demos/tests, NOT pretrained CLIP RN50", tiny_dir)
+        save_tiny_open_clip_rn(tiny_dir, _union_words(config), seed=config.seed,
+                               proj_dim=config.model.emb_dim, num_ctx=config.text.num_ctx,
+                               image_size=config.data.crop_size)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("tiny_clip_written")

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from transformers import CLIPTokenizer
 
 from ms3_jax.models import clip_text, clip_vision
+from ms3_jax.models.clip_resnet import CLIPResNetConfig, CLIPResNetTower
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.clip_vision import CLIPVisionTower
 
@@ -40,9 +41,11 @@ def save_adapted_text(directory: str, module: CLIPTextTower, params: Any, tokeni
         meta = {"clip": clip, "num_ctx": int(np.shape(ctx_MxD)[0]),
                 "tower": dataclasses.asdict(module.config), **extra}
         if image_encoder is not None:
-            meta["vision"] = {**dataclasses.asdict(image_encoder.tower.config),
+            tower = image_encoder.tower
+            arch = "resnet" if isinstance(tower, CLIPResNetTower) else "vit"
+            meta["vision"] = {**dataclasses.asdict(tower.config), "arch": arch,
                               "mean": list(image_encoder.mean), "std": list(image_encoder.std),
-                              "dtype": jnp.dtype(image_encoder.tower.dtype).name}
+                              "dtype": jnp.dtype(tower.dtype).name}
         with open(os.path.join(directory, TEXT_MODEL_META), "w") as f:
             json.dump(meta, f, indent=1)
 
@@ -76,12 +79,16 @@ def load_adapted_text(workdir: str, dtype: Any = jnp.float32
 
 def load_image_encoder(workdir: str) -> clip_vision.PixelEncoder | None:
     """The stage-1 image encoder of a workdir trained with ``encoder='clip'`` (its params are the
-    checkpoints' ``params['image']``), from ``text_model.json``; None for ``encoder='deeplab'``."""
+    checkpoints' ``params['image']``; a ResNet's BatchNorm statistics their ``batch_stats``),
+    from ``text_model.json``; None for ``encoder='deeplab'``."""
     path = os.path.join(os.path.abspath(workdir), TEXT_MODEL_DIR, TEXT_MODEL_META)
     with open(path) as f:
         vision = json.load(f).get("vision")
     if vision is None:
         return None
     mean, std, dtype = tuple(vision.pop("mean")), tuple(vision.pop("std")), vision.pop("dtype")
-    tower = CLIPVisionTower(clip_vision.CLIPVisionConfig(**vision), dtype=jnp.dtype(dtype))
+    if vision.pop("arch", "vit") == "resnet":  # CLIP's ResNet (Tab. 5)
+        tower = CLIPResNetTower(CLIPResNetConfig(**vision), dtype=jnp.dtype(dtype))
+    else:
+        tower = CLIPVisionTower(clip_vision.CLIPVisionConfig(**vision), dtype=jnp.dtype(dtype))
     return clip_vision.PixelEncoder(tower, mean, std)

@@ -183,23 +183,28 @@ class CLIPVisionTower(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class PixelEncoder:
-    """The tower as a pixel encoder with ``MS3Encoder``'s interface (stage 1's image encoder,
-    zero-shot from a stage-1 workdir): uint8 RGB [B, H, W, 3] in (normalised with ``mean`` /
-    ``std`` as ``CLIPProcessor`` does), ``{"language": unit dense embeddings [B, H/p, W/p, C]}``
-    out; ``output_stride`` is the patch size. ``variables = {"params": tower params}``."""
-    tower: CLIPVisionTower
+    """A CLIP image tower as a pixel encoder with ``MS3Encoder``'s interface (stage 1's image
+    encoder, zero-shot from a stage-1 workdir): uint8 RGB [B, H, W, 3] in (normalised with
+    ``mean`` / ``std`` as ``CLIPProcessor`` does), ``{"language": unit dense embeddings [B, h, w,
+    C]}`` out. ``tower``: this module's ViT (``output_stride`` = its patch size) or
+    ``clip_resnet.CLIPResNetTower`` (stride 32, Tab. 5). ``variables``: ``{"params"}``, plus
+    ``"batch_stats"`` for the ResNet (its frozen BatchNorm statistics)."""
+    tower: nn.Module
     mean: tuple[float, ...] = CLIP_PIXEL_MEAN
     std: tuple[float, ...] = CLIP_PIXEL_STD
 
     @property
     def output_stride(self) -> int:
-        return self.tower.config.patch_size
+        config = self.tower.config
+        return int(getattr(config, "output_stride", None) or config.patch_size)
 
     def apply(self, variables: Mapping[str, Any], images_BxHxWx3: Array, train: bool = False
               ) -> dict[str, Array]:
-        del train  # no dropout, no batch statistics
+        del train  # no dropout; the ResNet's BatchNorm statistics stay frozen
         pixels = normalize_pixels(images_BxHxWx3, self.mean, self.std, self.tower.dtype)
-        dense_BxhxwxC = self.tower.apply({"params": variables["params"]}, pixels)["dense"]
+        tower_variables = {k: v for k, v in variables.items()
+                           if k == "params" or (k == "batch_stats" and v)}
+        dense_BxhxwxC = self.tower.apply(tower_variables, pixels)["dense"]
         return {"language": l2_normalize(dense_BxhxwxC)}
 
 

@@ -1,8 +1,9 @@
 """Stage 1: adapt CLIP's language embeddings to the union segmentation dataset (Sec. 3.2, Fig. 2).
 
 M learnable context vectors replace the hand template (``[W]_1 .. [W]_M [CLS].``, CoOp) and are
-trained jointly with an image encoder (``encoder``: 'clip' vision tower by default, or
-'deeplab') by the pixel-embedding pairing loss (Eq. 1); Tab. 1 / Tab. 5. What is trained,
+trained jointly with an image encoder (``encoder``: 'clip', CLIP's own image tower -- the ViT
+of a Hugging Face CLIP or the ResNet of an open_clip one, Tab. 5 -- by default, or 'deeplab')
+by the pixel-embedding pairing loss (Eq. 1); Tab. 1 / Tab. 5. What is trained,
 how T is computed and the outputs in the workdir: docs/choices.md, "Stage 1: what is trained",
 "How T is computed each step", "Stage 1 length and outputs".
 """
@@ -24,7 +25,8 @@ from flax import struct
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.engine import optim, training
 from ms3_jax.method import adapted_text, labels, losses, text_embeddings
-from ms3_jax.models import clip_text, clip_vision
+from ms3_jax.models import clip_text, clip_vision, open_clip_format
+from ms3_jax.models.clip_resnet import CLIPResNetTower
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.clip_vision import CLIPVisionTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, l2_normalize
@@ -128,12 +130,14 @@ def deeplab_embed(model: MS3Encoder) -> EmbedFn:
 
 
 def clip_embed(encoder: clip_vision.PixelEncoder) -> EmbedFn:
-    """CLIP's dense patch embeddings (``CLIPVisionTower``'s ``dense``), L2-normalised per patch;
-    pixels normalised as CLIP's processor does. No batch statistics."""
+    """CLIP's dense embeddings (the ViT's patch tokens, or the ResNet's stride-32 map, Tab. 5),
+    L2-normalised per location; pixels normalised as CLIP's processor does. The ResNet's
+    BatchNorm statistics are read, never updated (the ViT has none)."""
 
     def embed(params, batch_stats, images, rng):
-        del rng  # CLIP's ViT has no dropout
-        return encoder.apply({"params": params}, images)["language"], batch_stats
+        del rng  # CLIP's towers have no dropout
+        variables = {"params": params, "batch_stats": batch_stats}
+        return encoder.apply(variables, images)["language"], batch_stats
 
     return embed
 
@@ -224,26 +228,41 @@ class ImageTower:
     variables: Any
 
     @property
-    def module(self) -> CLIPVisionTower:
+    def module(self) -> CLIPVisionTower | CLIPResNetTower:
         return self.encoder.tower
 
 
+def _read_image_tower(config: ml_collections.ConfigDict, clip: str
+                      ) -> tuple[Any, Any, tuple[float, ...], tuple[float, ...]]:
+    """(module, variables, mean, std): a Hugging Face ViT or an open_clip ResNet (Tab. 5)."""
+    dtype = jnp.dtype(config.model.dtype)
+    if open_clip_format.looks_like_open_clip(clip):
+        dense = config.get("image_tower", {}).get("dense", "value")
+        loaded = open_clip_format.load_open_clip(clip, dtype, dense=dense)
+        return loaded.tower, loaded.variables, loaded.mean, loaded.std
+    module, variables = clip_vision.load_clip_vision(clip, dtype)
+    mean, std = clip_vision.pixel_statistics(clip)
+    return module, variables, mean, std
+
+
 def load_image_tower(config: ml_collections.ConfigDict, clip: str) -> ImageTower:
-    """CLIP's vision tower from the stage's CLIP checkpoint, its error naming the config field."""
+    """CLIP's image tower from the stage's CLIP checkpoint (the ViT of a Hugging Face CLIP, or
+    the ResNet of an open_clip one), its error naming the config field."""
     try:
-        module, variables = clip_vision.load_clip_vision(clip, jnp.dtype(config.model.dtype))
-        mean, std = clip_vision.pixel_statistics(clip)
+        module, variables, mean, std = _read_image_tower(config, clip)
     except (OSError, ValueError) as e:
         raise type(e)(f"encoder='clip' needs CLIP's vision tower, but text.clip={clip!r} has "
                       f"none usable: {e} (a text-only checkpoint works with --config.encoder=deeplab)"
                       ) from e
-    if config.data.crop_size % module.config.patch_size:
-        raise ValueError(f"data.crop_size={config.data.crop_size} is not a multiple of the patch "
-                         f"size {module.config.patch_size} of {clip}'s vision tower")
+    encoder = clip_vision.PixelEncoder(module, tuple(mean), tuple(std))
+    if config.data.crop_size % encoder.output_stride:
+        what = "output stride" if isinstance(module, CLIPResNetTower) else "patch size"
+        raise ValueError(f"data.crop_size={config.data.crop_size} is not a multiple of the "
+                         f"{what} {encoder.output_stride} of {clip}'s vision tower")
     if module.config.proj_dim != config.model.emb_dim:
         raise ValueError(f"the vision tower of {clip} projects to {module.config.proj_dim}, not "
                          f"model.emb_dim={config.model.emb_dim}")
-    return ImageTower(clip_vision.PixelEncoder(module, tuple(mean), tuple(std)), variables)
+    return ImageTower(encoder, variables)
 
 
 class Trainer(training.Trainer):
@@ -298,8 +317,9 @@ class Trainer(training.Trainer):
         num_steps = training.num_train_steps(config, pipe.dataset_sizes)
         trainer = cls(config, label_space, text_module, text_params, tokenizer, num_steps, devices,
                       image_tower, pipe, clip)
-        encoder = ("CLIP's vision tower (labels at its %dx%d patch grid)"
-                   % ((config.data.crop_size // image_tower.module.config.patch_size,) * 2)
+        encoder = ("CLIP's %s (labels at its %dx%d grid)"
+                   % ((type(image_tower.module).__name__,)
+                      + (config.data.crop_size // image_tower.encoder.output_stride,) * 2)
                    if image_tower else "the DeepLab encoder's language head")
         logging.info("stage 1: adapting %d context vectors of %s with %s on %s (|Y| = %d, %d "
                      "distinct names), text tower %s, context frozen for the first %d of %d steps",
@@ -370,20 +390,28 @@ def resolve_clip(config: ml_collections.ConfigDict) -> str:
     if not tc.clip:
         raise ValueError("stage 1 needs a CLIP checkpoint: set text.clip (a hub id such as "
                          "'openai/clip-vit-base-patch32' or a local directory) or text.tiny_clip_dir")
-    return os.path.abspath(tc.clip) if os.path.isdir(tc.clip) else tc.clip
+    return os.path.abspath(tc.clip) if os.path.exists(tc.clip) else tc.clip
 
 
 def load_clip(clip: str, dtype: Any = jnp.float32) -> tuple[CLIPTextTower, Any, Any]:
-    """``load_clip_text`` with the error prefixed by the config field and a warning for stand-ins."""
+    """The text tower (module, params, tokenizer) of a Hugging Face CLIP (``load_clip_text``) or
+    an open_clip CLIP ResNet (Tab. 5), the error prefixed by the config field and a warning for
+    stand-ins."""
+    open_clip = open_clip_format.looks_like_open_clip(clip)
     try:
-        loaded = clip_text.load_clip_text(clip, dtype)
+        if open_clip:
+            loaded_rn = open_clip_format.load_open_clip(clip, text_dtype=dtype)
+            loaded = loaded_rn.text_module, loaded_rn.text_params, loaded_rn.tokenizer
+        else:
+            loaded = clip_text.load_clip_text(clip, dtype)
     except (OSError, ValueError) as e:
         try:
             wrapped = type(e)(f"text.clip={clip!r} could not be loaded: {e}")
         except Exception:  # an exception type with another signature: keep it as it is
             raise e from None
         raise wrapped from e
-    if os.path.isdir(clip) and clip_text.is_random_standin(clip):
+    if (open_clip_format.is_random_standin(clip) if open_clip
+            else os.path.isdir(clip) and clip_text.is_random_standin(clip)):
         logging.warning("CLIP %s is a tiny RANDOM stand-in (no pretrained weights): the adapted "
                         "embeddings demonstrate the code path, not language knowledge", clip)
     return loaded
