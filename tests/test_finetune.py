@@ -224,7 +224,7 @@ def test_predict_cli_segments_a_folder_like_the_model(data_dir, tmp_path, capsys
     the argmax of the model's logits resized to the image (float64 NumPy reference)."""
     from PIL import Image
     from ms3_jax import predict
-    from ms3_jax.models.deeplab import _interp_matrix
+    from ms3_jax.models.resize import bilinear_matrix as _interp_matrix
     wd = str(tmp_path / "ft")
     finetune.train_and_evaluate(tiny_config(data_dir, **{"init.kind": "scratch"}), wd)
     rng = np.random.default_rng(0)
