@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
@@ -212,3 +213,52 @@ def test_timm_to_mmseg_keys_as_mmsegs_converter():
     assert list(converted) == mmseg_keys
     assert list(converted.values()) == list(range(len(mmseg_keys)))
     assert list(torch_format.mmseg_vit_to_timm(converted)) == timm_keys[:-2]
+
+
+def _tiny_deit_pretrain_config(**overrides):
+    from configs import pretrain as pretrain_config
+    from ms3_jax.testing.configs import with_overrides
+    return with_overrides(pretrain_config.get_config("deit,tiny"), **{
+        "batch_size": 8, "data.crop_size": 32, "model.img_size": 32, **overrides})
+
+
+def test_pretrain_config_deit_is_deit_b16_with_adamw_3e4():
+    from configs import pretrain as pretrain_config
+    c = pretrain_config.get_config("deit")
+    assert (c.model.backbone, c.model.embed_dim, c.model.num_layers, c.model.num_heads,
+            c.model.patch_size, c.model.mlp_dim) == ("deit", 768, 12, 12, 16, 3072)
+    assert (c.optim.optimizer, c.optim.base_lr, c.optim.lr_batch) == ("adamw", 3e-4, 128)
+    assert pretrain_config.get_config("").model.backbone == "resnet"
+    with pytest.raises(ValueError, match="valid: 'deit', 'tiny'"):
+        pretrain_config.get_config("vit")
+
+
+@pytest.mark.slow
+def test_tiny_deit_ms3_steps_with_adamw_and_a_timm_start(tmp_path):
+    """`:deit,tiny`: two MS3 steps on 8 devices from a timm-named file (`model.init_from`): the
+    ViT is the file's in the online and momentum encoders, the neck stays fresh, AdamW moves
+    the params, losses are finite."""
+    from safetensors.numpy import save_file
+    from ms3_jax.stages import pretrain
+    from ms3_jax.testing.pretrain_inputs import label_space, random_batch, random_text
+    config = _tiny_deit_pretrain_config(**{"optim.warmup_steps": 1, "relations.warmup_steps": 1})
+    ref = randomize_vit_(TorchViT(**TINY_TORCH), seed=4)
+    path = str(tmp_path / "deit.safetensors")
+    save_file({k: v.numpy() for k, v in ref.state_dict().items()}, path)
+    trainer = pretrain.Trainer(config, label_space(), random_text(config.model.emb_dim),
+                               num_steps=4)
+    fresh = trainer.init_state(jax.random.PRNGKey(0))
+    state = pretrain.init_backbone_from(fresh, path, trainer)
+    want = ref.blocks[1].attn.qkv.weight.detach().numpy().T
+    for tree in (state.params, state.ema_params):
+        np.testing.assert_array_equal(tree["backbone"]["blocks_1"]["attn"]["qkv"]["kernel"], want)
+    np.testing.assert_array_equal(state.params["backbone"]["neck"]["convs_0"]["conv"]["kernel"],
+                                  fresh.params["backbone"]["neck"]["convs_0"]["conv"]["kernel"])
+    before = jax.device_get(state.params["backbone"]["pos_embed"])
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        state, metrics = trainer.step(state, trainer.global_batch(random_batch(rng)))
+        assert np.isfinite(jax.device_get(metrics["loss"]))
+    assert not np.allclose(jax.device_get(state.params["backbone"]["pos_embed"]), before)
+    adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    assert any(adam(x) for x in jax.tree_util.tree_leaves(state.opt_state, is_leaf=adam))

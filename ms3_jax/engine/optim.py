@@ -34,8 +34,19 @@ def sgd(schedule: optax.Schedule, momentum: float, weight_decay: float,
                        optax.sgd(schedule, momentum=momentum))
 
 
+OPTIMIZERS = ("sgd", "adamw")  # `optim.optimizer`
+
+
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """Pretraining (and stage 1's image encoder): SGD, momentum 0.9, weight decay 4e-5 on kernels,
-    `lr_schedule` (paper 4.1)."""
+    """Pretraining (and stage 1's DeepLab image encoder), `lr_schedule` either way:
+    `optim.optimizer` 'sgd' (paper 4.1: momentum 0.9, weight decay 4e-5 on kernels) or 'adamw'
+    (the DeiT-B row of Tab. 7, footnote 2: torch's AdamW, betas (0.9, 0.999), eps 1e-8, decay
+    decoupled, on kernels only: not on biases, norms, `pos_embed`, `cls_token`, as DeiT)."""
     o = config.optim
+    kind = o.get("optimizer", "sgd")
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optim.optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+    if kind == "adamw":
+        return optax.adamw(lr_schedule(config, num_steps), b1=0.9, b2=0.999, eps=1e-8,
+                           weight_decay=o.weight_decay, mask=weight_decay_mask)
     return sgd(lr_schedule(config, num_steps), o.momentum, o.weight_decay)

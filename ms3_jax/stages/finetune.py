@@ -289,7 +289,8 @@ def initial_variables(config: ml_collections.ConfigDict, trainer: Trainer,
         return variables
     if kind == "torchvision":
         loaded = trainer.backbone_from_file(path, trainer.model)
-        parts = {c: {"backbone": loaded[c]} for c in ("params", "batch_stats")}
+        # over the fresh backbone: what no PyTorch backbone holds (a DeiT's neck) stays fresh
+        parts = {c: {"backbone": {**variables[c]["backbone"], **loaded[c]}} for c in loaded}
     else:
         step, state = checkpointing.restore_state(path, config.init.get("step") or None)
         enc = checkpointing.encoder_variables(state, ema=config.init.ema)
