@@ -262,3 +262,28 @@ def test_tiny_deit_ms3_steps_with_adamw_and_a_timm_start(tmp_path):
     assert not np.allclose(jax.device_get(state.params["backbone"]["pos_embed"]), before)
     adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
     assert any(adam(x) for x in jax.tree_util.tree_leaves(state.opt_state, is_leaf=adam))
+
+
+@pytest.mark.slow
+def test_tiny_deit_finetunes_from_a_timm_file(tmp_path):
+    """`configs/finetune/voc.py:deit,tiny,torchvision`: AdamW fine-tuning from a timm-named file,
+    evaluated on whole images of 48 px (3 x 3 patches: the position table resampled)."""
+    from configs.finetune import voc
+    from ms3_jax.demo import job
+    from ms3_jax.engine import checkpointing
+    from ms3_jax.stages import finetune
+    from ms3_jax.testing.configs import with_overrides
+    ref = randomize_vit_(TorchViT(**TINY_TORCH), seed=5)
+    path = str(tmp_path / "deit.pth")
+    torch.save(ref.state_dict(), path)
+    config = with_overrides(voc.get_config("deit,tiny,torchvision"), **{
+        "data.data_dir": str(tmp_path / "data"), "init.path": path, "num_steps": 2,
+        "eval_every": 2, "checkpoint_every": 2, "log_every": 1, "eval.max_images": 2})
+    assert config.optim.optimizer == "adamw" and config.model.backbone == "deit"
+    job.prepare_builtin(config)
+    workdir = str(tmp_path / "ft")
+    finetune.train_and_evaluate(config, workdir)
+    _, state = checkpointing.restore_state(workdir)
+    qkv = np.asarray(state["params"]["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"])
+    start = ref.blocks[0].attn.qkv.weight.detach().numpy().T
+    assert qkv.shape == start.shape and 0 < np.max(np.abs(qkv - start)) < 1e-2  # two AdamW steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -17,8 +18,14 @@ def lr_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Sche
 
 
 def poly_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """MMSeg `PolyLR`: (lr - min_lr) * (1 - step / num_steps) ** power + min_lr."""
-    return optax.polynomial_schedule(optim.lr, optim.min_lr, optim.power, max(num_steps, 1))
+    """MMSeg `PolyLR`: (lr - min_lr) * (1 - step / num_steps) ** power + min_lr; with
+    `optim.warmup_steps` (MMSeg's ViT recipes: `LinearLR` from 1e-6 x lr over 1500 iterations)
+    that factor ramps linearly to 1 first."""
+    poly = optax.polynomial_schedule(optim.lr, optim.min_lr, optim.power, max(num_steps, 1))
+    warmup = min(optim.get("warmup_steps", 0), max(num_steps - 1, 0))
+    if not warmup:
+        return poly
+    return lambda step: poly(step) * jnp.minimum(1e-6 + (1 - 1e-6) * step / warmup, 1.0)
 
 
 def weight_decay_mask(params: Any) -> Any:

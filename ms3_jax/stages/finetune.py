@@ -74,11 +74,17 @@ def backbone_labels(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
-    """torch-style SGD (decay added to the gradient before momentum); MMSeg decays every
-    parameter (`optim.decay_all`), else kernels only (`optim.weight_decay_mask`). Frozen
-    backbone: `set_to_zero` for its parameters (no decay, no momentum state)."""
+    """torch-style SGD (decay added to the gradient before momentum), or AdamW
+    (`optim.optimizer='adamw'`, the `:deit` configs); MMSeg decays every parameter
+    (`optim.decay_all`), else kernels only (`optim.weight_decay_mask`). Frozen backbone:
+    `set_to_zero` for its parameters (no decay, no momentum state)."""
     o = config.optim
-    tx = optim.sgd(schedule, o.momentum, o.weight_decay, None if o.decay_all else optim.weight_decay_mask)
+    mask = None if o.decay_all else optim.weight_decay_mask
+    if o.get("optimizer", "sgd") == "adamw":
+        tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=o.weight_decay,
+                         mask=mask)
+    else:
+        tx = optim.sgd(schedule, o.momentum, o.weight_decay, mask)
     if not config.frozen_backbone:
         return tx
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, backbone_labels)
