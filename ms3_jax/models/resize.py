@@ -1,6 +1,7 @@
-"""Resizes with PyTorch's numbers (`F.interpolate`, `align_corners=False`), as matrices: bilinear
-(the decoder, the logits, the ViT neck) and antialiased bicubic (timm's position-embedding
-resample). docs/choices.md, "Bilinear resizes as interpolation matrices", "DeiT-B: ...".
+"""Resizes with PyTorch's numbers (`F.interpolate`, `align_corners=False`), as matrices:
+bilinear (the decoder, the logits, the ViT neck) and antialiased bicubic (timm's
+position-embedding resample). docs/choices.md, "Bilinear resizes as interpolation matrices",
+"DeiT-B: a multi-level neck for DeepLab-v3+".
 """
 from __future__ import annotations
 
