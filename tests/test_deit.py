@@ -127,7 +127,7 @@ def test_timm_state_dict_loads_and_export_strictly_loads_into_timm_names():
     variables = torch_format.load_backbone_state_dict(dict(sd, **{
         "head.weight": np.zeros((10, 32)), "head.bias": np.zeros(10)}), backbone)  # ignored
     assert set(variables) == {"params"} and "neck" not in variables["params"]
-    assert variables["params"]["blocks_1"]["attn"]["qkv"]["kernel"].shape == (32, 96)
+    assert variables["params"]["blocks_1"]["attn"]["qkv"]["kernel"].shape == (3, 32, 32)
     back = torch_format.backbone_state_dict(variables, backbone)
     assert set(back) == set(sd)
     for k in sd:
@@ -249,7 +249,7 @@ def test_tiny_deit_ms3_steps_with_adamw_and_a_timm_start(tmp_path):
                                num_steps=4)
     fresh = trainer.init_state(jax.random.PRNGKey(0))
     state = pretrain.init_backbone_from(fresh, path, trainer)
-    want = ref.blocks[1].attn.qkv.weight.detach().numpy().T
+    want = ref.blocks[1].attn.qkv.weight.detach().numpy().reshape(3, 32, 32).transpose(0, 2, 1)
     for tree in (state.params, state.ema_params):
         np.testing.assert_array_equal(tree["backbone"]["blocks_1"]["attn"]["qkv"]["kernel"], want)
     np.testing.assert_array_equal(state.params["backbone"]["neck"]["convs_0"]["conv"]["kernel"],
@@ -285,5 +285,5 @@ def test_tiny_deit_finetunes_from_a_timm_file(tmp_path):
     finetune.train_and_evaluate(config, workdir)
     _, state = checkpointing.restore_state(workdir)
     qkv = np.asarray(state["params"]["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"])
-    start = ref.blocks[0].attn.qkv.weight.detach().numpy().T
+    start = ref.blocks[0].attn.qkv.weight.detach().numpy().reshape(3, 32, 32).transpose(0, 2, 1)
     assert qkv.shape == start.shape and 0 < np.max(np.abs(qkv - start)) < 1e-2  # two AdamW steps

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ms3_jax.models.resize import resize_bilinear, resize_position_table
+from ms3_jax.models.resize import resize_position_table, upsample_bilinear
 from ms3_jax.models.resnet import Conv, ModuleDef
 
 LN_EPS = 1e-6  # timm's ViT / MMSeg's `norm_cfg=dict(type='LN', eps=1e-6)`
@@ -43,26 +43,45 @@ class HeadsProj(nn.Module):
         return y_BxLxD + bias.astype(self.dtype)
 
 
+class QKV(nn.Module):
+    """timm's fused `qkv` Linear as three stacked ones: `kernel` [3, D, D] (q, k, v; torch's
+    [3D, D] weight), `bias` [3, D]; outputs head-major [B, A, L, E], accumulated in float32 and
+    rounded once. As one fused product (or in `dtype` out) the step did not compile for H100
+    (XLA's Triton GEMM, "Couldn't find output tile sizes" on the input gradient, jaxlib 0.10.2;
+    docs/choices.md, "DeiT-B: a multi-level neck for DeepLab-v3+")."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        dim = x_BxLxD.shape[-1]
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        kernel = self.param("kernel", _dense_init, (3, dim, dim), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (3, dim), jnp.float32)
+        x_BxLxD = x_BxLxD.astype(self.dtype)
+        kernel_3xDxAxE = kernel.astype(self.dtype).reshape(3, dim, heads, head_dim)
+        bias_3xAx1xE = bias.reshape(3, heads, 1, head_dim)
+        return tuple((jnp.einsum("bld,dhe->bhle", x_BxLxD, kernel_3xDxAxE[t],
+                                 preferred_element_type=jnp.float32)
+                      + bias_3xAx1xE[t]).astype(self.dtype) for t in range(3))
+
+
 class Attention(nn.Module):
-    """timm `Attention`: fused `qkv` Linear (q, k, v blocks, each head-major), softmax in
-    float32, `proj`."""
+    """timm `Attention`: `qkv`, softmax in float32, `proj`."""
 
     num_heads: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        b, length, dim = x_BxLxD.shape
-        heads, head_dim = self.num_heads, dim // self.num_heads
-        qkv = nn.Dense(3 * dim, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_dense_init,
-                       name="qkv")(x_BxLxD)
-        qkv = qkv.reshape(b, length, 3, heads, head_dim)
-        q_BxLxAxE, k_BxLxAxE, v_BxLxAxE = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits_BxAxLxL = jnp.einsum("bqhe,bshe->bhqs", q_BxLxAxE, k_BxLxAxE,
+        head_dim = x_BxLxD.shape[-1] // self.num_heads
+        q_BxAxLxE, k_BxAxLxE, v_BxAxLxE = QKV(self.num_heads, self.dtype, name="qkv")(x_BxLxD)
+        logits_BxAxLxL = jnp.einsum("bhqe,bhse->bhqs", q_BxAxLxE, k_BxAxLxE,
                                     preferred_element_type=jnp.float32) * head_dim ** -0.5
         weights_BxAxLxL = jax.nn.softmax(logits_BxAxLxL, axis=-1).astype(self.dtype)
-        out_BxAxLxE = jnp.einsum("bhqs,bshe->bhqe", weights_BxAxLxL, v_BxLxAxE)
-        return HeadsProj(dim, self.dtype, name="proj")(out_BxAxLxE)
+        out_BxAxLxE = jnp.einsum("bhqs,bhse->bhqe", weights_BxAxLxL, v_BxAxLxE)
+        return HeadsProj(x_BxLxD.shape[-1], self.dtype, name="proj")(out_BxAxLxE)
 
 
 class Mlp(nn.Module):
@@ -142,8 +161,7 @@ class MultiLevelNeck(nn.Module):
         outs = []
         for i, (x_BxGhxGwxD, scale, (h, w)) in enumerate(zip(maps, scales, sizes)):
             x = module(1, name=f"lateral_convs_{i}")(x_BxGhxGwxD)
-            gh, gw = x.shape[1:3]
-            x = resize_bilinear(x, (gh * scale, gw * scale))
+            x = upsample_bilinear(x, scale)
             outs.append(module(3, name=f"convs_{i}")(x)[:, :h, :w])
         return outs
 

@@ -29,14 +29,27 @@ class StateDictError(ValueError):
     """A state_dict does not fit the model: lists every missing / unexpected / mis-shaped key."""
 
 
-_HWIO_TO_OIHW = (3, 2, 0, 1)  # conv kernels: Flax vs torch layout
-_IO_TO_OI = (1, 0)  # dense kernels: Flax [in, out] vs torch Linear [out, in]
+# Flax -> torch axis order of a `kernel` by its rank: conv [J, J, C, F] -> [F, C, J, J]; dense
+# [in, out] -> Linear [out, in]; T stacked dense [T, in, out] -> [T, out, in], then one Linear of
+# T x out outputs (timm's fused `qkv`, kept apart in Flax: deit.QKV). A [T, out] `bias` is that
+# Linear's [T x out].
+_KERNEL_PERM = {4: (3, 2, 0, 1), 2: (1, 0), 3: (0, 2, 1)}
 
 
 class _Entry(NamedTuple):
     path: tuple[str, ...]  # (collection, *path inside it)
     torch_shape: tuple[int, ...]
-    perm: tuple[int, ...] | None  # Flax -> torch axis order of a kernel (None: same layout)
+    perm: tuple[int, ...] | None  # Flax -> torch axis order (None: same layout)
+    shape: tuple[int, ...]  # Flax shape
+
+
+def _torch_layout(leaf_name: str, shape: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
+    """(axis order, torch shape) of a Flax leaf (see `_KERNEL_PERM`)."""
+    perm = _KERNEL_PERM.get(len(shape)) if leaf_name == "kernel" else None
+    moved = tuple(shape[i] for i in perm) if perm else shape
+    stacked = len(shape) == {"kernel": 3, "bias": 2}.get(leaf_name)
+    return perm, (moved[0] * moved[1], *moved[2:]) if stacked else moved
 
 
 _LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
@@ -149,12 +162,9 @@ def _entries(variables: Mapping[str, Any], subtrees: Subtrees) -> dict[str, _Ent
                     continue
                 # Params outside the table (a ViT's `cls_token`, `pos_embed`) keep their names.
                 parts = modules + [_LEAF.get((collection, path[-1]), path[-1])]
-                shape = tuple(leaf.shape)
-                perm = ({4: _HWIO_TO_OIHW, 2: _IO_TO_OI}.get(len(shape))
-                        if path[-1] == "kernel" else None)
-                torch_shape = tuple(shape[i] for i in perm) if perm else shape
+                perm, torch_shape = _torch_layout(path[-1], tuple(leaf.shape))
                 table[torch_prefix + ".".join(parts)] = _Entry(
-                    (collection, *flax_path, *path), torch_shape, perm)
+                    (collection, *flax_path, *path), torch_shape, perm, tuple(leaf.shape))
     return table
 
 
@@ -162,7 +172,8 @@ def _export(variables: Mapping[str, Any], subtrees: Subtrees) -> dict[str, np.nd
     out = {}
     for k, e in _entries(variables, subtrees).items():
         x = np.asarray(functools.reduce(operator.getitem, e.path, variables), np.float32)
-        out[k] = np.ascontiguousarray(np.transpose(x, e.perm) if e.perm else x)
+        x = np.transpose(x, e.perm) if e.perm else x
+        out[k] = np.ascontiguousarray(x.reshape(e.torch_shape))
     return out
 
 
@@ -177,9 +188,12 @@ def _import(state_dict: Mapping[str, Any], template: Mapping[str, Any], subtrees
     problems = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
     if lines := [f"  {len(keys)} {title}: " + ", ".join(keys) for title, keys in problems if keys]:
         raise StateDictError("\n".join([f"state_dict does not fit the {what}:", *lines]))
+    def to_flax(x: np.ndarray, e: _Entry) -> np.ndarray:
+        if e.perm is None:
+            return x.reshape(e.shape)
+        return np.transpose(x.reshape([e.shape[i] for i in e.perm]), np.argsort(e.perm))
     return traverse_util.unflatten_dict({e.path: jnp.asarray(
-        np.transpose(x, np.argsort(e.perm)) if e.perm else x)
-        for k, e in table.items() for x in [arrays[k].astype(np.float32)]})
+        to_flax(arrays[k].astype(np.float32), e)) for k, e in table.items()})
 
 
 def _to_numpy(x: Any) -> np.ndarray:
