@@ -287,3 +287,17 @@ def test_tiny_deit_finetunes_from_a_timm_file(tmp_path):
     qkv = np.asarray(state["params"]["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"])
     start = ref.blocks[0].attn.qkv.weight.detach().numpy().reshape(3, 32, 32).transpose(0, 2, 1)
     assert qkv.shape == start.shape and 0 < np.max(np.abs(qkv - start)) < 1e-2  # two AdamW steps
+
+
+def test_mmseg_config_snippet_of_a_deit_workdir():
+    from configs import pretrain as pretrain_config
+    from ms3_jax import export
+    model = pretrain_config.get_config("deit").model.to_dict()
+    seg = export.mmseg_config_snippet("seg.pth", model, "segmentor", num_classes=21)
+    for part in ("type='VisionTransformer'", "embed_dims=768", "num_layers=12", "mlp_ratio=4",
+                 "out_indices=(2, 11)", "final_norm=True", "eps=1e-6",
+                 "neck=dict(type='MultiLevelNeck', in_channels=[768, 768], out_channels=768, "
+                 "scales=[4, 2])", "in_channels=768, in_index=1", "c1_in_channels=768",
+                 "dilations=(1, 12, 24, 36)", "num_classes=21"):
+        assert part in seg, part
+    assert "vit2mmseg.py" in export.mmseg_config_snippet("b.pth", model, "backbone")
