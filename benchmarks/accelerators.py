@@ -4,6 +4,7 @@ r"""The whole pretraining train step compiled ahead of time for one TPU / GPU ch
   python benchmarks/accelerators.py --tiny --jobs 2      # tiny model: ~10 min
   python benchmarks/accelerators.py --targets h100 --kernels auto,xla --steps ms3
   python benchmarks/accelerators.py --jobs 2 --json out.json   # all 24: ~1-2 h
+  python benchmarks/accelerators.py --backbone deit --targets h100,v5e --kernels auto --steps ms3
 
 Targets, one chip each: v4 ("v4:1x1x1", megacore), v5e ("v5e:1x1"), h100 / a100 (XLA's GPU target
 descriptions, benchmarks/targets/*.txtpb). Needs the AOT wheels: the `aot` extra (part of `test`),
@@ -13,7 +14,8 @@ in `nonfinite.guard`, jitted as `pretrain.Trainer` does (state replicated + dona
 'data'); `stage1`: stage 1 with CLIP's image encoder (configs/text_adapt.py: the ViT trained
 with AdamW, 13 context tokens through the frozen text tower for every distinct union name each
 step, Eq. 1 at the patch grid) at ViT-B/16 (--stage1-patch 32: B/32; --tiny: the tiny stand-in),
-kernels ignored (no DeepLab). Each variant compiles in its own subprocess: a crash is a row
+kernels ignored (no DeepLab). `--backbone deit`: the ms3 / ce steps on configs/pretrain.py:deit
+(DeiT-B/16 + neck, AdamW; Tab. 7), the step column reads e.g. 'ms3/deit'. Each variant compiles in its own subprocess: a crash is a row
 ("crashed: SIGABRT").
 
 Columns (per device; GiB = 2^30 B, GB = 1e9 B):
@@ -93,14 +95,15 @@ def target_devices(target: str) -> tuple[list, int]:
     return topologies.get_topology_desc("", "cuda", target_config=txt, topology="1x1x1").devices, hbm
 
 
-def make_config(tiny: bool, step: str, kernels: str):
+def make_config(tiny: bool, step: str, kernels: str, backbone: str = "resnet"):
     if REPO not in sys.path:
         sys.path.append(REPO)
     if step == "stage1":
         from configs.text_adapt import get_config as stage1_config
         return stage1_config("tiny" if tiny else None)
     from configs.pretrain import get_config
-    cfg = get_config("tiny" if tiny else None)
+    cfg = get_config(",".join(a for a in ("deit" if backbone == "deit" else "",
+                                          "tiny" if tiny else "") if a))
     cfg.loss.kind, cfg.model.kernels = STEPS[step], kernels
     return cfg
 
@@ -310,7 +313,7 @@ def measure(v: dict) -> dict:
     out, peaks = {**v, "hbm": hbm}, {}
     for b in [v["batch"], v["batch"] // 2][:2 if v["fit"] and v["batch"] > 1 else 1]:
         t = time.perf_counter()
-        cfg = make_config(v["tiny"], v["step"], v["kernels"])
+        cfg = make_config(v["tiny"], v["step"], v["kernels"], v.get("backbone", "resnet"))
         lowered, layers = (lower_stage1(cfg, devices, b, v["size"], v["patch"], v["classes"])
                            if v["step"] == "stage1" else
                            lower_step(cfg, devices, b, v["size"], v["classes"]))
@@ -362,7 +365,8 @@ COLUMNS = ("target | kernels | step | compile | s | arg GiB | temp GiB | out GiB
 
 
 def row(r: dict) -> str:
-    cells = [r["target"], r["kernels"], r["step"], r["status"].replace("|", "/")]
+    step = r["step"] + ("/deit" if r.get("backbone") == "deit" else "")
+    cells = [r["target"], r["kernels"], step, r["status"].replace("|", "/")]
     if r["status"] == "ok":
         f = lambda k, scale=GiB, nd=2: "-" if r.get(k) is None else f"{r[k] / scale:.{nd}f}"
         cells += [f("seconds", 1, 0), f("arg"), f("temp"), f("out"), f("peak"),
@@ -406,6 +410,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, help="crop (default 224; --tiny 64)")
     ap.add_argument("--classes", type=int, help="|Y| (default: the config's datasets: 342; tiny 9)")
     ap.add_argument("--tiny", action="store_true", help="configs/pretrain.py:tiny model")
+    ap.add_argument("--backbone", default="resnet", choices=["resnet", "deit"],
+                    help="ms3 / ce steps: configs/pretrain.py's ResNet-50 or :deit (DeiT-B/16)")
     ap.add_argument("--no-fit", action="store_true", help="skip the batch/2 compile (no max batch)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     ap.add_argument("--jobs", type=int, default=1, help="variants compiled at once")
@@ -416,7 +422,7 @@ def main() -> None:
         return child(json.loads(a.child))
     batch, size = a.batch or (4 if a.tiny else 16), a.size or (64 if a.tiny else 224)
     variants = [dict(target=t, kernels=k, step=s, batch=batch, size=size, classes=a.classes,
-                     tiny=a.tiny, fit=not a.no_fit, patch=a.stage1_patch)
+                     tiny=a.tiny, fit=not a.no_fit, patch=a.stage1_patch, backbone=a.backbone)
                 for t in a.targets.split(",") for s in a.steps.split(",")
                 for k in (a.kernels.split(",") if s != "stage1" else ["-"])]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {'tiny' if a.tiny else 'paper'} model, batch {batch} "

@@ -1,6 +1,7 @@
 r"""MS3 pretraining (stage 2), paper section 4.1.
 
   python -m ms3_jax.main --config=configs/pretrain.py --workdir=W
+  python -m ms3_jax.main --config=configs/pretrain.py:deit --workdir=W  # DeiT-B/16 (Tab. 7)
   python -m ms3_jax.main --config=configs/pretrain.py:tiny --workdir=W \
       --config.text.embeddings=W1/text_embeddings.npz   # tiny model, synthetic data; W1: a stage-1
                                                         # workdir (configs/text_adapt.py:tiny)
@@ -23,6 +24,12 @@ V is |Y| x C float32 (0.7 MB) and S is |Y| x |Y| float32 (0.5 MB). All replicate
 Unlabeled images (App. D, Tab. 10), e.g. the paper's VOC + ADE20K + unlabeled COCO-Stuff:
   --config.data.datasets='("voc","ade20k")' --config.data.unlabeled.source=coco_stuff
   --config.data.unlabeled.ratio=0.5   (or source=/path/to/image/folder); see `c.pseudo`.
+`:deit` (Tab. 7's DeiT-B row): the DeiT-B/16 backbone (models/deit.py; timm's
+`deit_base_patch16_224` weights via `--config.model.init_from`) and AdamW at lr 3e-4 per 128
+images (footnote 2), weight decay 0.05 and 5 epochs of warm-up (DeiT's recipe), cosine to 0; the
+rest as above (docs/choices.md, "DeiT-B pretraining optimiser"). `:deit,tiny`: a tiny DeiT.
+Config strings (after `:`), comma-separated: deit, rn50, tiny.
+
 Prepare the datasets first: `python -m ms3_jax.data.prepare --dataset voc ...` (README).
 """
 import ml_collections
@@ -52,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ema_momentum = 0.999
 
     c.model = ml_collections.ConfigDict(dict(
+        backbone="resnet",  # 'resnet' | 'deit' (deeplab.BACKBONES; `:deit` sets its fields)
         depth=50, variant="v1", output_stride=8, width=1.0,
         stage_sizes=ml_collections.config_dict.placeholder(tuple),
         head_channels=512, c1_channels=48, emb_dim=512, dtype="bfloat16",
@@ -59,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 'auto': XLA's native convolutions on GPU / TPU, the CPU plug-in on CPU devices (decided
         # from the mesh the step is compiled for); 'xla' | 'cpu' force one (same numbers).
         kernels="auto",
-        init_from=""))  # optional torchvision / MMSeg ResNet .pth for the backbone
+        init_from=""))  # optional torchvision / MMSeg ResNet (timm DeiT) .pth for the backbone
 
     c.data = ml_collections.ConfigDict(dict(
         datasets=("voc", "ade20k", "coco_stuff"), data_dir="", crop_size=224, worker_count=4,
@@ -91,14 +99,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.relations = ml_collections.ConfigDict(dict(momentum=0.99, warmup_steps=2000,
                                                  pixel_head="language", top_k=0))
     c.optim = ml_collections.ConfigDict(dict(
+        optimizer="sgd",  # 'sgd' | 'adamw' (engine/optim.py)
         base_lr=0.8, lr_batch=128, momentum=0.9, weight_decay=4e-5, warmup_steps=1000))
 
-    parts = set((arg or "").split(",")) - {""}
-    if parts - {"tiny", "rn50"}:
-        raise ValueError(f"unknown config string {arg!r}; valid: 'tiny', 'rn50', 'rn50,tiny'")
-    if "tiny" in parts:
+    args = [a for a in (arg or "").split(",") if a]
+    if unknown := [a for a in args if a not in ("deit", "rn50", "tiny")]:
+        raise ValueError(f"unknown config string(s) {unknown}; valid: 'deit', 'rn50', 'tiny' "
+                         "(comma-separated)")
+    if "deit" in args:
+        deit(c)
+    if "tiny" in args:
         tiny(c)
-    if "rn50" in parts:
+    if "rn50" in args:
         rn50(c)
     return c
 
@@ -110,6 +122,25 @@ def rn50(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     checkpoints only, which have no CLIP ResNet."""
     c.model.emb_dim = 1024
     c.text.clip = ""
+    return c
+
+
+# DeiT-B/16 (timm's `deit_base_patch16_224`) and the neck's choices (docs/choices.md).
+DEIT_B16 = dict(backbone="deit", img_size=224, patch_size=16, embed_dim=768, num_layers=12,
+                num_heads=12, mlp_dim=3072, out_indices=(2, 11), neck_channels=768)
+# A tiny DeiT for tests and the CPU demo: 2 blocks of width 32 on 16 px patches.
+TINY_DEIT = dict(img_size=64, patch_size=16, embed_dim=32, num_layers=2, num_heads=2, mlp_dim=64,
+                 out_indices=(0, 1), neck_channels=32)
+# VOC-aug + ADE20K + COCO-Stuff-164k training images (10582 + 20210 + 118287).
+UNION_TRAIN_IMAGES = 149_079
+
+
+def deit(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Tab. 7's DeiT-B backbone; footnote 2: AdamW, lr 3e-4 (per 128 images, linear scaling as
+    the SGD lr), 100 epochs. Weight decay 0.05 and 5 warm-up epochs are DeiT's own recipe."""
+    c.model.update(DEIT_B16)
+    c.optim.update(dict(optimizer="adamw", base_lr=3e-4, lr_batch=128, weight_decay=0.05,
+                        warmup_steps=5 * UNION_TRAIN_IMAGES // 128))
     return c
 
 
@@ -129,5 +160,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.bank.update(dict(slots=64, per_class=16, dtype="float32"))
     c.relations.warmup_steps = 5
     c.optim.update(dict(base_lr=0.1, warmup_steps=2))
+    if c.model.backbone == "deit":  # `:deit,tiny`
+        c.model.update(TINY_DEIT)
+        c.optim.base_lr = 1e-2  # AdamW: x 8 / 128 = 6e-4
     c.loss.chunk = 1024
     return c

@@ -25,6 +25,8 @@ def mmseg_config_snippet(checkpoint: str, model_cfg: Mapping[str, Any], what: st
     segmentor, the decode head's channels, ASPP rates and classes. A network MMSeg's ResNet
     cannot build (width != 1 or a non-standard block layout) gets an explanation instead."""
     get = lambda k, d: model_cfg.get(k) if model_cfg.get(k) is not None else d
+    if get("backbone", "resnet") == "deit":
+        return _mmseg_deit_snippet(checkpoint, get, what, num_classes)
     depth, width, sizes = int(get("depth", 50)), float(get("width", 1.0)), get("stage_sizes", None)
     standard = STAGE_SIZES.get(depth)
     if width != 1.0 or (sizes is not None and tuple(sizes) != standard):
@@ -54,6 +56,42 @@ def mmseg_config_snippet(checkpoint: str, model_cfg: Mapping[str, Any], what: st
             f"                     num_classes={classes}),\n"
             "    auxiliary_head=None)\n"
             f"load_from = {checkpoint!r}  # backbone.* + decode_head.* (conv_seg when fine-tuned)\n")
+
+
+def _mmseg_deit_snippet(checkpoint: str, get: Any, what: str, num_classes: int | None) -> str:
+    """MMSeg's `VisionTransformer` + `MultiLevelNeck` computing what `models/deit.py` does
+    (docs/choices.md, "DeiT-B: a multi-level neck for DeepLab-v3+")."""
+    dim, os_ = int(get("embed_dim", 768)), int(get("output_stride", 8))
+    patch, size = int(get("patch_size", 16)), int(get("img_size", 224))
+    low, deep = tuple(get("out_indices", (2, 11)))
+    backbone = (f"    backbone=dict(type='VisionTransformer', img_size={size}, "
+                f"patch_size={patch}, embed_dims={dim},\n"
+                f"                  num_layers={int(get('num_layers', 12))}, "
+                f"num_heads={int(get('num_heads', 12))}, "
+                f"mlp_ratio={int(get('mlp_dim', 3072)) / dim:g}, out_indices=({low}, {deep}), "
+                "qkv_bias=True,\n"
+                "                  with_cls_token=True, final_norm=True, "
+                "norm_cfg=dict(type='LN', eps=1e-6), interpolate_mode='bicubic'")
+    if what == "backbone":
+        init = f"init_cfg=dict(type='Pretrained', checkpoint={checkpoint!r})"
+        return ("# timm names: convert first with MMSeg's tools/model_converters/vit2mmseg.py\n"
+                "model = dict(\n    pretrained=None,\n" + backbone + ",\n"
+                f"                  {init}))\n")
+    neck_ch = int(get("neck_channels", None) or dim)
+    classes = num_classes if num_classes is not None else "NUM_CLASSES  # of your dataset"
+    return ("model = dict(\n    pretrained=None,\n" + backbone + "),\n"
+            f"    neck=dict(type='MultiLevelNeck', in_channels=[{dim}, {dim}], "
+            f"out_channels={neck_ch}, scales=[{patch // 4}, {patch // os_}]),\n"
+            f"    decode_head=dict(type='DepthwiseSeparableASPPHead', in_channels={neck_ch}, "
+            "in_index=1,\n"
+            f"                     channels={int(get('head_channels', 512))}, "
+            f"dilations={tuple(ASPP_DILATIONS[os_])}, c1_in_channels={neck_ch}, "
+            f"c1_channels={int(get('c1_channels', 48))},\n"
+            "                     dropout_ratio=0.1, align_corners=False,\n"
+            "                     norm_cfg=dict(type='SyncBN', requires_grad=True),\n"
+            f"                     num_classes={classes}),\n"
+            "    auxiliary_head=None)\n"
+            f"load_from = {checkpoint!r}  # backbone.* + neck.* + decode_head.*\n")
 
 
 def export_workdir(workdir: str, out: str, what: str = "backbone", step: int | None = None,

@@ -207,6 +207,12 @@ def test_config_errors_and_strings(data_dir):
             coco_stuff.get_config().num_steps, mapillary.get_config().data.crop_size) == (40_000, 80_000, 80_000, 768)
     c.init.path = "resnet50.pth"
     finetune.check_config(c, 1)  # (512, 1024) crops are supported
+    c = voc_config.get_config("deit,torchvision,frozen")
+    c.init.path = "deit_base_patch16_224.pth"
+    with pytest.raises(ValueError, match="the file has no neck"):
+        finetune.check_config(c, 1)
+    with pytest.raises(ValueError, match="'deit' is the DeiT-B row"):
+        voc_config.get_config("deit,tab7")
 
 
 def test_non_square_crops_keep_image_and_label_aligned():
@@ -227,7 +233,7 @@ def test_predict_cli_segments_a_folder_like_the_model(data_dir, tmp_path, capsys
     the argmax of the model's logits resized to the image (float64 NumPy reference)."""
     from PIL import Image
     from ms3_jax import predict
-    from ms3_jax.models.deeplab import _interp_matrix
+    from ms3_jax.models.resize import bilinear_matrix as _interp_matrix
     wd = str(tmp_path / "ft")
     finetune.train_and_evaluate(tiny_config(data_dir, **{"init.kind": "scratch"}), wd)
     rng = np.random.default_rng(0)

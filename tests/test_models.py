@@ -208,7 +208,8 @@ def test_any_backbone_module_plugs_into_the_encoder():
 def test_export_refuses_a_backbone_without_a_torch_format():
     model = MS3Encoder(ToyBackbone(), head_channels=12, c1_channels=4, emb_dim=8)
     variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
-    refused = r"backbone ToyBackbone has no PyTorch format \(torch_format=None, known: \['resnet'\]\)"
+    refused = (r"backbone ToyBackbone has no PyTorch format \(torch_format=None, "
+               r"known: \['resnet', 'timm_vit'\]\)")
     with pytest.raises(ValueError, match=refused):
         torch_format.backbone_state_dict(variables, model.backbone)
     with pytest.raises(ValueError, match=refused):

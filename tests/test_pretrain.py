@@ -247,7 +247,7 @@ def test_evaluation_during_pretraining_matches_a_numpy_reference(synthetic_dir):
     align_corners=False), against the same pipeline in float64 NumPy, for the first 2 images."""
     from ms3_jax.data import eval_data
     from ms3_jax.evaluation import pretrain_eval
-    from ms3_jax.models.deeplab import _interp_matrix
+    from ms3_jax.models.resize import bilinear_matrix as _interp_matrix
     config = tiny_config()
     model = pretrain.build_model(config, label_space().num_classes, "cpu")
     variables = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3), jnp.uint8))

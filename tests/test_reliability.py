@@ -557,3 +557,16 @@ def test_resume_refuses_a_config_that_computes_something_else(tmp_path):
     training.checkpoint_manager(allowed, wd).close()
     assert json.loads((tmp_path / "config.json").read_text())["loss"]["tau"] == 0.5
     assert json.loads((tmp_path / "config.1.json").read_text())["loss"]["tau"] == 0.07
+
+
+def test_workdirs_from_before_the_backbone_fields_resume():
+    """A config.json written before `model.backbone` / `optim.optimizer` existed resumes with them
+    at 'resnet' / 'sgd' (what that run computed), and not with 'deit' / 'adamw'."""
+    from ms3_jax.engine import training
+    saved = json.loads(tiny_pretrain_config().to_json())
+    del saved["model"]["backbone"], saved["optim"]["optimizer"]
+    assert training.resume_changes(saved, json.loads(tiny_pretrain_config().to_json())) == []
+    now = json.loads(tiny_pretrain_config(**{"model.backbone": "deit",
+                                             "optim.optimizer": "adamw"}).to_json())
+    assert training.resume_changes(saved, now) == [
+        "model.backbone: '(absent)' -> 'deit'", "optim.optimizer: '(absent)' -> 'adamw'"]

@@ -9,9 +9,15 @@ after `:`), comma-separated:
   frozen                        frozen-backbone fine-tuning (Tab. 3)
   tab7                          Tab. 7's rows: ResNet-v1c (deep stem) with the auxiliary head
   r101                          ResNet-101 (with tab7: Tab. 7's Res101-v1c row)
+  deit                          the DeiT-B/16 backbone (Tab. 7; configs/pretrain.py:deit) with
+                                MMSeg's ViT recipe: AdamW lr 6e-5, weight decay 0.01 (not on
+                                biases, norms, pos_embed, cls_token), poly power 1 to 0 after
+                                1500 warm-up steps; crops rounded down to 16 px multiples
   tiny                          tiny model on the built-in synthetic data ('synth_a'), for tests
 
   python -m ms3_jax.main --config=configs/finetune/voc.py:ms3 --config.init.path=PRETRAIN_W --workdir=W
+  python -m ms3_jax.main --config=configs/finetune/ade20k.py:deit,ms3 --config.init.path=W2 \
+      --workdir=W
   python -m ms3_jax.main --config=configs/finetune/ade20k.py:torchvision,frozen \
       --config.init.path=resnet50-0676ba61.pth --workdir=W
   python -m ms3_jax.main --config=configs/finetune/voc.py:ms3,tab7,r101 \
@@ -30,10 +36,11 @@ with the short side resized to base_size (MMSeg `Resize(scale=(2048, base), keep
 """
 import ml_collections
 
+from configs import pretrain
 from ms3_jax.data import registry
 
 INIT_ARGS = ("ms3", "torchvision", "scratch")
-MODEL_ARGS = ("frozen", "tab7", "r101", "tiny")
+MODEL_ARGS = ("frozen", "tab7", "r101", "deit", "tiny")
 
 
 def for_dataset(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
@@ -74,6 +81,7 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
     c.init = ml_collections.ConfigDict(dict(kind="ms3", path="", step=0, ema=False, what="backbone"))
 
     c.model = ml_collections.ConfigDict(dict(
+        backbone="resnet",  # 'resnet' | 'deit' (`:deit` sets its fields)
         depth=50, variant="v1", output_stride=8, width=1.0,
         stage_sizes=ml_collections.config_dict.placeholder(tuple),
         head_channels=512, c1_channels=48, dropout_rate=0.1, dtype="float32",
@@ -105,6 +113,10 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
     if unknown:
         raise ValueError(f"unknown config string(s) {unknown}; valid: "
                          f"{', '.join(INIT_ARGS + MODEL_ARGS)} (comma-separated)")
+    if "deit" in args and {"tab7", "r101"} & set(args):
+        raise ValueError("'tab7' and 'r101' are ResNet rows of Tab. 7; 'deit' is the DeiT-B row")
+    if "deit" in args:
+        deit(c)
     if "tiny" in args:
         tiny(c)
     kinds = [a for a in args if a in INIT_ARGS]
@@ -120,6 +132,18 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
     return c
 
 
+def deit(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Tab. 7's DeiT-B backbone (the pretraining's fields) fine-tuned with MMSeg's ViT recipe
+    (`upernet_vit-b16_mln_512x512_80k_ade20k`'s optimiser and schedule)."""
+    c.model.update(pretrain.DEIT_B16)
+    c.optim.update(dict(optimizer="adamw", lr=6e-5, min_lr=0.0, power=1.0, weight_decay=0.01,
+                        decay_all=False, warmup_steps=1500))
+    crop = c.data.crop_size
+    c.data.crop_size = (crop - crop % 16 if isinstance(crop, int)
+                        else tuple(s - s % 16 for s in crop))  # VOC's 513 -> 512
+    return c
+
+
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Tiny model on the synthetic 'synth_a' (7 classes): the same code path, seconds on a CPU."""
     c.init.kind = "scratch"  # unless a config string asks for another
@@ -129,6 +153,9 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval_every = 2
     c.checkpoint_every = 2
     c.model.update(dict(width=0.125, stage_sizes=(1, 1, 1, 1)))
+    if c.model.backbone == "deit":  # `:deit,tiny`
+        c.model.update(dict(pretrain.TINY_DEIT, img_size=32))
+        c.optim.warmup_steps = 1
     c.data.update(dict(dataset="synth_a", crop_size=32, worker_count=0,
                        data_dir="/tmp/ms3_jax_data/finetune_synthetic"))
     c.data.synthetic = dict(num_train=16, num_val=4, image_size=64)

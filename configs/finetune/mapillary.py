@@ -5,7 +5,7 @@ Crop size, batch, steps and base size: the dataset's entry in ms3_jax/data/regis
   python -m ms3_jax.main --config=configs/finetune/mapillary.py:ms3 --config.init.path=PRETRAIN_W --workdir=W
 
 Config strings: see configs/finetune/common.py (ms3 | torchvision | scratch, frozen,
-tab7, r101, tiny).
+tab7, r101, deit, tiny).
 """
 try:
     from configs.finetune import common

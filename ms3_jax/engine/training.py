@@ -141,6 +141,10 @@ def num_train_steps(config: ml_collections.ConfigDict, dataset_sizes: Sequence[i
 RESUME_FREE = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval.",
                "nonfinite", "nonfinite_max_skipped", "resume_overrides", "default_workdir",
                "data.data_dir", "data.worker_count", "data.skip_unreadable", "model.kernels")
+# Fields added after workdirs were written, with the value that computes what those runs did: a
+# saved config without the field resumes when the field holds it.
+ADDED_FIELDS = {"model.backbone": "resnet", "optim.optimizer": "sgd", "aux_head": False,
+                "loss.aux_weight": 0.4, "image_tower.dense": "value", "text.tiny_clip_arch": "vit"}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -151,9 +155,11 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def resume_changes(saved: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     """`field: saved -> now` for every field that differs and is neither free to change
-    (RESUME_FREE) nor named (or under a name) in `config.resume_overrides`."""
+    (RESUME_FREE) nor named (or under a name) in `config.resume_overrides`; a field of
+    `ADDED_FIELDS` absent from `saved` counts as its value there."""
     allowed = tuple(RESUME_FREE) + tuple(config.get("resume_overrides") or ())
     old, new = _flat(saved), _flat(config)
+    old.update({k: v for k, v in ADDED_FIELDS.items() if k not in old and new.get(k) == v})
     free = lambda k: any(k == a or k.startswith(a if a.endswith(".") else a + ".") for a in allowed)
     return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not free(k)]

@@ -13,9 +13,10 @@ from typing import Any, Mapping, Protocol, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ms3_jax.models.cpu_kernels import CpuConv
+from ms3_jax.models.deit import DeiT
+from ms3_jax.models.resize import resize_bilinear
 from ms3_jax.models.resnet import Conv, ModuleDef, ResNet, batch_norm
 
 # RGB, 0..255 scale: what torchvision / MMSegmentation feed an exported backbone.
@@ -24,47 +25,6 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 # ASPP dilations (the 1 is the 1x1 branch) per output stride, as MMSeg's DeepLab-v3+ configs.
 ASPP_DILATIONS = {8: (1, 12, 24, 36), 16: (1, 6, 12, 18), 32: (1, 3, 6, 9)}
-
-
-def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of torch's bilinear resize with `align_corners=False`."""
-    scale = n_in / n_out
-    src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = src - i0
-    w = np.zeros((n_out, n_in), np.float64)
-    np.add.at(w, (np.arange(n_out), i0), 1.0 - frac)
-    np.add.at(w, (np.arange(n_out), i1), frac)
-    return w
-
-
-def _upsample2x(x: jax.Array, axis: int) -> jax.Array:
-    """Exact 2x bilinear upsampling along `axis` (align_corners=False): output 2i is
-    0.75 x[i] + 0.25 x[i-1], output 2i+1 is 0.75 x[i] + 0.25 x[i+1] (edges clamped)."""
-    n = x.shape[axis]
-    take = lambda a, b: jax.lax.slice_in_dim(x, a, b, axis=axis)
-    prev = jnp.concatenate([take(0, 1), take(0, n - 1)], axis=axis)
-    nxt = jnp.concatenate([take(1, n), take(n - 1, n)], axis=axis)
-    even, odd = 0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt
-    out = jnp.stack([even, odd], axis=axis + 1)
-    return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
-
-
-def resize_bilinear(x_BxHxWxC: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize equal to `torch.nn.functional.interpolate(..., align_corners=False)`.
-
-    Exact 2x upsampling (the v3+ decoder: stride 8 -> 4 at sizes divisible by 8) uses a 2-tap
-    stencil that XLA fuses; other sizes multiply by the interpolation matrices.
-    """
-    h, w = x_BxHxWxC.shape[1:3]
-    if (h, w) == tuple(size):
-        return x_BxHxWxC
-    if tuple(size) == (2 * h, 2 * w):
-        return _upsample2x(_upsample2x(x_BxHxWxC, 1), 2)
-    wh = jnp.asarray(_interp_matrix(h, size[0]), x_BxHxWxC.dtype)
-    ww = jnp.asarray(_interp_matrix(w, size[1]), x_BxHxWxC.dtype)
-    return jnp.einsum("oh,bhwc,pw->bopc", wh, x_BxHxWxC, ww)
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -291,14 +251,18 @@ def conv_for(kernels: str, platform: str) -> ModuleDef:
     return CpuConv if kernels == "cpu" or (kernels == "auto" and platform == "cpu") else Conv
 
 
-# Backbone modules, built with `dtype`, `conv` and these `model` fields (one: none chooses yet).
-BACKBONES = {"resnet": (ResNet, ("depth", "variant", "output_stride", "width", "stage_sizes"))}
+# Backbone modules by `model.backbone`, built with `dtype`, `conv` and these `model` fields.
+BACKBONES = {
+    "resnet": (ResNet, ("depth", "variant", "output_stride", "width", "stage_sizes")),
+    "deit": (DeiT, ("output_stride", "img_size", "patch_size", "embed_dim", "num_layers",
+                    "num_heads", "mlp_dim", "out_indices", "neck_channels")),  # DeiT-B/16: Tab. 7
+}
 
 
 def encoder_from_config(model_cfg: Any, platform: str, **overrides: Any) -> MS3Encoder:
-    """Build the encoder from a config's `model` fields (`dtype`: 'float32' or 'bfloat16';
-    `kernels`: see :func:`conv_for`; `width` scales every channel count, backbone and head) for
-    devices of `platform`."""
+    """Build the encoder from a config's `model` fields (`backbone`: a key of `BACKBONES`,
+    'resnet' when absent; `dtype`: 'float32' or 'bfloat16'; `kernels`: see :func:`conv_for`;
+    `width` scales the head's channel counts, and the ResNet's) for devices of `platform`."""
     get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
     kwargs = {k: get(k) for k in MODEL_FIELDS if get(k) is not None}
     for k in ("head_channels", "c1_channels", "aux_channels"):
@@ -307,7 +271,10 @@ def encoder_from_config(model_cfg: Any, platform: str, **overrides: Any) -> MS3E
     if dtype not in ("float32", "bfloat16", "float64"):  # float64: numerical tests under x64
         raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     kwargs["dtype"], kwargs["conv"] = jnp.dtype(dtype), conv_for(get("kernels", "auto"), platform)
-    module, fields = BACKBONES["resnet"]
+    name = get("backbone") or "resnet"
+    if name not in BACKBONES:
+        raise ValueError(f"model.backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+    module, fields = BACKBONES[name]
     backbone = module(**{k: tuple(v) if isinstance(v, list) else v for k in fields
                          if (v := get(k)) is not None}, dtype=kwargs["dtype"], conv=kwargs["conv"])
     return MS3Encoder(backbone, **{**kwargs, **overrides})

@@ -1,8 +1,10 @@
 """PyTorch `state_dict`s (and files) <-> Flax variables of the image encoder. A backbone names
 its format by `torch_format` (a key of `BACKBONES`; none: refused): 'resnet' is torchvision's
-(`layer3.5.conv2.weight`, v1c `stem.0/1/3/4/6/7.*`; MMSeg's `ResNet` / `ResNetV1c` load it); the
-segmentor has MMSeg's `EncoderDecoder` names (`backbone.*`, `decode_head.*`). Keys follow from the
-Flax module names by rule (`layer1_0` <-> `layer1.0`), shapes from the model (`jax.eval_shape`)."""
+(`layer3.5.conv2.weight`, v1c `stem.0/1/3/4/6/7.*`; MMSeg's `ResNet` / `ResNetV1c` load it);
+'timm_vit' is timm's `VisionTransformer` (DeiT: `blocks.3.attn.qkv.weight`; `timm_vit_to_mmseg`
+gives MMSeg's names). The segmentor has MMSeg's `EncoderDecoder` names (`backbone.*`, `neck.*`,
+`decode_head.*`). Keys follow from the Flax module names by rule (`layer1_0` <-> `layer1.0`),
+shapes from the model (`jax.eval_shape`)."""
 from __future__ import annotations
 
 import functools
@@ -22,21 +24,35 @@ from safetensors.numpy import save_file
 from ms3_jax.models import checkpoint_formats
 from ms3_jax.models.resnet import STAGE_SIZES
 
-# Keys that torchvision / MMSeg files carry and we deliberately do not map.
-_IGNORED = re.compile(r"(^|\.)num_batches_tracked$|^fc\.(weight|bias)$")
+# Keys that torchvision / timm / MMSeg files carry and we deliberately do not map (classifiers).
+_IGNORED = re.compile(r"(^|\.)num_batches_tracked$|^(fc|head)\.(weight|bias)$")
 
 
 class StateDictError(ValueError):
     """A state_dict does not fit the model: lists every missing / unexpected / mis-shaped key."""
 
 
-_HWIO_TO_OIHW, _OIHW_TO_HWIO = (3, 2, 0, 1), (2, 3, 1, 0)  # conv kernels: Flax vs torch layout
+# Flax -> torch axis order of a `kernel` by its rank: conv [J, J, C, F] -> [F, C, J, J]; dense
+# [in, out] -> Linear [out, in]; T stacked dense [T, in, out] -> [T, out, in], then one Linear of
+# T x out outputs (timm's fused `qkv`, kept apart in Flax: deit.QKV). A [T, out] `bias` is that
+# Linear's [T x out].
+_KERNEL_PERM = {4: (3, 2, 0, 1), 2: (1, 0), 3: (0, 2, 1)}
 
 
 class _Entry(NamedTuple):
     path: tuple[str, ...]  # (collection, *path inside it)
     torch_shape: tuple[int, ...]
-    conv: bool  # a 4-D conv kernel, transposed between the two layouts
+    perm: tuple[int, ...] | None  # Flax -> torch axis order (None: same layout)
+    shape: tuple[int, ...]  # Flax shape
+
+
+def _torch_layout(leaf_name: str, shape: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
+    """(axis order, torch shape) of a Flax leaf (see `_KERNEL_PERM`)."""
+    perm = _KERNEL_PERM.get(len(shape)) if leaf_name == "kernel" else None
+    moved = tuple(shape[i] for i in perm) if perm else shape
+    stacked = len(shape) == {"kernel": 3, "bias": 2}.get(leaf_name)
+    return perm, (moved[0] * moved[1], *moved[2:]) if stacked else moved
 
 
 _LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
@@ -48,8 +64,20 @@ def _module_to_torch(name: str) -> str:
     return re.sub(r"_(\d+)$", r".\1", name)
 
 
-Naming = Callable[[str], str]  # Flax module name -> torch module name
-BACKBONES: dict[str, Naming] = {"resnet": _module_to_torch}  # by a backbone's `torch_format`
+# A backbone's child module of this name is MMSeg's neck (the DeiT's `MultiLevelNeck`): exported
+# with the segmentor as `neck.*`, never in the backbone's own state dict (timm has no neck).
+NECK = "neck"
+
+
+def _timm_vit(name: str) -> str | None:
+    """timm `VisionTransformer` names (`blocks_3` -> `blocks.3`; `cls_token`, `pos_embed`,
+    `patch_embed.proj`, `norm`); the neck is not part of it (None)."""
+    return None if name == NECK else _module_to_torch(name)
+
+
+Naming = Callable[[str], "str | None"]  # Flax module name -> torch module name (None: not mapped)
+BACKBONES: dict[str, Naming] = {"resnet": _module_to_torch,  # by a backbone's `torch_format`
+                                "timm_vit": _timm_vit}
 
 
 def backbone_naming(backbone: nn.Module) -> Naming:
@@ -59,6 +87,65 @@ def backbone_naming(backbone: nn.Module) -> Naming:
         raise ValueError(f"backbone {type(backbone).__name__} has no PyTorch format (torch_format="
                          f"{fmt!r}, known: {sorted(BACKBONES)}): no state_dict to export or load")
     return BACKBONES[fmt]
+
+
+# timm `VisionTransformer` -> MMSeg `VisionTransformer` key prefixes, as MMSeg's
+# tools/model_converters/vit2mmseg.py renames them ({i}: a block index); other keys (`cls_token`,
+# `pos_embed`) are the same in both, timm's `head.*` has no MMSeg counterpart.
+_TIMM_VIT_TO_MMSEG = (
+    ("norm.", "ln1."),
+    ("patch_embed.proj.", "patch_embed.projection."),
+    ("blocks.{i}.norm1.", "layers.{i}.ln1."),
+    ("blocks.{i}.norm2.", "layers.{i}.ln2."),
+    ("blocks.{i}.attn.qkv.", "layers.{i}.attn.attn.in_proj_"),
+    ("blocks.{i}.attn.proj.", "layers.{i}.attn.attn.out_proj."),
+    ("blocks.{i}.mlp.fc1.", "layers.{i}.ffn.layers.0.0."),
+    ("blocks.{i}.mlp.fc2.", "layers.{i}.ffn.layers.1."),
+)
+
+
+def _prefix_pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)"))
+
+
+def _rename(state_dict: Mapping[str, Any], pairs: Any) -> dict[str, Any]:
+    out = {}
+    for k, v in state_dict.items():
+        for src, dst in pairs:
+            if m := _prefix_pattern(src).match(k):
+                k = dst.format(i=m.groupdict().get("i")) + k[m.end():]
+                break
+        out[k] = v
+    return out
+
+
+def timm_vit_to_mmseg(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """timm `VisionTransformer` (DeiT) keys -> MMSeg `VisionTransformer` keys, the mapping of
+    MMSeg's `vit2mmseg.py` (`blocks.3.attn.qkv.weight` -> `layers.3.attn.attn.in_proj_weight`,
+    `norm.*` -> `ln1.*`, `head.*` dropped); the values are the same arrays."""
+    return _rename({k: v for k, v in state_dict.items() if not k.startswith("head")},
+                   _TIMM_VIT_TO_MMSEG)
+
+
+def mmseg_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`timm_vit_to_mmseg` (MMSeg `VisionTransformer` -> timm keys)."""
+    return _rename(state_dict, [(dst, src) for src, dst in _TIMM_VIT_TO_MMSEG])
+
+
+# Backbone key renames between our torch format and MMSeg's backbone of the same architecture
+# (to MMSeg, from MMSeg), applied to `backbone.*` of a segmentor; none: the names are MMSeg's.
+_MMSEG_BACKBONE_KEYS = {"timm_vit": (timm_vit_to_mmseg, mmseg_vit_to_timm)}
+
+
+def _backbone_keys(state_dict: Mapping[str, Any], backbone: nn.Module, direction: int
+                   ) -> dict[str, Any]:
+    """`backbone.*` keys of a segmentor state dict renamed to (0) / from (1) MMSeg's names."""
+    rename = _MMSEG_BACKBONE_KEYS.get(getattr(backbone, "torch_format", None))
+    if rename is None:
+        return dict(state_dict)
+    inner = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    rest = {k: v for k, v in state_dict.items() if not k.startswith("backbone.")}
+    return {**{"backbone." + k: v for k, v in rename[direction](inner).items()}, **rest}
 
 
 Subtrees = Mapping[str, tuple[tuple[str, ...], Naming]]  # torch prefix -> (Flax path, naming)
@@ -73,10 +160,14 @@ def _entries(variables: Mapping[str, Any], subtrees: Subtrees) -> dict[str, _Ent
             for p in flax_path:
                 sub = sub.get(p, {}) if isinstance(sub, Mapping) else {}
             for path, leaf in traverse_util.flatten_dict(sub).items():
-                parts = [naming(m) for m in path[:-1]] + [_LEAF[(collection, path[-1])]]
-                shape, conv = tuple(leaf.shape), len(leaf.shape) == 4
-                torch_shape = tuple(shape[i] for i in _HWIO_TO_OIHW) if conv else shape
-                table[torch_prefix + ".".join(parts)] = _Entry((collection, *flax_path, *path), torch_shape, conv)
+                modules = [naming(m) for m in path[:-1]]
+                if None in modules:
+                    continue
+                # Params outside the table (a ViT's `cls_token`, `pos_embed`) keep their names.
+                parts = modules + [_LEAF.get((collection, path[-1]), path[-1])]
+                perm, torch_shape = _torch_layout(path[-1], tuple(leaf.shape))
+                table[torch_prefix + ".".join(parts)] = _Entry(
+                    (collection, *flax_path, *path), torch_shape, perm, tuple(leaf.shape))
     return table
 
 
@@ -84,7 +175,8 @@ def _export(variables: Mapping[str, Any], subtrees: Subtrees) -> dict[str, np.nd
     out = {}
     for k, e in _entries(variables, subtrees).items():
         x = np.asarray(functools.reduce(operator.getitem, e.path, variables), np.float32)
-        out[k] = np.ascontiguousarray(np.transpose(x, _HWIO_TO_OIHW) if e.conv else x)
+        x = np.transpose(x, e.perm) if e.perm else x
+        out[k] = np.ascontiguousarray(x.reshape(e.torch_shape))
     return out
 
 
@@ -99,9 +191,12 @@ def _import(state_dict: Mapping[str, Any], template: Mapping[str, Any], subtrees
     problems = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
     if lines := [f"  {len(keys)} {title}: " + ", ".join(keys) for title, keys in problems if keys]:
         raise StateDictError("\n".join([f"state_dict does not fit the {what}:", *lines]))
+    def to_flax(x: np.ndarray, e: _Entry) -> np.ndarray:
+        if e.perm is None:
+            return x.reshape(e.shape)
+        return np.transpose(x.reshape([e.shape[i] for i in e.perm]), np.argsort(e.perm))
     return traverse_util.unflatten_dict({e.path: jnp.asarray(
-        np.transpose(x, _OIHW_TO_HWIO) if e.conv else x)
-        for k, e in table.items() for x in [arrays[k].astype(np.float32)]})
+        to_flax(arrays[k].astype(np.float32), e)) for k, e in table.items()})
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -150,21 +245,27 @@ def load_backbone_file(path: str, encoder: nn.Module) -> dict[str, Any]:
 def _segmentor_subtrees(variables: Mapping[str, Any], backbone: nn.Module) -> Subtrees:
     sub = {"backbone.": (("backbone",), backbone_naming(backbone)),
            "decode_head.": (("decode_head",), _module_to_torch)}
+    if NECK in variables.get("params", {}).get("backbone", {}):
+        sub["neck."] = (("backbone", NECK), _module_to_torch)
     if "conv_seg" in variables.get("params", {}):
         sub["decode_head.conv_seg."] = (("conv_seg",), _module_to_torch)
     return sub
 
 
 def segmentor_state_dict(variables: Mapping[str, Any], model: nn.Module) -> dict[str, np.ndarray]:
-    """`MS3Encoder` variables in MMSeg `EncoderDecoder` names (`backbone.*`, `decode_head.*`).
-    The MS3 projection heads are not part of an MMSeg segmentor and are not exported."""
-    return _export(variables, _segmentor_subtrees(variables, model.backbone))
+    """`MS3Encoder` variables in MMSeg `EncoderDecoder` names (`backbone.*`, `neck.*` for a
+    DeiT's `MultiLevelNeck`, `decode_head.*`; a DeiT's backbone keys as MMSeg's
+    `VisionTransformer`). The MS3 projection heads are not part of an MMSeg segmentor and are
+    not exported."""
+    sd = _export(variables, _segmentor_subtrees(variables, model.backbone))
+    return _backbone_keys(sd, model.backbone, 0)
 
 
 def load_segmentor_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     """MMSeg segmentor weights -> `MS3Encoder` variables (backbone, decode head, `conv_seg`).
     Returns only the mapped collections; projection heads (not in MMSeg files) are left out."""
     template = _template(model)
+    state_dict = _backbone_keys(state_dict, model.backbone, 1)
     return _import(state_dict, template, _segmentor_subtrees(template, model.backbone),
                    f"MS3Encoder segmentor ({type(model.backbone).__name__} backbone)")
 

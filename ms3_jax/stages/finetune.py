@@ -88,11 +88,17 @@ def backbone_labels(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
-    """torch-style SGD (decay added to the gradient before momentum); MMSeg decays every
-    parameter (`optim.decay_all`), else kernels only (`optim.weight_decay_mask`). Frozen
-    backbone: `set_to_zero` for its parameters (no decay, no momentum state)."""
+    """torch-style SGD (decay added to the gradient before momentum), or AdamW
+    (`optim.optimizer='adamw'`, the `:deit` configs); MMSeg decays every parameter
+    (`optim.decay_all`), else kernels only (`optim.weight_decay_mask`). Frozen backbone:
+    `set_to_zero` for its parameters (no decay, no momentum state)."""
     o = config.optim
-    tx = optim.sgd(schedule, o.momentum, o.weight_decay, None if o.decay_all else optim.weight_decay_mask)
+    mask = None if o.decay_all else optim.weight_decay_mask
+    if o.get("optimizer", "sgd") == "adamw":
+        tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=o.weight_decay,
+                         mask=mask)
+    else:
+        tx = optim.sgd(schedule, o.momentum, o.weight_decay, mask)
     if not config.frozen_backbone:
         return tx
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, backbone_labels)
@@ -164,6 +170,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if what == "segmentor" and kind != "ms3":
         raise ValueError(f"init.what='segmentor' (backbone + decode head) needs init.kind='ms3'; "
                          f"init.kind={kind!r} has a backbone only")
+    if kind == "torchvision" and config.frozen_backbone and config.model.get("backbone") == "deit":
+        raise ValueError("frozen_backbone with a DeiT from a PyTorch file (init.kind="
+                         "'torchvision'): the file has no neck, which would stay random and frozen; "
+                         "start from an MS3 workdir (init.kind='ms3') or do not freeze")
     if kind == "scratch" and config.frozen_backbone:
         logging.warning("frozen_backbone with init.kind='scratch' trains the head on a random backbone")
     if config.num_steps <= 0:
@@ -310,7 +320,8 @@ def initial_variables(config: ml_collections.ConfigDict, trainer: Trainer,
         return variables
     if kind == "torchvision":
         loaded = trainer.backbone_from_file(path, trainer.model)
-        parts = {c: {"backbone": loaded[c]} for c in ("params", "batch_stats")}
+        # over the fresh backbone: what no PyTorch backbone holds (a DeiT's neck) stays fresh
+        parts = {c: {"backbone": {**variables[c]["backbone"], **loaded[c]}} for c in loaded}
     else:
         step, state = checkpointing.restore_state(path, config.init.get("step") or None)
         enc = checkpointing.encoder_variables(state, ema=config.init.ema)

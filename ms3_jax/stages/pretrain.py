@@ -484,8 +484,10 @@ def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: T
 def init_backbone_from(state: TrainState, path: str, trainer: Trainer) -> TrainState:
     """Backbone (online and momentum) from a torchvision / MMSeg ResNet file (`model.init_from`)."""
     loaded = trainer.backbone_from_file(path, trainer.model)
-    params = {**state.params, "backbone": loaded["params"]}
-    stats = {**state.batch_stats, "backbone": loaded["batch_stats"]}
+    # over the fresh backbone: what no PyTorch backbone holds (a DeiT's neck) stays fresh
+    params = {**state.params, "backbone": {**state.params["backbone"], **loaded["params"]}}
+    stats = state.batch_stats if "batch_stats" not in loaded else {
+        **state.batch_stats, "backbone": loaded["batch_stats"]}
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # own buffers: the state is donated
     return state.replace(params=params, batch_stats=stats, ema_params=copy(params),
                          ema_batch_stats=copy(stats), opt_state=trainer.tx.init(params))

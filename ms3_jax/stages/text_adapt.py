@@ -466,8 +466,11 @@ def format_similarity_table(report: Mapping[str, Any]) -> str:
 def _init_backbone_from(state: TextAdaptState, path: str, trainer: Trainer) -> TextAdaptState:
     """Image-encoder backbone from a torchvision / MMSeg ResNet file (``model.init_from``)."""
     loaded = trainer.backbone_from_file(path, trainer.model)
-    params = {**state.params, "image": {**state.params["image"], "backbone": loaded["params"]}}
-    stats = {**state.batch_stats, "backbone": loaded["batch_stats"]}
+    image = state.params["image"]  # what no PyTorch backbone holds (a DeiT's neck) stays fresh
+    params = {**state.params, "image": {**image, "backbone": {**image["backbone"],
+                                                              **loaded["params"]}}}
+    stats = state.batch_stats if "batch_stats" not in loaded else {
+        **state.batch_stats, "backbone": loaded["batch_stats"]}
     return state.replace(params=params, batch_stats=stats, opt_state=trainer.tx.init(params))
 
 
