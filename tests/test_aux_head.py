@@ -10,7 +10,7 @@ import pytest
 
 from configs.finetune import voc as voc_config
 from ms3_jax.models import torch_format
-from ms3_jax.models.deeplab import _interp_matrix, encoder_from_config
+from ms3_jax.models.deeplab import encoder_from_config
 from ms3_jax.stages import finetune
 from ms3_jax.testing.variables import random_variables
 
@@ -22,12 +22,12 @@ def segmentor(aux_head):
 
 
 def reference_ce(logits_BxhxwxK, labels_BxHxW, ignore=255):
-    """float64: bilinear (align_corners=False) to the labels, CE summed over labelled pixels,
-    divided by all pixels (MMSeg `avg_non_ignore=False`)."""
-    x = np.asarray(logits_BxhxwxK, np.float64)
-    h, w = labels_BxHxW.shape[1:]
-    up = np.einsum("Hh,bhwk,Ww->bHWk", _interp_matrix(x.shape[1], h), x,
-                   _interp_matrix(x.shape[2], w))
+    """float64: torch's bilinear (align_corners=False) to the labels, CE summed over labelled
+    pixels, divided by all pixels (MMSeg `avg_non_ignore=False`)."""
+    import torch
+    x = torch.from_numpy(np.asarray(logits_BxhxwxK, np.float64)).permute(0, 3, 1, 2)
+    up = torch.nn.functional.interpolate(x, size=labels_BxHxW.shape[1:], mode="bilinear",
+                                         align_corners=False).permute(0, 2, 3, 1).numpy()
     logp = up - np.log(np.exp(up).sum(-1, keepdims=True))
     valid = labels_BxHxW != ignore
     nll = -np.take_along_axis(logp, np.where(valid, labels_BxHxW, 0)[..., None], -1)[..., 0]

@@ -229,7 +229,7 @@ def test_pretrain_config_deit_is_deit_b16_with_adamw_3e4():
             c.model.patch_size, c.model.mlp_dim) == ("deit", 768, 12, 12, 16, 3072)
     assert (c.optim.optimizer, c.optim.base_lr, c.optim.lr_batch) == ("adamw", 3e-4, 128)
     assert pretrain_config.get_config("").model.backbone == "resnet"
-    with pytest.raises(ValueError, match="valid: 'deit', 'tiny'"):
+    with pytest.raises(ValueError, match="valid: 'deit', 'rn50', 'tiny'"):
         pretrain_config.get_config("vit")
 
 

@@ -159,6 +159,7 @@ def test_frozen_backbone_from_ms3_workdir(data_dir, ms3_workdir, tmp_path):
     assert set(on_disk["per_class"]) == {"sky", "grass", "stairway", "mountain", "path", "building", "water"}
 
 
+@pytest.mark.slow
 def test_torchvision_pth_initialises_the_backbone(data_dir, tmp_path):
     """Tab. 2 'Supervised' row: an ImageNet ResNet file in torchvision naming (with `fc.*`)."""
     ref = randomize_(TorchResNet(base=8, stage_sizes=(1, 1, 1, 1)), seed=3)

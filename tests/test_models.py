@@ -135,6 +135,7 @@ def test_projection_heads_after_the_aspp_or_the_decoder():
         at_decoder.clone(heads_at="backbone").apply(variables, images)
 
 
+@pytest.mark.slow
 def test_ms3_encoder_bfloat16_compute_keeps_float32_params():
     model = _tiny(dtype="bfloat16")
     images = jnp.zeros((1, 32, 32, 3), jnp.uint8)

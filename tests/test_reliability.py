@@ -130,6 +130,7 @@ def test_nonfinite_skip_stops_beyond_the_cap(tmp_path):
         toy_run(tmp_path / "bad", 30, nonfinite="skip", nonfinite_max_skipped=0)
 
 
+@pytest.mark.slow
 def test_real_step_with_nonfinite_update_is_skipped_whole():
     """The guard in a real (fine-tuning) step: lr = inf makes the update non-finite while the loss
     is finite -- the gradient / state path of the check. 'skip' keeps params, BN statistics and
