@@ -137,6 +137,35 @@ def test_timm_state_dict_loads_and_export_strictly_loads_into_timm_names():
                           strict=True)
 
 
+@pytest.mark.parametrize("layout,filename", [("torchvision / timm", "deit.safetensors"),
+                                             ("DeiT release", "deit_base_patch16_224-b5f2ef4d.pth")])
+def test_deit_files_are_recognised_and_load_the_same_values(layout, filename, tmp_path, caplog):
+    """A timm file and facebookresearch/deit's release ({'model': timm names + head, 'epoch'})
+    as starts (`init.path`, `model.init_from`): the layout named, the head left out."""
+    import logging
+
+    from safetensors.numpy import save_file
+    sd = {k: v.numpy() for k, v in _random_torch_vit(seed=6).state_dict().items()}
+    with_head = dict(sd, **{"head.weight": np.ones((10, 32), np.float32),
+                            "head.bias": np.ones(10, np.float32)})
+    path = str(tmp_path / filename)
+    if filename.endswith(".safetensors"):
+        save_file(with_head, path)
+    else:
+        torch.save({"model": {k: torch.from_numpy(v) for k, v in with_head.items()},
+                    "epoch": 299}, path)
+    encoder = _tiny_encoder()
+    with caplog.at_level(logging.INFO):
+        got = torch_format.load_backbone_file(path, encoder)
+    left_out = 2 if layout == "DeiT release" else 0  # timm files: torch_format ignores head.*
+    assert f"{layout} layout" in caplog.text
+    assert f"2 transformer blocks; {left_out} keys of other parts left out" in caplog.text
+    want = torch_format.load_backbone_state_dict(sd, encoder.backbone)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_export_of_an_encoder_leaves_the_neck_out():
     model = _tiny_encoder()
     sd = torch_format.backbone_state_dict(random_variables(model), model.backbone)

@@ -40,37 +40,41 @@ class Format:
     source: str  # the code that writes this layout
     containers: tuple[str | None, ...]  # top-level key holding the weights; None: the file itself
     prefix: str  # the backbone's keys start with it
-    marker: str  # regex a key must match (the stem, or a part only this layout has)
+    marker: str  # regex a key must match (the stem: a ResNet's or a ViT's patch embedding, or a
+    # part only this layout has)
     dropped: str = r"^fc\."  # regex of the keys of other parts (full key, prefix included)
     author: str | None = None  # the file's 'author' field, if the layout is told apart by it
 
 
 FORMATS: tuple[Format, ...] = (
     Format("MoCo v1 / v2", "facebookresearch/moco main_moco.py", ("state_dict",),
-           "module.encoder_q.", r"^module\.encoder_q\.(conv1|stem)\.",
+           "module.encoder_q.", r"^module\.encoder_q\.(conv1|stem|patch_embed)\.",
            r"^module\.(encoder_q\.fc\.|encoder_k\.|queue(_ptr)?$)"),
     Format("DenseCL training checkpoint", "WXinlong/DenseCL, open-mmlab/mmselfsup",
            ("state_dict",), "backbone.", r"^queue2$",
            r"^(encoder_q|encoder_k|neck|head)\.|^queue2?(_ptr)?$"),
     Format("DenseCL release", "WXinlong/DenseCL tools/extract_backbone_weights.py",
-           ("state_dict",), "", r"^(conv1|stem)\.", author="DenseCL"),
+           ("state_dict",), "", r"^(conv1|stem|patch_embed)\.", author="DenseCL"),
     Format("MMSeg segmentor", "open-mmlab/mmsegmentation EncoderDecoder", ("state_dict", None),
            "backbone.", r"^decode_head\.", _OPENMMLAB_OTHER),
     Format("MMPretrain classifier", "open-mmlab/mmpretrain ImageClassifier", ("state_dict", None),
-           "backbone.", r"^head\.", _OPENMMLAB_OTHER),
+           "backbone.", r"^head\.(fc|layers)\.", _OPENMMLAB_OTHER),
     Format("OpenMMLab model with a backbone", "MMSelfSup / MMPretrain / MMSeg",
-           ("state_dict", None), "backbone.", r"^backbone\.(conv1|stem)\.",
+           ("state_dict", None), "backbone.", r"^backbone\.(conv1|stem|patch_embed)\.",
            _OPENMMLAB_OTHER + r"|^(encoder_k\.|queue(_ptr)?$)"),
     Format("PixPro", "zdaxie/PixPro main_pretrain.py", ("model",), "module.encoder.",
-           r"^module\.encoder\.(conv1|stem)\.",
+           r"^module\.encoder\.(conv1|stem|patch_embed)\.",
            r"^module\.(encoder_k|projector(_k)?|projector_instance(_k)?|predictor"
            r"|value_transform)\."),
     Format("DistributedDataParallel training checkpoint", "pytorch/examples imagenet main.py",
-           ("state_dict",), "module.", r"^module\.(conv1|stem)\.", r"^module\.fc\."),
+           ("state_dict",), "module.", r"^module\.(conv1|stem|patch_embed)\.", r"^module\.fc\."),
+    Format("DeiT release", "facebookresearch/deit main.py", ("model",), "", r"^patch_embed\.",
+           r"^head(_dist)?\."),
     Format("backbone-only state_dict", "open-mmlab model zoo (resnet50_v1c), MMSelfSup / "
-           "OpenSelfSup extracts, timm train.py", ("state_dict",), "", r"^(conv1|stem)\."),
+           "OpenSelfSup extracts, timm train.py", ("state_dict",), "",
+           r"^(conv1|stem|patch_embed)\."),
     Format("torchvision / timm", "pytorch/vision, huggingface/pytorch-image-models, "
-           "ms3_jax.export", (None,), "", r"^(conv1|stem)\."),
+           "ms3_jax.export", (None,), "", r"^(conv1|stem|patch_embed)\."),
 )
 
 # Deep stems of other libraries -> MMSeg's `stem.N` (0/3/6 convs, 1/4/7 BNs; 2/5/8 are ReLUs).
@@ -86,7 +90,7 @@ class BackboneCheckpoint:
 
     state_dict: dict[str, np.ndarray]
     format: Format
-    stem: str  # 'torchvision' (7x7 conv), 'MMSeg deep', 'timm deep', 'MMPretrain deep'
+    stem: str  # 'torchvision' (7x7 conv), 'MMSeg deep', 'timm deep', 'MMPretrain deep', 'ViT'
     dropped: int  # keys of other parts, left out
 
     @property
@@ -103,8 +107,11 @@ class BackboneCheckpoint:
         return tuple(blocks[s] for s in sorted(blocks))
 
     def describe(self) -> str:
-        return (f"{self.format.name} layout ({self.format.source}), {self.stem} stem, blocks per "
-                f"stage {self.stage_sizes}; {self.dropped} keys of other parts left out")
+        blocks = (f"{len({k.split('.')[1] for k in self.state_dict if k.startswith('blocks.')})} "
+                  "transformer blocks" if self.stem == "ViT" else
+                  f"{self.stem} stem, blocks per stage {self.stage_sizes}")
+        return (f"{self.format.name} layout ({self.format.source}), {blocks}; {self.dropped} keys "
+                "of other parts left out")
 
 
 def load_checkpoint(path: str) -> Mapping[str, Any]:
@@ -176,7 +183,9 @@ def recognise(obj: Mapping[str, Any]) -> tuple[Format, Mapping[str, Any]]:
 
 
 def _rename_stem(sd: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The stem in torch_format's names, and which stem the file had."""
+    """The stem in torch_format's names, and which stem the file had ('ViT': a patch embedding)."""
+    if "patch_embed.proj.weight" in sd:
+        return sd, "ViT"
     if "conv1.0.weight" in sd:
         out = {}
         for k, v in sd.items():
