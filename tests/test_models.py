@@ -24,9 +24,9 @@ def _features_fn(model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("conv", [Conv, CpuConv], ids=["xla", "cpu"])  # model.kernels
-@pytest.mark.parametrize("variant", ["v1", "v1c"])
-@pytest.mark.parametrize("output_stride", [8, 32])
+@pytest.mark.parametrize("output_stride,variant,conv", [  # every pair of the three settings once
+    (8, "v1", CpuConv), (8, "v1c", Conv), (32, "v1", Conv), (32, "v1c", CpuConv)],
+    ids=["8-v1-cpu", "8-v1c-xla", "32-v1-xla", "32-v1c-cpu"])  # conv: model.kernels
 def test_resnet50_matches_torch_reference(variant, output_stride, conv):
     strides, dilations = OUTPUT_STRIDE_SETTINGS[output_stride]
     ref = randomize_(TorchResNet(variant=variant, strides=strides, dilations=dilations), seed=1)
@@ -53,7 +53,7 @@ def test_resnet50_matches_torch_reference(variant, output_stride, conv):
 @pytest.mark.parametrize("variant", ["v1", "v1c"])
 def test_backbone_round_trip_is_bit_exact_and_strict_loads(variant):
     model = ResNet(variant=variant, width=0.25)
-    variables = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))
     # Non-trivial batch statistics so that every leaf is checked.
     variables = jax.tree_util.tree_map(
         lambda x: x + jax.random.normal(jax.random.PRNGKey(4), x.shape), variables)
@@ -107,9 +107,9 @@ def _tiny(num_classes=None, **cfg):
 def test_ms3_encoder_shapes_and_unit_norm(output_stride):
     model = _tiny(5, output_stride=output_stride)
     images = jax.random.randint(jax.random.PRNGKey(0), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
-    variables = model.init(jax.random.PRNGKey(1), images)
-    out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
-                               rngs={"dropout": jax.random.PRNGKey(2)})
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), images)
+    out, updates = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+        variables, images, rngs={"dropout": jax.random.PRNGKey(2)})
     assert out["language"].shape == out["visual"].shape == (2, 16, 16, 16)
     assert out["decoder"].shape == (2, 16, 16, 64)
     assert out["logits"].shape == (2, 16, 16, 5)
@@ -124,9 +124,9 @@ def test_projection_heads_after_the_aspp_or_the_decoder():
     from the same parameters; the decoder map and the logits are unchanged."""
     images = jax.random.randint(jax.random.PRNGKey(0), (1, 64, 64, 3), 0, 256).astype(jnp.uint8)
     at_decoder = _tiny(5, output_stride=8)
-    variables = at_decoder.init(jax.random.PRNGKey(1), images)
-    a = at_decoder.apply(variables, images)
-    b = at_decoder.clone(heads_at="aspp").apply(variables, images)  # same parameter tree
+    variables = jax.jit(at_decoder.init)(jax.random.PRNGKey(1), images)
+    a = jax.jit(at_decoder.apply)(variables, images)
+    b = jax.jit(at_decoder.clone(heads_at="aspp").apply)(variables, images)  # same parameter tree
     assert a["language"].shape == (1, 16, 16, 16) and b["language"].shape == (1, 8, 8, 16)
     np.testing.assert_array_equal(a["decoder"], b["decoder"])
     np.testing.assert_array_equal(a["logits"], b["logits"])
@@ -139,7 +139,7 @@ def test_projection_heads_after_the_aspp_or_the_decoder():
 def test_ms3_encoder_bfloat16_compute_keeps_float32_params():
     model = _tiny(dtype="bfloat16")
     images = jnp.zeros((1, 32, 32, 3), jnp.uint8)
-    variables = model.init(jax.random.PRNGKey(0), images)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
     out = jax.jit(functools.partial(model.apply, train=False))(variables, images + 100)
     assert out["decoder"].dtype == jnp.bfloat16
@@ -150,7 +150,7 @@ def test_ms3_encoder_bfloat16_compute_keeps_float32_params():
 
 def test_segmentor_state_dict_uses_mmseg_names_and_round_trips():
     model = _tiny(7)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     sd = torch_format.segmentor_state_dict(variables, model)
     c = 64  # decoder channels at width 1/8
     expected_shapes = {
@@ -193,22 +193,23 @@ def test_any_backbone_module_plugs_into_the_encoder():
     variables sit under `backbone`, and the frozen fine-tuning hook freezes it as it does a ResNet."""
     model = MS3Encoder(ToyBackbone(), head_channels=12, c1_channels=4, emb_dim=8, num_classes=3)
     images = jax.random.randint(jax.random.PRNGKey(0), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
-    variables = model.init(jax.random.PRNGKey(1), images)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), images)
     assert set(variables["params"]["backbone"]) == {"low", "deep", "bn"}
-    out = model.apply(variables, images)
+    out = jax.jit(model.apply)(variables, images)
     assert out["decoder"].shape == (2, 16, 16, 12) and out["logits"].shape == (2, 16, 16, 3)
     assert out["language"].shape == out["visual"].shape == (2, 16, 16, 8)
-    assert model.clone(heads_at="aspp").apply(variables, images)["language"].shape == (2, 4, 4, 8)
+    at_aspp = jax.jit(model.clone(heads_at="aspp").apply)(variables, images)
+    assert at_aspp["language"].shape == (2, 4, 4, 8)
     with nn.intercept_methods(_eval_mode_backbone):
-        _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
-                                 rngs={"dropout": jax.random.PRNGKey(2)})
+        _, updates = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+            variables, images, rngs={"dropout": jax.random.PRNGKey(2)})
     np.testing.assert_array_equal(updates["batch_stats"]["backbone"]["bn"]["mean"],
                                   variables["batch_stats"]["backbone"]["bn"]["mean"])
 
 
 def test_export_refuses_a_backbone_without_a_torch_format():
     model = MS3Encoder(ToyBackbone(), head_channels=12, c1_channels=4, emb_dim=8)
-    variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
     refused = (r"backbone ToyBackbone has no PyTorch format \(torch_format=None, "
                r"known: \['resnet', 'timm_vit'\]\)")
     with pytest.raises(ValueError, match=refused):

@@ -250,7 +250,8 @@ def test_evaluation_during_pretraining_matches_a_numpy_reference(synthetic_dir):
     from ms3_jax.models.resize import bilinear_matrix as _interp_matrix
     config = tiny_config()
     model = pretrain.build_model(config, label_space().num_classes, "cpu")
-    variables = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3), jnp.uint8))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3), jnp.uint8))
+    language = jax.jit(lambda v, x: model.apply(v, x)["language"])
     text = random_text(config.model.emb_dim, seed=4)
     got = pretrain_eval.evaluate_pretraining(model, variables, {"language": text}, label_space(),
                                              synthetic_dir, max_images=2)
@@ -264,7 +265,7 @@ def test_evaluation_during_pretraining_matches_a_numpy_reference(synthetic_dir):
         images = eval_data.make_eval_dataset(name, label_space=local, data_dir=synthetic_dir)
         for i in range(2):
             image, label = images[i]["image"], images[i]["label"]
-            emb = np.asarray(model.apply(variables, image[None])["language"][0], np.float64)
+            emb = np.asarray(language(variables, image[None])[0], np.float64)
             cos = emb @ rows.T  # [h, w, k]
             h, w = image.shape[:2]
             up = np.einsum("Hh,hwk,Ww->HWk", _interp_matrix(cos.shape[0], h), cos,
