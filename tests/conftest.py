@@ -27,6 +27,15 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# The files of the longest tests (minutes each) go first, whole, so that the two xdist workers
+# start them early and end together instead of one finishing a long test alone.
+LONG_FIRST = ("test_demo.py", "test_readme.py", "test_multihost.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: order kept within
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
     """synth_a/b/c at the default test size (24 train / 4 val images of 48 px), built once per
