@@ -1,6 +1,6 @@
 r"""The paper's ablations (Tab. 4, Tab. 6) in miniature, on the built-in synthetic multi-dataset.
 
-  python benchmarks/ablations.py --workdir /tmp/ms3_ablations            # all rows, 5 seeds
+  python benchmarks/ablations.py --workdir runs/ablations               # all rows, 5 seeds
   python benchmarks/ablations.py --workdir W --rows ce_single,vl_mc --seeds 1 --quick   # smoke
   python benchmarks/ablations.py --workdir W --report     # the table from what has run
 
@@ -229,7 +229,7 @@ def check_quotes(path: str, table: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", default="/tmp/ms3_ablations")
+    parser.add_argument("--workdir", default=os.path.join("runs", "ablations"))  # not /tmp
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {list(ROWS)}")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--seed_from", type=int, default=0,

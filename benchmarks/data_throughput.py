@@ -13,8 +13,10 @@ from absl import flags
 
 from ms3_jax.data import pipeline
 from ms3_jax.data import synthetic
+from ms3_jax.files import safe
 
-_DATA_DIR = flags.DEFINE_string('data_dir', '/tmp/ms3_synthetic_bench', 'Synthetic data dir.')
+_DATA_DIR = flags.DEFINE_string('data_dir', safe.user_cache_dir('data', 'synthetic_bench'),
+                                 'Synthetic data dir (default: per user, not /tmp).')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 384, 'Synthetic source image short side.')
 _NUM_TRAIN = flags.DEFINE_integer('num_train', 64, 'Synthetic train images per dataset.')
 _NUM_BATCHES = flags.DEFINE_integer('num_batches', 20, 'Timed batches (after one warm-up).')

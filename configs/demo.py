@@ -1,7 +1,7 @@
 r"""The whole MS3 path on the built-in synthetic multi-dataset, on a CPU, in minutes.
 
-  python -m ms3_jax.main --config=configs/demo.py --workdir=/tmp/ms3_demo
-  python -m ms3_jax.main --config=configs/demo.py:rn50 --workdir=/tmp/ms3_demo_rn50  # Tab. 5
+  python -m ms3_jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m ms3_jax.main --config=configs/demo.py:rn50 --workdir=runs/demo_rn50  # Tab. 5
 
 Steps (each output lands in the workdir): build the synthetic datasets (data/: synth_a/b/c for
 pretraining, synth_d held out for transfer, see benchmarks/ablations.py); stage 1 with a
@@ -32,7 +32,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rn50 = ",rn50" if "rn50" in parts else ""  # Tab. 5: stage 1 on a tiny random CLIP ResNet
     c = ml_collections.ConfigDict()
     c.mode = "demo"
-    c.default_workdir = "/tmp/ms3_demo"
+    # Without --workdir: runs/demo under the working directory, the path README's command 1
+    # names. The user's own directory, where they look for results (never world-writable /tmp:
+    # another user could plant a link or a directory there first); regenerable data and tiny
+    # models go to the per-user cache instead (ms3_jax.files.safe.user_cache_dir).
+    c.default_workdir = os.path.join("runs", "demo")
     # Data 2.0 with the paper's difficulties at their defaults (ms3_jax/data/synthetic.py,
     # `Difficulty`): a look per dataset, synonyms drawn per dataset, scenes, look-alikes.
     c.synthetic = dict(num_train=200, num_val=20, image_size=96, seed=0, domain_gap=1.0,

@@ -34,6 +34,8 @@ Prepare the datasets first: `python -m ms3_jax.data.prepare --dataset voc ...` (
 """
 import ml_collections
 
+from ms3_jax.files import safe
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -154,7 +156,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval.update(dict(max_images=4, short_side=0))
     c.model.update(dict(width=0.125, stage_sizes=(1, 1, 1, 1), emb_dim=32, dtype="float32"))
     c.data.update(dict(datasets=("synth_a", "synth_b", "synth_c"), crop_size=64, worker_count=0,
-                       data_dir="/tmp/ms3_jax_data/synthetic"))
+                       data_dir=safe.user_cache_dir("data", "synthetic")))  # per user, not /tmp
     c.data.synthetic = dict(num_train=64, num_val=16, image_size=96)
     c.text.clip = ""
     c.bank.update(dict(slots=64, per_class=16, dtype="float32"))

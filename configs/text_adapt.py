@@ -32,6 +32,8 @@ import os
 
 import ml_collections
 
+from ms3_jax.files import safe
+
 
 def _pretrain_config(arg: str | None) -> ml_collections.ConfigDict:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")
@@ -97,7 +99,7 @@ def rn50(c: ml_collections.ConfigDict, tiny: bool = False) -> ml_collections.Con
     c.text.tiny_clip_arch = "rn50"
     if tiny:
         c.text.clip = ""
-        c.text.tiny_clip_dir = "/tmp/ms3_jax_data/tiny_clip_rn50"
+        c.text.tiny_clip_dir = safe.user_cache_dir("tiny_clip_rn50")
     return c
 
 
@@ -116,7 +118,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optim.base_lr = 1.6  # x 8 / 128 = 0.1 (encoder='deeplab')
     c.data.augment = dict(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
     c.text.clip = ""
-    c.text.tiny_clip_dir = "/tmp/ms3_jax_data/tiny_clip_2towers"  # text + vision (64 px, 8 px patches)
+    # text + vision (64 px, 8 px patches), in the per-user cache (~/.cache/ms3_jax)
+    c.text.tiny_clip_dir = safe.user_cache_dir("tiny_clip_2towers")
     c.image_tower.lr = 3e-3
     c.text.lr = 0.02
     c.text.report_pairs = (("stairs", "stairway"), ("mountain", "hill"), ("ship", "boat"),

@@ -25,8 +25,12 @@ if [[ "${CREATE:-1}" == 1 ]]; then
     --accelerator-type="$ACCELERATOR" --version="$VERSION"
 fi
 
-tar -C "$REPO" --exclude=.git --exclude='*.egg-info' -czf /tmp/ms3_jax.tgz .
-gcloud compute tpus tpu-vm scp /tmp/ms3_jax.tgz "$TPU_NAME":~/ --zone="$ZONE" --worker=all
+# The archive is built in a fresh private directory (never a fixed /tmp name another user could
+# plant a link at, or swap the archive under), removed on exit.
+STAGE=$(mktemp -d -t ms3_jax_pod.XXXXXX)
+trap 'rm -rf "$STAGE"' EXIT
+tar -C "$REPO" --exclude=.git --exclude='*.egg-info' -czf "$STAGE/ms3_jax.tgz" .
+gcloud compute tpus tpu-vm scp "$STAGE/ms3_jax.tgz" "$TPU_NAME":~/ --zone="$ZONE" --worker=all
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   set -e
   mkdir -p ~/ms3_jax && tar -C ~/ms3_jax -xzf ~/ms3_jax.tgz && cd ~/ms3_jax

@@ -1,21 +1,30 @@
 """`python -m ms3_jax.export --workdir W --out backbone.pth` (or `.safetensors`, no torch): a
 workdir's backbone (`--what segmentor`: MMSeg segmentor) for PyTorch (`models.torch_format`), with
 an MMSegmentation config snippet. `--what segmentor` refuses an MS3 pretraining with
-`model.heads_at='aspp'`: it never trained the decoder. Errors the user can fix (paths, that
-refusal, a backbone without a PyTorch format): one line on stderr, exit code 2."""
+`model.heads_at='aspp'`: it never trained the decoder.
+
+Errors the user can fix (paths, that refusal, a backbone without a PyTorch format): one line on
+stderr, `error: ...`, exit code 2 (`exit_codes.usage_errors`; `--verbose`: the traceback). Checked
+BEFORE any checkpoint is restored: the destination (`check_destination`: a supported extension,
+an existing directory this user can write in) and the workdir (`check_workdir`: a pretraining or
+fine-tuning workdir with a checkpoint step; a demo or stage-1 workdir is refused with the path
+to use instead). The file is written atomically (`torch_format.write_state_dict`): a full disk leaves the
+destination as it was and no temporary file behind."""
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Mapping
 
 import numpy as np
 
 from ms3_jax.engine import checkpointing, exit_codes
+from ms3_jax.files import safe
 from ms3_jax.models.deeplab import ASPP_DILATIONS, encoder_from_config, untrained_subtrees
 from ms3_jax.models.resnet import OUTPUT_STRIDE_SETTINGS, STAGE_SIZES
 from ms3_jax.models.torch_format import backbone_state_dict, segmentor_state_dict, write_state_dict
+
+SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 def mmseg_config_snippet(checkpoint: str, model_cfg: Mapping[str, Any], what: str = "backbone",
@@ -94,24 +103,70 @@ def _mmseg_deit_snippet(checkpoint: str, get: Any, what: str, num_classes: int |
             f"load_from = {checkpoint!r}  # backbone.* + neck.* + decode_head.*\n")
 
 
+def check_destination(out: str) -> None:
+    """One-line errors unless `out` ends in a supported extension and its directory exists and
+    this user can write in it (a real write probe: read-only mounts too)."""
+    if not out.endswith(SUFFIXES):
+        raise ValueError(f"output {out!r} must end in .pth, .pt or .safetensors")
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"output {out} is a directory; give a file name ending in "
+                                ".pth, .pt or .safetensors")
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {out}: the directory {directory} does not exist "
+                                "(create it first)")
+    safe.check_output_dir(directory, f"output {out}")
+
+
+def check_workdir(workdir: str) -> dict[str, Any]:
+    """The config of a workdir whose checkpoint the exporter can read (pretraining or fine-tuning,
+    with at least one step); one-line errors otherwise, naming the workdir to use instead."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir not found: {workdir}")
+    config_file = os.path.join(workdir, checkpointing.CONFIG_FILE)
+    demo_pretrain = os.path.join(workdir, "pretrain")
+    if (not os.path.isfile(config_file)
+            and os.path.isfile(os.path.join(demo_pretrain, checkpointing.CONFIG_FILE))):
+        raise ValueError(f"{workdir} is a demo workdir (its runs are in subdirectories): export "
+                         f"its pretrained encoder with --workdir {demo_pretrain}")
+    ckpt_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+    if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+        raise FileNotFoundError(f"no checkpoints in {workdir}: {ckpt_dir} is missing or has no "
+                                "step; export a pretraining or fine-tuning workdir that has saved one")
+    config = checkpointing.read_config(workdir)  # FileNotFoundError naming config.json
+    if config.get("mode") == "text_adapt":
+        raise ValueError(f"{workdir} is a stage-1 (text_adapt) workdir: its checkpoint holds CLIP's "
+                         "image tower and the learned context, not a DeepLab encoder; export the "
+                         "pretraining workdir trained with it")
+    return config
+
+
 def export_workdir(workdir: str, out: str, what: str = "backbone", step: int | None = None,
                    ema: bool = False) -> dict[str, np.ndarray]:
     """Write the backbone (or segmentor) of a workdir's latest checkpoint to `out` (.pth/.safetensors).
     The segmentor of a run that never trained its decoder (`untrained_subtrees`: an MS3 pretraining
-    with `model.heads_at='aspp'`) is refused: its decoder is a decayed random initialisation."""
+    with `model.heads_at='aspp'`) is refused: its decoder is a decayed random initialisation.
+    The destination and the workdir are checked before anything is restored."""
     if what not in ("backbone", "segmentor"):
         raise ValueError(f"--what must be 'backbone' or 'segmentor', got {what!r}")
-    if not out.endswith((".pth", ".pt", ".safetensors")):
-        raise ValueError(f"output {out!r} must end in .pth, .pt or .safetensors")
-    if what == "segmentor" and (untrained := untrained_subtrees(checkpointing.read_config(workdir))):
+    check_destination(out)
+    config = check_workdir(workdir)
+    if what == "segmentor" and (untrained := untrained_subtrees(config)):
         raise ValueError(
             f"cannot export the segmentor of {workdir}: its decoder "
             f"({', '.join(p[-1] for p in untrained)}) was never trained, the pretraining had "
             "model.heads_at='aspp' (projection heads after the ASPP, zero gradient to the decoder); "
             "use --what backbone, or pretrain with model.heads_at='decoder'")
     step, state = checkpointing.restore_state(workdir, step)
+    if ema and "ema_params" not in state:
+        raise ValueError(f"the checkpoint of {workdir} (step {step}) has no momentum encoder "
+                         "(ema_params): export it without --ema")
     variables = checkpointing.encoder_variables(state, ema=ema)
-    model = encoder_from_config(checkpointing.read_config(workdir).get("model", {}), "cpu")
+    if "backbone" not in variables["params"]:
+        raise ValueError(f"the checkpoint of {workdir} (step {step}) holds no DeepLab encoder "
+                         f"(params: {sorted(variables['params'])}); export a pretraining or "
+                         "fine-tuning workdir")
+    model = encoder_from_config(config.get("model", {}), "cpu")
     sd = (backbone_state_dict(variables, model.backbone) if what == "backbone"
           else segmentor_state_dict(variables, model))
     write_state_dict(sd, out)
@@ -127,15 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema", action="store_true", help="export the momentum encoder instead")
     parser.add_argument("--verbose", action="store_true", help="full tracebacks for usage errors too")
     args = parser.parse_args(argv)
-    try:
+    with exit_codes.usage_errors(args.verbose):  # what the user can fix: one line, exit code 2
         sd = export_workdir(args.workdir, args.out, args.what, args.step, args.ema)
         model_cfg = checkpointing.read_config(args.workdir).get("model", {})
-    except (ValueError, FileNotFoundError) as e:  # what the user can fix: as `ms3_jax.main` does
-        if args.verbose:
-            raise
-        print(f"error: {e}\n(exit code {exit_codes.USAGE}; --verbose shows the traceback)",
-              file=sys.stderr)
-        sys.exit(exit_codes.USAGE)
     num_classes = (sd["decode_head.conv_seg.weight"].shape[0]
                    if "decode_head.conv_seg.weight" in sd else None)
     print(f"wrote {len(sd)} tensors ({sum(v.size for v in sd.values()) / 1e6:.1f}M values) to {args.out}")

@@ -25,8 +25,11 @@ if __name__ == "__main__":  # `python -m ms3_jax.main`, not an import
 
 import logging as py_logging
 import os
-from typing import Any
+import re
+import shutil
+from typing import Any, NoReturn
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -34,15 +37,35 @@ from ms3_jax.demo import job as demo
 from ms3_jax.engine import config_paths, exit_codes, host_memory, loop, processes, workdir_lock
 from ms3_jax.stages import finetune, pretrain, text_adapt
 
-# Raised for what the user can fix (config values, paths, data); anything else is exit code 1.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               workdir_lock.WorkdirInUse)
+def config_error(error: BaseException, argv: list[str]) -> str:
+    """A config file's or override's exception as one readable line: an unknown field names the
+    override and carries ml_collections' 'did you mean' hint."""
+    while isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
+        error = error.args[0]
+    if isinstance(error, KeyError) and error.args:
+        name, _, hint = str(error.args[0]).partition("\n")
+        name = name.strip("'\"")
+        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                     and re.search(rf"[.]{re.escape(name)}(=|$|[.])", a.split("=")[0])), None)
+        return (f"{flag or 'config'}: no config field {name!r}" + (f". {hint}" if hint else "")
+                + "; --print_config lists the fields")
+    return f"{type(error).__name__}: {error}" if not isinstance(error, ValueError) else str(error)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", config_paths.find_config(os.path.join("configs", "demo.py")),
-    "job config: configs/<job>.py[:arg], relative to the working directory, the checkout or the "
-    "installed package",
-    lock_config=True)
+
+# Raised for what the user can fix (config values, paths, data); anything else is exit code 1.
+USER_ERRORS = exit_codes.USER_ERRORS + (workdir_lock.WorkdirInUse,)
+
+try:  # ml_collections applies the command line's --config.<field> overrides here already
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", config_paths.find_config(os.path.join("configs", "demo.py")),
+        "job config: configs/<job>.py[:arg], relative to the working directory, the checkout or "
+        "the installed package",
+        lock_config=True)
+except (AttributeError, KeyError, ValueError, TypeError) as e:
+    if __name__ != "__main__" or "--verbose" in sys.argv:
+        raise
+    print(f"error: {config_error(e, sys.argv)} (exit code 2)", file=sys.stderr, flush=True)
+    sys.exit(2)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and outputs go")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the resolved config and exit")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "full tracebacks for usage errors too")
@@ -61,9 +84,60 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
         else:
             continue
         path, sep, arg = value.partition(":")
-        if not os.path.exists(path) and (found := config_paths.find_config(path)):
+        if not os.path.exists(path):
+            if not (found := config_paths.find_config(path)):
+                fail(f"config file {path} not found (relative to {os.getcwd()}, the checkout or "
+                     f"the installed package); the configs: {', '.join(config_paths.available())}")
             out[i] = prefix + found + sep + arg
     return out
+
+
+def fail(message: str) -> NoReturn:
+    """A usage error: one line on stderr, exit code 2."""
+    print(f"error: {message} (exit code {exit_codes.USAGE})", file=sys.stderr, flush=True)
+    sys.exit(exit_codes.USAGE)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with the config loaded at once, its mistakes (unknown flag or field,
+    bad config string or value) one line and exit 2; `--help` prints `help_text`, exit 0."""
+    if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+        print(help_text(argv))
+        sys.exit(0)
+    verbose = "--verbose" in argv or "--verbose=true" in argv
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value  # loads the config file and applies the overrides now
+    except flags.Error as e:
+        if verbose:
+            raise
+        text, cause = str(e), e.__cause__ or e.__context__
+        if "Traceback" in text:  # a config file's get_config raised: the flag and its last line
+            fail(f"{text.split(': ')[0]}: " + [line for line in text.splitlines() if line.strip()][-1])
+        fail(config_error(cause, argv) if isinstance(cause, (KeyError, AttributeError))
+             else text.splitlines()[0])
+    except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+        if verbose:
+            raise
+        fail(config_error(e.__cause__ or e if isinstance(e, OSError) else e, argv))
+    return rest
+
+
+def help_text(argv: list[str]) -> str:
+    """The flags, then the chosen config's docstring and its fields with their comments."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+                config_paths.find_config(os.path.join("configs", "demo.py")))
+    file = path.partition(":")[0]
+    lines = ["usage: python -m ms3_jax.main --config=configs/<job>.py[:arg] --workdir=W "
+             "[--config.<field>=<value> ...]", "", "flags:"]
+    for name in ("config", "workdir", "print_config", "verbose"):
+        lines.append(f"  --{name}: {flags.FLAGS[name].help}")
+    lines += ["", f"configs: {', '.join(config_paths.available())}", ""]
+    if os.path.isfile(file):
+        lines += [f"{file}:", config_paths.docstring(file), "",
+                  "fields (override with --config.<field>=<value>; --print_config shows them all):"]
+        lines += config_paths.field_docs(file)
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
@@ -80,18 +154,21 @@ def main(argv: list[str]) -> None:
         return
     workdir = _WORKDIR.value or config.get("default_workdir")
     if not workdir:
-        raise app.UsageError("--workdir is required for this config")
+        fail("--workdir is required for this config (where checkpoints, logs and outputs go)")
     logging.set_verbosity(logging.INFO)
     handler = logging.get_absl_handler()
     handler.setFormatter(py_logging.Formatter("%(asctime)s %(message)s"))
-    # Keep the console to our progress lines: orbax / grain chatter only from WARNING up.
-    handler.addFilter(lambda r: r.levelno >= py_logging.WARNING
-                      or not any(f"/{lib}/" in r.pathname for lib in ("orbax", "grain")))
+    handler.addFilter(quiet_libraries)
     logging.info("%s", host_malloc)
     loop.terminate_outside_loop(workdir)  # exit code 75 for SIGTERM at any point, not 143
+    new_workdir = not os.path.exists(workdir)
     try:
-        with workdir_lock.hold(workdir):  # one run per workdir
-            _dispatch(config, workdir)
+        try:
+            with workdir_lock.hold(workdir):  # one run per workdir
+                _dispatch(config, workdir)
+        finally:
+            if new_workdir:
+                remove_if_untouched(workdir)
     except (loop.Preempted, loop.StoppedOutsideLoop) as e:
         logging.warning("%s; exit code %d", e, exit_codes.PREEMPTED)
         logging.flush()
@@ -100,13 +177,38 @@ def main(argv: list[str]) -> None:
         logging.error("%s", e)
         logging.flush()
         sys.exit(1)
-    except USER_ERRORS as e:
-        if _VERBOSE.value:
+    except (*USER_ERRORS, OSError) as e:
+        if _VERBOSE.value or not is_usage_error(e):
             raise
         logging.flush()
-        print(f"error: {e}\n(exit code {exit_codes.USAGE}; --verbose shows the traceback)",
-              file=sys.stderr)
-        sys.exit(exit_codes.USAGE)
+        fail(f"{e} (--verbose shows the traceback)")
+
+
+def remove_if_untouched(workdir: str) -> None:
+    """Remove a workdir this run created when it holds nothing but the lock and empty folders
+    (a start that failed leaves no empty workdir behind)."""
+    if jax.process_index() != 0 or "://" in workdir or not os.path.isdir(workdir):
+        return
+    for _, _, names in os.walk(workdir):
+        if any(name != workdir_lock.LOCK_FILE for name in names):
+            return
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def is_usage_error(error: BaseException) -> bool:
+    """What the user can fix (exit 2, one line): `exit_codes.is_usage_error` (a value, a path,
+    the disk), or a workdir in use."""
+    return isinstance(error, workdir_lock.WorkdirInUse) or exit_codes.is_usage_error(error)
+
+
+def quiet_libraries(record: py_logging.LogRecord) -> bool:
+    """The console keeps to our lines: orbax / grain only from WARNING up, and their errors
+    without tracebacks (a failed save is reported once, by the loop: `checkpointing.SaveFailed`)."""
+    if not any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain")):
+        return True
+    if record.levelno >= py_logging.ERROR:
+        record.exc_info, record.exc_text = None, None
+    return record.levelno >= py_logging.WARNING
 
 
 def _dispatch(config: Any, workdir: str) -> None:
@@ -115,13 +217,14 @@ def _dispatch(config: Any, workdir: str) -> None:
     run = {"pretrain": pretrain.train_and_evaluate, "text_adapt": text_adapt.train_and_evaluate,
            "finetune": finetune.train_and_evaluate, "demo": demo.run}.get(config.mode)
     if run is None:
-        raise app.UsageError(f"unknown config.mode {config.mode!r}")
+        raise ValueError(f"unknown config.mode {config.mode!r}: 'pretrain', 'text_adapt', "
+                         "'finetune' or 'demo'")
     run(config, workdir)
 
 
 if __name__ == "__main__":
     try:
-        app.run(main, argv=resolve_config_argv(sys.argv))
+        app.run(main, argv=resolve_config_argv(sys.argv), flags_parser=parse_flags)
     except SystemExit as e:  # the code the other processes of the job are told (`processes`)
         processes.exiting_with(e.code)
         raise

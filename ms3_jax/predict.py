@@ -4,26 +4,36 @@ r"""Predict with a fine-tuned segmentor (Tab. 2 / 3 workdirs): images or folders
   python -m ms3_jax.predict --workdir W3 --image s.png --mode slide --crop 512 --stride 341 --flip
 
 Inference as the workdir's evaluation does it (`config.eval`, each option overridable); writes
-the files `ms3_jax.zero_shot` writes (`visualize.write_outputs`). docs/usage.md, "Fine-tuning
-and prediction".
+the files `ms3_jax.zero_shot` writes (`visualize.write_outputs`, atomic). docs/usage.md,
+"Fine-tuning and prediction".
+
+Bad input, as in `ms3_jax.zero_shot`: checked before the model loads (every image opened and
+fully decoded, the output directory writable); an image named on the command line that cannot
+be read is a one-line `error: ...` and exit code 2 (`--verbose`: the traceback). An unreadable
+file found in a FOLDER is skipped instead: one `WARNING:` line each, their count at the end;
+exit code 0 when some images were segmented, 2 when none could be. Inputs whose outputs would
+share a name (`a.png a.jpg sub/a.png`) are disambiguated (`visualize.output_stems`: `a_*`,
+`a_jpg_*`, `a_png_*`), the renaming logged on stderr.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import os
+import sys
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
 from ms3_jax.data.eval_data import resize_short_side
+from ms3_jax.data.images import read_image
 from ms3_jax.data.label_space import LabelSpace
-from ms3_jax.engine import checkpointing
+from ms3_jax.engine import checkpointing, exit_codes
 from ms3_jax.evaluation import evaluate
-from ms3_jax.evaluation.visualize import write_outputs
+from ms3_jax.evaluation.visualize import check_outputs_spare_inputs, output_stems, write_outputs
+from ms3_jax.files import safe
 from ms3_jax.stages import finetune
-from ms3_jax.zero_shot import read_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -77,8 +87,9 @@ def _scorer(model: Any, num_classes: int, mode: str, crop: tuple[int, ...] | Non
     return jax.jit(run)
 
 
-def list_images(paths: Sequence[str]) -> list[str]:
-    """Files as given, folders expanded to their images (sorted, recursive); errors name the path."""
+def list_images(paths: Sequence[str]) -> list[tuple[str, bool]]:
+    """(file, found in a folder) for files as given and folders expanded to their images (sorted,
+    recursive); errors name the path."""
     out = []
     for path in paths:
         if os.path.isdir(path):
@@ -86,12 +97,16 @@ def list_images(paths: Sequence[str]) -> list[str]:
                            if f.lower().endswith(IMAGE_SUFFIXES))
             if not found:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-            out += found
-        elif os.path.isfile(path):
-            out.append(path)
+            out += [(f, True) for f in found]
+        elif os.path.exists(path):
+            out.append((path, False))
         else:
             raise FileNotFoundError(f"image or folder not found: {path}")
     return out
+
+
+def _warn_skip(error: Exception) -> None:
+    print(f"WARNING: {error}; skipped", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
@@ -107,8 +122,32 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
     parser.add_argument("--crop", type=int, nargs="+", default=None, help="slide window (h [w])")
     parser.add_argument("--stride", type=int, nargs="+", default=None, help="slide stride (h [w])")
     parser.add_argument("--flip", action="store_true", default=None, help="flip averaging")
+    parser.add_argument("--verbose", action="store_true", help="full tracebacks for usage errors too")
     args = parser.parse_args(argv)
-    images = list_images(args.image)  # bad paths fail before the model loads
+    with exit_codes.usage_errors(args.verbose):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> list[tuple[str, str]]:
+    inputs = list_images(args.image)
+    skipped = 0
+    images = []
+    for path, in_folder in inputs:  # all decoded before the model loads
+        try:
+            read_image(path)
+        except (ValueError, OSError) as e:
+            if not in_folder:
+                raise
+            _warn_skip(e)
+            skipped += 1
+            continue
+        images.append(path)
+    if not images:
+        raise ValueError(f"no readable image: all {skipped} image(s) found in "
+                         f"{', '.join(args.image)} were skipped (WARNING lines above)")
+    stems = output_stems(images)
+    safe.check_output_dir(args.out)
+    check_outputs_spare_inputs(args.out, stems, images)
     seg = Segmentor(args.workdir, args.step)
     ev = seg.eval
     short = ev.get("short_side") if args.short_side is None else args.short_side
@@ -118,16 +157,28 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
     if mode == "slide" and not (crop and stride):
         raise ValueError("--mode slide needs --crop and --stride (or the workdir's eval.crop / stride)")
     flip = bool(ev.get("flip", False) if args.flip is None else args.flip)
+    in_folder = dict(inputs)
     written = []
-    for path in images:
-        image = read_image(path)
+    for path, stem in zip(images, stems):
+        try:
+            image = read_image(path)
+        except (ValueError, OSError) as e:  # changed since it was checked
+            if not in_folder[path]:
+                raise
+            _warn_skip(e)
+            skipped += 1
+            continue
         labels = seg.predict(image, short_side=short or None, mode=mode, crop=crop, stride=stride,
                              flip=flip)
-        stem = os.path.splitext(os.path.basename(path))[0]
         written.append(write_outputs(args.out, stem, image, labels, seg.class_names))
         share = np.bincount(labels.ravel(), minlength=len(seg.class_names)) / labels.size
         top = ", ".join(f"{seg.class_names[i]} {share[i]:.0%}" for i in np.argsort(-share)[:3])
         print(f"{path}: {top} -> {written[-1][1]}")
+    if skipped:
+        print(f"WARNING: skipped {skipped} unreadable image(s) of {len(inputs)}; segmented "
+              f"{len(written)}", file=sys.stderr, flush=True)
+    if not written:
+        raise ValueError(f"no image could be segmented: all {skipped} were skipped")
     return written
 
 

@@ -7,6 +7,15 @@ I T^T are upsampled to the image and the argmax is the label (Eq. 1's pairing, n
   python -m ms3_jax.zero_shot --workdir W --image a.jpg b.png --classes "sky,grass" --out DIR
 
 Workdirs and outputs: docs/usage.md, "Zero-shot segmentation".
+
+Bad input is a one-line `error: ...` on stderr and exit code 2 (`--verbose`: the traceback),
+found before the model loads: every image is opened and fully decoded first (`read_image`: a
+missing, empty, truncated or non-image file, a directory, a decompression bomb), the output
+directory is checked for writing (`safe.check_output_dir`). Non-8-bit images are converted,
+not clipped (`images.to_rgb_uint8`). Inputs whose outputs would share a name (`a.png a.jpg
+sub/a.png`) are disambiguated (`visualize.output_stems`: `a_*`, `a_jpg_*`, `a_png_*`), the
+mapping logged; every output file is written atomically (`visualize.write_outputs`). The same
+rules hold for `ms3_jax.predict`; `exit_codes.usage_errors` reports the errors of all the CLIs.
 """
 from __future__ import annotations
 
@@ -20,12 +29,15 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ms3_jax.data import sources
-from ms3_jax.engine import checkpointing, config_paths
+from ms3_jax.data.images import read_image
+from ms3_jax.engine import checkpointing, config_paths, exit_codes
+from ms3_jax.files import safe
 from ms3_jax.method import adapted_text, text_embeddings
-from ms3_jax.evaluation.visualize import check_image, write_outputs
+from ms3_jax.evaluation.visualize import (check_image, check_outputs_spare_inputs, output_stems,
+                                          write_outputs)
 from ms3_jax.models import clip_text, clip_vision
 from ms3_jax.models.clip_text import CLIPTextTower
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config, resize_bilinear
@@ -46,21 +58,6 @@ def check_classes(class_names: Sequence[str] | str) -> tuple[str, ...]:
     if not names or names == ("",):
         raise ValueError("the class list is empty: give at least one class name, e.g. 'sky,grass'")
     return clip_text.check_class_names(names)
-
-
-def read_image(path: str | os.PathLike, *, header_only: bool = False) -> np.ndarray | None:
-    """RGB uint8 [H, W, 3] (EXIF orientation applied); FileNotFoundError / ValueError name the
-    path. `header_only`: just check that PIL can identify the file (returns None)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            if header_only:
-                return None
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def input_size(height: int, width: int, short_side: int | None, multiple: int) -> tuple[int, int]:
@@ -270,18 +267,25 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
     parser.add_argument("--short_side", type=int, default=DEFAULT_SHORT_SIDE,
                         help="resize the short side to this before encoding (0: keep the size)")
     parser.add_argument("--ema", action="store_true", help="use the momentum encoder")
+    parser.add_argument("--verbose", action="store_true", help="full tracebacks for usage errors too")
     args = parser.parse_args(argv)
+    with exit_codes.usage_errors(args.verbose):
+        return _run(args)
 
-    names = check_classes(args.classes)  # fail on bad input before loading anything
+
+def _run(args: argparse.Namespace) -> list[tuple[str, str]]:
+    names = check_classes(args.classes)  # fail on bad input before loading anything:
     for path in args.image:
-        read_image(path, header_only=True)
+        read_image(path)  # every image opened and fully decoded
+    stems = output_stems(args.image)
+    safe.check_output_dir(args.out)
+    check_outputs_spare_inputs(args.out, stems, args.image)
     segmenter = ZeroShotSegmenter.from_workdir(args.workdir, args.text_workdir,
                                                short_side=args.short_side or None, ema=args.ema)
     written = []
-    for path in args.image:
+    for path, stem in zip(args.image, stems):
         image = read_image(path)
         labels, _ = segmenter.segment(image, names)
-        stem = os.path.splitext(os.path.basename(path))[0]
         written.append(write_outputs(args.out, stem, image, labels, names))
         counts = np.bincount(labels.ravel(), minlength=len(names)) / labels.size
         share = ", ".join(f"{n} {c:.0%}" for n, c in zip(names, counts))

@@ -145,8 +145,9 @@ def test_truncated_metadata_falls_back(run6, caplog, rel, manifest):
     without one, by orbax's failure to read it -- either way the file and the step are named and
     step 3 is restored."""
     workdir, params = run6
-    if not manifest:
-        (step_dir(workdir, 6) / checkpointing.MANIFEST).unlink()
+    if not manifest:  # neither step has one (else the verified step 3 is preferred untried)
+        for step in (3, 6):
+            (step_dir(workdir, step) / checkpointing.MANIFEST).unlink()
     bad = step_dir(workdir, 6) / rel
     truncate(bad)
     with caplog.at_level(logging.WARNING):
@@ -177,18 +178,61 @@ def test_every_step_unusable_raises_naming_each_step_and_file(run6):
         checkpointing.restore_state(str(workdir))
 
 
-def test_steps_without_manifest_restore_unverified(run6, caplog):
-    """Workdirs from before manifests keep working: an INFO line, no warning."""
+@pytest.mark.parametrize("manifest", ["missing", "empty"])
+def test_steps_without_manifest_restore_unverified(run6, caplog, manifest):
+    """Workdirs from before manifests (or a manifest listing nothing) keep working, with a
+    WARNING naming each unverified step; its files are not vouched for."""
     workdir, params = run6
     for step in (3, 6):
-        (step_dir(workdir, step) / checkpointing.MANIFEST).unlink()
+        path = step_dir(workdir, step) / checkpointing.MANIFEST
+        if manifest == "missing":
+            path.unlink()
+        else:
+            path.write_text(json.dumps({"format": 1, "checksum": "crc32", "files": {}}))
     with caplog.at_level(logging.INFO):
         step, restored, data, _ = resume(workdir)
     assert step == 6 and data == {"next_batch": 6}
     np.testing.assert_array_equal(restored, params[6])
-    assert "checkpoint step 6 of" in caplog.text and "has no ms3_manifest.json" in caplog.text
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "checkpoint" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("checkpoint step 6 of") and "is unverified" in m for m in warnings), warnings
     assert checkpointing.restore_state(str(workdir))[0] == 6
+
+
+def test_a_verified_step_is_preferred_to_a_newer_unverified_one(run6, caplog):
+    """Step 6 lost its manifest (killed before it was written) and has a flipped byte: the
+    verified step 3 is restored, step 6 set aside with a WARNING saying why."""
+    workdir, params = run6
+    (step_dir(workdir, 6) / checkpointing.MANIFEST).unlink()
+    flip_bit(data_files(workdir, 6)[0])
+    with caplog.at_level(logging.WARNING):
+        step, restored, data, steps = resume(workdir)
+    assert step == 3 and steps == [3]
+    np.testing.assert_array_equal(restored, params[3])
+    assert "checkpoint step 6: " in caplog.text and "unverified" in caplog.text
+    assert (workdir / checkpointing.CHECKPOINT_DIR / checkpointing.UNUSABLE_DIR / "6").is_dir()
+
+
+@pytest.mark.parametrize("edit", ["files_emptied", "entry_changed", "entry_dropped"])
+def test_an_edited_manifest_fails_its_own_checksum(run6, caplog, edit):
+    """The manifest covers itself (files_crc32): emptied, changed or shortened, it no longer
+    vouches for the step; step 6 is set aside naming the manifest, step 3 restored."""
+    workdir, params = run6
+    path = step_dir(workdir, 6) / checkpointing.MANIFEST
+    manifest = json.loads(path.read_text())
+    first = sorted(manifest["files"])[0]
+    if edit == "files_emptied":
+        manifest["files"] = {}
+    elif edit == "entry_changed":
+        manifest["files"][first]["crc32"] = "00000000"
+    else:
+        del manifest["files"][first]
+    path.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        step, restored, _, _ = resume(workdir)
+    assert step == 3
+    np.testing.assert_array_equal(restored, params[3])
+    assert f"checkpoint step 6: {path}: unreadable manifest" in caplog.text
+    assert "files_crc32" in caplog.text
 
 
 def test_restore_state_falls_back_and_checks_only_the_state_item(run6, caplog):
@@ -303,10 +347,7 @@ def test_save_into_an_unwritable_directory_fails_fast(base, how):
 
 
 def test_unwritable_directory_is_reported_when_the_manager_opens(base, how):
-    """The startup check (`training.checkpoint_manager` -> `checkpointing.checkpoint_manager`)."""
-    from ms3_jax.engine import training
-    from ms3_jax.testing.configs import tiny_pretrain_config
-    config = tiny_pretrain_config()
+    """The startup check (`training.run` opens `checkpointing.checkpoint_manager` first)."""
     workdir = base / "wd"
     ckpt = workdir / checkpointing.CHECKPOINT_DIR
     ckpt.mkdir(parents=True)
@@ -314,7 +355,7 @@ def test_unwritable_directory_is_reported_when_the_manager_opens(base, how):
     t0 = time.perf_counter()
     try:
         with pytest.raises(OSError, match=rf"cannot save checkpoints: {ckpt} is not writable") as e:
-            training.checkpoint_manager(config, str(workdir))
+            checkpointing.checkpoint_manager(str(workdir))
     finally:
         restore(ckpt, how)
     assert time.perf_counter() - t0 < 10
@@ -345,3 +386,87 @@ def test_sigterm_while_a_save_is_pending_is_honoured(tmp_path, monkeypatch):
     assert resume(tmp_path)[0] == 2
     for step in (1, 2):
         assert checkpointing.verify_step(str(step_dir(tmp_path, step)), step) is True
+
+
+def _fail_config_item_of_step(monkeypatch, step):
+    """orbax's save thread fails writing the config item of `step` with ENOSPC (a disk filling
+    up mid-save; the array data goes through tensorstore, where it cannot be planted)."""
+    import errno
+    import orbax.checkpoint._src.handlers.json_checkpoint_handler as json_handler
+    real = json_handler.JsonCheckpointHandler._save_fn
+
+    def save_fn(self, item, directory):
+        if f"/{step}.orbax-checkpoint-tmp" in str(directory):
+            async def fail():
+                raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+            return fail()
+        return real(self, item, directory)
+
+    monkeypatch.setattr(json_handler.JsonCheckpointHandler, "_save_fn", save_fn)
+
+
+def test_a_failed_save_stops_the_run_at_once_and_the_relaunch_resumes(tmp_path, monkeypatch):
+    """The save of step 6 fails in orbax's save thread: the run stops within two steps (it once
+    ran on to the end, computing steps it threw away) with `SaveFailed` naming step 6 and the
+    cause's errno (a full disk is a usage error, exit 2); the relaunch resumes from step 3, drops
+    the half-written step and finishes."""
+    import errno
+    from ms3_jax import main as main_module
+    _fail_config_item_of_step(monkeypatch, 6)
+    calls = []
+    with pytest.raises(checkpointing.SaveFailed) as e:
+        toy_run(tmp_path, 12, on_step=calls.append)
+    assert e.value.errno == errno.ENOSPC and main_module.is_usage_error(e.value)
+    assert "checkpoint step 6 could not be saved" in str(e.value) and "newest saved step is 3" in str(e.value)
+    assert calls[-1] < 9  # not on to the next save
+    monkeypatch.undo()
+    toy_run(tmp_path, 12)
+    assert sorted(os.listdir(tmp_path / checkpointing.CHECKPOINT_DIR)) == ["12", "6", "9", "deleted"]
+
+
+@pytest.mark.parametrize("when", ["at start-up", "before a save"])
+def test_a_full_disk_is_refused_early_with_needed_and_free(tmp_path, monkeypatch, when):
+    """Free space is checked before the first step (one checkpoint of the state) and before each
+    save (the last step's size), plus the margin: too little is refused with needed vs free,
+    before any step runs or before the save starts (it once passed with 24 KB free)."""
+    from ms3_jax.files import safe
+    calls = []
+    if when == "at start-up":
+        monkeypatch.setattr(safe, "free_bytes", lambda directory: 1_000_000)
+        with pytest.raises(safe.NotEnoughSpace, match=r"for the next checkpoint: needs 16\.\d MB, 1\.0 MB free"):
+            toy_run(tmp_path, 6, on_step=calls.append)
+        assert calls == [] and not os.listdir(tmp_path / checkpointing.CHECKPOINT_DIR)
+        return
+    real = safe.free_bytes
+    monkeypatch.setattr(safe, "free_bytes", lambda directory: real(directory) if len(calls) < 4
+                        else checkpointing.SAVE_MARGIN_BYTES)  # the disk fills after step 3
+    with pytest.raises(safe.NotEnoughSpace, match=r"for checkpoint step 6: needs 16\.\d MB") as e:
+        toy_run(tmp_path, 12, on_step=calls.append)
+    assert e.value.errno == 28 and calls[-1] == 6
+    monkeypatch.undo()
+    mngr = checkpointing.checkpoint_manager(str(tmp_path))
+    try:  # the size asked for: the last step's, plus the margin
+        assert mngr.all_steps() == [3]
+        last = checkpointing.step_bytes(str(tmp_path / checkpointing.CHECKPOINT_DIR / "3"))
+        assert last > 1000 and mngr.save_bytes() == int(last * 1.1) + checkpointing.SAVE_MARGIN_BYTES
+    finally:
+        mngr.close()
+
+
+def test_library_errors_reach_the_console_without_tracebacks():
+    """orbax's save thread logs its failure with a traceback (five of them once preceded the
+    error): the console filter of `ms3_jax.main` keeps the line, drops the traceback, and keeps
+    orbax's INFO chatter out."""
+    import sys
+    from ms3_jax import main as main_module
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        exc = sys.exc_info()
+    error = logging.LogRecord("orbax", logging.ERROR, "/x/orbax/checkpoint/y.py", 1,
+                              "Failed to run Handler Commit operations", (), exc)
+    info = logging.LogRecord("orbax", logging.INFO, "/x/orbax/checkpoint/y.py", 1, "saving", (), None)
+    ours = logging.LogRecord("ms3", logging.ERROR, "/x/ms3_jax/engine/loop.py", 1, "ours", (), exc)
+    assert main_module.quiet_libraries(error) and error.exc_info is None
+    assert not main_module.quiet_libraries(info)
+    assert main_module.quiet_libraries(ours) and ours.exc_info is not None

@@ -259,7 +259,7 @@ def test_predict_cli_segments_a_folder_like_the_model(data_dir, tmp_path, capsys
                         _interp_matrix(logits.shape[1], w)).argmax(-1)
         assert np.mean(labels == ref) > 0.999
     with pytest.raises(FileNotFoundError, match="no_such"):
-        predict.main(["--workdir", wd, "--image", str(tmp_path / "no_such"), "--out", "x"])
+        predict.main(["--workdir", wd, "--image", str(tmp_path / "no_such"), "--out", "x", "--verbose"])
     with pytest.raises(ValueError, match="not a fine-tuned segmentor"):
         checkpointing.write_config(str(tmp_path / "pre"), {"mode": "pretrain"})
         predict.Segmentor(str(tmp_path / "pre"))

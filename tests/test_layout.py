@@ -1,6 +1,6 @@
 """The package's dependency rule (docs/design.md, "Layout"), read from the imports of every module.
 
-Layers, lowest first: data and models; method; engine; evaluation; stages; the tools at the
+Layers, lowest first: files (safe local writes); data and models; method; engine; evaluation; stages; the tools at the
 package root and demo/. A module imports only its own layer or lower ones; no stage imports
 another stage; nothing outside testing/ imports testing/; the engine imports neither the export
 tool nor the synthetic data; no module reaches into another's private names.
@@ -13,16 +13,17 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "ms3_jax"
 # group -> the groups it may import (its own included)
 ALLOWED = {
-    "data": {"data"},
-    "models": {"models"},
-    "method": {"method", "data", "models"},
-    "engine": {"engine", "data", "models"},
-    "evaluation": {"evaluation", "data", "models", "method", "engine"},
-    "stages": {"data", "models", "method", "engine", "evaluation"},
-    "demo": {"demo", "data", "models", "method", "engine", "evaluation", "stages", "tools"},
-    "tools": {"data", "models", "method", "engine", "evaluation", "stages", "demo", "tools"},
+    "files": {"files"},
+    "data": {"data", "files"},
+    "models": {"models", "files"},
+    "method": {"method", "data", "models", "files"},
+    "engine": {"engine", "data", "models", "files"},
+    "evaluation": {"evaluation", "data", "models", "method", "engine", "files"},
+    "stages": {"data", "models", "method", "engine", "evaluation", "files"},
+    "demo": {"demo", "data", "models", "method", "engine", "evaluation", "stages", "tools", "files"},
+    "tools": {"data", "models", "method", "engine", "evaluation", "stages", "demo", "tools", "files"},
     "testing": {"testing", "data", "models", "method", "engine", "evaluation", "stages", "demo",
-                "tools"},
+                "tools", "files"},
 }
 FORBIDDEN = {("ms3_jax.engine", "ms3_jax.export"), ("ms3_jax.engine", "ms3_jax.data.synthetic")}
 

@@ -535,29 +535,81 @@ def test_soak_sigterm_and_three_kill_9_resume_to_the_uninterrupted_params(tmp_pa
     assert diff == 0.0
 
 
-def test_resume_refuses_a_config_that_computes_something_else(tmp_path):
-    """A changed tau / lr / model on a workdir with checkpoints used to resume silently and
-    overwrite config.json: now the changes are listed unless `resume_overrides` names them; free
-    fields (logging, cadence) pass; the earlier config.json is kept."""
-    from ms3_jax.engine import training
-    wd = str(tmp_path)
-    config = tiny_pretrain_config()
-    mngr = training.checkpoint_manager(config, wd)
-    mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)})))
+def _save_step(wd, config, step=1, with_config=True):
+    """A checkpoint step of `wd` as `loop.run` saves it (the config item unless `with_config`)."""
+    mngr = checkpointing.checkpoint_manager(wd)
+    items = {"state": ocp.args.StandardSave({"x": np.zeros(2)})}
+    if with_config:
+        items[checkpointing.CONFIG_ITEM] = ocp.args.JsonSave(json.loads(config.to_json()))
+    mngr.save(step, args=ocp.args.Composite(**items))
     mngr.wait_until_finished()
     mngr.close()
+
+
+def _resume_guard(config, wd):
+    from ms3_jax.engine import training
+    mngr = checkpointing.checkpoint_manager(wd)
+    try:
+        return training.check_resume(mngr, config, wd)
+    finally:
+        mngr.close()
+
+
+@pytest.mark.parametrize("config_json", ["kept", "missing", "null", "truncated"])
+def test_resume_guard_reads_the_config_saved_in_the_checkpoint(tmp_path, config_json):
+    """The guard compares with the config saved in the newest step, whatever W/config.json holds
+    (missing, `null`, truncated: it once resumed a changed tau from step 20 and exit 0): a changed
+    tau / lr is listed unless `resume_overrides` names it; free fields (logging) pass; a refused
+    attempt writes nothing, so the original command still resumes; config.json is written after
+    the guard (`record_config`), the earlier one kept as config.<n>.json."""
+    from ms3_jax.engine import training
+    wd, path = str(tmp_path), tmp_path / "config.json"
+    config = tiny_pretrain_config()
+    checkpointing.write_config(wd, config)
+    _save_step(wd, config)
+    if config_json == "missing":
+        path.unlink()
+    elif config_json == "null":
+        path.write_text("null")
+    elif config_json == "truncated":
+        path.write_text(path.read_text()[:200])
+    before = path.read_bytes() if path.exists() else None
     changed = tiny_pretrain_config(**{"loss.tau": 0.5, "optim.base_lr": 0.3, "log_every": 7})
     with pytest.raises(ValueError) as e:
-        training.checkpoint_manager(changed, wd)
+        _resume_guard(changed, wd)
     msg = str(e.value)
-    assert "holds a run (step 1)" in msg and "loss.tau: 0.07 -> 0.5" in msg
-    assert "optim.base_lr: 0.1 -> 0.3" in msg and "log_every" not in msg
-    assert json.loads((tmp_path / "config.json").read_text())["loss"]["tau"] == 0.07  # untouched
+    assert "holds a run (step 1)" in msg and "from checkpoint step 1" in msg
+    assert "loss.tau: 0.07 -> 0.5" in msg and "optim.base_lr: 0.1 -> 0.3" in msg and "log_every" not in msg
+    assert (path.read_bytes() if path.exists() else None) == before  # the refused attempt wrote nothing
+    assert _resume_guard(config, wd) == 1  # the original command resumes
     allowed = tiny_pretrain_config(**{"loss.tau": 0.5, "optim.base_lr": 0.3, "log_every": 7,
                                       "resume_overrides": ("loss.tau", "optim")})
-    training.checkpoint_manager(allowed, wd).close()
-    assert json.loads((tmp_path / "config.json").read_text())["loss"]["tau"] == 0.5
-    assert json.loads((tmp_path / "config.1.json").read_text())["loss"]["tau"] == 0.07
+    assert _resume_guard(allowed, wd) == 1
+    training.record_config(allowed, wd)
+    assert json.loads(path.read_text())["loss"]["tau"] == 0.5
+    if config_json == "kept":
+        assert json.loads((tmp_path / "config.1.json").read_text())["loss"]["tau"] == 0.07
+    elif config_json != "missing":  # the unreadable one is kept for a look
+        assert (tmp_path / "config.1.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("config_json", ["missing", "truncated"])
+def test_steps_without_a_saved_config_need_a_readable_config_json(tmp_path, config_json):
+    """A step saved before steps held their config is compared with W/config.json, which must
+    then be there and parse: missing or unreadable, it is named and the resume refused."""
+    wd, path = str(tmp_path), tmp_path / "config.json"
+    config = tiny_pretrain_config()
+    checkpointing.write_config(wd, config)
+    _save_step(wd, config, with_config=False)
+    assert _resume_guard(config, wd) == 1
+    if config_json == "missing":
+        path.unlink()
+        match = rf"{path} is missing and checkpoint step 1 predates saved configs"
+    else:
+        path.write_text(path.read_text()[:200])
+        match = rf"{path}: the job config is unreadable \(JSONDecodeError"
+    with pytest.raises(ValueError, match=match):
+        _resume_guard(tiny_pretrain_config(**{"loss.tau": 0.1}), wd)
 
 
 def test_workdirs_from_before_the_backbone_fields_resume():

@@ -154,7 +154,8 @@ def _copy_config(src: str, dst: str, **text) -> None:
 @pytest.mark.slow
 def test_errors_name_the_problem(demo_dir, images, tmp_path):
     out = str(tmp_path / "out")
-    args = ["--workdir", demo_dir, "--out", out, "--short_side", str(SHORT_SIDE)]
+    # --verbose: the exceptions themselves (without it: one line, exit code 2, tests/test_cli_inputs.py)
+    args = ["--workdir", demo_dir, "--out", out, "--short_side", str(SHORT_SIDE), "--verbose"]
     with pytest.raises(ValueError, match="empty"):
         zero_shot.main(args + ["--image", images[0], "--classes", " "])
     with pytest.raises(ValueError, match="empty"):

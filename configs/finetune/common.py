@@ -38,6 +38,7 @@ import ml_collections
 
 from configs import pretrain
 from ms3_jax.data import registry
+from ms3_jax.files import safe
 
 INIT_ARGS = ("ms3", "torchvision", "scratch")
 MODEL_ARGS = ("frozen", "tab7", "r101", "deit", "tiny")
@@ -156,8 +157,9 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.model.backbone == "deit":  # `:deit,tiny`
         c.model.update(dict(pretrain.TINY_DEIT, img_size=32))
         c.optim.warmup_steps = 1
-    c.data.update(dict(dataset="synth_a", crop_size=32, worker_count=0,
-                       data_dir="/tmp/ms3_jax_data/finetune_synthetic"))
+    crop = 32 if isinstance(c.data.crop_size, int) else (32, 32)  # Cityscapes' is (h, w)
+    c.data.update(dict(dataset="synth_a", crop_size=crop, worker_count=0,
+                       data_dir=safe.user_cache_dir("data", "finetune_synthetic")))
     c.data.synthetic = dict(num_train=16, num_val=4, image_size=64)
     c.data.augment.base_size = 48
     c.eval.update(dict(short_side=48, max_images=4))

@@ -6,17 +6,74 @@
 mapillary), an alias (voc_aug, coco_stuff164k) or the tfds name (ms3_ade20k, ...). The expected
 layout of `--manual_dir` is in `ms3_jax/data/builders.py`. Prints a progress bar per split and a
 summary (examples per split against the official count, skipped corrupt files).
+
+SIGTERM (a preemption, `kill`) stops the build with exit code 75, as `ms3_jax.main` does: the
+`incomplete.*` directory this run was writing is removed (tfds leaves a finished version in
+place; other builds' incomplete directories are left alone). Run the same command again to
+build it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import logging
+import os
+import shutil
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
 from ms3_jax.data import builders, registry
+
+# = ms3_jax.engine.exit_codes.PREEMPTED (data/ may not import engine/, tests/test_layout.py):
+# sysexits.h EX_TEMPFAIL, "stopped; run the same command again".
+PREEMPTED = 75
+
+
+class Terminated(BaseException):
+    """SIGTERM during a build. A BaseException, as KeyboardInterrupt: no `except Exception` of a
+    builder (skip_corrupt) swallows it, and tfds's `incomplete_dir` cleans up on its way out."""
+
+
+def incomplete_dirs(data_dir: str) -> set[str]:
+    """tfds's unfinished build directories under `data_dir`:
+    `<dataset>/[<config>/]incomplete.<random>_<version>`."""
+    if "://" in data_dir:
+        return set()
+    root = glob.escape(os.path.abspath(data_dir))
+    found = glob.glob(os.path.join(root, "*", "incomplete.*")) + glob.glob(
+        os.path.join(root, "*", "*", "incomplete.*"))
+    return {p for p in found if os.path.isdir(p) and not os.path.islink(p)}
+
+
+@contextlib.contextmanager
+def stop_cleanly_on_sigterm(data_dir: str) -> Iterator[list[str]]:
+    """While the body runs, SIGTERM raises `Terminated` (instead of killing the process, which
+    leaves tfds's `incomplete.*` directory behind). On `Terminated` or KeyboardInterrupt the
+    incomplete directories that appeared under `data_dir` during the body (this run's; those of
+    earlier or other builds stay) are removed, listed in the yielded list, and the exception goes
+    on. The previous SIGTERM handler comes back on exit."""
+    before = incomplete_dirs(data_dir)
+    removed: list[str] = []
+
+    def handle(signum: int, frame) -> None:
+        del frame
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield removed
+    except (Terminated, KeyboardInterrupt):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup
+        for path in sorted(incomplete_dirs(data_dir) - before):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,8 +127,16 @@ def main(argv: Sequence[str] | None = None) -> builders.SegmentationBuilder:
         kwargs["config"] = args.config
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     tfds.disable_progress_bar()  # ours has a total; tfds's does not
-    builder = builders.prepare(cls.name, args.manual_dir, args.data_dir,
-                               skip_corrupt=args.skip_corrupt, progress=True, **kwargs)
+    try:
+        with stop_cleanly_on_sigterm(args.data_dir) as removed:
+            builder = builders.prepare(cls.name, args.manual_dir, args.data_dir,
+                                       skip_corrupt=args.skip_corrupt, progress=True, **kwargs)
+    except Terminated as e:
+        left = f" (removed {', '.join(removed)})" if removed else ""
+        print(f"stopped by {e}: {cls.name} is not built and its incomplete directory is gone"
+              f"{left}; run the same command again to build it (exit code {PREEMPTED})",
+              file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED)
     print(summary(builder))
     return builder
 

@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from ms3_jax.data import builders, classes
+from ms3_jax.files import safe
 
 IGNORE_INDEX = classes.IGNORE_INDEX
 DATA_VERSION = '2.0.0'  # 1.x: built by the code of commit 91a0f6d (git checkout it)
@@ -475,18 +476,20 @@ def prepare_synthetic(data_dir: str | os.PathLike, num_train: int = 300, num_val
     `difficulty`: fields of `Difficulty` (the paper's difficulties; unset ones at their defaults).
     Re-running with the same arguments does nothing; other arguments or another data version than
     the build in `data_dir` had are refused (ValueError naming both): built data is never deleted.
+    Another user's `data_dir` (or one that would be created inside theirs) and a symbolic link at
+    its `.build.lock` are refused too (`safe.UnsafePath`): their data could be anything.
     """
     data_dir = os.fspath(data_dir)
     if unknown := sorted(set(difficulty) - {f.name for f in dataclasses.fields(Difficulty)}):
         raise ValueError(f'synthetic: unknown fields {unknown}; valid: num_train, num_val, '
                          f'image_size, seed, {", ".join(f.name for f in dataclasses.fields(Difficulty))}')
     knobs = Difficulty(**{k: float(v) for k, v in difficulty.items()})
-    os.makedirs(data_dir, exist_ok=True)
+    safe.make_own_dir(data_dir, 'data_dir')
     params = dict(num_train=int(num_train), num_val=int(num_val), image_size=int(image_size),
                   seed=int(seed))
     # Several processes of one job may call this at once (multi-host on one machine or a shared
     # filesystem): one builds, the others wait for the lock and then find the build complete.
-    with open(os.path.join(data_dir, '.build.lock'), 'w') as lock:
+    with safe.open_nofollow(os.path.join(data_dir, '.build.lock'), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             _prepare_locked(data_dir, params, knobs)
@@ -521,9 +524,9 @@ def _prepare_locked(data_dir: str, params: dict[str, int], knobs: Difficulty) ->
                 BUILDERS[n](data_dir=data_dir, difficulty=knobs, **{
                     k: params[k] for k in ('num_train', 'num_val', 'image_size', 'seed')}
                 ).download_and_prepare()
-        with open(relations_path, 'w') as f:
+        with safe.atomic_output(relations_path, 'w') as f:
             json.dump(ground_truth_relations(), f, indent=1)
-        with open(info_path, 'w') as f:  # written last: marks a complete build
+        with safe.atomic_output(info_path, 'w') as f:  # written last: marks a complete build
             json.dump(params, f)
 
 

@@ -5,22 +5,27 @@ workdirs together and scores Eq. 6's relations against the planted ones (Tab. 8)
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
 import os
+import struct
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from google.protobuf.message import DecodeError
+from tensorboardX.proto import event_pb2
 
 from ms3_jax import export, zero_shot
 from ms3_jax.data import eval_data, synthetic
 from ms3_jax.demo import tiny_clip
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.engine import checkpointing
+from ms3_jax.files import safe
 from ms3_jax.method import text_embeddings
 from ms3_jax.models.deeplab import encoder_from_config
 from ms3_jax.stages import pretrain, text_adapt
@@ -135,9 +140,59 @@ def language_accuracy(pretrain_dir: str, data_dir: str, truth: list[dict[str, st
                           zip(label_space.display_names, hits) if p}}
 
 
+def logged_scalars(tensorboard_dir: str, tag: str) -> dict[int, float]:
+    """step -> value of the scalar `tag` in the TensorBoard event files of `tensorboard_dir` (one
+    per attempt of a run): a step logged by several attempts keeps its latest value; a record cut
+    short (an attempt killed while writing) ends its file."""
+    found: dict[int, tuple[float, float]] = {}  # step -> (wall time, value)
+    for path in sorted(glob.glob(os.path.join(glob.escape(tensorboard_dir), "*tfevents*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):  # TFRecord: length, its crc, the Event, its crc
+            (n,) = struct.unpack_from("<Q", data, pos)
+            if pos + 16 + n > len(data):
+                break
+            try:
+                event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            except DecodeError:
+                break
+            pos += 16 + n
+            for v in event.summary.value:
+                if v.tag == tag:
+                    value = v.simple_value if v.HasField("simple_value") else (
+                        v.tensor.float_val[0] if v.tensor.float_val else math.nan)
+                    if event.step not in found or event.wall_time >= found[event.step][0]:
+                        found[event.step] = (event.wall_time, float(value))
+    return {step: value for step, (_, value) in sorted(found.items())}
+
+
+def loss_summary(history: list[dict[str, float]], pretrain_dir: str) -> dict[str, Any]:
+    """`loss_first` / `loss_last` of demo_summary.json: the mean pretraining loss over the first
+    and the last fifth of the steps (non-finite, skipped, steps left out), and `loss_from`. From
+    `history` (every step) when it holds the whole run; a resumed run has in memory only the steps
+    after the resume (none when pretraining had finished), so its losses are read back from
+    W/pretrain/tensorboard's `train/loss`, the steps logged (every `log_every`) by every attempt.
+    None when no loss was recorded at all."""
+    per_step = {int(h["step"]): float(h["loss"]) for h in history if "loss" in h}
+    losses, source = per_step, "every step"
+    if not per_step or min(per_step) != 1:  # resumed
+        logged = logged_scalars(os.path.join(pretrain_dir, "tensorboard"), "train/loss")
+        losses, source = ((logged, "train/loss logged to tensorboard (a resumed run)") if logged
+                          else (per_step, "the steps after the resume (nothing logged before)"))
+    values = [v for _, v in sorted(losses.items()) if math.isfinite(v)]
+    if not values:
+        return {"loss_first": None, "loss_last": None, "loss_from": "no loss recorded"}
+    k = max(1, len(values) // 5)
+    return {"loss_first": float(np.mean(values[:k])), "loss_last": float(np.mean(values[-k:])),
+            "loss_from": source}
+
+
 def prepare_builtin(config: ml_collections.ConfigDict) -> None:
     """What a stage's config asks to be built before it runs (the tiny configs): the synthetic
-    datasets (`data.synthetic`) and stage 1's tiny random CLIP (`text.tiny_clip_dir`)."""
+    datasets (`data.synthetic`) and stage 1's tiny random CLIP (`text.tiny_clip_dir`). Another
+    user's directory for either is refused (`safe.UnsafePath`, in `synthetic.prepare_synthetic`
+    and `tiny_clip.write_for_config`), before anything in it is read or built."""
     if config.data.get("synthetic"):
         synthetic.prepare_synthetic(config.data.data_dir, **config.data.synthetic)
     if config.get("text") and config.text.get("tiny_clip_dir"):
@@ -189,10 +244,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("[demo 5/5] exporting the backbone -> %s", out)
     export.export_workdir(pre_dir, out)
 
-    losses = [h["loss"] for h in history]
-    k = max(1, len(losses) // 5)
-    summary = {"loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
-               "language_accuracy": accuracy, "relations": scores, "backbone": out}
+    # A resumed demo holds only the steps after the resume in `history`: `loss_summary`.
+    summary = {**loss_summary(history, pre_dir), "language_accuracy": accuracy,
+               "relations": scores, "backbone": out}
     results_path = os.path.join(pre_dir, pretrain.RESULTS_FILE)
     miou = ""
     if os.path.exists(results_path):  # the last evaluation of pretraining (pretrain_eval.py)
@@ -204,12 +258,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         for d in config.pretrain.eval.get("held_out", ()):
             if f"{d}/language" in summary["eval"]:
                 miou += f", held-out {d} {summary['eval'][f'{d}/language']['mIoU']:.1f}"
-    with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
+    with safe.atomic_output(os.path.join(workdir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    logging.info("demo done: loss %.3f -> %.3f, nearest-T pixel accuracy %.3f (classes without a "
+    loss = {k: "n/a" if summary[k] is None else f"{summary[k]:.3f}"
+            for k in ("loss_first", "loss_last")}
+    logging.info("demo done: loss %s -> %s, nearest-T pixel accuracy %.3f (classes without a "
                  "renamed relation %.3f)%s, relations between differently named classes P %.2f "
                  "R %.2f (chance p %.3g); outputs in %s. For PyTorch: python -m ms3_jax.export "
-                 "--workdir %s --out backbone.pth", summary["loss_first"], summary["loss_last"],
+                 "--workdir %s --out backbone.pth", loss["loss_first"], loss["loss_last"],
                  accuracy["pixel_accuracy"], accuracy["pixel_accuracy_unrelated"], miou,
                  scores["precision"], scores["recall"], scores["chance_p"], workdir, pre_dir)
     if config.get("check_accuracy", True):

@@ -24,6 +24,7 @@ import safetensors.numpy
 import transformers  # a lazy module: the CLIP classes load on first use
 
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.files import safe
 from ms3_jax.models import clip_resnet, clip_text, clip_vision, open_clip_format
 from ms3_jax.models.clip_text import RANDOM_STANDIN_MARKER as MARKER_FILE
 
@@ -241,8 +242,12 @@ def write_for_config(config: ml_collections.ConfigDict) -> None:
     """Stage 1's ``text.tiny_clip_dir`` (the tiny configs, the demo): written when it holds no
     checkpoint (by process 0, the others wait), with the words of the union classes and the
     Tab. 1 pairs; a text-only one (written before stage 1 used CLIP's image tower) is refused
-    for ``encoder='clip'``. ``text.tiny_clip_arch`` 'rn50': `save_tiny_open_clip_rn` (Tab. 5)."""
+    for ``encoder='clip'``. ``text.tiny_clip_arch`` 'rn50': `save_tiny_open_clip_rn` (Tab. 5).
+    Another user's directory (or one that would be created inside theirs) is refused
+    (`safe.UnsafePath`) before anything in it is read: a checkpoint planted there could be
+    anything."""
     tc, tiny_dir = config.text, config.text.tiny_clip_dir
+    safe.refuse_foreign_dir(tiny_dir, "text.tiny_clip_dir", creating=True)
     if tc.get("tiny_clip_arch", "vit") == "rn50":
         _write_rn_for_config(config)
         return
@@ -258,6 +263,7 @@ def write_for_config(config: ml_collections.ConfigDict) -> None:
         logging.warning("text.tiny_clip_dir: writing a tiny CLIP with RANDOM weights to %s -- a "
                         "stand-in for demos/tests, NOT pretrained CLIP; its embeddings carry no "
                         "language knowledge", tiny_dir)
+        safe.make_own_dir(tiny_dir, "text.tiny_clip_dir")
         save_tiny_clip(tiny_dir, _union_words(config), proj_dim=config.model.emb_dim,
                        num_ctx=tc.num_ctx, seed=config.seed, full=True,
                        vision_overrides=tiny_vision(config.data.crop_size))
@@ -283,6 +289,7 @@ def _write_rn_for_config(config: ml_collections.ConfigDict) -> None:
     if jax.process_index() == 0:
         logging.warning("text.tiny_clip_dir: writing a tiny CLIP ResNet with RANDOM weights to "
                         "%s -- a stand-in for demos/tests, NOT pretrained CLIP RN50", tiny_dir)
+        safe.make_own_dir(tiny_dir, "text.tiny_clip_dir")
         save_tiny_open_clip_rn(tiny_dir, _union_words(config), seed=config.seed,
                                proj_dim=config.model.emb_dim, num_ctx=config.text.num_ctx,
                                image_size=config.data.crop_size)

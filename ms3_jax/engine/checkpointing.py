@@ -1,12 +1,13 @@
 """Workdir layout and orbax checkpoints shared by pretraining, stage 1, fine-tuning and export.
 
-Layout (W/config.json, W/checkpoints/<step> with items `state` and `data` and a MANIFEST,
-W/checkpoints/unusable/<step>): docs/design.md, "Workdir and checkpoint layout". Integrity:
-docs/choices.md, "Verified checkpoints, with fallback", "Unwritable checkpoint directory: a
-real write first".
+Layout (W/config.json, W/checkpoints/<step> with items `state`, `data` and `config` and a
+MANIFEST, W/checkpoints/unusable/<step>): docs/design.md, "Workdir and checkpoint layout".
+Integrity: docs/choices.md, "Verified checkpoints, with fallback", "Unwritable checkpoint
+directory: a real write first", "Reliability round 3".
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -24,12 +25,17 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from ms3_jax.engine import sharding
+from ms3_jax.files import safe
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 DELETED_DIR = "deleted"  # under CHECKPOINT_DIR: retired steps, removed by `purge_deleted`
 UNUSABLE_DIR = "unusable"  # under CHECKPOINT_DIR: corrupt steps a resume set aside (kept for a look)
 MANIFEST = "ms3_manifest.json"  # in every step directory: size + crc32 of each of its files
+CONFIG_ITEM = "config"  # in every step: the job config the step was computed with (the resume guard)
+# Free space asked before a save: the larger of the last step's size and the state's bytes, plus
+# this fraction and this many bytes (orbax's metadata, the manifest, file-system rounding).
+SAVE_MARGIN, SAVE_MARGIN_BYTES = 0.1, 16 << 20
 _CHUNK = 4 << 20  # checksums read files in chunks of 4 MiB, never whole
 
 
@@ -39,6 +45,18 @@ class CheckpointError(ValueError):
     def __init__(self, step: int, path: str, reason: str):
         super().__init__(f"checkpoint step {step}: {path}: {reason}")
         self.step, self.path, self.reason = step, path, reason
+
+
+class SaveFailed(OSError):
+    """A checkpoint save failed (in orbax's save thread or before it); carries the cause's errno,
+    so a full disk reads as a usage error (`exit_codes.USER_ERRNOS`)."""
+
+    def __init__(self, step: int, directory: str, cause: BaseException, last_saved: int | None):
+        code = getattr(cause, "errno", None)
+        super().__init__(code, f"checkpoint step {step} could not be saved in {directory} "
+                               f"({type(cause).__name__}: {cause}); the run stopped at the next step, "
+                               f"the newest saved step is {last_saved or 'none'}. Free space (or fix "
+                               "the directory) and relaunch the same command to resume")
 
 
 class NoUsableCheckpoint(ValueError):
@@ -74,10 +92,12 @@ def process_flags(flag: bool) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(flag, np.int32))).reshape(-1)
 
 
-def check_writable(directory: str, create: bool = False) -> None:
+def check_writable(directory: str, create: bool = False, needed: int = 0, what: str = "") -> None:
     """Raise an OSError naming `directory` unless a file can be created and removed in it (`create`:
-    make the directory first). All processes call it together. Why a real write: docs/choices.md,
-    "Unwritable checkpoint directory: a real write first" (orbax blocked ~300 s, then timed out)."""
+    make the directory first) and, with `needed`, it has that many bytes free (`safe.NotEnoughSpace`
+    naming `what`, needed vs free). All processes call it together. Why a real write:
+    docs/choices.md, "Unwritable checkpoint directory: a real write first" (orbax blocked ~300 s,
+    then timed out)."""
     error: OSError | None = None
     try:
         if create:
@@ -88,12 +108,18 @@ def check_writable(directory: str, create: bool = False) -> None:
         finally:
             os.close(fd)
             os.remove(probe)
+        if needed:
+            safe.check_free_space(directory, needed, what or "a checkpoint")
+    except safe.NotEnoughSpace as e:
+        error = e
     except OSError as e:
         error = e
     failed = process_flags(error is not None)
     if error is None and failed.any():
-        raise OSError(f"cannot save checkpoints in {directory}: process(es) "
+        raise OSError(errno.EIO, f"cannot save checkpoints in {directory}: process(es) "
                       f"{np.flatnonzero(failed).tolist()} cannot write there (see their logs)")
+    if isinstance(error, safe.NotEnoughSpace):
+        raise error
     if error is not None:
         where = "" if error.filename in (None, directory) or os.path.dirname(
             os.fspath(error.filename)) == directory else f" on {error.filename}"
@@ -105,18 +131,82 @@ def check_writable(directory: str, create: bool = False) -> None:
             "permissions, owner, free space and mount), or pass another --workdir")) from error
 
 
-class _Manager(ocp.CheckpointManager):
-    """orbax's manager with two checks: the directory is writable before each save is handed to
-    orbax, and process 0 writes the step's manifest once orbax has finished it."""
+def tree_bytes(tree: Any) -> int:
+    """Bytes of the arrays of a pytree (global shapes: what one checkpoint of it holds)."""
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")))
+
+
+def step_bytes(step_dir: str) -> int:
+    """Bytes of the files of a step directory (0 when it is gone)."""
+    return sum(os.path.getsize(os.path.join(step_dir, rel)) for rel in _step_files(step_dir)
+               if os.path.isfile(os.path.join(step_dir, rel)))
+
+
+class VerifiedManager(ocp.CheckpointManager):
+    """orbax's manager with three checks: before each save is handed to orbax, the directory is
+    writable and has room for it (`save_bytes`); process 0 writes the step's manifest once orbax
+    has finished it; `raise_save_errors` turns a failure in orbax's save thread into `SaveFailed`."""
+
+    state_bytes = 0  # the bytes of the state being saved, once the loop knows them
+
+    def save_bytes(self) -> int:
+        """What the next save asks free: the larger of the last step's size and `state_bytes`,
+        plus the margin (SAVE_MARGIN, SAVE_MARGIN_BYTES)."""
+        last = self.latest_step()
+        size = step_bytes(os.path.join(os.fspath(self.directory), str(last))) if last else 0
+        return int(max(size, self.state_bytes) * (1 + SAVE_MARGIN)) + SAVE_MARGIN_BYTES
+
+    def check_room(self, step: int | None = None) -> None:
+        """`check_writable` with `save_bytes` free (all processes together)."""
+        what = f"checkpoint step {step}" if step is not None else "the next checkpoint"
+        check_writable(os.fspath(self.directory), needed=self.save_bytes(), what=what)
+
+    _saving: int | None = None  # the step of the last save handed to orbax
+    _save_error: tuple[int, BaseException] | None = None  # (step, error) of a failed save
 
     def save(self, step: int, *args: Any, **kwargs: Any) -> bool:
-        check_writable(os.fspath(self.directory))
-        return super().save(step, *args, **kwargs)
+        self.check_room(step)
+        self._saving = step
+        try:
+            return super().save(step, *args, **kwargs)
+        except SaveFailed:
+            raise
+        except OSError as e:  # raised in this thread: an earlier save's error, or this one's
+            self._raise_failed(e)
+            raise
+
+    def raise_save_errors(self) -> None:
+        """Raise `SaveFailed` naming the step if a save finished with an error (orbax's save
+        thread, recorded by `_finalize`); nothing while saves are running or succeeded."""
+        if self._save_error is not None:
+            step, error = self._save_error
+            self._saving = step
+            self._raise_failed(error)
+
+    def finish_saves(self) -> None:
+        """`wait_until_finished`, a failed save raised as `SaveFailed`."""
+        try:
+            self.wait_until_finished()
+        except SaveFailed:
+            raise
+        except Exception as e:
+            self._raise_failed(e)
+            raise
+
+    def _raise_failed(self, error: BaseException) -> None:
+        step = self._saving if self._saving is not None else -1
+        saved = [s for s in self.all_steps() if s != step]
+        raise SaveFailed(step, os.fspath(self.directory), error, max(saved) if saved else None) from error
 
     def _finalize(self, step: int, *args: Any, **kwargs: Any) -> None:
         # orbax's finalize (the save thread when async): when it returns, the step directory is
         # complete and renamed; `wait_until_finished` waits for this manifest too.
-        super()._finalize(step, *args, **kwargs)
+        try:
+            super()._finalize(step, *args, **kwargs)
+        except BaseException as e:  # the main thread raises it at its next step
+            self._save_error = (step, e)
+            raise
         if jax.process_index() == 0:
             step_dir = os.path.join(os.fspath(self.directory), str(step))
             if os.path.isdir(step_dir):
@@ -129,7 +219,8 @@ class _Manager(ocp.CheckpointManager):
 
 
 def checkpoint_manager(workdir: str, max_to_keep: int = 3,
-                       item_names: tuple[str, ...] = ("state", "data")) -> ocp.CheckpointManager:
+                       item_names: tuple[str, ...] = ("state", "data", CONFIG_ITEM)
+                       ) -> ocp.CheckpointManager:
     """The orbax manager of a workdir (keeps the newest `max_to_keep` complete checkpoints); raises
     an OSError naming W/checkpoints at once when it is not writable."""
     _configure_array_handler()
@@ -141,7 +232,7 @@ def checkpoint_manager(workdir: str, max_to_keep: int = 3,
     # atomicity: orbax's"
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            todelete_subdir=DELETED_DIR)
-    return _Manager(directory, item_names=item_names, options=options)
+    return VerifiedManager(directory, item_names=item_names, options=options)
 
 
 def purge_deleted(directory: str) -> None:
@@ -176,11 +267,40 @@ def write_config(workdir: str, config: Any) -> None:
 
 
 def read_config(workdir: str) -> dict[str, Any]:
+    """W/config.json as a dict; a missing, unreadable or non-mapping file raises naming it."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{workdir} is not an ms3_jax workdir: {path} is missing")
-    with open(path) as f:
-        return json.load(f)
+    return _read_json_mapping(path, "the job config")
+
+
+def _read_json_mapping(path: str, what: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: {what} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {what} is not a JSON object (found {type(value).__name__})")
+    return value
+
+
+def step_config(directory: str, step: int) -> dict[str, Any] | None:
+    """The config saved in checkpoint step `step` of `directory` (its `config` item, checked
+    against the step's manifest first when it has one), or None for a step saved before steps
+    held their config. Raises `CheckpointError` when it is damaged or unreadable."""
+    step_dir = os.path.join(directory, str(step))
+    item = os.path.join(step_dir, CONFIG_ITEM)
+    if not os.path.isdir(item):
+        return None
+    verify_step(step_dir, step, items=(CONFIG_ITEM,))
+    path = os.path.join(item, "metadata")  # the file orbax's JsonCheckpointHandler writes
+    if not os.path.isfile(path):
+        raise CheckpointError(step, path, "missing")
+    try:
+        return _read_json_mapping(path, "the saved config")
+    except ValueError as e:
+        raise CheckpointError(step, path, str(e).split(": ", 1)[1]) from None
 
 
 # Manifests: size + crc32 of every file of a step, checked before a restore.
@@ -207,32 +327,51 @@ def _step_files(step_dir: str) -> list[str]:
     return sorted(out)
 
 
+def _files_crc32(files: Mapping[str, Any]) -> str:
+    """The manifest's own checksum: crc32 of its `files` as canonical JSON."""
+    text = json.dumps(files, sort_keys=True, separators=(",", ":"))
+    return f"{zlib.crc32(text.encode()):08x}"
+
+
 def write_manifest(step_dir: str) -> dict[str, Any]:
-    """Write `step_dir/MANIFEST`: {"format": 1, "checksum": "crc32", "files": {relative path:
-    {"size": bytes, "crc32": "8 hex digits"}}} for every file under the step (atomic: a temporary
-    file, fsync, rename). Call it only once the step is complete (orbax has renamed it)."""
+    """Write `step_dir/MANIFEST`: {"format": 2, "checksum": "crc32", "files": {relative path:
+    {"size": bytes, "crc32": "8 hex digits"}}, "files_crc32": crc32 of `files` (canonical JSON)}
+    for every file under the step (atomic: a temporary file, fsync, rename). Call it only once
+    the step is complete (orbax has renamed it)."""
     t0 = time.perf_counter()
     files = {}
     for rel in _step_files(step_dir):
         size, crc = _crc32(os.path.join(step_dir, rel))
         files[rel] = {"size": size, "crc32": f"{crc:08x}"}
-    manifest = {"format": 1, "checksum": "crc32", "files": files}
+    manifest = {"format": 2, "checksum": "crc32", "files": files, "files_crc32": _files_crc32(files)}
     path = os.path.join(step_dir, MANIFEST)
-    with open(path + ".tmp", "w") as f:
+    with safe.atomic_output(path, "w") as f:
         json.dump(manifest, f, indent=0, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
     logging.info("wrote %s (%d files, %.1f MB, %.3f s)", path, len(files),
                  sum(v["size"] for v in files.values()) / 1e6, time.perf_counter() - t0)
     return manifest
 
 
+def has_manifest(step_dir: str) -> bool:
+    """The step has a manifest other than a consistent empty one (not checked here:
+    `verify_step` does, and names a damaged one)."""
+    path = os.path.join(step_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return os.path.exists(path)
+    empty = _files_crc32({})
+    return not (isinstance(manifest, dict) and manifest.get("files") == {}
+                and manifest.get("files_crc32", empty) == empty)
+
+
 def verify_step(step_dir: str, step: int, items: Sequence[str] | None = None) -> bool:
     """Check the files of a step (those under `items` only, if given) against its manifest: True
-    when they match, False when the step has no manifest (written before manifests: unverified).
-    Raises `CheckpointError` naming the step and the first file missing, of another size or with
-    another checksum (sizes of all files first, then the checksums)."""
+    when they match, False when the step has no manifest or an empty one (its save was cut
+    before the manifest, or it predates manifests: unverified). Raises `CheckpointError` naming
+    the step and the manifest when it is unreadable or fails its own checksum, or the first file
+    missing, unlisted, of another size or with another checksum (sizes of all files first)."""
     path = os.path.join(step_dir, MANIFEST)
     if not os.path.isdir(step_dir):
         raise CheckpointError(step, step_dir, "the step directory is missing")
@@ -240,11 +379,20 @@ def verify_step(step_dir: str, step: int, items: Sequence[str] | None = None) ->
         return False
     try:
         with open(path) as f:
-            files = json.load(f)["files"]
+            manifest = json.load(f)
+        files = manifest["files"]
+        if manifest.get("format", 1) >= 2 and manifest.get("files_crc32") != _files_crc32(files):
+            raise ValueError("its own checksum (files_crc32) does not match its contents")
         entries = [(rel, int(v["size"]), int(v["crc32"], 16)) for rel, v in files.items()
                    if items is None or rel.split("/", 1)[0] in items]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(step, path, f"unreadable manifest ({type(e).__name__}: {e})") from e
+    if not files:
+        return False
+    unlisted = [rel for rel in _step_files(step_dir) if rel not in files
+                and (items is None or rel.split("/", 1)[0] in items)]
+    if unlisted:
+        raise CheckpointError(step, os.path.join(step_dir, unlisted[0]), "not in the manifest")
     for rel, size, _ in entries:
         file = os.path.join(step_dir, rel)
         if not os.path.isfile(file):
@@ -298,7 +446,11 @@ def restore_first_usable(directory: str, steps: Sequence[int], restore: Callable
     `NoUsableCheckpoint` when none is usable. Processes agree on every step (process 0 checks
     the manifest; a restore failing on any process fails the step everywhere)."""
     failures: list[CheckpointError] = []
-    ordered = sorted(steps, reverse=True)
+    newest_first = sorted(steps, reverse=True)
+    # Steps with a manifest first (process 0 decides): a run with verified steps prefers them.
+    listed = {s: bool(process_flags(jax.process_index() == 0 and has_manifest(
+        os.path.join(directory, str(s))))[0]) for s in newest_first}
+    ordered = [s for s in newest_first if listed[s]] + [s for s in newest_first if not listed[s]]
     for step in ordered:
         step_dir = os.path.join(directory, str(step))
         error: CheckpointError | None = None
@@ -309,8 +461,10 @@ def restore_first_usable(directory: str, steps: Sequence[int], restore: Callable
                     logging.info("checkpoint step %d verified against %s (%.3f s)", step, MANIFEST,
                                  time.perf_counter() - t0)
                 else:
-                    logging.info("checkpoint step %d of %s has no %s (saved before manifests): "
-                                 "restoring it unverified", step, workdir, MANIFEST)
+                    logging.warning("checkpoint step %d of %s is unverified: no %s, or an empty "
+                                    "one (its save was cut before the manifest was written, or "
+                                    "it predates manifests); restoring it without checking its "
+                                    "files", step, workdir, MANIFEST)
             except CheckpointError as e:
                 error = e
         bad = process_flags(error is not None).any()
@@ -326,13 +480,21 @@ def restore_first_usable(directory: str, steps: Sequence[int], restore: Callable
                 error = CheckpointError(step, step_dir, "restoring it failed on another process "
                                                         "(see its log)")
         if error is None:
+            failed = {f.step for f in failures}
+            for newer in (s for s in newest_first if listed[step] and s > step
+                          and not listed[s] and s not in failed):
+                failures.append(CheckpointError(newer, os.path.join(directory, str(newer)), (
+                    f"unverified (no {MANIFEST}: its save was cut before the manifest) while "
+                    f"step {step} is verified; the verified step is restored")))
+                logging.warning("%s", failures[-1])
             if failures:
+                failures.sort(key=lambda f: -f.step)
                 logging.warning("restored step %d of %s instead of the latest step %d: newer "
-                                "step(s) %s are unusable (above)", step, workdir, ordered[0],
-                                [f.step for f in failures])
+                                "step(s) %s are unusable or unverified (above)", step, workdir,
+                                newest_first[0], [f.step for f in failures])
             return step, result, failures
         failures.append(error)
-        older = "; trying the next older step" if step != ordered[-1] else "; no older step left"
+        older = "; trying the next step" if step != ordered[-1] else "; no other step left"
         logging.warning("%s%s", error, older)
     raise NoUsableCheckpoint(workdir, failures)
 

@@ -8,10 +8,12 @@ on the stop step", "Checkpoint atomicity: orbax's", "Verified checkpoints, with 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -22,7 +24,7 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
 from ms3_jax.data import pipeline as data_pipeline
-from ms3_jax.engine import checkpointing, nonfinite
+from ms3_jax.engine import checkpointing, exit_codes, nonfinite
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -56,6 +58,44 @@ def terminate_outside_loop(workdir: str) -> None:
         raise StoppedOutsideLoop(signal.Signals(signum).name, workdir)
 
     signal.signal(signal.SIGTERM, handle)
+    _watch_for_early_stop(workdir)
+
+
+_first_step_done = threading.Event()  # set once a step of this process's loop has run
+
+
+def _watch_for_early_stop(workdir: str) -> None:
+    """Until the loop's first step has run, SIGTERM ends the process within a second with exit
+    75, even while XLA compiles (a Python handler runs only between bytecodes, so it would wait
+    for the compile): a thread woken by the signal's C-level handler (`signal.set_wakeup_fd`)
+    exits at once; nothing has been saved by this run yet. Afterwards the handlers decide.
+    Single-process jobs only: the processes of a multi-process job leave together through
+    `jax.distributed`'s shutdown barrier, which an immediate exit would skip."""
+    if (threading.current_thread() is not threading.main_thread() or _first_step_done.is_set()
+            or jax.process_count() > 1):
+        return
+    receiver, sender = socket.socketpair()
+    sender.setblocking(False)
+    try:
+        signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+    except ValueError:  # not the main interpreter
+        return
+
+    def watch() -> None:
+        while True:
+            received = receiver.recv(64)
+            if not received:
+                return
+            if signal.SIGTERM in received and not _first_step_done.is_set():
+                message = (f"SIGTERM before the first training step: nothing new saved, the "
+                           f"checkpoints in {workdir} are as they were; relaunch the same "
+                           f"command to resume; exit code {exit_codes.PREEMPTED}")
+                logging.warning("%s", message)
+                logging.flush()
+                os._exit(exit_codes.PREEMPTED)  # at once: the main thread is inside a compile
+
+    threading.Thread(target=watch, daemon=True, name="ms3-early-sigterm").start()
+    _watch_for_early_stop.sockets = (receiver, sender)  # kept open for the life of the process
 
 
 def progress_line(step: int, num_steps: int, metrics: Mapping[str, float], rate: float) -> str:
@@ -212,11 +252,19 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
             for k, v in last.items():
                 writer.add_scalar(f"train/{k}", v, step)
 
+    saved_config = json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+    if isinstance(mngr, checkpointing.VerifiedManager):
+        mngr.state_bytes = checkpointing.tree_bytes(state)
+        mngr.check_room()  # a disk too full for one checkpoint: refused before the first step
+
     def save(step: int) -> None:
         checkpointing.purge_deleted(str(mngr.directory))
         mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=data_pipeline.checkpoint_save_args(iterator)))
+            state=ocp.args.StandardSave(state), data=data_pipeline.checkpoint_save_args(iterator),
+            **{checkpointing.CONFIG_ITEM: ocp.args.JsonSave(saved_config)}))
 
+    if start < end:
+        logging.info("step %d: compiling the training step (the first step waits for it)", start + 1)
     with StopRequest() as stop:
         try:
             for step in range(start + 1, end + 1):
@@ -227,7 +275,10 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
                         logging.warning("step %d: %d unreadable record(s) replaced (%d in this run; "
                                         "data.skip_unreadable)", step, n, unreadable)
                 state, metrics = trainer.step(state, trainer.global_batch(local))
+                _first_step_done.set()
                 pending.append(metrics)
+                if isinstance(mngr, checkpointing.VerifiedManager):
+                    mngr.raise_save_errors()  # a failed save stops the run here, not at the end
                 scheduled = step % checkpoint_every == 0 or step == end
                 boundary = scheduled or step % log_every == 0
                 if boundary:
@@ -242,15 +293,28 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
                         flush(step)  # the non-finite check comes before any save
                     if not scheduled:
                         save(step)
-                    mngr.wait_until_finished()
+                    finish_saves(mngr)
                     error = Preempted(step, workdir)
                     logging.warning("%s (%s)", error,
                                     stop.signal_name or "another process was signalled")
                     raise error
                 if after_step is not None:
                     after_step(step, state)
-        except Exception:
-            mngr.wait_until_finished()  # an earlier, finite checkpoint still completes
+        except Exception as flying:
+            try:
+                mngr.wait_until_finished()  # an earlier, finite checkpoint still completes
+            except Exception as e:  # that save failed too (unless it is the error in flight)
+                if not isinstance(flying, checkpointing.SaveFailed):
+                    logging.warning("a pending checkpoint save failed as well (%s: %s)",
+                                    type(e).__name__, e)
             raise
-        mngr.wait_until_finished()
+        finish_saves(mngr)
     return state
+
+
+def finish_saves(mngr: ocp.CheckpointManager) -> None:
+    """Wait for the pending save; a failed one raises `checkpointing.SaveFailed`."""
+    if isinstance(mngr, checkpointing.VerifiedManager):
+        mngr.finish_saves()
+    else:
+        mngr.wait_until_finished()

@@ -165,45 +165,83 @@ def resume_changes(saved: Mapping[str, Any], config: Mapping[str, Any]) -> list[
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not free(k)]
 
 
-def checkpoint_manager(config: ml_collections.ConfigDict, workdir: str) -> ocp.CheckpointManager:
-    """Opens W/checkpoints and writes W/config.json (process 0). On a resume the config is first
-    compared with the saved one: a change of what the run computes (`resume_changes`) raises,
-    listing the fields; the previous config.json is kept as config.<n>.json when it differs."""
-    mngr = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints)
-    path = os.path.join(workdir, checkpointing.CONFIG_FILE)
-    saved = checkpointing.read_config(workdir) if os.path.isfile(path) else None
+def check_resume(mngr: ocp.CheckpointManager, config: ml_collections.ConfigDict, workdir: str,
+                 steps: Sequence[int] | None = None) -> int | None:
+    """The resume guard: compare `config` with the config saved in the newest checkpoint step
+    (of `steps`, default all) whose config item is intact, and raise a ValueError listing the
+    changed fields (`resume_changes`) when it computes something else. Steps saved before they
+    held their config are compared with W/config.json, which must then exist and parse (else a
+    ValueError names it). Returns the step compared with (None: nothing to resume)."""
+    directory = os.fspath(mngr.directory)
     current = json.loads(config.to_json())
-    if saved is not None and mngr.latest_step():
-        changes, step = resume_changes(saved, current), mngr.latest_step()
-        if changes:
-            mngr.close()
+    steps = sorted(mngr.all_steps() if steps is None else steps, reverse=True)
+    for step in steps:
+        try:
+            saved = checkpointing.step_config(directory, step)
+        except checkpointing.CheckpointError as e:
+            logging.warning("%s; comparing the config with the next older step", e)
+            continue
+        source = f"checkpoint step {step}"
+        if saved is None:  # a step saved before steps held their config: W/config.json
+            path = os.path.join(workdir, checkpointing.CONFIG_FILE)
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"{path} is missing and checkpoint step {step} predates saved configs, so "
+                    "nothing says which config computed it; resuming could mix two runs. Put "
+                    "back the run's config.json, or use another --workdir.")
+            saved, source = checkpointing.read_config(workdir), path
+        if changes := resume_changes(saved, current):
             raise ValueError(
-                f"{workdir} holds a run (step {step}) with another config; resuming "
-                "would mix two runs:\n  " + "\n  ".join(changes) + "\nUse another --workdir, or "
-                "name the fields you mean to change: --config.resume_overrides='(\"" +
+                f"{workdir} holds a run (step {step}) with another config (from {source}); "
+                "resuming would mix two runs:\n  " + "\n  ".join(changes) + "\nUse another "
+                "--workdir, or name the fields you mean to change: --config.resume_overrides='(\"" +
                 changes[0].split(":")[0] + "\",)'")
-    if jax.process_index() == 0:
-        if saved is not None and saved != current:
-            n = 1
-            while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
-                n += 1
-            shutil.copyfile(path, os.path.join(workdir, f"config.{n}.json"))  # path stays readable
-        checkpointing.write_config(workdir, config)
-    return mngr
+        return step
+    if steps:
+        raise ValueError(f"no checkpoint step of {workdir} has a readable config (above); "
+                         "cannot check that this command continues that run. Move the damaged "
+                         "steps out of its checkpoints directory, or use another --workdir.")
+    return None
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Write W/config.json (process 0), once the resume guard and the restore passed; a previous
+    config.json that differs is kept as config.<n>.json. An unreadable one is kept the same way."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, checkpointing.CONFIG_FILE)
+    try:
+        changed = os.path.isfile(path) and checkpointing.read_config(workdir) != json.loads(config.to_json())
+    except ValueError:
+        changed = True
+    if changed:
+        n = 1
+        while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+            n += 1
+        shutil.copyfile(path, os.path.join(workdir, f"config.{n}.json"))  # path stays readable
+    checkpointing.write_config(workdir, config)
 
 
 def run(stage: Stage, workdir: str, stop_at: int | None = None) -> Any:
-    """`stage` in `workdir`: config.json (`checkpoint_manager`), resume from the latest checkpoint
-    (state + data iterator), the loop (`loop.run`, `stage.evaluate` after every step), TensorBoard,
+    """`stage` in `workdir`: the resume guard (`check_resume`), resume from the latest checkpoint
+    (state + data iterator), W/config.json (`record_config`), the loop (`loop.run`, `stage.evaluate` after every step), TensorBoard,
     then `stage.finish`, whose result is returned. `stop_at` ends the run after that step (with a
     checkpoint), as a preemption would."""
     config, num_steps = stage.config, stage.num_steps
-    mngr = checkpoint_manager(config, workdir)
+    mngr = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints)
+    try:
+        compared = check_resume(mngr, config, workdir)  # before any long work
+    except BaseException:
+        mngr.close()
+        raise
     iterator = stage.pipeline.make_iterator()
-    state = stage.init_state(jax.random.PRNGKey(config.seed), resuming=bool(mngr.latest_step()))
+    state = stage.init_state(jax.random.PRNGKey(config.seed), resuming=compared is not None)
     writer = loop.summary_writer(workdir, config)
     try:
         state, start = loop.restore_latest(mngr, state, iterator, workdir)
+        if start and start != compared:  # an older step than the one compared was restored
+            check_resume(mngr, config, workdir, steps=[start])
+        record_config(config, workdir)
         end = num_steps if stop_at is None else min(num_steps, stop_at)
         history: list[dict[str, float]] = []
         state = loop.run(stage, state, iterator, config, start=start, end=end, num_steps=num_steps,

@@ -1,7 +1,9 @@
 """One writer per workdir: an advisory lock that `ms3_jax.main` holds for the whole run.
 
 `fcntl.flock` on `W/.lock`, which names its holder; process 0 only; `gs://` workdirs are not
-locked. docs/choices.md, "One run per workdir: flock".
+locked. docs/choices.md, "One run per workdir: flock". Another user's workdir (or one that would
+be created inside theirs) and a symbolic link planted at `W/.lock` are refused (`safe.UnsafePath`,
+a usage error).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from collections.abc import Iterator
 
 import jax
 
+from ms3_jax.files import safe
+
 LOCK_FILE = ".lock"
 
 
@@ -24,13 +28,14 @@ class WorkdirInUse(RuntimeError):
 
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
-    """Hold the workdir's lock for the duration (process 0, local paths); raises WorkdirInUse."""
+    """Hold the workdir's lock for the duration (process 0, local paths); raises WorkdirInUse,
+    or `safe.UnsafePath` for another user's workdir or a link at W/.lock."""
     if jax.process_index() != 0 or "://" in workdir:
         yield
         return
-    os.makedirs(workdir, exist_ok=True)
+    safe.make_own_dir(workdir, "workdir")
     path = os.path.join(workdir, LOCK_FILE)
-    f = open(path, "a+")
+    f = safe.open_nofollow(path, "a+")
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -2,13 +2,17 @@
 outputs, TensorBoard examples)."""
 from __future__ import annotations
 
+import collections
 import colorsys
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ms3_jax.files import safe
 
 # Distinct, legible colours for the first classes; more are spread over the hue circle.
 _BASE_PALETTE = (
@@ -68,19 +72,63 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
     return canvas
 
 
+def output_stems(paths: Sequence[str]) -> list[str]:
+    """One output stem per input (`<stem>_labels.png`, `_labels.json`, `_overlay.png`), unique
+    even on a case-insensitive file system: the file's stem, or, when several inputs share it
+    (`a.png a.jpg sub/a.png`), the first keeps it and the others get their extension
+    (`a_jpg`), then a number (`a_png_2`). Inputs renamed so are logged on stderr."""
+    plain = [os.path.splitext(os.path.basename(p))[0] or "image" for p in paths]
+    count = collections.Counter(s.lower() for s in plain)
+    used = {s.lower() for s in plain if count[s.lower()] == 1}  # kept as they are
+    stems = []
+    for path, stem in zip(paths, plain):
+        if count[stem.lower()] > 1:
+            ext = os.path.splitext(path)[1].lstrip(".") or "noext"
+            candidates = [stem, f"{stem}_{ext}"] + [f"{stem}_{ext}_{n}" for n in range(2, len(paths) + 2)]
+            unique = next(c for c in candidates if c.lower() not in used)
+            if unique != stem:
+                print(f"note: {path} would share the output name {stem}_* with another input: "
+                      f"written as {unique}_*", file=sys.stderr)
+            stem = unique
+        used.add(stem.lower())
+        stems.append(stem)
+    return stems
+
+
+def output_paths(out_dir: str, stem: str) -> tuple[str, str, str]:
+    """(labels PNG, labels JSON, overlay PNG) of `stem` in `out_dir`."""
+    return (os.path.join(out_dir, f"{stem}_labels.png"), os.path.join(out_dir, f"{stem}_labels.json"),
+            os.path.join(out_dir, f"{stem}_overlay.png"))
+
+
+def check_outputs_spare_inputs(out_dir: str, stems: Sequence[str], inputs: Sequence[str]) -> None:
+    """ValueError if an output file would overwrite one of the inputs (`--out` = the input
+    folder, run twice)."""
+    sources = {os.path.realpath(p): p for p in inputs}
+    for stem in stems:
+        for out in output_paths(out_dir, stem):
+            if os.path.realpath(out) in sources:
+                raise ValueError(f"the output {out} would overwrite the input "
+                                 f"{sources[os.path.realpath(out)]}; choose another --out")
+
+
 def write_outputs(out_dir: str, stem: str, image: np.ndarray, labels: np.ndarray,
                   class_names: Sequence[str]) -> tuple[str, str]:
-    """`<stem>_labels.png` (palette PNG: pixel value = class index, shown in the overlay's colours),
-    `<stem>_labels.json` (index -> class name) and `<stem>_overlay.png`; returns the two PNG paths."""
+    """`<stem>_labels.png` (palette PNG: pixel value = class index, shown in the overlay's
+    colours), `<stem>_labels.json` (index -> class name) and `<stem>_overlay.png`
+    (`visualize.overlay`), each written atomically (`safe.atomic_output`: whole or not at all);
+    returns the two PNG paths."""
     if len(class_names) > 256:
         raise ValueError(f"{len(class_names)} classes do not fit a uint8 label PNG (at most 256)")
     os.makedirs(out_dir, exist_ok=True)
-    labels_path = os.path.join(out_dir, f"{stem}_labels.png")
-    overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
+    labels_path, json_path, overlay_path = output_paths(out_dir, stem)
     indexed = Image.fromarray(labels.astype(np.uint8), mode="P")
     indexed.putpalette(palette(len(class_names)).astype(np.uint8).ravel().tolist())
-    indexed.save(labels_path)
-    with open(os.path.join(out_dir, f"{stem}_labels.json"), "w") as f:
+    picture = overlay(image, labels, class_names)
+    with safe.atomic_output(labels_path, "wb") as f:
+        indexed.save(f, format="PNG")
+    with safe.atomic_output(json_path, "w") as f:
         json.dump({str(i): name for i, name in enumerate(class_names)}, f, indent=1)
-    overlay(image, labels, class_names).save(overlay_path)
+    with safe.atomic_output(overlay_path, "wb") as f:
+        picture.save(f, format="PNG")
     return labels_path, overlay_path

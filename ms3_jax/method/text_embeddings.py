@@ -5,14 +5,21 @@ File schema (`text_embeddings.npz`, written by stage 1 or from the hand template
   datasets    str [|Y|]   the dataset of each class
   embeddings  f32 [|Y|, C] unit rows
   source      str []      'template' or 'adapted' (how T was made)
+
+Written atomically; every error reading one (missing, empty, truncated, not an npz, pickled
+objects, wrong keys / shapes / classes) is a ValueError / FileNotFoundError naming the file and
+the reason (`ms3_jax.main`: one line, exit code 2).
 """
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 
 import numpy as np
 
 from ms3_jax.data.label_space import LabelSpace
+from ms3_jax.files import safe
 from ms3_jax.models.clip_text import encode_classes, load_clip_text
 
 FILE_NAME = "text_embeddings.npz"
@@ -27,19 +34,16 @@ def save_text_embeddings(path: str, label_space: LabelSpace, embeddings: np.ndar
         raise ValueError(f"{emb.shape[0]} embeddings for {label_space.num_classes} classes")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     datasets = [label_space.dataset_names[d] for d in label_space.dataset_of_class]
-    np.savez(path, names=np.asarray(label_space.display_names), datasets=np.asarray(datasets),
-             embeddings=emb, source=np.asarray(source))
+    if not path.endswith(".npz"):
+        path += ".npz"  # as np.savez names it
+    with safe.atomic_output(path, "wb") as f:  # whole or not at all
+        np.savez(f, names=np.asarray(label_space.display_names), datasets=np.asarray(datasets),
+                 embeddings=emb, source=np.asarray(source))
 
 
 def load_text_embeddings(path: str, label_space: LabelSpace) -> np.ndarray:
     """T for `label_space`, checked: the file's classes must be exactly the configured ones."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text embeddings file not found: {path}")
-    with np.load(path) as f:
-        if missing := [k for k in ("names", "embeddings") if k not in f.files]:
-            raise ValueError(f"{path} lacks {missing}; expected keys names, datasets, embeddings")
-        names = [str(n) for n in f["names"]]
-        emb = np.asarray(f["embeddings"], np.float32)
+    names, emb = _read(path)
     want = list(label_space.display_names)
     if names != want:
         extra = sorted(set(names) - set(want))[:10]
@@ -57,6 +61,41 @@ def load_text_embeddings(path: str, label_space: LabelSpace) -> np.ndarray:
         raise ValueError(f"{path}: embeddings must be finite and L2-normalised (norms {norms.min():.3f}"
                          f"..{norms.max():.3f})")
     return emb
+
+
+def _read(path: str) -> tuple[list[str], np.ndarray]:
+    """(names, embeddings float32) of the npz at `path`; errors name the file and the reason."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a directory, not a text embeddings .npz file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text embeddings file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the text embeddings file is empty (0 bytes)")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # np.load would try pickle (and hint
+            # at allow_pickle, without the file's name)
+            raise ValueError(f"{path}: not an .npz archive (starts with {magic!r}); expected the "
+                             "file stage 1 writes")
+        with np.load(path, allow_pickle=False) as f:
+            if missing := [k for k in ("names", "embeddings") if k not in f.files]:
+                raise ValueError(f"{path} lacks {missing}; expected keys names, datasets, embeddings")
+            names, emb = np.asarray(f["names"]), np.asarray(f["embeddings"])
+    except ValueError as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: unreadable text embeddings ({e})") from e
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path}: unreadable (truncated or damaged?) text embeddings "
+                         f"({type(e).__name__}: {e})") from e
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise ValueError(f"{path}: 'names' must be a list of strings, got {names.dtype} "
+                         f"{names.shape}")
+    if emb.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: 'embeddings' must be numbers, got {emb.dtype}")
+    return [str(n) for n in names], emb.astype(np.float32)
 
 
 def template_text_embeddings(clip: str, label_space: LabelSpace,

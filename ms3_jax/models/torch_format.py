@@ -19,8 +19,9 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
+from ms3_jax.files import safe
 from ms3_jax.models import checkpoint_formats
 from ms3_jax.models.resnet import STAGE_SIZES
 
@@ -287,10 +288,23 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-    """Write `.safetensors` (no torch needed) or a torch `.pth`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".safetensors"):
-        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
-        return
-    import torch  # optional dependency (the `torch` extra): only for .pth files
-    torch.save({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state_dict.items()}, path)
+    """Write `.safetensors` (no torch needed) or a torch `.pth` / `.pt` (float32 tensors)
+    atomically (`safe.atomic_output`): whole or not at all. The free space is checked first; a
+    write error (a full disk) names the file and keeps its errno."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    safe.check_free_space(directory, sum(int(np.asarray(v).size) * 4 for v in state_dict.values()),
+                          path)
+    try:
+        with safe.atomic_output(path, "wb") as f:
+            if path.endswith(".safetensors"):
+                f.write(save({k: np.ascontiguousarray(v) for k, v in state_dict.items()}))
+            else:
+                import torch  # optional dependency (the `torch` extra): only for .pth files
+                torch.save({k: torch.from_numpy(np.array(v, dtype=np.float32))
+                            for k, v in state_dict.items()}, f)
+    except OSError as e:
+        if e.filename or path in str(e):
+            raise
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}; nothing was written (a "
+                               "file already there is unchanged)") from e

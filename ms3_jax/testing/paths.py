@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-import tempfile
+
+from ms3_jax.files import safe  # imports no JAX either
 
 # The checkout (this file is ms3_jax/testing/paths.py): configs/, launch/, README.md.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,9 +24,9 @@ def xla_flags(devices: int, fast_compile: bool = True) -> str:
 
 def compilation_cache_dir() -> str:
     """The persistent JAX compilation cache the test session and its subprocesses share
-    (`$MS3_TEST_XLA_CACHE`, else `<tmp>/ms3_jax_test_xla_cache`)."""
-    return os.environ.get("MS3_TEST_XLA_CACHE") or os.path.join(tempfile.gettempdir(),
-                                                                "ms3_jax_test_xla_cache")
+    (`$MS3_TEST_XLA_CACHE`, else `~/.cache/ms3_jax/test_xla_cache`: per user, as compiled
+    programs another user planted in a shared /tmp would run here)."""
+    return os.environ.get("MS3_TEST_XLA_CACHE") or safe.user_cache_dir("test_xla_cache")
 
 
 def subprocess_env(devices: int = 1, fast_compile: bool = True, **extra: str) -> dict:
