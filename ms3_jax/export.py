@@ -12,7 +12,6 @@ to use instead). The file is written atomically (`torch_format.write_state_dict`
 destination as it was and no temporary file behind."""
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any, Mapping
 
@@ -174,7 +173,8 @@ def export_workdir(workdir: str, out: str, what: str = "backbone", step: int | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Export an ms3_jax checkpoint to PyTorch.")
+    parser = exit_codes.ArgumentParser(prog="python -m ms3_jax.export",
+                                       description="Export an ms3_jax checkpoint to PyTorch.")
     parser.add_argument("--workdir", required=True, help="pretraining / fine-tuning workdir")
     parser.add_argument("--out", required=True, help="output file: .pth (torch.save) or .safetensors")
     parser.add_argument("--what", default="backbone", choices=["backbone", "segmentor"])

@@ -92,9 +92,11 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, traceback_hint: bool = False) -> NoReturn:
     """A usage error: one line on stderr, exit code 2."""
-    print(f"error: {message} (exit code {exit_codes.USAGE})", file=sys.stderr, flush=True)
+    hint = "; --verbose shows the traceback" if traceback_hint else ""
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"error: {message} (exit code {exit_codes.USAGE}{hint})", file=sys.stderr, flush=True)
     sys.exit(exit_codes.USAGE)
 
 
@@ -181,7 +183,7 @@ def main(argv: list[str]) -> None:
         if _VERBOSE.value or not is_usage_error(e):
             raise
         logging.flush()
-        fail(f"{e} (--verbose shows the traceback)")
+        fail(str(e), traceback_hint=True)
 
 
 def remove_if_untouched(workdir: str) -> None:

@@ -110,7 +110,8 @@ def _warn_skip(error: Exception) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
-    parser = argparse.ArgumentParser(description="Segment images with a fine-tuned ms3_jax workdir.")
+    parser = exit_codes.ArgumentParser(
+        prog="python -m ms3_jax.predict", description="Segment images with a fine-tuned ms3_jax workdir.")
     parser.add_argument("--workdir", required=True, help="fine-tuning workdir (configs/finetune/)")
     parser.add_argument("--image", nargs="+", required=True, help="image files and / or folders")
     parser.add_argument("--out", required=True, help="output directory")

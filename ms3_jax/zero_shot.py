@@ -255,7 +255,8 @@ def synthetic_sample(workdir: str, dataset: str = "synth_a", index: int = 0,
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
-    parser = argparse.ArgumentParser(
+    parser = exit_codes.ArgumentParser(
+        prog="python -m ms3_jax.zero_shot",
         description="Zero-shot segmentation with arbitrary class names (MS3 paper, Fig. 3).")
     parser.add_argument("--workdir", required=True,
                         help="pretraining workdir (config.json + checkpoints), demo or stage-1 workdir")

@@ -33,6 +33,8 @@ NOT_RUN = {
     "launch/slurm_gpu.sbatch": "needs SLURM",
     "launch/local_multiprocess.sh": "tests/test_multihost.py",
     "--config.data.unlabeled.source": "tests/test_unlabeled.py",
+    "configs/finetune/synthetic.py": "tests/test_try_it.py (from the quick demo's workdir)",
+    "runs/demo/samples": "tests/test_try_it.py (the samples the demo writes)",
 }
 FAST = ["--config.num_steps=4", "--config.checkpoint_every=4", "--config.log_every=2"]
 

@@ -210,11 +210,15 @@ def test_another_users_directories_are_refused(tmp_path, monkeypatch):
         with pytest.raises(safe.UnsafePath, match=rf"^{re.escape(what)} {re.escape(str(path))} "
                            r"belongs to another user \(uid \d+\); refusing"):
             call()
-    # One that would be created inside another user's directory is refused too.
+    # One that would be created inside another user's world-writable directory is refused too;
+    # inside their group-shared one (a project's scratch space, not writable by all) it is fine.
+    data_dir.chmod(0o777)
     with pytest.raises(safe.UnsafePath, match=r"data_dir .*/data/new would be created inside .*/data, which "
-                       r"belongs to another user"):
+                       r"belongs to another user \(uid \d+\) and anyone may write in it"):
         synthetic.prepare_synthetic(str(data_dir / "new"), **synth)
     assert sorted(os.listdir(data_dir)) == [] and sorted(os.listdir(workdir)) == []
+    data_dir.chmod(0o775)
+    safe.refuse_foreign_dir(str(data_dir / "new"), "data_dir", creating=True)
     # safe.py is the single place that looks at owners.
     owners = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, "ms3_jax")) for f in fs
               if f.endswith(".py") and re.search(r"st_uid|getuid|geteuid", open(os.path.join(d, f)).read())]

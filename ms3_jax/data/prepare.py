@@ -76,15 +76,28 @@ def stop_cleanly_on_sigterm(data_dir: str) -> Iterator[list[str]]:
         signal.signal(signal.SIGTERM, previous)
 
 
+USAGE = 2  # ms3_jax.engine.exit_codes.USAGE (data/ may not import engine/): what the user can fix
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line and exit code 2 (as the other CLIs: `exit_codes`)."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {self.prog}: {message} (--help lists the arguments)", file=sys.stderr,
+              flush=True)
+        sys.exit(USAGE)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ms3_jax.data.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m ms3_jax.data.prepare", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     real = [d for d in registry.DATASETS.values() if not d.synthetic]
     p.add_argument("--dataset", required=True, help=" | ".join(d.name for d in real) + " (or "
                    + ", ".join(a for d in real for a in d.aliases) + ", ms3_* tfds names)")
     p.add_argument("--manual_dir", required=True, help="folder with the official archives or "
                    "their extracted folders")
     p.add_argument("--data_dir", required=True, help="tfds data_dir to write to")
+    p.add_argument("--verbose", action="store_true", help="full tracebacks for errors too")
     p.add_argument("--skip_corrupt", action="store_true", help="skip (and count) images / "
                    "labels PIL cannot decode instead of failing")
     p.add_argument("--config", default=None, help="builder config; only mapillary has "
@@ -144,5 +157,10 @@ def main(argv: Sequence[str] | None = None) -> builders.SegmentationBuilder:
 if __name__ == "__main__":
     try:
         main()
-    except builders.DatasetError as e:
-        sys.exit(f"error: {e}")
+    except (builders.DatasetError, ValueError, FileNotFoundError, NotADirectoryError,
+            PermissionError) as e:  # the data or a path: one line, exit code 2
+        if "--verbose" in sys.argv:
+            raise
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message} (--verbose shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(USAGE)

@@ -18,13 +18,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from google.protobuf.message import DecodeError
+from PIL import Image
 from tensorboardX.proto import event_pb2
 
 from ms3_jax import export, zero_shot
-from ms3_jax.data import eval_data, synthetic
+from ms3_jax.data import eval_data, sources, synthetic
 from ms3_jax.demo import tiny_clip
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.engine import checkpointing
+from ms3_jax.evaluation import visualize
 from ms3_jax.files import safe
 from ms3_jax.method import text_embeddings
 from ms3_jax.models.deeplab import encoder_from_config
@@ -188,6 +190,101 @@ def loss_summary(history: list[dict[str, float]], pretrain_dir: str) -> dict[str
             "loss_from": source}
 
 
+# W/samples/: validation images of the demo's synthetic datasets to try the tools on (the
+# held-out dataset first: what configs/finetune/synthetic.py fine-tunes on), as (dataset, how
+# many); W/samples_truth/: their ground truth drawn over them (not in W/samples/, which
+# `predict --image` reads whole).
+SAMPLES_DIR, SAMPLES_TRUTH_DIR, SAMPLES_FILE, SAMPLES_README = (
+    "samples", "samples_truth", "samples.json", "README.txt")
+SAMPLES = ((synthetic.HELD_OUT_DATASET, 3), *((d, 1) for d in synthetic.PRETRAIN_DATASETS))
+NOT_ANNOTATED = "(not annotated)"
+
+
+def write_samples(workdir: str, samples: tuple[tuple[str, int], ...] = SAMPLES) -> list[str]:
+    """Writes validation images of the synthetic datasets in `workdir`/data as PNGs into
+    `workdir`/samples/ (`<dataset>_val<index>.png`; `samples`: (dataset, how many) pairs; the
+    first images of the split with at least two classes annotated on at least half of the
+    image, then the first others), with samples.json (per image: its dataset, whether
+    pretraining saw that dataset, the dataset's classes and the share of the image each one
+    covers) and a README.txt with the commands that segment them; the ground truth over each
+    image goes to `workdir`/samples_truth/. Reads `workdir`/data only, so a demo workdir that
+    finished before samples existed gets them too. Every file is written atomically; returns
+    the PNG paths."""
+    data_dir = os.path.join(workdir, "data")
+    out = safe.make_own_dir(os.path.join(workdir, SAMPLES_DIR), "samples directory")
+    truth_dir = safe.make_own_dir(os.path.join(workdir, SAMPLES_TRUTH_DIR), "samples directory")
+    written, entries = [], []
+    for dataset, count in samples:
+        source = sources.open_sources([dataset], "validation", data_dir)[0]
+        names = list(synthetic.SPEC_BY_NAME[dataset].class_names) + [NOT_ANNOTATED]
+        records = []  # (index, image, label with 255 -> the last name, share of each name)
+        for index in range(len(source)):
+            record = source[index]
+            label = sources.decode_label(record["label"]).astype(np.int64)
+            label[label >= len(names) - 1] = len(names) - 1  # 255: painted, not annotated
+            share = np.bincount(label.ravel(), minlength=len(names)) / label.size
+            records.append((index, sources.decode_image(record["image"]), label, share))
+            if sum(_shows_classes(r[3]) for r in records) >= count:
+                break
+        chosen = sorted(records, key=lambda r: not _shows_classes(r[3]))[:count]
+        for index, image, label, share in sorted(chosen, key=lambda r: r[0]):
+            stem = f"{dataset}_val{index}"
+            path = os.path.join(out, f"{stem}.png")
+            with safe.atomic_output(path, "wb") as f:
+                Image.fromarray(image).save(f, format="PNG")
+            truth = visualize.overlay(image, label, names)
+            with safe.atomic_output(os.path.join(truth_dir, f"{stem}_truth.png"), "wb") as f:
+                truth.save(f, format="PNG")
+            entries.append({
+                "file": f"{stem}.png", "dataset": dataset, "split": "validation", "index": index,
+                "held_out": dataset not in synthetic.PRETRAIN_DATASETS, "classes": names[:-1],
+                "shown": {n: round(float(s), 3) for n, s in zip(names, share) if s > 0},
+                "truth": os.path.join(SAMPLES_TRUTH_DIR, f"{stem}_truth.png")})
+            written.append(path)
+    with safe.atomic_output(os.path.join(out, SAMPLES_FILE), "w") as f:
+        json.dump({"data_dir": data_dir, "held_out": synthetic.HELD_OUT_DATASET,
+                   "pretraining": list(synthetic.PRETRAIN_DATASETS), "images": entries}, f, indent=1)
+    with safe.atomic_output(os.path.join(out, SAMPLES_README), "w") as f:
+        f.write(samples_readme(workdir, entries))
+    return written
+
+
+def _shows_classes(share: np.ndarray) -> bool:
+    """At least two classes annotated, together on at least half of the image (`share`: per
+    class, the last one the not annotated pixels)."""
+    return int((share[:-1] > 0).sum()) >= 2 and float(share[:-1].sum()) >= 0.5
+
+
+def samples_readme(workdir: str, entries: list[dict[str, Any]]) -> str:
+    """README.txt of W/samples/: what each image is and the commands that segment them."""
+    held = synthetic.HELD_OUT_DATASET
+    lines = [f"Validation images of the demo's synthetic datasets ({workdir}/data), to try the "
+             "tools on.", f"{held} is held out of pretraining; "
+             f"{', '.join(synthetic.PRETRAIN_DATASETS)} are the pretraining datasets. The ground "
+             f"truth over each image: {os.path.join(workdir, SAMPLES_TRUTH_DIR)}/; the shares "
+             f"below (and the classes of each dataset) are in {SAMPLES_FILE}.", ""]
+    for e in entries:
+        shown = ", ".join(f"{n} {s:.0%}" for n, s in sorted(e["shown"].items(), key=lambda x: -x[1]))
+        lines.append(f"  {e['file']:<18} {e['dataset']}{' (held out)' if e['held_out'] else ''}: "
+                     f"{shown}")
+    first = next((e for e in entries if e["held_out"]), entries[0] if entries else None)
+    samples = os.path.join(workdir, SAMPLES_DIR)
+    if first is not None:
+        lines += ["", "Zero-shot segmentation with any class names (the pretraining's language "
+                  "head; here the image's own dataset's names; --short_side 0: at the size the "
+                  "demo trained at):",
+                  f"  python -m ms3_jax.zero_shot --workdir {workdir} --image "
+                  f"{os.path.join(samples, first['file'])} --classes "
+                  f"\"{','.join(first['classes'])}\" --short_side 0 --out out/zero_shot"]
+    lines += ["", f"A segmentor fine-tuned on {held} (configs/finetune/synthetic.py), from this "
+              "demo's backbone, on every image here:",
+              "  python -m ms3_jax.main --config=configs/finetune/synthetic.py:ms3 "
+              f"--config.init.path={os.path.join(workdir, 'pretrain')} --workdir=runs/ft_ms3",
+              f"  python -m ms3_jax.predict --workdir runs/ft_ms3 --image {samples}/ "
+              "--out out/predict", ""]
+    return "\n".join(lines)
+
+
 def prepare_builtin(config: ml_collections.ConfigDict) -> None:
     """What a stage's config asks to be built before it runs (the tiny configs): the synthetic
     datasets (`data.synthetic`) and stage 1's tiny random CLIP (`text.tiny_clip_dir`). Another
@@ -203,6 +300,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data_dir = os.path.join(workdir, "data")
     logging.info("[demo 1/5] synthetic datasets -> %s", data_dir)
     info = synthetic.prepare_synthetic(data_dir, **config.synthetic)
+    samples = write_samples(workdir)
+    logging.info("%d sample images to try the tools on -> %s", len(samples),
+                 os.path.join(workdir, SAMPLES_DIR))
 
     stage1 = config.text_adapt.copy_and_resolve_references()
     stage1.data.data_dir = data_dir
@@ -268,6 +368,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  "--workdir %s --out backbone.pth", loss["loss_first"], loss["loss_last"],
                  accuracy["pixel_accuracy"], accuracy["pixel_accuracy_unrelated"], miou,
                  scores["precision"], scores["recall"], scores["chance_p"], workdir, pre_dir)
+    logging.info("try it: sample images in %s (its README.txt: the zero-shot and predict "
+                 "commands); fine-tune on the held-out %s from this backbone: python -m "
+                 "ms3_jax.main --config=configs/finetune/synthetic.py:ms3 --config.init.path=%s "
+                 "--workdir=runs/ft_ms3 (':scratch' without --config.init.path to compare)",
+                 os.path.join(workdir, SAMPLES_DIR), synthetic.HELD_OUT_DATASET, pre_dir)
     if config.get("check_accuracy", True):
         check_better_than_chance(accuracy["pixel_accuracy"], len(set(label_space.names)), workdir)
     return summary

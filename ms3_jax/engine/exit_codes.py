@@ -3,6 +3,7 @@ job, from start to exit (launchers and schedulers act on them: `launch/`), and w
 usage error (exit 2, one line)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import sys
@@ -40,4 +41,14 @@ def usage_errors(verbose: bool = False) -> Iterator[None]:
             raise
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"error: {message or type(e).__name__}", file=sys.stderr, flush=True)
+        sys.exit(USAGE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the CLIs: a usage mistake (a missing or unknown argument) is one line,
+    `error: <message> (--help lists the arguments)`, and exit code 2; `--help` exits 0."""
+
+    def error(self, message: str) -> None:  # argparse's: the usage block, then the message
+        print(f"error: {self.prog}: {message} (--help lists the arguments)", file=sys.stderr,
+              flush=True)
         sys.exit(USAGE)

@@ -87,20 +87,24 @@ def _watch_for_early_stop(workdir: str) -> None:
             if not received:
                 return
             if signal.SIGTERM in received and not _first_step_done.is_set():
-                message = (f"SIGTERM before the first training step: nothing new saved, the "
-                           f"checkpoints in {workdir} are as they were; relaunch the same "
-                           f"command to resume; exit code {exit_codes.PREEMPTED}")
-                logging.warning("%s", message)
-                logging.flush()
-                os._exit(exit_codes.PREEMPTED)  # at once: the main thread is inside a compile
+                # Straight to the file descriptor and out: no lock the main thread may hold
+                # (logging's, a stream's) stands between the signal and the exit.
+                os.write(2, (f"SIGTERM before the first training step: nothing new saved, the "
+                             f"checkpoints in {workdir} are as they were; relaunch the same "
+                             f"command to resume; exit code {exit_codes.PREEMPTED}\n").encode())
+                os._exit(exit_codes.PREEMPTED)  # at once: the main thread may be compiling
 
     threading.Thread(target=watch, daemon=True, name="ms3-early-sigterm").start()
     _watch_for_early_stop.sockets = (receiver, sender)  # kept open for the life of the process
 
 
 def progress_line(step: int, num_steps: int, metrics: Mapping[str, float], rate: float) -> str:
-    eta = (num_steps - step) / max(rate, 1e-9)
+    """`step s/n | metrics | steps/s | ETA`; the rate leaves out compiles and evaluations (NaN:
+    none measured yet, shown as '--')."""
     parts = [f"step {step}/{num_steps}"] + [f"{k} {v:.4g}" for k, v in sorted(metrics.items())]
+    if not math.isfinite(rate):
+        return " | ".join(parts) + " | -- steps/s | ETA --"
+    eta = (num_steps - step) / max(rate, 1e-9)
     return " | ".join(parts) + f" | {rate:.2f} steps/s | ETA {eta / 60:.1f} min"
 
 
@@ -213,13 +217,16 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
     log_every, checkpoint_every = config.log_every, config.checkpoint_every
     workdir = os.path.dirname(os.fspath(mngr.directory))
     pending: list[Mapping[str, jax.Array]] = []
+    # The step rate (and the ETA) leave out the first step's compile and the evaluations: the time
+    # spent in them since the last progress line is `excluded`, the steps they took `steps_excluded`.
     t_last, s_last = time.perf_counter(), start
+    excluded, steps_excluded = 0.0, 0
     skipped, unreadable = 0, 0
     cap = nonfinite.max_skipped(config, num_steps)
 
     def flush(step: int) -> None:
         """Fetch the queued metrics: history, the non-finite check, the progress line."""
-        nonlocal pending, t_last, s_last, skipped
+        nonlocal pending, t_last, s_last, skipped, excluded, steps_excluded
         fetched = jax.device_get(pending)
         pending = []
         records = [{"step": step - len(fetched) + 1 + i, **{k: float(v) for k, v in m.items()}}
@@ -241,12 +248,14 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
                         f"{mngr.latest_step() or 0}. The run diverges: lower the learning rate, "
                         "check the data, or raise config.nonfinite_max_skipped.")
         now = time.perf_counter()
-        rate = (step - s_last) / max(now - t_last, 1e-9)
-        t_last, s_last = now, step
+        steps = step - s_last - steps_excluded
+        rate = steps / max(now - t_last - excluded, 1e-9) if steps > 0 else float("nan")
+        t_last, s_last, excluded, steps_excluded = now, step, 0.0, 0
         last = {k: v for k, v in records[-1].items() if k not in ("step", "finite", "skipped")}
         if "skipped" in records[-1]:
             last["skipped_steps"] = skipped
-        last["images_per_s"] = rate * config.batch_size
+        if math.isfinite(rate):
+            last["images_per_s"] = rate * config.batch_size
         if writer is not None:
             logging.info(progress_line(step, num_steps, last, rate))
             for k, v in last.items():
@@ -274,7 +283,14 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
                         unreadable += n
                         logging.warning("step %d: %d unreadable record(s) replaced (%d in this run; "
                                         "data.skip_unreadable)", step, n, unreadable)
+                t_step = time.perf_counter()
                 state, metrics = trainer.step(state, trainer.global_batch(local))
+                if step == start + 1:  # the compile: out of the step rate
+                    jax.block_until_ready(metrics)
+                    excluded += time.perf_counter() - t_step
+                    steps_excluded += 1
+                    logging.info("step %d: compiled and ran in %.1f s", step,
+                                 time.perf_counter() - t_step)
                 _first_step_done.set()
                 pending.append(metrics)
                 if isinstance(mngr, checkpointing.VerifiedManager):
@@ -299,7 +315,9 @@ def run(trainer: Any, state: Any, iterator: Any, config: Any, *, start: int, end
                                     stop.signal_name or "another process was signalled")
                     raise error
                 if after_step is not None:
-                    after_step(step, state)
+                    t_after = time.perf_counter()
+                    after_step(step, state)  # evaluations: out of the step rate
+                    excluded += time.perf_counter() - t_after
         except Exception as flying:
             try:
                 mngr.wait_until_finished()  # an earlier, finite checkpoint still completes

@@ -57,12 +57,21 @@ def evaluate_pretraining(model: nn.Module, variables: Any, class_embeddings: dic
     return results
 
 
+# What each head's prediction is, in the panels' titles.
+HEAD_TITLES = {"language": "language head (nearest T, class names)",
+               "visual": "visual head (nearest V, class prototypes)",
+               "logits": "classifier head (CE logits)"}
+
+
 def example_panels(model: nn.Module, variables: Any, class_embeddings: dict[str, Any],
                    label_space: LabelSpace, data_dir: str | None, *,
-                   short_side: int | None = None, index: int = 0) -> dict[str, np.ndarray]:
-    """{'<dataset>/<head>': uint8 [H, W, 3]}: validation image `index` of each dataset with its
-    ground truth (left) and the head's prediction (right) as colour overlays with the class names
-    (`visualize.overlay`; ignored pixels in the last colour, named '(ignored)')."""
+                   short_side: int | None = None, index: int = 0, split: str = "validation",
+                   min_height: int = visualize.PANEL_MIN_HEIGHT) -> dict[str, np.ndarray]:
+    """{'<dataset>/<head>': uint8 [H, W, 3]}: `split` image `index` of each dataset, captioned
+    "image | ground truth | prediction" under a title naming the dataset and the head, the label
+    maps as colour overlays with one legend of class names (`visualize.panel`: ignored pixels
+    dark grey, '(ignored)'), enlarged (nearest) to at least `min_height` px tall. Host side,
+    one image per dataset and head."""
     panels = {}
     # This process alone may call this: host copies of the (replicated) arrays.
     variables, class_embeddings = evaluate.local_copy((variables, class_embeddings))
@@ -70,20 +79,19 @@ def example_panels(model: nn.Module, variables: Any, class_embeddings: dict[str,
         rows = np.arange(label_space.offsets[d], label_space.offsets[d + 1])
         local = LabelSpace.from_datasets([name])
         example = eval_data.make_eval_dataset(name, label_space=local, data_dir=data_dir,
-                                              short_side=short_side)[index]
+                                              split=split, short_side=short_side)[index]
         image, label = np.asarray(example["image"]), np.asarray(example["label"])
         names = list(local.class_names[0])
-        truth = visualize.overlay(image, np.where(label < 0, len(names), label), names + ["(ignored)"])
         for head, emb_KxC in class_embeddings.items():
             classes = rows if emb_KxC is None else np.asarray(emb_KxC, np.float32)[rows]
             scores = _predict(head_logits_fn(model, head), len(rows))(
                 {"model": variables, "classes": classes}, image[None])
-            pred = visualize.overlay(image, np.asarray(jnp.argmax(scores[0], -1)), names)
-            canvas = np.full((max(truth.height, pred.height), truth.width + pred.width, 3), 255,
-                             np.uint8)
-            canvas[:truth.height, :truth.width] = np.asarray(truth)
-            canvas[:pred.height, truth.width:] = np.asarray(pred)
-            panels[f"{name}/{head}"] = canvas
+            pred = np.asarray(jnp.argmax(scores[0], -1))
+            title = (f"{name} / {HEAD_TITLES.get(head, head)}: {split} image {index}, "
+                     f"{image.shape[0]}x{image.shape[1]} px")
+            panels[f"{name}/{head}"] = visualize.panel(
+                image, [("ground truth", label), ("prediction", pred)],
+                names, title=title, min_height=min_height)
     return panels
 
 

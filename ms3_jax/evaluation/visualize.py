@@ -1,5 +1,6 @@
-"""Label maps as pictures: a fixed class palette and colour overlays with a legend (zero-shot
-outputs, TensorBoard examples)."""
+"""Label maps as pictures: a fixed class palette, colour overlays with a legend (zero-shot
+outputs) and captioned "image | ground truth | prediction" panels, enlarged to be read
+(TensorBoard examples, the notebook). Host side: NumPy and Pillow."""
 from __future__ import annotations
 
 import collections
@@ -20,6 +21,10 @@ _BASE_PALETTE = (
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
     (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
     (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128))
+# `panel`: pixels outside the classes (ignored in the ground truth) and the panel's least height.
+IGNORED_COLOUR = (40, 40, 40)
+IGNORED_NAME = "(ignored)"
+PANEL_MIN_HEIGHT = 256
 
 
 def check_image(image: Any) -> np.ndarray:
@@ -52,10 +57,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
     colours = palette(len(class_names))
     blended = (1 - alpha) * image.astype(np.float32) + alpha * colours[labels].astype(np.float32)
     blended_im = Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
-    try:
-        font = ImageFont.load_default(size=font_size)
-    except TypeError:  # Pillow < 10.1: bitmap font only
-        font = ImageFont.load_default()
+    font = _font(font_size)
     pad, box, row = 6, font_size, font_size + 4
     measure = ImageDraw.Draw(blended_im)
     text_w = max(int(measure.textlength(n, font=font)) for n in class_names)
@@ -70,6 +72,109 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                        outline=(0, 0, 0))
         draw.text((w + 2 * pad + box, y), name, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: bitmap font only
+        return ImageFont.load_default()
+
+
+def upscale_factor(height: int, min_height: int = PANEL_MIN_HEIGHT) -> int:
+    """The least integer factor that makes `height` at least `min_height` (1: large enough)."""
+    return max(1, -(-int(min_height) // max(int(height), 1)))
+
+
+def upscale(array: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement by an integer `factor` (each pixel a factor x factor block):
+    label edges stay sharp, no colour is invented."""
+    if factor <= 1:
+        return array
+    return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+
+
+def blend(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
+    """uint8 [H, W, 3]: the colour of each pixel's class (`palette`) blended on `image` (weight
+    `alpha`); labels outside [0, num_classes) (ignored) in IGNORED_COLOUR."""
+    image = check_image(image)
+    labels = np.asarray(labels)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels {labels.shape} do not match the image {image.shape[:2]}")
+    colours = np.concatenate([palette(num_classes), np.asarray([IGNORED_COLOUR], np.uint8)])
+    index = np.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+    out = (1 - alpha) * image.astype(np.float32) + alpha * colours[index].astype(np.float32)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def panel(image: np.ndarray, label_maps: Sequence[tuple[str, np.ndarray]],
+          class_names: Sequence[str], *, title: str = "", min_height: int = PANEL_MIN_HEIGHT,
+          alpha: float = 0.5, max_legend: int = 24,
+          ignored_name: str = IGNORED_NAME) -> np.ndarray:
+    """uint8 [H, W, 3]: a title line, then `image` and each label map of `label_maps`
+    ((caption, int [h, w]) pairs, e.g. ("ground truth", y), ("prediction", p)) blended on it,
+    side by side, each under its caption ("image | ground truth | prediction"), and one legend
+    on the right (class colour and name). Every tile is enlarged by the same integer factor
+    (nearest neighbour) to at least `min_height` pixels tall, so 48-96 px synthetic images can
+    be read; the text size follows the enlarged tiles. Labels outside [0, len(class_names)) are
+    drawn as ignored (IGNORED_COLOUR, named `ignored_name` when present). The legend lists every
+    class when there are at most `max_legend`, else only the classes present in the maps."""
+    image = check_image(image)
+    h, w = image.shape[:2]
+    k = len(class_names)
+    maps = [(caption, np.asarray(labels)) for caption, labels in label_maps]
+    tiles = [("image", image)] + [(c, blend(image, y, k, alpha)) for c, y in maps]
+    factor = upscale_factor(h, min_height)
+    tiles = [(c, upscale(t, factor)) for c, t in tiles]
+    th, tw = h * factor, w * factor
+    font_size = int(np.clip(th // 16, 14, 28))
+    font = _font(font_size)
+    pad, row = max(4, font_size // 3), font_size + max(4, font_size // 3)
+    present = np.zeros(k + 1, bool)  # + ignored
+    for _, y in maps:
+        index = np.where((y >= 0) & (y < k), y, k)
+        present[np.unique(index)] = True
+    shown = list(range(k)) if k <= max_legend else [int(i) for i in np.flatnonzero(present[:k])]
+    colours = palette(k)
+    entries = [(class_names[i], tuple(int(v) for v in colours[i])) for i in shown]
+    if present[k]:
+        entries.append((ignored_name, IGNORED_COLOUR))
+    if k > max_legend:
+        entries.insert(0, (f"classes present ({len(shown)} of {k}):", None))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_w(text: str) -> int:
+        return int(measure.textlength(text, font=font)) if text else 0
+
+    box = font_size
+    legend_w = (pad + box + pad + max(text_w(n) for n, _ in entries) + pad) if entries else 0
+    title_h = row + pad if title else 0
+    caption_h = row
+    tiles_w = len(tiles) * tw + (len(tiles) + 1) * pad
+    width = max(tiles_w + legend_w, text_w(title) + 2 * pad)
+    height = title_h + caption_h + max(th, row * len(entries)) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    for i, (caption, tile) in enumerate(tiles):
+        x = pad + i * (tw + pad)
+        # The caption centred over its tile, cut to the tile's width.
+        while text_w(caption) > tw and len(caption) > 4:
+            caption = caption[:-4] + "..."
+        draw.text((x + max(0, (tw - text_w(caption)) // 2), title_h + (row - font_size) // 2),
+                  caption, fill=(0, 0, 0), font=font)
+        canvas.paste(Image.fromarray(tile), (x, title_h + caption_h))
+    x0, y0 = tiles_w, title_h + caption_h
+    for i, (name, colour) in enumerate(entries):
+        y = y0 + i * row
+        if colour is not None:
+            draw.rectangle([x0 + pad, y, x0 + pad + box - 1, y + box - 1], fill=colour,
+                           outline=(0, 0, 0))
+            draw.text((x0 + 2 * pad + box, y), name, fill=(0, 0, 0), font=font)
+        else:
+            draw.text((x0 + pad, y), name, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
 
 
 def output_stems(paths: Sequence[str]) -> list[str]:

@@ -67,18 +67,30 @@ def _not_yours(path: str) -> str | None:
     return None
 
 
+def _unsafe_parent(path: str) -> str | None:
+    """Why a new directory must not be created inside the existing `path` (None: it may): a link
+    that is not this user's, or another user's directory that anyone may write in. Another
+    user's group-shared directory (a project's scratch space) is fine: they granted the access."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return _not_yours(path)
+    if not _trusted(st.st_uid) and st.st_mode & stat.S_IWOTH:
+        return f"belongs to another user (uid {st.st_uid}) and anyone may write in it"
+    return None
+
+
 def refuse_foreign_dir(path: str | os.PathLike, what: str = "directory", *,
                        creating: bool = False) -> None:
     """Raise `UnsafePath` if `path` exists and is a symlink to, or a directory owned by, another
     user (root-owned system paths are fine). Nothing happens for a missing path, unless
-    `creating`: then the nearest existing ancestor, where it would be created, is checked (a
-    directory made inside another user's can be renamed away and replaced by them). The one
+    `creating`: then the nearest existing ancestor, where it would be created, must not be a
+    planted link or another user's world-writable directory (`_unsafe_parent`). The one
     place that decides whose a directory is (with `_trusted`)."""
     path = os.fspath(path)
     if "://" in path:  # gs://...: not a local directory
         return
     if not os.path.lexists(path):
-        if creating and (why := _not_yours(parent := _nearest_existing(path))):
+        if creating and (why := _unsafe_parent(parent := _nearest_existing(path))):
             raise UnsafePath(f"{what} {path} would be created inside {parent}, which {why}; "
                              "refusing (its owner could swap what is written there). Choose "
                              "another path.")

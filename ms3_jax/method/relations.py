@@ -140,14 +140,42 @@ def relations_table(mask: jax.Array | np.ndarray, S: jax.Array | np.ndarray, nam
     return rows
 
 
+# Lines 2.. of `relations_report`: how to read the table ('#': skip them to parse the rows).
+REPORT_LEGEND = (
+    "# How to read this (paper Tab. 8 form; Eq. 5-6). One line per class y that is mapped to at",
+    "# least one class of another dataset:",
+    "#   y [y's dataset] (self S[y,y]) -> y' [y' dataset] S[y,y'], y'' [y'' dataset] S[y,y''], ...",
+    "# S[y, c] (Eq. 5): the cosine between the embeddings of the training pixels labelled y (the",
+    "#   head relations.pixel_head, language by default) and the language embedding T of class c,",
+    "#   averaged over those pixels (a running mean over training); -1..1, higher = y's pixels",
+    "#   look more like the text of c.",
+    "# (self 0.215): S[y, y] = 0.215, y's pixels against y's own text T[y]: the threshold of y's line.",
+    "# Each y' listed is of another dataset and has S[y, y'] >= S[y, y] (Eq. 6): y's pixels are as",
+    "#   close to the text of y' as to their own, so they are also trained as y' (extra positives,",
+    "#   multi-label). Targets sorted by S[y, y'], highest first.",
+    "# Directed: y -> y' does not imply y' -> y (a subset maps to its superset, not back).",
+    "# Classes of the same name share one T: they map to each other with S[y, y'] = S[y, y].",
+    "# Classes with no target are not listed; the pairs with their S are in relations.json.",
+)
+
+
 def relations_report(mask: jax.Array | np.ndarray, S: jax.Array | np.ndarray,
-                     names: Sequence[str], dataset_names_of_class: Sequence[str]) -> str:
-    """Human-readable Ỹ like Tab. 8, one line per mapped class, e.g.
+                     names: Sequence[str], dataset_names_of_class: Sequence[str],
+                     top_k: int = 0) -> str:
+    """Human-readable Ỹ like Tab. 8: a summary line, the lines of REPORT_LEGEND (how to read it,
+    each starting with '#'), then one line per mapped class, e.g.
     ``dirt track [ade20k] (self 0.412) -> path [coco_stuff] 0.431, road [voc] 0.420``.
-    Relations are directed: ``a -> b`` means pixels of a are also pulled towards b."""
+    Relations are directed: ``a -> b`` means pixels of a are also pulled towards b. ``top_k``:
+    the `relations.top_k` the mask was made with (said in the legend when > 0)."""
     rows = relations_table(mask, S, names, dataset_names_of_class)
     n_pairs = sum(len(r.targets) for r in rows)
-    lines = [f"multi-label mapping: {n_pairs} directed pairs from {len(rows)} classes"]
+    lines = [f"multi-label mapping: {n_pairs} directed pairs from {len(rows)} classes", *REPORT_LEGEND]
+    if top_k:
+        lines.append(f"# relations.top_k={top_k}: of each line only the {top_k} highest S[y, y'] "
+                     "are kept (not in the paper).")
+    if not rows:
+        lines.append("# (no pairs: no class's pixels are as close to another dataset's class "
+                     "text as to their own)")
     for r in rows:
         tgt = ", ".join(f"{n} [{d}] {s:.3f}" for n, d, s in r.targets)
         lines.append(f"{r.name} [{r.dataset}] (self {r.self_sim:.3f}) -> {tgt}")

@@ -30,6 +30,7 @@ from ms3_jax.data import augment, eval_data, pipeline
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.engine import checkpointing, loop, optim, training
 from ms3_jax.evaluation import evaluate
+from ms3_jax.files import safe
 from ms3_jax.models.deeplab import (MS3Encoder, encoder_from_config, resize_bilinear,
                                     untrained_subtrees)
 
@@ -242,6 +243,10 @@ class Trainer(training.Trainer):
                       writer: Any | None) -> dict[str, Any]:
         config, names = self.config, self.label_space.class_names[0]
         t0 = time.perf_counter()
+        if jax.process_index() == 0:
+            logging.info("step %d: evaluating on %s/%s (up to %s images; the first evaluation "
+                         "compiles)", step, config.data.dataset, config.eval.split,
+                         config.eval.max_images or "all")
         m = run_evaluation(config, self, state, self.eval_dataset)
         self.history.append({"step": step, **{k: _json_float(m[k]) for k in ("mIoU", "aAcc", "mAcc")}})
         if jax.process_index() == 0:
@@ -270,10 +275,12 @@ class Trainer(training.Trainer):
         config, m = self.config, self.metrics
         results = results_dict(config, self.label_space, self.num_steps, m, self.history)
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+            with safe.atomic_output(os.path.join(workdir, RESULTS_FILE), "w") as f:
                 json.dump(results, f, indent=1)
-            logging.info("%s: mIoU %.2f (aAcc %.2f, mAcc %.2f) -> %s", config.data.dataset,
-                         m["mIoU"], m["aAcc"], m["mAcc"], os.path.join(workdir, RESULTS_FILE))
+            start = config.init.kind + (f" from {config.init.path}" if config.init.get("path") else "")
+            logging.info("%s: mIoU %.2f (aAcc %.2f, mAcc %.2f; initialised: %s) -> %s",
+                         config.data.dataset, m["mIoU"], m["aAcc"], m["mAcc"], start,
+                         os.path.join(workdir, RESULTS_FILE))
         return results
 
     def create_state(self, variables: Mapping[str, Any], rng: jax.Array) -> FinetuneState:

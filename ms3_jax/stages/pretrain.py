@@ -408,11 +408,13 @@ def held_out_text_embeddings(config: ml_collections.ConfigDict) -> dict[str, np.
 
 def write_relations_report(workdir: str, state: TrainState, label_space: LabelSpace,
                            other_dataset: jax.Array, top_k: int = 0) -> str:
-    """Tab. 8-style report of the final multi-label mapping -> W/relations.txt and .json."""
+    """Tab. 8-style report of the final multi-label mapping -> W/relations.txt (a summary line,
+    '#' lines on how to read it, one line per mapped class: `relations.relations_report`) and
+    W/relations.json (one record per directed pair)."""
     sim, seen = np.asarray(jax.device_get(state.sim)), np.asarray(jax.device_get(state.sim_seen))
     mask = np.asarray(relations.multilabel_mask(sim, np.asarray(other_dataset), seen, top_k))
     ds_of = [label_space.dataset_names[d] for d in label_space.dataset_of_class]
-    report = relations.relations_report(mask, sim, list(label_space.names), ds_of)
+    report = relations.relations_report(mask, sim, list(label_space.names), ds_of, top_k)
     with open(os.path.join(workdir, "relations.txt"), "w") as f:
         f.write(report + "\n")
     pairs = [{"from": label_space.display_names[a], "to": label_space.display_names[b],
@@ -448,6 +450,11 @@ def run_evaluation(config: ml_collections.ConfigDict, trainer: Trainer, state: T
     groups = [(trainer.label_space, heads)] + [
         (LabelSpace.from_datasets([d]), {"language": t_KxC}) for d, t_KxC in (held_out or {}).items()]
     results = {}
+    if jax.process_index() == 0:
+        logging.info("step %d: evaluating %s on their validation splits (up to %s images each; "
+                     "the first evaluation compiles)", step,
+                     ", ".join(n for space, _ in groups for n in space.dataset_names),
+                     ec.get("max_images") or "all")
     for space, group_heads in groups:
         results.update(pretrain_eval.evaluate_pretraining(
             trainer.model, variables, group_heads, space, config.data.data_dir or None,
