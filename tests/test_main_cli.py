@@ -66,19 +66,6 @@ def test_configs_resolve_from_a_wheel_install(tmp_path):
 
 
 @pytest.mark.slow  # subprocesses
-def test_print_config_from_another_directory_and_usage_error_exit_code(tmp_path):
-    done = _main(["--config=configs/pretrain.py:tiny", "--config.loss.tau=0.5", "--print_config"],
-                 cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "tau: 0.5" in done.stdout and "synth_a" in done.stdout
-    bad = _main(["--config=configs/pretrain.py:tiny", f"--workdir={tmp_path / 'w'}"], cwd=tmp_path)
-    assert bad.returncode == exit_codes.USAGE
-    assert "error: text.embeddings is unset" in bad.stderr and "Traceback" not in bad.stderr
-    verbose = _main(["--config=configs/pretrain.py:tiny", f"--workdir={tmp_path / 'w'}",
-                     "--verbose"], cwd=tmp_path)
-    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
-
-
 def port_is_free(port: int) -> bool:
     import socket
     with socket.socket() as s:

@@ -356,6 +356,38 @@ def test_loop_logs_the_running_count_of_replaced_records(tmp_path, caplog):
     assert "step 4: 2 unreadable record(s) replaced (3 in this run" in caplog.text
 
 
+def test_step_rate_and_eta_leave_out_the_compile_and_evaluations(tmp_path, caplog):
+    """An evaluation of 1 s after steps 2 and 4 (and the first step's compile): the logged rate
+    is the steps' own (toy steps take milliseconds), not steps / wall time (< 2 steps/s), and the
+    ETA follows it; a window holding only the compile shows no rate ('--')."""
+    from ms3_jax.testing.toy import ToyTrainer, toy_config
+
+    class Writer:
+        def __init__(self):
+            self.scalars = {}
+
+        def add_scalar(self, tag, value, step):
+            self.scalars[(tag, step)] = value
+
+    config = toy_config(log_every=2, checkpoint_every=100)
+    trainer, writer = ToyTrainer(config), Writer()
+    mngr = checkpointing.checkpoint_manager(str(tmp_path))
+    try:
+        with caplog.at_level(logging.INFO):
+            loop.run(trainer, trainer.init_state(), ToyIterator(), config, start=0, end=6,
+                     num_steps=6, mngr=mngr, writer=writer, history=[],
+                     after_step=lambda step, s: time.sleep(1.0) if step in (2, 4) else None)
+    finally:
+        mngr.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    rates = {int(m.group(1)): float(m.group(2)) for m in
+             (re.match(r"step (\d+)/6 .*\| ([\d.]+) steps/s \| ETA", line) for line in lines) if m}
+    assert set(rates) == {2, 4, 6} and min(rates.values()) > 20, lines
+    assert writer.scalars[("train/images_per_s", 4)] == pytest.approx(rates[4] * 8, rel=1e-3)
+    assert "step 1: compiled and ran in" in caplog.text
+    assert loop.progress_line(1, 6, {"loss": 1.0}, float("nan")).endswith("| -- steps/s | ETA --")
+
+
 # --- subprocesses: kill -9 during a save, two processes, the soak test -----------------------------
 
 def launch(cmd, log_path, devices=1, fast_compile=True):

@@ -53,7 +53,7 @@ CASES = [
 HELP = [(MAIN, ["--help"]), (MAIN, ["--config=configs/pretrain.py", "--help"]),
         ("ms3_jax.export", ["--help"]), ("ms3_jax.zero_shot", ["--help"]),
         ("ms3_jax.predict", ["--help"]), ("ms3_jax.data.prepare", ["--help"]),
-        (MAIN, [TINY, "--print_config"])]
+        (MAIN, [TINY, "--config.loss.tau=0.5", "--print_config"])]  # from another directory
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,8 @@ def results(tmp_path_factory):
     """Every case and every --help / --print_config, through `cli_runner` (one child process)."""
     w = str(tmp_path_factory.mktemp("user_errors"))
     cases = [[m, [a.format(w=w) for a in args], ROOT] for _, m, args, _ in CASES]
-    cases += [[m, args, ROOT] for m, args in HELP]
+    cases += [[m, args, w] for m, args in HELP]  # configs/ found from another directory
+    cases += [[MAIN, [TINY, f"--workdir={w}/v", "--verbose"], w]]  # --verbose: the traceback
     path = os.path.join(w, "cases.json")
     with open(path, "w") as f:
         json.dump(cases, f)
@@ -72,19 +73,20 @@ def results(tmp_path_factory):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.splitlines()[-1])
-    return w, done.stderr, dict(zip([c[0] for c in CASES], out[:len(CASES)])), out[len(CASES):]
+    return (w, done.stderr, dict(zip([c[0] for c in CASES], out[:len(CASES)])),
+            out[len(CASES):len(CASES) + len(HELP)], out[-1])
 
 
 def test_importing_the_package_prints_nothing(results):
     """JAX's plugin discovery on a CPU machine with the test extra's libtpu and CUDA plugin: no
     driver probes, no CUDA traceback, no TPU host warnings (`ms3_jax.platforms`)."""
-    _, stderr, _, _ = results
+    _, stderr, _, _, _ = results
     assert stderr == "", stderr[-3000:]
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_each_user_error_is_one_line_and_exit_2(results, name):
-    w, _, by_name, _ = results
+    w, _, by_name, _, _ = results
     expect = next(c[3] for c in CASES if c[0] == name)
     r = by_name[name]
     # Besides the run's own timestamped log lines (a started run logs), one line: the error.
@@ -98,11 +100,14 @@ def test_each_user_error_is_one_line_and_exit_2(results, name):
 
 
 def test_help_exits_0_and_lists_the_flags_and_fields(results):
-    _, _, _, helps = results
+    _, _, _, helps, verbose = results
     for (module, args), r in zip(HELP, helps):
         assert r["code"] == 0 and "Traceback" not in r["stderr"], (module, args, r)
         assert r["stderr"] == "", (module, args, r["stderr"][-2000:])
     main_help, pretrain_help = helps[0]["stdout"], helps[1]["stdout"]
     assert "--workdir" in main_help and "configs/pretrain.py" in main_help
     assert "batch_size = 128  # global, over all devices and processes" in pretrain_help
-    assert "tau: 0.07" in helps[-1]["stdout"]  # --print_config
+    assert "tau: 0.5" in helps[-1]["stdout"] and "synth_a" in helps[-1]["stdout"]  # --print_config
+    # --verbose: a usage error with its traceback, exit code 1.
+    assert verbose["code"] == 1 and "Traceback" in verbose["stderr"], verbose
+    assert "text.embeddings is unset" in verbose["stderr"]
