@@ -33,6 +33,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ms3_jax import platforms
 from ms3_jax.demo import job as demo
 from ms3_jax.engine import config_paths, exit_codes, host_memory, loop, processes, workdir_lock
 from ms3_jax.stages import finetune, pretrain, text_adapt
@@ -162,6 +163,9 @@ def main(argv: list[str]) -> None:
     handler.setFormatter(py_logging.Formatter("%(asctime)s %(message)s"))
     handler.addFilter(quiet_libraries)
     logging.info("%s", host_malloc)
+    if platforms.CHOSEN:  # said, not silent: which devices the run uses and why
+        logging.info("JAX runs on the CPU: no GPU or TPU device found on this machine (set "
+                     "JAX_PLATFORMS to choose; ms3_jax/platforms.py)")
     loop.terminate_outside_loop(workdir)  # exit code 75 for SIGTERM at any point, not 143
     new_workdir = not os.path.exists(workdir)
     try:

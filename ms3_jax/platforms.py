@@ -5,9 +5,10 @@ The `test` extra installs libtpu and the CUDA plugin so that the tests compile f
 GPU without the hardware. Loaded on a machine without them, they print driver probes, a CUDA
 traceback and TPU host warnings before every command's own output. `choose_platforms` (run by
 `ms3_jax/__init__.py`, so before any module of the package imports JAX) does, when
-JAX_PLATFORMS is unset, no accelerator device node exists (/dev/nvidia*, /dev/accel*,
-/dev/vfio/*, /dev/kfd) and JAX is not imported yet: JAX_PLATFORMS=cpu, and the CUDA plugin's
-modules are not loaded (its PJRT plugin becomes a module whose `initialize` registers nothing).
+JAX_PLATFORMS is unset, no accelerator device node exists (/dev/nvidia*, /dev/dxg,
+/dev/accel*, /dev/vfio/*, /dev/kfd) and JAX is not imported yet: JAX_PLATFORMS=cpu, and the
+CUDA plugin's modules are not loaded (its PJRT plugin becomes a module whose `initialize`
+registers nothing). `ms3_jax.main` logs the choice.
 A machine with an accelerator, or an explicit JAX_PLATFORMS, keeps JAX's own discovery.
 """
 from __future__ import annotations
@@ -19,7 +20,10 @@ import os
 import sys
 from collections.abc import MutableMapping
 
-ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/kfd")
+# NVIDIA (and WSL2's GPU bridge, /dev/dxg), TPU (v2-v4: accel, v5+: vfio), AMD ROCm.
+ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/dxg", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*",
+                     "/dev/kfd")
+CHOSEN: str | None = None  # 'cpu' once `choose_platforms` chose it (ms3_jax.main logs it)
 CUDA_LIBRARIES = ("jax_cuda12_plugin", "jax_cuda13_plugin")  # jaxlib imports their kernels
 CUDA_PJRT = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")  # JAX's plugin discovery
 
@@ -56,4 +60,6 @@ def choose_platforms(environ: MutableMapping[str, str] = os.environ,
     environ["JAX_PLATFORMS"] = "cpu"
     if not any(isinstance(f, _NoCudaPlugin) for f in sys.meta_path):
         sys.meta_path.insert(0, _NoCudaPlugin())
+    global CHOSEN
+    CHOSEN = "cpu"
     return "cpu"
