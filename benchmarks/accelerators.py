@@ -5,6 +5,10 @@ r"""The whole pretraining train step compiled ahead of time for one TPU / GPU ch
   python benchmarks/accelerators.py --targets h100 --kernels auto,xla --steps ms3
   python benchmarks/accelerators.py --jobs 2 --json out.json   # all 24: ~1-2 h
   python benchmarks/accelerators.py --backbone deit --targets h100,v5e --kernels auto --steps ms3
+  python benchmarks/accelerators.py --targets h100,v5e --kernels auto --no-fit --breakdown 30
+  python benchmarks/accelerators.py --targets v5e --chips 2x4 --steps stage1 --no-fit  # 8 chips
+  python benchmarks/accelerators.py --report out.json more.json    # the tables again, no compile
+  python benchmarks/accelerators.py --hlo DIR/*.hlo --breakdown 15  # saved HLO (--save-hlo DIR)
 
 Targets, one chip each: v4 ("v4:1x1x1", megacore), v5e ("v5e:1x1"), h100 / a100 (XLA's GPU target
 descriptions, benchmarks/targets/*.txtpb). Needs the AOT wheels: the `aot` extra (part of `test`),
@@ -33,14 +37,24 @@ Columns (per device; GiB = 2^30 B, GB = 1e9 B):
   barriers     `optimization_barrier`s of the lowered program (XLA drops them before the optimised
                HLO); native: 'yes' when `kernel_problems` finds nothing (no barrier; at least one
                convolution per conv layer in the lowered program and among the compiled kernels).
-  moved GB     bytes moved per step, an estimate from the optimised HLO: over the ENTRY computation's
-               kernels (all but parameter / constant / tuple / get-tuple-element / bitcast ...:
-               fusions, convolutions, custom-calls, dots, copies ...) the sum of operand + output
-               bytes, each read or written once; while bodies x known trip count (else once), calls
-               and the largest conditional branch inlined. No caches; an in-place update counts its
-               whole buffer.
+  moved GB     HBM bytes moved per step, an estimate from the optimised HLO: over the ENTRY
+               computation's kernels (all but parameter / constant / tuple / get-tuple-element /
+               bitcast ...: fusions, convolutions, custom-calls, dots, copies ...) the sum of operand
+               + output bytes in device memory, each read or written once; while bodies x known trip
+               count (else once), calls and the largest conditional branch inlined. Buffers that
+               XLA's memory-space assignment put on chip (a layout's S(1): TPU VMEM; S(2): SMEM)
+               move no HBM bytes; an async copy-start / slice-start moves its bytes once per end in
+               HBM (a prefetch into VMEM reads HBM once). No caches; an in-place update counts its
+               whole buffer. (Before 2026-12-07 VMEM operands counted as HBM traffic: the v5e / v4
+               figures of that time are 2.5-4x too high.)
   GFLOP, acc GB   cost_analysis() flops / bytes accessed ('-': None, as on GPU).
 The ratio table: moved GB and temp of kernels=auto / kernels=xla per target and step (goal <= 1.1x).
+The roofline table (benchmarks/roofline.py): FLOP time = GFLOP / the chip's bf16 peak, byte time =
+moved / its HBM bandwidth, the estimate = their max, images/s per chip at it, and the paper's
+runs on 8 chips (pretraining 100 epochs, stage 1 10, of the 149,079-image union) in hours.
+--breakdown N: per variant, the moved bytes per part of the step (from the op_name metadata: the
+named scopes of pretrain.make_train_step -- momentum_encoder, optimizer, memory, losses -- and the
+flax module paths; 'bwd' = under a transpose), per output dtype, and the N largest kernels.
 """
 from __future__ import annotations
 
@@ -56,12 +70,15 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver: compile only
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several processes compiling for TPU
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_DIR = os.path.join(REPO, "benchmarks", "targets")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/roofline.py
+import roofline  # noqa: E402
 GiB = 2 ** 30
 V100 = 16 * GiB
 TPU_TOPOLOGIES = {"v4": ("v4:1x1x1", "megacore", 32 * GiB), "v5e": ("v5e:1x1", "default", 16 * GiB)}
@@ -80,14 +97,21 @@ def require_aot_wheels(target: str) -> None:
                            f"(the AOT wheels; /work/shared/accelerators/README.md)")
 
 
-def target_devices(target: str) -> tuple[list, int]:
-    """(compile-only devices of one chip of `target`, its HBM bytes)."""
+def target_devices(target: str, chips: str = "") -> tuple[list, int]:
+    """(compile-only devices of one chip of `target`, or of a TPU slice `chips` such as '2x4' on
+    one host, its HBM bytes per chip)."""
     from jax.experimental import topologies
     require_aot_wheels(target)
     if target in TPU_TOPOLOGIES:
         name, chip, hbm = TPU_TOPOLOGIES[target]
+        bounds = (1, 1, 1)
+        if chips:
+            dims = [int(d) for d in chips.split("x")]
+            name, bounds = f"{target}:{chips}", tuple(dims + [1] * (3 - len(dims)))
         return topologies.get_topology_desc(name, "tpu", chip_config_name=chip,
-                                            chips_per_host_bounds=(1, 1, 1)).devices, hbm
+                                            chips_per_host_bounds=bounds).devices, hbm
+    if chips:
+        raise ValueError(f"--chips is for TPU slices; {target} compiles one chip")
     if target not in GPU_FILES:
         raise ValueError(f"unknown target {target!r}; valid: {[*TPU_TOPOLOGIES, *GPU_FILES]}")
     txt = open(os.path.join(TARGET_DIR, GPU_FILES[target])).read()
@@ -108,11 +132,13 @@ def make_config(tiny: bool, step: str, kernels: str, backbone: str = "resnet"):
     return cfg
 
 
-def lower_stage1(cfg, devices, batch: int, size: int, patch: int, num_classes: int | None = None):
+def lower_stage1(cfg, devices, batch: int, size: int, patch: int, num_classes: int | None = None,
+                 shard_text: bool = True):
     """(stage 1's guarded train step with CLIP's image encoder lowered on abstract inputs, 1 conv
     layer). Towers: OpenAI ViT-B/`patch` vision + the ViT-B text tower (random shapes, no weights
     needed), or the tiny stand-in's with `cfg` tiny; |Y| and the distinct names from the config's
-    datasets unless `num_classes` (then all distinct)."""
+    datasets unless `num_classes` (then all distinct). On several devices the prompts are
+    sharded over them as the stage's Trainer does (`shard_text=False`: every device encodes all)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -143,8 +169,11 @@ def lower_stage1(cfg, devices, batch: int, size: int, patch: int, num_classes: i
     vision = clip_vision.CLIPVisionTower(vision_cfg, dtype=jnp.dtype(cfg.model.dtype))
     embed = text_adapt.clip_embed(clip_vision.PixelEncoder(vision))
     tx = text_adapt.make_optimizer(cfg, 10_000, train_text_tower=False)
+    mesh = sharding.data_mesh(devices)
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     step = text_adapt.make_train_step(cfg, embed, text, tx, text_adapt.image_lr_schedule(cfg, 10_000),
-                                      text_adapt.text_lr_schedule(cfg, cfg.text.lr, 10_000), False)
+                                      text_adapt.text_lr_schedule(cfg, cfg.text.lr, 10_000), False,
+                                      data if shard_text and len(devices) > 1 else None)
 
     def init(rng):
         params = {"image": vision.init(rng, jnp.zeros((1, size, size, 3)))["params"],
@@ -152,8 +181,6 @@ def lower_stage1(cfg, devices, batch: int, size: int, patch: int, num_classes: i
         return text_adapt.TextAdaptState(step=jnp.zeros((), jnp.int32), params=params,
                                          batch_stats={}, opt_state=tx.init(params), rng=rng)
 
-    mesh = sharding.data_mesh(devices)
-    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     spec = lambda shape, dtype, s=rep: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
     abstract = lambda tree: jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), tree)
     state = abstract(jax.eval_shape(init, jax.random.PRNGKey(0)))
@@ -216,9 +243,26 @@ FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-b
         "after-all", "add-dependency", "partition-id", "replica-id", "domain"}
 
 
-def shape_bytes(shape: str) -> float:
+LAID_OUT = re.compile(ARRAY.pattern + r"(\{[^}]*\})?")
+OFF_HBM = re.compile(r"S\(([1-9]\d*)\)")  # a layout's memory space: S(1) TPU VMEM, S(2) SMEM
+
+
+def shape_bytes(shape: str, hbm_only: bool = True) -> float:
+    """Bytes of the arrays of an HLO type; `hbm_only`: of those in device memory (memory space 0:
+    on TPU an on-chip VMEM / SMEM buffer, `S(1)` / `S(2)`, moves no HBM bytes)."""
     return sum(DTYPE_BYTES.get(t, 16 if t == "c128" else 1) * math.prod(map(int, filter(None, d.split(","))))
-               for t, d in ARRAY.findall(shape))
+               for t, d, layout in LAID_OUT.findall(shape) if not (hbm_only and OFF_HBM.search(layout)))
+
+
+def async_copy_bytes(ins) -> float:
+    """HBM bytes of a `copy-start` (output (dest, src, context)) or `slice-start` (output
+    ((sources), dest slices.., context)): the bytes copied, once per end that is in HBM (a TPU
+    prefetch into VMEM reads HBM once; an eviction writes it once)."""
+    if ins.op == "copy-start":
+        return shape_bytes(ins.shape)
+    sources, dests = split_balanced(ins.shape.strip())
+    dests = ", ".join(a[0] for a in LAID_OUT.finditer(dests) if "S(2)" not in (a[3] or ""))
+    return shape_bytes(dests, hbm_only=False) if shape_bytes(sources) else 0.0
 
 
 def split_balanced(s: str) -> tuple[str, str]:
@@ -231,9 +275,18 @@ def split_balanced(s: str) -> tuple[str, str]:
     return s[1:], ""
 
 
+class Instr(NamedTuple):
+    name: str
+    op: str
+    shape: str  # the output's type, e.g. 'bf16[16,28,28,2048]{3,2,1,0}' or a tuple
+    out: float  # output bytes
+    operands: list
+    attrs: str
+
+
 def parse_hlo(text: str) -> tuple[dict, str]:
-    """{computation: [(opcode, output bytes, operand names, attributes)]}, the entry's name;
-    also {instruction: output bytes} under the key None."""
+    """{computation: [Instr]}, the entry's name; also {instruction: output bytes} under the key
+    None."""
     comps, entry, cur, size = {}, "", None, {}
     for line in text.splitlines():
         if not line.startswith((" ", "HloModule")) and (m := HEADER.match(line)):
@@ -245,33 +298,42 @@ def parse_hlo(text: str) -> tuple[dict, str]:
             op = re.match(r"\s*([\w\-]+)", rest).group(1)
             args, attrs = split_balanced(rest[rest.index("("):])
             size[m.group(1)] = shape_bytes(shape)
-            cur.append((op, size[m.group(1)], re.findall(r"%([\w.\-]+)", args), attrs))
+            cur.append(Instr(m.group(1), op, shape, size[m.group(1)],
+                             re.findall(r"%([\w.\-]+)", args), attrs))
     comps[None] = size
     return comps, entry
+
+
+def kernels(comps: dict, comp: str, unknown: list, times: int = 1):
+    """(Instr, runs per step, bytes per run) of every kernel one run of `comp` launches (module
+    doc: operand + output bytes); while bodies x known trip count (unknown: once, appended to
+    `unknown`), calls and the largest conditional branch inlined."""
+    for ins in comps.get(comp, []):
+        called = lambda key: re.findall(rf"{key}=%?([\w.\-]+)", ins.attrs)
+        if ins.op in FREE or ins.op.endswith("-done"):
+            continue
+        if ins.op == "while":
+            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+            unknown += [] if trip else [ins.op]
+            for c in called("body") + called("condition"):
+                yield from kernels(comps, c, unknown, times * int(trip.group(1) if trip else 1))
+        elif ins.op in ("call", "conditional"):
+            m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+            names = re.findall(r"%?([\w.\-]+)", m.group(1)) if m else (
+                called("to_apply") + called("true_computation") + called("false_computation"))
+            if names:
+                biggest = max(names, key=lambda c: bytes_moved(comps, c, []))
+                yield from kernels(comps, biggest, unknown, times)
+        else:
+            ins_bytes = sum(comps[None].get(o, 0) for o in ins.operands)
+            yield ins, times, (async_copy_bytes(ins) if ins.op in ("copy-start", "slice-start") else
+                               2 * ins_bytes if ins.op.endswith("-start") else ins_bytes + ins.out)
 
 
 def bytes_moved(comps: dict, comp: str, unknown: list) -> float:
     """Estimated HBM bytes of one run of `comp` (module doc); appends while loops of unknown trip
     count to `unknown`."""
-    total = 0.0
-    for op, out, operands, attrs in comps.get(comp, []):
-        called = lambda key: re.findall(rf"{key}=%?([\w.\-]+)", attrs)
-        cost = lambda names: [bytes_moved(comps, c, unknown) for c in names]
-        if op in FREE or op.endswith("-done"):
-            continue
-        if op == "while":
-            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
-            unknown += [] if trip else [op]
-            total += int(trip.group(1) if trip else 1) * sum(cost(called("body") + called("condition")))
-        elif op in ("call", "conditional"):
-            m = re.search(r"branch_computations=\{([^}]*)\}", attrs)
-            names = re.findall(r"%?([\w.\-]+)", m.group(1)) if m else (
-                called("to_apply") + called("true_computation") + called("false_computation"))
-            total += max(cost(names), default=0)
-        else:
-            ins = sum(comps[None].get(o, 0) for o in operands)
-            total += 2 * ins if op.endswith("-start") else ins + out
-    return total
+    return sum(times * b for _, times, b in kernels(comps, comp, unknown))
 
 
 def hlo_stats(text: str) -> dict:
@@ -288,6 +350,91 @@ def hlo_stats(text: str) -> dict:
             "gemm": sum(n for t, n in calls.items() if "cublas" in t) + text.count(" dot("),
             "triton": len(re.findall(r'"kind":"[^"]*triton[^"]*"', text)),
             "custom_calls": dict(calls), "moved": moved, "while_unknown_trips": len(unknown)}
+
+
+# ------------------------------------------------------------------ where the bytes go
+# Parts of the step named in its op_name metadata (the named scopes of pretrain.make_train_step,
+# flax module paths; 'transpose(' marks the backward pass); the first match wins.
+SCOPES = (("momentum_encoder", "momentum encoder"), ("optimizer", "optimizer + EMA"),
+          ("memory", "bank + relations (Eq. 4-6)"), ("losses", "losses"))
+MODULE_PARTS = {"backbone": "backbone", "decode_head": "decoder", "neck": "neck",
+                "proj_language": "heads", "proj_visual": "heads", "aux_head": "heads",
+                "CLIPTextTower": "text tower", "CLIPVisionTower": "image tower"}
+MAIN_OPS = ("convolution", "dot", "custom-call", "scatter", "gather", "reduce-window", "reduce",
+            "select-and-scatter", "transpose", "dynamic-update-slice", "dynamic-slice", "copy",
+            "concatenate", "pad")
+
+
+def part_of(op_name: str) -> str:
+    """The part of the step an op belongs to, from its op_name (module doc of --breakdown)."""
+    if not op_name:
+        return "unnamed (copies, prefetches)"
+    if op_name.startswith("state."):
+        return "state (copies)"
+    side = " bwd" if "transpose(" in op_name else " fwd"
+    path = [p.split("(")[-1].rstrip(")") for p in op_name.split("/")]
+    for key, part in SCOPES:
+        if key in path:
+            return part + (side if key == "losses" else "")
+    for i, p in enumerate(path):
+        if p in MODULE_PARTS:
+            return MODULE_PARTS[p] + side
+        if p and p[0].isupper() and i + 1 < len(path) and path[i + 1] in MODULE_PARTS:
+            return MODULE_PARTS[path[i + 1]] + side
+    return "other"
+
+
+def op_kind(ins: Instr, comps: dict) -> str:
+    """'convolution', 'fusion:kLoop(reduce)', '__cudnn$convForward', ..."""
+    if ins.op == "custom-call":
+        return re.search(r'custom_call_target="([^"]+)"', ins.attrs).group(1)
+    if ins.op != "fusion":
+        return ins.op
+    kind = re.search(r"kind=(\w+)", ins.attrs)
+    inner = {i.op for c in re.findall(r"calls=%?([\w.\-]+)", ins.attrs) for i in comps.get(c, [])}
+    main = next((o for o in MAIN_OPS if o in inner), "elementwise")
+    return f"fusion:{kind.group(1) if kind else '?'}({main})"
+
+
+def breakdown(text: str) -> dict:
+    """The kernels of the optimised HLO with their bytes (x runs), op kind, output type and part:
+    {'kernels': [dict] largest first, 'parts': {part: bytes}, 'dtypes': {output dtype: bytes},
+    'total': bytes}."""
+    comps, entry = parse_hlo(text)
+    rows = []
+    for ins, times, b in kernels(comps, entry, []):
+        name = re.search(r'op_name="([^"]*)"', ins.attrs)
+        name = name.group(1) if name else ""
+        dtype = ARRAY.search(ins.shape)
+        rows.append({"bytes": times * b, "kind": op_kind(ins, comps), "part": part_of(name),
+                     "shape": re.sub(r"\{[^{}]*\}", lambda m: "@vmem" if "S(1)" in m[0] else "",
+                                     ins.shape)[:80], "runs": times,
+                     "dtype": dtype.group(1) if dtype else "-", "op_name": name})
+    rows.sort(key=lambda r: -r["bytes"])
+    parts, dtypes = Counter(), Counter()
+    for r in rows:
+        parts[r["part"]] += r["bytes"]
+        dtypes[r["dtype"]] += r["bytes"]
+    return {"kernels": rows, "parts": dict(parts.most_common()), "dtypes": dict(dtypes.most_common()),
+            "total": sum(parts.values())}
+
+
+def breakdown_report(r: dict, top: int) -> str:
+    """Markdown: bytes per part, per output dtype, and the `top` largest kernels."""
+    bd, total = r["breakdown"], r["breakdown"]["total"]
+    head = f"{r['target']} / {step_name(r)}" if r["step"] else r["target"]
+    count = f" in {bd['count']} kernels" if "count" in bd else ""
+    lines = [f"**{head}**: {total / 1e9:.1f} GB moved{count}", "",
+             "| part | GB | % |", "|---|---|---|"]
+    lines += [f"| {p} | {b / 1e9:.2f} | {100 * b / total:.1f} |" for p, b in bd["parts"].items()]
+    lines += ["", "by the kernel's (first) output dtype: " + ", ".join(
+        f"{d} {b / 1e9:.1f} GB ({100 * b / total:.0f} %)" for d, b in bd["dtypes"].items()), "",
+        "| # | GB | runs | kind | output | part | op |", "|---|---|---|---|---|---|---|"]
+    for i, k in enumerate(bd["kernels"][:top], 1):
+        op = "/".join(k["op_name"].split("/")[-3:]).replace("|", "/")
+        lines.append(f"| {i} | {k['bytes'] / 1e9:.3f} | {k['runs']} | {k['kind'].replace('|', '/')} "
+                     f"| {k['shape']} | {k['part']} | {op} |")
+    return "\n".join(lines)
 
 
 def kernel_problems(lowered_text: str, conv_layers: int, stats: dict | None = None) -> list[str]:
@@ -308,13 +455,26 @@ def kernel_problems(lowered_text: str, conv_layers: int, stats: dict | None = No
 
 
 # ------------------------------------------------------------------ one variant (in a subprocess)
+def hlo_flops(lowered) -> float | None:
+    """FLOPs of the unoptimised program (XLA's cost analysis on the host's CPU client): the GPU
+    compile reports none; within ~5 % of the TPU compile's count on the tiny step."""
+    import jax
+    from jax._src.lib import xla_client
+    try:
+        return xla_client._xla.hlo_module_cost_analysis(
+            jax.devices("cpu")[0].client, lowered.compiler_ir("hlo").get_hlo_module()).get("flops")
+    except Exception:  # noqa: BLE001 -- a private API: a missing number, not a failed run
+        return None
+
+
 def measure(v: dict) -> dict:
-    devices, hbm = target_devices(v["target"])
+    devices, hbm = target_devices(v["target"], v.get("chips", ""))
     out, peaks = {**v, "hbm": hbm}, {}
     for b in [v["batch"], v["batch"] // 2][:2 if v["fit"] and v["batch"] > 1 else 1]:
         t = time.perf_counter()
         cfg = make_config(v["tiny"], v["step"], v["kernels"], v.get("backbone", "resnet"))
-        lowered, layers = (lower_stage1(cfg, devices, b, v["size"], v["patch"], v["classes"])
+        lowered, layers = (lower_stage1(cfg, devices, b, v["size"], v["patch"], v["classes"],
+                                        v.get("shard_text", True))
                            if v["step"] == "stage1" else
                            lower_step(cfg, devices, b, v["size"], v["classes"]))
         compiled = lowered.compile()
@@ -330,11 +490,28 @@ def measure(v: dict) -> dict:
                        flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"),
                        **hlo_stats(compiled.as_text()))
             out["problems"] = kernel_problems(lowered.as_text(), layers, out)
+            flops = hlo_flops(lowered)  # the whole program: / devices is per chip when all is sharded
+            out["flops_hlo"] = flops / len(devices) if flops else None
+            out["devices"] = len(devices)
+            if v.get("breakdown"):
+                bd = breakdown(compiled.as_text())
+                out["breakdown"] = {**bd, "kernels": bd["kernels"][:v["breakdown"]],
+                                    "count": len(bd["kernels"])}
+            if v.get("save_hlo"):
+                os.makedirs(v["save_hlo"], exist_ok=True)
+                with open(os.path.join(v["save_hlo"], variant_name(v) + ".hlo"), "w") as f:
+                    f.write(compiled.as_text())
     if len(peaks) == 2:
         (b1, p1), (b2, p2) = sorted(peaks.items())
         slope = (p2 - p1) / (b2 - b1)
         out["max_batch"] = int((hbm - p1) // slope + b1) if slope > 0 else None
     return {**out, "status": "ok"}
+
+
+def variant_name(v: dict) -> str:
+    return "_".join(str(x) for x in (v["target"], v.get("chips") or "1", v["kernels"], v["step"],
+                                     v.get("backbone", "resnet"), v["batch"], v["size"])) + (
+        "" if v.get("shard_text", True) else "_unsharded")
 
 
 def run_variant(v: dict, timeout: float) -> dict:
@@ -364,9 +541,15 @@ COLUMNS = ("target | kernels | step | compile | s | arg GiB | temp GiB | out GiB
            "| moved GB | GFLOP | acc GB")
 
 
+def step_name(r: dict) -> str:
+    """'ms3', 'ms3/deit', 'stage1 (2x4)', 'stage1 (2x4, text unsharded)'."""
+    return r["step"] + ("/deit" if r.get("backbone") == "deit" else "") + (
+        f" ({r['chips']}{', text unsharded' if not r.get('shard_text', True) else ''})"
+        if r.get("chips") else "")
+
+
 def row(r: dict) -> str:
-    step = r["step"] + ("/deit" if r.get("backbone") == "deit" else "")
-    cells = [r["target"], r["kernels"], step, r["status"].replace("|", "/")]
+    cells = [r["target"], r["kernels"], step_name(r), r["status"].replace("|", "/")]
     if r["status"] == "ok":
         f = lambda k, scale=GiB, nd=2: "-" if r.get(k) is None else f"{r[k] / scale:.{nd}f}"
         cells += [f("seconds", 1, 0), f("arg"), f("temp"), f("out"), f("peak"),
@@ -397,7 +580,34 @@ def report(results: list[dict]) -> str:
         if k == "auto" and (x := ok.get((t, s, "xla"))):
             rm, rt = a["moved"] / x["moved"], a["temp"] / max(x["temp"], 1)
             lines.append(f"| {t} | {s} | {rm:.2f} | {rt:.2f} | {'yes' if max(rm, rt) <= 1.1 else 'NO'} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", roofline_report(results)])
+
+
+def roofline_report(results: list[dict]) -> str:
+    """Per target and step: FLOP time, byte time, their max (the estimate), images/s per chip and
+    the paper's runs on 8 chips (pretraining 100 epochs, stage 1 10 epochs of the union)."""
+    ok = [r for r in results if r["status"] == "ok" and r["target"] in roofline.CHIPS]
+    lines = ["| target | step | GFLOP | moved GB | FLOP ms | byte ms | estimate ms | / floor "
+             "| images/s/chip | run h (8 chips) | chip-h |", "|" + "---|" * 11]
+    for r in ok:
+        flops = r.get("flops") or r.get("flops_hlo")
+        if not flops:
+            continue
+        est = roofline.estimate(flops, r["moved"], r["target"], r["batch"])
+        epochs = roofline.STAGE1_EPOCHS if r["step"] == "stage1" else roofline.PAPER_EPOCHS
+        hours = est.run_hours(epochs)
+        step = step_name(r)
+        src = "" if r.get("flops") else " (hlo)"
+        lines.append(f"| {r['target']} | {step} | {flops / 1e9:.0f}{src} | {r['moved'] / 1e9:.1f} "
+                     f"| {1e3 * est.flop_s:.1f} | {1e3 * est.byte_s:.1f} | {1e3 * est.step_s:.1f} "
+                     f"| {est.over_floor:.2f} | {est.images_per_s:.0f} | {hours:.2f} "
+                     f"| {hours * roofline.PAPER_CHIPS:.1f} |")
+    chips = sorted({r["target"] for r in ok})
+    return "\n".join(lines + ["", roofline.peaks_line(chips) + "; GFLOP per chip: the TPU "
+                               "compile's cost analysis, '(hlo)': the unoptimised program's (GPU "
+                               "compiles report none); epochs: pretraining "
+                               f"{roofline.PAPER_EPOCHS}, stage 1 {roofline.STAGE1_EPOCHS} of "
+                               f"{roofline.PAPER_IMAGES_PER_EPOCH:,} images"])
 
 
 def main() -> None:
@@ -416,13 +626,40 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     ap.add_argument("--jobs", type=int, default=1, help="variants compiled at once")
     ap.add_argument("--json", help="write the results here (rewritten as each variant ends)")
+    ap.add_argument("--breakdown", type=int, default=0, metavar="N",
+                    help="list the N largest byte movers and the bytes per part of the step")
+    ap.add_argument("--save-hlo", metavar="DIR", help="write each variant's optimised HLO here")
+    ap.add_argument("--chips", default="", help="TPU slice on one host, e.g. 2x4 (default: one chip)")
+    ap.add_argument("--unsharded-text", action="store_true",
+                    help="stage1 on --chips: every chip encodes all prompts (the form before sharding)")
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="print the tables of saved --json "
+                    "results (several files: one table) and exit")
+    ap.add_argument("--hlo", nargs="+", metavar="FILE", help="print the --breakdown of saved "
+                    "optimised HLO text (--save-hlo, or XLA's dumps) and exit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.hlo:
+        for path in a.hlo:
+            bd = breakdown(open(path).read())
+            name = os.path.basename(path).rsplit(".", 1)[0]
+            print(breakdown_report({"target": name, "step": "", "breakdown": {
+                **bd, "kernels": bd["kernels"][:a.breakdown or 20], "count": len(bd["kernels"])}},
+                a.breakdown or 20) + "\n")
+        return
     if a.child:
         return child(json.loads(a.child))
+    if a.report:
+        results = [r for path in a.report for r in json.load(open(path))]
+        print(report(results))
+        for r in results:
+            if "breakdown" in r:
+                print("\n" + breakdown_report(r, a.breakdown or len(r["breakdown"]["kernels"])))
+        return
     batch, size = a.batch or (4 if a.tiny else 16), a.size or (64 if a.tiny else 224)
     variants = [dict(target=t, kernels=k, step=s, batch=batch, size=size, classes=a.classes,
-                     tiny=a.tiny, fit=not a.no_fit, patch=a.stage1_patch, backbone=a.backbone)
+                     tiny=a.tiny, fit=not a.no_fit, patch=a.stage1_patch, backbone=a.backbone,
+                     breakdown=a.breakdown, save_hlo=a.save_hlo and os.path.abspath(a.save_hlo),
+                     chips=a.chips, shard_text=not a.unsharded_text)
                 for t in a.targets.split(",") for s in a.steps.split(",")
                 for k in (a.kernels.split(",") if s != "stage1" else ["-"])]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {'tiny' if a.tiny else 'paper'} model, batch {batch} "
@@ -442,6 +679,9 @@ def main() -> None:
     with ThreadPoolExecutor(a.jobs) as pool:
         results = list(pool.map(one, variants))
     print("\n" + report(results))
+    for r in results:
+        if "breakdown" in r:
+            print("\n" + breakdown_report(r, a.breakdown))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -254,7 +254,7 @@ def set_host_malloc() -> str:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "_host_memory", os.path.join(REPO, "ms3_jax", "host_memory.py"))
+        "_host_memory", os.path.join(REPO, "ms3_jax", "engine", "host_memory.py"))
     host_memory = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(host_memory)
     return host_memory.configure_from_env()

@@ -71,8 +71,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         kernels="auto",
         init_from=""))  # optional torchvision / MMSeg ResNet (timm DeiT) .pth for the backbone
 
+    # data.worker_count: grain worker processes; -1 = one per core but two (a host feeding 8
+    # chips needs tens of workers: benchmarks/data_throughput.py), 0 = read in this process.
     c.data = ml_collections.ConfigDict(dict(
-        datasets=("voc", "ade20k", "coco_stuff"), data_dir="", crop_size=224, worker_count=4,
+        datasets=("voc", "ade20k", "coco_stuff"), data_dir="", crop_size=224, worker_count=-1,
         skip_unreadable=False,  # True: undecodable / badly labelled records replaced, counted
         weights=ml_collections.config_dict.placeholder(dict),  # None: proportional to size
         synthetic=ml_collections.config_dict.placeholder(dict),  # kwargs of prepare_synthetic

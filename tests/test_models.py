@@ -135,6 +135,31 @@ def test_projection_heads_after_the_aspp_or_the_decoder():
         at_decoder.clone(heads_at="backbone").apply(variables, images)
 
 
+def test_decoder_is_skipped_when_nothing_reads_it():
+    """MS3 with the heads at the ASPP and no classes (the pretraining step): `decoder=False` gives
+    the same embeddings and batch statistics, leaves the decoder's statistics as they were and
+    returns no decoder map; a model whose heads or classifier read the map refuses it."""
+    images = jax.random.randint(jax.random.PRNGKey(0), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
+    model = _tiny(None, output_stride=8, heads_at="aspp")
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), images)
+    run = lambda decoder: jax.jit(functools.partial(  # noqa: E731
+        model.apply, train=True, decoder=decoder, mutable=["batch_stats"]))(variables, images)
+    (full, full_stats), (skipped, stats) = run(True), run(False)
+    assert "decoder" in full and "decoder" not in skipped
+    for head in ("language", "visual"):
+        np.testing.assert_array_equal(full[head], skipped[head])
+    decoder = {"c1_bottleneck", "sep_bottleneck_0", "sep_bottleneck_1"}
+    for name, before in variables["batch_stats"]["decode_head"].items():
+        after = stats["batch_stats"]["decode_head"][name]
+        same = jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, before, after))
+        assert same == (name in decoder), name
+        jax.tree_util.tree_map(np.testing.assert_array_equal, after,
+                               full_stats["batch_stats"]["decode_head"][name]) if name not in decoder else None
+    for bad in (_tiny(5, output_stride=8, heads_at="aspp"), _tiny(None, output_stride=8)):
+        with pytest.raises(ValueError, match="decoder=False"):
+            bad.apply(variables, images, decoder=False)
+
+
 @pytest.mark.slow
 def test_ms3_encoder_bfloat16_compute_keeps_float32_params():
     model = _tiny(dtype="bfloat16")

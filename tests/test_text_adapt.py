@@ -313,3 +313,41 @@ def test_deeplab_encoder_variant(tiny_config, tmp_path):
     assert abs(cos[-1] - cos[0]) > 1e-4 and np.isfinite([h["loss"] for h in history]).all()
     for name in (text_embeddings.FILE_NAME, text_adapt.REPORT_FILE):
         assert (tmp_path / name).is_file()
+
+
+def test_prompts_are_encoded_sharded_over_the_devices(two_tower_clip):
+    """On 8 devices each device encodes its share of the U prompts through the text tower and T is
+    gathered (`make_train_step`'s prompt_sharding, on in the Trainer): the step computes what the
+    step with every device encoding all prompts computes, with fewer FLOPs per device."""
+    from ms3_jax.engine import nonfinite
+
+    c = _config("tiny")
+    c.update_from_flattened_dict({"batch_size": 8, "data.crop_size": 32,
+                                  "text.tiny_clip_dir": two_tower_clip})
+    c.data.datasets = ["synth_a", "synth_b"]  # 13 distinct names: uneven shares of 8
+    ls = LabelSpace.from_datasets(list(c.data.datasets))
+    text_module, text_params, tokenizer = text_adapt.load_clip(two_tower_clip)
+    tower = text_adapt.load_image_tower(c, two_tower_clip)
+    trainer = text_adapt.Trainer(c, ls, text_module, text_params, tokenizer, num_steps=10,
+                                 image_tower=tower, devices=jax.devices()[:8])
+    assert len(trainer.names) == 13
+    unsharded = jax.jit(nonfinite.guard(text_adapt.make_train_step(
+        c, text_adapt.clip_embed(tower.encoder), text_module, trainer.tx,
+        text_adapt.image_lr_schedule(c, 10), text_adapt.text_lr_schedule(c, c.text.lr, 10), False),
+        nonfinite.mode_of(c)), in_shardings=(trainer.replicated, trainer.data_sharding,
+                                             trainer.replicated))
+    rng = np.random.default_rng(1)
+    batch = trainer.global_batch({
+        "image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+        "label": rng.integers(0, ls.num_classes, (8, 32, 32)).astype(np.int32)})
+    results, flops = [], []
+    for step in (trainer._step, unsharded):  # compiled once each, then run
+        state = trainer.init_state(jax.random.key(0))
+        compiled = step.lower(state, batch, trainer.consts).compile()
+        flops.append(compiled.cost_analysis()["flops"])  # per device
+        state, metrics = compiled(state, batch, trainer.consts)
+        results.append(jax.device_get((state.params, metrics)))
+    for a, b in zip(*map(jax.tree_util.tree_leaves, results)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    assert float(results[0][1]["loss"]) > 0
+    assert flops[0] < 0.8 * flops[1], flops

@@ -88,8 +88,10 @@ def get_config(dataset: str, arg: str | None, *, crop_size, batch_size: int, num
         head_channels=512, c1_channels=48, dropout_rate=0.1, dtype="float32",
         kernels="auto"))  # 'auto' | 'xla' | 'cpu' (configs/pretrain.py)
 
+    # data.worker_count: grain worker processes; -1 = one per core but two (a host feeding 8
+    # chips needs tens of workers: benchmarks/data_throughput.py), 0 = read in this process.
     c.data = ml_collections.ConfigDict(dict(
-        dataset=dataset, data_dir="", crop_size=crop_size, worker_count=4,
+        dataset=dataset, data_dir="", crop_size=crop_size, worker_count=-1,
         skip_unreadable=False,  # True: undecodable / badly labelled records replaced, counted
         synthetic=ml_collections.config_dict.placeholder(dict),  # kwargs of prepare_synthetic
         augment=dict(base_size=base_size, scale_range=(0.5, 2.0), flip_prob=0.5,

@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 import json
 import logging
+import os
 import signal
 from typing import Any
 
@@ -36,13 +37,32 @@ from ms3_jax.data.sources import (decode_image, decode_label, mixed_records, mix
                                   open_sources, open_unlabeled_source, record_file_name)
 
 
+AUTO_WORKERS = -1  # `worker_count`: one worker per core of this process's CPU set but two
+CORES_FOR_TRAINING = 2  # cores `AUTO_WORKERS` leaves to the training process
+
+
+def resolve_worker_count(worker_count: int) -> int:
+    """grain worker processes for `LoaderOptions.worker_count`: itself, or with `AUTO_WORKERS`
+    the cores this process may run on minus `CORES_FOR_TRAINING` (0 on a 2-core machine).
+    A host feeding 8 accelerators needs tens of workers (benchmarks/data_throughput.py)."""
+    if worker_count == AUTO_WORKERS:
+        return max(0, len(os.sched_getaffinity(0)) - CORES_FOR_TRAINING)
+    if worker_count < 0:
+        raise ValueError(f"data.worker_count must be >= 0 or {AUTO_WORKERS} (one per core but "
+                         f"{CORES_FOR_TRAINING}), got {worker_count}")
+    return int(worker_count)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoaderOptions:
     """How batches are produced; none of it changes the batches."""
-    worker_count: int = 0  # grain worker processes (0 = in the main process)
+    worker_count: int = 0  # grain worker processes (0 = in the main process; -1: one per core but 2)
     worker_buffer_size: int = 2  # batches buffered per worker
     num_threads: int = 2  # grain ReadOptions: threads producing whole batches
     prefetch_buffer_size: int = 2
+
+    def __post_init__(self):
+        resolve_worker_count(self.worker_count)  # a bad value fails here, before any work
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,9 +274,9 @@ class TrainPipeline:
         ds = self.map_dataset[start_batch:] if start_batch else self.map_dataset
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.loader.num_threads,
                                                   prefetch_buffer_size=self.loader.prefetch_buffer_size))
-        if self.loader.worker_count > 0:
+        if (workers := resolve_worker_count(self.loader.worker_count)) > 0:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.loader.worker_count,
+                num_workers=workers,
                 per_worker_buffer_size=self.loader.worker_buffer_size),
                 worker_init_fn=_ignore_stop_signals)
         return ds

@@ -86,8 +86,8 @@ class DeepLabV3PlusHead(nn.Module):
     conv: ModuleDef = Conv
 
     @nn.compact
-    def __call__(self, layer1: jax.Array, layer4: jax.Array,
-                 train: bool) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, layer1: jax.Array, layer4: jax.Array, train: bool,
+                 decoder: bool = True) -> tuple[jax.Array, jax.Array | None]:
         ch = self.channels
         conv_module = functools.partial(ConvModule, conv=self.conv, dtype=self.dtype)
         separable = functools.partial(SeparableConvModule, conv=self.conv, dtype=self.dtype)
@@ -99,6 +99,8 @@ class DeepLabV3PlusHead(nn.Module):
         # [image pool, branches]: docs/choices.md, "The ASPP image-pool channels are passed apart"
         aspp = conv_module(ch, kernel=3, name="bottleneck")(jnp.concatenate(outs, -1), train,
                                                             uniform_Bx1x1xX=pooled)
+        if not decoder:
+            return aspp, None
         c1 = conv_module(self.c1_channels, name="c1_bottleneck")(layer1, train)
         x = jnp.concatenate([resize_bilinear(aspp, c1.shape[1:3]), c1], axis=-1)
         x = separable(ch, name="sep_bottleneck_0")(x, train)
@@ -167,6 +169,9 @@ class MS3Encoder(nn.Module):
     h = H/4) or the ASPP output ('aspp', h = H/output_stride, Sec. 4.1; docs/choices.md,
     "Projection heads after the ASPP"). `backbone`: a :class:`Backbone` (variables under
     `backbone`); `dtype`: the head's compute dtype (params float32); `conv`: :func:`conv_for`.
+    Called with `decoder=False` (heads at the ASPP, no classes: nothing reads the stride-4 map) it
+    skips the decoder (`DECODER_MODULES`), whose variables keep their values, and returns no
+    `decoder`.
     """
 
     backbone: Backbone
@@ -188,7 +193,11 @@ class MS3Encoder(nn.Module):
         return self.backbone.output_stride
 
     @nn.compact
-    def __call__(self, images_BxHxWx3: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(self, images_BxHxWx3: jax.Array, train: bool = False,
+                 decoder: bool = True) -> dict[str, jax.Array]:
+        if not decoder and (self.heads_at != "aspp" or self.num_classes is not None):
+            raise ValueError("decoder=False needs heads_at='aspp' and no num_classes (the heads or "
+                             "the classifier read the decoder map)")
         f32 = jnp.float32
         x = (images_BxHxWx3.astype(f32) - jnp.asarray(IMAGENET_MEAN, f32)) / jnp.asarray(IMAGENET_STD, f32)
         if self.aux_head:
@@ -202,8 +211,8 @@ class MS3Encoder(nn.Module):
             raise ValueError(f"model.heads_at must be one of {HEADS_AT}, got {self.heads_at!r}")
         aspp, dec = DeepLabV3PlusHead(self.head_channels, self.c1_channels,
                                       ASPP_DILATIONS[self.backbone.output_stride], self.dtype,
-                                      self.conv, name="decode_head")(low, deep, train)
-        out = {"decoder": dec}
+                                      self.conv, name="decode_head")(low, deep, train, decoder)
+        out = {} if dec is None else {"decoder": dec}
         head_in = dec if self.heads_at == "decoder" else aspp
         for head in self.heads:
             out[head] = ProjectionHead(self.head_channels, self.emb_dim, self.dtype, self.conv,

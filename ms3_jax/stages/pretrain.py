@@ -224,6 +224,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
     ms3 = lc.kind == "ms3"
     use_vis = ms3 and lc.use_visual
     ema_model = model.clone(heads=("visual",)) if use_vis else None
+    # MS3 with the heads at the ASPP reads no stride-4 decoder map: skip computing it (its
+    # variables, never trained -- `deeplab.untrained_subtrees` -- keep their values).
+    decoder = not (ms3 and model.heads_at == "aspp" and model.num_classes is None)
     loss_terms = make_loss_terms(config)
     # App. D: pixels of unlabeled images (label -2) get multimodal pseudo-labels; they enter the
     # losses, enter the bank only with pseudo.enter_bank, and never S (Eq. 5 estimates relations
@@ -234,8 +237,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
 
     def loss_fn(params, state: TrainState, batch: Batch, consts, rng):
         out, mutated = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                   batch["image"], train=True, mutable=["batch_stats"],
-                                   rngs={"dropout": rng})
+                                   batch["image"], train=True, decoder=decoder,
+                                   mutable=["batch_stats"], rngs={"dropout": rng})
         grid = next(out[k] for k in ("language", "visual", "logits") if k in out).shape[1:3]
         y = labels.downsample_labels(batch["label"], grid)
         y_fit, pseudo_metrics = y, {}
@@ -244,7 +247,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
                 y, out["language"], out["visual"], consts["text"], state.visual_emb,
                 state.visual_valid, consts["name_id"], threshold=threshold, tau=lc.tau,
                 chunk=lc.chunk)
-        terms, pred = loss_terms(out, y_fit, batch, state, consts)
+        with jax.named_scope("losses"):
+            terms, pred = loss_terms(out, y_fit, batch, state, consts)
         return sum(terms.values()), Forward(terms, pseudo_metrics, out, y, y_fit, pred,
                                             mutated["batch_stats"])
 
@@ -253,23 +257,28 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
         rng_drop, rng_bank = jax.random.split(rng)
         (loss, fwd), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state, batch, consts, rng_drop)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        momentum = config.ema_momentum
-        new = state.replace(
-            step=state.step + 1, params=params, batch_stats=fwd.batch_stats, opt_state=opt_state,
-            ema_params=ema_update(state.ema_params, params, momentum),
-            ema_batch_stats=ema_update(state.ema_batch_stats, fwd.batch_stats, momentum))
+        with jax.named_scope("optimizer"):  # names for benchmarks/accelerators.py --breakdown
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            momentum = config.ema_momentum
+            new = state.replace(
+                step=state.step + 1, params=params, batch_stats=fwd.batch_stats, opt_state=opt_state,
+                ema_params=ema_update(state.ema_params, params, momentum),
+                ema_batch_stats=ema_update(state.ema_batch_stats, fwd.batch_stats, momentum))
         metrics: Metrics = {"loss": loss, "lr": schedule(state.step), **fwd.terms, **fwd.pseudo}
         if ms3:
             keys = None
             if use_vis:  # keys of the updated momentum encoder, batch-statistics BN (MoCo)
-                keys = ema_model.apply({"params": new.ema_params, "batch_stats": new.ema_batch_stats},
-                                       batch["image"], train=True, mutable=["batch_stats"])[0]["visual"]
+                with jax.named_scope("momentum_encoder"):
+                    keys = ema_model.apply(
+                        {"params": new.ema_params, "batch_stats": new.ema_batch_stats},
+                        batch["image"], train=True, decoder=decoder,
+                        mutable=["batch_stats"])[0]["visual"]
             emb = jax.lax.stop_gradient(fwd.out[config.relations.pixel_head])
-            new, memory_metrics = update_memory(
-                new, keys, fwd.labels_fit if enter_bank else fwd.labels, emb, fwd.labels, consts,
-                rng_bank, config)
+            with jax.named_scope("memory"):
+                new, memory_metrics = update_memory(
+                    new, keys, fwd.labels_fit if enter_bank else fwd.labels, emb, fwd.labels,
+                    consts, rng_bank, config)
             metrics.update(memory_metrics)
         if fwd.prediction is not None:  # the language term's nearest-T class (Eq. 1)
             metrics["acc_language"] = losses.prediction_accuracy(fwd.prediction, fwd.labels,

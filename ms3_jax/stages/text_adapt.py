@@ -145,20 +145,29 @@ def clip_embed(encoder: clip_vision.PixelEncoder) -> EmbedFn:
 def make_train_step(config: ml_collections.ConfigDict, embed: EmbedFn,
                     text_module: CLIPTextTower, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, ctx_schedule: optax.Schedule,
-                    train_text_tower: bool) -> Callable[..., tuple[TextAdaptState, Metrics]]:
+                    train_text_tower: bool,
+                    prompt_sharding: jax.sharding.NamedSharding | None = None,
+                    ) -> Callable[..., tuple[TextAdaptState, Metrics]]:
     """``train_step(state, batch, consts) -> (state, metrics)``, pure.
 
     consts: ``ids`` / ``eos`` (prompt layout of the distinct names, [U, L] / [U]), ``gather``
     ([|Y|] union class -> distinct name) and, with a frozen tower, ``text`` (its params).
+    ``prompt_sharding`` (the batch's, over 'data'): each device encodes its share of the U prompts
+    through the text tower and T is gathered (the same T; the text side's FLOPs / devices).
     """
     tau, chunk = config.loss.tau, config.loss.chunk
+    share = (lambda x: x) if prompt_sharding is None else (
+        lambda x: jax.lax.with_sharding_constraint(x, prompt_sharding))
+    gathered = (lambda x: x) if prompt_sharding is None else (
+        lambda x: jax.lax.with_sharding_constraint(
+            x, jax.sharding.NamedSharding(prompt_sharding.mesh, jax.sharding.PartitionSpec())))
 
     def class_embeddings(params, consts) -> jax.Array:
         """T of the distinct names [U, C], L2-normalised; differentiable in ctx (and the tower)."""
         text_params = params["text"] if train_text_tower else consts["text"]
-        t_UxC = text_module.apply({"params": text_params}, consts["ids"], consts["eos"],
+        t_UxC = text_module.apply({"params": text_params}, share(consts["ids"]), share(consts["eos"]),
                                   params["ctx"], method=CLIPTextTower.encode_prompts)
-        return l2_normalize(t_UxC)
+        return gathered(l2_normalize(share(t_UxC)))
 
     def loss_fn(params, batch_stats, batch: Batch, consts, rng):
         emb_BxhxwxC, batch_stats = embed(params["image"], batch_stats, batch["image"], rng)
@@ -301,7 +310,8 @@ class Trainer(training.Trainer):
         self.compile_step(make_train_step(config, embed, text_module, self.tx,
                                           image_lr_schedule(config, num_steps),
                                           text_lr_schedule(config, config.text.lr, num_steps),
-                                          self.train_text_tower), consts)
+                                          self.train_text_tower,
+                                          self.data_sharding if self.mesh.size > 1 else None), consts)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, devices: list | None = None) -> "Trainer":
