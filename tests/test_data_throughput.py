@@ -96,7 +96,8 @@ def test_pipeline_batches(data_dir):
         lo, hi = ls.offsets[d], ls.offsets[d + 1]
         assert (((label >= lo) & (label < hi)) | (label == -1)).all()
         assert (label >= 0).any()
-    assert r["images"] == 8 and r["processes"] == 1 and r["wall_s"] > 0 and r["cpu_s"] > 0
+    # processes: this one and its children (under pytest-xdist other tests' children may live)
+    assert r["images"] == 8 and r["processes"] >= 1 and r["wall_s"] > 0 and r["cpu_s"] > 0
     assert len(r["per_batch_rates"]) == 2
 
 
