@@ -45,8 +45,8 @@ Columns (per device; GiB = 2^30 B, GB = 1e9 B):
                XLA's memory-space assignment put on chip (a layout's S(1): TPU VMEM; S(2): SMEM)
                move no HBM bytes; an async copy-start / slice-start moves its bytes once per end in
                HBM (a prefetch into VMEM reads HBM once). No caches; an in-place update counts its
-               whole buffer. (Before 2026-12-07 VMEM operands counted as HBM traffic: the v5e / v4
-               figures of that time are 2.5-4x too high.)
+               whole buffer. (Before 2026-12-07 VMEM operands counted as HBM traffic: TPU figures of
+               that time are several times too high; v5e MS3 at 2148fb8: 47.2 vs 11.0 GB.)
   GFLOP, acc GB   cost_analysis() flops / bytes accessed ('-': None, as on GPU).
 The ratio table: moved GB and temp of kernels=auto / kernels=xla per target and step (goal <= 1.1x).
 The roofline table (benchmarks/roofline.py): FLOP time = GFLOP / the chip's bf16 peak, byte time =
