@@ -33,7 +33,6 @@ CHIPS = {
 # (10582 + 20210 + 118287 images) at batch 128 on 8 chips.
 PAPER_IMAGES_PER_EPOCH = 149_079
 PAPER_EPOCHS = 100
-PAPER_BATCH = 128  # 16 per chip
 STAGE1_EPOCHS = 10  # configs/text_adapt.py
 PAPER_CHIPS = 8
 
