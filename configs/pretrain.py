@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(
         kind="ms3",  # 'ms3' | 'ce_single_head' | 'ce_multi_head' (Tab. 4)
         use_language=True, use_visual=True, multilabel=True,  # Tab. 4 / Tab. 6 switches
-        tau=0.07, alpha=1.0, chunk=8192))
+        tau=0.07, alpha=1.0, chunk=16384))  # chunk: pixels per device (16 images at 224: one)
 
     c.bank = ml_collections.ConfigDict(dict(slots=256, per_class=32, dtype="bfloat16"))
     # top_k > 0: keep per class only the k most similar of Eq. 6's pairs (not in the paper; opt-in)

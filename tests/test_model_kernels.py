@@ -131,7 +131,8 @@ def test_both_kernel_sets_agree_in_bfloat16(tiny_encoder_inputs):
 @pytest.mark.parametrize("k,stride,dilation,groups,bias,size,cin", [
     (1, 1, 1, 1, False, 6, 6), (1, 2, 1, 1, True, 7, 6), (3, 2, 1, 1, False, 7, 6),
     (3, 1, 1, 1, True, 5, 6), (3, 1, 2, 8, False, 6, 8), (3, 1, 2, 1, False, 6, 256),
-    (7, 2, 1, 1, False, 9, 3)])
+    (7, 2, 1, 1, False, 9, 3),
+    (3, 1, 6, 8, False, 6, 8), (3, 1, 9, 8, True, 6, 8), (3, 1, 7, 1, False, 6, 6)])  # d >= size
 def test_conv_equals_nn_conv_float32(conv, k, stride, dilation, groups, bias, size, cin):
     """Each conv kind of the model against flax's `nn.Conv` with torch padding: same params and
     init, values and gradients to 1e-5 (float32)."""
@@ -154,6 +155,35 @@ def test_conv_equals_nn_conv_float32(conv, k, stride, dilation, groups, bias, si
         g_ref = jax.grad(lambda p, x: jnp.sum(jnp.sin(ref.apply(p, x))), (0, 1))(v, x)
     for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("groups,hw,d", [(5, (4, 4), 4), (5, (3, 7), 5), (5, (7, 3), 4),
+                                         (1, (4, 4), 6), (1, (3, 7), 3)])
+def test_taps_that_read_only_padding_are_not_computed(groups, hw, d):
+    """A dilation >= the map's height (width): only the centre row (column) of taps is computed;
+    float64 values and gradients equal the full convolution's, the dropped taps' gradients are
+    exact zeros, and a depthwise conv left with its centre tap is a product, not a convolution."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, *hw, 5)))
+        g = jnp.asarray(rng.standard_normal((2, *hw, 5)))
+        conv = Conv(5, 3, 1, d, groups, dtype=jnp.float64)
+        v = conv.init(jax.random.PRNGKey(0), x)
+        kern = v["params"]["kernel"].astype(jnp.float64)
+        ours = lambda x, k: conv.apply({"params": {"kernel": k}}, x)
+        full = lambda x, k: _lax_conv(x, k, 1, d, groups=groups)
+        np.testing.assert_allclose(ours(x, kern), full(x, kern), rtol=1e-12, atol=1e-12)
+        g_ours = jax.grad(lambda x, k: jnp.sum(ours(x, k) * g), (0, 1))(x, kern)
+        g_full = jax.grad(lambda x, k: jnp.sum(full(x, k) * g), (0, 1))(x, kern)
+        for a, b in zip(g_ours, g_full):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        rows = [1] if d >= hw[0] else [0, 1, 2]
+        cols = [1] if d >= hw[1] else [0, 1, 2]
+        dropped = np.ones((3, 3), bool)
+        dropped[np.ix_(rows, cols)] = False
+        assert np.all(np.asarray(g_ours[1])[dropped] == 0.0)
+        jaxpr = str(jax.make_jaxpr(ours)(x, kern))
+        assert ("conv_general_dilated" in jaxpr) == (groups == 1 or len(rows) * len(cols) > 1)
 
 
 @pytest.mark.parametrize("conv", [Conv, CpuConv], ids=["xla", "cpu"])

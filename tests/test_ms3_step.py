@@ -79,3 +79,37 @@ def test_step_ema_bank_from_the_momentum_encoder_and_v_lagging():
         assert nearest(keys).max() < 1e-4, c
         assert nearest(online).min() > 10 * nearest(keys).max(), (c, nearest(online).min())
     assert written > 0
+
+
+def _loops_in_step(config, data_shards):
+    """The number of `scan`s in the jaxpr of the MS3 step built for `data_shards` devices."""
+    from ms3_jax.engine import optim
+    from ms3_jax.method.train_state import init_train_state
+    ls = label_space()
+    k, c = ls.num_classes, config.model.emb_dim
+    model = pretrain.build_model(config, k, "cpu")
+    tx = optim.make_optimizer(config, 10)
+    step = pretrain.make_train_step(config, model, tx, optim.lr_schedule(config, 10), data_shards)
+    size = config.data.crop_size
+
+    def init(rng):
+        variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.uint8))
+        return init_train_state(variables, tx, k, c, config.bank.slots,
+                                jnp.dtype(config.bank.dtype), rng)
+
+    state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    batch = jax.tree_util.tree_map(jnp.asarray, random_batch(np.random.default_rng(0), 8, size))
+    consts = {"text": jnp.asarray(random_text(c)),
+              "other_dataset": relations.other_dataset_matrix(ls.dataset_of_class),
+              "dataset_of_class": jnp.asarray(ls.dataset_of_class),
+              "name_id": jnp.asarray(labels.distinct_names(ls.names)[1])}
+    return str(jax.make_jaxpr(step)(state, batch, consts)).count(" scan[")
+
+
+def test_loss_chunk_counts_the_pixels_of_one_device():
+    """`loss.chunk` is per device: 8 images of 32 px on 8 devices are 16 embedding pixels per
+    device, so chunk=16 runs the pairing losses and S (Eq. 5) in one chunk on 8 devices (no
+    loop, as with no chunking at all), in 8 chunks on one."""
+    one_chunk = _loops_in_step(tiny_config(**{"loss.chunk": None}), 1)
+    assert _loops_in_step(tiny_config(**{"loss.chunk": 16}), 8) == one_chunk
+    assert _loops_in_step(tiny_config(**{"loss.chunk": 16}), 1) > one_chunk

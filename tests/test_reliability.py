@@ -18,10 +18,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from ms3_jax.engine import checkpointing, exit_codes, loop
+from ms3_jax.engine import checkpointing, exit_codes, loop, nonfinite
+from ms3_jax.method.train_state import ema_update, init_train_state
 from ms3_jax.testing import synthetic_data
 from ms3_jax.testing.configs import tiny_pretrain_config
 from ms3_jax.testing.paths import ROOT, subprocess_env
@@ -655,3 +657,25 @@ def test_workdirs_from_before_the_backbone_fields_resume():
                                              "optim.optimizer": "adamw"}).to_json())
     assert training.resume_changes(saved, now) == [
         "model.backbone: '(absent)' -> 'deit'", "optim.optimizer: '(absent)' -> 'adamw'"]
+
+
+@pytest.mark.parametrize("momentum", [0.999, 1.0])
+def test_pretrain_guard_sees_bad_params_through_their_ema(momentum):
+    """The pretraining state's params are not read by the guard (`TrainState.FINITE_IMPLIED`):
+    a NaN / inf parameter is still caught, through the EMA every step writes (even at momentum
+    1: inf * 0 is NaN). A step that broke that invariant would go unseen: the proof that params
+    are not read."""
+    state = init_train_state({"params": {"w": jnp.ones((3,))}}, optax.sgd(1.0), 2, 4, 2,
+                             jnp.float32, jax.random.PRNGKey(0))
+
+    def step(state, g, ema):
+        params = jax.tree_util.tree_map(lambda p: p - g, state.params)
+        ema_params = ema_update(state.ema_params, params, momentum) if ema else state.ema_params
+        return state.replace(params=params, ema_params=ema_params), {"loss": jnp.float32(0.0)}
+
+    guarded = jax.jit(nonfinite.guard(step, "stop"), static_argnums=2)
+    for bad in (np.inf, -np.inf, np.nan):
+        g = jnp.asarray([0.0, bad, 0.0])
+        assert float(guarded(state, g, True)[1]["finite"]) == 0.0
+        assert float(guarded(state, g, False)[1]["finite"]) == 1.0
+    assert float(guarded(state, jnp.full((3,), 0.5), True)[1]["finite"]) == 1.0

@@ -4,6 +4,8 @@
 adds, inside the step (no host round-trip):
 
   finite   1.0 when the loss and every floating leaf of the new state are finite, else 0.0.
+           Fields a state class names in `FINITE_IMPLIED` are not read: their non-finite values
+           always reach another field that is (the pretraining state's params, its EMA).
   skipped  ('skip' only) 1.0 when the step was dropped (the old state kept, step counter moved).
 
 The loop (`loop.run`) acts on them: docs/choices.md, "Non-finite guard: check the new state".
@@ -54,7 +56,8 @@ def guard(step_fn: Callable[..., tuple[Any, dict[str, jax.Array]]],
     @functools.wraps(step_fn)
     def guarded(state: Any, *args: Any) -> tuple[Any, dict[str, jax.Array]]:
         new, metrics = step_fn(state, *args)
-        ok = jnp.isfinite(metrics["loss"]) & all_finite(new)
+        implied = getattr(type(new), "FINITE_IMPLIED", ())
+        ok = jnp.isfinite(metrics["loss"]) & all_finite(new.replace(**dict.fromkeys(implied)))
         metrics = {**metrics, "finite": ok.astype(jnp.float32)}
         if mode == "skip":
             kept = state.replace(step=new.step)

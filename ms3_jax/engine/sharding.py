@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental.layout import Layout, with_layout_constraint
 from jax.sharding import Mesh
 
 
@@ -16,6 +17,12 @@ def platform_of(devices: Sequence[Any]) -> str:
     if len(platforms) != 1:
         raise ValueError(f"devices must share one platform, got {sorted(platforms)}")
     return platforms.pop()
+
+
+def row_major(x: jax.Array) -> jax.Array:
+    """`x` constrained to the default (row-major) layout inside a jitted program, where XLA might
+    otherwise keep a producer's layout (e.g. cuDNN's filter layout for a weight gradient)."""
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim)))) if x.ndim > 1 else x
 
 
 def data_mesh(devices: Sequence[Any] | None = None) -> Mesh:

@@ -8,6 +8,13 @@ import jax
 import jax.numpy as jnp
 
 
+def batch_chunk(chunk_per_device: int | None, data_shards: int) -> int | None:
+    """Pixels per chunk of a batch split over `data_shards` devices, for `chunk_per_device` on each
+    (`config.loss.chunk`): a chunk takes pixels from every device's share (:func:`pixel_chunk_grid`).
+    None: one chunk."""
+    return None if chunk_per_device is None else chunk_per_device * data_shards
+
+
 def chunk_layout(n: int, chunk: int) -> tuple[int, int]:
     """``(n_chunks, chunk')`` with ``chunk' <= chunk``: the smallest ``n_chunks >= ceil(n / chunk)``
     (up to twice that) that divides ``n`` -- no padding -- else ``ceil(n / chunk)`` chunks of

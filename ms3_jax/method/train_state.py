@@ -5,7 +5,7 @@ iterator) resumes a run exactly. Replicated over the mesh; only the batch is sha
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,12 @@ class TrainState:
     sim: jax.Array  # S [|Y|, |Y|]
     sim_seen: jax.Array  # [|Y|] bool
     rng: jax.Array
+
+    # Not read by the non-finite guard (`nonfinite.guard`): every step writes ema_params =
+    # m ema + (1 - m) params, so a NaN / inf parameter always makes its EMA non-finite (inf * 0
+    # is NaN), and that is read. Reading params too made XLA:GPU copy each updated parameter
+    # (docs/choices.md, "Non-finite guard: check the new state").
+    FINITE_IMPLIED: ClassVar[tuple[str, ...]] = ("params",)
 
 
 def init_train_state(variables: dict[str, Any], tx: optax.GradientTransformation,

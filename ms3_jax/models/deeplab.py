@@ -51,7 +51,7 @@ class ConvModule(nn.Module):
         groups = x.shape[-1] if self.groups == -1 else self.groups
         x = self.conv(self.features, self.kernel, 1, self.dilation, groups, dtype=self.dtype,
                       name="conv")(x, uniform_Bx1x1xX)
-        return nn.relu(batch_norm(train, "bn", self.dtype)(x))
+        return batch_norm(train, "bn", self.dtype)(x, relu=True)
 
 
 class SeparableConvModule(nn.Module):
@@ -119,7 +119,7 @@ class ProjectionHead(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for i in range(2):
             x = self.conv(self.hidden, 1, dtype=self.dtype, name=f"conv_{i}")(x)
-            x = nn.relu(batch_norm(train, f"bn_{i}", self.dtype)(x))
+            x = batch_norm(train, f"bn_{i}", self.dtype)(x, relu=True)
         x = self.conv(self.features, 1, use_bias=True, dtype=self.dtype, name="conv_2")(x)
         return l2_normalize(x)
 

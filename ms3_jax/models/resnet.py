@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ms3_jax.models.norm import BatchNorm
+
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 # (strides, dilations) per output stride, as in MMSeg's DeepLab / PSPNet configs.
@@ -30,10 +32,11 @@ VARIANTS = ("v1", "v1c")
 ModuleDef = Callable[..., nn.Module]
 
 
-def batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
-    """BatchNorm with PyTorch's defaults (torch momentum 0.1 == flax momentum 0.9, eps 1e-5)."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        name=name)
+def batch_norm(train: bool, name: str, dtype: Any) -> BatchNorm:
+    """BatchNorm with PyTorch's defaults (torch momentum 0.1 == flax momentum 0.9, eps 1e-5);
+    `(x, relu=True)` adds the ReLU (`norm.BatchNorm`)."""
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                     name=name)
 
 
 class Conv(nn.Module):
@@ -72,11 +75,30 @@ class Conv(nn.Module):
             x = jnp.concatenate([u.astype(x.dtype), x], axis=-1)
         kernel = self.kernel_param(x.shape[-1])
         pad = self.dilation * (self.kernel_size - 1) // 2
+        rows, cols = (live_taps(self.kernel_size, self.dilation, n) for n in x.shape[1:3])
+        if self.stride == 1 and (rows, cols) != (slice(None), slice(None)):
+            # Taps that only ever read the zero padding are not computed: same result, exact
+            # zeros for their gradients (docs/choices.md, "Taps that read only padding").
+            kernel, pads = kernel[rows, cols], [(0, 0) if t != slice(None) else (pad, pad)
+                                                for t in (rows, cols)]
+            if kernel.shape[:2] == (1, 1) and self.groups == x.shape[-1] == self.features:
+                return self.add_bias(x.astype(self.dtype) * kernel[0, 0, 0].astype(self.dtype))
+        else:
+            pads = [(pad, pad), (pad, pad)]
         y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
-            ((pad, pad), (pad, pad)), rhs_dilation=(self.dilation, self.dilation),
+            x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), pads,
+            rhs_dilation=(self.dilation, self.dilation),
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
         return self.add_bias(y)
+
+
+def live_taps(kernel_size: int, dilation: int, n: int) -> slice:
+    """The taps along one axis of a stride-1 'same'-padded window over `n` pixels that can read
+    inside the map: all of them, or only the centre when the dilation is at least `n` (the ASPP's
+    rate 36 on a 28-pixel map: every other tap lands in the padding, for every output pixel)."""
+    if kernel_size == 1 or dilation < n:
+        return slice(None)
+    return slice(kernel_size // 2, kernel_size // 2 + 1)
 
 
 def max_pool_3x3_s2(x_BxHxWxC: jax.Array) -> jax.Array:
@@ -98,8 +120,8 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv = functools.partial(self.conv, dtype=self.dtype)
         norm = functools.partial(batch_norm, train, dtype=self.dtype)
-        y = nn.relu(norm("bn1")(conv(self.planes, 1, name="conv1")(x)))
-        y = nn.relu(norm("bn2")(conv(self.planes, 3, self.stride, self.dilation, name="conv2")(y)))
+        y = norm("bn1")(conv(self.planes, 1, name="conv1")(x), relu=True)
+        y = norm("bn2")(conv(self.planes, 3, self.stride, self.dilation, name="conv2")(y), relu=True)
         y = norm("bn3")(conv(self.planes * 4, 1, name="conv3")(y))
         if self.project:
             x = norm("downsample_1")(conv(self.planes * 4, 1, self.stride, name="downsample_0")(x))
@@ -155,10 +177,10 @@ class ResNet(nn.Module):
         base = max(1, round(64 * self.width))
         x = x_BxHxWx3.astype(self.dtype)
         if self.variant == "v1":
-            x = nn.relu(norm("bn1")(conv(base, 7, 2, name="conv1")(x)))
+            x = norm("bn1")(conv(base, 7, 2, name="conv1")(x), relu=True)
         else:  # v1c deep stem: torch indices 0/1 (conv, bn), 3/4, 6/7 (2, 5, 8 are ReLUs)
             for i, (ch, s) in enumerate(((base // 2, 2), (base // 2, 1), (base, 1))):
-                x = nn.relu(norm(f"stem_{3 * i + 1}")(conv(ch, 3, s, name=f"stem_{3 * i}")(x)))
+                x = norm(f"stem_{3 * i + 1}")(conv(ch, 3, s, name=f"stem_{3 * i}")(x), relu=True)
         feats = {"stem": x}
         x = max_pool_3x3_s2(x)
         in_ch = base

@@ -20,9 +20,10 @@ import optax
 from flax import struct
 
 from ms3_jax.data.label_space import LabelSpace
-from ms3_jax.engine import loop, optim, training
+from ms3_jax.engine import loop, optim, sharding, training
 from ms3_jax.evaluation import pretrain_eval
-from ms3_jax.method import adapted_text, labels, losses, memory_bank, pseudo_labels, relations, text_embeddings
+from ms3_jax.method import (adapted_text, chunking, labels, losses, memory_bank, pseudo_labels,
+                            relations, text_embeddings)
 from ms3_jax.method.train_state import TrainState, ema_update, init_train_state
 from ms3_jax.models import clip_text
 from ms3_jax.models.deeplab import MS3Encoder, encoder_from_config
@@ -152,11 +153,13 @@ def enabled_terms(config: ml_collections.ConfigDict) -> tuple[LossTerm, ...]:
     return tuple(t for t in LOSS_TERMS if config.loss.kind == "ms3" and config.loss[t.switch])
 
 
-def make_loss_terms(config: ml_collections.ConfigDict) -> Callable[..., tuple[dict, jax.Array | None]]:
+def make_loss_terms(config: ml_collections.ConfigDict,
+                    data_shards: int = 1) -> Callable[..., tuple[dict, jax.Array | None]]:
     """`terms(out, y, batch, state, consts) -> (loss terms, prediction)` of `loss.kind` and the
     Tab. 4 / 6 switches, chosen here once: the enabled `LOSS_TERMS` (Eq. 7-9; Eq. 1-3 without
-    the multi-label mask) or a CE baseline."""
+    the multi-label mask) or a CE baseline. `data_shards`: devices the batch is split over."""
     lc = config.loss
+    chunk = chunking.batch_chunk(lc.chunk, data_shards)
     product_dtype = jnp.dtype(config.model.dtype)  # [pixels x |Y| x C] operands; float32 sums
     warmup, top_k = config.relations.warmup_steps, config.relations.get("top_k", 0)
     if lc.kind == "ce_single_head":
@@ -174,7 +177,7 @@ def make_loss_terms(config: ml_collections.ConfigDict) -> Callable[..., tuple[di
         for term in terms_on:
             target, valid = term.target(state, consts)
             value, prediction = term.loss(out[term.head], jax.lax.stop_gradient(target), valid, y,
-                                          pos, lc.tau, lc.chunk, product_dtype)
+                                          pos, lc.tau, chunk, product_dtype)
             terms[f"loss_{term.name}"] = value if term.weight is None else lc[term.weight] * value
             pred = prediction if prediction is not None else pred
         return terms, pred
@@ -184,7 +187,8 @@ def make_loss_terms(config: ml_collections.ConfigDict) -> Callable[..., tuple[di
 
 def update_memory(state: TrainState, keys_visual: jax.Array | None, bank_labels: jax.Array,
                   emb_relations: jax.Array, y: jax.Array, consts: Mapping[str, jax.Array],
-                  rng: jax.Array, config: ml_collections.ConfigDict) -> tuple[TrainState, Metrics]:
+                  rng: jax.Array, config: ml_collections.ConfigDict,
+                  data_shards: int = 1) -> tuple[TrainState, Metrics]:
     """The memory of MS3 after a parameter update: the momentum encoder's visual keys enqueued
     into the per-class bank and V from it (Eq. 4; `keys_visual` None: no visual branch), the
     running cross-modal similarity S (Eq. 5) from `emb_relations` (stop-gradient pixel
@@ -196,8 +200,9 @@ def update_memory(state: TrainState, keys_visual: jax.Array | None, bank_labels:
         state = state.replace(bank=bank, visual_emb=v, visual_valid=v_valid)
         metrics["visual_classes"] = jnp.sum(v_valid)
     text = consts["text"]
-    batch_sim, count = relations.segment_similarity(emb_relations, y, text, text.shape[0],
-                                                    chunk=config.loss.chunk)
+    batch_sim, count = relations.segment_similarity(
+        emb_relations, y, text, text.shape[0],
+        chunk=chunking.batch_chunk(config.loss.chunk, data_shards))
     sim = relations.update_similarity(state.sim, batch_sim, count, config.relations.momentum,
                                       state.sim_seen)
     seen = relations.update_seen(state.sim_seen, count)
@@ -210,8 +215,11 @@ def update_memory(state: TrainState, keys_visual: jax.Array | None, bank_labels:
 
 def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
                     tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable[..., tuple[TrainState, Metrics]]:
+                    schedule: optax.Schedule, data_shards: int = 1,
+                    platform: str = "cpu") -> Callable[..., tuple[TrainState, Metrics]]:
     """`train_step(state, batch, consts) -> (state, metrics)`, pure; the loss is chosen here, once.
+    `data_shards`: devices the batch is split over (`loss.chunk` is per device); `platform`: of
+    the devices the step is compiled for (`sharding.platform_of`).
 
     consts: `text` T [|Y|, C], `other_dataset` [|Y|, |Y|] bool, `dataset_of_class` [|Y|],
     `name_id` [|Y|] int32 (class -> id of its name; App. D agreement is per name).
@@ -227,7 +235,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
     # MS3 with the heads at the ASPP reads no stride-4 decoder map: skip computing it (its
     # variables, never trained -- `deeplab.untrained_subtrees` -- keep their values).
     decoder = not (ms3 and model.heads_at == "aspp" and model.num_classes is None)
-    loss_terms = make_loss_terms(config)
+    loss_terms = make_loss_terms(config, data_shards)
+    chunk = chunking.batch_chunk(config.loss.chunk, data_shards)
+    # On GPUs the EMA parameters are written before the momentum encoder reads them: fused into
+    # its weight casts, XLA:GPU cannot write them in place (a copy per parameter); XLA:TPU fuses
+    # them well (docs/choices.md, "The EMA apart on GPUs").
+    ema_apart = jax.lax.optimization_barrier if platform == "gpu" else (lambda tree: tree)
     # App. D: pixels of unlabeled images (label -2) get multimodal pseudo-labels; they enter the
     # losses, enter the bank only with pseudo.enter_bank, and never S (Eq. 5 estimates relations
     # between ground-truth classes) nor acc_language.
@@ -246,7 +259,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
             y_fit, pseudo_metrics = pseudo_labels.label_unlabeled_pixels(
                 y, out["language"], out["visual"], consts["text"], state.visual_emb,
                 state.visual_valid, consts["name_id"], threshold=threshold, tau=lc.tau,
-                chunk=lc.chunk)
+                chunk=chunk)
         with jax.named_scope("losses"):
             terms, pred = loss_terms(out, y_fit, batch, state, consts)
         return sum(terms.values()), Forward(terms, pseudo_metrics, out, y, y_fit, pred,
@@ -257,6 +270,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
         rng_drop, rng_bank = jax.random.split(rng)
         (loss, fwd), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state, batch, consts, rng_drop)
+        # the parameters' own layout (row-major), not cuDNN's filter layout: docs/choices.md,
+        # "Gradients in the parameters' layout"
+        grads = jax.tree_util.tree_map(sharding.row_major, grads)
         with jax.named_scope("optimizer"):  # names for benchmarks/accelerators.py --breakdown
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -269,16 +285,18 @@ def make_train_step(config: ml_collections.ConfigDict, model: MS3Encoder,
         if ms3:
             keys = None
             if use_vis:  # keys of the updated momentum encoder, batch-statistics BN (MoCo)
+                with jax.named_scope("ema_apart"):  # benchmarks/accelerators.py STEP_BARRIER_SCOPES
+                    ema_params = ema_apart(new.ema_params)
                 with jax.named_scope("momentum_encoder"):
                     keys = ema_model.apply(
-                        {"params": new.ema_params, "batch_stats": new.ema_batch_stats},
+                        {"params": ema_params, "batch_stats": new.ema_batch_stats},
                         batch["image"], train=True, decoder=decoder,
                         mutable=["batch_stats"])[0]["visual"]
             emb = jax.lax.stop_gradient(fwd.out[config.relations.pixel_head])
             with jax.named_scope("memory"):
                 new, memory_metrics = update_memory(
                     new, keys, fwd.labels_fit if enter_bank else fwd.labels, emb, fwd.labels,
-                    consts, rng_bank, config)
+                    consts, rng_bank, config, data_shards)
             metrics.update(memory_metrics)
         if fwd.prediction is not None:  # the language term's nearest-T class (Eq. 1)
             metrics["acc_language"] = losses.prediction_accuracy(fwd.prediction, fwd.labels,
@@ -306,7 +324,8 @@ class Trainer(training.Trainer):
         self.num_steps = num_steps
         self.tx = optim.make_optimizer(config, num_steps)
         self.compile_step(
-            make_train_step(config, self.model, self.tx, optim.lr_schedule(config, num_steps)),
+            make_train_step(config, self.model, self.tx, optim.lr_schedule(config, num_steps),
+                            self.mesh.size, self.platform),
             {"text": jnp.asarray(text_KxC, jnp.float32),
              "other_dataset": relations.other_dataset_matrix(label_space.dataset_of_class),
              "dataset_of_class": jnp.asarray(label_space.dataset_of_class),

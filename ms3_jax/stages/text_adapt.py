@@ -24,7 +24,7 @@ from flax import struct
 
 from ms3_jax.data.label_space import LabelSpace
 from ms3_jax.engine import optim, training
-from ms3_jax.method import adapted_text, labels, losses, text_embeddings
+from ms3_jax.method import adapted_text, chunking, labels, losses, text_embeddings
 from ms3_jax.models import clip_text, clip_vision, open_clip_format
 from ms3_jax.models.clip_resnet import CLIPResNetTower
 from ms3_jax.models.clip_text import CLIPTextTower
@@ -155,7 +155,9 @@ def make_train_step(config: ml_collections.ConfigDict, embed: EmbedFn,
     ``prompt_sharding`` (the batch's, over 'data'): each device encodes its share of the U prompts
     through the text tower and T is gathered (the same T; the text side's FLOPs / devices).
     """
-    tau, chunk = config.loss.tau, config.loss.chunk
+    tau = config.loss.tau
+    chunk = chunking.batch_chunk(config.loss.chunk,
+                                 1 if prompt_sharding is None else prompt_sharding.mesh.size)
     share = (lambda x: x) if prompt_sharding is None else (
         lambda x: jax.lax.with_sharding_constraint(x, prompt_sharding))
     gathered = (lambda x: x) if prompt_sharding is None else (
