@@ -39,8 +39,7 @@ def normalize_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: fl
                     dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Train-mode BatchNorm over all axes but the last: ``(y, mean, var)``, y = relu?(...) in
     `dtype`, mean / var the batch statistics (float32 or wider). Gradient: module doc."""
-    mean, _, var = _stats(x, tuple(range(x.ndim - 1)))
-    return _normalize(x, mean, var, scale, bias, epsilon, relu, dtype), mean, var
+    return _normalize_train_fwd(x, scale, bias, epsilon, relu, dtype)[0]
 
 
 def _normalize_train_fwd(x, scale, bias, epsilon, relu, dtype):

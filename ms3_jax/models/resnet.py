@@ -78,7 +78,8 @@ class Conv(nn.Module):
         rows, cols = (live_taps(self.kernel_size, self.dilation, n) for n in x.shape[1:3])
         if self.stride == 1 and (rows, cols) != (slice(None), slice(None)):
             # Taps that only ever read the zero padding are not computed: same result, exact
-            # zeros for their gradients (docs/choices.md, "Taps that read only padding").
+            # zeros for their gradients (docs/choices.md, "Taps that read only padding are not
+            # computed").
             kernel, pads = kernel[rows, cols], [(0, 0) if t != slice(None) else (pad, pad)
                                                 for t in (rows, cols)]
             if kernel.shape[:2] == (1, 1) and self.groups == x.shape[-1] == self.features:
